@@ -1,0 +1,89 @@
+# Shoal's single entry point: make build test lint generate manifests bench demo.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+
+SHOAL_CACHE ?= $(HOME)/.cache/shoal
+K8S_VERSION ?= 1.37.2
+BIN_DIR := $(SHOAL_CACHE)/bin
+CONTROLLER_GEN := $(BIN_DIR)/controller-gen
+GOLANGCI_LINT := $(BIN_DIR)/golangci-lint
+export KUBEBUILDER_ASSETS := $(SHOAL_CACHE)/k8s/$(K8S_VERSION)
+export CGO_ENABLED ?= 0
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+FUZZTIME ?= 20s
+GO_TEST_FLAGS ?=
+
+.PHONY: all
+all: build
+
+##@ Setup
+
+.PHONY: deps
+deps: ## Install apt packages, Go tools and the envtest kube-apiserver (idempotent).
+	@hack/install-deps.sh
+
+##@ Build
+
+.PHONY: build
+build: ## Build bin/shoal (static).
+	go build -trimpath -ldflags "$(LDFLAGS)" -o bin/shoal ./cmd/shoal
+
+.PHONY: generate
+generate: deps ## Generate deepcopy code for the API types.
+	@if compgen -G 'api/*/*.go' >/dev/null; then $(CONTROLLER_GEN) object paths=./api/...; fi
+
+.PHONY: manifests
+manifests: deps ## Generate CRDs and RBAC into config/.
+	@if compgen -G 'api/*/*.go' >/dev/null; then \
+		$(CONTROLLER_GEN) rbac:roleName=shoal-controller crd paths=./... output:crd:artifacts:config=config/crd/bases; fi
+
+##@ Verify
+
+.PHONY: verify
+verify: generate manifests ## Fail when generated files drift from what is committed, or code is unformatted.
+	@drift=$$(git status --porcelain -- api config charts); \
+	if [ -n "$$drift" ]; then echo "generated files drift from the commit (run make generate manifests):"; echo "$$drift"; exit 1; fi
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
+
+.PHONY: lint
+lint: deps ## go vet and golangci-lint.
+	go vet ./...
+	$(GOLANGCI_LINT) run ./...
+
+##@ Test
+
+.PHONY: test
+test: deps verify lint unit fuzz e2e ## Everything CI runs.
+
+.PHONY: unit
+unit: ## Unit and integration tests of every package (race detector on).
+	CGO_ENABLED=1 go test -race -count=1 -timeout 15m $(GO_TEST_FLAGS) $$(go list ./... | grep -v /test/e2e)
+
+.PHONY: fuzz
+fuzz: ## Run each fuzz target for $(FUZZTIME).
+	go test -run='^$$' -fuzz='^FuzzParseRequest$$' -fuzztime=$(FUZZTIME) ./agent/mirror
+	go test -run='^$$' -fuzz='^FuzzParseDigest$$' -fuzztime=$(FUZZTIME) ./internal/oci
+
+.PHONY: e2e
+e2e: ## End-to-end tests: real registry, containerd through CRI, agents (root; isolated network namespace).
+	SHOAL_E2E=1 go test -count=1 -timeout 30m $(GO_TEST_FLAGS) ./test/e2e/...
+
+##@ Run
+
+.PHONY: bench
+bench: deps ## Benchmarks; writes docs/benchmarks.md.
+	hack/bench.sh
+
+.PHONY: demo
+demo: deps ## Local cluster story on network namespaces: registry, containerd, agent.
+	go run ./hack/demo
+
+.PHONY: clean
+clean:
+	rm -rf bin
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z_-]+:.*?##/ { printf "  %-12s %s\n", $$1, $$2 } /^##@/ { printf "\n%s\n", substr($$0, 5) }' $(MAKEFILE_LIST)

@@ -1,0 +1,289 @@
+// Package agent assembles the node agent: the content store, the upstream client, the registry
+// mirror containerd talks to, the hosts.toml that points containerd at it, and the metrics and
+// health endpoints. Each part lives in its own package; this one only wires them and runs them.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/shoal-dev/shoal/agent/hostconfig"
+	"github.com/shoal-dev/shoal/agent/mirror"
+	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/upstream"
+	"github.com/shoal-dev/shoal/internal/oci"
+)
+
+// Config is everything `shoal agent` is told on its command line.
+type Config struct {
+	// MirrorAddr is where containerd reaches the mirror (loopback in production).
+	MirrorAddr string
+	// DataDir holds the content store.
+	DataDir string
+	// CacheSize limits the store in bytes; 0 means unlimited.
+	CacheSize int64
+	// ContainerdHostsDir is containerd's config_path; "" means hosts.toml is not written.
+	ContainerdHostsDir string
+	// ContainerdConfig is containerd's config.toml, checked for config_path; "" skips the check.
+	ContainerdConfig string
+	// MirrorRegistries are the registries containerd is pointed at the mirror for; "*" is all.
+	MirrorRegistries []string
+	// RegistryEndpoints overrides where a registry is really served: registry → URL.
+	RegistryEndpoints map[string]string
+	// RegistryAuthFile is a docker config.json with credentials for upstream registries.
+	RegistryAuthFile string
+	// MetricsAddr serves /metrics, /healthz and /readyz; "" disables it.
+	MetricsAddr string
+	// DefaultRegistry serves requests that carry no ?ns= (clients other than containerd).
+	DefaultRegistry string
+	// MirrorDialTimeout is the dial_timeout written into hosts.toml for the mirror host.
+	MirrorDialTimeout time.Duration
+	// ManifestTimeout bounds resolving a manifest upstream.
+	ManifestTimeout time.Duration
+	// UpstreamTimeouts bound the upstream client's connections and reads.
+	UpstreamTimeouts upstream.Timeouts
+	// Logger receives structured logs.
+	Logger *slog.Logger
+}
+
+// Validate checks the configuration and says what to fix.
+func (c *Config) Validate() error {
+	if _, _, err := net.SplitHostPort(c.MirrorAddr); err != nil {
+		return fmt.Errorf("--mirror-addr %q: want IP:PORT: %w", c.MirrorAddr, err)
+	}
+	if c.DataDir == "" {
+		return errors.New("--data-dir must be set")
+	}
+	if c.CacheSize < 0 {
+		return errors.New("--cache-size must not be negative")
+	}
+	if len(c.MirrorRegistries) == 0 {
+		return errors.New("--mirror-registries must name at least one registry, or \"*\"")
+	}
+	for _, r := range c.MirrorRegistries {
+		if r == "*" {
+			continue
+		}
+		if err := oci.ValidateRegistry(r); err != nil {
+			return fmt.Errorf("--mirror-registries: %w", err)
+		}
+	}
+	for registry, endpoint := range c.RegistryEndpoints {
+		if err := oci.ValidateRegistry(registry); err != nil {
+			return fmt.Errorf("--registry-endpoint: %w", err)
+		}
+		if _, err := upstream.ParseEndpoint(endpoint); err != nil {
+			return fmt.Errorf("--registry-endpoint %s=%s: %w", registry, endpoint, err)
+		}
+	}
+	if err := oci.ValidateRegistry(c.DefaultRegistry); err != nil {
+		return fmt.Errorf("--default-registry: %w", err)
+	}
+	return nil
+}
+
+// Run starts the agent and blocks until ctx is cancelled or a server fails.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	blobs, err := store.Open(cfg.DataDir,
+		store.WithMaxBytes(cfg.CacheSize),
+		store.WithLogger(log.With("component", "store")),
+		store.WithRegisterer(reg))
+	if err != nil {
+		return fmt.Errorf("open content store in %s: %w", cfg.DataDir, err)
+	}
+	usage, count := blobs.Usage()
+	log.Info("content store ready", "dir", cfg.DataDir, "blobs", count, "bytes", usage, "limit", cfg.CacheSize)
+
+	endpoints := newEndpointResolver(cfg)
+	upstreamOpts := []upstream.Option{
+		upstream.WithEndpointResolver(endpoints.resolve),
+		upstream.WithLogger(log.With("component", "upstream")),
+		upstream.WithRegisterer(reg),
+		upstream.WithTimeouts(cfg.UpstreamTimeouts),
+	}
+	if cfg.RegistryAuthFile != "" {
+		upstreamOpts = append(upstreamOpts, upstream.WithAuthFile(cfg.RegistryAuthFile))
+	}
+	client := upstream.New(upstreamOpts...)
+
+	handler := mirror.New(blobs, client,
+		mirror.WithLogger(log.With("component", "mirror")),
+		mirror.WithRegisterer(reg),
+		mirror.WithDefaultRegistry(cfg.DefaultRegistry),
+		mirror.WithAllowedRegistries(cfg.mirrors),
+		mirror.WithManifestTimeout(cfg.ManifestTimeout))
+
+	// Listen before writing hosts.toml: containerd may read it the moment it appears.
+	mirrorListener, err := net.Listen("tcp", cfg.MirrorAddr)
+	if err != nil {
+		return fmt.Errorf("listen for the mirror on %s: %w", cfg.MirrorAddr, err)
+	}
+	var ready atomic.Bool
+	servers := []*namedServer{{name: "mirror", listener: mirrorListener, server: &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}}}
+	if cfg.MetricsAddr != "" {
+		metricsListener, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			_ = mirrorListener.Close()
+			return fmt.Errorf("listen for metrics on %s: %w", cfg.MetricsAddr, err)
+		}
+		servers = append(servers, &namedServer{name: "metrics", listener: metricsListener, server: &http.Server{
+			Handler:           opsHandler(reg, &ready),
+			ReadHeaderTimeout: 10 * time.Second,
+		}})
+	}
+
+	if cfg.ContainerdHostsDir != "" {
+		if err := writeHostsConfig(cfg, endpoints, log); err != nil {
+			closeAll(servers)
+			return err
+		}
+	}
+	ready.Store(true)
+	log.Info("agent ready", "mirror", mirrorListener.Addr().String(), "registries", cfg.MirrorRegistries)
+	return serve(ctx, servers, log)
+}
+
+// mirrors reports whether the agent mirrors a registry.
+func (c *Config) mirrors(registry string) bool {
+	return slices.Contains(c.MirrorRegistries, "*") || slices.Contains(c.MirrorRegistries, registry)
+}
+
+func writeHostsConfig(cfg Config, endpoints *endpointResolver, log *slog.Logger) error {
+	if cfg.ContainerdConfig != "" {
+		if err := hostconfig.CheckContainerdConfig(cfg.ContainerdConfig, cfg.ContainerdHostsDir); err != nil {
+			log.Warn("containerd will ignore the mirror: pulls bypass Shoal until this is fixed", "error", err)
+		}
+	}
+	err := hostconfig.Write(hostconfig.Config{
+		Dir:         cfg.ContainerdHostsDir,
+		MirrorURL:   "http://" + cfg.MirrorAddr,
+		Registries:  cfg.MirrorRegistries,
+		Upstream:    endpoints.server,
+		DialTimeout: cfg.MirrorDialTimeout,
+	})
+	if err != nil {
+		return fmt.Errorf("write containerd hosts.toml under %s: %w", cfg.ContainerdHostsDir, err)
+	}
+	log.Info("containerd pointed at the mirror", "hosts_dir", cfg.ContainerdHostsDir, "registries", cfg.MirrorRegistries)
+	return nil
+}
+
+// endpointResolver decides where a registry is really served: an explicit --registry-endpoint,
+// else the server of a hosts.toml the node already had for it, else the registry's usual endpoint.
+type endpointResolver struct {
+	explicit map[string]upstream.Endpoint
+	hostsDir string
+}
+
+func newEndpointResolver(cfg Config) *endpointResolver {
+	r := &endpointResolver{explicit: map[string]upstream.Endpoint{}, hostsDir: cfg.ContainerdHostsDir}
+	for registry, raw := range cfg.RegistryEndpoints {
+		endpoint, _ := upstream.ParseEndpoint(raw) // validated by Config.Validate
+		r.explicit[registry] = endpoint
+	}
+	return r
+}
+
+func (r *endpointResolver) resolve(registry string) (upstream.Endpoint, error) {
+	if endpoint, ok := r.explicit[registry]; ok {
+		return endpoint, nil
+	}
+	if r.hostsDir != "" {
+		server, err := hostconfig.ExistingServer(r.hostsDir, registry)
+		if err != nil {
+			return upstream.Endpoint{}, fmt.Errorf("read the existing hosts.toml of %s: %w", registry, err)
+		}
+		if server != "" {
+			return upstream.ParseEndpoint(server)
+		}
+	}
+	return upstream.DefaultEndpoint(registry), nil
+}
+
+// server is the upstream URL written into hosts.toml after the mirror, for containerd to fall back to.
+func (r *endpointResolver) server(registry string) string {
+	if registry == "*" {
+		return ""
+	}
+	endpoint, err := r.resolve(registry)
+	if err != nil {
+		return ""
+	}
+	return endpoint.String()
+}
+
+func opsHandler(reg *prometheus.Registry, ready *atomic.Bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready.Load() {
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}
+
+type namedServer struct {
+	name     string
+	listener net.Listener
+	server   *http.Server
+}
+
+func serve(ctx context.Context, servers []*namedServer, log *slog.Logger) error {
+	errs := make(chan error, len(servers))
+	for _, s := range servers {
+		go func() {
+			if err := s.server.Serve(s.listener); !errors.Is(err, http.ErrServerClosed) {
+				errs <- fmt.Errorf("%s server: %w", s.name, err)
+			}
+		}()
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errs:
+	}
+	log.Info("agent stopping")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, s := range servers {
+		_ = s.server.Shutdown(shutdownCtx)
+	}
+	return err
+}
+
+func closeAll(servers []*namedServer) {
+	for _, s := range servers {
+		_ = s.listener.Close()
+	}
+}

@@ -1,0 +1,26 @@
+package mirror
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	requests *prometheus.CounterVec
+	bytes    *prometheus.CounterVec
+}
+
+// newMetrics creates the mirror's metrics and registers them with reg when it is not nil.
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "mirror", Name: "requests_total",
+			Help: "Distribution API requests answered, by kind (manifest, blob, invalid) and by where the content came from (local, upstream) or error.",
+		}, []string{"kind", "source"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "mirror", Name: "bytes_total",
+			Help: "Body bytes sent to clients, by where they came from (local store, upstream registry).",
+		}, []string{"source"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.requests, m.bytes)
+	}
+	return m
+}

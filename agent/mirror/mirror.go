@@ -1,0 +1,397 @@
+// Package mirror serves the pull side of the OCI Distribution API to the node's container runtime.
+// containerd reaches it through hosts.toml and names the upstream registry with ?ns=; the mirror
+// answers from the node-local store, streams misses from upstream while keeping them, and fails
+// fast with a status that makes containerd try its next host whenever it cannot help.
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/upstream"
+	"github.com/shoal-dev/shoal/internal/oci"
+)
+
+// BlobStore is the part of the content store the mirror uses.
+type BlobStore interface {
+	Get(d v1.Hash) (store.Blob, error)
+	Fetch(ctx context.Context, d v1.Hash, src store.Source) (store.Blob, error)
+}
+
+// Upstream is the part of the registry client the mirror uses.
+type Upstream interface {
+	Manifest(ctx context.Context, registry, repo, reference string, accept []string) (*upstream.Manifest, error)
+	HeadManifest(ctx context.Context, registry, repo, reference string, accept []string) (v1.Descriptor, error)
+	Blob(ctx context.Context, registry, repo string, d v1.Hash, offset, length int64) (io.ReadCloser, int64, error)
+	HeadBlob(ctx context.Context, registry, repo string, d v1.Hash) (int64, error)
+}
+
+// Mirror is an http.Handler for the Distribution API pull endpoints.
+type Mirror struct {
+	store           BlobStore
+	upstream        Upstream
+	log             *slog.Logger
+	defaultRegistry string
+	allowed         func(registry string) bool
+	manifestTimeout time.Duration
+	metrics         *metrics
+}
+
+// Option configures a Mirror.
+type Option func(*Mirror)
+
+// WithLogger sets the logger.
+func WithLogger(l *slog.Logger) Option { return func(m *Mirror) { m.log = l } }
+
+// WithDefaultRegistry sets the registry for requests without ?ns= (clients other than containerd).
+func WithDefaultRegistry(registry string) Option {
+	return func(m *Mirror) { m.defaultRegistry = registry }
+}
+
+// WithAllowedRegistries restricts which upstream registries the mirror fetches from; others get
+// 404 so the runtime goes to its next host. The default allows every registry.
+func WithAllowedRegistries(allowed func(registry string) bool) Option {
+	return func(m *Mirror) { m.allowed = allowed }
+}
+
+// WithManifestTimeout bounds how long resolving a manifest upstream may take before the mirror
+// gives up and lets the runtime go to its next host.
+func WithManifestTimeout(d time.Duration) Option { return func(m *Mirror) { m.manifestTimeout = d } }
+
+// WithRegisterer registers the mirror's metrics.
+func WithRegisterer(reg prometheus.Registerer) Option {
+	return func(m *Mirror) { m.metrics = newMetrics(reg) }
+}
+
+// New returns a Mirror serving from s and fetching misses from up.
+func New(s BlobStore, up Upstream, opts ...Option) *Mirror {
+	m := &Mirror{
+		store:           s,
+		upstream:        up,
+		log:             slog.New(slog.DiscardHandler),
+		defaultRegistry: "docker.io",
+		allowed:         func(string) bool { return true },
+		manifestTimeout: 10 * time.Second,
+	}
+	for _, opt := range opts {
+		opt(m)
+	}
+	if m.metrics == nil {
+		m.metrics = newMetrics(nil)
+	}
+	return m
+}
+
+// Sources of served bytes, used as metric labels.
+const (
+	sourceLocal    = "local"
+	sourceUpstream = "upstream"
+	sourceError    = "error"
+)
+
+// ServeHTTP implements http.Handler.
+func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	req, err := ParseRequest(r.Method, r.URL, m.defaultRegistry)
+	if err != nil {
+		m.metrics.requests.WithLabelValues("invalid", sourceError).Inc()
+		m.writeError(w, r, nil, err)
+		return
+	}
+	if req.Kind == KindBase {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "2")
+		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodGet {
+			_, _ = io.WriteString(w, "{}")
+		}
+		return
+	}
+	if !m.allowed(req.Registry) {
+		m.metrics.requests.WithLabelValues(req.Kind.String(), sourceError).Inc()
+		m.writeError(w, r, req, badRequest(http.StatusNotFound, "NAME_UNKNOWN", "registry %s is not mirrored by this agent", req.Registry))
+		return
+	}
+	cw := &countingWriter{ResponseWriter: w}
+	start := time.Now()
+	var source string
+	if req.Kind == KindManifest {
+		source, err = m.serveManifest(cw, r, req)
+	} else {
+		source, err = m.serveBlob(cw, r, req)
+	}
+	if err != nil {
+		source = sourceError
+		if !cw.wroteHeader {
+			m.writeError(w, r, req, err)
+		} else {
+			// Headers are gone: the only honest signal left is to cut the connection short of
+			// Content-Length, so the client never takes a partial body for a complete one.
+			m.log.Warn("response aborted mid-body", "registry", req.Registry, "repository", req.Repository,
+				"reference", req.Reference, "sent", cw.bytes, "error", err)
+		}
+	}
+	m.metrics.requests.WithLabelValues(req.Kind.String(), source).Inc()
+	if source != sourceError {
+		m.metrics.bytes.WithLabelValues(source).Add(float64(cw.bytes))
+	}
+	m.log.Debug("served", "method", r.Method, "kind", req.Kind, "registry", req.Registry,
+		"repository", req.Repository, "reference", req.Reference, "source", source,
+		"bytes", cw.bytes, "duration", time.Since(start))
+}
+
+func (m *Mirror) serveManifest(w *countingWriter, r *http.Request, req *Request) (string, error) {
+	if req.HasDigest {
+		if blob, err := m.store.Get(req.Digest); err == nil {
+			defer blob.Close()
+			body, err := io.ReadAll(io.LimitReader(blob, oci.MaxManifestSize+1))
+			if err != nil {
+				return "", fmt.Errorf("read cached manifest %s: %w", req.Digest, err)
+			}
+			if len(body) <= oci.MaxManifestSize {
+				writeManifest(w, r, body, oci.ManifestMediaType(body), req.Digest)
+				return sourceLocal, nil
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), m.manifestTimeout)
+	defer cancel()
+	accept := r.Header.Values("Accept")
+	if len(accept) == 0 {
+		accept = oci.ManifestMediaTypes
+	}
+	if r.Method == http.MethodHead && !req.HasDigest {
+		desc, err := m.upstream.HeadManifest(ctx, req.Registry, req.Repository, req.Reference, accept)
+		if err != nil {
+			return "", err
+		}
+		w.Header().Set("Content-Type", string(desc.MediaType))
+		w.Header().Set("Content-Length", strconv.FormatInt(desc.Size, 10))
+		w.Header().Set("Docker-Content-Digest", desc.Digest.String())
+		w.WriteHeader(http.StatusOK)
+		return sourceUpstream, nil
+	}
+	manifest, err := m.upstream.Manifest(ctx, req.Registry, req.Repository, req.Reference, accept)
+	if err != nil {
+		return "", err
+	}
+	m.keepManifest(manifest)
+	mediaType := manifest.MediaType
+	if mediaType == "" {
+		mediaType = oci.ManifestMediaType(manifest.Body)
+	}
+	writeManifest(w, r, manifest.Body, mediaType, manifest.Digest)
+	return sourceUpstream, nil
+}
+
+// keepManifest stores a manifest by digest so that later pulls by digest (every pull after the
+// tag is resolved) and peers are served locally. The store verifies the digest again.
+func (m *Mirror) keepManifest(manifest *upstream.Manifest) {
+	body := manifest.Body
+	src := func(context.Context) (io.ReadCloser, int64, error) {
+		return io.NopCloser(bytes.NewReader(body)), int64(len(body)), nil
+	}
+	blob, err := m.store.Fetch(context.Background(), manifest.Digest, src)
+	if err != nil {
+		m.log.Warn("could not keep manifest", "digest", manifest.Digest, "error", err)
+		return
+	}
+	// Reading to the end waits for the store to verify and commit the manifest.
+	if _, err := io.Copy(io.Discard, blob); err != nil {
+		m.log.Warn("could not keep manifest", "digest", manifest.Digest, "error", err)
+	}
+	_ = blob.Close()
+}
+
+func writeManifest(w http.ResponseWriter, r *http.Request, body []byte, mediaType string, digest v1.Hash) {
+	if mediaType == "" {
+		mediaType = oci.MediaTypeOCIManifest
+	}
+	w.Header().Set("Content-Type", mediaType)
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.Header().Set("Docker-Content-Digest", digest.String())
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		_, _ = w.Write(body)
+	}
+}
+
+func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (string, error) {
+	blob, err := m.store.Get(req.Digest)
+	source := sourceLocal
+	if errors.Is(err, store.ErrNotFound) {
+		if r.Method == http.MethodHead {
+			return m.headBlobUpstream(w, r, req)
+		}
+		source = sourceUpstream
+		blob, err = m.store.Fetch(r.Context(), req.Digest, m.blobSource(req))
+	}
+	if err != nil {
+		return "", err
+	}
+	defer blob.Close()
+
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Docker-Content-Digest", req.Digest.String())
+	w.Header().Set("Etag", `"`+req.Digest.String()+`"`)
+	if blob.Size() < 0 {
+		// Unknown length (an upstream without Content-Length): stream without ranges.
+		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodGet {
+			if _, err := io.Copy(w, blob); err != nil {
+				return source, fmt.Errorf("stream blob %s: %w", req.Digest, err)
+			}
+		}
+		return source, nil
+	}
+	if f, ok := blob.(interface{ File() *os.File }); ok && f.File() != nil {
+		// A complete blob on disk: hand net/http the file itself so it can use sendfile.
+		http.ServeContent(w, r, "", time.Time{}, f.File())
+		return source, nil
+	}
+	reader := &errorRecordingReadSeeker{rs: blob}
+	http.ServeContent(w, r, "", time.Time{}, reader)
+	if reader.err != nil {
+		return source, fmt.Errorf("stream blob %s: %w", req.Digest, reader.err)
+	}
+	return source, nil
+}
+
+func (m *Mirror) headBlobUpstream(w http.ResponseWriter, r *http.Request, req *Request) (string, error) {
+	ctx, cancel := context.WithTimeout(r.Context(), m.manifestTimeout)
+	defer cancel()
+	size, err := m.upstream.HeadBlob(ctx, req.Registry, req.Repository, req.Digest)
+	if err != nil {
+		return "", err
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	w.Header().Set("Docker-Content-Digest", req.Digest.String())
+	w.Header().Set("Accept-Ranges", "bytes")
+	w.WriteHeader(http.StatusOK)
+	return sourceUpstream, nil
+}
+
+// blobSource fetches a whole blob from the request's upstream registry into the store.
+func (m *Mirror) blobSource(req *Request) store.Source {
+	registry, repository, digest := req.Registry, req.Repository, req.Digest
+	return func(ctx context.Context) (io.ReadCloser, int64, error) {
+		return m.upstream.Blob(ctx, registry, repository, digest, 0, -1)
+	}
+}
+
+// writeError answers with an OCI error body and a status chosen so that containerd moves on to
+// its next host (upstream) whenever the mirror cannot serve: 404 for unknown content, 502/503
+// for upstream and local trouble. 401 is never sent: containerd would try to authenticate
+// against the mirror instead of falling back.
+func (m *Mirror) writeError(w http.ResponseWriter, r *http.Request, req *Request, err error) {
+	status, code := classify(err)
+	if req != nil && code == "" {
+		code = "BLOB_UNKNOWN"
+		if req.Kind == KindManifest {
+			code = "MANIFEST_UNKNOWN"
+		}
+	}
+	if code == "" {
+		code = "UNKNOWN"
+	}
+	attrs := []any{"method", r.Method, "path", r.URL.Path, "status", status, "error", err}
+	if status >= 500 {
+		m.log.Warn("cannot serve, runtime will fall back", attrs...)
+	} else {
+		m.log.Debug("refused", attrs...)
+	}
+	body, _ := json.Marshal(map[string]any{"errors": []map[string]string{{"code": code, "message": err.Error()}}})
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(body)
+	}
+}
+
+func classify(err error) (status int, code string) {
+	var reqErr *requestError
+	switch {
+	case errors.As(err, &reqErr):
+		return reqErr.status, reqErr.code
+	case errors.Is(err, upstream.ErrNotFound):
+		return http.StatusNotFound, ""
+	case errors.Is(err, upstream.ErrUnauthorized):
+		return http.StatusForbidden, "DENIED"
+	case errors.Is(err, store.ErrFull):
+		return http.StatusServiceUnavailable, "UNAVAILABLE"
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, upstream.ErrUnavailable):
+		return http.StatusBadGateway, "UNAVAILABLE"
+	case errors.Is(err, context.Canceled):
+		return 499, "UNKNOWN"
+	}
+	return http.StatusBadGateway, "UNKNOWN"
+}
+
+// countingWriter counts body bytes and whether headers were sent.
+type countingWriter struct {
+	http.ResponseWriter
+	bytes       int64
+	wroteHeader bool
+}
+
+func (c *countingWriter) WriteHeader(status int) {
+	c.wroteHeader = true
+	c.ResponseWriter.WriteHeader(status)
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	c.wroteHeader = true
+	n, err := c.ResponseWriter.Write(p)
+	c.bytes += int64(n)
+	return n, err
+}
+
+// ReadFrom keeps sendfile(2) for complete blobs on disk: net/http uses it when the body it copies
+// is an *os.File, which is what makes the warm path run at disk speed.
+func (c *countingWriter) ReadFrom(r io.Reader) (n int64, err error) {
+	c.wroteHeader = true
+	if rf, ok := c.ResponseWriter.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(r)
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{c.ResponseWriter}, r)
+	}
+	c.bytes += n
+	return n, err
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer.
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// errorRecordingReadSeeker remembers a read error: http.ServeContent swallows it, but the mirror
+// must know a body was cut short to count and log it.
+type errorRecordingReadSeeker struct {
+	rs  io.ReadSeeker
+	err error
+}
+
+func (e *errorRecordingReadSeeker) Read(p []byte) (int, error) {
+	n, err := e.rs.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) && e.err == nil {
+		e.err = err
+	}
+	return n, err
+}
+
+func (e *errorRecordingReadSeeker) Seek(offset int64, whence int) (int64, error) {
+	return e.rs.Seek(offset, whence)
+}

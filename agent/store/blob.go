@@ -1,0 +1,142 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Blob is an open blob: complete on disk, or in flight (reads block until the bytes arrive).
+// Read and Seek share one offset and are not safe for concurrent use; ReadAt is.
+type Blob interface {
+	io.Reader
+	io.ReaderAt
+	io.Seeker
+	io.Closer
+	// Size is the blob's full size, or -1 while it is in flight from a source that gave no length.
+	Size() int64
+}
+
+var errBlobClosed = errors.New("blob closed")
+
+// fileBlob is a complete blob. It exposes its file descriptor through syscall.Conn so that
+// io.Copy to a TCP connection (net/http's ServeContent) can use sendfile on the warm path.
+type fileBlob struct {
+	f         *os.File
+	size      int64
+	accessed  time.Time
+	closeOnce sync.Once
+	closeErr  error
+}
+
+func (b *fileBlob) Read(p []byte) (int, error)                   { return b.f.Read(p) }
+func (b *fileBlob) ReadAt(p []byte, off int64) (int, error)      { return b.f.ReadAt(p, off) }
+func (b *fileBlob) Seek(off int64, whence int) (int64, error)    { return b.f.Seek(off, whence) }
+func (b *fileBlob) Size() int64                                  { return b.size }
+func (b *fileBlob) SyscallConn() (syscall.RawConn, error)        { return b.f.SyscallConn() }
+func (b *fileBlob) Close() error {
+	b.closeOnce.Do(func() { b.closeErr = b.f.Close() })
+	return b.closeErr
+}
+
+// inflightBlob reads a blob while its download is running: it reads the download's temporary file
+// through its own descriptor, never past the bytes the download has released.
+type inflightBlob struct {
+	dl     *download
+	f      *os.File
+	ctx    context.Context // of the Fetch that opened it: ends blocking reads
+	off    int64
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (b *inflightBlob) Read(p []byte) (int, error) {
+	n, err := b.read(p, b.off, false)
+	b.off += int64(n)
+	return n, err
+}
+
+// ReadAt blocks until len(p) bytes at off have arrived, the blob is complete, or the download fails.
+func (b *inflightBlob) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("read %s at %d: negative offset", b.dl.digest, off)
+	}
+	return b.read(p, off, true)
+}
+
+// read copies bytes at off into p as they are released. Without full it returns as soon as some
+// bytes are available, like Read; with full it fills p, like ReadAt.
+func (b *inflightBlob) read(p []byte, off int64, full bool) (int, error) {
+	select {
+	case <-b.closed:
+		return 0, fmt.Errorf("read %s: %w", b.dl.digest, errBlobClosed)
+	default:
+	}
+	n := 0
+	for len(p) > 0 {
+		avail, err := b.dl.wait(b.ctx, b.closed, off+1)
+		if err != nil {
+			return n, err
+		}
+		if off >= avail { // complete and nothing left at off
+			return n, io.EOF
+		}
+		want := int(min(int64(len(p)), avail-off))
+		m, err := b.f.ReadAt(p[:want], off)
+		n += m
+		off += int64(m)
+		p = p[m:]
+		if m < want {
+			// The released bytes are on disk; a short read means the file is damaged.
+			if err == nil || errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return n, fmt.Errorf("read %s: %w", b.dl.digest, err)
+		}
+		if !full {
+			return n, nil
+		}
+	}
+	return n, nil
+}
+
+// Seek sets the offset for Read without blocking. Seeking relative to the end needs the size, so it
+// fails while a blob of unknown size is still in flight.
+func (b *inflightBlob) Seek(offset int64, whence int) (int64, error) {
+	var base int64
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		base = b.off
+	case io.SeekEnd:
+		base = b.Size()
+		if base < 0 {
+			return 0, fmt.Errorf("seek %s from end: size not known yet", b.dl.digest)
+		}
+	default:
+		return 0, fmt.Errorf("seek %s: invalid whence %d", b.dl.digest, whence)
+	}
+	if base+offset < 0 {
+		return 0, fmt.Errorf("seek %s: negative position", b.dl.digest)
+	}
+	b.off = base + offset
+	return b.off, nil
+}
+
+func (b *inflightBlob) Size() int64 { return b.dl.currentSize() }
+
+// Close releases the descriptor and unblocks pending reads. It does not stop the download, which
+// serves other readers and the cache.
+func (b *inflightBlob) Close() error {
+	var err error
+	b.once.Do(func() {
+		close(b.closed)
+		err = b.f.Close()
+	})
+	return err
+}

@@ -1,0 +1,405 @@
+// Package store is the node agent's content-addressed blob store: it keeps OCI blobs on local disk
+// under their sha256 digest, and makes a blob visible only after its bytes have been verified against
+// that digest. Concurrent requests for a missing blob share one download from a Source, and every
+// requester streams the bytes as they arrive; the final byte is released only once the digest
+// matches, so no reader ever receives the whole of a corrupt blob. The store enforces a size limit by
+// evicting least-recently-used blobs that no owner has pinned, keeps pins and blobs across restarts,
+// and removes partial downloads left behind by a crash.
+//
+// On disk, dir/blobs/sha256/<hex> holds complete blobs, dir/ingest/ downloads in progress, and
+// dir/pins.json the pins.
+package store
+
+import (
+	"container/list"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Errors returned by the store, wrapped with context; test for them with errors.Is.
+var (
+	// ErrNotFound: the blob is not complete in the store.
+	ErrNotFound = errors.New("blob not found")
+	// ErrFull: the blob does not fit even after evicting every unpinned blob.
+	ErrFull = errors.New("store full: not enough unpinned space")
+	// ErrDigestMismatch: the source delivered bytes whose sha256 is not the requested digest.
+	ErrDigestMismatch = errors.New("digest mismatch")
+	// ErrSizeMismatch: the source delivered more or fewer bytes than it announced.
+	ErrSizeMismatch = errors.New("size mismatch")
+	// ErrStalled: the source delivered no byte for the stall timeout.
+	ErrStalled = errors.New("source stalled")
+	// ErrInvalidDigest: the digest is not a well-formed sha256 digest.
+	ErrInvalidDigest = errors.New("invalid digest")
+	// ErrClosed: the store has been closed.
+	ErrClosed = errors.New("store closed")
+)
+
+const (
+	blobsSubdir  = "blobs/sha256"
+	ingestSubdir = "ingest"
+	pinsFile     = "pins.json"
+	lockFile     = "lock"
+
+	defaultStallTimeout = 30 * time.Second
+)
+
+// Info describes one complete blob.
+type Info struct {
+	Digest     v1.Hash
+	Size       int64
+	LastAccess time.Time
+	Pinned     bool
+}
+
+// Option configures a Store.
+type Option func(*config)
+
+type config struct {
+	maxBytes int64
+	logger   *slog.Logger
+	reg      prometheus.Registerer
+	clock    func() time.Time
+	stall    time.Duration
+}
+
+// WithMaxBytes limits the total size of complete and in-flight blobs; 0 means unlimited. When a new
+// blob needs room, least-recently-used unpinned blobs are evicted.
+func WithMaxBytes(n int64) Option { return func(c *config) { c.maxBytes = n } }
+
+// WithLogger sets the logger (default: slog.Default()).
+func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
+
+// WithRegisterer registers the store's metrics (namespace shoal, subsystem store) with r; nil
+// (the default) registers nothing.
+func WithRegisterer(r prometheus.Registerer) Option { return func(c *config) { c.reg = r } }
+
+// WithClock sets the clock used for last-access times (default: time.Now).
+func WithClock(now func() time.Time) Option { return func(c *config) { c.clock = now } }
+
+// WithStallTimeout sets how long a download may go without receiving a byte from its source
+// before it fails with ErrStalled (default 30s).
+func WithStallTimeout(d time.Duration) Option { return func(c *config) { c.stall = d } }
+
+// Store is a content-addressed blob store rooted at a directory. It is safe for concurrent use.
+type Store struct {
+	dir, blobsDir, ingestDir string
+
+	maxBytes int64
+	log      *slog.Logger
+	now      func() time.Time
+	stall    time.Duration
+	metrics  *metrics
+	lock     *os.File // flock held while open: two agents must not share a directory
+
+	// createIngest creates a download's temporary file; tests replace it to inject write errors.
+	createIngest func(dir, pattern string) (ingestFile, error)
+
+	wg sync.WaitGroup // running downloads
+
+	mu       sync.Mutex
+	closed   bool
+	index    map[string]*entry // by hex digest; complete blobs only
+	lru      *list.List        // of *entry, most recently used at the front
+	used     int64             // bytes of complete blobs
+	reserved int64             // bytes set aside for downloads in flight
+	inflight map[string]*download
+	pins     map[string]map[string]struct{} // hex digest → owners
+}
+
+type entry struct {
+	hex        string
+	size       int64
+	lastAccess time.Time
+	elem       *list.Element
+}
+
+// Open creates or opens the store rooted at dir. It removes leftovers of interrupted downloads,
+// indexes the complete blobs (least recently used first by file modification time), loads the
+// pins and evicts blobs until the size limit holds.
+func Open(dir string, opts ...Option) (*Store, error) {
+	cfg := config{logger: slog.Default(), clock: time.Now, stall: defaultStallTimeout}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	if cfg.maxBytes < 0 || cfg.stall <= 0 {
+		return nil, fmt.Errorf("open store %s: max bytes must be >= 0 and stall timeout > 0", dir)
+	}
+	s := &Store{
+		dir:          dir,
+		blobsDir:     filepath.Join(dir, blobsSubdir),
+		ingestDir:    filepath.Join(dir, ingestSubdir),
+		maxBytes:     cfg.maxBytes,
+		log:          cfg.logger.With("component", "store"),
+		now:          cfg.clock,
+		stall:        cfg.stall,
+		createIngest: createTempFile,
+		index:        make(map[string]*entry),
+		lru:          list.New(),
+		inflight:     make(map[string]*download),
+		pins:         make(map[string]map[string]struct{}),
+	}
+	for _, d := range []string{s.blobsDir, s.ingestDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("open store: %w", err)
+		}
+	}
+	if err := s.acquireLock(); err != nil {
+		return nil, err
+	}
+	err := s.load()
+	if err == nil {
+		s.metrics, err = newMetrics(cfg.reg, s)
+	}
+	if err != nil {
+		s.lock.Close()
+		return nil, err
+	}
+	s.mu.Lock()
+	s.evictLocked(0) // over the limit only if the limit shrank or pins cover too much; logged there
+	bytes, blobs := s.used, len(s.index)
+	s.mu.Unlock()
+	s.log.Info("store opened", "dir", dir, "bytes", bytes, "blobs", blobs, "maxBytes", s.maxBytes)
+	return s, nil
+}
+
+func (s *Store) acquireLock() error {
+	f, err := os.OpenFile(filepath.Join(s.dir, lockFile), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return fmt.Errorf("open store %s: %w", s.dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return fmt.Errorf("open store %s: directory is in use by another store (stop the other agent or use another --data-dir): %w", s.dir, err)
+	}
+	s.lock = f
+	return nil
+}
+
+// load cleans ingest/, indexes blobs/ and reads the pins.
+func (s *Store) load() error {
+	leftovers, err := os.ReadDir(s.ingestDir)
+	if err != nil {
+		return fmt.Errorf("open store: %w", err)
+	}
+	for _, e := range leftovers {
+		if err := os.RemoveAll(filepath.Join(s.ingestDir, e.Name())); err != nil {
+			return fmt.Errorf("open store: remove partial download: %w", err)
+		}
+	}
+	if len(leftovers) > 0 {
+		s.log.Info("removed partial downloads", "count", len(leftovers))
+	}
+
+	files, err := os.ReadDir(s.blobsDir)
+	if err != nil {
+		return fmt.Errorf("open store: %w", err)
+	}
+	var found []*entry
+	for _, f := range files {
+		path := filepath.Join(s.blobsDir, f.Name())
+		fi, err := f.Info()
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return fmt.Errorf("open store: %w", err)
+		}
+		if !validHex(f.Name()) || !fi.Mode().IsRegular() {
+			// Nothing the store wrote: a blob is only ever renamed here under its digest.
+			s.log.Warn("removing unexpected file from blob directory", "path", path)
+			if err := os.RemoveAll(path); err != nil {
+				return fmt.Errorf("open store: %w", err)
+			}
+			continue
+		}
+		found = append(found, &entry{hex: f.Name(), size: fi.Size(), lastAccess: fi.ModTime()})
+	}
+	slices.SortFunc(found, func(a, b *entry) int { return a.lastAccess.Compare(b.lastAccess) })
+	for _, e := range found {
+		e.elem = s.lru.PushFront(e)
+		s.index[e.hex] = e
+		s.used += e.size
+	}
+	return s.loadPins()
+}
+
+// Close stops the downloads in flight (their readers get ErrClosed) and releases the directory.
+// Blobs already handed out stay readable.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	for _, dl := range s.inflight {
+		dl.cancel(ErrClosed)
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return s.lock.Close() // releases the flock
+}
+
+// Get opens a complete blob. It returns an error wrapping ErrNotFound when the blob is not
+// complete in the store (Fetch counts the miss). A successful Get counts a hit and marks the blob
+// as recently used.
+func (s *Store) Get(d v1.Hash) (Blob, error) {
+	if err := checkDigest(d); err != nil {
+		return nil, fmt.Errorf("get %s: %w", d, err)
+	}
+	s.mu.Lock()
+	b, err := s.openCompleteLocked(d)
+	s.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("get %s: %w", d, err)
+	}
+	s.metrics.hits.Inc()
+	s.persistAccess(d, b.accessed)
+	return b, nil
+}
+
+// openCompleteLocked opens d if it is complete and marks it used.
+func (s *Store) openCompleteLocked(d v1.Hash) (*fileBlob, error) {
+	e := s.index[d.Hex]
+	if e == nil {
+		return nil, ErrNotFound
+	}
+	f, err := os.Open(s.blobPath(d.Hex))
+	if errors.Is(err, fs.ErrNotExist) {
+		// Removed behind the store's back: forget it so a Fetch downloads it again.
+		s.log.Warn("blob vanished from disk", "digest", d)
+		s.removeEntryLocked(e)
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	e.lastAccess = s.now()
+	s.lru.MoveToFront(e.elem)
+	return &fileBlob{f: f, size: e.size, accessed: e.lastAccess}, nil
+}
+
+// persistAccess records the access time as the file's mtime, so the LRU order survives a restart.
+// Best effort: the blob may have been evicted meanwhile.
+func (s *Store) persistAccess(d v1.Hash, t time.Time) {
+	if err := os.Chtimes(s.blobPath(d.Hex), time.Time{}, t); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Debug("cannot record access time", "digest", d, "err", err)
+	}
+}
+
+// Stat returns the size of a complete blob, or an error wrapping ErrNotFound.
+func (s *Store) Stat(d v1.Hash) (int64, error) {
+	if err := checkDigest(d); err != nil {
+		return 0, fmt.Errorf("stat %s: %w", d, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.index[d.Hex]
+	if e == nil {
+		return 0, fmt.Errorf("stat %s: %w", d, ErrNotFound)
+	}
+	return e.size, nil
+}
+
+// Delete removes a complete blob (pinned or not; its pins stay and protect it if it returns).
+// Readers that have it open keep reading. It returns an error wrapping ErrNotFound if the blob is
+// not complete in the store.
+func (s *Store) Delete(d v1.Hash) error {
+	if err := checkDigest(d); err != nil {
+		return fmt.Errorf("delete %s: %w", d, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.index[d.Hex]
+	if e == nil {
+		return fmt.Errorf("delete %s: %w", d, ErrNotFound)
+	}
+	if err := s.unlinkLocked(e); err != nil {
+		return fmt.Errorf("delete %s: %w", d, err)
+	}
+	return nil
+}
+
+// Usage returns the total size and number of complete blobs.
+func (s *Store) Usage() (bytes int64, blobs int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.used, len(s.index)
+}
+
+// List describes every complete blob, most recently used first.
+func (s *Store) List() []Info {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Info, 0, len(s.index))
+	for el := s.lru.Front(); el != nil; el = el.Next() {
+		e := el.Value.(*entry)
+		out = append(out, Info{
+			Digest:     v1.Hash{Algorithm: "sha256", Hex: e.hex},
+			Size:       e.size,
+			LastAccess: e.lastAccess,
+			Pinned:     len(s.pins[e.hex]) > 0,
+		})
+	}
+	return out
+}
+
+func (s *Store) blobPath(hex string) string { return filepath.Join(s.blobsDir, hex) }
+
+// unlinkLocked removes a blob's file and forgets it. The file is removed while holding the lock so
+// that a concurrent download of the same digest cannot commit between forgetting and unlinking.
+func (s *Store) unlinkLocked(e *entry) error {
+	if err := os.Remove(s.blobPath(e.hex)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	s.removeEntryLocked(e)
+	return nil
+}
+
+func (s *Store) removeEntryLocked(e *entry) {
+	s.lru.Remove(e.elem)
+	delete(s.index, e.hex)
+	s.used -= e.size
+}
+
+// checkDigest accepts only sha256 digests in canonical form: paths are built from them.
+func checkDigest(d v1.Hash) error {
+	if d.Algorithm != "sha256" || !validHex(d.Hex) {
+		return fmt.Errorf("%w: want sha256 and 64 lowercase hex digits", ErrInvalidDigest)
+	}
+	return nil
+}
+
+func validHex(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for i := range len(s) {
+		c := s[i]
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// syncDir makes a rename or unlink in dir durable.
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}

@@ -1,0 +1,101 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/shoal-dev/shoal/agent"
+	"github.com/shoal-dev/shoal/agent/upstream"
+)
+
+func newAgentCommand() *cobra.Command {
+	var (
+		cfg       agent.Config
+		cacheSize string
+		endpoints []string
+		logLevel  string
+		logFormat string
+	)
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the node agent: the registry mirror containerd pulls through",
+		Long: `Run the node agent. It serves the OCI Distribution API (pull side) on --mirror-addr,
+answers from its node-local content store, fetches misses from the upstream registry while
+keeping them, and writes containerd hosts.toml files that list the mirror ahead of the upstream,
+so that pulls fall back to the upstream within milliseconds whenever the agent cannot help.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			size, err := resource.ParseQuantity(cacheSize)
+			if err != nil {
+				return fmt.Errorf("--cache-size %q: %w (examples: 50Gi, 500Mi, 0 for unlimited)", cacheSize, err)
+			}
+			cfg.CacheSize = size.Value()
+			if cfg.RegistryEndpoints, err = parseEndpoints(endpoints); err != nil {
+				return err
+			}
+			if cfg.Logger, err = newLogger(logLevel, logFormat); err != nil {
+				return err
+			}
+			return agent.Run(cmd.Context(), cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.MirrorAddr, "mirror-addr", "127.0.0.1:5001", "IP:PORT where containerd reaches the mirror (keep it on loopback)")
+	f.StringVar(&cfg.DataDir, "data-dir", "/var/lib/shoal", "directory of the content store")
+	f.StringVar(&cacheSize, "cache-size", "50Gi", "content store limit (Kubernetes quantity); least recently used unpinned blobs are evicted beyond it; 0 = unlimited")
+	f.StringVar(&cfg.ContainerdHostsDir, "containerd-hosts-dir", "/etc/containerd/certs.d", `containerd's config_path, where hosts.toml files are written; "" = do not write them`)
+	f.StringVar(&cfg.ContainerdConfig, "containerd-config", "/etc/containerd/config.toml", `containerd's config.toml, checked for config_path (a warning is logged when it is missing); "" = skip the check`)
+	f.StringSliceVar(&cfg.MirrorRegistries, "mirror-registries", []string{"docker.io"}, `registries to mirror, comma-separated; "*" = every registry (written as _default/hosts.toml)`)
+	f.StringArrayVar(&endpoints, "registry-endpoint", nil, "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable); default: the server of an existing hosts.toml, else the registry's usual endpoint")
+	f.StringVar(&cfg.RegistryAuthFile, "registry-auth-file", "", "docker config.json with credentials for upstream registries")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "127.0.0.1:9091", `IP:PORT serving /metrics, /healthz and /readyz; "" = disabled`)
+	f.StringVar(&cfg.DefaultRegistry, "default-registry", "docker.io", "registry for requests that carry no ?ns= parameter (clients other than containerd)")
+	f.DurationVar(&cfg.MirrorDialTimeout, "mirror-dial-timeout", 200*time.Millisecond, "dial_timeout written into hosts.toml for the mirror host (containerd 1.7+ honours it)")
+	f.DurationVar(&cfg.ManifestTimeout, "manifest-timeout", 10*time.Second, "how long resolving a manifest upstream may take before the runtime is sent to its next host")
+	f.DurationVar(&cfg.UpstreamTimeouts.Dial, "upstream-dial-timeout", 2*time.Second, "dial timeout for upstream registries")
+	f.DurationVar(&cfg.UpstreamTimeouts.ResponseHeader, "upstream-response-timeout", 10*time.Second, "how long an upstream registry may take to answer a request")
+	f.DurationVar(&cfg.UpstreamTimeouts.BlobIdle, "upstream-idle-timeout", 30*time.Second, "a blob download that receives no byte for this long fails")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&logFormat, "log-format", "json", "json or text")
+	cfg.UpstreamTimeouts.Manifest = 0 // bounded by --manifest-timeout in the mirror
+	return cmd
+}
+
+func parseEndpoints(values []string) (map[string]string, error) {
+	endpoints := make(map[string]string, len(values))
+	for _, v := range values {
+		registry, endpoint, ok := strings.Cut(v, "=")
+		if !ok || registry == "" || endpoint == "" {
+			return nil, fmt.Errorf("--registry-endpoint %q: want REGISTRY=URL, e.g. registry.test=http://127.0.0.1:5000", v)
+		}
+		if _, dup := endpoints[registry]; dup {
+			return nil, fmt.Errorf("--registry-endpoint: %s given twice", registry)
+		}
+		if _, err := upstream.ParseEndpoint(endpoint); err != nil {
+			return nil, fmt.Errorf("--registry-endpoint %q: %w", v, err)
+		}
+		endpoints[registry] = endpoint
+	}
+	return endpoints, nil
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want json or text", format)
+}

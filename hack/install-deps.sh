@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs everything Shoal's tests, benchmarks and demo need on a fresh Debian machine, as root:
+# Debian packages, Go tools, and a kube-apiserver built from the Go module proxy for envtest.
+# Idempotent and quiet when everything is already there. Heavy artefacts live outside the repo,
+# under $SHOAL_CACHE (default ~/.cache/shoal).
+set -euo pipefail
+
+CACHE=${SHOAL_CACHE:-$HOME/.cache/shoal}
+K8S_VERSION=${K8S_VERSION:-1.37.2}
+CONTROLLER_GEN_VERSION=v0.23.0
+GOLANGCI_LINT_VERSION=v2.15.0
+HELM_VERSION=v3.22.0
+BIN="$CACHE/bin"
+ENVTEST_DIR="$CACHE/k8s/$K8S_VERSION"
+
+log() { echo "install-deps: $*" >&2; }
+
+apt_packages=(containerd runc docker-registry etcd-server iproute2 busybox-static util-linux procps psmisc)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packaged services are not ours to run: the tests start their own instances.
+  for svc in containerd docker-registry etcd; do
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  done
+fi
+
+mkdir -p "$BIN" "$ENVTEST_DIR"
+go_tool() { # name module version
+  local name=$1 module=$2 version=$3 stamp="$BIN/.$1-$3"
+  [ -x "$BIN/$name" ] && [ -f "$stamp" ] && return 0
+  log "go install $module@$version"
+  GOBIN="$BIN" CGO_ENABLED=0 go install "$module@$version"
+  touch "$stamp"
+}
+go_tool controller-gen sigs.k8s.io/controller-tools/cmd/controller-gen "$CONTROLLER_GEN_VERSION"
+go_tool golangci-lint github.com/golangci/golangci-lint/v2/cmd/golangci-lint "$GOLANGCI_LINT_VERSION"
+go_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+
+# kube-apiserver has no Debian package: build it from the module proxy in a throwaway module that
+# requires k8s.io/kubernetes and points every staging module at its published v0 twin.
+if [ ! -x "$ENVTEST_DIR/kube-apiserver" ]; then
+  log "building kube-apiserver v$K8S_VERSION (several minutes, once)"
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  (
+    cd "$work"
+    go mod init shoal.local/kube-apiserver-build >/dev/null 2>&1
+    staging_version="v0.${K8S_VERSION#1.}"
+    modfile=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    grep -E '^\s+k8s\.io/[a-z0-9-]+ => \./staging/' "$modfile" | awk '{print $1}' | while read -r m; do
+      if go mod download "$m@$staging_version" >/dev/null 2>&1; then
+        go mod edit -replace "$m=$m@$staging_version"
+      fi
+    done
+    go mod edit -require "k8s.io/kubernetes@v$K8S_VERSION"
+    go mod tidy >/dev/null 2>&1 || true
+    printf 'package main\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver/app"\nfunc main() {}\n' > keep.go
+    go mod tidy >/dev/null
+    CGO_ENABLED=0 go build -o "$ENVTEST_DIR/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
+  )
+  mv "$ENVTEST_DIR/kube-apiserver.tmp" "$ENVTEST_DIR/kube-apiserver"
+fi
+ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$ENVTEST_DIR/etcd"

@@ -1,0 +1,154 @@
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const (
+	// isolatedEnv marks the re-executed child. Its value is the parent's network namespace, so
+	// a child that inherited the marker without getting a new namespace notices and refuses.
+	isolatedEnv = "SHOAL_HARNESS_ISOLATED_FROM"
+	// RequireIsolationEnv, when "1" (CI sets it), turns "cannot isolate" into a failure
+	// instead of a skip.
+	RequireIsolationEnv = "SHOAL_E2E"
+)
+
+// ErrIsolationUnavailable is returned by RunIsolated when this process cannot create a
+// network namespace (not root, or unshare missing).
+var ErrIsolationUnavailable = errors.New("network isolation unavailable")
+
+type isolateOptions struct {
+	before []func(ctx context.Context, tmpDir string) ([]string, error)
+}
+
+// IsolateOption tunes RunIsolated and IsolateNetwork.
+type IsolateOption func(*isolateOptions)
+
+// BeforeIsolation runs fn in the parent, outside the namespace, before re-executing, so it
+// may still use the network (for example `go build`, which can need the module proxy). fn gets
+// a temporary directory that lives until the child exits, and returns environment variables
+// ("KEY=value") to pass to the child.
+func BeforeIsolation(fn func(ctx context.Context, tmpDir string) (env []string, err error)) IsolateOption {
+	return func(o *isolateOptions) { o.before = append(o.before, fn) }
+}
+
+// InIsolatedNetwork reports whether this process is the child that RunIsolated started in a
+// fresh network namespace.
+func InIsolatedNetwork() bool { return os.Getenv(isolatedEnv) != "" }
+
+// RunIsolated runs main in a network namespace of its own with only loopback up, so nothing
+// main does can reach beyond this machine's new, empty 127.0.0.1.
+//
+// It works by re-execution: called in the parent it runs the BeforeIsolation hooks, starts
+// this same executable with the same arguments under `unshare --net`, waits for it and
+// returns its exit code. Called in that child it brings lo up and returns main's result. A
+// program calls it first thing and does nothing else in the parent.
+func RunIsolated(main func() int, opts ...IsolateOption) (int, error) {
+	if parent := os.Getenv(isolatedEnv); parent != "" {
+		return runChild(parent, main)
+	}
+	var o isolateOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := canIsolate(); err != nil {
+		return 0, err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return 0, fmt.Errorf("find own executable: %w", err)
+	}
+	netns, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		return 0, fmt.Errorf("read own network namespace: %w", err)
+	}
+	tmp, err := os.MkdirTemp("", "shoal-isolate-")
+	if err != nil {
+		return 0, fmt.Errorf("create temp dir: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+
+	env := append(childEnv(), isolatedEnv+"="+netns)
+	for _, fn := range o.before {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		extra, err := fn(ctx, tmp)
+		cancel()
+		if err != nil {
+			return 0, fmt.Errorf("before isolation: %w", err)
+		}
+		env = append(env, extra...)
+	}
+
+	cmd := exec.Command("unshare", append([]string{"--net", "--", self}, os.Args[1:]...)...)
+	cmd.Env = env
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	// unshare execs self in place, so this is the child itself: it dies with us.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err = cmd.Run()
+	var exitErr *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, nil
+	case errors.As(err, &exitErr):
+		if code := exitErr.ExitCode(); code >= 0 {
+			return code, nil
+		}
+		return 1, nil // killed by a signal: already reported on stderr by the runtime or the shell
+	default:
+		return 0, fmt.Errorf("run %s in a new network namespace: %w", self, err)
+	}
+}
+
+func canIsolate() error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%w: needs root for `unshare --net` (running as uid %d)", ErrIsolationUnavailable, os.Geteuid())
+	}
+	if _, err := exec.LookPath("unshare"); err != nil {
+		return fmt.Errorf("%w: unshare (util-linux) not found: %v", ErrIsolationUnavailable, err)
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return fmt.Errorf("%w: ip (iproute2) not found: %v", ErrIsolationUnavailable, err)
+	}
+	return nil
+}
+
+func runChild(parentNetns string, main func() int) (int, error) {
+	netns, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		return 0, fmt.Errorf("read own network namespace: %w", err)
+	}
+	if netns == parentNetns {
+		return 0, fmt.Errorf("%s is set but this process is still in network namespace %s: refusing to run un-isolated", isolatedEnv, netns)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("bring up lo in the new namespace: %v: %s", err, out)
+	}
+	return main(), nil
+}
+
+// IsolateNetwork is RunIsolated for TestMain: it runs m's tests in a fresh network namespace
+// and returns the exit code for os.Exit. When isolation is impossible here it skips every
+// test with a message, unless SHOAL_E2E=1 (CI), where that is a failure.
+func IsolateNetwork(m *testing.M, opts ...IsolateOption) int {
+	code, err := RunIsolated(m.Run, opts...)
+	switch {
+	case err == nil:
+		return code
+	case errors.Is(err, ErrIsolationUnavailable) && os.Getenv(RequireIsolationEnv) != "1":
+		fmt.Fprintf(os.Stderr, "SKIP: end-to-end tests need their own network namespace: %v\n"+
+			"      (run as root with util-linux and iproute2; set %s=1 to make this a failure)\n", err, RequireIsolationEnv)
+		return 0
+	default:
+		fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
+		return 1
+	}
+}

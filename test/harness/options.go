@@ -1,0 +1,47 @@
+package harness
+
+import (
+	"io"
+	"log/slog"
+)
+
+// Option tunes how a component is started.
+type Option func(*options)
+
+type options struct {
+	logger      *slog.Logger
+	binary      string
+	snapshotter string
+}
+
+func newOptions(defaultBinary string, opts []Option) options {
+	o := options{
+		logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		binary: defaultBinary,
+	}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
+}
+
+// WithLogger reports what the harness does (processes started and stopped) to l.
+// The components' own output always goes to log files in their directories.
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) {
+		if l != nil {
+			o.logger = l
+		}
+	}
+}
+
+// WithBinary runs the component from path instead of its default executable.
+func WithBinary(path string) Option {
+	return func(o *options) { o.binary = path }
+}
+
+// WithSnapshotter makes containerd use the named snapshotter instead of the one the harness
+// detects (overlayfs when the kernel allows it here, else native). Only StartContainerd reads it.
+func WithSnapshotter(name string) Option {
+	return func(o *options) { o.snapshotter = name }
+}

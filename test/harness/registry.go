@@ -1,0 +1,262 @@
+package harness
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+// DefaultRegistryBinary is Debian's build of distribution 2.8.2.
+const DefaultRegistryBinary = "/usr/bin/docker-registry"
+
+// Registry is a docker-registry process on 127.0.0.1 with filesystem storage in its own
+// directory and an access log that tests read to count what clients asked for.
+type Registry struct {
+	dir       string
+	host      string
+	accessLog string
+	proc      *process
+	client    *http.Client
+}
+
+// StartRegistry starts a registry whose config, storage and logs live under dir, and waits
+// until it answers GET /v2/.
+func StartRegistry(ctx context.Context, dir string, opts ...Option) (*Registry, error) {
+	o := newOptions(DefaultRegistryBinary, opts)
+	ports, err := FreePorts(1)
+	if err != nil {
+		return nil, err
+	}
+	r := &Registry{
+		dir:       dir,
+		host:      fmt.Sprintf("127.0.0.1:%d", ports[0]),
+		accessLog: filepath.Join(dir, "access.log"),
+		client:    loopbackHTTPClient(),
+	}
+	storage := filepath.Join(dir, "storage")
+	if err := os.MkdirAll(storage, 0o755); err != nil {
+		return nil, fmt.Errorf("create registry storage: %w", err)
+	}
+	// The access log is written to stdout in combined log format, one line per finished
+	// request; everything else the registry says goes to stderr.
+	config := fmt.Sprintf(`version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: %s
+  secret: shoal-harness-not-a-secret
+`, storage, r.host)
+	configPath := filepath.Join(dir, "config.yml")
+	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
+		return nil, fmt.Errorf("write registry config: %w", err)
+	}
+	r.proc, err = startProcess("registry", filepath.Join(dir, "registry.log"), r.accessLog, o.logger, o.binary, "serve", configPath)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.proc.waitReady(ctx, "GET /v2/ answers", r.ping); err != nil {
+		_ = r.proc.kill()
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *Registry) ping(ctx context.Context) error {
+	_, err := r.get(ctx, r.URL()+"/v2/")
+	return err
+}
+
+func (r *Registry) get(ctx context.Context, u string) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return resp.StatusCode, fmt.Errorf("GET %s: %s", u, resp.Status)
+	}
+	return resp.StatusCode, nil
+}
+
+// Host is the registry's address, "127.0.0.1:PORT", as used in image references.
+func (r *Registry) Host() string { return r.host }
+
+// URL is the registry's base URL, "http://127.0.0.1:PORT".
+func (r *Registry) URL() string { return "http://" + r.host }
+
+// PID is the registry process's id.
+func (r *Registry) PID() int { return r.proc.PID() }
+
+// Close stops the registry (SIGTERM, then SIGKILL).
+func (r *Registry) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*stopGrace)
+	defer cancel()
+	return r.proc.stop(ctx)
+}
+
+// Request is one line of the registry's access log.
+type Request struct {
+	Method    string
+	Path      string // without the query
+	Query     string
+	Status    int
+	Bytes     int64 // response body bytes written
+	UserAgent string
+}
+
+// combinedLog matches the access log lines, e.g.
+// 127.0.0.1 - - [21/Nov/2026:16:42:27 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
+var combinedLog = regexp.MustCompile(`^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) "[^"]*" "(.*)"$`)
+
+// Requests returns every request the registry has logged so far, oldest first. A request
+// is logged once its response is complete; call Sync first to be sure a finished client
+// request is in.
+func (r *Registry) Requests() ([]Request, error) {
+	f, err := os.Open(r.accessLog)
+	if err != nil {
+		return nil, fmt.Errorf("open registry access log: %w", err)
+	}
+	defer f.Close()
+	var reqs []Request
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		m := combinedLog.FindStringSubmatch(sc.Text())
+		if m == nil {
+			continue
+		}
+		status, _ := strconv.Atoi(m[3])
+		n, _ := strconv.ParseInt(m[4], 10, 64) // "-" means none
+		path, query, _ := strings.Cut(m[2], "?")
+		reqs = append(reqs, Request{Method: m[1], Path: path, Query: query, Status: status, Bytes: n, UserAgent: m[5]})
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read registry access log: %w", err)
+	}
+	return reqs, nil
+}
+
+// CountRequests counts logged requests with the given method (any when "") whose path
+// matches pathPattern.
+func (r *Registry) CountRequests(method string, pathPattern *regexp.Regexp) (int, error) {
+	reqs, err := r.Requests()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, req := range reqs {
+		if (method == "" || req.Method == method) && pathPattern.MatchString(req.Path) {
+			n++
+		}
+	}
+	return n, nil
+}
+
+var blobPath = regexp.MustCompile(`^/v2/.+/blobs/(sha256:[0-9a-f]{64})$`)
+
+// BlobGETs counts GET requests for each blob digest, whatever their status.
+func (r *Registry) BlobGETs() (map[v1.Hash]int, error) {
+	return r.BlobGETsWhere(func(Request) bool { return true })
+}
+
+// BlobGETsWhere counts GET requests for each blob digest among the requests keep accepts.
+func (r *Registry) BlobGETsWhere(keep func(Request) bool) (map[v1.Hash]int, error) {
+	reqs, err := r.Requests()
+	if err != nil {
+		return nil, err
+	}
+	counts := map[v1.Hash]int{}
+	for _, req := range reqs {
+		m := blobPath.FindStringSubmatch(req.Path)
+		if req.Method != http.MethodGet || m == nil || !keep(req) {
+			continue
+		}
+		h, err := v1.NewHash(m[1])
+		if err != nil {
+			return nil, fmt.Errorf("access log path %q: %w", req.Path, err)
+		}
+		counts[h]++
+	}
+	return counts, nil
+}
+
+// Sync waits until the requests a client saw completed before Sync was called are in the
+// access log: it sends a marker request and waits for its line. The registry logs a request
+// right after writing its response, so earlier lines are there by the time the marker's is.
+func (r *Registry) Sync(ctx context.Context) error {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	marker := "harness-sync=" + hex.EncodeToString(b[:])
+	if _, err := r.get(ctx, r.URL()+"/v2/?"+marker); err != nil {
+		return fmt.Errorf("registry sync request: %w", err)
+	}
+	return r.proc.waitReady(ctx, "the sync marker in the access log", func(context.Context) error {
+		reqs, err := r.Requests()
+		if err != nil {
+			return err
+		}
+		for _, req := range reqs {
+			if req.Query == marker {
+				return nil
+			}
+		}
+		return fmt.Errorf("marker %s not logged yet", marker)
+	})
+}
+
+// loopbackHTTPClient never uses a proxy and refuses to dial anything but loopback, so a
+// mistake in a test cannot send traffic off the machine even outside a namespace.
+func loopbackHTTPClient() *http.Client {
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	return &http.Client{
+		Timeout: 2 * time.Minute,
+		Transport: &http.Transport{
+			Proxy: nil,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				if err := checkLoopback(addr); err != nil {
+					return nil, err
+				}
+				return dialer.DialContext(ctx, network, addr)
+			},
+			MaxIdleConnsPerHost: 8,
+			IdleConnTimeout:     30 * time.Second,
+		},
+	}
+}
+
+func checkLoopback(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("dial %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("dial %q: the harness only dials loopback IP addresses", addr)
+	}
+	return nil
+}
