@@ -3,7 +3,7 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -euo pipefail -c
 
 SHOAL_CACHE ?= $(HOME)/.cache/shoal
-K8S_VERSION ?= 1.37.2
+K8S_VERSION ?= 1.37.1
 BIN_DIR := $(SHOAL_CACHE)/bin
 CONTROLLER_GEN := $(BIN_DIR)/controller-gen
 GOLANGCI_LINT := $(BIN_DIR)/golangci-lint

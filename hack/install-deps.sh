@@ -6,7 +6,7 @@
 set -euo pipefail
 
 CACHE=${SHOAL_CACHE:-$HOME/.cache/shoal}
-K8S_VERSION=${K8S_VERSION:-1.37.2}
+K8S_VERSION=${K8S_VERSION:-1.37.1}
 CONTROLLER_GEN_VERSION=v0.23.0
 GOLANGCI_LINT_VERSION=v2.15.0
 HELM_VERSION=v3.22.0
@@ -49,22 +49,26 @@ if [ ! -x "$ENVTEST_DIR/kube-apiserver" ]; then
   log "building kube-apiserver v$K8S_VERSION (several minutes, once)"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  (
+  if ! (
     cd "$work"
-    go mod init shoal.local/kube-apiserver-build >/dev/null 2>&1
+    go mod init shoal.local/kube-apiserver-build
     staging_version="v0.${K8S_VERSION#1.}"
     modfile=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    # Point each staging module at its published twin; a few (samples) are never published.
     grep -E '^\s+k8s\.io/[a-z0-9-]+ => \./staging/' "$modfile" | awk '{print $1}' | while read -r m; do
-      if go mod download "$m@$staging_version" >/dev/null 2>&1; then
+      if go mod download "$m@$staging_version"; then
         go mod edit -replace "$m=$m@$staging_version"
       fi
     done
     go mod edit -require "k8s.io/kubernetes@v$K8S_VERSION"
-    go mod tidy >/dev/null 2>&1 || true
     printf 'package main\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver/app"\nfunc main() {}\n' > keep.go
-    go mod tidy >/dev/null
+    go mod tidy
     CGO_ENABLED=0 go build -o "$ENVTEST_DIR/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-  )
+  ) >"$work/build.log" 2>&1; then
+    grep -v '^go: downloading' "$work/build.log" | tail -30 >&2
+    log "kube-apiserver build failed (full log above)"
+    exit 1
+  fi
   mv "$ENVTEST_DIR/kube-apiserver.tmp" "$ENVTEST_DIR/kube-apiserver"
 fi
 ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$ENVTEST_DIR/etcd"

@@ -13,8 +13,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"strconv"
+	"syscall"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -257,9 +257,9 @@ func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (st
 		}
 		return source, nil
 	}
-	if f, ok := blob.(interface{ File() *os.File }); ok && f.File() != nil {
-		// A complete blob on disk: hand net/http the file itself so it can use sendfile.
-		http.ServeContent(w, r, "", time.Time{}, f.File())
+	if _, onDisk := blob.(syscall.Conn); onDisk {
+		// A complete blob on disk: handing it to net/http unwrapped lets it use sendfile(2).
+		http.ServeContent(w, r, "", time.Time{}, blob)
 		return source, nil
 	}
 	reader := &errorRecordingReadSeeker{rs: blob}

@@ -104,13 +104,16 @@ func ParseRequest(method string, u *url.URL, defaultRegistry string) (*Request, 
 	if !ok {
 		return nil, badRequest(http.StatusNotFound, "UNSUPPORTED", "not a Distribution API path")
 	}
+	// Repository names may contain "manifests" or "blobs" as components: the endpoint is the
+	// separator that occurs last.
 	req := &Request{Registry: registry}
+	manifests, blobs := strings.LastIndex(rest, "/manifests/"), strings.LastIndex(rest, "/blobs/")
 	var reference string
 	switch {
-	case cutLast(rest, "/manifests/", &req.Repository, &reference):
-		req.Kind = KindManifest
-	case cutLast(rest, "/blobs/", &req.Repository, &reference):
-		req.Kind = KindBlob
+	case manifests > blobs:
+		req.Kind, req.Repository, reference = KindManifest, rest[:manifests], rest[manifests+len("/manifests/"):]
+	case blobs > manifests:
+		req.Kind, req.Repository, reference = KindBlob, rest[:blobs], rest[blobs+len("/blobs/"):]
 	default:
 		return nil, badRequest(http.StatusNotFound, "UNSUPPORTED", "unsupported Distribution API endpoint")
 	}
@@ -135,15 +138,4 @@ func ParseRequest(method string, u *url.URL, defaultRegistry string) (*Request, 
 	}
 	req.Digest, req.HasDigest = digest, true
 	return req, nil
-}
-
-// cutLast splits s around the last occurrence of sep, because repository names may themselves
-// contain "manifests" or "blobs" as path components.
-func cutLast(s, sep string, before, after *string) bool {
-	i := strings.LastIndex(s, sep)
-	if i < 0 {
-		return false
-	}
-	*before, *after = s[:i], s[i+len(sep):]
-	return true
 }

@@ -34,11 +34,11 @@ type fileBlob struct {
 	closeErr  error
 }
 
-func (b *fileBlob) Read(p []byte) (int, error)                   { return b.f.Read(p) }
-func (b *fileBlob) ReadAt(p []byte, off int64) (int, error)      { return b.f.ReadAt(p, off) }
-func (b *fileBlob) Seek(off int64, whence int) (int64, error)    { return b.f.Seek(off, whence) }
-func (b *fileBlob) Size() int64                                  { return b.size }
-func (b *fileBlob) SyscallConn() (syscall.RawConn, error)        { return b.f.SyscallConn() }
+func (b *fileBlob) Read(p []byte) (int, error)                { return b.f.Read(p) }
+func (b *fileBlob) ReadAt(p []byte, off int64) (int, error)   { return b.f.ReadAt(p, off) }
+func (b *fileBlob) Seek(off int64, whence int) (int64, error) { return b.f.Seek(off, whence) }
+func (b *fileBlob) Size() int64                               { return b.size }
+func (b *fileBlob) SyscallConn() (syscall.RawConn, error)     { return b.f.SyscallConn() }
 func (b *fileBlob) Close() error {
 	b.closeOnce.Do(func() { b.closeErr = b.f.Close() })
 	return b.closeErr

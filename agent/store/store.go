@@ -166,7 +166,8 @@ func Open(dir string, opts ...Option) (*Store, error) {
 		return nil, err
 	}
 	s.mu.Lock()
-	s.evictLocked(0) // over the limit only if the limit shrank or pins cover too much; logged there
+	// Fails only if pinned blobs alone exceed the limit: logged there, and the store still serves.
+	_ = s.evictLocked(0)
 	bytes, blobs := s.used, len(s.index)
 	s.mu.Unlock()
 	s.log.Info("store opened", "dir", dir, "bytes", bytes, "blobs", blobs, "maxBytes", s.maxBytes)
@@ -344,7 +345,7 @@ func (s *Store) List() []Info {
 	defer s.mu.Unlock()
 	out := make([]Info, 0, len(s.index))
 	for el := s.lru.Front(); el != nil; el = el.Next() {
-		e := el.Value.(*entry)
+		e := entryOf(el)
 		out = append(out, Info{
 			Digest:     v1.Hash{Algorithm: "sha256", Hex: e.hex},
 			Size:       e.size,
@@ -353,6 +354,12 @@ func (s *Store) List() []Info {
 		})
 	}
 	return out
+}
+
+// entryOf returns the entry an LRU element holds: the list holds nothing else.
+func entryOf(el *list.Element) *entry {
+	e, _ := el.Value.(*entry)
+	return e
 }
 
 func (s *Store) blobPath(hex string) string { return filepath.Join(s.blobsDir, hex) }

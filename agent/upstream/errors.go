@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 
@@ -97,11 +98,11 @@ func statusKind(status int, code string) error {
 	return nil
 }
 
-// failureKind classifies a request that got no usable answer. A caller's own cancellation is
-// not the registry's fault and gets no kind (errors.Is(err, context.Canceled) still holds);
-// every other transport failure (refused, reset, timed out, TLS) means "cannot reach it".
-func failureKind(ctx context.Context, err error) error {
-	if errors.Is(err, context.Canceled) && errors.Is(context.Cause(ctx), context.Canceled) {
+// failureKind classifies the cause of a cancelled request. A caller's own cancellation is not
+// the registry's fault and gets no kind (errors.Is(err, context.Canceled) still holds); a
+// timeout or a stalled body means the registry is not answering.
+func failureKind(cause error) error {
+	if errors.Is(cause, context.Canceled) {
 		return nil
 	}
 	return ErrUnavailable
@@ -129,14 +130,18 @@ func responseError(resp *http.Response) (status int, code string, err error) {
 	return resp.StatusCode, "", errors.New(http.StatusText(resp.StatusCode))
 }
 
-// handshakeKind classifies a failed ping or token exchange done by go-containerregistry.
-func handshakeKind(err error) (status int, code string, kind error) {
+// transportFailure classifies an error of go-containerregistry's transport: a failed ping or
+// token exchange, during the handshake or when a bearer token is refreshed after a 401.
+func transportFailure(err error) (status int, code string, kind error) {
+	if errors.Is(err, errCredentials) {
+		return 0, "", ErrUnauthorized
+	}
 	var terr *transport.Error
 	if errors.As(err, &terr) {
 		if len(terr.Errors) > 0 {
 			code = string(terr.Errors[0].Code)
 		}
-		if kind := statusKind(terr.StatusCode, code); kind == ErrUnauthorized || kind == ErrUnavailable {
+		if kind := statusKind(terr.StatusCode, code); errors.Is(kind, ErrUnauthorized) || errors.Is(kind, ErrUnavailable) {
 			return terr.StatusCode, code, kind
 		}
 		// Anything else from /v2/ or the token realm (404, 400, ...) means the endpoint is
@@ -152,7 +157,7 @@ func handshakeKind(err error) (status int, code string, kind error) {
 }
 
 func isNetworkError(err error) bool {
-	var netErr interface{ Timeout() bool }
+	var netErr net.Error
 	return errors.As(err, &netErr) || errors.Is(err, context.DeadlineExceeded) ||
 		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
 }

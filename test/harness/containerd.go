@@ -44,14 +44,14 @@ func StartContainerd(ctx context.Context, dir, hostsDir string, opts ...Option) 
 		socket:   filepath.Join(dir, "state", "containerd.sock"),
 		hostsDir: hostsDir,
 	}
-	c.snapshotter = o.snapshotter
-	if c.snapshotter == "" {
-		c.snapshotter = detectSnapshotter(dir)
-	}
 	for _, d := range []string{c.root, filepath.Join(dir, "state"), filepath.Join(dir, "runc"), hostsDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create containerd directory: %w", err)
 		}
+	}
+	c.snapshotter = o.snapshotter
+	if c.snapshotter == "" {
+		c.snapshotter = detectSnapshotter(dir)
 	}
 	configPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(configPath, []byte(c.config()), 0o644); err != nil {

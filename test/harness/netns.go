@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"syscall"
 	"testing"
 	"time"
@@ -91,7 +92,23 @@ func RunIsolated(main func() int, opts ...IsolateOption) (int, error) {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	// unshare execs self in place, so this is the child itself: it dies with us.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	err = cmd.Run()
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("run %s in a new network namespace: %w", self, err)
+	}
+	// Pass SIGINT and SIGTERM on rather than dying at once: the child then gets to stop its
+	// processes and remove its directories.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer func() {
+		signal.Stop(sigs)
+		close(sigs) // ends the forwarder; Stop guarantees no further sends
+	}()
+	go func() {
+		for s := range sigs {
+			_ = cmd.Process.Signal(s)
+		}
+	}()
+	err = cmd.Wait()
 	var exitErr *exec.ExitError
 	switch {
 	case err == nil:
@@ -100,7 +117,7 @@ func RunIsolated(main func() int, opts ...IsolateOption) (int, error) {
 		if code := exitErr.ExitCode(); code >= 0 {
 			return code, nil
 		}
-		return 1, nil // killed by a signal: already reported on stderr by the runtime or the shell
+		return 1, fmt.Errorf("isolated child: %w", err) // killed by a signal
 	default:
 		return 0, fmt.Errorf("run %s in a new network namespace: %w", self, err)
 	}

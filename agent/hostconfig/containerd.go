@@ -1,0 +1,143 @@
+package hostconfig
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// maxConfigFiles bounds how many files a containerd config may import.
+const maxConfigFiles = 64
+
+// criPlugin is where the CRI registry settings live, by containerd config version.
+var criPlugin = map[int64]string{
+	1: "cri",                         // containerd 1.x, short plugin names
+	2: "io.containerd.grpc.v1.cri",   // containerd 1.x
+	3: "io.containerd.cri.v1.images", // containerd 2.x
+}
+
+// CheckContainerdConfig reports whether containerd, configured by the config.toml at
+// configPath, reads hosts.toml files from dir. It reads the file and its imports as containerd
+// does and finds the CRI plugin's registry.config_path. The error, if any, is meant for the
+// operator: it says what to set, in which file, and that containerd must then be restarted.
+func CheckContainerdConfig(configPath, dir string) error {
+	if configPath == "" {
+		return errors.New("no containerd config file given")
+	}
+	if _, err := os.Stat(configPath); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("containerd config %s does not exist, so containerd ignores Shoal's hosts.toml files; create it with\n\n"+
+			"  version = 2\n  [plugins.%s.registry]\n    config_path = %s\n\nand restart containerd",
+			configPath, quote(criPlugin[2]), quote(dir))
+	}
+	version, sectionFile, section, err := loadCRISection(configPath)
+	if err != nil {
+		return err
+	}
+	key, ok := criPlugin[version]
+	if !ok {
+		return fmt.Errorf("%s: unknown containerd config version %d", configPath, version)
+	}
+	fix := fmt.Sprintf("set\n\n  [plugins.%s.registry]\n    config_path = %s\n\nin %s and restart containerd",
+		quote(key), quote(dir), sectionFile)
+
+	var value any
+	if registry, ok := section["registry"].(map[string]any); ok {
+		value = registry["config_path"]
+	} else if section["registry"] != nil {
+		return fmt.Errorf("%s: plugins.%s.registry is not a table", sectionFile, quote(key))
+	}
+	roots, isString := value.(string)
+	switch {
+	case value == nil || roots == "" && isString:
+		return fmt.Errorf("containerd ignores Shoal's hosts.toml files: its CRI plugin has no registry config_path; %s", fix)
+	case !isString:
+		return fmt.Errorf("%s: config_path is not a string", sectionFile)
+	}
+	want := filepath.Clean(dir)
+	for i, root := range filepath.SplitList(roots) {
+		if filepath.Clean(root) != want {
+			continue
+		}
+		if i == 0 {
+			return nil
+		}
+		return fmt.Errorf("containerd's config_path %q lists other directories before %s, and a registry directory (or _default) in those hides Shoal's files; put %s first: %s",
+			roots, dir, dir, fix)
+	}
+	return fmt.Errorf("containerd reads hosts.toml files from %q (config_path in %s), not from %s where Shoal writes them; either %s, or point the agent's --containerd-hosts-dir at containerd's directory",
+		roots, sectionFile, dir, fix)
+}
+
+// loadCRISection reads configPath and its imports in containerd's order (each file's plugin
+// sections replace earlier ones wholesale; the last non-zero version wins) and returns the
+// effective config version and CRI plugin section, with the file it came from.
+func loadCRISection(configPath string) (version int64, sectionFile string, section map[string]any, err error) {
+	type configFile struct {
+		Version int64          `toml:"version"`
+		Imports []string       `toml:"imports"`
+		Plugins map[string]any `toml:"plugins"`
+	}
+	plugins := map[string]any{}
+	from := map[string]string{} // plugin → file that set it
+	loaded := map[string]bool{}
+	pending := []string{configPath}
+	for len(pending) > 0 {
+		path := pending[0]
+		pending = pending[1:]
+		if loaded[path] {
+			continue
+		}
+		if len(loaded) == maxConfigFiles {
+			return 0, "", nil, fmt.Errorf("%s: more than %d imported config files", configPath, maxConfigFiles)
+		}
+		loaded[path] = true
+		content, err := os.ReadFile(path)
+		if err != nil {
+			return 0, "", nil, fmt.Errorf("read containerd config: %w", err)
+		}
+		var f configFile
+		if err := toml.Unmarshal(content, &f); err != nil {
+			return 0, "", nil, fmt.Errorf("containerd config %s is not valid: %w", path, err)
+		}
+		if f.Version != 0 {
+			version = f.Version
+		}
+		for name, v := range f.Plugins {
+			plugins[name] = v
+			from[name] = path
+		}
+		for _, imp := range f.Imports {
+			// As containerd 1.6 resolves them: globs as given, other paths relative to the importer.
+			if strings.Contains(imp, "*") {
+				matches, err := filepath.Glob(imp)
+				if err != nil {
+					return 0, "", nil, fmt.Errorf("%s: import %q: %w", path, imp, err)
+				}
+				pending = append(pending, matches...)
+				continue
+			}
+			imp = filepath.Clean(imp)
+			if !filepath.IsAbs(imp) {
+				imp = filepath.Join(filepath.Dir(path), imp)
+			}
+			pending = append(pending, imp)
+		}
+	}
+	if version == 0 {
+		version = 1 // containerd's default for a file without a version
+	}
+	key := criPlugin[version]
+	if v, ok := plugins[key]; ok {
+		section, ok = v.(map[string]any)
+		if !ok {
+			return 0, "", nil, fmt.Errorf("%s: plugins.%s is not a table", from[key], quote(key))
+		}
+		return version, from[key], section, nil
+	}
+	return version, configPath, nil, nil
+}

@@ -1,0 +1,427 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+// Source opens the bytes of a blob from somewhere else (the upstream registry, a peer): it returns
+// a reader of the whole blob from offset 0 and its expected size, -1 if unknown. The store cancels
+// ctx when the transfer stalls or the store closes, and may then Close rc while a Read is blocked
+// in it (as net/http response bodies allow), so that a source ignoring ctx cannot hang a download.
+type Source func(ctx context.Context) (rc io.ReadCloser, size int64, err error)
+
+// copyBufferSize bounds the bytes read from a source per write; each write releases bytes to readers.
+const copyBufferSize = 128 << 10
+
+// Outcomes of a download, the result label of shoal_store_fetches_total.
+const (
+	resultOK             = "ok"
+	resultError          = "error" // the source failed to open or to deliver
+	resultDigestMismatch = "digest_mismatch"
+	resultSizeMismatch   = "size_mismatch"
+	resultStalled        = "stalled"
+	resultFull           = "full"
+	resultWriteError     = "write_error" // writing or committing the local file failed
+	resultCanceled       = "canceled"    // the store was closed
+)
+
+// ingestFile is the temporary file a download writes; *os.File outside tests.
+type ingestFile interface {
+	io.Writer
+	Sync() error
+	Close() error
+	Name() string
+}
+
+func createTempFile(dir, pattern string) (ingestFile, error) {
+	f, err := os.CreateTemp(dir, pattern)
+	if err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// Fetch opens blob d, downloading it from src if it is not complete in the store.
+//
+// A complete blob is returned like Get. Otherwise Fetch joins the download of d in flight, or
+// starts one; all callers share one src call and read the bytes as they are written. Fetch
+// returns once src has answered, so that Size is known, or with src's error. The download is
+// detached from ctx; ctx only bounds this caller's wait and its blocking reads. The blob becomes
+// complete in the store only once its sha256 equals d and its length the size src announced;
+// otherwise readers get an error (ErrDigestMismatch, ErrSizeMismatch, ErrStalled, ErrFull, a
+// write error) before they have received the last byte.
+func (s *Store) Fetch(ctx context.Context, d v1.Hash, src Source) (Blob, error) {
+	if err := checkDigest(d); err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", d, err)
+	}
+	s.mu.Lock()
+	fb, err := s.openCompleteLocked(d)
+	if err == nil {
+		s.mu.Unlock()
+		s.metrics.hits.Inc()
+		s.persistAccess(d, fb.accessed)
+		return fb, nil
+	}
+	if !errors.Is(err, ErrNotFound) {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("fetch %s: %w", d, err)
+	}
+	s.metrics.misses.Inc()
+	dl := s.inflight[d.Hex]
+	if dl == nil {
+		if dl, err = s.startLocked(ctx, d, src); err != nil {
+			s.mu.Unlock()
+			return nil, err
+		}
+	}
+	// Opened under the lock: the temporary file exists until the download leaves s.inflight.
+	f, err := os.Open(dl.path)
+	s.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: open download: %w", d, err)
+	}
+	b := &inflightBlob{dl: dl, f: f, ctx: ctx, closed: make(chan struct{})}
+	select {
+	case <-dl.opened:
+	case <-ctx.Done():
+		b.Close()
+		return nil, fmt.Errorf("fetch %s: %w", d, ctx.Err())
+	}
+	if err := dl.failure(); err != nil {
+		b.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// download is one transfer from a Source into a temporary file in ingest/.
+type download struct {
+	digest v1.Hash
+	path   string
+	ctx    context.Context // detached from the starting caller; cancelled on stall or Close
+	cancel context.CancelCauseFunc
+
+	opened   chan struct{} // closed once src answered and space is reserved, or the download failed
+	openOnce sync.Once
+
+	reserved int64 // bytes reserved in the store; guarded by Store.mu
+
+	mu      sync.Mutex
+	size    int64 // announced by src, -1 if unknown
+	visible int64 // bytes readers may read
+	done    bool  // verified: visible is the whole blob
+	err     error
+	changed chan struct{} // closed and replaced whenever visible, done or err change
+}
+
+func (s *Store) startLocked(ctx context.Context, d v1.Hash, src Source) (*download, error) {
+	if s.closed {
+		return nil, fmt.Errorf("fetch %s: %w", d, ErrClosed)
+	}
+	f, err := s.createIngest(s.ingestDir, d.Hex+".*")
+	if err != nil {
+		s.metrics.fetches.WithLabelValues(resultWriteError).Inc()
+		return nil, fmt.Errorf("fetch %s: create temporary file: %w", d, err)
+	}
+	// Detached so the download outlives the request that started it (other readers and the cache
+	// need it), but keeping ctx's values for the source.
+	dctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	dl := &download{
+		digest:  d,
+		path:    f.Name(),
+		ctx:     dctx,
+		cancel:  cancel,
+		opened:  make(chan struct{}),
+		size:    -1,
+		changed: make(chan struct{}),
+	}
+	s.inflight[d.Hex] = dl
+	s.wg.Add(1)
+	go s.run(dl, src, f)
+	return dl, nil
+}
+
+func (s *Store) run(dl *download, src Source, f ingestFile) {
+	defer s.wg.Done()
+	defer dl.cancel(nil)
+	start := time.Now()
+	s.log.Debug("download started", "digest", dl.digest)
+	n, result, err := s.transfer(dl, src, f)
+	if err == nil {
+		if err = s.commit(dl, f, n); err != nil {
+			result = resultWriteError
+		}
+	} else {
+		s.discard(dl, f)
+	}
+	s.metrics.fetches.WithLabelValues(result).Inc()
+	if err != nil {
+		dl.fail(err)
+		s.log.Warn("download failed", "digest", dl.digest, "bytes", n, "result", result, "err", err)
+		return
+	}
+	s.log.Info("blob stored", "digest", dl.digest, "bytes", n, "duration", time.Since(start))
+}
+
+// transfer copies src into f while hashing, releasing bytes to readers as they are written, and
+// releases the last byte only once the digest and size are verified.
+func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, result string, err error) {
+	d := dl.digest
+	stall := time.AfterFunc(s.stall, func() {
+		dl.cancel(fmt.Errorf("fetch %s: %w: no data for %s", d, ErrStalled, s.stall))
+	})
+	defer stall.Stop()
+
+	rc, size, err := openSource(dl.ctx, src)
+	if err != nil {
+		return 0, dl.classify(resultError), dl.cause(fmt.Errorf("fetch %s: open source: %w", d, err))
+	}
+	var closeOnce sync.Once
+	closeSource := func() { closeOnce.Do(func() { rc.Close() }) }
+	defer closeSource()
+	stopClosing := context.AfterFunc(dl.ctx, closeSource)
+	defer stopClosing()
+
+	if size >= 0 {
+		if err := s.reserve(dl, size); err != nil {
+			return 0, resultFull, err
+		}
+	}
+	dl.markOpened(size)
+
+	h := sha256.New()
+	buf := make([]byte, copyBufferSize)
+	for {
+		m, rerr := rc.Read(buf)
+		if m > 0 {
+			stall.Reset(s.stall)
+			if size >= 0 && n+int64(m) > size {
+				return n, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent more than the %d bytes it announced", d, ErrSizeMismatch, size)
+			}
+			if size < 0 {
+				if err := s.reserve(dl, int64(m)); err != nil {
+					return n, resultFull, err
+				}
+			}
+			if _, err := f.Write(buf[:m]); err != nil {
+				return n, resultWriteError, fmt.Errorf("fetch %s: write temporary file: %w", d, err)
+			}
+			h.Write(buf[:m])
+			n += int64(m)
+			s.metrics.fetchBytes.Add(float64(m))
+			dl.release(n - 1) // the last byte waits for the digest check
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			return n, dl.classify(resultError), dl.cause(fmt.Errorf("fetch %s: read source after %d bytes: %w", d, n, rerr))
+		}
+	}
+	if size >= 0 && n != size {
+		return n, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent %d of the %d bytes it announced", d, ErrSizeMismatch, n, size)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != d.Hex {
+		return n, resultDigestMismatch, fmt.Errorf("fetch %s: %w: source sent bytes with digest sha256:%s", d, ErrDigestMismatch, got)
+	}
+	dl.complete(n)
+	return n, resultOK, nil
+}
+
+// openSource calls src, but gives up when ctx ends even if src ignores ctx: a download must
+// never hang. A reader src returns after that is closed.
+func openSource(ctx context.Context, src Source) (io.ReadCloser, int64, error) {
+	type opened struct {
+		rc   io.ReadCloser
+		size int64
+		err  error
+	}
+	ch := make(chan opened, 1)
+	go func() {
+		rc, size, err := src(ctx)
+		if err == nil && rc == nil {
+			err = errors.New("source returned no reader")
+		}
+		ch <- opened{rc, size, err}
+	}()
+	select {
+	case o := <-ch:
+		return o.rc, o.size, o.err
+	case <-ctx.Done():
+		go func() {
+			if o := <-ch; o.err == nil {
+				o.rc.Close()
+			}
+		}()
+		return nil, 0, ctx.Err()
+	}
+}
+
+// reserve sets aside n bytes for dl, evicting blobs if needed.
+func (s *Store) reserve(dl *download, n int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.evictLocked(n); err != nil {
+		return fmt.Errorf("fetch %s: %w", dl.digest, err)
+	}
+	s.reserved += n
+	dl.reserved += n
+	return nil
+}
+
+// commit makes a verified download a complete blob. Readers already have every byte; a failure
+// here only means the store does not keep it.
+func (s *Store) commit(dl *download, f ingestFile, n int64) error {
+	// Durable before visible: after a crash, a file under its digest must hold the whole blob.
+	err := f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	s.mu.Lock()
+	delete(s.inflight, dl.digest.Hex)
+	s.reserved -= dl.reserved
+	if err == nil {
+		err = os.Rename(dl.path, s.blobPath(dl.digest.Hex))
+	}
+	var accessed time.Time
+	if err == nil {
+		e := &entry{hex: dl.digest.Hex, size: n, lastAccess: s.now()}
+		e.elem = s.lru.PushFront(e)
+		s.index[e.hex] = e
+		s.used += n
+		accessed = e.lastAccess
+	} else {
+		s.removeTemp(dl.path)
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("fetch %s: store verified blob: %w", dl.digest, err)
+	}
+	s.persistAccess(dl.digest, accessed)
+	if err := syncDir(s.blobsDir); err != nil {
+		s.log.Warn("cannot sync blob directory", "err", err)
+	}
+	return nil
+}
+
+// discard forgets a failed download and removes its temporary file before readers learn of the
+// failure, so that a Fetch after the failure starts afresh.
+func (s *Store) discard(dl *download, f ingestFile) {
+	f.Close()
+	s.mu.Lock()
+	delete(s.inflight, dl.digest.Hex)
+	s.reserved -= dl.reserved
+	s.removeTemp(dl.path)
+	s.mu.Unlock()
+}
+
+func (s *Store) removeTemp(path string) {
+	if err := os.Remove(path); err != nil {
+		s.log.Error("cannot remove temporary file", "path", path, "err", err)
+	}
+}
+
+// cause prefers the reason the download was cancelled (stall, Close) over the error it caused.
+func (dl *download) cause(err error) error {
+	if c := context.Cause(dl.ctx); c != nil {
+		return fmt.Errorf("%w (%w)", c, err)
+	}
+	return err
+}
+
+func (dl *download) classify(result string) string {
+	switch c := context.Cause(dl.ctx); {
+	case errors.Is(c, ErrStalled):
+		return resultStalled
+	case errors.Is(c, ErrClosed):
+		return resultCanceled
+	}
+	return result
+}
+
+// wait blocks until more than want-1 bytes are visible, the blob is complete or failed, ctx is
+// done, or the reader is closed. It returns the number of visible bytes.
+func (dl *download) wait(ctx context.Context, closed <-chan struct{}, want int64) (int64, error) {
+	for {
+		dl.mu.Lock()
+		avail, done, err, changed := dl.visible, dl.done, dl.err, dl.changed
+		dl.mu.Unlock()
+		switch {
+		case err != nil:
+			return avail, err
+		case done || avail >= want:
+			return avail, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return avail, ctx.Err()
+		case <-closed:
+			return avail, fmt.Errorf("read %s: %w", dl.digest, errBlobClosed)
+		}
+	}
+}
+
+func (dl *download) broadcastLocked() {
+	close(dl.changed)
+	dl.changed = make(chan struct{})
+}
+
+func (dl *download) markOpened(size int64) {
+	dl.mu.Lock()
+	dl.size = size
+	dl.mu.Unlock()
+	dl.openOnce.Do(func() { close(dl.opened) })
+}
+
+func (dl *download) release(visible int64) {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	if visible > dl.visible {
+		dl.visible = visible
+		dl.broadcastLocked()
+	}
+}
+
+func (dl *download) complete(n int64) {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	dl.visible, dl.done = n, true
+	dl.broadcastLocked()
+}
+
+// fail ends the download with err, unless readers already have the whole verified blob.
+func (dl *download) fail(err error) {
+	dl.mu.Lock()
+	if !dl.done {
+		dl.err = err
+		dl.broadcastLocked()
+	}
+	dl.mu.Unlock()
+	dl.openOnce.Do(func() { close(dl.opened) })
+}
+
+func (dl *download) failure() error {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	return dl.err
+}
+
+func (dl *download) currentSize() int64 {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	if dl.size < 0 && dl.done {
+		return dl.visible
+	}
+	return dl.size
+}

@@ -1,0 +1,235 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-dev/shoal/internal/oci"
+)
+
+// Blob opens bytes [offset, offset+length) of a blob (length -1: to the end) and returns them
+// with the blob's total size, from Content-Length or Content-Range (-1 if the registry did not
+// say). Redirects (to object storage) are followed without the registry's credentials.
+//
+// A 206 answer must carry the Content-Range asked for (ErrInvalid otherwise). A registry that
+// ignores Range and answers 200 is fine when offset is 0 (the body is cut at length); for a
+// later offset Blob returns ErrRangeUnsupported instead of discarding its way there, so that a
+// segmented fetch falls back to one whole-blob download.
+//
+// The bytes are not verified against d: a range cannot be, and the store verifies whole blobs.
+// Reading fails with ErrUnavailable when no byte arrives for the BlobIdle timeout. The caller
+// must close the body.
+func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, offset, length int64) (io.ReadCloser, int64, error) {
+	t, op, err := c.blobTarget("get", registry, repo, d)
+	if err != nil {
+		return nil, 0, err
+	}
+	if offset < 0 || length < -1 {
+		return nil, 0, t.fail(op, 0, "", ErrBadRequest, fmt.Errorf("bad range: offset %d, length %d", offset, length))
+	}
+	if length == 0 {
+		size, err := c.HeadBlob(ctx, registry, repo, d)
+		if err != nil {
+			return nil, 0, err
+		}
+		return io.NopCloser(strings.NewReader("")), size, nil
+	}
+	header := http.Header{}
+	ranged := offset > 0 || length > 0
+	if ranged {
+		end := ""
+		if length > 0 {
+			end = strconv.FormatInt(offset+length-1, 10)
+		}
+		header.Set("Range", fmt.Sprintf("bytes=%d-%s", offset, end))
+		op = fmt.Sprintf("%s (bytes %d-%s)", op, offset, end)
+	}
+
+	// The request context lives as long as the body: cancelling it is how a stalled body is cut.
+	ctx, cancel := context.WithCancelCause(ctx)
+	resp, derr := c.do(ctx, t, kindBlob, op, http.MethodGet, blobPath(repo, d), header)
+	if derr != nil {
+		cancel(nil)
+		return nil, 0, derr
+	}
+	fail := func(kind, err error) (io.ReadCloser, int64, error) {
+		resp.Body.Close()
+		cancel(nil)
+		return nil, 0, t.fail(op, resp.StatusCode, "", kind, err)
+	}
+
+	total, limit := resp.ContentLength, int64(-1)
+	switch resp.StatusCode {
+	case http.StatusOK:
+		if offset > 0 {
+			return fail(ErrRangeUnsupported, errors.New("asked for a range, got the whole blob"))
+		}
+		limit = length
+	case http.StatusPartialContent:
+		cr := resp.Header.Get("Content-Range")
+		start, end, size, err := parseContentRange(cr)
+		if err != nil {
+			return fail(ErrInvalid, err)
+		}
+		wantEnd := int64(-1) // unknown: to the end of a blob of unknown size
+		switch {
+		case length > 0 && size >= 0:
+			wantEnd = min(offset+length, size) - 1
+		case length > 0:
+			wantEnd = offset + length - 1
+		case size >= 0:
+			wantEnd = size - 1
+		}
+		if start != offset || (wantEnd >= 0 && end != wantEnd) {
+			return fail(ErrInvalid, fmt.Errorf("asked for bytes %d-%d, got Content-Range %q", offset, wantEnd, cr))
+		}
+		if resp.ContentLength >= 0 && resp.ContentLength != end-start+1 {
+			return fail(ErrInvalid, fmt.Errorf("got Content-Range %q with Content-Length %d", cr, resp.ContentLength))
+		}
+		total = size
+	default:
+		status, code, cause := responseError(resp)
+		resp.Body.Close()
+		cancel(nil)
+		return nil, 0, t.fail(op, status, code, statusKind(status, code), cause)
+	}
+	body := &blobReader{
+		ctx:       ctx,
+		body:      resp.Body,
+		remaining: limit,
+		idle:      c.timeouts.BlobIdle,
+		bytes:     c.metrics.bytes.WithLabelValues(t.registry),
+		cancel:    cancel,
+		fail: func(err error) error {
+			return t.fail(op+": read body", resp.StatusCode, "", failureKind(err), err)
+		},
+	}
+	stalled := fmt.Errorf("no bytes received for %s", c.timeouts.BlobIdle)
+	body.timer = time.AfterFunc(c.timeouts.BlobIdle, func() { cancel(stalled) })
+	body.timer.Stop() // armed only while a Read waits for the registry
+	return body, total, nil
+}
+
+// HeadBlob returns a blob's size, following redirects.
+func (c *Client) HeadBlob(ctx context.Context, registry, repo string, d v1.Hash) (int64, error) {
+	t, op, err := c.blobTarget("head", registry, repo, d)
+	if err != nil {
+		return 0, err
+	}
+	resp, derr := c.do(ctx, t, kindBlob, op, http.MethodHead, blobPath(repo, d), nil)
+	if derr != nil {
+		return 0, derr
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		status, code, cause := responseError(resp)
+		return 0, t.fail(op, status, code, statusKind(status, code), cause)
+	}
+	if resp.ContentLength < 0 {
+		return 0, t.fail(op, resp.StatusCode, "", ErrInvalid, errors.New("no Content-Length"))
+	}
+	return resp.ContentLength, nil
+}
+
+func (c *Client) blobTarget(verb, registry, repo string, d v1.Hash) (target, string, error) {
+	op := verb + " blob " + repo + "@" + d.String()
+	t, terr := c.target(registry, repo)
+	if terr != nil {
+		terr.Op = op
+		return t, op, terr
+	}
+	if _, err := oci.ParseDigest(d.String()); err != nil {
+		return t, op, t.fail(op, 0, "", ErrBadRequest, err)
+	}
+	return t, op, nil
+}
+
+func blobPath(repo string, d v1.Hash) string { return "/v2/" + repo + "/blobs/" + d.String() }
+
+// parseContentRange parses "bytes START-END/SIZE"; size is -1 for "*".
+func parseContentRange(s string) (start, end, size int64, err error) {
+	bad := func() (int64, int64, int64, error) { return 0, 0, 0, fmt.Errorf("bad Content-Range %q", s) }
+	spec, ok := strings.CutPrefix(s, "bytes ")
+	if !ok {
+		return bad()
+	}
+	rng, sizeStr, ok := strings.Cut(spec, "/")
+	if !ok {
+		return bad()
+	}
+	startStr, endStr, ok := strings.Cut(rng, "-")
+	if !ok {
+		return bad()
+	}
+	if start, err = strconv.ParseInt(startStr, 10, 64); err != nil || start < 0 {
+		return bad()
+	}
+	if end, err = strconv.ParseInt(endStr, 10, 64); err != nil || end < start {
+		return bad()
+	}
+	size = -1
+	if sizeStr != "*" {
+		if size, err = strconv.ParseInt(sizeStr, 10, 64); err != nil || size <= end {
+			return bad()
+		}
+	}
+	return start, end, size, nil
+}
+
+// blobReader is a blob body that fails when no byte arrives for idle while a Read is waiting:
+// the timer cancels the request's context, which closes the connection under the Read. Time
+// between Reads (a slow consumer) does not count.
+type blobReader struct {
+	ctx       context.Context
+	body      io.ReadCloser
+	remaining int64 // bytes still to return, -1 for all
+	idle      time.Duration
+	timer     *time.Timer
+	bytes     prometheus.Counter
+	cancel    context.CancelCauseFunc
+	fail      func(error) error
+	closed    atomic.Bool
+}
+
+func (r *blobReader) Read(p []byte) (int, error) {
+	if r.remaining == 0 {
+		return 0, io.EOF
+	}
+	if r.remaining > 0 && int64(len(p)) > r.remaining {
+		p = p[:r.remaining]
+	}
+	r.timer.Reset(r.idle)
+	n, err := r.body.Read(p)
+	r.timer.Stop()
+	if n > 0 {
+		r.bytes.Add(float64(n))
+		if r.remaining > 0 {
+			r.remaining -= int64(n)
+		}
+	}
+	if err != nil && !errors.Is(err, io.EOF) {
+		if cause := context.Cause(r.ctx); cause != nil && !r.closed.Load() {
+			err = cause // "no bytes received for 30s" rather than "context canceled"
+		}
+		err = r.fail(err)
+	}
+	return n, err
+}
+
+func (r *blobReader) Close() error {
+	r.closed.Store(true)
+	r.timer.Stop()
+	err := r.body.Close()
+	r.cancel(nil)
+	return err
+}

@@ -1,0 +1,184 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"runtime"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+// ImageSpec describes a random image to generate: Layers gzip-compressed tar layers, each
+// holding one file of LayerSize random bytes (so compression does not shrink them).
+type ImageSpec struct {
+	Layers    int
+	LayerSize int64
+}
+
+// Image is an image pushed to a registry, with the digests a pull of it has to fetch.
+type Image struct {
+	Repo     string // e.g. "test/app"
+	Tag      string // empty for an image inside an index
+	Platform v1.Platform
+	Digest   v1.Hash // of the manifest
+	Config   v1.Hash
+	Layers   []v1.Hash         // compressed layer digests, base first
+	Sizes    map[v1.Hash]int64 // size of the config and of each layer
+}
+
+// Name is the image's reference under the given registry name, e.g.
+// Name("registry.test") = "registry.test/test/app:v1", by digest when it has no tag.
+func (i *Image) Name(registry string) string {
+	if i.Tag == "" {
+		return registry + "/" + i.Repo + "@" + i.Digest.String()
+	}
+	return registry + "/" + i.Repo + ":" + i.Tag
+}
+
+// Blobs are the config and layer digests: what a pull fetches besides manifests.
+func (i *Image) Blobs() []v1.Hash { return append([]v1.Hash{i.Config}, i.Layers...) }
+
+// BlobBytes is the total size of Blobs.
+func (i *Image) BlobBytes() int64 {
+	var n int64
+	for _, b := range i.Blobs() {
+		n += i.Sizes[b]
+	}
+	return n
+}
+
+// Index is a multi-platform image index pushed to a registry.
+type Index struct {
+	Repo   string
+	Tag    string
+	Digest v1.Hash
+	Images map[string]*Image // by platform, e.g. "linux/amd64"
+}
+
+// Name is the index's reference under the given registry name.
+func (x *Index) Name(registry string) string { return registry + "/" + x.Repo + ":" + x.Tag }
+
+// HostPlatform is the platform containerd on this machine pulls from an index.
+func HostPlatform() v1.Platform { return v1.Platform{OS: "linux", Architecture: runtime.GOARCH} }
+
+// PushImage generates a random OCI image for the host platform and pushes it to the registry
+// at registryHost ("127.0.0.1:PORT") as repoTag ("test/app:v1"). Every call makes new blobs.
+func PushImage(ctx context.Context, registryHost, repoTag string, spec ImageSpec) (*Image, error) {
+	tag, err := parseTag(registryHost, repoTag)
+	if err != nil {
+		return nil, err
+	}
+	img, desc, err := randomImage(spec, HostPlatform())
+	if err != nil {
+		return nil, err
+	}
+	if err := remote.Write(tag, img, remoteOptions(ctx)...); err != nil {
+		return nil, fmt.Errorf("push %s: %w", tag, err)
+	}
+	desc.Repo, desc.Tag = tag.RepositoryStr(), tag.TagStr()
+	return desc, nil
+}
+
+// PushIndex generates one random OCI image per platform, bundles them in an OCI index with
+// each manifest's platform set, and pushes it as repoTag.
+func PushIndex(ctx context.Context, registryHost, repoTag string, spec ImageSpec, platforms ...v1.Platform) (*Index, error) {
+	tag, err := parseTag(registryHost, repoTag)
+	if err != nil {
+		return nil, err
+	}
+	idx := mutate.IndexMediaType(empty.Index, types.OCIImageIndex)
+	out := &Index{Repo: tag.RepositoryStr(), Tag: tag.TagStr(), Images: map[string]*Image{}}
+	for _, p := range platforms {
+		img, desc, err := randomImage(spec, p)
+		if err != nil {
+			return nil, err
+		}
+		desc.Repo = out.Repo
+		out.Images[p.String()] = desc
+		idx = mutate.AppendManifests(idx, mutate.IndexAddendum{
+			Add:        img,
+			Descriptor: v1.Descriptor{Platform: &p},
+		})
+	}
+	if out.Digest, err = idx.Digest(); err != nil {
+		return nil, fmt.Errorf("digest of index %s: %w", tag, err)
+	}
+	if err := remote.WriteIndex(tag, idx, remoteOptions(ctx)...); err != nil {
+		return nil, fmt.Errorf("push index %s: %w", tag, err)
+	}
+	return out, nil
+}
+
+func parseTag(registryHost, repoTag string) (name.Tag, error) {
+	tag, err := name.NewTag(registryHost+"/"+repoTag, name.Insecure, name.StrictValidation)
+	if err != nil {
+		return name.Tag{}, fmt.Errorf("image name %s/%s: %w", registryHost, repoTag, err)
+	}
+	if err := checkLoopback(tag.RegistryStr()); err != nil {
+		return name.Tag{}, err
+	}
+	return tag, nil
+}
+
+func remoteOptions(ctx context.Context) []remote.Option {
+	return []remote.Option{remote.WithContext(ctx), remote.WithTransport(loopbackHTTPClient().Transport.(*http.Transport))}
+}
+
+// randomImage builds an OCI image whose config names platform p and lists the layers'
+// diff_ids, as containerd needs to unpack it.
+func randomImage(spec ImageSpec, p v1.Platform) (v1.Image, *Image, error) {
+	base := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
+	adds := make([]mutate.Addendum, 0, spec.Layers)
+	for i := range spec.Layers {
+		layer, err := random.Layer(spec.LayerSize, types.OCILayer)
+		if err != nil {
+			return nil, nil, fmt.Errorf("random layer: %w", err)
+		}
+		adds = append(adds, mutate.Addendum{
+			Layer:   layer,
+			History: v1.History{CreatedBy: fmt.Sprintf("shoal test harness: layer %d of %d", i+1, spec.Layers)},
+		})
+	}
+	img, err := mutate.Append(base, adds...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("assemble image: %w", err)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return nil, nil, fmt.Errorf("image config: %w", err)
+	}
+	cfg = cfg.DeepCopy()
+	cfg.OS, cfg.Architecture, cfg.Variant = p.OS, p.Architecture, p.Variant
+	cfg.Config.Cmd = []string{"/bin/true"}
+	if img, err = mutate.ConfigFile(img, cfg); err != nil {
+		return nil, nil, fmt.Errorf("set image config: %w", err)
+	}
+	desc, err := describe(img, p)
+	return img, desc, err
+}
+
+func describe(img v1.Image, p v1.Platform) (*Image, error) {
+	d := &Image{Platform: p, Sizes: map[v1.Hash]int64{}}
+	var err error
+	if d.Digest, err = img.Digest(); err != nil {
+		return nil, fmt.Errorf("image digest: %w", err)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, fmt.Errorf("image manifest: %w", err)
+	}
+	d.Config = m.Config.Digest
+	d.Sizes[m.Config.Digest] = m.Config.Size
+	for _, l := range m.Layers {
+		d.Layers = append(d.Layers, l.Digest)
+		d.Sizes[l.Digest] = l.Size
+	}
+	return d, nil
+}
