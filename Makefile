@@ -65,6 +65,7 @@ unit: ## Unit and integration tests of every package (race detector on).
 fuzz: ## Run each fuzz target for $(FUZZTIME).
 	go test -run='^$$' -fuzz='^FuzzParseRequest$$' -fuzztime=$(FUZZTIME) ./agent/mirror
 	go test -run='^$$' -fuzz='^FuzzParseDigest$$' -fuzztime=$(FUZZTIME) ./internal/oci
+	go test -run='^$$' -fuzz='^FuzzRenderMerged$$' -fuzztime=$(FUZZTIME) ./agent/hostconfig
 
 .PHONY: e2e
 e2e: ## End-to-end tests: real registry, containerd through CRI, agents (root; isolated network namespace).

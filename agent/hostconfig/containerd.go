@@ -14,11 +14,17 @@ import (
 // maxConfigFiles bounds how many files a containerd config may import.
 const maxConfigFiles = 64
 
-// criPlugin is where the CRI registry settings live, by containerd config version.
-var criPlugin = map[int64]string{
-	1: "cri",                         // containerd 1.x, short plugin names
-	2: "io.containerd.grpc.v1.cri",   // containerd 1.x
-	3: "io.containerd.cri.v1.images", // containerd 2.x
+// criPlugin returns where the CRI registry settings live for a containerd config version.
+func criPlugin(version int64) (string, bool) {
+	switch version {
+	case 1:
+		return "cri", true // containerd 1.x, short plugin names
+	case 2:
+		return "io.containerd.grpc.v1.cri", true // containerd 1.x
+	case 3:
+		return "io.containerd.cri.v1.images", true // containerd 2.x
+	}
+	return "", false
 }
 
 // CheckContainerdConfig reports whether containerd, configured by the config.toml at
@@ -30,20 +36,20 @@ func CheckContainerdConfig(configPath, dir string) error {
 		return errors.New("no containerd config file given")
 	}
 	if _, err := os.Stat(configPath); errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("containerd config %s does not exist, so containerd ignores Shoal's hosts.toml files; create it with\n\n"+
-			"  version = 2\n  [plugins.%s.registry]\n    config_path = %s\n\nand restart containerd",
-			configPath, quote(criPlugin[2]), quote(dir))
+		return fmt.Errorf("containerd config %s does not exist, so containerd ignores Shoal's hosts.toml files; "+
+			"create it with `version = 2` and config_path = %s in a [plugins.%s.registry] section, and restart containerd",
+			configPath, quote(dir), quote("io.containerd.grpc.v1.cri"))
 	}
 	version, sectionFile, section, err := loadCRISection(configPath)
 	if err != nil {
 		return err
 	}
-	key, ok := criPlugin[version]
+	key, ok := criPlugin(version)
 	if !ok {
 		return fmt.Errorf("%s: unknown containerd config version %d", configPath, version)
 	}
-	fix := fmt.Sprintf("set\n\n  [plugins.%s.registry]\n    config_path = %s\n\nin %s and restart containerd",
-		quote(key), quote(dir), sectionFile)
+	fix := fmt.Sprintf("set config_path = %s in the [plugins.%s.registry] section of %s and restart containerd",
+		quote(dir), quote(key), sectionFile)
 
 	var value any
 	if registry, ok := section["registry"].(map[string]any); ok {
@@ -131,7 +137,7 @@ func loadCRISection(configPath string) (version int64, sectionFile string, secti
 	if version == 0 {
 		version = 1 // containerd's default for a file without a version
 	}
-	key := criPlugin[version]
+	key, _ := criPlugin(version)
 	if v, ok := plugins[key]; ok {
 		section, ok = v.(map[string]any)
 		if !ok {

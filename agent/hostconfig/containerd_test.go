@@ -109,7 +109,7 @@ func TestCheckContainerdConfig(t *testing.T) {
 		{
 			name:    "missing file",
 			files:   map[string]string{},
-			wantErr: []string{"does not exist", "version = 2", `config_path = "/etc/containerd/certs.d"`},
+			wantErr: []string{"does not exist", "version = 2", `config_path = "/etc/containerd/certs.d"`, `[plugins."io.containerd.grpc.v1.cri".registry]`},
 		},
 	}
 	containerdBin, _ := exec.LookPath("containerd")

@@ -128,6 +128,9 @@ func (s *Store) startLocked(ctx context.Context, d v1.Hash, src Source) (*downlo
 	if s.closed {
 		return nil, fmt.Errorf("fetch %s: %w", d, ErrClosed)
 	}
+	if src == nil {
+		return nil, fmt.Errorf("fetch %s: no source for a blob not in the store", d)
+	}
 	f, err := s.createIngest(s.ingestDir, d.Hex+".*")
 	if err != nil {
 		s.metrics.fetches.WithLabelValues(resultWriteError).Inc()

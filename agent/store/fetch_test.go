@@ -18,9 +18,9 @@ import (
 // 50 readers of one missing blob share one source call, and stream: the source delivers its
 // second chunk only after every reader has attached and one of them has received bytes.
 func TestFetchConcurrentReadersShareOneStreamingDownload(t *testing.T) {
-	ts := openTestStore(t, "", WithStallTimeout(10*time.Second))
+	ts := openTestStore(t, "")
 	ctx := testContext(t)
-	data, d := randomBlob(1, 1<<20+123)
+	data, d := randomBlob(1, 512<<10+123)
 
 	const readers = 50
 	var attached sync.WaitGroup
@@ -31,7 +31,7 @@ func TestFetchConcurrentReadersShareOneStreamingDownload(t *testing.T) {
 	var firstOnce sync.Once
 
 	src := &fakeSource{
-		chunks: split(data, 64<<10),
+		chunks: split(data, 32<<10),
 		size:   int64(len(data)),
 		gates:  map[int]<-chan struct{}{1: closedWhenBoth(allAttached, firstBytes)},
 	}
@@ -54,7 +54,7 @@ func TestFetchConcurrentReadersShareOneStreamingDownload(t *testing.T) {
 			defer b.Close()
 			results[i].size = b.Size()
 			var got bytes.Buffer
-			buf := make([]byte, 16<<10)
+			buf := make([]byte, 32<<10)
 			for {
 				n, err := b.Read(buf)
 				if n > 0 {

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -40,7 +41,8 @@ func openTestStore(t testing.TB, dir string, opts ...Option) *testStore {
 		dir = t.TempDir()
 	}
 	reg := prometheus.NewPedanticRegistry()
-	s, err := Open(dir, append([]Option{WithRegisterer(reg)}, opts...)...)
+	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	s, err := Open(dir, append([]Option{WithRegisterer(reg), WithLogger(logger)}, opts...)...)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}

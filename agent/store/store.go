@@ -1,13 +1,11 @@
 // Package store is the node agent's content-addressed blob store: it keeps OCI blobs on local disk
-// under their sha256 digest, and makes a blob visible only after its bytes have been verified against
-// that digest. Concurrent requests for a missing blob share one download from a Source, and every
-// requester streams the bytes as they arrive; the final byte is released only once the digest
-// matches, so no reader ever receives the whole of a corrupt blob. The store enforces a size limit by
-// evicting least-recently-used blobs that no owner has pinned, keeps pins and blobs across restarts,
-// and removes partial downloads left behind by a crash.
-//
-// On disk, dir/blobs/sha256/<hex> holds complete blobs, dir/ingest/ downloads in progress, and
-// dir/pins.json the pins.
+// under their sha256 digest (dir/blobs/sha256/<hex>) and makes a blob visible there only after its
+// bytes have been verified against that digest. Concurrent requests for a missing blob share one
+// download from a Source into dir/ingest/, and every requester streams the bytes as they are
+// written; the last byte is released only once the digest matches, so no reader ever receives the
+// whole of a corrupt blob. The store keeps its size under a limit by evicting least-recently-used
+// blobs that no owner has pinned, keeps blobs and pins (dir/pins.json) across restarts, and on
+// start removes what an interrupted download left behind.
 package store
 
 import (
@@ -77,7 +75,7 @@ type config struct {
 // blob needs room, least-recently-used unpinned blobs are evicted.
 func WithMaxBytes(n int64) Option { return func(c *config) { c.maxBytes = n } }
 
-// WithLogger sets the logger (default: slog.Default()).
+// WithLogger sets the logger (default: discard).
 func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
 
 // WithRegisterer registers the store's metrics (namespace shoal, subsystem store) with r; nil
@@ -128,7 +126,7 @@ type entry struct {
 // indexes the complete blobs (least recently used first by file modification time), loads the
 // pins and evicts blobs until the size limit holds.
 func Open(dir string, opts ...Option) (*Store, error) {
-	cfg := config{logger: slog.Default(), clock: time.Now, stall: defaultStallTimeout}
+	cfg := config{logger: slog.New(slog.DiscardHandler), clock: time.Now, stall: defaultStallTimeout}
 	for _, o := range opts {
 		o(&cfg)
 	}

@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 
@@ -73,10 +75,10 @@ func TestPullThroughMirror(t *testing.T) {
 	}
 	cold := e.metrics(agent)
 	if got := cold.Value(mirrorRequests, blobFromUpstream); got < float64(len(blobs)) {
-		t.Errorf("cold pull: %s%v = %v, want >= %d", mirrorRequests, blobFromUpstream, got, len(blobs))
+		t.Errorf("cold pull: %s = %v, want >= %d", series(mirrorRequests, blobFromUpstream), got, len(blobs))
 	}
 	if got := cold.Value(mirrorBytes, bytesUpstream); got < float64(blobBytes) {
-		t.Errorf("cold pull: %s%v = %v, want >= %d (the blobs' size)", mirrorBytes, bytesUpstream, got, blobBytes)
+		t.Errorf("cold pull: %s = %v, want >= %d (the blobs' size)", series(mirrorBytes, bytesUpstream), got, blobBytes)
 	}
 	if got := cold.Value(storeMisses, nil); got == 0 {
 		t.Errorf("cold pull: %s = 0, want misses", storeMisses)
@@ -93,13 +95,13 @@ func TestPullThroughMirror(t *testing.T) {
 	}
 	warm := e.metrics(agent)
 	if got := warm.Value(mirrorRequests, blobFromLocal) - cold.Value(mirrorRequests, blobFromLocal); got < float64(len(blobs)) {
-		t.Errorf("warm pull: %s%v grew by %v, want >= %d", mirrorRequests, blobFromLocal, got, len(blobs))
+		t.Errorf("warm pull: %s grew by %v, want >= %d", series(mirrorRequests, blobFromLocal), got, len(blobs))
 	}
 	if got := warm.Value(mirrorRequests, blobFromUpstream) - cold.Value(mirrorRequests, blobFromUpstream); got != 0 {
-		t.Errorf("warm pull: %s%v grew by %v, want 0", mirrorRequests, blobFromUpstream, got)
+		t.Errorf("warm pull: %s grew by %v, want 0", series(mirrorRequests, blobFromUpstream), got)
 	}
 	if got := warm.Value(mirrorBytes, bytesLocal) - cold.Value(mirrorBytes, bytesLocal); got < float64(blobBytes) {
-		t.Errorf("warm pull: %s%v grew by %v, want >= %d", mirrorBytes, bytesLocal, got, blobBytes)
+		t.Errorf("warm pull: %s grew by %v, want >= %d", series(mirrorBytes, bytesLocal), got, blobBytes)
 	}
 	if got := warm.Value(storeHits, nil) - cold.Value(storeHits, nil); got == 0 {
 		t.Errorf("warm pull: %s did not grow", storeHits)
@@ -167,7 +169,7 @@ func TestRestartKeepsStoreWarm(t *testing.T) {
 			}
 			m := e.metrics(agent)
 			if got := m.Value(mirrorRequests, blobFromLocal); got < float64(len(img.Blobs())) {
-				t.Errorf("pull after restart: %s%v = %v, want >= %d", mirrorRequests, blobFromLocal, got, len(img.Blobs()))
+				t.Errorf("pull after restart: %s = %v, want >= %d", series(mirrorRequests, blobFromLocal), got, len(img.Blobs()))
 			}
 		})
 	}
@@ -264,4 +266,18 @@ func mustRead(t *testing.T, path string) []byte {
 		t.Fatal(err)
 	}
 	return data
+}
+
+// series formats a metric selector for messages, e.g. name{kind="blob",source="local"}.
+func series(name string, labels map[string]string) string {
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	pairs := make([]string, len(keys))
+	for i, k := range keys {
+		pairs[i] = fmt.Sprintf("%s=%q", k, labels[k])
+	}
+	return name + "{" + strings.Join(pairs, ",") + "}"
 }

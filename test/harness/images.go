@@ -3,7 +3,6 @@ package harness
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"runtime"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -128,7 +127,7 @@ func parseTag(registryHost, repoTag string) (name.Tag, error) {
 }
 
 func remoteOptions(ctx context.Context) []remote.Option {
-	return []remote.Option{remote.WithContext(ctx), remote.WithTransport(loopbackHTTPClient().Transport.(*http.Transport))}
+	return []remote.Option{remote.WithContext(ctx), remote.WithTransport(loopbackTransport())}
 }
 
 // randomImage builds an OCI image whose config names platform p and lists the layers'

@@ -16,8 +16,8 @@ const (
 	// isolatedEnv marks the re-executed child. Its value is the parent's network namespace, so
 	// a child that inherited the marker without getting a new namespace notices and refuses.
 	isolatedEnv = "SHOAL_HARNESS_ISOLATED_FROM"
-	// RequireIsolationEnv, when "1" (CI sets it), turns "cannot isolate" into a failure
-	// instead of a skip.
+	// RequireIsolationEnv names the variable that, when "1" (CI sets it), turns "cannot
+	// isolate" into a failure instead of a skip.
 	RequireIsolationEnv = "SHOAL_E2E"
 )
 
@@ -128,10 +128,10 @@ func canIsolate() error {
 		return fmt.Errorf("%w: needs root for `unshare --net` (running as uid %d)", ErrIsolationUnavailable, os.Geteuid())
 	}
 	if _, err := exec.LookPath("unshare"); err != nil {
-		return fmt.Errorf("%w: unshare (util-linux) not found: %v", ErrIsolationUnavailable, err)
+		return fmt.Errorf("%w: unshare (util-linux) not found: %w", ErrIsolationUnavailable, err)
 	}
 	if _, err := exec.LookPath("ip"); err != nil {
-		return fmt.Errorf("%w: ip (iproute2) not found: %v", ErrIsolationUnavailable, err)
+		return fmt.Errorf("%w: ip (iproute2) not found: %w", ErrIsolationUnavailable, err)
 	}
 	return nil
 }
@@ -147,7 +147,7 @@ func runChild(parentNetns string, main func() int) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if out, err := exec.CommandContext(ctx, "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		return 0, fmt.Errorf("bring up lo in the new namespace: %v: %s", err, out)
+		return 0, fmt.Errorf("bring up lo in the new namespace: %w: %s", err, out)
 	}
 	return main(), nil
 }

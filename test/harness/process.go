@@ -165,12 +165,21 @@ func (p *process) waitReady(ctx context.Context, what string, check func(context
 		}
 		select {
 		case <-p.done:
-			return fmt.Errorf("%s exited before %s (%v); log %s:\n%s", p.name, what, p.waitErr, p.logPath, p.logTail())
+			return fmt.Errorf("%s exited before %s: %w; log %s:\n%s", p.name, what, exitError(p.waitErr), p.logPath, p.logTail())
 		case <-ctx.Done():
-			return fmt.Errorf("%s: waiting for %s: %w (last error: %v); log %s:\n%s", p.name, what, ctx.Err(), last, p.logPath, p.logTail())
+			return fmt.Errorf("%s: waiting for %s: %w (last error: %w); log %s:\n%s", p.name, what, ctx.Err(), last, p.logPath, p.logTail())
 		case <-ticker.C:
 		}
 	}
+}
+
+// exitError describes how a process ended; a clean exit is an error too when it was
+// expected to keep running.
+func exitError(waitErr error) error {
+	if waitErr == nil {
+		return errors.New("exit status 0")
+	}
+	return waitErr
 }
 
 // FreePorts returns n distinct TCP ports on 127.0.0.1 that were free a moment ago. They are
@@ -183,7 +192,11 @@ func FreePorts(n int) ([]int, error) {
 			return nil, fmt.Errorf("find a free port: %w", err)
 		}
 		defer l.Close()
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		addr, ok := l.Addr().(*net.TCPAddr)
+		if !ok {
+			return nil, fmt.Errorf("listener address %v is not TCP", l.Addr())
+		}
+		ports = append(ports, addr.Port)
 	}
 	return ports, nil
 }

@@ -83,25 +83,23 @@ http:
 	return r, nil
 }
 
-func (r *Registry) ping(ctx context.Context) error {
-	_, err := r.get(ctx, r.URL()+"/v2/")
-	return err
-}
+func (r *Registry) ping(ctx context.Context) error { return r.get(ctx, r.URL()+"/v2/") }
 
-func (r *Registry) get(ctx context.Context, u string) (int, error) {
+// get succeeds when GET u answers 200.
+func (r *Registry) get(ctx context.Context, u string) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	resp, err := r.client.Do(req)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return resp.StatusCode, fmt.Errorf("GET %s: %s", u, resp.Status)
+		return fmt.Errorf("GET %s: %s", u, resp.Status)
 	}
-	return resp.StatusCode, nil
+	return nil
 }
 
 // Host is the registry's address, "127.0.0.1:PORT", as used in image references.
@@ -213,7 +211,7 @@ func (r *Registry) Sync(ctx context.Context) error {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	marker := "harness-sync=" + hex.EncodeToString(b[:])
-	if _, err := r.get(ctx, r.URL()+"/v2/?"+marker); err != nil {
+	if err := r.get(ctx, r.URL()+"/v2/?"+marker); err != nil {
 		return fmt.Errorf("registry sync request: %w", err)
 	}
 	return r.proc.waitReady(ctx, "the sync marker in the access log", func(context.Context) error {
@@ -233,20 +231,21 @@ func (r *Registry) Sync(ctx context.Context) error {
 // loopbackHTTPClient never uses a proxy and refuses to dial anything but loopback, so a
 // mistake in a test cannot send traffic off the machine even outside a namespace.
 func loopbackHTTPClient() *http.Client {
+	return &http.Client{Timeout: 2 * time.Minute, Transport: loopbackTransport()}
+}
+
+func loopbackTransport() *http.Transport {
 	dialer := &net.Dialer{Timeout: 5 * time.Second}
-	return &http.Client{
-		Timeout: 2 * time.Minute,
-		Transport: &http.Transport{
-			Proxy: nil,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				if err := checkLoopback(addr); err != nil {
-					return nil, err
-				}
-				return dialer.DialContext(ctx, network, addr)
-			},
-			MaxIdleConnsPerHost: 8,
-			IdleConnTimeout:     30 * time.Second,
+	return &http.Transport{
+		Proxy: nil,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if err := checkLoopback(addr); err != nil {
+				return nil, err
+			}
+			return dialer.DialContext(ctx, network, addr)
 		},
+		MaxIdleConnsPerHost: 8,
+		IdleConnTimeout:     30 * time.Second,
 	}
 }
 
