@@ -54,14 +54,14 @@ func containerd1HostOrder(b []byte) ([]string, error) {
 		return nil, nil
 	}
 	keys := hosts.Keys()
+	line := make(map[string]int, len(keys))
 	for _, k := range keys {
-		if _, ok := hosts.GetPath([]string{k}).(*tomlv1.Tree); !ok {
+		table, ok := hosts.GetPath([]string{k}).(*tomlv1.Tree)
+		if !ok {
 			return nil, nil // containerd would panic on its type assertion; not a usable file
 		}
+		line[k] = table.Position().Line
 	}
-	sort.Slice(keys, func(i, j int) bool {
-		return hosts.GetPath([]string{keys[i]}).(*tomlv1.Tree).Position().Line <
-			hosts.GetPath([]string{keys[j]}).(*tomlv1.Tree).Position().Line
-	})
+	sort.Slice(keys, func(i, j int) bool { return line[keys[i]] < line[keys[j]] })
 	return keys, nil
 }

@@ -20,13 +20,13 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
+
+	"github.com/shoal-dev/shoal/internal/oci"
 )
 
 // DefaultDialTimeout is the mirror's dial_timeout when Config.DialTimeout is zero: long enough
@@ -163,66 +163,8 @@ func ValidateRegistry(name string) error {
 	if name == "*" {
 		return nil
 	}
-	if err := validateRegistry(name); err != nil {
+	if err := oci.ValidateRegistry(name); err != nil {
 		return fmt.Errorf("invalid registry name %q: %w (want host, host:port or \"*\")", name, err)
-	}
-	return nil
-}
-
-func validateRegistry(name string) error {
-	host, port := name, ""
-	if strings.HasPrefix(name, "[") {
-		end := strings.IndexByte(name, ']')
-		if end < 0 {
-			return errors.New("unclosed '['")
-		}
-		host, port = name[1:end], name[end+1:]
-		if addr, err := netip.ParseAddr(host); err != nil || !addr.Is6() || addr.Zone() != "" {
-			return errors.New("not an IPv6 address between brackets")
-		}
-		if port != "" && !strings.HasPrefix(port, ":") {
-			return errors.New("unexpected text after ']'")
-		}
-		port = strings.TrimPrefix(port, ":")
-		if port == "" && strings.HasSuffix(name, ":") {
-			return errors.New("empty port")
-		}
-	} else {
-		if i := strings.IndexByte(name, ':'); i >= 0 {
-			host, port = name[:i], name[i+1:]
-			if port == "" {
-				return errors.New("empty port")
-			}
-		}
-		if err := validateHostname(host); err != nil {
-			return err
-		}
-	}
-	if port != "" {
-		n, err := strconv.Atoi(port)
-		if err != nil || n < 1 || n > 65535 || strings.TrimLeft(port, "0123456789") != "" {
-			return fmt.Errorf("bad port %q", port)
-		}
-	}
-	return nil
-}
-
-func validateHostname(host string) error {
-	if host == "" || len(host) > 253 {
-		return errors.New("host must be 1 to 253 characters")
-	}
-	for label := range strings.SplitSeq(host, ".") {
-		if label == "" || len(label) > 63 {
-			return errors.New("every dot-separated part must be 1 to 63 characters")
-		}
-		if label[0] == '-' || label[len(label)-1] == '-' {
-			return errors.New("a part starts or ends with '-'")
-		}
-		for _, c := range []byte(label) {
-			if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-') {
-				return fmt.Errorf("character %q not allowed in a host name", c)
-			}
-		}
 	}
 	return nil
 }

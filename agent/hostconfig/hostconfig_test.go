@@ -275,13 +275,13 @@ func TestMergeKeepsUserSettingsAndOrder(t *testing.T) {
 		t.Fatalf("test setup: containerd read the user's file as %q, want %q", before, wantBefore)
 	}
 	// Per-host settings survive the merge.
-	if _, _, skip := tlsConfigOf(t, hosts[1]); !skip || hosts[1].Header["x-corp-cache"][0] != "a" {
+	if _, _, skip := tlsConfigOf(t, hosts[1]); !skip || hosts[1].Header["x-corp-cache"][0] != "a" { //nolint:staticcheck // containerd keeps header names as written in hosts.toml
 		t.Errorf("cache-a lost skip_verify or its header: skip=%v header=%v", skip, hosts[1].Header)
 	}
 	if roots, certs, _ := tlsConfigOf(t, hosts[2]); !roots || certs != 1 {
 		t.Errorf("cache-b lost its ca or client pair: roots=%v certs=%d", roots, certs)
 	}
-	if roots, _, _ := tlsConfigOf(t, hosts[3]); !roots || hosts[3].Header["x-corp-server"][0] != "yes" {
+	if roots, _, _ := tlsConfigOf(t, hosts[3]); !roots || hosts[3].Header["x-corp-server"][0] != "yes" { //nolint:staticcheck // containerd keeps header names as written in hosts.toml
 		t.Errorf("the server lost its ca or header: roots=%v header=%v", roots, hosts[3].Header)
 	}
 
@@ -660,6 +660,7 @@ func TestRegistryNames(t *testing.T) {
 		{"[::1", ""},
 		{"[fe80::1%eth0]:80", ""},
 		{"[127.0.0.1]", ""},
+		{"[::1]", "[::1]"},
 		{"**", ""},
 		{strings.Repeat("a", 64) + ".test", ""},
 	}

@@ -268,7 +268,7 @@ func findCertFiles(regDir string) (certFiles, error) {
 	}
 	for _, e := range entries {
 		name := e.Name()
-		if e.IsDir() || !(strings.HasSuffix(name, ".crt") || strings.HasSuffix(name, ".cert")) {
+		if e.IsDir() || (!strings.HasSuffix(name, ".crt") && !strings.HasSuffix(name, ".cert")) {
 			continue
 		}
 		if !utf8.ValidString(name) {

@@ -174,7 +174,14 @@ func newTestMirror(t *testing.T, storeOpts ...store.Option) *testMirror {
 	return &testMirror{server: server, upstream: up, store: s, dir: dir}
 }
 
-func (tm *testMirror) get(t *testing.T, method, path string, header http.Header) (*http.Response, []byte, error) {
+// response is what a test needs of an HTTP answer; the body is already read and closed.
+type response struct {
+	StatusCode    int
+	Header        http.Header
+	ContentLength int64
+}
+
+func (tm *testMirror) get(t *testing.T, method, path string, header http.Header) (*response, []byte, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -191,7 +198,7 @@ func (tm *testMirror) get(t *testing.T, method, path string, header http.Header)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	return resp, body, err
+	return &response{StatusCode: resp.StatusCode, Header: resp.Header, ContentLength: resp.ContentLength}, body, err
 }
 
 // waitStored waits for a served blob to be committed: the store hands out the last byte once it
@@ -511,7 +518,7 @@ func listFiles(t *testing.T, dir string) []string {
 	return files
 }
 
-func statusOf(resp *http.Response) any {
+func statusOf(resp *response) any {
 	if resp == nil {
 		return "no response"
 	}

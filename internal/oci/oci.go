@@ -8,7 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
+	"net/netip"
 	"regexp"
 	"strconv"
 	"strings"
@@ -103,13 +103,17 @@ func ValidateRegistry(registry string) error {
 		return fmt.Errorf("%w: length %d", ErrInvalidRegistry, len(registry))
 	}
 	host, port := registry, ""
-	if strings.HasPrefix(registry, "[") {
-		h, p, err := net.SplitHostPort(registry)
-		if err != nil {
-			return fmt.Errorf("%w: %q", ErrInvalidRegistry, truncate(registry))
+	if rest, ok := strings.CutPrefix(registry, "["); ok {
+		ip, after, ok := strings.Cut(rest, "]")
+		if addr, err := netip.ParseAddr(ip); !ok || err != nil || !addr.Is6() || addr.Zone() != "" {
+			return fmt.Errorf("%w: %q is not an IPv6 address in brackets", ErrInvalidRegistry, truncate(registry))
 		}
-		if ip := net.ParseIP(h); ip == nil || ip.To4() != nil {
-			return fmt.Errorf("%w: %q", ErrInvalidRegistry, truncate(registry))
+		if after == "" {
+			return nil
+		}
+		p, ok := strings.CutPrefix(after, ":")
+		if !ok {
+			return fmt.Errorf("%w: unexpected text after ']' in %q", ErrInvalidRegistry, truncate(registry))
 		}
 		return validatePort(registry, p)
 	}

@@ -64,13 +64,13 @@ func TestParseDigest(t *testing.T) {
 }
 
 func TestValidateRegistry(t *testing.T) {
-	for _, r := range []string{"docker.io", "registry.test", "registry.test:5000", "localhost", "127.0.0.1:5000", "[::1]:5000", "ghcr.io"} {
+	for _, r := range []string{"docker.io", "registry.test", "registry.test:5000", "localhost", "127.0.0.1:5000", "[::1]:5000", "[::1]", "ghcr.io"} {
 		if err := ValidateRegistry(r); err != nil {
 			t.Errorf("ValidateRegistry(%q) = %v", r, err)
 		}
 	}
 	for _, r := range []string{"", "docker.io/library", "http://x", "a..b", "../x", "x:0", "x:65536", "x:01", "x:", "x y",
-		"[1.2.3.4]:80", "[::1]", "-a.b", "a.b/../c", "a@b", strings.Repeat("a", 300)} {
+		"[1.2.3.4]:80", "[::1", "[::1]x", "[fe80::1%eth0]:80", "-a.b", "a.b/../c", "a@b", strings.Repeat("a", 300)} {
 		if err := ValidateRegistry(r); !errors.Is(err, ErrInvalidRegistry) {
 			t.Errorf("ValidateRegistry(%q) = %v, want ErrInvalidRegistry", r, err)
 		}

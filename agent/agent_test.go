@@ -1,0 +1,189 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func validConfig(t *testing.T) Config {
+	return Config{
+		MirrorAddr:        "127.0.0.1:0",
+		DataDir:           t.TempDir(),
+		MirrorRegistries:  []string{"registry.test"},
+		RegistryEndpoints: map[string]string{"registry.test": "http://127.0.0.1:5000"},
+		DefaultRegistry:   "docker.io",
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	tests := []struct {
+		name    string
+		mutate  func(*Config)
+		wantErr string
+	}{
+		{"valid", func(*Config) {}, ""},
+		{"all registries", func(c *Config) { c.MirrorRegistries = []string{"*"} }, ""},
+		{"bad mirror addr", func(c *Config) { c.MirrorAddr = "5001" }, "--mirror-addr"},
+		{"no data dir", func(c *Config) { c.DataDir = "" }, "--data-dir"},
+		{"negative cache", func(c *Config) { c.CacheSize = -1 }, "--cache-size"},
+		{"no registries", func(c *Config) { c.MirrorRegistries = nil }, "--mirror-registries"},
+		{"path trick registry", func(c *Config) { c.MirrorRegistries = []string{"../etc"} }, "--mirror-registries"},
+		{"bad endpoint registry", func(c *Config) { c.RegistryEndpoints = map[string]string{"a/b": "http://x"} }, "--registry-endpoint"},
+		{"bad endpoint URL", func(c *Config) { c.RegistryEndpoints = map[string]string{"r.test": "ftp://x/y?z"} }, "--registry-endpoint"},
+		{"bad default registry", func(c *Config) { c.DefaultRegistry = "http://docker.io" }, "--default-registry"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := validConfig(t)
+			tt.mutate(&cfg)
+			err := cfg.Validate()
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatalf("Validate() = %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Validate() = %v, want an error naming %s", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestEndpointResolution(t *testing.T) {
+	hostsDir := t.TempDir()
+	userFile := filepath.Join(hostsDir, "mirror.test", "hosts.toml")
+	if err := os.MkdirAll(filepath.Dir(userFile), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	user := "server = \"http://127.0.0.1:7000\"\n\n[host.\"http://127.0.0.1:7000\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+	if err := os.WriteFile(userFile, []byte(user), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := validConfig(t)
+	cfg.ContainerdHostsDir = hostsDir
+	r := newEndpointResolver(cfg)
+	tests := map[string]string{
+		"registry.test": "http://127.0.0.1:5000",       // --registry-endpoint
+		"mirror.test":   "http://127.0.0.1:7000",       // the node's existing hosts.toml
+		"docker.io":     "https://registry-1.docker.io", // usual endpoint
+		"ghcr.io":       "https://ghcr.io",
+	}
+	for registry, want := range tests {
+		endpoint, err := r.resolve(registry)
+		if err != nil || endpoint.String() != want {
+			t.Errorf("resolve(%s) = %v, %v; want %s", registry, endpoint, err, want)
+		}
+	}
+	if got := r.server("*"); got != "" {
+		t.Errorf(`server("*") = %q, want "" (containerd uses the image's registry)`, got)
+	}
+}
+
+// TestRunServesAndStops runs the whole agent in-process: the mirror and ops endpoints answer,
+// hosts.toml is written, and cancelling the context stops it.
+func TestRunServesAndStops(t *testing.T) {
+	cfg := validConfig(t)
+	ports := freePorts(t, 2)
+	cfg.MirrorAddr, cfg.MetricsAddr = ports[0], ports[1]
+	cfg.ContainerdHostsDir = t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg) }()
+
+	waitFor(t, "http://"+cfg.MetricsAddr+"/readyz", http.StatusOK)
+	waitFor(t, "http://"+cfg.MirrorAddr+"/v2/", http.StatusOK)
+	waitFor(t, "http://"+cfg.MirrorAddr+"/v2/a/blobs/sha256:abc?ns=registry.test", http.StatusBadRequest)
+	// A registry that is not mirrored is refused without any upstream contact.
+	waitFor(t, "http://"+cfg.MirrorAddr+"/v2/a/manifests/latest?ns=other.test", http.StatusNotFound)
+	body := get(t, "http://"+cfg.MetricsAddr+"/metrics")
+	for _, metric := range []string{"shoal_mirror_requests_total", "shoal_store_bytes", "go_goroutines"} {
+		if !strings.Contains(body, metric) {
+			t.Errorf("/metrics lacks %s", metric)
+		}
+	}
+	hosts, err := os.ReadFile(filepath.Join(cfg.ContainerdHostsDir, "registry.test", "hosts.toml"))
+	if err != nil || !strings.Contains(string(hosts), "http://"+cfg.MirrorAddr) {
+		t.Fatalf("hosts.toml not written for the mirror: %v\n%s", err, hosts)
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run returned %v after cancel", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not stop after cancel")
+	}
+}
+
+func TestRunRefusesBusyAddress(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	cfg := validConfig(t)
+	cfg.MirrorAddr = l.Addr().String()
+	err = Run(context.Background(), cfg)
+	if err == nil || !strings.Contains(err.Error(), "listen for the mirror") {
+		t.Fatalf("Run on a busy address = %v", err)
+	}
+}
+
+func freePorts(t *testing.T, n int) []string {
+	t.Helper()
+	var addrs []string
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs = append(addrs, l.Addr().String())
+		defer l.Close()
+	}
+	return addrs
+}
+
+func waitFor(t *testing.T, url string, status int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var last error
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(url)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			_ = resp.Body.Close()
+			if resp.StatusCode == status {
+				return
+			}
+			err = fmt.Errorf("status %d", resp.StatusCode)
+		}
+		last = err
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("GET %s never answered %d: %v", url, status, last)
+}
+
+func get(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
