@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"github.com/shoal-dev/shoal/agent/hostconfig"
 	"github.com/shoal-dev/shoal/agent/mirror"
 	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/swarm"
 	"github.com/shoal-dev/shoal/agent/upstream"
 	"github.com/shoal-dev/shoal/internal/oci"
 )
@@ -53,8 +56,22 @@ type Config struct {
 	ManifestTimeout time.Duration
 	// UpstreamTimeouts bound the upstream client's connections and reads.
 	UpstreamTimeouts upstream.Timeouts
+	// Swarm configures peer-to-peer distribution; disabled when P2PAddr is not set.
+	Swarm SwarmConfig
 	// Logger receives structured logs.
 	Logger *slog.Logger
+}
+
+// SwarmConfig is the peer-to-peer part of the agent's configuration.
+type SwarmConfig struct {
+	// P2PAddr is where peers reach this node, and where it listens; invalid = no swarm.
+	P2PAddr netip.AddrPort
+	// Peers is the static member list (the same on every node; may include this node).
+	Peers []netip.AddrPort
+	// SegmentSize and PieceLength cut blobs into torrents; the same on every node.
+	SegmentSize, PieceLength int64
+	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited.
+	MaxUploadRate, MaxDownloadRate int64
 }
 
 // Validate checks the configuration and says what to fix.
@@ -89,6 +106,12 @@ func (c *Config) Validate() error {
 	}
 	if err := oci.ValidateRegistry(c.DefaultRegistry); err != nil {
 		return fmt.Errorf("--default-registry: %w", err)
+	}
+	if len(c.Swarm.Peers) > 0 && !c.Swarm.P2PAddr.IsValid() {
+		return errors.New("--peers needs --p2p-addr")
+	}
+	if c.Swarm.MaxUploadRate < 0 || c.Swarm.MaxDownloadRate < 0 {
+		return errors.New("--max-upload-rate and --max-download-rate must not be negative")
 	}
 	return nil
 }
@@ -127,28 +150,41 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	client := upstream.New(upstreamOpts...)
 
-	handler := mirror.New(blobs, client,
+	mirrorOpts := []mirror.Option{
 		mirror.WithLogger(log.With("component", "mirror")),
 		mirror.WithRegisterer(reg),
 		mirror.WithDefaultRegistry(cfg.DefaultRegistry),
 		mirror.WithAllowedRegistries(cfg.mirrors),
-		mirror.WithManifestTimeout(cfg.ManifestTimeout))
+		mirror.WithManifestTimeout(cfg.ManifestTimeout),
+	}
+	var servers []*namedServer
+	if cfg.Swarm.P2PAddr.IsValid() {
+		sw, p2pServer, err := startSwarm(ctx, cfg, blobs, client, reg, log)
+		if err != nil {
+			return err
+		}
+		defer sw.Close()
+		servers = append(servers, p2pServer)
+		mirrorOpts = append(mirrorOpts, mirror.WithBlobSource(sw.Source))
+	}
+	handler := mirror.New(blobs, client, mirrorOpts...)
 
 	// Listen before writing hosts.toml: containerd may read it the moment it appears.
 	mirrorListener, err := net.Listen("tcp", cfg.MirrorAddr)
 	if err != nil {
+		closeAll(servers)
 		return fmt.Errorf("listen for the mirror on %s: %w", cfg.MirrorAddr, err)
 	}
 	var ready atomic.Bool
-	servers := []*namedServer{{name: "mirror", listener: mirrorListener, server: &http.Server{
+	servers = append(servers, &namedServer{name: "mirror", listener: mirrorListener, server: &http.Server{
 		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}}}
+	}})
 	if cfg.MetricsAddr != "" {
 		metricsListener, err := net.Listen("tcp", cfg.MetricsAddr)
 		if err != nil {
-			_ = mirrorListener.Close()
+			closeAll(servers)
 			return fmt.Errorf("listen for metrics on %s: %w", cfg.MetricsAddr, err)
 		}
 		servers = append(servers, &namedServer{name: "metrics", listener: metricsListener, server: &http.Server{
@@ -166,6 +202,45 @@ func Run(ctx context.Context, cfg Config) error {
 	ready.Store(true)
 	log.Info("agent ready", "mirror", mirrorListener.Addr().String(), "registries", cfg.MirrorRegistries)
 	return serve(ctx, servers, log)
+}
+
+// startSwarm listens on the peer-to-peer address, splits it between the BitTorrent peer protocol
+// and the agents' control API, and starts the swarm and the membership probes.
+func startSwarm(ctx context.Context, cfg Config, blobs *store.Store, client *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*swarm.Swarm, *namedServer, error) {
+	log = log.With("component", "swarm")
+	members := swarm.NewStatic(cfg.Swarm.P2PAddr, cfg.Swarm.Peers,
+		swarm.WithStaticLogger(log), swarm.WithStaticRegisterer(reg))
+	go members.Run(ctx)
+	l, err := net.Listen("tcp", cfg.Swarm.P2PAddr.String())
+	if err != nil {
+		return nil, nil, fmt.Errorf("listen for peers on %s: %w", cfg.Swarm.P2PAddr, err)
+	}
+	peerListener, controlListener := swarm.Split(l, members.Allowed,
+		swarm.WithSplitLogger(log), swarm.WithSplitRegisterer(reg))
+	sw, err := swarm.New(swarm.Config{
+		Dir:             filepath.Join(cfg.DataDir, "swarm"),
+		Membership:      members,
+		PeerListener:    peerListener,
+		Upstream:        client,
+		Local:           blobs,
+		SegmentSize:     cfg.Swarm.SegmentSize,
+		PieceLength:     cfg.Swarm.PieceLength,
+		MaxUploadRate:   cfg.Swarm.MaxUploadRate,
+		MaxDownloadRate: cfg.Swarm.MaxDownloadRate,
+		Logger:          log,
+		Registerer:      reg,
+	})
+	if err != nil {
+		_ = peerListener.Close()
+		_ = controlListener.Close()
+		return nil, nil, err
+	}
+	log.Info("swarm ready", "p2p_addr", cfg.Swarm.P2PAddr, "members", len(cfg.Swarm.Peers))
+	return sw, &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
+		Handler:           sw.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}}, nil
 }
 
 // mirrors reports whether the agent mirrors a registry.

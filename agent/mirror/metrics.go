@@ -12,11 +12,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "mirror", Name: "requests_total",
-			Help: "Distribution API requests answered, by kind (manifest, blob, invalid) and by where the content came from (local, upstream) or error.",
+			Help: "Distribution API requests answered, by kind (manifest, blob, invalid) and by where the content came from (local store, upstream registry, swarm of peers) or error.",
 		}, []string{"kind", "source"}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "mirror", Name: "bytes_total",
-			Help: "Body bytes sent to clients, by where they came from (local store, upstream registry).",
+			Help: "Body bytes sent to clients, by where they came from (local store, upstream registry, swarm of peers).",
 		}, []string{"source"}),
 	}
 	if reg != nil {

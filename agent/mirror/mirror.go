@@ -48,6 +48,8 @@ type Mirror struct {
 	allowed         func(registry string) bool
 	manifestTimeout time.Duration
 	metrics         *metrics
+	blobSource      func(registry, repo string, d v1.Hash) store.Source
+	missSource      string // metric label of blobs fetched through blobSource
 }
 
 // Option configures a Mirror.
@@ -71,6 +73,12 @@ func WithAllowedRegistries(allowed func(registry string) bool) Option {
 // gives up and lets the runtime go to its next host.
 func WithManifestTimeout(d time.Duration) Option { return func(m *Mirror) { m.manifestTimeout = d } }
 
+// WithBlobSource sets where missing blobs come from (the swarm); by default they are fetched
+// from upstream whole.
+func WithBlobSource(source func(registry, repo string, d v1.Hash) store.Source) Option {
+	return func(m *Mirror) { m.blobSource, m.missSource = source, sourceSwarm }
+}
+
 // WithRegisterer registers the mirror's metrics.
 func WithRegisterer(reg prometheus.Registerer) Option {
 	return func(m *Mirror) { m.metrics = newMetrics(reg) }
@@ -92,6 +100,9 @@ func New(s BlobStore, up Upstream, opts ...Option) *Mirror {
 	if m.metrics == nil {
 		m.metrics = newMetrics(nil)
 	}
+	if m.blobSource == nil {
+		m.blobSource, m.missSource = m.upstreamSource, sourceUpstream
+	}
 	return m
 }
 
@@ -99,6 +110,7 @@ func New(s BlobStore, up Upstream, opts ...Option) *Mirror {
 const (
 	sourceLocal    = "local"
 	sourceUpstream = "upstream"
+	sourceSwarm    = "swarm"
 	sourceError    = "error"
 )
 
@@ -236,8 +248,8 @@ func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (st
 		if r.Method == http.MethodHead {
 			return m.headBlobUpstream(w, r, req)
 		}
-		source = sourceUpstream
-		blob, err = m.store.Fetch(r.Context(), req.Digest, m.blobSource(req))
+		source = m.missSource
+		blob, err = m.store.Fetch(r.Context(), req.Digest, m.blobSource(req.Registry, req.Repository, req.Digest))
 	}
 	if err != nil {
 		return "", err
@@ -285,11 +297,10 @@ func (m *Mirror) headBlobUpstream(w http.ResponseWriter, r *http.Request, req *R
 	return sourceUpstream, nil
 }
 
-// blobSource fetches a whole blob from the request's upstream registry into the store.
-func (m *Mirror) blobSource(req *Request) store.Source {
-	registry, repository, digest := req.Registry, req.Repository, req.Digest
+// upstreamSource fetches a whole blob from its upstream registry into the store.
+func (m *Mirror) upstreamSource(registry, repo string, d v1.Hash) store.Source {
 	return func(ctx context.Context) (io.ReadCloser, int64, error) {
-		return m.upstream.Blob(ctx, registry, repository, digest, 0, -1)
+		return m.upstream.Blob(ctx, registry, repo, d, 0, -1)
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -11,16 +12,25 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/shoal-dev/shoal/agent"
+	"github.com/shoal-dev/shoal/agent/swarm"
 	"github.com/shoal-dev/shoal/agent/upstream"
 )
 
 func newAgentCommand() *cobra.Command {
 	var (
-		cfg       agent.Config
-		cacheSize string
-		endpoints []string
-		logLevel  string
-		logFormat string
+		cfg        agent.Config
+		cacheSize  string
+		endpoints  []string
+		logLevel   string
+		logFormat  string
+		p2pAddr    string
+		peers      string
+		quantities = map[string]*string{
+			"max-upload-rate":    new(string),
+			"max-download-rate":  new(string),
+			"swarm-segment-size": new(string),
+			"swarm-piece-length": new(string),
+		}
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -42,6 +52,9 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 			if cfg.Logger, err = newLogger(logLevel, logFormat); err != nil {
 				return err
 			}
+			if err := parseSwarmFlags(&cfg.Swarm, p2pAddr, peers, quantities); err != nil {
+				return err
+			}
 			return agent.Run(cmd.Context(), cfg)
 		},
 	}
@@ -61,6 +74,12 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.DurationVar(&cfg.UpstreamTimeouts.Dial, "upstream-dial-timeout", 2*time.Second, "dial timeout for upstream registries")
 	f.DurationVar(&cfg.UpstreamTimeouts.ResponseHeader, "upstream-response-timeout", 10*time.Second, "how long an upstream registry may take to answer a request")
 	f.DurationVar(&cfg.UpstreamTimeouts.BlobIdle, "upstream-idle-timeout", 30*time.Second, "a blob download that receives no byte for this long fails")
+	f.StringVar(&p2pAddr, "p2p-addr", "", `IP:PORT where peers reach this agent (BitTorrent and the agents' control API share it; also the listen address); "" = no swarm, blobs come from upstream`)
+	f.StringVar(&peers, "peers", "", "IP:PORT,IP:PORT,...: the agents to swarm with (the same list on every node; it may include this node)")
+	f.StringVar(quantities["max-upload-rate"], "max-upload-rate", "0", "cap on bytes per second sent to peers (Kubernetes quantity, e.g. 50Mi); 0 = unlimited")
+	f.StringVar(quantities["max-download-rate"], "max-download-rate", "0", "cap on bytes per second received from peers; 0 = unlimited")
+	f.StringVar(quantities["swarm-segment-size"], "swarm-segment-size", "16Mi", "blobs are swarmed in segments of this size, each its own torrent (the same on every node)")
+	f.StringVar(quantities["swarm-piece-length"], "swarm-piece-length", "1Mi", "piece length of segment torrents, a power of two (the same on every node)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "json", "json or text")
 	cfg.UpstreamTimeouts.Manifest = 0 // bounded by --manifest-timeout in the mirror
@@ -83,6 +102,36 @@ func parseEndpoints(values []string) (map[string]string, error) {
 		endpoints[registry] = endpoint
 	}
 	return endpoints, nil
+}
+
+func parseSwarmFlags(cfg *agent.SwarmConfig, p2pAddr, peers string, quantities map[string]*string) error {
+	values := map[string]*int64{
+		"max-upload-rate":    &cfg.MaxUploadRate,
+		"max-download-rate":  &cfg.MaxDownloadRate,
+		"swarm-segment-size": &cfg.SegmentSize,
+		"swarm-piece-length": &cfg.PieceLength,
+	}
+	for name, dst := range values {
+		q, err := resource.ParseQuantity(*quantities[name])
+		if err != nil {
+			return fmt.Errorf("--%s %q: %w", name, *quantities[name], err)
+		}
+		*dst = q.Value()
+	}
+	if p2pAddr == "" {
+		return nil
+	}
+	addr, err := netip.ParseAddrPort(p2pAddr)
+	if err != nil {
+		return fmt.Errorf("--p2p-addr %q: want IP:PORT: %w", p2pAddr, err)
+	}
+	cfg.P2PAddr = addr
+	if peers != "" {
+		if cfg.Peers, err = swarm.ParsePeers(peers); err != nil {
+			return fmt.Errorf("--peers: %w", err)
+		}
+	}
+	return nil
 }
 
 func newLogger(level, format string) (*slog.Logger, error) {

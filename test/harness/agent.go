@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -93,12 +94,18 @@ type AgentConfig struct {
 	// LogDir receives agent-N.log, one per process started; default: DataDir's parent
 	// (never DataDir itself, which belongs to the agent's store).
 	LogDir string
+	// MirrorAddr and MetricsAddr are --mirror-addr and --metrics-addr; "" picks a free port on
+	// 127.0.0.1. The harness waits on /readyz at MetricsAddr, so it must be reachable from
+	// here (see WithNetns: in another namespace, its loopback is not this one's).
+	MirrorAddr  string
+	MetricsAddr string
 }
 
-// Agent is a running `shoal agent` listening on 127.0.0.1.
+// Agent is a running `shoal agent`, listening on 127.0.0.1 unless its config says otherwise.
 type Agent struct {
 	cfg         AgentConfig
 	logger      *slog.Logger
+	netns       string // WithNetns, kept for restarts
 	mirrorAddr  string
 	metricsAddr string
 	args        []string
@@ -109,7 +116,8 @@ type Agent struct {
 	restarts int
 }
 
-// StartAgent starts the agent on free loopback ports and waits until /readyz answers 200.
+// StartAgent starts the agent (on free loopback ports unless cfg names its addresses) and
+// waits until /readyz answers 200.
 func StartAgent(ctx context.Context, cfg AgentConfig, opts ...Option) (*Agent, error) {
 	o := newOptions(cfg.Binary, opts)
 	cfg.Binary = o.binary
@@ -131,9 +139,13 @@ func StartAgent(ctx context.Context, cfg AgentConfig, opts ...Option) (*Agent, e
 	a := &Agent{
 		cfg:         cfg,
 		logger:      o.logger,
-		mirrorAddr:  fmt.Sprintf("127.0.0.1:%d", ports[0]),
-		metricsAddr: fmt.Sprintf("127.0.0.1:%d", ports[1]),
+		netns:       o.netns,
+		mirrorAddr:  cmp.Or(cfg.MirrorAddr, fmt.Sprintf("127.0.0.1:%d", ports[0])),
+		metricsAddr: cmp.Or(cfg.MetricsAddr, fmt.Sprintf("127.0.0.1:%d", ports[1])),
 		client:      loopbackHTTPClient(),
+	}
+	if err := checkLoopback(a.metricsAddr); err != nil {
+		return nil, fmt.Errorf("agent metrics address: %w", err)
 	}
 	a.args = a.buildArgs()
 	if err := a.start(ctx); err != nil {
@@ -173,7 +185,8 @@ func (a *Agent) start(ctx context.Context) error {
 	defer a.mu.Unlock()
 	logPath := filepath.Join(a.cfg.LogDir, fmt.Sprintf("agent-%d.log", a.restarts))
 	a.restarts++
-	proc, err := startProcess("shoal agent", logPath, "", a.logger, a.cfg.Binary, a.args...)
+	bin, args := inNetns(a.netns, a.cfg.Binary, a.args)
+	proc, err := startProcess("shoal agent", logPath, "", a.logger, bin, args...)
 	if err != nil {
 		return err
 	}

@@ -58,7 +58,8 @@ func StartContainerd(ctx context.Context, dir, hostsDir string, opts ...Option) 
 		return nil, fmt.Errorf("write containerd config: %w", err)
 	}
 	var err error
-	c.proc, err = startProcess("containerd", filepath.Join(dir, "containerd.log"), "", o.logger, o.binary, "--config", configPath)
+	bin, args := inNetns(o.netns, o.binary, []string{"--config", configPath})
+	c.proc, err = startProcess("containerd", filepath.Join(dir, "containerd.log"), "", o.logger, bin, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,8 @@
 // processes whose state lives in temporary directories and which are stopped by PID.
 //
 // Every constructor returns an error and a value with Close, so the same pieces serve the e2e
-// tests (which hand Close to t.Cleanup) and programs such as hack/demo. All listeners are on
-// 127.0.0.1; nothing here ever dials anything but loopback.
+// tests (which hand Close to t.Cleanup) and programs such as hack/demo. Listeners are on
+// 127.0.0.1 by default, and the harness dials nothing but loopback unless it runs inside
+// RunIsolated's namespace, where the only other addresses are those of network namespaces the
+// process made itself (WithNetns and WithListenAddr place components there, for hack/testbed).
 package harness

@@ -12,6 +12,8 @@ type options struct {
 	logger      *slog.Logger
 	binary      string
 	snapshotter string
+	netns       string
+	listenAddr  string
 }
 
 func newOptions(defaultBinary string, opts []Option) options {
@@ -44,4 +46,19 @@ func WithBinary(path string) Option {
 // detects (overlayfs when the kernel allows it here, else native). Only StartContainerd reads it.
 func WithSnapshotter(name string) Option {
 	return func(o *options) { o.snapshotter = name }
+}
+
+// WithNetns runs the component's process inside the network namespace at path (for example
+// /run/netns/NAME), by starting it under `nsenter --net=path`. Only the network namespace
+// changes: the process shares this one's file system, so its directories, logs and unix
+// sockets stay where the harness reads them, and nsenter execs it in place, so PID is its own.
+func WithNetns(path string) Option {
+	return func(o *options) { o.netns = path }
+}
+
+// WithListenAddr makes the registry listen on addr ("IP:PORT") instead of a free port on
+// 127.0.0.1. The harness dials a non-loopback address only inside RunIsolated's namespace.
+// Only StartRegistry reads it.
+func WithListenAddr(addr string) Option {
+	return func(o *options) { o.listenAddr = addr }
 }

@@ -65,6 +65,15 @@ func startProcess(name, logPath, stdoutPath string, logger *slog.Logger, bin str
 	return p, nil
 }
 
+// inNetns returns the command line that runs bin with args in the network namespace at netns,
+// or bin and args unchanged when netns is "". nsenter without --fork execs bin in place.
+func inNetns(netns, bin string, args []string) (string, []string) {
+	if netns == "" {
+		return bin, args
+	}
+	return "nsenter", append([]string{"--net=" + netns, "--", bin}, args...)
+}
+
 // childEnv is the harness's environment without proxy settings: the children talk to
 // loopback only, and a proxy variable must never route a made-up registry name elsewhere.
 func childEnv() []string {

@@ -21,8 +21,9 @@ import (
 // DefaultRegistryBinary is Debian's build of distribution 2.8.2.
 const DefaultRegistryBinary = "/usr/bin/docker-registry"
 
-// Registry is a docker-registry process on 127.0.0.1 with filesystem storage in its own
-// directory and an access log that tests read to count what clients asked for.
+// Registry is a docker-registry process on 127.0.0.1 (or the address WithListenAddr gives) with
+// filesystem storage in its own directory and an access log that tests read to count what
+// clients asked for.
 type Registry struct {
 	dir       string
 	host      string
@@ -35,13 +36,20 @@ type Registry struct {
 // until it answers GET /v2/.
 func StartRegistry(ctx context.Context, dir string, opts ...Option) (*Registry, error) {
 	o := newOptions(DefaultRegistryBinary, opts)
-	ports, err := FreePorts(1)
-	if err != nil {
-		return nil, err
+	host := o.listenAddr
+	if host == "" {
+		ports, err := FreePorts(1)
+		if err != nil {
+			return nil, err
+		}
+		host = fmt.Sprintf("127.0.0.1:%d", ports[0])
+	}
+	if err := checkLoopback(host); err != nil {
+		return nil, fmt.Errorf("registry address: %w", err)
 	}
 	r := &Registry{
 		dir:       dir,
-		host:      fmt.Sprintf("127.0.0.1:%d", ports[0]),
+		host:      host,
 		accessLog: filepath.Join(dir, "access.log"),
 		client:    loopbackHTTPClient(),
 	}
@@ -72,7 +80,9 @@ http:
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		return nil, fmt.Errorf("write registry config: %w", err)
 	}
-	r.proc, err = startProcess("registry", filepath.Join(dir, "registry.log"), r.accessLog, o.logger, o.binary, "serve", configPath)
+	bin, args := inNetns(o.netns, o.binary, []string{"serve", configPath})
+	var err error
+	r.proc, err = startProcess("registry", filepath.Join(dir, "registry.log"), r.accessLog, o.logger, bin, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -102,7 +112,8 @@ func (r *Registry) get(ctx context.Context, u string) error {
 	return nil
 }
 
-// Host is the registry's address, "127.0.0.1:PORT", as used in image references.
+// Host is the registry's address, "127.0.0.1:PORT" unless WithListenAddr chose another, as
+// used in image references.
 func (r *Registry) Host() string { return r.host }
 
 // URL is the registry's base URL, "http://127.0.0.1:PORT".
@@ -249,13 +260,20 @@ func loopbackTransport() *http.Transport {
 	}
 }
 
+// checkLoopback refuses addresses other than loopback IPs, except inside RunIsolated's
+// namespace: that one has no link to the machine's network, so the only other addresses it
+// can reach are those of namespaces the process built there itself (hack/testbed's nodes).
 func checkLoopback(addr string) error {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return fmt.Errorf("dial %q: %w", addr, err)
 	}
-	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
-		return fmt.Errorf("dial %q: the harness only dials loopback IP addresses", addr)
+	ip := net.ParseIP(host)
+	if ip == nil {
+		return fmt.Errorf("dial %q: the harness only dials IP addresses", addr)
+	}
+	if !ip.IsLoopback() && !InIsolatedNetwork() {
+		return fmt.Errorf("dial %q: outside an isolated network namespace the harness only dials loopback", addr)
 	}
 	return nil
 }

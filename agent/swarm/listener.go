@@ -1,0 +1,274 @@
+package swarm
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// btHandshakeFirstByte starts every unobfuscated BitTorrent connection: the length of the
+// protocol name "BitTorrent protocol". No HTTP request starts with it.
+const btHandshakeFirstByte = 0x13
+
+// DefaultSniffTimeout bounds the wait for a new connection's first byte; see WithSniffTimeout.
+const DefaultSniffTimeout = 5 * time.Second
+
+// SplitOption configures Split.
+type SplitOption func(*splitter)
+
+// WithSniffTimeout sets how long a new connection may stay silent before its first byte
+// (default DefaultSniffTimeout); a connection that sends nothing in time is closed.
+func WithSniffTimeout(d time.Duration) SplitOption {
+	return func(s *splitter) { s.sniffTimeout = d }
+}
+
+// WithSplitLogger sets the logger for rejected and dropped connections (default: discard).
+func WithSplitLogger(l *slog.Logger) SplitOption {
+	return func(s *splitter) { s.log = l }
+}
+
+// WithSplitRegisterer registers the counter shoal_swarm_rejected_connections_total with reg
+// (nil: not registered).
+func WithSplitRegisterer(reg prometheus.Registerer) SplitOption {
+	return func(s *splitter) { s.reg = reg }
+}
+
+// Split shares one listener between the BitTorrent peer protocol and the agents' HTTP control
+// API. It accepts connections on l, closes at once those whose remote IP is not allowed
+// (counting them in shoal_swarm_rejected_connections_total), and routes each other connection
+// by its first byte: 0x13, the start of a BitTorrent handshake (header obfuscation must be
+// disabled), to bt, anything else to http. The routed connections replay the byte read and
+// report l's local and the peer's remote address.
+//
+// The first byte is awaited in a goroutine per connection, for at most the sniff timeout, so a
+// silent client never holds up the others. A routed connection waits until Accept is called on
+// its side (or the side is closed).
+//
+// Closing: bt and http close independently, so that the torrent client and the HTTP server can
+// shut down in either order. Accept on a closed side returns an error wrapping net.ErrClosed,
+// and connections routed to it afterwards are closed. Closing the second of the two closes l.
+// If l fails (with an error other than a temporary one, which is retried with a backoff), both
+// sides return that error from Accept; they must still be closed.
+func Split(l net.Listener, allowed func(netip.Addr) bool, opts ...SplitOption) (bt, http net.Listener) {
+	s := &splitter{
+		l:            l,
+		allowed:      allowed,
+		sniffTimeout: DefaultSniffTimeout,
+		log:          slog.New(slog.DiscardHandler),
+		rejected: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "rejected_connections_total",
+			Help: "Connections to the p2p port closed at once because their IP is not a member's.",
+		}),
+		open:   2,
+		done:   make(chan struct{}),
+		failed: make(chan struct{}),
+	}
+	for _, opt := range opts {
+		opt(s)
+	}
+	if s.reg != nil {
+		s.rejected = registerOrReuse(s.reg, s.rejected)
+	}
+	s.bt = s.newSide("bittorrent")
+	s.http = s.newSide("http")
+	go s.acceptLoop()
+	return s.bt, s.http
+}
+
+type splitter struct {
+	l            net.Listener
+	allowed      func(netip.Addr) bool
+	sniffTimeout time.Duration
+	log          *slog.Logger
+	reg          prometheus.Registerer
+	rejected     prometheus.Counter
+	bt, http     *splitSide
+
+	mu   sync.Mutex
+	open int           // sides not yet closed
+	done chan struct{} // closed when both sides are: l is closed, its Accept errors are expected
+
+	failed chan struct{} // closed when l fails
+	err    error         // why l failed; written before failed is closed
+}
+
+func (s *splitter) acceptLoop() {
+	var backoff time.Duration
+	for {
+		c, err := s.l.Accept()
+		if err != nil {
+			select {
+			case <-s.done:
+				return // both sides closed l
+			default:
+			}
+			// Like net/http: back off on temporary errors (such as running out of file
+			// descriptors) instead of spinning or giving up.
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Temporary() { //nolint:staticcheck // Temporary is still how accept reports EMFILE and friends.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept on the p2p port failed; retrying", "error", err, "retry_in", backoff)
+				t := time.NewTimer(backoff)
+				select {
+				case <-t.C:
+				case <-s.done:
+				}
+				t.Stop()
+				continue
+			}
+			s.err = err
+			close(s.failed)
+			return
+		}
+		backoff = 0
+		remote, ok := remoteAddr(c)
+		if !ok || !s.allowed(remote.Addr()) {
+			s.rejected.Inc()
+			s.log.Debug("rejected connection from a non-member", "remote", c.RemoteAddr())
+			c.Close()
+			continue
+		}
+		go s.route(c)
+	}
+}
+
+// route reads c's first byte and hands c to the side it belongs to.
+func (s *splitter) route(c net.Conn) {
+	var first [1]byte
+	err := c.SetReadDeadline(time.Now().Add(s.sniffTimeout))
+	if err == nil {
+		_, err = io.ReadFull(c, first[:])
+	}
+	if err == nil {
+		err = c.SetReadDeadline(time.Time{})
+	}
+	if err != nil {
+		// Also what probes (a bare TCP connect) look like: not worth more than debug.
+		s.log.Debug("dropped connection that sent nothing", "remote", c.RemoteAddr(), "error", err)
+		c.Close()
+		return
+	}
+	side := s.http
+	if first[0] == btHandshakeFirstByte {
+		side = s.bt
+	}
+	side.deliver(&sniffedConn{Conn: c, first: first[:]})
+}
+
+func (s *splitter) newSide(name string) *splitSide {
+	return &splitSide{s: s, name: name, conns: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+// splitSide is one of the listeners Split returns.
+type splitSide struct {
+	s      *splitter
+	name   string
+	conns  chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (sd *splitSide) deliver(c net.Conn) {
+	select {
+	case sd.conns <- c:
+	case <-sd.closed:
+		c.Close()
+	}
+}
+
+// Accept waits for the next connection routed to this side.
+func (sd *splitSide) Accept() (net.Conn, error) {
+	select {
+	case <-sd.closed: // a closed side accepts nothing, even a connection ready at the same time
+		return nil, sd.opError(net.ErrClosed)
+	default:
+	}
+	select {
+	case c := <-sd.conns:
+		return c, nil
+	case <-sd.closed:
+		return nil, sd.opError(net.ErrClosed)
+	case <-sd.s.failed:
+		return nil, sd.opError(sd.s.err)
+	}
+}
+
+// Close stops this side; closing the second side closes the shared listener. Closing a side
+// again does nothing and returns nil.
+func (sd *splitSide) Close() error {
+	var err error
+	sd.once.Do(func() {
+		close(sd.closed)
+		s := sd.s
+		s.mu.Lock()
+		s.open--
+		last := s.open == 0
+		s.mu.Unlock()
+		if last {
+			close(s.done)
+			if cerr := s.l.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
+				err = cerr
+			}
+		}
+	})
+	return err
+}
+
+// Addr is the shared listener's address.
+func (sd *splitSide) Addr() net.Addr { return sd.s.l.Addr() }
+
+func (sd *splitSide) opError(err error) error {
+	return &net.OpError{Op: "accept", Net: sd.Addr().Network(), Addr: sd.Addr(), Err: err}
+}
+
+// remoteAddr returns c's remote address, IPv4-mapped IPv6 addresses unmapped.
+func remoteAddr(c net.Conn) (netip.AddrPort, bool) {
+	var ap netip.AddrPort
+	switch a := c.RemoteAddr().(type) {
+	case *net.TCPAddr:
+		ap = a.AddrPort()
+	case nil:
+		return ap, false
+	default:
+		var err error
+		if ap, err = netip.ParseAddrPort(a.String()); err != nil {
+			return ap, false
+		}
+	}
+	return unmapAddrPort(ap), ap.IsValid()
+}
+
+// sniffedConn is a connection whose first bytes were read to route it; Read returns them
+// again before the rest of the stream.
+type sniffedConn struct {
+	net.Conn
+	mu    sync.Mutex // net.Conn allows concurrent calls
+	first []byte
+}
+
+func (c *sniffedConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	if len(c.first) > 0 {
+		n := copy(p, c.first)
+		c.first = c.first[n:]
+		c.mu.Unlock()
+		return n, nil
+	}
+	c.mu.Unlock()
+	return c.Conn.Read(p)
+}
+
+// ReadFrom keeps io.Copy into the connection (as net/http does for response bodies) on the
+// underlying connection's sendfile/splice path; sniffing only concerns reads.
+func (c *sniffedConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
+}

@@ -1,0 +1,329 @@
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Membership is the set of agents a node swarms with. Every agent must see the same members
+// (up to liveness) for rendezvous hashing to agree on owners. Implementations are safe for
+// concurrent use.
+type Membership interface {
+	// Self is this node's --p2p-addr, the address the other members reach it at.
+	Self() netip.AddrPort
+	// Live returns the members believed alive, self included, sorted by address, in a slice
+	// the caller may keep and modify.
+	Live() []netip.AddrPort
+	// Allowed reports whether addr may connect to this node: whether it is the IP of any
+	// configured member, alive or not.
+	Allowed(addr netip.Addr) bool
+	// ReportFailure says that a request to addr just failed, so that addr is treated as dead
+	// at once and a dead member costs one failed request rather than one per request until
+	// the next probe notices. The member comes back when a later probe reaches it.
+	ReportFailure(addr netip.AddrPort)
+}
+
+// Probe defaults; see WithProbeInterval and WithProbeTimeout.
+const (
+	DefaultProbeInterval = time.Second
+	DefaultProbeTimeout  = 300 * time.Millisecond
+)
+
+// Static is the Membership of a fixed peer list (--peers), the same list on every node. Peers
+// start alive, so that a cold start does not wait for probes, and Run keeps their liveness up
+// to date by probing them.
+type Static struct {
+	self     netip.AddrPort
+	members  []netip.AddrPort // sorted, self included
+	ips      map[netip.Addr]struct{}
+	probe    func(ctx context.Context, addr netip.AddrPort) error
+	interval time.Duration
+	timeout  time.Duration
+	after    func(time.Duration) <-chan time.Time
+	log      *slog.Logger
+	reg      prometheus.Registerer
+	gauge    *prometheus.GaugeVec // nil: no metrics
+
+	mu    sync.Mutex
+	state map[netip.AddrPort]*memberState // every member but self
+	live  []netip.AddrPort                // sorted, rebuilt on every change
+}
+
+type memberState struct {
+	dead bool
+	// reports counts ReportFailure calls. A probe that succeeds revives the member only if no
+	// failure was reported while it ran: its connection may predate the failure.
+	reports uint64
+}
+
+// StaticOption configures a Static.
+type StaticOption func(*Static)
+
+// WithProbe sets how a peer is probed (default: a TCP connection to its address, closed at
+// once). probe must return when ctx ends: a probe round waits for all its probes.
+func WithProbe(probe func(ctx context.Context, addr netip.AddrPort) error) StaticOption {
+	return func(s *Static) { s.probe = probe }
+}
+
+// WithProbeInterval sets the time between the starts of two probe rounds (default
+// DefaultProbeInterval). A round that takes longer delays the next one: rounds never overlap.
+func WithProbeInterval(d time.Duration) StaticOption {
+	return func(s *Static) { s.interval = d }
+}
+
+// WithProbeTimeout bounds each probe (default DefaultProbeTimeout). A peer that does not
+// answer within it counts as dead.
+func WithProbeTimeout(d time.Duration) StaticOption {
+	return func(s *Static) { s.timeout = d }
+}
+
+// WithStaticClock sets how Run waits between probe rounds (default time.After); tests pass a
+// function returning a channel they control.
+func WithStaticClock(after func(time.Duration) <-chan time.Time) StaticOption {
+	return func(s *Static) { s.after = after }
+}
+
+// WithStaticLogger sets the logger for liveness changes (default: discard).
+func WithStaticLogger(l *slog.Logger) StaticOption {
+	return func(s *Static) { s.log = l }
+}
+
+// WithStaticRegisterer registers the gauge shoal_swarm_members{state="live"|"dead"} with reg
+// (nil: not registered). A process has one membership; a second Static given the same
+// registerer shares the gauge.
+func WithStaticRegisterer(reg prometheus.Registerer) StaticOption {
+	return func(s *Static) { s.reg = reg }
+}
+
+// NewStatic returns the membership of self and peers; peers may include self, as when every
+// node is given the same list. Call Run to probe the peers.
+func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption) *Static {
+	s := &Static{
+		self:     unmapAddrPort(self),
+		probe:    dialProbe,
+		interval: DefaultProbeInterval,
+		timeout:  DefaultProbeTimeout,
+		after:    time.After,
+		log:      slog.New(slog.DiscardHandler),
+		ips:      map[netip.Addr]struct{}{},
+		state:    map[netip.AddrPort]*memberState{},
+	}
+	for _, opt := range opts {
+		opt(s)
+	}
+	if s.reg != nil {
+		s.gauge = registerOrReuse(s.reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "members",
+			Help: "Swarm members (this node included) by whether they are believed alive.",
+		}, []string{"state"}))
+	}
+	s.members = append(s.members, s.self)
+	for _, p := range peers {
+		p = unmapAddrPort(p)
+		if p == s.self || s.state[p] != nil {
+			continue
+		}
+		s.state[p] = &memberState{}
+		s.members = append(s.members, p)
+	}
+	slices.SortFunc(s.members, netip.AddrPort.Compare)
+	for _, m := range s.members {
+		s.ips[plainAddr(m.Addr())] = struct{}{}
+	}
+	s.mu.Lock()
+	s.updateLocked()
+	s.mu.Unlock()
+	return s
+}
+
+// Self implements Membership.
+func (s *Static) Self() netip.AddrPort { return s.self }
+
+// Live implements Membership.
+func (s *Static) Live() []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.live)
+}
+
+// Allowed implements Membership.
+func (s *Static) Allowed(addr netip.Addr) bool {
+	_, ok := s.ips[plainAddr(addr)]
+	return ok
+}
+
+// ReportFailure implements Membership. Reports about self or about non-members are ignored.
+func (s *Static) ReportFailure(addr netip.AddrPort) {
+	addr = unmapAddrPort(addr)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.state[addr]
+	if m == nil {
+		return
+	}
+	m.reports++
+	if !m.dead {
+		s.log.Info("swarm member marked dead after a failed request", "member", addr)
+		m.dead = true
+		s.updateLocked()
+	}
+}
+
+// Run probes every peer each probe interval, starting at once, until ctx ends. Call it once.
+// Probes run concurrently, each bounded by the probe timeout, so a peer that black-holes
+// packets delays nobody else; a round ends when all its probes have returned.
+func (s *Static) Run(ctx context.Context) {
+	peers := make([]netip.AddrPort, 0, len(s.state))
+	for _, m := range s.members {
+		if m != s.self {
+			peers = append(peers, m)
+		}
+	}
+	for ctx.Err() == nil {
+		next := s.after(s.interval)
+		s.probeRound(ctx, peers)
+		select {
+		case <-ctx.Done():
+		case <-next:
+		}
+	}
+}
+
+func (s *Static) probeRound(ctx context.Context, peers []netip.AddrPort) {
+	var wg sync.WaitGroup
+	for _, p := range peers {
+		s.mu.Lock()
+		reports := s.state[p].reports
+		s.mu.Unlock()
+		wg.Go(func() {
+			pctx, cancel := context.WithTimeout(ctx, s.timeout)
+			err := s.probe(pctx, p)
+			cancel()
+			if ctx.Err() != nil {
+				return // shutting down: the probe failed because of that, not because of p
+			}
+			s.setProbed(p, reports, err)
+		})
+	}
+	wg.Wait()
+}
+
+// setProbed records the result of a probe of p started when p's report count was reports.
+func (s *Static) setProbed(p netip.AddrPort, reports uint64, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.state[p]
+	switch {
+	case err != nil && !m.dead:
+		s.log.Warn("swarm member unreachable", "member", p, "error", err)
+		m.dead = true
+	case err == nil && m.dead && m.reports == reports:
+		s.log.Info("swarm member reachable again", "member", p)
+		m.dead = false
+	default:
+		return
+	}
+	s.updateLocked()
+}
+
+// updateLocked rebuilds the live list and the gauge from the member states.
+func (s *Static) updateLocked() {
+	s.live = s.live[:0:0] // a new array: Live's callers may hold the old one
+	for _, m := range s.members {
+		if st := s.state[m]; st == nil || !st.dead {
+			s.live = append(s.live, m)
+		}
+	}
+	if s.gauge != nil {
+		s.gauge.WithLabelValues("live").Set(float64(len(s.live)))
+		s.gauge.WithLabelValues("dead").Set(float64(len(s.members) - len(s.live)))
+	}
+}
+
+// dialProbe is the default probe: a member is alive if its p2p port accepts a TCP connection.
+func dialProbe(ctx context.Context, addr netip.AddrPort) error {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr.String())
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
+// ParsePeers parses a --peers value: comma-separated IP:PORT entries, IPv6 addresses in
+// brackets ("10.0.0.1:7070,[fd00::2]:7070"). Blanks around entries are ignored; an empty
+// string is an empty list. Host names are rejected (membership must not depend on DNS), as
+// are unspecified addresses, port 0 and duplicates. IPv4-mapped IPv6 addresses are unmapped.
+func ParsePeers(s string) ([]netip.AddrPort, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	entries := strings.Split(s, ",")
+	peers := make([]netip.AddrPort, 0, len(entries))
+	seen := make(map[netip.AddrPort]int, len(entries))
+	for i, e := range entries {
+		e = strings.TrimSpace(e)
+		p, err := parsePeer(e)
+		if err != nil {
+			return nil, fmt.Errorf("peer %d of %d: %w", i+1, len(entries), err)
+		}
+		if first, dup := seen[p]; dup {
+			return nil, fmt.Errorf("peer %d of %d: %s is listed twice (also peer %d)", i+1, len(entries), p, first)
+		}
+		seen[p] = i + 1
+		peers = append(peers, p)
+	}
+	return peers, nil
+}
+
+func parsePeer(e string) (netip.AddrPort, error) {
+	if e == "" {
+		return netip.AddrPort{}, errors.New("empty entry (stray comma?)")
+	}
+	p, err := netip.ParseAddrPort(e)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%q is not IP:PORT (host names are not resolved; write IPv6 addresses as [IP]:PORT): %w", e, err)
+	}
+	p = unmapAddrPort(p)
+	switch {
+	case p.Addr().IsUnspecified():
+		return netip.AddrPort{}, fmt.Errorf("%q: give the address peers reach the node at, not an unspecified address", e)
+	case p.Port() == 0:
+		return netip.AddrPort{}, fmt.Errorf("%q: port 0 is not a port peers can reach", e)
+	}
+	return p, nil
+}
+
+// plainAddr drops what does not identify a host for Allowed: the IPv4-in-IPv6 mapping a
+// dual-stack socket reports, and an IPv6 zone.
+func plainAddr(a netip.Addr) netip.Addr { return a.Unmap().WithZone("") }
+
+func unmapAddrPort(p netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(p.Addr().Unmap(), p.Port())
+}
+
+// registerOrReuse registers c with reg, or returns the identical collector registered before
+// (by another instance in the same process). A conflicting metric of the same name is a
+// programming error and panics.
+func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, c C) C {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(C); ok {
+				return existing
+			}
+		}
+		panic(fmt.Sprintf("register swarm metrics: %v", err))
+	}
+	return c
+}

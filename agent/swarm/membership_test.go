@@ -1,0 +1,434 @@
+package swarm
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// testWait bounds every wait in these tests so that a bug fails them instead of hanging them.
+const testWait = 10 * time.Second
+
+func TestParsePeers(t *testing.T) {
+	ap := netip.MustParseAddrPort
+	tests := []struct {
+		in      string
+		want    []netip.AddrPort
+		wantErr string // substring of the error; "" means no error
+	}{
+		{in: "", want: nil},
+		{in: "  ", want: nil},
+		{in: "10.0.0.1:7070", want: []netip.AddrPort{ap("10.0.0.1:7070")}},
+		{in: "10.0.0.1:7070,10.0.0.2:7070", want: []netip.AddrPort{ap("10.0.0.1:7070"), ap("10.0.0.2:7070")}},
+		{in: " 10.0.0.2:7070 , 10.0.0.1:7070 ", want: []netip.AddrPort{ap("10.0.0.2:7070"), ap("10.0.0.1:7070")}},
+		{in: "[fd00::1]:7070,10.0.0.1:7070", want: []netip.AddrPort{ap("[fd00::1]:7070"), ap("10.0.0.1:7070")}},
+		{in: "10.0.0.1:7070,10.0.0.1:7071", want: []netip.AddrPort{ap("10.0.0.1:7070"), ap("10.0.0.1:7071")}},
+		{in: "[::ffff:10.0.0.1]:7070", want: []netip.AddrPort{ap("10.0.0.1:7070")}},
+		{in: "10.0.0.1:7070,,10.0.0.2:7070", wantErr: "peer 2 of 3: empty entry"},
+		{in: "10.0.0.1:7070,", wantErr: "peer 2 of 2: empty entry"},
+		{in: "10.0.0.1", wantErr: `peer 1 of 1: "10.0.0.1" is not IP:PORT`},
+		{in: "node-a:7070", wantErr: `"node-a:7070" is not IP:PORT (host names are not resolved`},
+		{in: "fd00::1:7070", wantErr: `"fd00::1:7070" is not IP:PORT`},
+		{in: "10.0.0.1:70700", wantErr: `"10.0.0.1:70700" is not IP:PORT`},
+		{in: "10.0.0.1:0", wantErr: "port 0"},
+		{in: "0.0.0.0:7070", wantErr: "unspecified address"},
+		{in: "[::]:7070", wantErr: "unspecified address"},
+		{in: "10.0.0.1:7070,10.0.0.2:7070,10.0.0.1:7070", wantErr: "peer 3 of 3: 10.0.0.1:7070 is listed twice (also peer 1)"},
+		{in: "10.0.0.1:7070,[::ffff:10.0.0.1]:7070", wantErr: "listed twice"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			got, err := ParsePeers(tt.in)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("ParsePeers(%q) = %v, %v; want error containing %q", tt.in, got, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !slices.Equal(got, tt.want) {
+				t.Fatalf("ParsePeers(%q) = %v, %v; want %v", tt.in, got, err, tt.want)
+			}
+		})
+	}
+}
+
+// probeCall is one probe, waiting for the test to answer it.
+type probeCall struct {
+	ctx   context.Context
+	addr  netip.AddrPort
+	reply chan error
+}
+
+// fakeProbes gives the test every probe through a channel and a clock it ticks by hand. A
+// tick is received only once a probe round has ended and applied its results, so after
+// sending one the test sees a settled state until it answers the next round's probes.
+type fakeProbes struct {
+	calls chan probeCall
+	ticks chan time.Time
+}
+
+func newFakeProbes() *fakeProbes {
+	return &fakeProbes{calls: make(chan probeCall), ticks: make(chan time.Time)}
+}
+
+func (f *fakeProbes) options() []StaticOption {
+	return []StaticOption{
+		WithProbe(func(ctx context.Context, addr netip.AddrPort) error {
+			reply := make(chan error, 1)
+			select {
+			case f.calls <- probeCall{ctx, addr, reply}:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			select {
+			case err := <-reply:
+				return err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}),
+		WithStaticClock(func(time.Duration) <-chan time.Time { return f.ticks }),
+		WithProbeTimeout(time.Hour), // only the test ends a probe
+	}
+}
+
+// round answers one probe per peer (concurrently waiting probes: they all arrive before any is
+// answered) with results[addr] (nil if absent), then ticks, returning when the round is over.
+func (f *fakeProbes) round(t *testing.T, peers int, results map[netip.AddrPort]error) {
+	t.Helper()
+	calls := f.await(t, peers)
+	for _, c := range calls {
+		c.reply <- results[c.addr]
+	}
+	f.tick(t)
+}
+
+func (f *fakeProbes) await(t *testing.T, n int) []probeCall {
+	t.Helper()
+	var calls []probeCall
+	for range n {
+		select {
+		case c := <-f.calls:
+			calls = append(calls, c)
+		case <-time.After(testWait):
+			t.Fatalf("got %d of %d probes of a round: probes do not run concurrently?", len(calls), n)
+		}
+	}
+	slices.SortFunc(calls, func(a, b probeCall) int { return a.addr.Compare(b.addr) })
+	for i := 1; i < len(calls); i++ {
+		if calls[i].addr == calls[i-1].addr {
+			t.Fatalf("%v probed twice in one round", calls[i].addr)
+		}
+	}
+	return calls
+}
+
+func (f *fakeProbes) tick(t *testing.T) {
+	t.Helper()
+	select {
+	case f.ticks <- time.Time{}:
+	case <-time.After(testWait):
+		t.Fatalf("the probe round did not end")
+	}
+}
+
+// startStatic runs s until the test ends.
+func startStatic(t *testing.T, s *Static) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(testWait):
+			t.Errorf("Run did not return after its context ended")
+		}
+	})
+}
+
+var (
+	selfAddr = netip.MustParseAddrPort("10.0.0.1:7070")
+	peerB    = netip.MustParseAddrPort("10.0.0.2:7070")
+	peerC    = netip.MustParseAddrPort("10.0.0.3:7070")
+	errDown  = errors.New("connection refused")
+)
+
+func TestStaticMembers(t *testing.T) {
+	// The same list on every node, in any order, self included or not.
+	for _, peers := range [][]netip.AddrPort{
+		{peerC, selfAddr, peerB},
+		{peerB, peerC},
+		{peerC, peerB, peerC, netip.AddrPortFrom(netip.AddrFrom16(selfAddr.Addr().As16()), selfAddr.Port())},
+	} {
+		s := NewStatic(selfAddr, peers)
+		if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB, peerC}; !slices.Equal(got, want) {
+			t.Errorf("NewStatic(%v).Live() = %v, want %v", peers, got, want)
+		}
+		if s.Self() != selfAddr {
+			t.Errorf("Self() = %v", s.Self())
+		}
+	}
+}
+
+func TestStaticLiveIsACopy(t *testing.T) {
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC})
+	live := s.Live()
+	live[0] = netip.MustParseAddrPort("192.0.2.1:1")
+	if got := s.Live(); got[0] != selfAddr {
+		t.Errorf("modifying Live's result changed the membership: %v", got)
+	}
+}
+
+func TestStaticAllowed(t *testing.T) {
+	other := netip.MustParseAddrPort("[fd00::9]:7070")
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC, other})
+	s.ReportFailure(peerB) // dead members may still connect: they may be coming back
+	tests := []struct {
+		addr string
+		want bool
+	}{
+		{"10.0.0.1", true}, // self: its own probes and loopback-free local tests
+		{"10.0.0.2", true},
+		{"10.0.0.3", true},
+		{"::ffff:10.0.0.3", true}, // as a dual-stack socket reports it
+		{"fd00::9", true},
+		{"10.0.0.4", false},
+		{"127.0.0.1", false},
+		{"fd00::10", false},
+	}
+	for _, tt := range tests {
+		if got := s.Allowed(netip.MustParseAddr(tt.addr)); got != tt.want {
+			t.Errorf("Allowed(%s) = %v, want %v", tt.addr, got, tt.want)
+		}
+	}
+}
+
+func TestStaticLiveness(t *testing.T) {
+	f := newFakeProbes()
+	reg := prometheus.NewRegistry()
+	s := NewStatic(selfAddr, []netip.AddrPort{selfAddr, peerB, peerC}, append(f.options(), WithStaticRegisterer(reg))...)
+	all := []netip.AddrPort{selfAddr, peerB, peerC}
+	if got := s.Live(); !slices.Equal(got, all) {
+		t.Fatalf("before any probe Live() = %v, want everyone %v", got, all)
+	}
+	wantGauge(t, reg, 3, 0)
+	startStatic(t, s)
+
+	steps := []struct {
+		name    string
+		results map[netip.AddrPort]error
+		want    []netip.AddrPort
+	}{
+		{"first probe fails", map[netip.AddrPort]error{peerC: errDown}, []netip.AddrPort{selfAddr, peerB}},
+		{"still down", map[netip.AddrPort]error{peerC: errDown}, []netip.AddrPort{selfAddr, peerB}},
+		{"back and another down", map[netip.AddrPort]error{peerB: errDown}, []netip.AddrPort{selfAddr, peerC}},
+		{"all down but self", map[netip.AddrPort]error{peerB: errDown, peerC: errDown}, []netip.AddrPort{selfAddr}},
+		{"all back", nil, all},
+	}
+	for _, step := range steps {
+		f.round(t, 2, step.results)
+		if got := s.Live(); !slices.Equal(got, step.want) {
+			t.Fatalf("%s: Live() = %v, want %v", step.name, got, step.want)
+		}
+		wantGauge(t, reg, len(step.want), len(all)-len(step.want))
+	}
+}
+
+func TestStaticReportFailure(t *testing.T) {
+	f := newFakeProbes()
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC}, f.options()...)
+	startStatic(t, s)
+	f.round(t, 2, nil)
+
+	s.ReportFailure(peerB)
+	s.ReportFailure(selfAddr)                                         // self is always live
+	s.ReportFailure(netip.MustParseAddrPort("10.0.0.9:7070"))         // not a member: ignored
+	s.ReportFailure(netip.AddrPortFrom(peerC.Addr(), peerC.Port()+1)) // another port: not a member
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerC}; !slices.Equal(got, want) {
+		t.Fatalf("after ReportFailure(%v) Live() = %v, want %v", peerB, got, want)
+	}
+
+	// A probe that was already under way when the failure was reported does not revive the
+	// member: its connection may predate the failure. (This round may have started before
+	// or after ReportFailure(peerB), so peerB's probe fails to keep the outcome certain.)
+	calls := f.await(t, 2)
+	s.ReportFailure(peerC)
+	calls[0].reply <- errDown // peerB
+	calls[1].reply <- nil     // peerC
+	f.tick(t)
+	if got, want := s.Live(), []netip.AddrPort{selfAddr}; !slices.Equal(got, want) {
+		t.Fatalf("after a round that started before ReportFailure(%v): Live() = %v, want %v", peerC, got, want)
+	}
+
+	// The next successful probe does.
+	f.round(t, 2, nil)
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB, peerC}; !slices.Equal(got, want) {
+		t.Fatalf("after a successful probe Live() = %v, want %v", got, want)
+	}
+}
+
+// TestStaticSlowProbe: a probe that hangs holds up neither the other probes of its round nor,
+// once its timeout passes, the membership; the next round waits for it.
+func TestStaticSlowProbe(t *testing.T) {
+	f := newFakeProbes()
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC}, f.options()...)
+	startStatic(t, s)
+
+	calls := f.await(t, 2) // both probes are running at once
+	calls[1].reply <- nil  // peerC answers; peerB hangs
+	select {
+	case f.ticks <- time.Time{}:
+		t.Fatalf("a new round could start while a probe of the previous one was running")
+	default:
+	}
+	calls[0].reply <- errDown
+	f.tick(t)
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerC}; !slices.Equal(got, want) {
+		t.Fatalf("Live() = %v, want %v", got, want)
+	}
+}
+
+// TestStaticProbeTimeout: a probe that ignores everything but its context is cut off by the
+// probe timeout and its peer counts as dead.
+func TestStaticProbeTimeout(t *testing.T) {
+	ticks := make(chan time.Time)
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC},
+		WithProbe(func(ctx context.Context, addr netip.AddrPort) error {
+			if addr == peerB {
+				<-ctx.Done() // black-holed
+				return ctx.Err()
+			}
+			return nil
+		}),
+		WithProbeTimeout(time.Millisecond),
+		WithStaticClock(func(time.Duration) <-chan time.Time { return ticks }),
+	)
+	startStatic(t, s)
+	select {
+	case ticks <- time.Time{}:
+	case <-time.After(testWait):
+		t.Fatalf("the probe timeout did not end the hanging probe")
+	}
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerC}; !slices.Equal(got, want) {
+		t.Fatalf("Live() = %v, want %v", got, want)
+	}
+}
+
+func TestStaticRunStopsAndIgnoresProbesCutByShutdown(t *testing.T) {
+	f := newFakeProbes()
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB}, f.options()...)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx)
+	}()
+	c := f.await(t, 1)[0]
+	cancel() // the probe returns ctx.Err(): that says nothing about peerB
+	select {
+	case <-done:
+	case <-time.After(testWait):
+		t.Fatalf("Run did not return after its context ended")
+	}
+	if err := c.ctx.Err(); err == nil {
+		t.Errorf("the probe's context did not end with Run's")
+	}
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB}; !slices.Equal(got, want) {
+		t.Errorf("Live() = %v, want %v", got, want)
+	}
+}
+
+// TestStaticConcurrentUse is for -race: readers and reporters while probes flip states.
+func TestStaticConcurrentUse(t *testing.T) {
+	f := newFakeProbes()
+	peers := testMembers(8)
+	s := NewStatic(peers[0], peers, append(f.options(), WithStaticRegisterer(prometheus.NewRegistry()))...)
+	startStatic(t, s)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Go(func() {
+			for j := 0; ; j++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				live := s.Live()
+				if len(live) == 0 || !slices.Contains(live, peers[0]) {
+					t.Errorf("Live() = %v lacks self", live)
+					return
+				}
+				s.Allowed(peers[j%len(peers)].Addr())
+				if j%16 == 0 {
+					s.ReportFailure(peers[(i+j)%len(peers)])
+				}
+			}
+		})
+	}
+	for r := range 20 {
+		results := map[netip.AddrPort]error{}
+		for i, p := range peers {
+			if (i+r)%3 == 0 {
+				results[p] = errDown
+			}
+		}
+		f.round(t, len(peers)-1, results)
+	}
+	close(stop)
+	wg.Wait()
+}
+
+func TestDialProbe(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().(*net.TCPAddr).AddrPort()
+	ctx, cancel := context.WithTimeout(context.Background(), testWait)
+	defer cancel()
+	if err := dialProbe(ctx, addr); err != nil {
+		t.Errorf("probe of a listening port: %v", err)
+	}
+	l.Close()
+	if err := dialProbe(ctx, addr); err == nil {
+		t.Errorf("probe of a closed port succeeded")
+	}
+}
+
+// wantGauge checks shoal_swarm_members.
+func wantGauge(t *testing.T, reg *prometheus.Registry, live, dead int) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "shoal_swarm_members" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "state" {
+					got[l.GetValue()] = m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	if got["live"] != float64(live) || got["dead"] != float64(dead) {
+		t.Errorf("shoal_swarm_members = %v, want live %d, dead %d", got, live, dead)
+	}
+}

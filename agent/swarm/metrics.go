@@ -1,0 +1,96 @@
+package swarm
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Where the bytes of a blob came from, as metric labels.
+const (
+	sourcePeer     = "peer"
+	sourceUpstream = "upstream"
+	sourceLocal    = "local"
+)
+
+type metrics struct {
+	bytes          *prometheus.CounterVec
+	seederFailures prometheus.Counter
+	stalls         prometheus.Counter
+	completion     prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
+	m := &metrics{
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "fetched_bytes_total",
+			Help: "Blob bytes this node fetched itself, by source: upstream registry (seeding a segment or reading one directly) or the local store (seeding a segment of a blob it holds). Bytes from peers are shoal_swarm_peer_bytes_total.",
+		}, []string{"source"}),
+		seederFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "seeder_failures_total",
+			Help: "Seeders that failed to answer for a segment; the next ranked member was asked.",
+		}),
+		stalls: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
+			Help: "Segments whose swarm download made no progress for the stall timeout and were read from upstream.",
+		}),
+		completion: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "blob_completion_seconds",
+			Help:    "Time from the first request of a blob on this node until its last byte was read.",
+			Buckets: prometheus.ExponentialBuckets(0.25, 2, 14),
+		}),
+	}
+	if reg == nil {
+		return m
+	}
+	stats := func(f func(cs statsView) float64) func() float64 {
+		return func() float64 { return f(s.stats()) }
+	}
+	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.completion,
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
+			Help: "Useful blob bytes received from peers.",
+		}, stats(func(v statsView) float64 { return float64(v.peerBytesRead) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "uploaded_bytes_total",
+			Help: "Blob bytes sent to peers.",
+		}, stats(func(v statsView) float64 { return float64(v.bytesWritten) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "pieces_verified_total",
+			Help: "Pieces received from peers that passed their hash check.",
+		}, stats(func(v statsView) float64 { return float64(v.piecesGood) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "pieces_failed_total",
+			Help: "Pieces received from peers that failed their hash check (their senders are banned).",
+		}, stats(func(v statsView) float64 { return float64(v.piecesBad) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "peers_connected",
+			Help: "Established peer connections, summed over segment torrents.",
+		}, stats(func(v statsView) float64 { return float64(v.peers) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "torrents",
+			Help: "Segment torrents this node takes part in.",
+		}, stats(func(v statsView) float64 { return float64(v.torrents) })),
+	)
+	return m
+}
+
+// statsView is a snapshot of the torrent client's counters.
+type statsView struct {
+	peerBytesRead, bytesWritten int64
+	piecesGood, piecesBad       int64
+	peers, torrents             int
+}
+
+func (s *Swarm) stats() statsView {
+	cs := s.client.Stats()
+	v := statsView{
+		peerBytesRead: cs.BytesReadUsefulData.Int64(),
+		bytesWritten:  cs.BytesWrittenData.Int64(),
+		piecesGood:    cs.PiecesDirtiedGood.Int64(),
+		piecesBad:     cs.PiecesDirtiedBad.Int64(),
+	}
+	for _, t := range s.client.Torrents() {
+		v.torrents++
+		v.peers += len(t.PeerConns())
+	}
+	return v
+}

@@ -1,0 +1,216 @@
+package swarm
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"testing"
+)
+
+// testMembers returns n distinct member addresses.
+func testMembers(n int) []netip.AddrPort {
+	ms := make([]netip.AddrPort, n)
+	for i := range ms {
+		ms[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 7070)
+	}
+	return ms
+}
+
+// testKeys returns n keys shaped like the swarm's: 8 segments of n/8 digests.
+func testKeys(n int) []string {
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("sha256:%064x/segment/%d", i/8, i%8)
+	}
+	return keys
+}
+
+// TestRankGolden pins the hash: agents of different versions must agree on owners, so changing
+// the ranking is a wire-protocol change. The expected orders were computed independently (in
+// Python, from the formula in Rank's doc comment).
+func TestRankGolden(t *testing.T) {
+	members := []netip.AddrPort{
+		netip.MustParseAddrPort("10.0.0.1:7070"),
+		netip.MustParseAddrPort("10.0.0.2:7070"),
+		netip.MustParseAddrPort("10.0.0.3:7070"),
+		netip.MustParseAddrPort("[fd00::4]:7070"),
+	}
+	const d = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+	tests := []struct {
+		key  string
+		want []string
+	}{
+		{d, []string{"10.0.0.3:7070", "10.0.0.1:7070", "10.0.0.2:7070", "[fd00::4]:7070"}},
+		{d + "/segment/0", []string{"10.0.0.1:7070", "10.0.0.3:7070", "[fd00::4]:7070", "10.0.0.2:7070"}},
+		{d + "/segment/1", []string{"10.0.0.1:7070", "10.0.0.2:7070", "[fd00::4]:7070", "10.0.0.3:7070"}},
+	}
+	for _, tt := range tests {
+		if got := addrStrings(Rank(tt.key, members)); !slices.Equal(got, tt.want) {
+			t.Errorf("Rank(%q) = %v, want %v", tt.key, got, tt.want)
+		}
+		if got, ok := Owner(tt.key, members); !ok || got.String() != tt.want[0] {
+			t.Errorf("Owner(%q) = %v, %v, want %v", tt.key, got, ok, tt.want[0])
+		}
+	}
+}
+
+func TestRankIsAPermutationAndLeavesInputAlone(t *testing.T) {
+	members := testMembers(20)
+	orig := slices.Clone(members)
+	got := Rank("sha256:abc", members)
+	if !slices.Equal(members, orig) {
+		t.Fatalf("Rank modified its input")
+	}
+	sorted := slices.SortedFunc(slices.Values(got), netip.AddrPort.Compare)
+	if !slices.Equal(sorted, orig) {
+		t.Fatalf("Rank = %v, not a permutation of %v", got, orig)
+	}
+}
+
+func TestRankIndependentOfInputOrder(t *testing.T) {
+	members := testMembers(32)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, key := range testKeys(200) {
+		want := Rank(key, members)
+		shuffled := slices.Clone(members)
+		rng.Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
+		if got := Rank(key, shuffled); !slices.Equal(got, want) {
+			t.Fatalf("Rank(%q) depends on input order:\n%v\n%v", key, got, want)
+		}
+		if got, _ := Owner(key, shuffled); got != want[0] {
+			t.Fatalf("Owner(%q) = %v, want Rank's first %v", key, got, want[0])
+		}
+	}
+}
+
+func TestRankUnmapsIPv4InIPv6(t *testing.T) {
+	plain := []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:7070"), netip.MustParseAddrPort("10.0.0.2:7070"), netip.MustParseAddrPort("10.0.0.3:7070")}
+	mapped := make([]netip.AddrPort, len(plain))
+	for i, p := range plain {
+		mapped[i] = netip.AddrPortFrom(netip.AddrFrom16(p.Addr().As16()), p.Port())
+	}
+	for _, key := range testKeys(64) {
+		want, got := Rank(key, plain), Rank(key, mapped)
+		for i := range want {
+			if got[i].Addr().Unmap() != want[i].Addr() {
+				t.Fatalf("Rank(%q): mapped %v, plain %v", key, got, want)
+			}
+		}
+	}
+}
+
+func TestRankTiesAreOrderedByAddress(t *testing.T) {
+	a, b := netip.MustParseAddrPort("10.0.0.1:7070"), netip.MustParseAddrPort("10.0.0.2:7070")
+	for _, members := range [][]netip.AddrPort{{a, b, a}, {a, a, b}, {b, a, a}} {
+		got := Rank("sha256:abc", members)
+		i := slices.Index(got, a)
+		if i < 0 || i+1 >= len(got) || got[i+1] != a {
+			t.Errorf("Rank(%v) = %v: the two copies of %v are not adjacent", members, got, a)
+		}
+	}
+}
+
+func TestOwnerEmpty(t *testing.T) {
+	if got, ok := Owner("sha256:abc", nil); ok {
+		t.Errorf("Owner of no members = %v, true", got)
+	}
+	if got := Rank("sha256:abc", nil); len(got) != 0 {
+		t.Errorf("Rank of no members = %v", got)
+	}
+}
+
+func TestRankBalance(t *testing.T) {
+	members := testMembers(16)
+	keys := testKeys(10000)
+	count := map[netip.AddrPort]int{}
+	for _, key := range keys {
+		o, _ := Owner(key, members)
+		count[o]++
+	}
+	mean := float64(len(keys)) / float64(len(members))
+	for _, m := range members {
+		if n := float64(count[m]); n < 0.75*mean || n > 1.25*mean {
+			t.Errorf("%v owns %v keys, want within 25%% of %v", m, n, mean)
+		}
+	}
+}
+
+// TestRankStableWhenMemberLeaves: only the leaving member's keys move, each to its second
+// choice; and the rest of every ranking keeps its order.
+func TestRankStableWhenMemberLeaves(t *testing.T) {
+	members := testMembers(16)
+	leaving := members[5]
+	remaining := slices.DeleteFunc(slices.Clone(members), func(m netip.AddrPort) bool { return m == leaving })
+	moved := 0
+	for _, key := range testKeys(5000) {
+		before, after := Rank(key, members), Rank(key, remaining)
+		if want := slices.DeleteFunc(slices.Clone(before), func(m netip.AddrPort) bool { return m == leaving }); !slices.Equal(after, want) {
+			t.Fatalf("%s: ranking after %v left = %v, want %v", key, leaving, after, want)
+		}
+		switch {
+		case before[0] == leaving:
+			moved++
+			if after[0] != before[1] {
+				t.Errorf("%s: moved to %v, want its second choice %v", key, after[0], before[1])
+			}
+		case after[0] != before[0]:
+			t.Errorf("%s: moved from %v to %v though its owner stayed", key, before[0], after[0])
+		}
+	}
+	if moved == 0 {
+		t.Errorf("the leaving member owned no key: the test proves nothing")
+	}
+}
+
+// TestRankStableWhenMemberJoins: only keys the newcomer now owns move.
+func TestRankStableWhenMemberJoins(t *testing.T) {
+	members := testMembers(17)
+	newcomer := members[16]
+	old := members[:16]
+	moved := 0
+	for _, key := range testKeys(5000) {
+		before, _ := Owner(key, old)
+		after, _ := Owner(key, members)
+		if after == newcomer {
+			moved++
+		} else if after != before {
+			t.Errorf("%s: moved from %v to %v, not to the newcomer", key, before, after)
+		}
+	}
+	if moved == 0 {
+		t.Errorf("the newcomer took no key: the test proves nothing")
+	}
+}
+
+func BenchmarkRank(b *testing.B) {
+	for _, n := range []int{64, 5000} {
+		members := testMembers(n)
+		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				Rank(fmt.Sprintf("sha256:%064x/segment/%d", i, i%8), members)
+			}
+		})
+	}
+}
+
+func BenchmarkOwner(b *testing.B) {
+	for _, n := range []int{64, 5000} {
+		members := testMembers(n)
+		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				Owner(fmt.Sprintf("sha256:%064x/segment/%d", i, i%8), members)
+			}
+		})
+	}
+}
+
+func addrStrings(as []netip.AddrPort) []string {
+	s := make([]string, len(as))
+	for i, a := range as {
+		s[i] = a.String()
+	}
+	return s
+}

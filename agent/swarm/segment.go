@@ -1,0 +1,171 @@
+package swarm
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha1" //nolint:gosec // BitTorrent v1 piece hashes are SHA-1; blobs are verified by sha256 too
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/anacrolix/torrent"
+	"github.com/anacrolix/torrent/bencode"
+	"github.com/anacrolix/torrent/metainfo"
+)
+
+// segment is this node's state for one segment of a blob: its torrent info once known (seeded
+// here or learned from its seeder), the torrent, and, when this node seeds it, the peers that
+// asked for it (the seeder is the segment's tracker).
+type segment struct {
+	k int
+
+	mu      sync.Mutex
+	ready   chan struct{} // closed when info is set or seeding failed
+	info    []byte
+	t       *torrent.Torrent
+	seeding bool  // a fetch from upstream (or the local store) is running
+	err     error // why the last seeding attempt failed
+	peers   map[netip.AddrPort]time.Time
+}
+
+func newSegment(k int) *segment {
+	return &segment{k: k, ready: make(chan struct{}), peers: map[netip.AddrPort]time.Time{}}
+}
+
+// state returns the info and torrent if known, and the channel that closes when that changes.
+func (s *segment) state() (info []byte, t *torrent.Torrent, err error, ready <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.info, s.t, s.err, s.ready
+}
+
+// publish records the segment's info and torrent and wakes everyone waiting for them.
+func (s *segment) publish(info []byte, t *torrent.Torrent) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.info != nil {
+		return false
+	}
+	s.info, s.t, s.err, s.seeding = info, t, nil, false
+	close(s.ready)
+	return true
+}
+
+// fail ends a seeding attempt: waiters see err, and the next caller may try again.
+func (s *segment) fail(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.info != nil {
+		return
+	}
+	s.err, s.seeding = err, false
+	close(s.ready)
+	s.ready = make(chan struct{})
+}
+
+// startSeeding reports whether the caller should start seeding (nobody else is, and no info yet).
+func (s *segment) startSeeding() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.info != nil || s.seeding {
+		return false
+	}
+	s.seeding, s.err = true, nil
+	return true
+}
+
+// addPeer records a peer that asked for this segment and returns the others, most recent first,
+// at most limit of them. Peers not heard from for peerTTL are forgotten.
+func (s *segment) addPeer(p netip.AddrPort, now time.Time, limit int) []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for addr, seen := range s.peers {
+		if now.Sub(seen) > peerTTL {
+			delete(s.peers, addr)
+		}
+	}
+	others := make([]netip.AddrPort, 0, len(s.peers))
+	for addr := range s.peers {
+		if addr != p {
+			others = append(others, addr)
+		}
+	}
+	if p.IsValid() {
+		s.peers[p] = now
+	}
+	// Most recently seen first; map order is random, which also spreads connections.
+	for i := 1; i < len(others); i++ {
+		for j := i; j > 0 && s.peers[others[j]].After(s.peers[others[j-1]]); j-- {
+			others[j], others[j-1] = others[j-1], others[j]
+		}
+	}
+	if len(others) > limit {
+		others = others[:limit]
+	}
+	return others
+}
+
+// peerTTL is how long a seeder remembers a peer that stopped asking.
+const peerTTL = 2 * time.Minute
+
+// copyAndHash copies length bytes from r into w at offset and returns the SHA-1 of every piece,
+// as a torrent info's "pieces". It holds one piece in memory.
+func copyAndHash(ctx context.Context, r io.Reader, w io.WriterAt, offset, length, pieceLength int64) ([]byte, error) {
+	buf := make([]byte, pieceLength)
+	pieces := make([]byte, 0, (length+pieceLength-1)/pieceLength*sha1.Size)
+	for done := int64(0); done < length; {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := min(pieceLength, length-done)
+		if _, err := io.ReadFull(r, buf[:n]); err != nil {
+			return nil, fmt.Errorf("read bytes %d-%d: %w", offset+done, offset+done+n-1, err)
+		}
+		if _, err := w.WriteAt(buf[:n], offset+done); err != nil {
+			return nil, fmt.Errorf("write bytes %d-%d: %w", offset+done, offset+done+n-1, err)
+		}
+		sum := sha1.Sum(buf[:n]) //nolint:gosec // see import
+		pieces = append(pieces, sum[:]...)
+		done += n
+	}
+	return pieces, nil
+}
+
+// buildInfo returns the bencoded info of segment k of p.
+func buildInfo(p plan, k int, pieces []byte) ([]byte, error) {
+	_, length := p.segment(k)
+	info := metainfo.Info{Name: p.segmentName(k), PieceLength: p.pieceLength, Pieces: pieces, Length: length}
+	return bencode.Marshal(info)
+}
+
+// checkInfo verifies that info bytes learned from a peer describe segment k of p exactly, so a
+// confused or malicious peer cannot make this node download something else.
+func checkInfo(p plan, k int, infoBytes []byte) (*metainfo.Info, error) {
+	if len(infoBytes) > 1<<20 {
+		return nil, errors.New("info too large")
+	}
+	var info metainfo.Info
+	if err := bencode.Unmarshal(infoBytes, &info); err != nil {
+		return nil, fmt.Errorf("decode info: %w", err)
+	}
+	_, length := p.segment(k)
+	switch {
+	case info.Name != p.segmentName(k):
+		return nil, fmt.Errorf("info names %q, want %q", info.Name, p.segmentName(k))
+	case info.Length != length || len(info.Files) != 0:
+		return nil, fmt.Errorf("info describes %d bytes, want one file of %d", info.Length, length)
+	case info.PieceLength != p.pieceLength:
+		return nil, fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.pieceLength)
+	case len(info.Pieces) != p.pieces(k)*sha1.Size:
+		return nil, fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/sha1.Size, p.pieces(k))
+	}
+	// Re-encoding must give the same bytes, or the infohash would not be what every node computes.
+	again, err := bencode.Marshal(info)
+	if err != nil || !bytes.Equal(again, infoBytes) {
+		return nil, errors.New("info is not in canonical form")
+	}
+	return &info, nil
+}

@@ -1,0 +1,174 @@
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/anacrolix/torrent/metainfo"
+	"github.com/anacrolix/torrent/storage"
+)
+
+var (
+	// errReadOnly is returned when a torrent tries to write into a blob that is already complete.
+	errReadOnly = errors.New("blob data is read-only")
+	// errFileClosed is returned by a blob file whose swarm state was dropped.
+	errFileClosed = errors.New("blob file closed")
+)
+
+// blobFile is the data of one blob that segment torrents read and write at offsets. While a blob
+// downloads it is the swarm's own sparse file; once the blob is complete in the content store it
+// can be switched to the store's file, so that seeding never keeps a second copy on disk.
+type blobFile struct {
+	mu       sync.RWMutex
+	data     io.ReaderAt
+	writer   io.WriterAt // nil when read-only
+	closer   io.Closer
+	refCount int
+}
+
+func newBlobFile(data io.ReaderAt, writer io.WriterAt, closer io.Closer) *blobFile {
+	return &blobFile{data: data, writer: writer, closer: closer, refCount: 1}
+}
+
+func (f *blobFile) ReadAt(p []byte, off int64) (int, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if f.data == nil {
+		return 0, errFileClosed
+	}
+	return f.data.ReadAt(p, off)
+}
+
+func (f *blobFile) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if f.writer == nil {
+		return 0, errReadOnly
+	}
+	return f.writer.WriteAt(p, off)
+}
+
+// swap replaces the backing data (e.g. the swarm's file by the store's complete blob) and closes
+// the previous one.
+func (f *blobFile) swap(data io.ReaderAt, writer io.WriterAt, closer io.Closer) {
+	f.mu.Lock()
+	old := f.closer
+	f.data, f.writer, f.closer = data, writer, closer
+	f.mu.Unlock()
+	if old != nil {
+		_ = old.Close()
+	}
+}
+
+// close releases the backing file once nothing uses it.
+func (f *blobFile) close() {
+	f.mu.Lock()
+	f.refCount--
+	var c io.Closer
+	if f.refCount == 0 {
+		c = f.closer
+		f.data, f.writer, f.closer = nil, nil, nil
+	}
+	f.mu.Unlock()
+	if c != nil {
+		_ = c.Close()
+	}
+}
+
+// segmentStorage is the anacrolix storage of one segment torrent: the byte range
+// [base, base+length) of a blob file, with piece completion kept in memory. A seeder that has
+// just fetched and hashed the segment marks every piece complete; a fresh download starts with
+// every piece known incomplete (no pointless hashing of an empty file); a resumed download
+// leaves completion unknown so that the torrent client verifies what is already on disk.
+type segmentStorage struct {
+	file *blobFile
+	base int64
+
+	mu       sync.Mutex
+	known    []bool
+	complete []bool
+}
+
+type completionState int
+
+const (
+	allIncomplete completionState = iota // fresh download
+	allComplete                          // data written and hashed by us
+	unknownCompletion                    // resumed: let the torrent client check
+)
+
+func newSegmentStorage(file *blobFile, base int64, pieces int, state completionState) *segmentStorage {
+	s := &segmentStorage{file: file, base: base, known: make([]bool, pieces), complete: make([]bool, pieces)}
+	for i := range pieces {
+		s.known[i] = state != unknownCompletion
+		s.complete[i] = state == allComplete
+	}
+	return s
+}
+
+// OpenTorrent implements storage.ClientImpl.
+func (s *segmentStorage) OpenTorrent(_ context.Context, info *metainfo.Info, _ metainfo.Hash) (storage.TorrentImpl, error) {
+	if n := info.NumPieces(); n != len(s.known) {
+		return storage.TorrentImpl{}, fmt.Errorf("segment storage prepared for %d pieces, torrent has %d", len(s.known), n)
+	}
+	return storage.TorrentImpl{
+		Piece: func(p metainfo.Piece) storage.PieceImpl {
+			return &segmentPiece{s: s, index: p.Index(), off: s.base + p.Offset(), length: p.Length()}
+		},
+		Close: func() error { return nil },
+	}, nil
+}
+
+func (s *segmentStorage) setComplete(i int, complete bool) {
+	s.mu.Lock()
+	s.known[i], s.complete[i] = true, complete
+	s.mu.Unlock()
+}
+
+// segmentPiece is one piece of a segment torrent.
+type segmentPiece struct {
+	s      *segmentStorage
+	index  int
+	off    int64
+	length int64
+}
+
+func (p *segmentPiece) ReadAt(b []byte, off int64) (int, error) {
+	if off >= p.length {
+		return 0, io.EOF
+	}
+	if rest := p.length - off; int64(len(b)) > rest {
+		b = b[:rest]
+	}
+	n, err := p.s.file.ReadAt(b, p.off+off)
+	if err == io.EOF && n == len(b) {
+		err = nil
+	}
+	return n, err
+}
+
+func (p *segmentPiece) WriteAt(b []byte, off int64) (int, error) {
+	if off+int64(len(b)) > p.length {
+		return 0, fmt.Errorf("write of %d bytes at %d past the end of a %d byte piece", len(b), off, p.length)
+	}
+	return p.s.file.WriteAt(b, p.off+off)
+}
+
+func (p *segmentPiece) MarkComplete() error {
+	p.s.setComplete(p.index, true)
+	return nil
+}
+
+func (p *segmentPiece) MarkNotComplete() error {
+	p.s.setComplete(p.index, false)
+	return nil
+}
+
+func (p *segmentPiece) Completion() storage.Completion {
+	p.s.mu.Lock()
+	defer p.s.mu.Unlock()
+	return storage.Completion{Ok: p.s.known[p.index], Complete: p.s.complete[p.index]}
+}

@@ -1,0 +1,272 @@
+// Package swarm lets the agents of a cluster fetch blobs from each other by BitTorrent
+// (github.com/anacrolix/torrent), so that a blob leaves its upstream registry about once per
+// cluster however many nodes want it at the same moment.
+//
+// A blob is cut into fixed segments, each its own torrent. The seeder of a segment is the live
+// member that ranks first for it by rendezvous hashing: it fetches that byte range from upstream
+// (HTTP Range), hashes the pieces, and publishes the segment's torrent to whoever asks; it is also
+// the segment's tracker, answering each asker with the peers that asked before. Peers swarm a
+// segment while later segments are still being fetched, so they start receiving long before any
+// seeder has the whole blob. Every byte from a peer is checked against its piece hash before it
+// is stored or read, and the content store checks the whole blob against its sha256 digest.
+//
+// One TCP port per node (--p2p-addr) carries both the BitTorrent peer protocol and a small HTTP
+// control API (see Split); connections from addresses that are not members are refused.
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/anacrolix/torrent"
+	"github.com/anacrolix/torrent/mse"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
+
+	"github.com/shoal-dev/shoal/agent/store"
+)
+
+// Upstream is what the swarm needs of the registry client: sizes and byte ranges of blobs.
+type Upstream interface {
+	Blob(ctx context.Context, registry, repo string, d v1.Hash, offset, length int64) (io.ReadCloser, int64, error)
+	HeadBlob(ctx context.Context, registry, repo string, d v1.Hash) (int64, error)
+}
+
+// LocalBlobs gives access to complete blobs of the node's content store, so that a node that
+// already holds a blob seeds it from there instead of fetching it upstream again.
+type LocalBlobs interface {
+	Get(d v1.Hash) (store.Blob, error)
+}
+
+// Defaults for the segmentation and timing parameters.
+const (
+	DefaultSegmentSize    = 16 << 20
+	DefaultPieceLength    = 1 << 20
+	DefaultUpstreamWindow = 4
+	DefaultInfoTimeout    = 60 * time.Second
+	DefaultStallTimeout   = 10 * time.Second
+	chunkSize             = 64 << 10
+	maxPeersPerAnswer     = 16
+	announceInterval      = 2 * time.Second
+	controlDialTimeout    = 300 * time.Millisecond
+)
+
+// Config configures a Swarm.
+type Config struct {
+	// Dir holds the swarm's working files (blobs being downloaded).
+	Dir string
+	// Membership is the set of agents this node swarms with.
+	Membership Membership
+	// PeerListener receives BitTorrent connections (the bt side of Split).
+	PeerListener net.Listener
+	// Upstream fetches byte ranges of blobs the cluster does not have yet.
+	Upstream Upstream
+	// Local is the node's content store; nil disables seeding from it.
+	Local LocalBlobs
+	// SegmentSize and PieceLength cut blobs into torrents; every node must use the same values.
+	SegmentSize, PieceLength int64
+	// UpstreamWindow is how many segments a node asks seeders for ahead of the first one not yet
+	// published: it bounds the upstream fetches running at once, so early segments come first.
+	UpstreamWindow int
+	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited.
+	MaxUploadRate, MaxDownloadRate int64
+	// ConnsPerTorrent bounds established peer connections per segment torrent.
+	ConnsPerTorrent int
+	// InfoTimeout bounds waiting for a seeder to publish a segment before fetching it directly.
+	InfoTimeout time.Duration
+	// StallTimeout is how long reading a segment may make no progress before the rest of the
+	// segment is fetched directly from upstream.
+	StallTimeout time.Duration
+	Logger       *slog.Logger
+	Registerer   prometheus.Registerer
+}
+
+// Swarm is one node's member of the cluster swarm.
+type Swarm struct {
+	cfg     Config
+	self    netip.AddrPort
+	log     *slog.Logger
+	client  *torrent.Client
+	control *http.Client
+	metrics *metrics
+
+	mu    sync.Mutex
+	blobs map[string]*blob
+}
+
+// New starts the torrent client on cfg.PeerListener.
+func New(cfg Config) (*Swarm, error) {
+	if cfg.SegmentSize == 0 {
+		cfg.SegmentSize = DefaultSegmentSize
+	}
+	if cfg.PieceLength == 0 {
+		cfg.PieceLength = DefaultPieceLength
+	}
+	if cfg.UpstreamWindow <= 0 {
+		cfg.UpstreamWindow = DefaultUpstreamWindow
+	}
+	if cfg.InfoTimeout <= 0 {
+		cfg.InfoTimeout = DefaultInfoTimeout
+	}
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = DefaultStallTimeout
+	}
+	if cfg.ConnsPerTorrent <= 0 {
+		cfg.ConnsPerTorrent = 12
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if _, err := newPlan(v1.Hash{Algorithm: "sha256"}, 1, cfg.SegmentSize, cfg.PieceLength); err != nil {
+		return nil, fmt.Errorf("swarm segmentation: %w", err)
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create swarm directory: %w", err)
+	}
+	s := &Swarm{
+		cfg:   cfg,
+		self:  cfg.Membership.Self(),
+		log:   cfg.Logger,
+		blobs: map[string]*blob{},
+		control: &http.Client{Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: controlDialTimeout}).DialContext,
+			MaxIdleConnsPerHost: 4,
+			IdleConnTimeout:     time.Minute,
+		}},
+	}
+
+	cc := torrent.NewDefaultClientConfig()
+	cc.Slogger = cfg.Logger.With("component", "torrent")
+	cc.DataDir = cfg.Dir
+	cc.Seed = true
+	cc.NoDHT = true
+	cc.DisableUTP = true
+	cc.DisableTCP = true // the swarm hands the client its own listener and dialer
+	cc.DisableTrackers = true
+	cc.DisableWebtorrent = true
+	cc.DisableWebseeds = true
+	cc.NoDefaultPortForwarding = true
+	cc.DisableIPv6 = !s.self.Addr().Is6()
+	cc.HeaderObfuscationPolicy = torrent.HeaderObfuscationPolicy{Preferred: false, RequirePreferred: true}
+	cc.CryptoProvides = mse.CryptoMethodPlaintext
+	cc.NominalDialTimeout = time.Second
+	cc.MinDialTimeout = controlDialTimeout
+	cc.HandshakesTimeout = 2 * time.Second
+	cc.EstablishedConnsPerTorrent = cfg.ConnsPerTorrent
+	cc.HalfOpenConnsPerTorrent = cfg.ConnsPerTorrent / 2
+	cc.TotalHalfOpenConns = 128
+	cc.DialRateLimiter = rate.NewLimiter(200, 200)
+	if cfg.MaxUploadRate > 0 {
+		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
+	}
+	if cfg.MaxDownloadRate > 0 {
+		cc.DownloadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxDownloadRate), 256<<10)
+	}
+	client, err := torrent.NewClient(cc)
+	if err != nil {
+		return nil, fmt.Errorf("start torrent client: %w", err)
+	}
+	s.client = client
+	client.AddDialer(memberDialer{members: cfg.Membership})
+	client.AddListener(cfg.PeerListener)
+	s.metrics = newMetrics(cfg.Registerer, s)
+	return s, nil
+}
+
+// Close stops the torrent client; downloads in flight fail and the mirror falls back.
+func (s *Swarm) Close() error {
+	errs := s.client.Close()
+	s.mu.Lock()
+	for _, b := range s.blobs {
+		b.file.close()
+	}
+	s.blobs = map[string]*blob{}
+	s.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// memberDialer dials peers for the torrent client, refusing any address that is not a member
+// (peer exchange could otherwise name one) and failing fast on dead ones.
+type memberDialer struct{ members Membership }
+
+func (d memberDialer) DialerNetwork() string { return "tcp" }
+
+func (d memberDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial peer %s: %w", addr, err)
+	}
+	if !d.members.Allowed(ap.Addr()) {
+		return nil, fmt.Errorf("dial peer %s: not a member", addr)
+	}
+	conn, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		d.members.ReportFailure(ap)
+	}
+	return conn, err
+}
+
+// blob is this node's swarm state for one blob.
+type blob struct {
+	plan           plan
+	registry, repo string
+	file           *blobFile
+	path           string
+	segs           []*segment
+
+	downloadOnce sync.Once
+	finishOnce   sync.Once
+	started      time.Time
+}
+
+// blobFor returns the state of digest d, creating it (and its sparse working file) if needed.
+func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if b, ok := s.blobs[d.Hex]; ok {
+		if b.plan.size != size {
+			return nil, fmt.Errorf("blob %s: size %d disagrees with the %d already known", d, size, b.plan.size)
+		}
+		return b, nil
+	}
+	p, err := newPlan(d, size, s.cfg.SegmentSize, s.cfg.PieceLength)
+	if err != nil {
+		return nil, fmt.Errorf("blob %s: %w", d, err)
+	}
+	path := filepath.Join(s.cfg.Dir, d.Hex)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("blob %s: open working file: %w", d, err)
+	}
+	if err := f.Truncate(size); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("blob %s: size working file: %w", d, err)
+	}
+	b := &blob{plan: p, registry: registry, repo: repo, file: newBlobFile(f, f, f), path: path}
+	for k := range p.segments() {
+		b.segs = append(b.segs, newSegment(k))
+	}
+	s.blobs[d.Hex] = b
+	return b, nil
+}
+
+// Handler serves the control API that agents use with each other (the http side of Split).
+func (s *Swarm) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /swarm/v1/ping", func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("GET /swarm/v1/segment", s.serveSegment)
+	return mux
+}

@@ -1,0 +1,615 @@
+// Command swarmbench runs the swarm benchmark of DESIGN.md §6 on hack/testbed: for each node
+// count N it builds N shaped nodes and a registry in an isolated network namespace, pushes one
+// random blob, and measures three scenarios, each with fresh agents:
+//
+//   - direct: every node GETs the blob straight from the registry (the baseline; a smaller blob
+//     at large N keeps it short, and every figure is in units of its own S/B);
+//   - cold: every node asks its own agent at the same moment, nobody holds the blob;
+//   - warm: node 0 fetches the blob through its agent first, then the other N−1 ask at once.
+//
+// It prints a table, writes the section between <!-- BEGIN swarm --> and <!-- END swarm --> of
+// the Markdown file given by -doc, and the raw per-node results to -json. Run as root.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"os/exec"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/shoal-dev/shoal/hack/testbed"
+	"github.com/shoal-dev/shoal/test/harness"
+)
+
+const (
+	scenarioDirect = "direct"
+	scenarioCold   = "cold"
+	scenarioWarm   = "warm"
+	repo           = "bench/blob"
+)
+
+type config struct {
+	nodes          []int
+	size           int64 // S, bytes
+	directSize     int64 // baseline blob; 0 = S × min(1, 8/N)
+	rate           testbed.Rate
+	registryFactor float64
+	scenarios      []string
+	swarm          string // auto, on, off
+	agentArgs      []string
+	doc            string
+	jsonOut        string
+	startDelay     time.Duration
+}
+
+func parseFlags(args []string) (config, error) {
+	fs := flag.NewFlagSet("swarmbench", flag.ContinueOnError)
+	nodes := fs.String("nodes", "8,16,32", "node counts N, comma-separated")
+	sizeMiB := fs.Int64("size-mib", 256, "blob size S in MiB")
+	directMiB := fs.Int64("direct-size-mib", 0, "blob size of the direct baseline in MiB; 0 = S × min(1, 8/N), so the baseline lasts about 2 × S/B")
+	rateMbit := fs.Int64("rate-mbit", 0, "node link rate B in Mbit/s; 0 = 100 up to N = 16, halved each time N doubles beyond")
+	factor := fs.Float64("registry-factor", 4, "registry link rate R as a multiple of B")
+	scenarios := fs.String("scenarios", "direct,cold,warm", "scenarios to run, comma-separated")
+	swarm := fs.String("swarm", "auto", "give agents --p2p-addr and --peers: on, off, or auto (when 'shoal agent --help' lists --p2p-addr)")
+	doc := fs.String("doc", "docs/benchmarks.md", `Markdown file whose swarm section is rewritten; "" = none`)
+	jsonOut := fs.String("json", "", "also write every per-node result to this JSON file")
+	delay := fs.Duration("start-delay", 2*time.Second, "how far ahead the common start time is set (plus 20 ms per node)")
+	var agentArgs []string
+	fs.Func("agent-arg", "extra argument for every agent (repeatable), e.g. -agent-arg=--max-upload-rate=20M", func(s string) error {
+		agentArgs = append(agentArgs, s)
+		return nil
+	})
+	if err := fs.Parse(args); err != nil {
+		return config{}, err
+	}
+	cfg := config{
+		size:           *sizeMiB << 20,
+		directSize:     *directMiB << 20,
+		rate:           testbed.Rate(*rateMbit) * testbed.Mbit,
+		registryFactor: *factor,
+		swarm:          *swarm,
+		agentArgs:      agentArgs,
+		doc:            *doc,
+		jsonOut:        *jsonOut,
+		startDelay:     *delay,
+	}
+	for f := range strings.SplitSeq(*nodes, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 2 {
+			return config{}, fmt.Errorf("-nodes: %q is not a node count of at least 2", f)
+		}
+		cfg.nodes = append(cfg.nodes, n)
+	}
+	for s := range strings.SplitSeq(*scenarios, ",") {
+		s = strings.TrimSpace(s)
+		if s != scenarioDirect && s != scenarioCold && s != scenarioWarm {
+			return config{}, fmt.Errorf("-scenarios: unknown scenario %q (want direct, cold, warm)", s)
+		}
+		cfg.scenarios = append(cfg.scenarios, s)
+	}
+	switch {
+	case cfg.size <= 0:
+		return config{}, errors.New("-size-mib must be positive")
+	case cfg.registryFactor <= 0:
+		return config{}, errors.New("-registry-factor must be positive")
+	case cfg.swarm != "auto" && cfg.swarm != "on" && cfg.swarm != "off":
+		return config{}, fmt.Errorf("-swarm %q: want auto, on or off", cfg.swarm)
+	}
+	return cfg, nil
+}
+
+func main() {
+	cfg, err := parseFlags(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	// Everything below runs again in a child inside its own network namespace; the builds run
+	// here first because they may need the module proxy.
+	code, err := harness.RunIsolated(func() int { return run(cfg) }, harness.BuildShoalFirst(), testbed.BuildFetchFirst())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "swarmbench:", err)
+		os.Exit(1)
+	}
+	os.Exit(code)
+}
+
+func run(cfg config) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+
+	bin, err := harness.ShoalBinary()
+	if err != nil {
+		log.Error("no agent binary", "err", err)
+		return 1
+	}
+	swarm, err := useSwarm(ctx, cfg.swarm, bin)
+	if err != nil {
+		log.Error("swarm flags", "err", err)
+		return 1
+	}
+	log.Info("swarmbench", "nodes", cfg.nodes, "size_mib", cfg.size>>20, "scenarios", cfg.scenarios, "swarm", swarm)
+
+	var results []*result
+	failed := false
+	for _, n := range cfg.nodes {
+		rs, err := benchN(ctx, log, cfg, n, swarm)
+		results = append(results, rs...)
+		if err != nil {
+			log.Error("benchmark failed", "nodes", n, "err", err)
+			failed = true
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	printTable(os.Stdout, results)
+	if cfg.jsonOut != "" {
+		if err := writeJSON(cfg.jsonOut, results); err != nil {
+			log.Error("write results", "err", err)
+			failed = true
+		}
+	}
+	if cfg.doc != "" && len(results) > 0 && ctx.Err() == nil {
+		if err := writeDoc(cfg.doc, markdown(cfg, swarm, results)); err != nil {
+			log.Error("write doc", "err", err)
+			failed = true
+		} else {
+			log.Info("wrote swarm section", "doc", cfg.doc)
+		}
+	}
+	if failed || ctx.Err() != nil {
+		return 1
+	}
+	return 0
+}
+
+// useSwarm decides whether agents get --p2p-addr and --peers.
+func useSwarm(ctx context.Context, mode, bin string) (bool, error) {
+	if mode != "auto" {
+		return mode == "on", nil
+	}
+	out, err := exec.CommandContext(ctx, bin, "agent", "--help").CombinedOutput()
+	if err != nil {
+		return false, fmt.Errorf("%s agent --help: %w: %s", bin, err, out)
+	}
+	return strings.Contains(string(out), "--p2p-addr"), nil
+}
+
+// nodeRate is B for n nodes: 100 Mbit/s up to 16 nodes, halved each time n doubles beyond,
+// so that all links together stay near 1.6 Gbit/s, what 2 cores can move (DESIGN.md §5).
+func nodeRate(cfg config, n int) testbed.Rate {
+	if cfg.rate > 0 {
+		return cfg.rate
+	}
+	r := 100 * testbed.Mbit
+	for k := 16; k < n; k *= 2 {
+		r /= 2
+	}
+	return r
+}
+
+func directSize(cfg config, n int) int64 {
+	if cfg.directSize > 0 {
+		return cfg.directSize
+	}
+	if n <= 8 {
+		return cfg.size
+	}
+	return max(cfg.size*8/int64(n)>>20<<20, 1<<20)
+}
+
+// result is one scenario at one N.
+type result struct {
+	Nodes        int                   `json:"nodes"`
+	NodeRate     string                `json:"node_rate"`
+	RegistryRate string                `json:"registry_rate"`
+	Scenario     string                `json:"scenario"`
+	Swarm        bool                  `json:"swarm"`
+	Size         int64                 `json:"size_bytes"`
+	SOverB       float64               `json:"s_over_b_seconds"` // the unit of the times below
+	Fetches      []testbed.FetchResult `json:"fetches"`
+	OK           int                   `json:"ok"`
+	Asked        int                   `json:"asked"`
+	P50          float64               `json:"p50_s_over_b"`
+	P99          float64               `json:"p99_s_over_b"`
+	Max          float64               `json:"max_s_over_b"`
+	UpstreamLink float64               `json:"upstream_link_over_s"` // registry link bytes sent / S
+	UpstreamLog  float64               `json:"upstream_log_over_s"`  // blob bytes in the access log / S
+	AgentCPUSum  float64               `json:"agent_cpu_s_sum"`
+	AgentCPUMax  float64               `json:"agent_cpu_s_max"`
+	PeakRSSMax   int64                 `json:"agent_peak_rss_max_bytes"`
+	MachineCPU   float64               `json:"machine_cpu_utilisation"` // while the nodes fetched
+	MachineBusy  float64               `json:"machine_cpu_busy_s"`
+	// TestbedCPU is the CPU time of the agents, the registry and the fetch clients while the
+	// nodes fetched: the machine is shared, so its busy time may include other work.
+	TestbedCPU      float64 `json:"testbed_cpu_s"`
+	TestbedCPUShare float64 `json:"testbed_cpu_utilisation"` // TestbedCPU over all cores' time
+	Wall            float64 `json:"wall_s"`
+	Error           string  `json:"error,omitempty"`
+}
+
+// benchN runs the scenarios on one testbed of n nodes.
+func benchN(ctx context.Context, log *slog.Logger, cfg config, n int, swarm bool) (results []*result, err error) {
+	b := nodeRate(cfg, n)
+	r := testbed.Rate(float64(b) * cfg.registryFactor)
+	log = log.With("nodes", n)
+	log.Info("building testbed", "node_rate", b, "registry_rate", r)
+	tb, err := testbed.New(ctx, n, testbed.WithNodeRate(b), testbed.WithRegistryRate(r), testbed.WithLogger(log))
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, tb.Close()) }()
+
+	blobs := map[int64]v1.Hash{}
+	blob := func(size int64) (v1.Hash, error) {
+		if d, ok := blobs[size]; ok {
+			return d, nil
+		}
+		log.Info("pushing blob", "mib", size>>20)
+		d, err := tb.PushBlob(ctx, repo, size, uint64(size))
+		blobs[size] = d
+		return d, err
+	}
+	var errs []error
+	for _, sc := range cfg.scenarios {
+		size := cfg.size
+		if sc == scenarioDirect {
+			size = directSize(cfg, n)
+		}
+		d, err := blob(size)
+		if err != nil {
+			return results, err
+		}
+		log.Info("scenario", "scenario", sc, "mib", size>>20)
+		res, err := runScenario(ctx, log, cfg, tb, sc, swarm, d, size, b, r)
+		results = append(results, res)
+		if err != nil {
+			res.Error = err.Error()
+			errs = append(errs, fmt.Errorf("%s: %w", sc, err))
+		}
+		log.Info("scenario done", "scenario", sc, "ok", fmt.Sprintf("%d/%d", res.OK, res.Asked),
+			"p50", round(res.P50), "p99", round(res.P99), "max", round(res.Max), "upstream", round(res.UpstreamLink))
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return results, errors.Join(errs...)
+}
+
+func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.Testbed, sc string, swarm bool,
+	d v1.Hash, size int64, b, r testbed.Rate) (*result, error) {
+	wallStart := time.Now()
+	n := len(tb.Nodes())
+	res := &result{
+		Nodes: n, NodeRate: b.String(), RegistryRate: r.String(), Scenario: sc, Swarm: swarm && sc != scenarioDirect,
+		Size: size, SOverB: float64(size) / b.BytesPerSecond(),
+	}
+	// Worst case is every node fetching from the registry on its own: N·S/R.
+	timeout := 3*time.Duration(math.Max(float64(n)*float64(size)/r.BytesPerSecond(), res.SOverB)*float64(time.Second)) + time.Minute
+
+	if sc != scenarioDirect {
+		if err := startAgents(ctx, tb, swarm, cfg.agentArgs); err != nil {
+			return res, err
+		}
+		defer stopAgents(tb, log)
+	}
+	if err := tb.Registry().Sync(ctx); err != nil {
+		return res, err
+	}
+	logBefore, err := tb.Registry().Requests()
+	if err != nil {
+		return res, err
+	}
+	linkBefore, err := tb.RegistryTraffic()
+	if err != nil {
+		return res, err
+	}
+
+	url := func(i int) string { return tb.Node(i).MirrorBlobURL(repo, d.String()) }
+	if sc == scenarioDirect {
+		url = func(int) string { return tb.RegistryBlobURL(repo, d) }
+	}
+	first := 0
+	if sc == scenarioWarm {
+		seed, err := tb.Node(0).Fetch(ctx, testbed.FetchSpec{URL: url(0), Digest: d, Timeout: timeout})
+		if err != nil {
+			return res, err
+		}
+		if !seed.OK {
+			return res, fmt.Errorf("node 0 could not fetch the blob first: %s", seed.Error)
+		}
+		first = 1
+	}
+
+	cpuBefore, err := testbed.ReadMachineCPU()
+	if err != nil {
+		return res, err
+	}
+	procsBefore, err := processCPU(tb)
+	if err != nil {
+		return res, err
+	}
+	start := time.Now().Add(cfg.startDelay + time.Duration(n)*20*time.Millisecond)
+	fetches, err := tb.FetchAll(ctx, func(i int) *testbed.FetchSpec {
+		if i < first {
+			return nil
+		}
+		return &testbed.FetchSpec{URL: url(i), Digest: d, Start: start, Timeout: timeout}
+	})
+	cpuAfter, cpuErr := testbed.ReadMachineCPU()
+	if err = errors.Join(err, cpuErr); err != nil {
+		return res, err
+	}
+	cpu := cpuAfter.Sub(cpuBefore)
+	res.MachineCPU, res.MachineBusy = cpu.Utilisation(), cpu.Busy
+	procsAfter, err := processCPU(tb)
+	if err != nil {
+		return res, err
+	}
+	res.TestbedCPU = procsAfter - procsBefore
+	for _, f := range fetches {
+		res.TestbedCPU += f.CPUSeconds
+	}
+	if cpu.Total > 0 {
+		res.TestbedCPUShare = res.TestbedCPU / cpu.Total
+	}
+
+	var times []float64
+	for _, f := range fetches[first:] {
+		res.Asked++
+		res.Fetches = append(res.Fetches, f)
+		if f.OK {
+			res.OK++
+			times = append(times, f.Seconds/res.SOverB)
+		}
+	}
+	slices.Sort(times)
+	res.P50, res.P99 = percentile(times, 0.50), percentile(times, 0.99)
+	if len(times) > 0 {
+		res.Max = times[len(times)-1]
+	}
+
+	if err := tb.Registry().Sync(ctx); err != nil {
+		return res, err
+	}
+	linkAfter, err := tb.RegistryTraffic()
+	if err != nil {
+		return res, err
+	}
+	res.UpstreamLink = float64(linkAfter.Sub(linkBefore).Sent) / float64(size)
+	logAfter, err := tb.Registry().Requests()
+	if err != nil {
+		return res, err
+	}
+	res.UpstreamLog = float64(blobBytes(logAfter[min(len(logBefore), len(logAfter)):], d)) / float64(size)
+
+	if sc != scenarioDirect {
+		for _, node := range tb.Nodes() {
+			u, err := node.AgentUsage()
+			if err != nil {
+				return res, err
+			}
+			res.AgentCPUSum += u.CPUSeconds
+			res.AgentCPUMax = max(res.AgentCPUMax, u.CPUSeconds)
+			res.PeakRSSMax = max(res.PeakRSSMax, u.PeakRSS)
+		}
+	}
+	res.Wall = time.Since(wallStart).Seconds()
+	if res.OK < res.Asked {
+		return res, fmt.Errorf("%d of %d nodes failed, e.g. %s", res.Asked-res.OK, res.Asked, firstError(res.Fetches))
+	}
+	return res, nil
+}
+
+// processCPU is the CPU time the registry and the running agents have used so far.
+func processCPU(tb *testbed.Testbed) (float64, error) {
+	u, err := testbed.ProcessUsage(tb.Registry().PID())
+	if err != nil {
+		return 0, err
+	}
+	total := u.CPUSeconds
+	for _, node := range tb.Nodes() {
+		if node.Agent() == nil {
+			continue
+		}
+		u, err := node.AgentUsage()
+		if err != nil {
+			return 0, err
+		}
+		total += u.CPUSeconds
+	}
+	return total, nil
+}
+
+func startAgents(ctx context.Context, tb *testbed.Testbed, swarm bool, extra []string) error {
+	errs := make([]error, len(tb.Nodes()))
+	done := make(chan struct{})
+	for i, node := range tb.Nodes() {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			var args []string
+			if swarm {
+				args = node.SwarmArgs()
+			}
+			_, errs[i] = node.StartAgent(ctx, append(args, extra...)...)
+		}()
+	}
+	for range tb.Nodes() {
+		<-done
+	}
+	return errors.Join(errs...)
+}
+
+func stopAgents(tb *testbed.Testbed, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, node := range tb.Nodes() {
+		if err := node.StopAgent(ctx); err != nil {
+			log.Warn("stop agent", "node", node.Name(), "err", err)
+		}
+	}
+}
+
+// blobBytes sums the body bytes of the GETs of blob d in reqs (ranges included).
+func blobBytes(reqs []harness.Request, d v1.Hash) int64 {
+	var n int64
+	suffix := "/blobs/" + d.String()
+	for _, r := range reqs {
+		if r.Method == "GET" && strings.HasSuffix(r.Path, suffix) {
+			n += r.Bytes
+		}
+	}
+	return n
+}
+
+// percentile is the nearest-rank percentile of sorted values (0 when there are none).
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(p*float64(len(sorted)))) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func firstError(fs []testbed.FetchResult) string {
+	for _, f := range fs {
+		if !f.OK {
+			return f.Node + ": " + f.Error
+		}
+	}
+	return ""
+}
+
+func round(v float64) float64 { return math.Round(v*100) / 100 }
+
+func printTable(w io.Writer, results []*result) {
+	fmt.Fprintf(w, "\n%-4s %-8s %-8s %-6s %-7s %-6s %6s %6s %6s %8s %6s %13s %7s %13s %7s\n",
+		"N", "B", "R", "scen.", "S", "ok", "p50", "p99", "max", "upstr/S", "(log)", "agentCPU s", "RSS MiB", "machine CPU", "wall s")
+	for _, r := range results {
+		fmt.Fprintf(w, "%-4d %-8s %-8s %-6s %-7s %-6s %6.2f %6.2f %6.2f %8.2f %6.2f %13s %7s %13s %7.0f\n",
+			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, mib(r.Size), fmt.Sprintf("%d/%d", r.OK, r.Asked),
+			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, agentCPU(r), rss(r), machineCPU(r), r.Wall)
+	}
+	fmt.Fprintln(w, "times in units of S/B (S: blob size, B: node link rate); upstream: registry link bytes sent / S (log: blob bytes in the registry's access log / S);")
+	fmt.Fprintln(w, "machine CPU: share of all cores busy while the nodes fetched (in brackets: the testbed's processes alone)")
+}
+
+func machineCPU(r *result) string {
+	return fmt.Sprintf("%.0f%% (%.0f%%)", 100*r.MachineCPU, 100*r.TestbedCPUShare)
+}
+
+func mib(n int64) string { return strconv.FormatInt(n>>20, 10) + "Mi" }
+
+func agentCPU(r *result) string {
+	if r.Scenario == scenarioDirect {
+		return "–"
+	}
+	return fmt.Sprintf("%.1f / %.1f", r.AgentCPUSum, r.AgentCPUMax)
+}
+
+func rss(r *result) string {
+	if r.Scenario == scenarioDirect {
+		return "–"
+	}
+	return strconv.FormatInt(r.PeakRSSMax>>20, 10)
+}
+
+func writeJSON(path string, results []*result) error {
+	data, err := json.MarshalIndent(results, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(data, '\n'), 0o644)
+}
+
+// markdown renders the section that goes between the swarm markers.
+func markdown(cfg config, swarm bool, results []*result) string {
+	var b strings.Builder
+	mode := "on (`--p2p-addr`, `--peers`)"
+	if !swarm {
+		mode = "off: this agent has no swarm flags, so every agent fetches from the registry on its own"
+	}
+	fmt.Fprintf(&b, "Measured %s with `go run ./hack/swarmbench -nodes %s -size-mib %d`; swarm %s.\n\n",
+		time.Now().UTC().Format("2006-01-02"), joinInts(cfg.nodes), cfg.size>>20, mode)
+	b.WriteString("| N | B | R | scenario | S | nodes ok | p50 | p99 | max | upstream / S | agent CPU s (sum / max) | agent peak RSS (max) | machine CPU (testbed) | wall |\n")
+	b.WriteString("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+	for _, r := range results {
+		rssCell := "–"
+		if r.Scenario != scenarioDirect {
+			rssCell = fmt.Sprintf("%d MiB", r.PeakRSSMax>>20)
+		}
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %d MiB | %d/%d | %.2f | %.2f | %.2f | %.2f | %s | %s | %s | %.0f s |\n",
+			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, r.Size>>20, r.OK, r.Asked,
+			r.P50, r.P99, r.Max, r.UpstreamLink, agentCPU(r), rssCell, machineCPU(r), r.Wall)
+	}
+	b.WriteString("\nTimes are per-node completion (common start to the last verified byte) in units of S/B. ")
+	b.WriteString("Upstream is what the registry's link sent during the scenario over S (for warm it includes node 0's first fetch). ")
+	b.WriteString("Machine CPU is the share of both cores busy while the nodes fetched, whatever ran; in brackets the share used by ")
+	b.WriteString("the testbed's own processes (agents, registry, fetch clients; the kernel's network work is not in it).\n")
+	return b.String()
+}
+
+func joinInts(v []int) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = strconv.Itoa(x)
+	}
+	return strings.Join(s, ",")
+}
+
+const (
+	beginMarker = "<!-- BEGIN swarm -->"
+	endMarker   = "<!-- END swarm -->"
+	// sectionIntro goes before the markers when the file has none yet.
+	sectionIntro = `
+## Swarm (issue 3): N nodes ask for the same new blob at once
+
+Reproduce with ` + "`make bench`" + ` or ` + "`go run ./hack/swarmbench`" + ` (root; see ` + "`-h`" + ` for N, S, B and
+the scenarios). Each node is a network namespace on a bridge inside a namespace with no route out,
+its link shaped to B with tc tbf both ways, the registry's to R = 4·B (DESIGN.md §6). Scenarios,
+each with fresh agents: **direct** (every node GETs the blob from the registry: the baseline; a
+smaller blob at large N), **cold** (every node asks its own agent at the same moment, nobody holds
+the blob), **warm** (node 0 fetched it through its agent first; the other N−1 ask at once).
+The physical limit is 1 × S/B per node and 1 × S upstream.
+
+`
+)
+
+// writeDoc replaces what is between the swarm markers in path, adding the section at the end
+// when the markers are missing, and leaves the rest of the file as it was.
+func writeDoc(path, body string) error {
+	data, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	text := string(data)
+	begin, end := strings.Index(text, beginMarker), strings.Index(text, endMarker)
+	switch {
+	case begin < 0 && end < 0:
+		text = strings.TrimLeft(strings.TrimRight(text, "\n")+"\n"+sectionIntro, "\n") + beginMarker + "\n" + body + endMarker + "\n"
+	case begin < 0 || end < begin:
+		return fmt.Errorf("%s: swarm markers out of order", path)
+	default:
+		text = text[:begin+len(beginMarker)] + "\n" + body + text[end:]
+	}
+	return os.WriteFile(path, []byte(text), 0o644)
+}
