@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -86,7 +87,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			s.log.Info("seeder failed, trying the next one", "digest", b.plan.digest, "segment", k, "seeder", seeder, "error", err)
 			continue
 		}
-		t, err := s.addTorrent(b, k, answer.Info, allIncomplete)
+		t, err := s.addTorrent(b, k, answer.Info, b.state)
 		if err != nil {
 			return err
 		}
@@ -368,11 +369,68 @@ func (r *blobReader) Close() error {
 	return nil
 }
 
-// finished records a blob read to its end.
+// finished records a blob read to its end and hands its data over to the content store.
 func (s *Swarm) finished(b *blob) {
 	b.finishOnce.Do(func() {
 		if !b.started.IsZero() {
 			s.metrics.completion.Observe(time.Since(b.started).Seconds())
 		}
+		go s.handover(b)
 	})
+}
+
+// handover waits for the content store to commit a blob the swarm delivered, then serves its
+// segment torrents from the store's file and deletes the working file, so a blob is kept on
+// disk once. If the store does not take the blob (its digest did not match, or the store is
+// full), the blob's swarm state is dropped altogether.
+func (s *Swarm) handover(b *blob) {
+	if s.cfg.Local == nil {
+		return
+	}
+	deadline := time.Now().Add(handoverTimeout)
+	for {
+		local, err := s.cfg.Local.Get(b.plan.digest)
+		if err == nil {
+			b.file.swap(local, nil, local)
+			s.mu.Lock()
+			path := b.path
+			b.path = ""
+			s.mu.Unlock()
+			if path != "" {
+				if err := os.Remove(path); err != nil {
+					s.log.Warn("cannot remove a swarm working file", "path", path, "error", err)
+				}
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			s.log.Warn("the content store did not keep a blob the swarm delivered; dropping it from the swarm", "digest", b.plan.digest)
+			s.drop(b)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// handoverTimeout bounds waiting for the content store to commit a delivered blob.
+const handoverTimeout = 30 * time.Second
+
+// drop forgets a blob: its torrents stop and its working file is removed.
+func (s *Swarm) drop(b *blob) {
+	s.mu.Lock()
+	if s.blobs[b.plan.digest.Hex] == b {
+		delete(s.blobs, b.plan.digest.Hex)
+	}
+	path := b.path
+	b.path = ""
+	s.mu.Unlock()
+	for _, seg := range b.segs {
+		if _, t, _, _ := seg.state(); t != nil {
+			t.Drop()
+		}
+	}
+	b.file.close()
+	if path != "" {
+		_ = os.Remove(path)
+	}
 }

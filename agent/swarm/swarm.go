@@ -222,7 +222,8 @@ type blob struct {
 	plan           plan
 	registry, repo string
 	file           *blobFile
-	path           string
+	path           string // the working file; "" once the data lives in the content store
+	state          completionState
 	segs           []*segment
 
 	downloadOnce sync.Once
@@ -245,6 +246,12 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		return nil, fmt.Errorf("blob %s: %w", d, err)
 	}
 	path := filepath.Join(s.cfg.Dir, d.Hex)
+	// A working file left by an earlier run is resumed: its pieces are verified, not fetched again.
+	state := allIncomplete
+	if fi, err := os.Stat(path); err == nil && fi.Size() == size {
+		state = unknownCompletion
+		s.log.Info("resuming an interrupted download", "digest", d)
+	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("blob %s: open working file: %w", d, err)
@@ -253,7 +260,7 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		_ = f.Close()
 		return nil, fmt.Errorf("blob %s: size working file: %w", d, err)
 	}
-	b := &blob{plan: p, registry: registry, repo: repo, file: newBlobFile(f, f, f), path: path}
+	b := &blob{plan: p, registry: registry, repo: repo, file: newBlobFile(f, f, f), path: path, state: state}
 	for k := range p.segments() {
 		b.segs = append(b.segs, newSegment(k))
 	}
