@@ -129,7 +129,8 @@ func (s *Swarm) addPeers(t *torrent.Torrent, peers []string) {
 		if err != nil || ap == s.self || !s.cfg.Membership.Allowed(ap.Addr()) {
 			continue
 		}
-		infos = append(infos, torrent.PeerInfo{Addr: ap, Source: torrent.PeerSourceDirect, Trusted: true})
+		// Not Trusted: a member that sends bad pieces must be banned like anyone else.
+		infos = append(infos, torrent.PeerInfo{Addr: ap, Source: torrent.PeerSourceDirect})
 	}
 	t.AddPeers(infos)
 }
@@ -300,9 +301,10 @@ func (r *blobReader) openSegment() error {
 	for {
 		info, t, err, ready := seg.state()
 		if info != nil {
+			// Never SetResponsive: a responsive reader returns chunks before their piece is
+			// verified, and only verified bytes may leave the swarm.
 			reader := t.NewReader()
 			reader.SetContext(r.ctx)
-			reader.SetResponsive()
 			_, length := r.b.plan.segment(r.k)
 			reader.SetReadahead(length)
 			if _, err := reader.Seek(r.segPos, io.SeekStart); err != nil {

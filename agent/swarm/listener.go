@@ -23,14 +23,23 @@ const DefaultSniffTimeout = 5 * time.Second
 type SplitOption func(*splitter)
 
 // WithSniffTimeout sets how long a new connection may stay silent before its first byte
-// (default DefaultSniffTimeout); a connection that sends nothing in time is closed.
+// (default DefaultSniffTimeout; zero or less keeps it); a connection that sends nothing in
+// time is closed.
 func WithSniffTimeout(d time.Duration) SplitOption {
-	return func(s *splitter) { s.sniffTimeout = d }
+	return func(s *splitter) {
+		if d > 0 {
+			s.sniffTimeout = d
+		}
+	}
 }
 
 // WithSplitLogger sets the logger for rejected and dropped connections (default: discard).
 func WithSplitLogger(l *slog.Logger) SplitOption {
-	return func(s *splitter) { s.log = l }
+	return func(s *splitter) {
+		if l != nil {
+			s.log = l
+		}
+	}
 }
 
 // WithSplitRegisterer registers the counter shoal_swarm_rejected_connections_total with reg
@@ -44,7 +53,8 @@ func WithSplitRegisterer(reg prometheus.Registerer) SplitOption {
 // (counting them in shoal_swarm_rejected_connections_total), and routes each other connection
 // by its first byte: 0x13, the start of a BitTorrent handshake (header obfuscation must be
 // disabled), to bt, anything else to http. The routed connections replay the byte read and
-// report l's local and the peer's remote address.
+// report l's local and the peer's remote address. allowed runs on the accept loop, so it
+// must be quick (Membership.Allowed is a map lookup).
 //
 // The first byte is awaited in a goroutine per connection, for at most the sniff timeout, so a
 // silent client never holds up the others. A routed connection waits until Accept is called on
@@ -54,7 +64,8 @@ func WithSplitRegisterer(reg prometheus.Registerer) SplitOption {
 // shut down in either order. Accept on a closed side returns an error wrapping net.ErrClosed,
 // and connections routed to it afterwards are closed. Closing the second of the two closes l.
 // If l fails (with an error other than a temporary one, which is retried with a backoff), both
-// sides return that error from Accept; they must still be closed.
+// sides return that error from Accept; they must still be closed. anacrolix/torrent retries
+// failed Accepts until its client is closed, so close the torrent client before bt.
 func Split(l net.Listener, allowed func(netip.Addr) bool, opts ...SplitOption) (bt, http net.Listener) {
 	s := &splitter{
 		l:            l,
@@ -75,8 +86,7 @@ func Split(l net.Listener, allowed func(netip.Addr) bool, opts ...SplitOption) (
 	if s.reg != nil {
 		s.rejected = registerOrReuse(s.reg, s.rejected)
 	}
-	s.bt = s.newSide("bittorrent")
-	s.http = s.newSide("http")
+	s.bt, s.http = s.newSide(), s.newSide()
 	go s.acceptLoop()
 	return s.bt, s.http
 }
@@ -161,14 +171,13 @@ func (s *splitter) route(c net.Conn) {
 	side.deliver(&sniffedConn{Conn: c, first: first[:]})
 }
 
-func (s *splitter) newSide(name string) *splitSide {
-	return &splitSide{s: s, name: name, conns: make(chan net.Conn), closed: make(chan struct{})}
+func (s *splitter) newSide() *splitSide {
+	return &splitSide{s: s, conns: make(chan net.Conn), closed: make(chan struct{})}
 }
 
 // splitSide is one of the listeners Split returns.
 type splitSide struct {
 	s      *splitter
-	name   string
 	conns  chan net.Conn
 	closed chan struct{}
 	once   sync.Once
@@ -195,7 +204,7 @@ func (sd *splitSide) Accept() (net.Conn, error) {
 	case <-sd.closed:
 		return nil, sd.opError(net.ErrClosed)
 	case <-sd.s.failed:
-		return nil, sd.opError(sd.s.err)
+		return nil, sd.s.err // already an *net.OpError from l
 	}
 }
 

@@ -33,6 +33,8 @@ type Membership interface {
 	ReportFailure(addr netip.AddrPort)
 }
 
+var _ Membership = (*Static)(nil)
+
 // Probe defaults; see WithProbeInterval and WithProbeTimeout.
 const (
 	DefaultProbeInterval = time.Second
@@ -76,15 +78,24 @@ func WithProbe(probe func(ctx context.Context, addr netip.AddrPort) error) Stati
 }
 
 // WithProbeInterval sets the time between the starts of two probe rounds (default
-// DefaultProbeInterval). A round that takes longer delays the next one: rounds never overlap.
+// DefaultProbeInterval; zero or less keeps it). A round that takes longer delays the next
+// one: rounds never overlap.
 func WithProbeInterval(d time.Duration) StaticOption {
-	return func(s *Static) { s.interval = d }
+	return func(s *Static) {
+		if d > 0 {
+			s.interval = d
+		}
+	}
 }
 
-// WithProbeTimeout bounds each probe (default DefaultProbeTimeout). A peer that does not
-// answer within it counts as dead.
+// WithProbeTimeout bounds each probe (default DefaultProbeTimeout; zero or less keeps it). A
+// peer that does not answer within it counts as dead.
 func WithProbeTimeout(d time.Duration) StaticOption {
-	return func(s *Static) { s.timeout = d }
+	return func(s *Static) {
+		if d > 0 {
+			s.timeout = d
+		}
+	}
 }
 
 // WithStaticClock sets how Run waits between probe rounds (default time.After); tests pass a
@@ -95,7 +106,11 @@ func WithStaticClock(after func(time.Duration) <-chan time.Time) StaticOption {
 
 // WithStaticLogger sets the logger for liveness changes (default: discard).
 func WithStaticLogger(l *slog.Logger) StaticOption {
-	return func(s *Static) { s.log = l }
+	return func(s *Static) {
+		if l != nil {
+			s.log = l
+		}
+	}
 }
 
 // WithStaticRegisterer registers the gauge shoal_swarm_members{state="live"|"dead"} with reg

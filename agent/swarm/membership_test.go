@@ -396,7 +396,7 @@ func TestDialProbe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := l.Addr().(*net.TCPAddr).AddrPort()
+	addr := netip.MustParseAddrPort(l.Addr().String())
 	ctx, cancel := context.WithTimeout(context.Background(), testWait)
 	defer cancel()
 	if err := dialProbe(ctx, addr); err != nil {

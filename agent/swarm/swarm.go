@@ -140,7 +140,7 @@ func New(cfg Config) (*Swarm, error) {
 		log:   cfg.Logger,
 		blobs: map[string]*blob{},
 		control: &http.Client{Transport: &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: controlDialTimeout}).DialContext,
+			DialContext:         (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: localTCPAddr(cfg.Membership.Self())}).DialContext,
 			MaxIdleConnsPerHost: 4,
 			IdleConnTimeout:     time.Minute,
 		}},
@@ -167,6 +167,9 @@ func New(cfg Config) (*Swarm, error) {
 	cc.HalfOpenConnsPerTorrent = cfg.ConnsPerTorrent / 2
 	cc.TotalHalfOpenConns = 128
 	cc.DialRateLimiter = rate.NewLimiter(200, 200)
+	// One connection per pair of nodes per torrent: duplicates waste sockets and make a bad piece
+	// look as if two peers sent it, which stops the client from banning its sender.
+	cc.DropDuplicatePeerIds = true
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}
@@ -178,7 +181,7 @@ func New(cfg Config) (*Swarm, error) {
 		return nil, fmt.Errorf("start torrent client: %w", err)
 	}
 	s.client = client
-	client.AddDialer(memberDialer{members: cfg.Membership})
+	client.AddDialer(memberDialer{members: cfg.Membership, local: localTCPAddr(s.self)})
 	client.AddListener(cfg.PeerListener)
 	s.metrics = newMetrics(cfg.Registerer, s)
 	return s, nil
@@ -198,7 +201,16 @@ func (s *Swarm) Close() error {
 
 // memberDialer dials peers for the torrent client, refusing any address that is not a member
 // (peer exchange could otherwise name one) and failing fast on dead ones.
-type memberDialer struct{ members Membership }
+type memberDialer struct {
+	members Membership
+	local   *net.TCPAddr
+}
+
+// localTCPAddr is the source address of connections to peers: the node's p2p IP, so that peers,
+// which admit members by IP, recognise the node on multi-homed hosts too.
+func localTCPAddr(self netip.AddrPort) *net.TCPAddr {
+	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(self.Addr(), 0))
+}
 
 func (d memberDialer) DialerNetwork() string { return "tcp" }
 
@@ -210,7 +222,7 @@ func (d memberDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
 	if !d.members.Allowed(ap.Addr()) {
 		return nil, fmt.Errorf("dial peer %s: not a member", addr)
 	}
-	conn, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "tcp", addr)
+	conn, err := (&net.Dialer{Timeout: time.Second, LocalAddr: d.local}).DialContext(ctx, "tcp", addr)
 	if err != nil {
 		d.members.ReportFailure(ap)
 	}

@@ -9,9 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -81,12 +83,14 @@ type testNode struct {
 	addr    netip.AddrPort
 }
 
-func startNodes(t *testing.T, n int, up Upstream) []*testNode {
+// startNodes starts n swarms, node i on 127.0.0.(i+1) so that each has an address of its own
+// (peers are admitted, and banned, by IP).
+func startNodes(t *testing.T, n int, up Upstream, local ...func(i int) LocalBlobs) []*testNode {
 	t.Helper()
 	var listeners []net.Listener
 	var addrs []netip.AddrPort
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	for i := range n {
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.%d:0", i+1))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -99,15 +103,22 @@ func startNodes(t *testing.T, n int, up Upstream) []*testNode {
 		members := NewStatic(addrs[i], addrs, WithProbeInterval(200*time.Millisecond))
 		go members.Run(ctx)
 		bt, control := Split(l, members.Allowed)
-		sw, err := New(Config{
+		cfg := Config{
 			Dir:          t.TempDir(),
 			Membership:   members,
 			PeerListener: bt,
 			Upstream:     up,
 			SegmentSize:  1 << 20,
 			PieceLength:  256 << 10,
-			StallTimeout: 5 * time.Second,
-		})
+			StallTimeout: 3 * time.Second,
+		}
+		if os.Getenv("SHOAL_SWARM_TEST_LOG") != "" {
+			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", addrs[i])
+		}
+		if len(local) > 0 {
+			cfg.Local = local[0](i)
+		}
+		sw, err := New(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -219,5 +230,91 @@ func TestUpstreamDownFailsFast(t *testing.T) {
 	defer cancel()
 	if _, err := readSource(ctx, nodes[0].swarm.Source("registry.test", "app", d)); err == nil {
 		t.Fatal("fetch succeeded with upstream down")
+	}
+}
+
+// TestCorruptPeerIsBanned makes one node serve corrupted data for the segments it seeds: the
+// others reject every such piece, ban its address, and still deliver the right bytes (reading
+// those segments from upstream once the swarm stalls).
+func TestCorruptPeerIsBanned(t *testing.T) {
+	up := newMemUpstream()
+	content := randomBlob(t, 6<<20)
+	d := up.add(content)
+	nodes := startNodes(t, 3, up)
+	addrs := []netip.AddrPort{nodes[0].addr, nodes[1].addr, nodes[2].addr}
+	// The bad node is the seeder of segment 0; the two others fetch.
+	var bad *testNode
+	var good []*testNode
+	for _, node := range nodes {
+		if Rank(d.String()+"/segment/0", addrs)[0] == node.addr {
+			bad = node
+		} else {
+			good = append(good, node)
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	b, err := bad.swarm.blobFor(d, int64(len(content)), "registry.test", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var corrupted int
+	for k := range b.segs {
+		if Rank(b.plan.key(k), addrs)[0] != bad.addr {
+			continue
+		}
+		if _, err := bad.swarm.ensureSegment(ctx, b, k); err != nil {
+			t.Fatal(err)
+		}
+		// Flip a byte in every piece of the seeded segment, behind the torrent's back.
+		offset, length := b.plan.segment(k)
+		for off := offset; off < offset+length; off += b.plan.pieceLength {
+			one := make([]byte, 1)
+			if _, err := b.file.ReadAt(one, off); err != nil {
+				t.Fatal(err)
+			}
+			one[0] ^= 0xff
+			if _, err := b.file.WriteAt(one, off); err != nil {
+				t.Fatal(err)
+			}
+		}
+		corrupted++
+	}
+	if corrupted == 0 {
+		t.Fatal("test setup: the bad node seeds no segment")
+	}
+
+	var wg sync.WaitGroup
+	for _, node := range good {
+		wg.Go(func() {
+			got, err := readSource(ctx, node.swarm.Source("registry.test", "app", d))
+			if err != nil || !bytes.Equal(got, content) {
+				first := -1
+				for i := range min(len(got), len(content)) {
+					if got[i] != content[i] {
+						first = i
+						break
+					}
+				}
+				t.Errorf("node %s: %v (got %d bytes, first difference at %d: % x, want % x)", node.addr, err, len(got), first, got[max(first, 0):max(first, 0)+8], content[max(first, 0):max(first, 0)+8])
+			}
+		})
+	}
+	wg.Wait()
+	var failed int64
+	banned := false
+	for _, node := range good {
+		failed += node.swarm.stats().piecesBad
+		for _, ip := range node.swarm.client.BadPeerIPs() {
+			addr, err := netip.ParseAddr(ip)
+			banned = banned || (err == nil && addr.Unmap() == bad.addr.Addr())
+		}
+	}
+	if failed == 0 {
+		t.Error("no piece failed its hash check, yet the bad node served corrupted data")
+	}
+	if !banned {
+		t.Errorf("the corrupting node %s was not banned", bad.addr.Addr())
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -54,6 +55,7 @@ type config struct {
 	doc            string
 	jsonOut        string
 	startDelay     time.Duration
+	keep           bool
 }
 
 func parseFlags(args []string) (config, error) {
@@ -68,6 +70,7 @@ func parseFlags(args []string) (config, error) {
 	doc := fs.String("doc", "docs/benchmarks.md", `Markdown file whose swarm section is rewritten; "" = none`)
 	jsonOut := fs.String("json", "", "also write every per-node result to this JSON file")
 	delay := fs.Duration("start-delay", 2*time.Second, "how far ahead the common start time is set (plus 20 ms per node)")
+	keep := fs.Bool("keep", false, "keep each testbed's directory (agent and registry logs, stores) for a post-mortem")
 	var agentArgs []string
 	fs.Func("agent-arg", "extra argument for every agent (repeatable), e.g. -agent-arg=--max-upload-rate=20M", func(s string) error {
 		agentArgs = append(agentArgs, s)
@@ -86,6 +89,7 @@ func parseFlags(args []string) (config, error) {
 		doc:            *doc,
 		jsonOut:        *jsonOut,
 		startDelay:     *delay,
+		keep:           *keep,
 	}
 	for f := range strings.SplitSeq(*nodes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
@@ -253,7 +257,11 @@ func benchN(ctx context.Context, log *slog.Logger, cfg config, n int, swarm bool
 	r := testbed.Rate(float64(b) * cfg.registryFactor)
 	log = log.With("nodes", n)
 	log.Info("building testbed", "node_rate", b, "registry_rate", r)
-	tb, err := testbed.New(ctx, n, testbed.WithNodeRate(b), testbed.WithRegistryRate(r), testbed.WithLogger(log))
+	opts := []testbed.Option{testbed.WithNodeRate(b), testbed.WithRegistryRate(r), testbed.WithLogger(log)}
+	if cfg.keep {
+		opts = append(opts, testbed.WithKeepDir())
+	}
+	tb, err := testbed.New(ctx, n, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -355,6 +363,9 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 		}
 		return &testbed.FetchSpec{URL: url(i), Digest: d, Start: start, Timeout: timeout}
 	})
+	if ctx.Err() != nil {
+		return res, fmt.Errorf("interrupted: %w", ctx.Err())
+	}
 	cpuAfter, cpuErr := testbed.ReadMachineCPU()
 	if err = errors.Join(err, cpuErr); err != nil {
 		return res, err
@@ -474,7 +485,7 @@ func blobBytes(reqs []harness.Request, d v1.Hash) int64 {
 	var n int64
 	suffix := "/blobs/" + d.String()
 	for _, r := range reqs {
-		if r.Method == "GET" && strings.HasSuffix(r.Path, suffix) {
+		if r.Method == http.MethodGet && strings.HasSuffix(r.Path, suffix) {
 			n += r.Bytes
 		}
 	}
@@ -545,35 +556,30 @@ func writeJSON(path string, results []*result) error {
 func markdown(cfg config, swarm bool, results []*result) string {
 	var b strings.Builder
 	mode := "on (`--p2p-addr`, `--peers`)"
-	if !swarm {
+	switch {
+	case !swarm && cfg.swarm == "off":
+		mode = "off (`-swarm off`): every agent fetches from the registry on its own"
+	case !swarm:
 		mode = "off: this agent has no swarm flags, so every agent fetches from the registry on its own"
 	}
-	fmt.Fprintf(&b, "Measured %s with `go run ./hack/swarmbench -nodes %s -size-mib %d`; swarm %s.\n\n",
-		time.Now().UTC().Format("2006-01-02"), joinInts(cfg.nodes), cfg.size>>20, mode)
-	b.WriteString("| N | B | R | scenario | S | nodes ok | p50 | p99 | max | upstream / S | agent CPU s (sum / max) | agent peak RSS (max) | machine CPU (testbed) | wall |\n")
+	fmt.Fprintf(&b, "Measured %s with `%s`; swarm %s.\n\n",
+		time.Now().UTC().Format("2006-01-02"), strings.Join(append([]string{"go run ./hack/swarmbench"}, os.Args[1:]...), " "), mode)
+	b.WriteString("| N | B | R | scenario | S | nodes ok | p50 | p99 | max | upstream / S (link, log) | agent CPU s (sum / max) | agent peak RSS (max) | machine CPU (testbed) | wall |\n")
 	b.WriteString("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
 	for _, r := range results {
 		rssCell := "–"
 		if r.Scenario != scenarioDirect {
 			rssCell = fmt.Sprintf("%d MiB", r.PeakRSSMax>>20)
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %d MiB | %d/%d | %.2f | %.2f | %.2f | %.2f | %s | %s | %s | %.0f s |\n",
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %d MiB | %d/%d | %.2f | %.2f | %.2f | %.2f, %.2f | %s | %s | %s | %.0f s |\n",
 			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, r.Size>>20, r.OK, r.Asked,
-			r.P50, r.P99, r.Max, r.UpstreamLink, agentCPU(r), rssCell, machineCPU(r), r.Wall)
+			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, agentCPU(r), rssCell, machineCPU(r), r.Wall)
 	}
 	b.WriteString("\nTimes are per-node completion (common start to the last verified byte) in units of S/B. ")
-	b.WriteString("Upstream is what the registry's link sent during the scenario over S (for warm it includes node 0's first fetch). ")
+	b.WriteString("Upstream is what the registry sent during the scenario over S, counted on its link (with headers) and as blob bytes in its access log; for warm it includes node 0's first fetch. ")
 	b.WriteString("Machine CPU is the share of both cores busy while the nodes fetched, whatever ran; in brackets the share used by ")
 	b.WriteString("the testbed's own processes (agents, registry, fetch clients; the kernel's network work is not in it).\n")
 	return b.String()
-}
-
-func joinInts(v []int) string {
-	s := make([]string, len(v))
-	for i, x := range v {
-		s[i] = strconv.Itoa(x)
-	}
-	return strings.Join(s, ",")
 }
 
 const (

@@ -32,8 +32,9 @@ const (
 	RegistryName = "registry.test"
 	// MirrorAddr is where each agent's mirror listens, on its own node's loopback.
 	MirrorAddr = "127.0.0.1:5001"
-	// P2PPort and MetricsPort are the agents' ports on their node addresses.
-	P2PPort     = 7070
+	// P2PPort is the agents' peer port on their node addresses (--p2p-addr).
+	P2PPort = 7070
+	// MetricsPort is the agents' /metrics and /readyz port on their node addresses.
 	MetricsPort = 9091
 	// registryPort is the registry's port on 10.99.0.1.
 	registryPort = 5000
@@ -68,6 +69,7 @@ type config struct {
 	logger       *slog.Logger
 	shoalBinary  string
 	fetchBinary  string
+	keepDir      bool
 }
 
 // WithNodeRate shapes every node's link to rate in each direction (default: unshaped).
@@ -90,6 +92,11 @@ func WithShoalBinary(path string) Option { return func(c *config) { c.shoalBinar
 // WithFetchBinary sets the hack/testbed/fetch executable (default: $SHOAL_FETCH_BINARY, see
 // BuildFetchFirst). Only Node.Fetch needs it.
 func WithFetchBinary(path string) Option { return func(c *config) { c.fetchBinary = path } }
+
+// WithKeepDir makes Close keep the testbed's directory (agent, registry and containerd logs,
+// stores) for a post-mortem, renamed to shoal-testbed-kept-*, which stale-run cleanup leaves
+// alone. Close logs its path.
+func WithKeepDir() Option { return func(c *config) { c.keepDir = true } }
 
 // Testbed is a running cluster of simulated nodes and a registry. Close tears it down.
 type Testbed struct {
@@ -151,7 +158,17 @@ func (tb *Testbed) build(ctx context.Context, n int) error {
 		return fmt.Errorf("create testbed directory: %w", err)
 	}
 	tb.dir = dir
-	tb.undo = append(tb.undo, func() error { return os.RemoveAll(dir) })
+	tb.undo = append(tb.undo, func() error {
+		if !tb.cfg.keepDir {
+			return os.RemoveAll(dir)
+		}
+		kept := filepath.Join(filepath.Dir(dir), dirPrefix+"kept-"+strings.TrimPrefix(filepath.Base(dir), dirPrefix))
+		if err := os.Rename(dir, kept); err != nil {
+			return fmt.Errorf("keep testbed directory: %w", err)
+		}
+		log.Info("testbed directory kept", "dir", kept)
+		return nil
+	})
 
 	br := tb.names.bridge()
 	if err := run(ctx, "ip", "link", "add", br, "type", "bridge"); err != nil {
@@ -238,7 +255,8 @@ func (tb *Testbed) Nodes() []*Node { return tb.nodes }
 // Node is node i.
 func (tb *Testbed) Node(i int) *Node { return tb.nodes[i] }
 
-// Dir is the testbed's temporary directory (logs, stores, registry storage); Close removes it.
+// Dir is the testbed's temporary directory (logs, stores, registry storage); Close removes it
+// (or renames it: WithKeepDir).
 func (tb *Testbed) Dir() string { return tb.dir }
 
 // Registry is the registry, for its access log (BlobGETs, Requests, Sync).
