@@ -274,8 +274,12 @@ func (r *blobReader) Read(p []byte) (int, error) {
 	r.advance(n)
 	if err != nil && r.ctx.Err() == nil && !errors.Is(err, io.EOF) {
 		// The swarm made no progress: read the rest of this segment from upstream.
+		_, t, _, _ := r.b.segs[r.k].state()
+		stats := t.Stats()
 		r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
-			"digest", r.b.plan.digest, "segment", r.k, "at", r.segPos, "error", err)
+			"digest", r.b.plan.digest, "segment", r.k, "at", r.segPos, "error", err,
+			"peers_known", stats.TotalPeers, "peers_active", stats.ActivePeers, "seeders", stats.ConnectedSeeders,
+			"half_open", stats.HalfOpenPeers, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
 		r.s.metrics.stalls.Inc()
 		if derr := r.openDirect(); derr != nil {
 			return n, derr

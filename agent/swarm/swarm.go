@@ -57,6 +57,7 @@ const (
 	DefaultInfoTimeout    = 60 * time.Second
 	DefaultStallTimeout   = 10 * time.Second
 	chunkSize             = 64 << 10
+	maxPeerRequests       = 1024 // anacrolix/torrent's request queue per connection (reqq)
 	maxPeersPerAnswer     = 16
 	announceInterval      = 2 * time.Second
 	controlDialTimeout    = 300 * time.Millisecond
@@ -170,6 +171,11 @@ func New(cfg Config) (*Swarm, error) {
 	// One connection per pair of nodes per torrent: duplicates waste sockets and make a bad piece
 	// look as if two peers sent it, which stops the client from banning its sender.
 	cc.DropDuplicatePeerIds = true
+	// The client reserves buffer space for every request a peer makes and serves them in no
+	// particular order; a limit below what one peer can have outstanding deadlocks the connection
+	// (a request waits for space held by earlier ones it is itself blocking). So the limit is what
+	// a peer can ask for at once: the client's request queue times the chunk size.
+	cc.MaxAllocPeerRequestDataPerConn = maxPeerRequests * chunkSize
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}

@@ -87,6 +87,11 @@ type testNode struct {
 // (peers are admitted, and banned, by IP).
 func startNodes(t *testing.T, n int, up Upstream, local ...func(i int) LocalBlobs) []*testNode {
 	t.Helper()
+	return startNodesWith(t, n, up, 1<<20, 256<<10, local...)
+}
+
+func startNodesWith(t *testing.T, n int, up Upstream, segmentSize, pieceLength int64, local ...func(i int) LocalBlobs) []*testNode {
+	t.Helper()
 	var listeners []net.Listener
 	var addrs []netip.AddrPort
 	for i := range n {
@@ -108,8 +113,8 @@ func startNodes(t *testing.T, n int, up Upstream, local ...func(i int) LocalBlob
 			Membership:   members,
 			PeerListener: bt,
 			Upstream:     up,
-			SegmentSize:  1 << 20,
-			PieceLength:  256 << 10,
+			SegmentSize:  segmentSize,
+			PieceLength:  pieceLength,
 			StallTimeout: 3 * time.Second,
 		}
 		if os.Getenv("SHOAL_SWARM_TEST_LOG") != "" {
