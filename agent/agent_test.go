@@ -72,8 +72,8 @@ func TestEndpointResolution(t *testing.T) {
 	cfg.ContainerdHostsDir = hostsDir
 	r := newEndpointResolver(cfg)
 	tests := map[string]string{
-		"registry.test": "http://127.0.0.1:5000",       // --registry-endpoint
-		"mirror.test":   "http://127.0.0.1:7000",       // the node's existing hosts.toml
+		"registry.test": "http://127.0.0.1:5000",        // --registry-endpoint
+		"mirror.test":   "http://127.0.0.1:7000",        // the node's existing hosts.toml
 		"docker.io":     "https://registry-1.docker.io", // usual endpoint
 		"ghcr.io":       "https://ghcr.io",
 	}

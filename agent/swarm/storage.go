@@ -95,9 +95,9 @@ type segmentStorage struct {
 type completionState int
 
 const (
-	allIncomplete completionState = iota // fresh download
-	allComplete                          // data written and hashed by us
-	unknownCompletion                    // resumed: let the torrent client check
+	allIncomplete     completionState = iota // fresh download
+	allComplete                              // data written and hashed by us
+	unknownCompletion                        // resumed: let the torrent client check
 )
 
 func newSegmentStorage(file *blobFile, base int64, pieces int, state completionState) *segmentStorage {
