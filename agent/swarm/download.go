@@ -228,6 +228,9 @@ func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (
 	return t, nil
 }
 
+// readaheadPieces is how many pieces ahead of the reader are fetched with priority.
+const readaheadPieces = 2
+
 // blobReader reads a blob in order, segment after segment, from the segments' torrents; a
 // segment the swarm cannot deliver (no torrent, or no progress for StallTimeout) is read from
 // upstream directly. Either way the content store verifies the whole blob's digest.
@@ -309,8 +312,10 @@ func (r *blobReader) openSegment() error {
 			// verified, and only verified bytes may leave the swarm.
 			reader := t.NewReader()
 			reader.SetContext(r.ctx)
+			// A short readahead: the pieces just ahead of the reader come first, the rest of every
+			// segment is fetched rarest-first, which keeps peers holding different pieces to trade.
 			_, length := r.b.plan.segment(r.k)
-			reader.SetReadahead(length)
+			reader.SetReadahead(min(length, readaheadPieces*r.b.plan.pieceLength))
 			if _, err := reader.Seek(r.segPos, io.SeekStart); err != nil {
 				_ = reader.Close()
 				return fmt.Errorf("seek segment %d: %w", r.k, err)
@@ -381,6 +386,17 @@ func (s *Swarm) finished(b *blob) {
 		if !b.started.IsZero() {
 			s.metrics.completion.Observe(time.Since(b.started).Seconds())
 		}
+		var read, wasted, written int64
+		for _, seg := range b.segs {
+			if _, t, _, _ := seg.state(); t != nil {
+				st := t.Stats()
+				read += st.BytesReadUsefulData.Int64()
+				wasted += st.ChunksReadWasted.Int64()
+				written += st.BytesWrittenData.Int64()
+			}
+		}
+		s.log.Info("blob delivered", "digest", b.plan.digest, "duration", time.Since(b.started),
+			"peer_bytes", read, "wasted_chunks", wasted, "uploaded_bytes", written)
 		go s.handover(b)
 	})
 }

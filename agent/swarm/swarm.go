@@ -53,7 +53,7 @@ type LocalBlobs interface {
 const (
 	DefaultSegmentSize    = 16 << 20
 	DefaultPieceLength    = 1 << 20
-	DefaultUpstreamWindow = 4
+	DefaultUpstreamWindow = 8
 	DefaultInfoTimeout    = 60 * time.Second
 	DefaultStallTimeout   = 10 * time.Second
 	chunkSize             = 64 << 10
