@@ -164,15 +164,17 @@ func (s *Swarm) seed(b *blob, k int) {
 	defer cancel()
 	offset, length := b.plan.segment(k)
 	start := time.Now()
-	r, source, err := s.openSegmentSource(ctx, b, offset, length)
+	if !s.localHas(b) {
+		release, err := s.seedSlot(ctx, k)
+		if err != nil {
+			b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
+			return
+		}
+		defer release()
+	}
+	pieces, source, err := s.fetchSegment(ctx, b, offset, length)
 	if err != nil {
 		b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
-		return
-	}
-	pieces, err := copyAndHash(ctx, r, b.file, offset, length, b.plan.pieceLength)
-	_ = r.Close()
-	if err != nil {
-		b.segs[k].fail(fmt.Errorf("seed segment %d of %s from %s: %w", k, b.plan.digest, source, err))
 		return
 	}
 	s.metrics.bytes.WithLabelValues(source).Add(float64(length))
@@ -189,21 +191,68 @@ func (s *Swarm) seed(b *blob, k int) {
 	b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
 }
 
-// openSegmentSource opens a byte range of a blob from the local store if it is complete there,
-// else from upstream.
-func (s *Swarm) openSegmentSource(ctx context.Context, b *blob, offset, length int64) (io.ReadCloser, string, error) {
-	if s.cfg.Local != nil {
-		if local, err := s.cfg.Local.Get(b.plan.digest); err == nil {
-			return readCloser{io.NewSectionReader(local, offset, length), local}, sourceLocal, nil
+// fetchSegment copies a segment into the blob's file and returns its piece hashes. From upstream
+// it fetches the segment as several ranges at once: more TCP flows take a larger share of a
+// downlink that peers are also using, and each flow's round trips overlap.
+func (s *Swarm) fetchSegment(ctx context.Context, b *blob, offset, length int64) ([]byte, string, error) {
+	if s.localHas(b) {
+		local, err := s.cfg.Local.Get(b.plan.digest)
+		if err == nil {
+			defer local.Close()
+			pieces, err := copyAndHash(ctx, io.NewSectionReader(local, offset, length), b.file, offset, length, b.plan.pieceLength)
+			return pieces, sourceLocal, err
 		}
 	}
-	rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.digest, offset, length)
-	return rc, sourceUpstream, err
+	pieceLength := b.plan.pieceLength
+	nPieces := (length + pieceLength - 1) / pieceLength
+	streams := min(int64(upstreamStreams), nPieces)
+	perStream := (nPieces + streams - 1) / streams * pieceLength
+	pieces := make([]byte, nPieces*sha1Size)
+	errs := make(chan error, streams)
+	for i := range streams {
+		start := i * perStream
+		if start >= length {
+			errs <- nil
+			continue
+		}
+		n := min(perStream, length-start)
+		go func() {
+			rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.digest, offset+start, n)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer rc.Close()
+			hashes, err := copyAndHash(ctx, rc, b.file, offset+start, n, pieceLength)
+			if err == nil {
+				copy(pieces[start/pieceLength*sha1Size:], hashes)
+			}
+			errs <- err
+		}()
+	}
+	var first error
+	for range streams {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return pieces, sourceUpstream, first
 }
 
-type readCloser struct {
-	io.Reader
-	io.Closer
+// upstreamStreams is how many ranges of a segment are fetched from upstream at once.
+const upstreamStreams = 4
+
+// localHas reports whether the content store holds blob b complete.
+func (s *Swarm) localHas(b *blob) bool {
+	if s.cfg.Local == nil {
+		return false
+	}
+	local, err := s.cfg.Local.Get(b.plan.digest)
+	if err != nil {
+		return false
+	}
+	_ = local.Close()
+	return true
 }
 
 // addTorrent adds segment k's torrent, stored in the blob's file at the segment's offset.

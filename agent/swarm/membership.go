@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -66,7 +67,13 @@ type memberState struct {
 	// reports counts ReportFailure calls. A probe that succeeds revives the member only if no
 	// failure was reported while it ran: its connection may predate the failure.
 	reports uint64
+	// failedProbes counts consecutive failed probes.
+	failedProbes int
 }
+
+// probeFailuresToDie is how many probes in a row must time out before a member is taken for
+// dead; a refused connection counts at once.
+const probeFailuresToDie = 2
 
 // StaticOption configures a Static.
 type StaticOption func(*Static)
@@ -238,8 +245,14 @@ func (s *Static) setProbed(p netip.AddrPort, reports uint64, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	m := s.state[p]
+	if err != nil {
+		m.failedProbes++
+	} else {
+		m.failedProbes = 0
+	}
 	switch {
-	case err != nil && !m.dead:
+	case err != nil && !m.dead && (m.failedProbes >= probeFailuresToDie || errors.Is(err, syscall.ECONNREFUSED)):
+		// A refused connection is definite; a timeout may be a busy node, so it takes two.
 		s.log.Warn("swarm member unreachable", "member", p, "error", err)
 		m.dead = true
 	case err == nil && m.dead && m.reports == reports:

@@ -108,6 +108,9 @@ func (s *segment) addPeer(p netip.AddrPort, now time.Time, limit int) []netip.Ad
 	return others
 }
 
+// sha1Size is the length of a BitTorrent v1 piece hash.
+const sha1Size = sha1.Size
+
 // peerTTL is how long a seeder remembers a peer that stopped asking.
 const peerTTL = 2 * time.Minute
 

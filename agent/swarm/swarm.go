@@ -25,6 +25,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -104,6 +105,82 @@ type Swarm struct {
 
 	mu    sync.Mutex
 	blobs map[string]*blob
+
+	// While this node fetches segments from upstream for the cluster, its peer downloads are
+	// throttled: the upstream fetch then has the node's downlink to itself, and every other node
+	// is waiting for that segment to be published.
+	seedingMu       sync.Mutex
+	seeding         int
+	seedWaiters     []*seedWaiter
+	downloadLimit   rate.Limit
+	downloadLimiter *rate.Limiter
+}
+
+// seedSlot waits until this node may start fetching a segment from upstream. A node fetches
+// one segment at a time, lowest segment first: a seeder that owns several segments publishes the
+// early ones at the speed of its whole downlink instead of all of them late.
+func (s *Swarm) seedSlot(ctx context.Context, k int) (release func(), err error) {
+	s.seedingMu.Lock()
+	if s.seeding == 0 && len(s.seedWaiters) == 0 {
+		s.seedingLocked(+1)
+		s.seedingMu.Unlock()
+		return s.releaseSeedSlot, nil
+	}
+	w := &seedWaiter{k: k, ready: make(chan struct{})}
+	s.seedWaiters = append(s.seedWaiters, w)
+	s.seedingMu.Unlock()
+	select {
+	case <-w.ready:
+		return s.releaseSeedSlot, nil
+	case <-ctx.Done():
+		s.seedingMu.Lock()
+		defer s.seedingMu.Unlock()
+		select {
+		case <-w.ready: // granted meanwhile: pass it on
+			s.seedingLocked(-1)
+			s.grantLocked()
+		default:
+			s.seedWaiters = slices.DeleteFunc(s.seedWaiters, func(x *seedWaiter) bool { return x == w })
+		}
+		return nil, ctx.Err()
+	}
+}
+
+type seedWaiter struct {
+	k     int
+	ready chan struct{}
+}
+
+func (s *Swarm) releaseSeedSlot() {
+	s.seedingMu.Lock()
+	defer s.seedingMu.Unlock()
+	s.seedingLocked(-1)
+	s.grantLocked()
+}
+
+// grantLocked hands a free slot to the waiter with the lowest segment index.
+func (s *Swarm) grantLocked() {
+	if s.seeding > 0 || len(s.seedWaiters) == 0 {
+		return
+	}
+	next := slices.MinFunc(s.seedWaiters, func(a, b *seedWaiter) int { return a.k - b.k })
+	s.seedWaiters = slices.DeleteFunc(s.seedWaiters, func(x *seedWaiter) bool { return x == next })
+	s.seedingLocked(+1)
+	close(next.ready)
+}
+
+// seedingDownloadRate is the peer download rate of a node while it fetches segments from upstream.
+const seedingDownloadRate = 1 << 20
+
+// seedingLocked counts upstream fetches in progress and throttles peer downloads meanwhile.
+func (s *Swarm) seedingLocked(delta int) {
+	s.seeding += delta
+	switch {
+	case s.seeding == 0:
+		s.downloadLimiter.SetLimit(s.downloadLimit)
+	case s.seeding == delta && s.downloadLimit > seedingDownloadRate:
+		s.downloadLimiter.SetLimit(seedingDownloadRate)
+	}
 }
 
 // New starts the torrent client on cfg.PeerListener.
@@ -179,9 +256,14 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}
+	// The download limiter is always installed: it also throttles peer downloads while this node
+	// fetches a segment from upstream (see seedingStarted).
+	s.downloadLimit = rate.Inf
 	if cfg.MaxDownloadRate > 0 {
-		cc.DownloadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxDownloadRate), 256<<10)
+		s.downloadLimit = rate.Limit(cfg.MaxDownloadRate)
 	}
+	s.downloadLimiter = rate.NewLimiter(s.downloadLimit, 1<<20)
+	cc.DownloadRateLimiter = s.downloadLimiter
 	client, err := torrent.NewClient(cc)
 	if err != nil {
 		return nil, fmt.Errorf("start torrent client: %w", err)
