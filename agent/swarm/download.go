@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -63,13 +64,10 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 		if info, _, _, _ := seg.state(); info != nil {
 			return nil
 		}
-		var seeder netip.AddrPort
-		for _, m := range Rank(b.plan.key(k), s.cfg.Membership.Live()) {
-			if !failed[m] {
-				seeder = m
-				break
-			}
-		}
+		live := s.cfg.Membership.Live()
+		seeder, _ := seederOf(b.plan, k, b.assignment, b.members, func(m netip.AddrPort) bool {
+			return !failed[m] && slices.Contains(live, m)
+		})
 		if !seeder.IsValid() || seeder == s.self {
 			_, err := s.ensureSegment(ctx, b, k)
 			return err
@@ -140,7 +138,7 @@ func (s *Swarm) addPeers(t *torrent.Torrent, peers []string) {
 func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, error) {
 	seg := b.segs[k]
 	for {
-		info, _, _, ready := seg.state()
+		info, _, ready, _ := seg.state()
 		if info != nil {
 			return info, nil
 		}
@@ -149,7 +147,7 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 		}
 		select {
 		case <-ready:
-			if info, _, err, _ := seg.state(); info == nil && err != nil {
+			if info, _, _, err := seg.state(); info == nil && err != nil {
 				return nil, err
 			}
 		case <-ctx.Done():
@@ -257,7 +255,7 @@ func (s *Swarm) localHas(b *blob) bool {
 
 // addTorrent adds segment k's torrent, stored in the blob's file at the segment's offset.
 func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (*torrent.Torrent, error) {
-	if _, err := checkInfo(b.plan, k, info); err != nil {
+	if err := checkInfo(b.plan, k, info); err != nil {
 		return nil, fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, err)
 	}
 	offset, _ := b.plan.segment(k)
@@ -293,7 +291,6 @@ type blobReader struct {
 	reader  torrent.Reader // of segment k, when reading from the swarm
 	segPos  int64          // position in segment k
 	direct  io.ReadCloser  // of the rest of segment k, when reading from upstream
-	stalled bool
 }
 
 func (r *blobReader) Read(p []byte) (int, error) {
@@ -355,7 +352,7 @@ func (r *blobReader) openSegment() error {
 	ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.InfoTimeout)
 	defer cancel()
 	for {
-		info, t, err, ready := seg.state()
+		info, t, ready, err := seg.state()
 		if info != nil {
 			// Never SetResponsive: a responsive reader returns chunks before their piece is
 			// verified, and only verified bytes may leave the swarm.

@@ -22,6 +22,10 @@ import (
 type Membership interface {
 	// Self is this node's --p2p-addr, the address the other members reach it at.
 	Self() netip.AddrPort
+	// Members returns every member, alive or not, self included, sorted by address, in a slice
+	// the caller may keep and modify. Work is shared out over it, so that a member that dies
+	// moves only its own share.
+	Members() []netip.AddrPort
 	// Live returns the members believed alive, self included, sorted by address, in a slice
 	// the caller may keep and modify.
 	Live() []netip.AddrPort
@@ -177,6 +181,9 @@ func (s *Static) Live() []netip.AddrPort {
 	defer s.mu.Unlock()
 	return slices.Clone(s.live)
 }
+
+// Allowed implements Membership.
+func (s *Static) Members() []netip.AddrPort { return slices.Clone(s.members) }
 
 // Allowed implements Membership.
 func (s *Static) Allowed(addr netip.Addr) bool {

@@ -36,22 +36,21 @@ func newSegment(k int) *segment {
 }
 
 // state returns the info and torrent if known, and the channel that closes when that changes.
-func (s *segment) state() (info []byte, t *torrent.Torrent, err error, ready <-chan struct{}) {
+func (s *segment) state() (info []byte, t *torrent.Torrent, ready <-chan struct{}, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.info, s.t, s.err, s.ready
+	return s.info, s.t, s.ready, s.err
 }
 
 // publish records the segment's info and torrent and wakes everyone waiting for them.
-func (s *segment) publish(info []byte, t *torrent.Torrent) bool {
+func (s *segment) publish(info []byte, t *torrent.Torrent) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.info != nil {
-		return false
+		return
 	}
 	s.info, s.t, s.err, s.seeding = info, t, nil, false
 	close(s.ready)
-	return true
 }
 
 // fail ends a seeding attempt: waiters see err, and the next caller may try again.
@@ -146,29 +145,29 @@ func buildInfo(p plan, k int, pieces []byte) ([]byte, error) {
 
 // checkInfo verifies that info bytes learned from a peer describe segment k of p exactly, so a
 // confused or malicious peer cannot make this node download something else.
-func checkInfo(p plan, k int, infoBytes []byte) (*metainfo.Info, error) {
+func checkInfo(p plan, k int, infoBytes []byte) error {
 	if len(infoBytes) > 1<<20 {
-		return nil, errors.New("info too large")
+		return errors.New("info too large")
 	}
 	var info metainfo.Info
 	if err := bencode.Unmarshal(infoBytes, &info); err != nil {
-		return nil, fmt.Errorf("decode info: %w", err)
+		return fmt.Errorf("decode info: %w", err)
 	}
 	_, length := p.segment(k)
 	switch {
 	case info.Name != p.segmentName(k):
-		return nil, fmt.Errorf("info names %q, want %q", info.Name, p.segmentName(k))
+		return fmt.Errorf("info names %q, want %q", info.Name, p.segmentName(k))
 	case info.Length != length || len(info.Files) != 0:
-		return nil, fmt.Errorf("info describes %d bytes, want one file of %d", info.Length, length)
+		return fmt.Errorf("info describes %d bytes, want one file of %d", info.Length, length)
 	case info.PieceLength != p.pieceLength:
-		return nil, fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.pieceLength)
+		return fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.pieceLength)
 	case len(info.Pieces) != p.pieces(k)*sha1.Size:
-		return nil, fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/sha1.Size, p.pieces(k))
+		return fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/sha1.Size, p.pieces(k))
 	}
 	// Re-encoding must give the same bytes, or the infohash would not be what every node computes.
 	again, err := bencode.Marshal(info)
 	if err != nil || !bytes.Equal(again, infoBytes) {
-		return nil, errors.New("info is not in canonical form")
+		return errors.New("info is not in canonical form")
 	}
-	return &info, nil
+	return nil
 }

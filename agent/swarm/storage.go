@@ -144,7 +144,7 @@ func (p *segmentPiece) ReadAt(b []byte, off int64) (int, error) {
 		b = b[:rest]
 	}
 	n, err := p.s.file.ReadAt(b, p.off+off)
-	if err == io.EOF && n == len(b) {
+	if errors.Is(err, io.EOF) && n == len(b) {
 		err = nil
 	}
 	return n, err

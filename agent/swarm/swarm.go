@@ -325,6 +325,8 @@ type blob struct {
 	path           string // the working file; "" once the data lives in the content store
 	state          completionState
 	segs           []*segment
+	members        []netip.AddrPort // the member list the assignment was computed over
+	assignment     []netip.AddrPort // balanced seeder of every segment over members
 
 	downloadOnce sync.Once
 	finishOnce   sync.Once
@@ -360,7 +362,9 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		_ = f.Close()
 		return nil, fmt.Errorf("blob %s: size working file: %w", d, err)
 	}
-	b := &blob{plan: p, registry: registry, repo: repo, file: newBlobFile(f, f, f), path: path, state: state}
+	members := s.cfg.Membership.Members()
+	b := &blob{plan: p, registry: registry, repo: repo, file: newBlobFile(f, f, f), path: path, state: state,
+		members: members, assignment: assignSeeders(p, members)}
 	for k := range p.segments() {
 		b.segs = append(b.segs, newSegment(k))
 	}

@@ -1,0 +1,97 @@
+package swarm
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+func testPlan(t *testing.T, i int, segments int64) plan {
+	t.Helper()
+	d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", i)}
+	p, err := newPlan(d, segments*DefaultSegmentSize, DefaultSegmentSize, DefaultPieceLength)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestAssignSeedersIsBalancedAndDeterministic(t *testing.T) {
+	for _, tt := range []struct{ members, segments int }{{8, 16}, {8, 5}, {32, 16}, {3, 100}, {1, 7}} {
+		members := testMembers(tt.members)
+		for blob := range 20 {
+			p := testPlan(t, blob, int64(tt.segments))
+			got := assignSeeders(p, members)
+			share := (tt.segments + tt.members - 1) / tt.members
+			load := map[netip.AddrPort]int{}
+			for k, m := range got {
+				if !slices.Contains(members, m) {
+					t.Fatalf("segment %d assigned to %v, not a member", k, m)
+				}
+				load[m]++
+			}
+			for m, n := range load {
+				if n > share {
+					t.Errorf("%d members, %d segments: %v seeds %d, share is %d", tt.members, tt.segments, m, n, share)
+				}
+			}
+			reversed := slices.Clone(members)
+			slices.Reverse(reversed)
+			if again := assignSeeders(p, reversed); !slices.Equal(got, again) {
+				t.Errorf("assignment depends on the order of the member list")
+			}
+		}
+	}
+}
+
+// TestSeederStability: when a member dies, exactly its segments move (each to the live member
+// ranking highest for it), and when it comes back they return.
+func TestSeederStability(t *testing.T) {
+	members := testMembers(16)
+	for blob := range 100 {
+		p := testPlan(t, blob, 32)
+		assignment := assignSeeders(p, members)
+		gone := members[blob%len(members)]
+		all := func(netip.AddrPort) bool { return true }
+		withoutGone := func(m netip.AddrPort) bool { return m != gone }
+		for k := range p.segments() {
+			before, _ := seederOf(p, k, assignment, members, all)
+			after, _ := seederOf(p, k, assignment, members, withoutGone)
+			switch {
+			case before != assignment[k]:
+				t.Fatalf("segment %d: seeder %v with everyone alive, assignment says %v", k, before, assignment[k])
+			case before == gone && after == gone:
+				t.Fatalf("segment %d still seeded by the dead member", k)
+			case before == gone:
+				live := slices.DeleteFunc(slices.Clone(members), func(m netip.AddrPort) bool { return m == gone })
+				if want, _ := Owner(p.key(k), live); after != want {
+					t.Fatalf("segment %d moved to %v, want its rendezvous owner among the living %v", k, after, want)
+				}
+			case after != before:
+				t.Fatalf("segment %d of a live member moved from %v to %v when %v died", k, before, after, gone)
+			}
+		}
+	}
+	p := testPlan(t, 1, 4)
+	if _, ok := seederOf(p, 0, assignSeeders(p, members), members, func(netip.AddrPort) bool { return false }); ok {
+		t.Error("a seeder was found with nobody alive")
+	}
+}
+
+// TestAssignSeedersFollowsRendezvousWithoutContention: with room for everyone, every segment goes
+// to its rendezvous owner.
+func TestAssignSeedersFollowsRendezvousWithoutContention(t *testing.T) {
+	members := testMembers(1)
+	p := testPlan(t, 1, 3)
+	for k, m := range assignSeeders(p, members) {
+		if owner, _ := Owner(p.key(k), members); m != owner {
+			t.Errorf("segment %d: %v, rendezvous owner %v", k, m, owner)
+		}
+	}
+	if got := assignSeeders(p, nil); len(got) != 3 || got[0].IsValid() {
+		t.Errorf("no members: %v", got)
+	}
+}
