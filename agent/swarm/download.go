@@ -286,11 +286,11 @@ type blobReader struct {
 	b   *blob
 	ctx context.Context
 
-	pos     int64 // bytes of the blob already returned
-	k       int
-	reader  torrent.Reader // of segment k, when reading from the swarm
-	segPos  int64          // position in segment k
-	direct  io.ReadCloser  // of the rest of segment k, when reading from upstream
+	pos    int64 // bytes of the blob already returned
+	k      int
+	reader torrent.Reader // of segment k, when reading from the swarm
+	segPos int64          // position in segment k
+	direct io.ReadCloser  // of the rest of segment k, when reading from upstream
 }
 
 func (r *blobReader) Read(p []byte) (int, error) {
