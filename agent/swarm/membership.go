@@ -182,7 +182,7 @@ func (s *Static) Live() []netip.AddrPort {
 	return slices.Clone(s.live)
 }
 
-// Allowed implements Membership.
+// Members implements Membership.
 func (s *Static) Members() []netip.AddrPort { return slices.Clone(s.members) }
 
 // Allowed implements Membership.
