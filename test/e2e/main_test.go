@@ -10,12 +10,13 @@ import (
 	"os"
 	"testing"
 
+	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
 )
 
 func TestMain(m *testing.M) {
 	// The agent is built before isolating: `go build` may need the module proxy.
-	os.Exit(harness.IsolateNetwork(m, harness.BuildShoalFirst()))
+	os.Exit(harness.IsolateNetwork(m, harness.BuildShoalFirst(), testbed.BuildFetchFirst()))
 }
 
 // shoalBinary is the agent under test, built once per run by TestMain.
