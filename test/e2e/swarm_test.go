@@ -279,7 +279,9 @@ func TestSwarmAgentRestartResumes(t *testing.T) {
 	}
 	fetchOn(t, ctx, tb, d, 1) // nodes 1 and 2 (and the seeders) hold it now
 	agent := tb.Node(0).Agent()
-	go func() { _, _ = tb.Node(0).Fetch(ctx, testbed.FetchSpec{URL: tb.Node(0).MirrorBlobURL("test/blob", d.String()), Digest: d}) }()
+	go func() {
+		_, _ = tb.Node(0).Fetch(ctx, testbed.FetchSpec{URL: tb.Node(0).MirrorBlobURL("test/blob", d.String()), Digest: d})
+	}()
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		peer, err1 := agent.Metric(ctx, "shoal_swarm_peer_bytes_total", nil)
