@@ -12,8 +12,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-dev/shoal/agent/store"
 )
@@ -39,7 +41,8 @@ func pseudoRandom(size int64) io.Reader {
 
 // BenchmarkWarmBlob compares serving a complete blob from the store through the mirror over
 // loopback HTTP with reading the same file directly. Both read with a 1 MiB buffer; the ratio of
-// their throughputs is the figure reported in docs/benchmarks.md (target ≥ 0.9).
+// their throughputs is the figure reported in docs/benchmarks.md (target ≥ 0.9 of the disk's
+// read rate).
 func BenchmarkWarmBlob(b *testing.B) {
 	size := benchBlobSize(b)
 	dir := b.TempDir()
@@ -63,41 +66,78 @@ func BenchmarkWarmBlob(b *testing.B) {
 		b.Fatal(err)
 	}
 	_ = blob.Close()
+	// The store commits (fsync, rename) just after handing out the last byte.
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := s.Stat(d); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			b.Fatal(err)
+		}
+	}
 	path := filepath.Join(dir, "store", "blobs", "sha256", d.Hex)
 	buf := make([]byte, 1<<20)
 
-	b.Run("direct", func(b *testing.B) {
-		b.SetBytes(size)
-		for b.Loop() {
-			f, err := os.Open(path)
-			if err != nil {
-				b.Fatal(err)
+	// Two baselines: the file in the page cache (what the mirror costs on top of memory copies)
+	// and the file evicted from the page cache before every run (the disk's read rate, which is
+	// the target's reference: a warm pull reads a blob from the node's disk).
+	for _, cache := range []struct {
+		name  string
+		evict bool
+	}{{"cached", false}, {"disk", true}} {
+		b.Run(cache.name+"/direct", func(b *testing.B) {
+			b.SetBytes(size)
+			for b.Loop() {
+				if cache.evict {
+					b.StopTimer()
+					evict(b, path)
+					b.StartTimer()
+				}
+				f, err := os.Open(path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				n, err := readAll(f, buf)
+				_ = f.Close()
+				if err != nil || n != size {
+					b.Fatalf("read %d of %d bytes: %v", n, size, err)
+				}
 			}
-			n, err := readAll(f, buf)
-			_ = f.Close()
-			if err != nil || n != size {
-				b.Fatalf("read %d of %d bytes: %v", n, size, err)
+		})
+		b.Run(cache.name+"/mirror", func(b *testing.B) {
+			server := httptest.NewServer(New(s, newFakeUpstream(), WithDefaultRegistry("registry.test")))
+			defer server.Close()
+			url := server.URL + blobPath(d)
+			b.SetBytes(size)
+			for b.Loop() {
+				if cache.evict {
+					b.StopTimer()
+					evict(b, path)
+					b.StartTimer()
+				}
+				resp, err := http.Get(url)
+				if err != nil {
+					b.Fatal(err)
+				}
+				n, err := readAll(resp.Body, buf)
+				_ = resp.Body.Close()
+				if err != nil || n != size || resp.StatusCode != http.StatusOK {
+					b.Fatalf("GET: status %d, %d of %d bytes: %v", resp.StatusCode, n, size, err)
+				}
 			}
-		}
-	})
+		})
+	}
+}
 
-	b.Run("mirror", func(b *testing.B) {
-		server := httptest.NewServer(New(s, newFakeUpstream(), WithDefaultRegistry("registry.test")))
-		defer server.Close()
-		url := server.URL + blobPath(d)
-		b.SetBytes(size)
-		for b.Loop() {
-			resp, err := http.Get(url)
-			if err != nil {
-				b.Fatal(err)
-			}
-			n, err := readAll(resp.Body, buf)
-			_ = resp.Body.Close()
-			if err != nil || n != size || resp.StatusCode != http.StatusOK {
-				b.Fatalf("GET: status %d, %d of %d bytes: %v", resp.StatusCode, n, size, err)
-			}
-		}
-	})
+// evict drops a file's pages from the page cache, so the next read comes from the disk.
+func evict(b *testing.B, path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		b.Fatal(err)
+	}
 }
 
 func readAll(r io.Reader, buf []byte) (int64, error) {
