@@ -14,3 +14,6 @@ echo "== cold pull-through vs direct from the registry, agent peak RSS (real reg
 SHOAL_E2E=1 go test -run '^$' -bench '^Benchmark(ColdPull|AgentRSS)' -benchtime "${BENCHTIME_COLD:-3x}" -count 1 -timeout 30m ./test/e2e | tee -a "$out" >&2
 
 go run ./hack/benchreport -doc docs/benchmarks.md -section mirror < "$out"
+
+echo "== swarm: N nodes on a shaped netns testbed, cold and warm, against direct pulls (DESIGN.md §6)" >&2
+go run ./hack/swarmbench -nodes "${SWARM_NODES:-8,16,32}" -size-mib "${SWARM_SIZE_MIB:-256}" -doc docs/benchmarks.md >&2

@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"time"
 
@@ -24,6 +26,7 @@ func newAgentCommand() *cobra.Command {
 		logLevel   string
 		logFormat  string
 		p2pAddr    string
+		profile    string
 		peers      string
 		quantities = map[string]*string{
 			"max-upload-rate":    new(string),
@@ -55,6 +58,13 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 			if err := parseSwarmFlags(&cfg.Swarm, p2pAddr, peers, quantities); err != nil {
 				return err
 			}
+			if profile != "" {
+				stop, err := startCPUProfile(profile, cfg.DataDir)
+				if err != nil {
+					return err
+				}
+				defer stop()
+			}
 			return agent.Run(cmd.Context(), cfg)
 		},
 	}
@@ -80,6 +90,8 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(quantities["max-download-rate"], "max-download-rate", "0", "cap on bytes per second received from peers; 0 = unlimited")
 	f.StringVar(quantities["swarm-segment-size"], "swarm-segment-size", "16Mi", "blobs are swarmed in segments of this size, each its own torrent (the same on every node)")
 	f.StringVar(quantities["swarm-piece-length"], "swarm-piece-length", "1Mi", "piece length of segment torrents, a power of two (the same on every node)")
+	f.StringVar(&profile, "cpu-profile", "", "write a Go CPU profile of the whole run to this file (relative paths are under --data-dir), for performance work")
+	_ = f.MarkHidden("cpu-profile")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "json", "json or text")
 	cfg.UpstreamTimeouts.Manifest = 0 // bounded by --manifest-timeout in the mirror
@@ -132,6 +144,25 @@ func parseSwarmFlags(cfg *agent.SwarmConfig, p2pAddr, peers string, quantities m
 		}
 	}
 	return nil
+}
+
+// startCPUProfile profiles the process until the returned function is called.
+func startCPUProfile(path, dataDir string) (func(), error) {
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(dataDir, path)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--cpu-profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("--cpu-profile: %w", err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		_ = f.Close()
+	}, nil
 }
 
 func newLogger(level, format string) (*slog.Logger, error) {
