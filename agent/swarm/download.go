@@ -317,13 +317,24 @@ func (r *blobReader) Read(p []byte) (int, error) {
 			return r.readDirect(p)
 		}
 	}
-	ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.StallTimeout)
-	n, err := r.reader.ReadContext(ctx, p)
-	cancel()
+	_, t, _, _ := r.b.segs[r.k].state()
+	var n int
+	var err error
+	for {
+		// Pieces arrive rarest-first, so the one the reader waits for may come late while the
+		// segment is progressing: only a segment that completes nothing for StallTimeout is
+		// stalled.
+		before := t.BytesCompleted()
+		ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.StallTimeout)
+		n, err = r.reader.ReadContext(ctx, p)
+		cancel()
+		if n > 0 || err == nil || r.ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) || t.BytesCompleted() == before {
+			break
+		}
+	}
 	r.advance(n)
 	if err != nil && r.ctx.Err() == nil && !errors.Is(err, io.EOF) {
 		// The swarm made no progress: read the rest of this segment from upstream.
-		_, t, _, _ := r.b.segs[r.k].state()
 		stats := t.Stats()
 		r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
 			"digest", r.b.plan.digest, "segment", r.k, "at", r.segPos, "error", err,
