@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -75,8 +74,7 @@ type memberState struct {
 	failedProbes int
 }
 
-// probeFailuresToDie is how many probes in a row must time out before a member is taken for
-// dead; a refused connection counts at once.
+// probeFailuresToDie is how many probes in a row must fail before a member is taken for dead.
 const probeFailuresToDie = 2
 
 // StaticOption configures a Static.
@@ -258,8 +256,10 @@ func (s *Static) setProbed(p netip.AddrPort, reports uint64, err error) {
 		m.failedProbes = 0
 	}
 	switch {
-	case err != nil && !m.dead && (m.failedProbes >= probeFailuresToDie || errors.Is(err, syscall.ECONNREFUSED)):
-		// A refused connection is definite; a timeout may be a busy node, so it takes two.
+	case err != nil && !m.dead && m.failedProbes >= probeFailuresToDie:
+		// One failed probe may be a busy node, or one starting at the same time as this one
+		// (agents of a DaemonSet start together); requests that fail mark a member dead at
+		// once through ReportFailure anyway.
 		s.log.Warn("swarm member unreachable", "member", p, "error", err)
 		m.dead = true
 	case err == nil && m.dead && m.reports == reports:

@@ -232,9 +232,12 @@ func TestStaticLiveness(t *testing.T) {
 		results map[netip.AddrPort]error
 		want    []netip.AddrPort
 	}{
-		{"first probe fails", map[netip.AddrPort]error{peerC: errDown}, []netip.AddrPort{selfAddr, peerB}},
+		{"one failed probe is not enough", map[netip.AddrPort]error{peerC: errDown}, all},
+		{"second failed probe", map[netip.AddrPort]error{peerC: errDown}, []netip.AddrPort{selfAddr, peerB}},
 		{"still down", map[netip.AddrPort]error{peerC: errDown}, []netip.AddrPort{selfAddr, peerB}},
-		{"back and another down", map[netip.AddrPort]error{peerB: errDown}, []netip.AddrPort{selfAddr, peerC}},
+		{"back, another fails once", map[netip.AddrPort]error{peerB: errDown}, all},
+		{"the other fails twice", map[netip.AddrPort]error{peerB: errDown}, []netip.AddrPort{selfAddr, peerC}},
+		{"both fail", map[netip.AddrPort]error{peerB: errDown, peerC: errDown}, []netip.AddrPort{selfAddr, peerC}},
 		{"all down but self", map[netip.AddrPort]error{peerB: errDown, peerC: errDown}, []netip.AddrPort{selfAddr}},
 		{"all back", nil, all},
 	}
@@ -296,7 +299,8 @@ func TestStaticSlowProbe(t *testing.T) {
 	}
 	calls[0].reply <- errDown
 	f.tick(t)
-	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerC}; !slices.Equal(got, want) {
+	// The round ended only now; peerB failed once, which is not yet enough to be dead.
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB, peerC}; !slices.Equal(got, want) {
 		t.Fatalf("Live() = %v, want %v", got, want)
 	}
 }

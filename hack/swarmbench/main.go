@@ -467,7 +467,10 @@ func startAgents(ctx context.Context, tb *testbed.Testbed, swarm bool, extra []s
 	for range tb.Nodes() {
 		<-done
 	}
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil || !swarm {
+		return err
+	}
+	return tb.WaitForSwarm(ctx, time.Minute)
 }
 
 func stopAgents(tb *testbed.Testbed, log *slog.Logger) {

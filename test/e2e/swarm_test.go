@@ -32,22 +32,11 @@ func newSwarmTestbed(t *testing.T, ctx context.Context, n int, opts ...testbed.O
 	return tb
 }
 
-// waitForMembers waits until every agent sees every other as alive: agents started one after
-// the other first find the later ones refusing connections.
+// waitForMembers waits until every agent sees every other as alive.
 func waitForMembers(t *testing.T, ctx context.Context, tb *testbed.Testbed) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for _, node := range tb.Nodes() {
-		for {
-			live, err := node.Agent().Metric(ctx, "shoal_swarm_members", map[string]string{"state": "live"})
-			if err == nil && int(live) == len(tb.Nodes()) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("node %s sees %v live members, want %d (%v)", node.Name(), live, len(tb.Nodes()), err)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+	if err := tb.WaitForSwarm(ctx, 30*time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 
