@@ -22,7 +22,10 @@ func (tb *Testbed) WaitForSwarm(ctx context.Context, timeout time.Duration) erro
 				break
 			}
 			if time.Now().After(deadline) {
-				return fmt.Errorf("node %s: its agent sees %v live members of %d (%v)", node.name, live, len(tb.nodes), err)
+				if err != nil {
+					return fmt.Errorf("node %s: read its agent's members: %w", node.name, err)
+				}
+				return fmt.Errorf("node %s: its agent sees %v live members of %d", node.name, live, len(tb.nodes))
 			}
 			select {
 			case <-ctx.Done():

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -52,7 +53,7 @@ func upstreamBytes(t *testing.T, ctx context.Context, tb *testbed.Testbed) map[s
 	}
 	sent := map[string]int64{}
 	for _, r := range requests {
-		if r.Method != "GET" || !strings.Contains(r.Path, "/blobs/sha256:") {
+		if r.Method != http.MethodGet || !strings.Contains(r.Path, "/blobs/sha256:") {
 			continue
 		}
 		sent[r.Path[strings.LastIndex(r.Path, "/")+1:]] += r.Bytes
