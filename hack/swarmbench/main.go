@@ -127,7 +127,7 @@ func main() {
 	}
 	// Everything below runs again in a child inside its own network namespace; the builds run
 	// here first because they may need the module proxy.
-	code, err := harness.RunIsolated(func() int { return run(cfg) }, harness.BuildShoalFirst(), testbed.BuildFetchFirst())
+	code, err := harness.RunIsolated(func() int { return run(cfg) }, harness.BuildShoalFirst(), testbed.BuildFetchFirst(), testbed.RaiseNeighbourLimits())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "swarmbench:", err)
 		os.Exit(1)
