@@ -320,15 +320,18 @@ func (r *blobReader) Read(p []byte) (int, error) {
 	_, t, _, _ := r.b.segs[r.k].state()
 	var n int
 	var err error
+	blocked := time.Now()
 	for {
 		// Pieces arrive rarest-first, so the one the reader waits for may come late while the
-		// segment is progressing: only a segment that completes nothing for StallTimeout is
-		// stalled.
+		// segment is progressing: a segment is stalled when it completes nothing for
+		// StallTimeout, or when the reader has waited twice that long in all (the content store
+		// gives up on a download that delivers nothing for longer).
 		before := t.BytesCompleted()
 		ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.StallTimeout)
 		n, err = r.reader.ReadContext(ctx, p)
 		cancel()
-		if n > 0 || err == nil || r.ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) || t.BytesCompleted() == before {
+		if n > 0 || err == nil || r.ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) ||
+			t.BytesCompleted() == before || time.Since(blocked) >= 2*r.s.cfg.StallTimeout {
 			break
 		}
 	}
