@@ -57,11 +57,14 @@ const (
 	DefaultUpstreamWindow = 8
 	DefaultInfoTimeout    = 60 * time.Second
 	DefaultStallTimeout   = 10 * time.Second
-	chunkSize             = 64 << 10
-	maxPeerRequests       = 1024 // anacrolix/torrent's request queue per connection (reqq)
-	maxPeersPerAnswer     = 16
-	announceInterval      = 2 * time.Second
-	controlDialTimeout    = 300 * time.Millisecond
+	// chunkSize is the BitTorrent request size. 64 KiB moves more bytes per CPU-second between
+	// two processes unshaped, but on the shaped testbed 16 KiB cost less CPU and memory in all
+	// (N = 16: 59 vs 65–72 agent CPU-s, 152 vs 161–181 MiB peak RSS) at the same completion time.
+	chunkSize          = 16 << 10
+	maxPeerRequests    = 1024 // anacrolix/torrent's request queue per connection (reqq)
+	maxPeersPerAnswer  = 16
+	announceInterval   = 2 * time.Second
+	controlDialTimeout = 300 * time.Millisecond
 )
 
 // Config configures a Swarm.
