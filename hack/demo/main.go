@@ -1,8 +1,10 @@
-// Command demo runs Shoal's single-node story on this machine and prints what happened: a
+// Command demo runs Shoal's story on this machine and prints what happened. First one node: a
 // registry, containerd 1.6 and the shoal agent, in a network namespace of their own; a cold
 // pull through the agent, a warm pull by a fresh containerd served from the agent's store,
 // and a pull with the agent killed that still succeeds because containerd falls back to the
-// registry.
+// registry. Then a swarm: several nodes on network namespaces behind a shaped bridge, each
+// with containerd and an agent, pull one new image at once and the registry sends about one
+// copy.
 //
 // Run from the repository as root: go run ./hack/demo (the Makefile's `make demo`).
 // SHOAL_BINARY=/path/to/shoal uses that binary instead of building ./cmd/shoal.
@@ -26,6 +28,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
 )
 
@@ -38,6 +41,8 @@ type config struct {
 	timeout  time.Duration
 	keep     bool
 	verbose  bool
+	nodes    int
+	rateMbit int
 }
 
 func main() {
@@ -47,6 +52,8 @@ func main() {
 	flag.DurationVar(&cfg.timeout, "timeout", 5*time.Minute, "give up after this long")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the work directory (logs, stores) for inspection")
 	flag.BoolVar(&cfg.verbose, "v", false, "log what the harness starts and stops")
+	flag.IntVar(&cfg.nodes, "nodes", 4, "nodes in the swarm part (0 skips it)")
+	flag.IntVar(&cfg.rateMbit, "rate-mbit", 200, "link rate of each node in the swarm part, in Mbit/s (the registry gets 4×)")
 	flag.Parse()
 
 	code, err := harness.RunIsolated(func() int {
@@ -55,7 +62,7 @@ func main() {
 			return 1
 		}
 		return 0
-	}, harness.BuildShoalFirst())
+	}, harness.BuildShoalFirst(), testbed.RaiseNeighbourLimits())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		if errors.Is(err, harness.ErrIsolationUnavailable) {
@@ -154,7 +161,13 @@ func run(cfg config, out io.Writer) error {
 
 	fmt.Fprintf(out, "\nimage %s: %d blobs, %s (config + layers)\n", ref, len(img.Blobs()), mib(img.BlobBytes()))
 	fmt.Fprintf(out, "registry http://%s, agent mirror %s, containerd 1.6 via CRI PullImage\n\n", reg.Host(), agent.MirrorAddr())
-	return report(out, steps, img)
+	if err := report(out, steps, img); err != nil {
+		return err
+	}
+	if cfg.nodes <= 0 {
+		return nil
+	}
+	return swarmStory(ctx, out, cfg, bin)
 }
 
 // demo holds what the steps share.
