@@ -162,7 +162,10 @@ func (s *Swarm) seed(b *blob, k int) {
 	defer cancel()
 	offset, length := b.plan.segment(k)
 	start := time.Now()
-	if !s.localHas(b) {
+	local := s.openLocal(b)
+	if local != nil {
+		defer local.Close()
+	} else {
 		release, err := s.seedSlot(ctx, k)
 		if err != nil {
 			b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
@@ -170,7 +173,7 @@ func (s *Swarm) seed(b *blob, k int) {
 		}
 		defer release()
 	}
-	pieces, source, err := s.fetchSegment(ctx, b, offset, length)
+	pieces, source, err := s.fetchSegment(ctx, b, local, offset, length)
 	if err != nil {
 		b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
 		return
@@ -189,17 +192,14 @@ func (s *Swarm) seed(b *blob, k int) {
 	b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
 }
 
-// fetchSegment copies a segment into the blob's file and returns its piece hashes. From upstream
-// it fetches the segment as several ranges at once: more TCP flows take a larger share of a
-// downlink that peers are also using, and each flow's round trips overlap.
-func (s *Swarm) fetchSegment(ctx context.Context, b *blob, offset, length int64) ([]byte, string, error) {
-	if s.localHas(b) {
-		local, err := s.cfg.Local.Get(b.plan.digest)
-		if err == nil {
-			defer local.Close()
-			pieces, err := copyAndHash(ctx, io.NewSectionReader(local, offset, length), b.file, offset, length, b.plan.pieceLength)
-			return pieces, sourceLocal, err
-		}
+// fetchSegment copies a segment into the blob's file and returns its piece hashes: from local,
+// the complete blob in the content store, when there is one, else from upstream, as several
+// ranges at once: more TCP flows take a larger share of a downlink that peers are also using,
+// and each flow's round trips overlap.
+func (s *Swarm) fetchSegment(ctx context.Context, b *blob, local store.Blob, offset, length int64) ([]byte, string, error) {
+	if local != nil {
+		pieces, err := copyAndHash(ctx, io.NewSectionReader(local, offset, length), b.file, offset, length, b.plan.pieceLength)
+		return pieces, sourceLocal, err
 	}
 	pieceLength := b.plan.pieceLength
 	nPieces := (length + pieceLength - 1) / pieceLength
@@ -240,17 +240,16 @@ func (s *Swarm) fetchSegment(ctx context.Context, b *blob, offset, length int64)
 // upstreamStreams is how many ranges of a segment are fetched from upstream at once.
 const upstreamStreams = 4
 
-// localHas reports whether the content store holds blob b complete.
-func (s *Swarm) localHas(b *blob) bool {
+// openLocal opens blob b in the content store if it is complete there, else returns nil.
+func (s *Swarm) openLocal(b *blob) store.Blob {
 	if s.cfg.Local == nil {
-		return false
+		return nil
 	}
 	local, err := s.cfg.Local.Get(b.plan.digest)
 	if err != nil {
-		return false
+		return nil
 	}
-	_ = local.Close()
-	return true
+	return local
 }
 
 // addTorrent adds segment k's torrent, stored in the blob's file at the segment's offset.

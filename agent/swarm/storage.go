@@ -22,15 +22,14 @@ var (
 // downloads it is the swarm's own sparse file; once the blob is complete in the content store it
 // can be switched to the store's file, so that seeding never keeps a second copy on disk.
 type blobFile struct {
-	mu       sync.RWMutex
-	data     io.ReaderAt
-	writer   io.WriterAt // nil when read-only
-	closer   io.Closer
-	refCount int
+	mu     sync.RWMutex
+	data   io.ReaderAt
+	writer io.WriterAt // nil when read-only
+	closer io.Closer
 }
 
 func newBlobFile(data io.ReaderAt, writer io.WriterAt, closer io.Closer) *blobFile {
-	return &blobFile{data: data, writer: writer, closer: closer, refCount: 1}
+	return &blobFile{data: data, writer: writer, closer: closer}
 }
 
 func (f *blobFile) ReadAt(p []byte, off int64) (int, error) {
@@ -63,15 +62,11 @@ func (f *blobFile) swap(data io.ReaderAt, writer io.WriterAt, closer io.Closer) 
 	}
 }
 
-// close releases the backing file once nothing uses it.
+// close releases the backing file; reads and writes fail afterwards. Closing twice is harmless.
 func (f *blobFile) close() {
 	f.mu.Lock()
-	f.refCount--
-	var c io.Closer
-	if f.refCount == 0 {
-		c = f.closer
-		f.data, f.writer, f.closer = nil, nil, nil
-	}
+	c := f.closer
+	f.data, f.writer, f.closer = nil, nil, nil
 	f.mu.Unlock()
 	if c != nil {
 		_ = c.Close()
