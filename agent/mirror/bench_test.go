@@ -66,14 +66,7 @@ func BenchmarkWarmBlob(b *testing.B) {
 		b.Fatal(err)
 	}
 	_ = blob.Close()
-	// The store commits (fsync, rename) just after handing out the last byte.
-	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
-		if _, err := s.Stat(d); err == nil {
-			break
-		} else if time.Now().After(deadline) {
-			b.Fatal(err)
-		}
-	}
+	waitStored(b, s, d, time.Minute) // the store commits (fsync, rename) just after handing out the last byte
 	path := filepath.Join(dir, "store", "blobs", "sha256", d.Hex)
 	buf := make([]byte, 1<<20)
 

@@ -205,14 +205,19 @@ func (tm *testMirror) get(t *testing.T, method, path string, header http.Header)
 // is verified and commits (fsync, rename) just after, so readers never wait for the disk.
 func (tm *testMirror) waitStored(t *testing.T, d v1.Hash) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	waitStored(t, tm.store, d, 10*time.Second)
+}
+
+func waitStored(tb testing.TB, s *store.Store, d v1.Hash, within time.Duration) {
+	tb.Helper()
+	deadline := time.Now().Add(within)
 	for {
-		_, err := tm.store.Stat(d)
+		_, err := s.Stat(d)
 		if err == nil {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s not kept in the store: %v", d, err)
+			tb.Fatalf("%s not kept in the store: %v", d, err)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}

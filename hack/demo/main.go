@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -213,7 +212,7 @@ func (d *demo) pull(name, ctdName string, agentUp bool) *step {
 		blobs[b] = true
 	}
 	for _, r := range after.requests[len(before.requests):] {
-		h, ok := blobDigest(r)
+		h, ok := r.BlobDigest()
 		if !ok || !blobs[h] {
 			continue
 		}
@@ -252,18 +251,6 @@ func (d *demo) measure(agentUp bool) (measurement, error) {
 		}
 	}
 	return m, nil
-}
-
-func blobDigest(r harness.Request) (v1.Hash, bool) {
-	if r.Method != http.MethodGet {
-		return v1.Hash{}, false
-	}
-	i := strings.LastIndex(r.Path, "/blobs/")
-	if i < 0 {
-		return v1.Hash{}, false
-	}
-	h, err := v1.NewHash(r.Path[i+len("/blobs/"):])
-	return h, err == nil
 }
 
 // report prints the table and the verdicts, and returns an error if the story did not hold.

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/http"
-	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -60,10 +58,8 @@ func swarmStory(ctx context.Context, out io.Writer, cfg config, bin string) erro
 		return err
 	}
 	var registryBytes int64
-	for _, r := range requests {
-		if r.Method == http.MethodGet && strings.Contains(r.Path, "/blobs/") {
-			registryBytes += r.Bytes
-		}
+	for _, sent := range harness.BlobBytes(requests) {
+		registryBytes += sent
 	}
 	var peerBytes float64
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)

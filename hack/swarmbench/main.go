@@ -20,7 +20,6 @@ import (
 	"io"
 	"log/slog"
 	"math"
-	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -411,7 +410,7 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	if err != nil {
 		return res, err
 	}
-	res.UpstreamLog = float64(blobBytes(logAfter[min(len(logBefore), len(logAfter)):], d)) / float64(size)
+	res.UpstreamLog = float64(harness.BlobBytes(logAfter[min(len(logBefore), len(logAfter)):])[d]) / float64(size)
 
 	if sc != scenarioDirect {
 		for _, node := range tb.Nodes() {
@@ -481,18 +480,6 @@ func stopAgents(tb *testbed.Testbed, log *slog.Logger) {
 			log.Warn("stop agent", "node", node.Name(), "err", err)
 		}
 	}
-}
-
-// blobBytes sums the body bytes of the GETs of blob d in reqs (ranges included).
-func blobBytes(reqs []harness.Request, d v1.Hash) int64 {
-	var n int64
-	suffix := "/blobs/" + d.String()
-	for _, r := range reqs {
-		if r.Method == http.MethodGet && strings.HasSuffix(r.Path, suffix) {
-			n += r.Bytes
-		}
-	}
-	return n
 }
 
 // percentile is the nearest-rank percentile of sorted values (0 when there are none).

@@ -7,21 +7,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/static"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/shoal-dev/shoal/test/harness"
 )
@@ -292,23 +285,5 @@ func (tb *Testbed) Peers() string {
 // PushBlob pushes size random bytes generated from seed (the same seed gives the same blob)
 // to the registry as a layer of repo, e.g. "bench/blob", and returns its digest.
 func (tb *Testbed) PushBlob(ctx context.Context, repo string, size int64, seed uint64) (v1.Hash, error) {
-	data := make([]byte, size)
-	var key [32]byte
-	copy(key[:], strconv.FormatUint(seed, 16))
-	_, _ = rand.NewChaCha8(key).Read(data) // ChaCha8.Read never fails
-	layer := static.NewLayer(data, types.OCIUncompressedLayer)
-	d, err := layer.Digest()
-	if err != nil {
-		return v1.Hash{}, fmt.Errorf("digest of blob: %w", err)
-	}
-	r, err := name.NewRepository(tb.RegistryHost()+"/"+repo, name.Insecure)
-	if err != nil {
-		return v1.Hash{}, fmt.Errorf("repository %s: %w", repo, err)
-	}
-	transport := &http.Transport{Proxy: nil, DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext}
-	defer transport.CloseIdleConnections()
-	if err := remote.WriteLayer(r, layer, remote.WithContext(ctx), remote.WithTransport(transport)); err != nil {
-		return v1.Hash{}, fmt.Errorf("push %d-byte blob to %s: %w", size, r, err)
-	}
-	return d, nil
+	return harness.PushBlob(ctx, tb.RegistryHost(), repo, size, seed)
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -14,11 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/static"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/shoal-dev/shoal/test/harness"
 )
@@ -43,20 +38,9 @@ func newBenchEnv(b *testing.B, size int64) *benchEnv {
 	}
 	b.Cleanup(func() { _ = registry.Close() })
 
-	data := make([]byte, size)
-	chacha := rand.NewChaCha8([32]byte{'b', 'e', 'n', 'c', 'h'})
-	_, _ = chacha.Read(data)
-	layer := static.NewLayer(data, types.OCIUncompressedLayer)
-	digest, err := layer.Digest()
+	digest, err := harness.PushBlob(ctx, registry.Host(), "bench/blob", size, 1)
 	if err != nil {
 		b.Fatal(err)
-	}
-	repo, err := name.NewRepository(registry.Host()+"/bench/blob", name.Insecure)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := remote.WriteLayer(repo, layer, remote.WithContext(ctx)); err != nil {
-		b.Fatalf("push %d MiB blob: %v", size>>20, err)
 	}
 	bin, err := harness.ShoalBinary()
 	if err != nil {

@@ -2,10 +2,8 @@ package e2e
 
 import (
 	"context"
-	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -42,7 +40,7 @@ func waitForMembers(t *testing.T, ctx context.Context, tb *testbed.Testbed) {
 }
 
 // upstreamBytes sums the body bytes the registry sent for each blob.
-func upstreamBytes(t *testing.T, ctx context.Context, tb *testbed.Testbed) map[string]int64 {
+func upstreamBytes(t *testing.T, ctx context.Context, tb *testbed.Testbed) map[v1.Hash]int64 {
 	t.Helper()
 	if err := tb.Registry().Sync(ctx); err != nil {
 		t.Fatal(err)
@@ -51,14 +49,7 @@ func upstreamBytes(t *testing.T, ctx context.Context, tb *testbed.Testbed) map[s
 	if err != nil {
 		t.Fatal(err)
 	}
-	sent := map[string]int64{}
-	for _, r := range requests {
-		if r.Method != http.MethodGet || !strings.Contains(r.Path, "/blobs/sha256:") {
-			continue
-		}
-		sent[r.Path[strings.LastIndex(r.Path, "/")+1:]] += r.Bytes
-	}
-	return sent
+	return harness.BlobBytes(requests)
 }
 
 // agentsMetric sums a metric over every node's agent.
@@ -110,7 +101,7 @@ func TestSwarmPullThroughCRI(t *testing.T) {
 	for _, l := range img.Layers {
 		size := img.Sizes[l]
 		layerBytes += size
-		if got := sent[l.String()]; float64(got) > 1.25*float64(size) {
+		if got := sent[l]; float64(got) > 1.25*float64(size) {
 			t.Errorf("layer %s (%d bytes): the registry sent %d bytes for 4 nodes, want about one copy", l, size, got)
 		}
 	}

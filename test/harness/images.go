@@ -3,7 +3,9 @@ package harness
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"runtime"
+	"strconv"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -11,6 +13,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
@@ -124,6 +127,29 @@ func parseTag(registryHost, repoTag string) (name.Tag, error) {
 		return name.Tag{}, err
 	}
 	return tag, nil
+}
+
+// PushBlob pushes size pseudo-random bytes generated from seed (the same seed gives the same
+// blob) to the registry at registryHost as a layer of repo, e.g. "bench/blob", and returns its
+// digest.
+func PushBlob(ctx context.Context, registryHost, repo string, size int64, seed uint64) (v1.Hash, error) {
+	data := make([]byte, size)
+	var key [32]byte
+	copy(key[:], strconv.FormatUint(seed, 16))
+	_, _ = rand.NewChaCha8(key).Read(data) // ChaCha8.Read never fails
+	layer := static.NewLayer(data, types.OCIUncompressedLayer)
+	d, err := layer.Digest()
+	if err != nil {
+		return v1.Hash{}, fmt.Errorf("digest of blob: %w", err)
+	}
+	r, err := name.NewRepository(registryHost+"/"+repo, name.Insecure)
+	if err != nil {
+		return v1.Hash{}, fmt.Errorf("repository %s: %w", repo, err)
+	}
+	if err := remote.WriteLayer(r, layer, remoteOptions(ctx)...); err != nil {
+		return v1.Hash{}, fmt.Errorf("push %d-byte blob to %s: %w", size, r, err)
+	}
+	return d, nil
 }
 
 func remoteOptions(ctx context.Context) []remote.Option {

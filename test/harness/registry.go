@@ -202,17 +202,34 @@ func (r *Registry) BlobGETsWhere(keep func(Request) bool) (map[v1.Hash]int, erro
 	}
 	counts := map[v1.Hash]int{}
 	for _, req := range reqs {
-		m := blobPath.FindStringSubmatch(req.Path)
-		if req.Method != http.MethodGet || m == nil || !keep(req) {
-			continue
+		if h, ok := req.BlobDigest(); ok && keep(req) {
+			counts[h]++
 		}
-		h, err := v1.NewHash(m[1])
-		if err != nil {
-			return nil, fmt.Errorf("access log path %q: %w", req.Path, err)
-		}
-		counts[h]++
 	}
 	return counts, nil
+}
+
+// BlobDigest returns the digest of the blob a GET request fetched; ok is false for any other
+// request.
+func (req Request) BlobDigest() (d v1.Hash, ok bool) {
+	m := blobPath.FindStringSubmatch(req.Path)
+	if req.Method != http.MethodGet || m == nil {
+		return v1.Hash{}, false
+	}
+	h, err := v1.NewHash(m[1])
+	return h, err == nil
+}
+
+// BlobBytes sums, for each blob digest, the body bytes the registry sent for GETs of it in
+// reqs (ranges included).
+func BlobBytes(reqs []Request) map[v1.Hash]int64 {
+	sent := map[v1.Hash]int64{}
+	for _, req := range reqs {
+		if h, ok := req.BlobDigest(); ok {
+			sent[h] += req.Bytes
+		}
+	}
+	return sent
 }
 
 // Sync waits until the requests a client saw completed before Sync was called are in the
