@@ -83,7 +83,7 @@ type segmentAnswer struct {
 
 // serveSegment is the seeder's side: it makes sure the segment is published (fetching it from
 // upstream or the local store if nobody has yet), waits for that, records the asker as a peer and
-// answers with the info and the peers that asked before.
+// answers with the info and the asker's neighbours among the peers that asked before and itself.
 func (s *Swarm) serveSegment(w http.ResponseWriter, r *http.Request) {
 	req, p, err := parseSegmentRequest(r.URL.Query())
 	if err != nil {
@@ -114,7 +114,7 @@ func (s *Swarm) serveSegment(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadGateway)
 		return
 	}
-	peers := b.segs[req.k].addPeer(req.peer, time.Now(), maxPeersPerAnswer)
+	peers := b.segs[req.k].addPeer(p.key(req.k), s.self, req.peer, time.Now(), peersPerAnswer)
 	answer := segmentAnswer{Info: info}
 	for _, p := range peers {
 		answer.Peers = append(answer.Peers, p.String())

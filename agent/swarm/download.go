@@ -60,6 +60,7 @@ func (s *Swarm) acquireAll(b *blob) {
 func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 	seg := b.segs[k]
 	failed := map[netip.AddrPort]bool{}
+	timeouts := 0
 	for {
 		if info, _, _, _ := seg.state(); info != nil {
 			return nil
@@ -77,11 +78,25 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			if ctx.Err() != nil {
 				return err
 			}
-			failed[seeder] = true
-			if !isSeederError(err) {
-				s.cfg.Membership.ReportFailure(seeder)
-			}
 			s.metrics.seederFailures.Inc()
+			switch {
+			case isSeederError(err):
+			case !isTimeout(err):
+				s.cfg.Membership.ReportFailure(seeder)
+			case timeouts < seederTimeoutsToFail && slices.Contains(s.cfg.Membership.Live(), seeder):
+				timeouts++
+				// A timeout: a congested link drops SYNs (the retry comes a second later) and a busy
+				// node answers late. Moving on would fetch the segment from upstream a second time, so
+				// ask again a few times, unless the probes have found it dead meanwhile.
+				s.log.Debug("seeder slow to answer, asking again", "digest", b.plan.digest, "segment", k, "seeder", seeder, "error", err)
+				select {
+				case <-time.After(seederRetryPause):
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				continue
+			}
+			failed[seeder], timeouts = true, 0
 			s.log.Info("seeder failed, trying the next one", "digest", b.plan.digest, "segment", k, "seeder", seeder, "error", err)
 			continue
 		}
@@ -90,7 +105,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			return err
 		}
 		seg.publish(answer.Info, t)
-		s.addPeers(t, append(answer.Peers, seeder.String()))
+		s.addPeers(t, answer.Peers)
 		go s.announce(b, k, seeder)
 		return nil
 	}

@@ -82,3 +82,37 @@ func weight(prefix []byte, m netip.AddrPort) uint64 {
 	sum := sha256.Sum256(m.AppendTo(prefix))
 	return binary.BigEndian.Uint64(sum[:8])
 }
+
+// neighbours returns the members of candidates (other than x) that x swarms with for key: the
+// degree ones whose pair weight with x is highest. A pair's weight is the same from both ends,
+// so most choices are mutual and a node ends up with between degree and about twice that many
+// connections per torrent, whatever the number of nodes: the torrent client never has to drop
+// connections to make room for new ones, and a segment's data still reaches everyone through
+// a random graph of that degree. The choice is stable: x keeps its neighbours as others join,
+// unless a newcomer outranks one of them.
+func neighbours(key string, x netip.AddrPort, candidates []netip.AddrPort, degree int) []netip.AddrPort {
+	ws := make([]weighted, 0, len(candidates))
+	for _, c := range candidates {
+		if c != x {
+			ws = append(ws, weighted{c, pairWeight(key, x, c)})
+		}
+	}
+	slices.SortFunc(ws, func(a, b weighted) int { return a.before(b) })
+	out := make([]netip.AddrPort, 0, min(degree, len(ws)))
+	for _, w := range ws[:min(degree, len(ws))] {
+		out = append(out, w.member)
+	}
+	return out
+}
+
+// pairWeight is the rendezvous weight of the unordered pair {a, b} for key.
+func pairWeight(key string, a, b netip.AddrPort) uint64 {
+	a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+	b = netip.AddrPortFrom(b.Addr().Unmap(), b.Port())
+	if b.Compare(a) < 0 {
+		a, b = b, a
+	}
+	buf := b.AppendTo(append(a.AppendTo(hashPrefix(key)), 0))
+	sum := sha256.Sum256(buf)
+	return binary.BigEndian.Uint64(sum[:8])
+}

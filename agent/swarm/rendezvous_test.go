@@ -214,3 +214,84 @@ func addrStrings(as []netip.AddrPort) []string {
 	}
 	return s
 }
+
+// TestNeighboursBoundDegreeAndConnectEveryone builds the graph the seeder hands out for one
+// segment at several cluster sizes: every node gets at most the degree asked for, the links
+// (either end chose the other) keep every node's connection count bounded whatever the size,
+// and the graph is connected, so a segment's data reaches everyone.
+func TestNeighboursBoundDegreeAndConnectEveryone(t *testing.T) {
+	const degree = 5
+	for _, n := range []int{2, 4, 8, 32, 128, 512} {
+		members := testMembers(n)
+		key := fmt.Sprintf("sha256:%064x/segment/3", n)
+		links := map[netip.AddrPort]map[netip.AddrPort]bool{}
+		link := func(a, b netip.AddrPort) {
+			if links[a] == nil {
+				links[a] = map[netip.AddrPort]bool{}
+			}
+			links[a][b] = true
+		}
+		for _, m := range members {
+			got := neighbours(key, m, members, degree)
+			if want := min(degree, n-1); len(got) != want {
+				t.Fatalf("n=%d: %s got %d neighbours, want %d", n, m, len(got), want)
+			}
+			for _, o := range got {
+				if o == m {
+					t.Fatalf("n=%d: %s is its own neighbour", n, m)
+				}
+				link(m, o)
+				link(o, m)
+			}
+		}
+		most := 0
+		for _, m := range members {
+			most = max(most, len(links[m]))
+		}
+		t.Logf("n=%d: at most %d links per node", n, most)
+		// Pair weights are symmetric, so a node is chosen mostly by the nodes it chose itself.
+		if most > 3*degree {
+			t.Errorf("n=%d: a node has %d links, want at most %d", n, most, 3*degree)
+		}
+		seen := map[netip.AddrPort]bool{members[0]: true}
+		queue := []netip.AddrPort{members[0]}
+		for len(queue) > 0 {
+			m := queue[0]
+			queue = queue[1:]
+			for o := range links[m] {
+				if !seen[o] {
+					seen[o] = true
+					queue = append(queue, o)
+				}
+			}
+		}
+		if len(seen) != n {
+			t.Errorf("n=%d: only %d nodes reachable from %s", n, len(seen), members[0])
+		}
+	}
+}
+
+// TestNeighboursStableAsOthersJoin: a node keeps a neighbour when someone joins, unless the
+// newcomer outranks it, so connections already open stay useful.
+func TestNeighboursStableAsOthersJoin(t *testing.T) {
+	members := testMembers(40)
+	const key = "sha256:0000000000000000000000000000000000000000000000000000000000000001/segment/0"
+	x := members[0]
+	before := neighbours(key, x, members[:39], 5)
+	after := neighbours(key, x, members, 5)
+	kept := 0
+	for _, m := range before {
+		if slices.Contains(after, m) {
+			kept++
+		}
+	}
+	if newcomer := slices.Contains(after, members[39]); kept != 5 && !(newcomer && kept == 4) {
+		t.Errorf("after one join %d of 5 neighbours kept (newcomer chosen: %v), want all or all but the one it displaced", kept, newcomer)
+	}
+	if got := neighbours(key, x, slices.Concat(members[20:], members[:20]), 5); !slices.Equal(got, after) {
+		t.Errorf("neighbours depend on the order of the candidates: %v vs %v", got, after)
+	}
+	if pairWeight(key, members[1], members[2]) != pairWeight(key, members[2], members[1]) {
+		t.Error("pair weight is not symmetric")
+	}
+}

@@ -76,9 +76,10 @@ func (s *segment) startSeeding() bool {
 	return true
 }
 
-// addPeer records a peer that asked for this segment and returns the others, most recent first,
-// at most limit of them. Peers not heard from for peerTTL are forgotten.
-func (s *segment) addPeer(p netip.AddrPort, now time.Time, limit int) []netip.AddrPort {
+// addPeer records a peer that asked for this segment and returns the peers it should swarm
+// with: its neighbours (see neighbours) among the others that asked within peerTTL and self, the
+// seeder. Peers not heard from for peerTTL are forgotten.
+func (s *segment) addPeer(key string, self, p netip.AddrPort, now time.Time, degree int) []netip.AddrPort {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for addr, seen := range s.peers {
@@ -86,25 +87,22 @@ func (s *segment) addPeer(p netip.AddrPort, now time.Time, limit int) []netip.Ad
 			delete(s.peers, addr)
 		}
 	}
-	others := make([]netip.AddrPort, 0, len(s.peers))
+	candidates := make([]netip.AddrPort, 0, len(s.peers)+1)
 	for addr := range s.peers {
-		if addr != p {
-			others = append(others, addr)
-		}
+		candidates = append(candidates, addr)
+	}
+	if self.IsValid() && !s.hasPeerLocked(self) {
+		candidates = append(candidates, self)
 	}
 	if p.IsValid() {
 		s.peers[p] = now
 	}
-	// Most recently seen first; map order is random, which also spreads connections.
-	for i := 1; i < len(others); i++ {
-		for j := i; j > 0 && s.peers[others[j]].After(s.peers[others[j-1]]); j-- {
-			others[j], others[j-1] = others[j-1], others[j]
-		}
-	}
-	if len(others) > limit {
-		others = others[:limit]
-	}
-	return others
+	return neighbours(key, p, candidates, degree)
+}
+
+func (s *segment) hasPeerLocked(p netip.AddrPort) bool {
+	_, ok := s.peers[p]
+	return ok
 }
 
 // sha1Size is the length of a BitTorrent v1 piece hash.

@@ -31,6 +31,7 @@ import (
 
 	"github.com/anacrolix/torrent"
 	"github.com/anacrolix/torrent/mse"
+	pp "github.com/anacrolix/torrent/peer_protocol"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
@@ -60,11 +61,18 @@ const (
 	// chunkSize is the BitTorrent request size. 64 KiB moves more bytes per CPU-second between
 	// two processes unshaped, but on the shaped testbed 16 KiB cost less CPU and memory in all
 	// (N = 16: 59 vs 65–72 agent CPU-s, 152 vs 161–181 MiB peak RSS) at the same completion time.
-	chunkSize          = 16 << 10
-	maxPeerRequests    = 1024 // anacrolix/torrent's request queue per connection (reqq)
-	maxPeersPerAnswer  = 16
+	chunkSize       = 64 << 10
+	maxPeerRequests = 1024                  // anacrolix/torrent's request queue per connection (reqq)
+	requestsPerConn = (1 << 20) / chunkSize // requests this node keeps outstanding at one peer (1 MiB)
+	// peersPerAnswer is how many neighbours a seeder hands each peer of a segment (see
+	// neighbours): peers then have about 5 to 10 connections per segment at any cluster size.
+	peersPerAnswer     = 5
 	announceInterval   = 2 * time.Second
 	controlDialTimeout = 300 * time.Millisecond
+	seederRetryPause   = 100 * time.Millisecond
+	// seederTimeoutsToFail is how many timed-out requests in a row make a live seeder count as
+	// failed: about 1.2 s for one that black-holes packets before the next one takes over.
+	seederTimeoutsToFail = 3
 )
 
 // Config configures a Swarm.
@@ -204,7 +212,7 @@ func New(cfg Config) (*Swarm, error) {
 		cfg.StallTimeout = DefaultStallTimeout
 	}
 	if cfg.ConnsPerTorrent <= 0 {
-		cfg.ConnsPerTorrent = 12
+		cfg.ConnsPerTorrent = 4 * peersPerAnswer
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -237,6 +245,7 @@ func New(cfg Config) (*Swarm, error) {
 	cc.DisableTrackers = true
 	cc.DisableWebtorrent = true
 	cc.DisableWebseeds = true
+	cc.DisablePEX = true // peers come from the segment's seeder only, bounded in number (see neighbours)
 	cc.NoDefaultPortForwarding = true
 	cc.DisableIPv6 = !s.self.Addr().Is6()
 	cc.HeaderObfuscationPolicy = torrent.HeaderObfuscationPolicy{Preferred: false, RequirePreferred: true}
@@ -256,6 +265,14 @@ func New(cfg Config) (*Swarm, error) {
 	// (a request waits for space held by earlier ones it is itself blocking). So the limit is what
 	// a peer can ask for at once: the client's request queue times the chunk size.
 	cc.MaxAllocPeerRequestDataPerConn = maxPeerRequests * chunkSize
+	// A peer serves requests in the order they arrive, so the deeper the queue this node keeps at
+	// a peer, the longer the piece its reader waits for sits behind others: the client queues up
+	// to the peer's advertised "reqq" (1024 chunks, 16 MiB, between two of these clients). Cap it
+	// at one piece's worth per connection, which still covers the bandwidth-delay product of a
+	// node's link spread over its several connections.
+	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
+		m.Reqq = requestsPerConn
+	}
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}
@@ -314,10 +331,19 @@ func (d memberDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
 		return nil, fmt.Errorf("dial peer %s: not a member", addr)
 	}
 	conn, err := (&net.Dialer{Timeout: time.Second, LocalAddr: d.local}).DialContext(ctx, "tcp", addr)
-	if err != nil {
+	if err != nil && !isTimeout(err) {
 		d.members.ReportFailure(ap)
 	}
 	return conn, err
+}
+
+// isTimeout reports whether err is a timeout, which proves nothing about a peer: a saturated
+// link drops SYNs (Linux sends the next one a second later) and a busy node answers late. The
+// membership's probes decide about those; a refused or reset connection counts at once.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout())
 }
 
 // blob is this node's swarm state for one blob.
