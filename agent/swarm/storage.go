@@ -148,7 +148,7 @@ func (p *segmentPiece) ReadAt(b []byte, off int64) (int, error) {
 // WriteTo writes the piece to w (the torrent client hashes pieces this way) in a few large
 // reads rather than the client's default of one read per 32 KiB.
 func (p *segmentPiece) WriteTo(w io.Writer) (int64, error) {
-	bufp := hashBuffers.Get().(*[]byte)
+	bufp, _ := hashBuffers.Get().(*[]byte)
 	defer hashBuffers.Put(bufp)
 	buf := *bufp
 	var written int64
