@@ -7,8 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -19,6 +22,20 @@ import (
 // ctx when the transfer stalls or the store closes, and may then Close rc while a Read is blocked
 // in it (as net/http response bodies allow), so that a source ignoring ctx cannot hang a download.
 type Source func(ctx context.Context) (rc io.ReadCloser, size int64, err error)
+
+// FileSource is implemented by a reader a Source returns when the source writes the blob into a
+// file of its own, as the swarm does: the store then reads that file to hash it instead of
+// copying the bytes into a file of its own, and on success moves it into the store, so the blob
+// reaches the disk once. The store opens the file by name; it never writes, truncates or removes
+// it, except that after the blob is verified it renames it (or, across filesystems, copies it)
+// into the store, so the source must not write to it once Advance has returned the blob's size.
+type FileSource interface {
+	// FilePath is the file holding the blob's bytes at their offsets.
+	FilePath() string
+	// Advance blocks until more than have bytes from the blob's start are final in the file and
+	// returns how many are, or fails. The store calls it with have = what it has hashed so far.
+	Advance(ctx context.Context, have int64) (int64, error)
+}
 
 // copyBufferSize bounds the bytes read from a source per write; each write releases bytes to readers.
 const copyBufferSize = 128 << 10
@@ -61,6 +78,10 @@ func createTempFile(dir, pattern string) (ingestFile, error) {
 // otherwise readers get an error (ErrDigestMismatch, ErrSizeMismatch, ErrStalled, ErrFull, a
 // write error) before they have received the last byte.
 func (s *Store) Fetch(ctx context.Context, d v1.Hash, src Source) (Blob, error) {
+	return s.fetch(ctx, d, src, false)
+}
+
+func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) (Blob, error) {
 	if err := checkDigest(d); err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", d, err)
 	}
@@ -84,30 +105,37 @@ func (s *Store) Fetch(ctx context.Context, d v1.Hash, src Source) (Blob, error) 
 			return nil, err
 		}
 	}
-	// Opened under the lock: the temporary file exists until the download leaves s.inflight.
-	f, err := os.Open(dl.path)
 	s.mu.Unlock()
-	if err != nil {
-		return nil, fmt.Errorf("fetch %s: open download: %w", d, err)
-	}
-	b := &inflightBlob{dl: dl, f: f, ctx: ctx, closed: make(chan struct{})}
 	select {
 	case <-dl.opened:
 	case <-ctx.Done():
-		b.Close()
 		return nil, fmt.Errorf("fetch %s: %w", d, ctx.Err())
 	}
 	if err := dl.failure(); err != nil {
-		b.Close()
 		return nil, err
 	}
-	return b, nil
+	// The file is known once the source has answered (a FileSource names its own).
+	f, err := os.Open(dl.filePath())
+	if errors.Is(err, fs.ErrNotExist) {
+		if err := dl.failure(); err != nil {
+			return nil, err
+		}
+		if !retried {
+			// Committed (moved into the store) since: open it as a complete blob.
+			return s.fetch(ctx, d, src, true)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: open download: %w", d, err)
+	}
+	return &inflightBlob{dl: dl, f: f, ctx: ctx, closed: make(chan struct{})}, nil
 }
 
 // download is one transfer from a Source into a temporary file in ingest/.
 type download struct {
 	digest v1.Hash
-	path   string
+	path   string          // the file being filled: the store's temporary file, or a FileSource's; guarded by mu
+	own    bool            // path is the store's temporary file (not a FileSource's)
 	ctx    context.Context // detached from the starting caller; cancelled on stall or Close
 	cancel context.CancelCauseFunc
 
@@ -115,6 +143,8 @@ type download struct {
 	openOnce sync.Once
 
 	reserved int64 // bytes reserved in the store; guarded by Store.mu
+
+	closeSource func() // closes a FileSource after commit; nil otherwise
 
 	mu      sync.Mutex
 	size    int64 // announced by src, -1 if unknown
@@ -142,6 +172,7 @@ func (s *Store) startLocked(ctx context.Context, d v1.Hash, src Source) (*downlo
 	dl := &download{
 		digest:  d,
 		path:    f.Name(),
+		own:     true,
 		ctx:     dctx,
 		cancel:  cancel,
 		opened:  make(chan struct{}),
@@ -167,6 +198,9 @@ func (s *Store) run(dl *download, src Source, f ingestFile) {
 	} else {
 		s.discard(dl, f)
 	}
+	if dl.closeSource != nil {
+		dl.closeSource()
+	}
 	s.metrics.fetches.WithLabelValues(result).Inc()
 	if err != nil {
 		dl.fail(err)
@@ -191,14 +225,32 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 	}
 	var closeOnce sync.Once
 	closeSource := func() { closeOnce.Do(func() { rc.Close() }) }
-	defer closeSource()
 	stopClosing := context.AfterFunc(dl.ctx, closeSource)
 	defer stopClosing()
+	// A FileSource's file is renamed into the store on success, so the source is closed only
+	// after commit; any other source as soon as its bytes are copied.
+	fsrc, inPlace := rc.(FileSource)
+	if inPlace {
+		dl.closeSource = closeSource
+	} else {
+		defer closeSource()
+	}
 
+	if inPlace && size < 0 {
+		return 0, resultError, fmt.Errorf("fetch %s: a source writing its own file must know the blob's size", d)
+	}
 	if size >= 0 {
 		if err := s.reserve(dl, size); err != nil {
 			return 0, resultFull, err
 		}
+	}
+	if inPlace {
+		// The store's own temporary file is not needed; readers open the source's file.
+		_ = f.Close()
+		s.removeTemp(dl.filePath())
+		dl.adopt(fsrc.FilePath())
+		dl.markOpened(size)
+		return s.hashInPlace(dl, fsrc, size, stall)
 	}
 	dl.markOpened(size)
 
@@ -233,6 +285,45 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 	}
 	if size >= 0 && n != size {
 		return n, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent %d of the %d bytes it announced", d, ErrSizeMismatch, n, size)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != d.Hex {
+		return n, resultDigestMismatch, fmt.Errorf("fetch %s: %w: source sent bytes with digest sha256:%s", d, ErrDigestMismatch, got)
+	}
+	dl.complete(n)
+	return n, resultOK, nil
+}
+
+// hashInPlace follows a FileSource: it hashes the blob in the source's file as Advance makes
+// bytes final, releasing them to readers, and the last byte once the digest is verified.
+func (s *Store) hashInPlace(dl *download, src FileSource, size int64, stall *time.Timer) (int64, string, error) {
+	d := dl.digest
+	f, err := os.Open(src.FilePath())
+	if err != nil {
+		return 0, resultError, fmt.Errorf("fetch %s: open the source's file: %w", d, err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	buf := make([]byte, copyBufferSize)
+	var n int64
+	for n < size {
+		final, err := src.Advance(dl.ctx, n)
+		if err != nil {
+			return n, dl.classify(resultError), dl.cause(fmt.Errorf("fetch %s: source failed after %d bytes: %w", d, n, err))
+		}
+		if final > size {
+			return n, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source has %d of the %d bytes it announced", d, ErrSizeMismatch, final, size)
+		}
+		stall.Reset(s.stall)
+		for n < final {
+			m, err := f.ReadAt(buf[:min(int64(len(buf)), final-n)], n)
+			if m == 0 && err != nil {
+				return n, resultError, fmt.Errorf("fetch %s: read the source's file at %d: %w", d, n, err)
+			}
+			h.Write(buf[:m])
+			n += int64(m)
+			s.metrics.fetchBytes.Add(float64(m))
+			dl.release(n - 1) // the last byte waits for the digest check
+		}
 	}
 	if got := hex.EncodeToString(h.Sum(nil)); got != d.Hex {
 		return n, resultDigestMismatch, fmt.Errorf("fetch %s: %w: source sent bytes with digest sha256:%s", d, ErrDigestMismatch, got)
@@ -285,16 +376,22 @@ func (s *Store) reserve(dl *download, n int64) error {
 // commit makes a verified download a complete blob. Readers already have every byte; a failure
 // here only means the store does not keep it.
 func (s *Store) commit(dl *download, f ingestFile, n int64) error {
-	// Durable before visible: after a crash, a file under its digest must hold the whole blob.
-	err := f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	path, own := dl.filePath(), dl.owned()
+	var err error
+	if own {
+		// Durable before visible: after a crash, a file under its digest must hold the whole blob.
+		err = f.Sync()
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	} else if path, err = s.adoptFile(path); err != nil {
+		err = fmt.Errorf("adopt %s: %w", dl.filePath(), err)
 	}
 	s.mu.Lock()
 	delete(s.inflight, dl.digest.Hex)
 	s.reserved -= dl.reserved
 	if err == nil {
-		err = os.Rename(dl.path, s.blobPath(dl.digest.Hex))
+		err = os.Rename(path, s.blobPath(dl.digest.Hex))
 	}
 	var accessed time.Time
 	if err == nil {
@@ -303,8 +400,8 @@ func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 		s.index[e.hex] = e
 		s.used += n
 		accessed = e.lastAccess
-	} else {
-		s.removeTemp(dl.path)
+	} else if own || (path != "" && path != dl.filePath()) {
+		s.removeTemp(path) // the store's temporary file, or its copy of a FileSource's
 	}
 	s.mu.Unlock()
 	if err != nil {
@@ -324,8 +421,57 @@ func (s *Store) discard(dl *download, f ingestFile) {
 	s.mu.Lock()
 	delete(s.inflight, dl.digest.Hex)
 	s.reserved -= dl.reserved
-	s.removeTemp(dl.path)
+	if dl.owned() {
+		s.removeTemp(dl.filePath())
+	}
 	s.mu.Unlock()
+}
+
+// adoptFile makes a FileSource's verified file durable and ready to be renamed into the store:
+// it returns path itself when it is on the store's filesystem, else a copy in ingest/.
+func (s *Store) adoptFile(path string) (string, error) {
+	src, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer src.Close()
+	if err := src.Sync(); err != nil {
+		return "", err
+	}
+	if sameDevice(src, s.ingestDir) {
+		return path, nil
+	}
+	dst, err := s.createIngest(s.ingestDir, filepath.Base(path)+".*")
+	if err != nil {
+		return "", err
+	}
+	_, err = io.Copy(dst, src)
+	if err == nil {
+		err = dst.Sync()
+	}
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		s.removeTemp(dst.Name())
+		return "", err
+	}
+	return dst.Name(), nil
+}
+
+// sameDevice reports whether f and dir are on the same filesystem, so that a rename moves f.
+func sameDevice(f *os.File, dir string) bool {
+	fi, err := f.Stat()
+	if err != nil {
+		return false
+	}
+	di, err := os.Stat(dir)
+	if err != nil {
+		return false
+	}
+	fs, ok1 := fi.Sys().(*syscall.Stat_t)
+	ds, ok2 := di.Sys().(*syscall.Stat_t)
+	return ok1 && ok2 && fs.Dev == ds.Dev
 }
 
 func (s *Store) removeTemp(path string) {
@@ -378,6 +524,25 @@ func (dl *download) wait(ctx context.Context, closed <-chan struct{}, want int64
 func (dl *download) broadcastLocked() {
 	close(dl.changed)
 	dl.changed = make(chan struct{})
+}
+
+func (dl *download) filePath() string {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	return dl.path
+}
+
+func (dl *download) owned() bool {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	return dl.own
+}
+
+// adopt makes a FileSource's file the one readers open.
+func (dl *download) adopt(path string) {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	dl.path, dl.own = path, false
 }
 
 func (dl *download) markOpened(size int64) {

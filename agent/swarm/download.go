@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/netip"
 	"os"
 	"slices"
@@ -33,9 +34,24 @@ func (s *Swarm) Source(registry, repo string, d v1.Hash) store.Source {
 			b.started = time.Now()
 			go s.acquireAll(b)
 		})
-		return &blobReader{s: s, b: b, ctx: ctx}, size, nil
+		s.mu.Lock()
+		path := b.path
+		s.mu.Unlock()
+		r := &blobReader{s: s, b: b, ctx: ctx, path: path}
+		if path == "" {
+			// Handed over to the content store already (which asks again only if it has lost
+			// the blob since): the bytes can be read, but there is no file to adopt.
+			return plainReader{r}, size, nil
+		}
+		return r, size, nil
 	}
 }
+
+// plainReader hides blobReader's store.FileSource methods.
+type plainReader struct{ r *blobReader }
+
+func (p plainReader) Read(b []byte) (int, error) { return p.r.Read(b) }
+func (p plainReader) Close() error               { return p.r.Close() }
 
 // acquireAll gets the torrent of every segment, asking seeders at most UpstreamWindow segments
 // ahead so that early segments are fetched from upstream first.
@@ -273,13 +289,15 @@ func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (
 		return nil, fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, err)
 	}
 	offset, _ := b.plan.segment(k)
+	st := newSegmentStorage(b.file, offset, b.plan.pieces(k), state)
 	t, isNew := s.client.AddTorrentOpt(torrent.AddTorrentOpts{
 		InfoHash:  metainfo.HashBytes(info),
 		InfoBytes: info,
-		Storage:   newSegmentStorage(b.file, offset, b.plan.pieces(k), state),
+		Storage:   st,
 		ChunkSize: chunkSize,
 	})
 	if isNew {
+		b.segs[k].setStorage(st)
 		t.SetOnWriteChunkError(func(err error) {
 			s.log.Error("cannot write segment data; dropping the segment", "digest", b.plan.digest, "segment", k, "error", err)
 			t.Drop()
@@ -292,92 +310,135 @@ func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (
 // readaheadPieces is how many pieces ahead of the reader are fetched with priority.
 const readaheadPieces = 2
 
-// blobReader reads a blob in order, segment after segment, from the segments' torrents; a
-// segment the swarm cannot deliver (no torrent, or no progress for StallTimeout) is read from
-// upstream directly. Either way the content store verifies the whole blob's digest.
+// blobReader follows a blob in order, segment after segment, as its bytes become final in the
+// blob's file: verified pieces of the segments' torrents, or, for a segment the swarm cannot
+// deliver (no torrent, or no progress for StallTimeout), bytes read from upstream and written
+// there directly. It is a store.FileSource, so the content store hashes the blob in that file and
+// then adopts it instead of copying it; either way the store verifies the whole blob's digest.
 type blobReader struct {
-	s   *Swarm
-	b   *blob
-	ctx context.Context
+	s    *Swarm
+	b    *blob
+	ctx  context.Context
+	path string // the blob's file
 
-	pos    int64 // bytes of the blob already returned
-	k      int
-	reader torrent.Reader // of segment k, when reading from the swarm
-	segPos int64          // position in segment k
-	direct io.ReadCloser  // of the rest of segment k, when reading from upstream
+	final  int64          // bytes from the blob's start that are final in the file
+	read   int64          // bytes Read has returned
+	k      int            // the segment holding byte final
+	reader torrent.Reader // of segment k, when following it in the swarm
+	direct io.ReadCloser  // the rest of segment k from upstream, when the swarm could not deliver it
+	probe  [1]byte
 }
 
+var _ store.FileSource = (*blobReader)(nil)
+
+// FilePath implements store.FileSource.
+func (r *blobReader) FilePath() string { return r.path }
+
+// Advance implements store.FileSource: it blocks until more than have bytes are final.
+func (r *blobReader) Advance(ctx context.Context, have int64) (int64, error) {
+	for r.final <= have && r.final < r.b.plan.size {
+		if err := r.step(ctx); err != nil {
+			return r.final, err
+		}
+	}
+	if r.final >= r.b.plan.size {
+		r.s.finished(r.b)
+	}
+	return r.final, nil
+}
+
+// Read implements io.Reader for callers other than the content store: it reads the file as
+// Advance makes it final.
 func (r *blobReader) Read(p []byte) (int, error) {
-	if r.pos >= r.b.plan.size {
+	if r.read >= r.b.plan.size {
 		r.s.finished(r.b)
 		return 0, io.EOF
 	}
-	_, length := r.b.plan.segment(r.k)
-	if r.segPos >= length {
-		r.closeSegment()
-		r.k++
-		r.segPos = 0
-		return r.Read(p)
-	}
-	p = p[:min(int64(len(p)), length-r.segPos)]
-	if r.direct != nil {
-		return r.readDirect(p)
-	}
-	if r.reader == nil {
-		if err := r.openSegment(); err != nil {
+	if r.read >= r.final {
+		if _, err := r.Advance(r.ctx, r.read); err != nil {
 			return 0, err
 		}
-		if r.direct != nil {
-			return r.readDirect(p)
+	}
+	n, err := r.b.file.ReadAt(p[:min(int64(len(p)), r.final-r.read)], r.read)
+	r.read += int64(n)
+	if errors.Is(err, io.EOF) && n > 0 {
+		err = nil
+	}
+	return n, err
+}
+
+// step makes at least one more byte final: the run of verified pieces starting at final, or a
+// block read from upstream.
+func (r *blobReader) step(ctx context.Context) error {
+	offset, length := r.b.plan.segment(r.k)
+	segPos := r.final - offset
+	if segPos >= length {
+		r.closeSegment()
+		r.k++
+		return nil
+	}
+	if r.reader == nil && r.direct == nil {
+		if err := r.openSegment(ctx, segPos); err != nil {
+			return err
 		}
+	}
+	if r.direct != nil {
+		return r.copyDirect(segPos)
 	}
 	_, t, _, _ := r.b.segs[r.k].state()
 	var n int
 	var err error
 	blocked := time.Now()
 	for {
-		// Pieces arrive rarest-first, so the one the reader waits for may come late while the
-		// segment is progressing: a segment is stalled when it completes nothing for
-		// StallTimeout, or when the reader has waited twice that long in all (the content store
-		// gives up on a download that delivers nothing for longer).
+		// Reading one byte waits for the piece holding it to be verified; the reader also makes
+		// the pieces just ahead of it urgent. Pieces arrive rarest-first, so the one waited for
+		// may come late while the segment progresses: a segment is stalled when it completes
+		// nothing for StallTimeout, or when the reader has waited twice that long in all (the
+		// content store gives up on a download that delivers nothing for longer).
 		before := t.BytesCompleted()
-		ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.StallTimeout)
-		n, err = r.reader.ReadContext(ctx, p)
+		wctx, cancel := context.WithTimeout(ctx, r.s.cfg.StallTimeout)
+		n, err = r.reader.ReadContext(wctx, r.probe[:])
 		cancel()
-		if n > 0 || err == nil || r.ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) ||
+		if n > 0 || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) ||
 			t.BytesCompleted() == before || time.Since(blocked) >= 2*r.s.cfg.StallTimeout {
 			break
 		}
 	}
-	r.advance(n)
-	if err != nil && r.ctx.Err() == nil && !errors.Is(err, io.EOF) {
-		// The swarm made no progress: read the rest of this segment from upstream.
-		stats := t.Stats()
-		r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
-			"digest", r.b.plan.digest, "segment", r.k, "at", r.segPos, "error", err,
-			"peers_known", stats.TotalPeers, "peers_active", stats.ActivePeers, "seeders", stats.ConnectedSeeders,
-			"half_open", stats.HalfOpenPeers, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
-		r.s.metrics.stalls.Inc()
-		if derr := r.openDirect(); derr != nil {
-			return n, derr
+	if n > 0 {
+		// The piece at segPos is verified; so may be the ones after it.
+		pl := r.b.plan.pieceLength
+		end := min((segPos/pl+1)*pl, length)
+		for i := int(end / pl); end < length && t.Piece(i).State().Complete; i++ {
+			end = min(end+pl, length)
 		}
-		return n, nil
+		r.final = offset + end
+		if end < length {
+			if _, err := r.reader.Seek(end, io.SeekStart); err != nil {
+				return fmt.Errorf("seek segment %d: %w", r.k, err)
+			}
+		}
+		return nil
 	}
-	if errors.Is(err, io.EOF) {
-		err = nil
+	if ctx.Err() != nil {
+		return ctx.Err()
 	}
-	return n, err
+	if err != nil && errors.Is(err, io.EOF) {
+		return fmt.Errorf("segment %d of %s: torrent ended at %d of %d bytes: %w", r.k, r.b.plan.digest, segPos, length, io.ErrUnexpectedEOF)
+	}
+	// The swarm made no progress: read the rest of this segment from upstream.
+	stats := t.Stats()
+	r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
+		"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "error", err,
+		"peers_known", stats.TotalPeers, "peers_active", stats.ActivePeers, "seeders", stats.ConnectedSeeders,
+		"half_open", stats.HalfOpenPeers, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
+	r.s.metrics.stalls.Inc()
+	return r.openDirect(ctx, segPos)
 }
 
-func (r *blobReader) advance(n int) {
-	r.pos += int64(n)
-	r.segPos += int64(n)
-}
-
-// openSegment waits for segment k's torrent and opens a reader on it.
-func (r *blobReader) openSegment() error {
+// openSegment waits for segment k's torrent and opens a reader on it at segPos.
+func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 	seg := r.b.segs[r.k]
-	ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.InfoTimeout)
+	wctx, cancel := context.WithTimeout(ctx, r.s.cfg.InfoTimeout)
 	defer cancel()
 	for {
 		info, t, ready, err := seg.state()
@@ -390,7 +451,7 @@ func (r *blobReader) openSegment() error {
 			// segment is fetched rarest-first, which keeps peers holding different pieces to trade.
 			_, length := r.b.plan.segment(r.k)
 			reader.SetReadahead(min(length, readaheadPieces*r.b.plan.pieceLength))
-			if _, err := reader.Seek(r.segPos, io.SeekStart); err != nil {
+			if _, err := reader.Seek(segPos, io.SeekStart); err != nil {
 				_ = reader.Close()
 				return fmt.Errorf("seek segment %d: %w", r.k, err)
 			}
@@ -398,24 +459,26 @@ func (r *blobReader) openSegment() error {
 			return nil
 		}
 		if err != nil {
-			return r.openDirect()
+			return r.openDirect(ctx, segPos)
 		}
 		select {
 		case <-ready:
-		case <-ctx.Done():
-			if r.ctx.Err() != nil {
-				return r.ctx.Err()
+		case <-wctx.Done():
+			if ctx.Err() != nil {
+				return ctx.Err()
 			}
-			return r.openDirect()
+			return r.openDirect(ctx, segPos)
 		}
 	}
 }
 
-// openDirect reads the rest of segment k straight from upstream.
-func (r *blobReader) openDirect() error {
+// openDirect starts reading the rest of segment k, from segPos, straight from upstream. The
+// segment's torrent stops first, so that no chunk from a peer lands on bytes from upstream.
+func (r *blobReader) openDirect(ctx context.Context, segPos int64) error {
 	r.closeSegment()
+	r.b.segs[r.k].abandon()
 	offset, length := r.b.plan.segment(r.k)
-	rc, _, err := r.s.cfg.Upstream.Blob(r.ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+r.segPos, length-r.segPos)
+	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, length-segPos)
 	if err != nil {
 		return fmt.Errorf("read segment %d of %s from upstream: %w", r.k, r.b.plan.digest, err)
 	}
@@ -423,18 +486,27 @@ func (r *blobReader) openDirect() error {
 	return nil
 }
 
-func (r *blobReader) readDirect(p []byte) (int, error) {
-	n, err := r.direct.Read(p)
-	r.advance(n)
-	r.s.metrics.bytes.WithLabelValues(sourceUpstream).Add(float64(n))
-	if errors.Is(err, io.EOF) {
-		_, length := r.b.plan.segment(r.k)
-		if r.segPos < length {
-			return n, fmt.Errorf("segment %d of %s: upstream ended early: %w", r.k, r.b.plan.digest, io.ErrUnexpectedEOF)
+// copyDirect copies the next block of segment k from upstream into the blob's file.
+func (r *blobReader) copyDirect(segPos int64) error {
+	offset, length := r.b.plan.segment(r.k)
+	bufp, _ := hashBuffers.Get().(*[]byte)
+	defer hashBuffers.Put(bufp)
+	buf := (*bufp)[:min(int64(len(*bufp)), length-segPos)]
+	n, err := io.ReadAtLeast(r.direct, buf, 1)
+	if n > 0 {
+		if _, werr := r.b.file.WriteAt(buf[:n], offset+segPos); werr != nil {
+			return fmt.Errorf("segment %d of %s: write bytes from upstream: %w", r.k, r.b.plan.digest, werr)
+		}
+		r.final += int64(n)
+		r.s.metrics.bytes.WithLabelValues(sourceUpstream).Add(float64(n))
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		if segPos+int64(n) < length {
+			return fmt.Errorf("segment %d of %s: upstream ended early: %w", r.k, r.b.plan.digest, io.ErrUnexpectedEOF)
 		}
 		err = nil
 	}
-	return n, err
+	return err
 }
 
 func (r *blobReader) closeSegment() {
@@ -493,7 +565,8 @@ func (s *Swarm) handover(b *blob) {
 			b.path = ""
 			s.mu.Unlock()
 			if path != "" {
-				if err := os.Remove(path); err != nil {
+				// The store normally moved the file into itself (see store.FileSource).
+				if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 					s.log.Warn("cannot remove a swarm working file", "path", path, "error", err)
 				}
 			}

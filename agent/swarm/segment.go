@@ -26,6 +26,7 @@ type segment struct {
 	ready   chan struct{} // closed when info is set or seeding failed
 	info    []byte
 	t       *torrent.Torrent
+	storage *segmentStorage
 	seeding bool  // a fetch from upstream (or the local store) is running
 	err     error // why the last seeding attempt failed
 	peers   map[netip.AddrPort]time.Time
@@ -63,6 +64,27 @@ func (s *segment) fail(err error) {
 	s.err, s.seeding = err, false
 	close(s.ready)
 	s.ready = make(chan struct{})
+}
+
+func (s *segment) setStorage(st *segmentStorage) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.storage = st
+}
+
+// abandon stops the segment's torrent on this node for good, when its bytes are read from
+// upstream instead: the storage takes no more writes, so no chunk still in flight lands on them,
+// and the torrent is dropped.
+func (s *segment) abandon() {
+	s.mu.Lock()
+	st, t := s.storage, s.t
+	s.mu.Unlock()
+	if st != nil {
+		st.freeze()
+	}
+	if t != nil {
+		t.Drop()
+	}
 }
 
 // startSeeding reports whether the caller should start seeding (nobody else is, and no info yet).

@@ -85,6 +85,19 @@ type segmentStorage struct {
 	mu       sync.Mutex
 	known    []bool
 	complete []bool
+
+	writeMu sync.RWMutex // held for reading by writes, for writing by freeze
+	frozen  bool
+}
+
+// errFrozen is returned by a segment storage that stopped taking writes (see freeze).
+var errFrozen = errors.New("segment abandoned to upstream")
+
+// freeze stops writes into the segment; it returns once no write is in progress.
+func (s *segmentStorage) freeze() {
+	s.writeMu.Lock()
+	s.frozen = true
+	s.writeMu.Unlock()
 }
 
 type completionState int
@@ -178,6 +191,11 @@ var hashBuffers = sync.Pool{New: func() any {
 func (p *segmentPiece) WriteAt(b []byte, off int64) (int, error) {
 	if off+int64(len(b)) > p.length {
 		return 0, fmt.Errorf("write of %d bytes at %d past the end of a %d byte piece", len(b), off, p.length)
+	}
+	p.s.writeMu.RLock()
+	defer p.s.writeMu.RUnlock()
+	if p.s.frozen {
+		return 0, errFrozen
 	}
 	return p.s.file.WriteAt(b, p.off+off)
 }
