@@ -132,7 +132,7 @@ type Swarm struct {
 // early ones at the speed of its whole downlink instead of all of them late.
 func (s *Swarm) seedSlot(ctx context.Context, k int) (release func(), err error) {
 	s.seedingMu.Lock()
-	if s.seeding < seedSlots && len(s.seedWaiters) == 0 {
+	if s.seeding == 0 && len(s.seedWaiters) == 0 {
 		s.seedingLocked(+1)
 		s.seedingMu.Unlock()
 		return s.releaseSeedSlot, nil
@@ -171,7 +171,7 @@ func (s *Swarm) releaseSeedSlot() {
 
 // grantLocked hands a free slot to the waiter with the lowest segment index.
 func (s *Swarm) grantLocked() {
-	if s.seeding >= seedSlots || len(s.seedWaiters) == 0 {
+	if s.seeding > 0 || len(s.seedWaiters) == 0 {
 		return
 	}
 	next := slices.MinFunc(s.seedWaiters, func(a, b *seedWaiter) int { return a.k - b.k })
@@ -179,8 +179,6 @@ func (s *Swarm) grantLocked() {
 	s.seedingLocked(+1)
 	close(next.ready)
 }
-
-const seedSlots = 1
 
 // seedingDownloadRate is the peer download rate of a node while it fetches segments from upstream.
 const seedingDownloadRate = 1 << 20
