@@ -297,6 +297,12 @@ func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (
 		ChunkSize: chunkSize,
 	})
 	if isNew {
+		// Added while this node fetches from upstream: it downloads nothing until that is done.
+		s.seedingMu.Lock()
+		if s.seeding > 0 {
+			t.DisallowDataDownload()
+		}
+		s.seedingMu.Unlock()
 		b.segs[k].setStorage(st)
 		t.SetOnWriteChunkError(func(err error) {
 			s.log.Error("cannot write segment data; dropping the segment", "digest", b.plan.digest, "segment", k, "error", err)
@@ -309,6 +315,9 @@ func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (
 
 // readaheadPieces is how many pieces ahead of the reader are fetched with priority.
 const readaheadPieces = 2
+
+// pausedPoll is how often a reader checks whether paused peer downloads have resumed.
+const pausedPoll = 50 * time.Millisecond
 
 // blobReader follows a blob in order, segment after segment, as its bytes become final in the
 // blob's file: verified pieces of the segments' torrents, or, for a segment the swarm cannot
@@ -393,14 +402,26 @@ func (r *blobReader) step(ctx context.Context) error {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
 		// the pieces just ahead of it urgent. Pieces arrive rarest-first, so the one waited for
 		// may come late while the segment progresses: a segment is stalled when it completes
-		// nothing for StallTimeout, or when the reader has waited twice that long in all (the
-		// content store gives up on a download that delivers nothing for longer).
+		// nothing for StallTimeout (unless this node paused its downloads to fetch a segment
+		// from upstream), or when the reader has waited twice that long in all (the content
+		// store gives up on a download that delivers nothing for longer).
 		before := t.BytesCompleted()
 		wctx, cancel := context.WithTimeout(ctx, r.s.cfg.StallTimeout)
 		n, err = r.reader.ReadContext(wctx, r.probe[:])
 		cancel()
+		seeding := r.s.isSeeding()
+		if n == 0 && err != nil && seeding && ctx.Err() == nil && time.Since(blocked) < 2*r.s.cfg.StallTimeout {
+			// The torrent reader fails at once while downloads are paused: wait for the resume.
+			select {
+			case <-time.After(pausedPoll):
+				continue
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		idle := t.BytesCompleted() == before && !seeding
 		if n > 0 || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) ||
-			t.BytesCompleted() == before || time.Since(blocked) >= 2*r.s.cfg.StallTimeout {
+			idle || time.Since(blocked) >= 2*r.s.cfg.StallTimeout {
 			break
 		}
 	}

@@ -117,14 +117,12 @@ type Swarm struct {
 	mu    sync.Mutex
 	blobs map[string]*blob
 
-	// While this node fetches segments from upstream for the cluster, its peer downloads are
-	// throttled: the upstream fetch then has the node's downlink to itself, and every other node
-	// is waiting for that segment to be published.
-	seedingMu       sync.Mutex
-	seeding         int
-	seedWaiters     []*seedWaiter
-	downloadLimit   rate.Limit
-	downloadLimiter *rate.Limiter
+	// While this node fetches segments from upstream for the cluster, it asks peers for nothing:
+	// the upstream fetch then has the node's downlink to itself, and every other node is waiting
+	// for that segment to be published.
+	seedingMu   sync.Mutex
+	seeding     int
+	seedWaiters []*seedWaiter
 }
 
 // seedSlot waits until this node may start fetching a segment from upstream. A node fetches
@@ -180,18 +178,30 @@ func (s *Swarm) grantLocked() {
 	close(next.ready)
 }
 
-// seedingDownloadRate is the peer download rate of a node while it fetches segments from upstream.
-const seedingDownloadRate = 1 << 20
-
-// seedingLocked counts upstream fetches in progress and throttles peer downloads meanwhile.
+// seedingLocked counts upstream fetches in progress and pauses peer downloads meanwhile. Merely
+// reading peers' data slowly is not enough: the chunks already requested from dozens of peers
+// keep the node's downlink queue full, and a registry's packets wait behind them (measured: a
+// 16 MiB segment took 15 s instead of 2). Pausing cancels those requests.
 func (s *Swarm) seedingLocked(delta int) {
 	s.seeding += delta
 	switch {
 	case s.seeding == 0:
-		s.downloadLimiter.SetLimit(s.downloadLimit)
-	case s.seeding == delta && s.downloadLimit > seedingDownloadRate:
-		s.downloadLimiter.SetLimit(seedingDownloadRate)
+		for _, t := range s.client.Torrents() {
+			t.AllowDataDownload()
+		}
+	case s.seeding == delta:
+		for _, t := range s.client.Torrents() {
+			t.DisallowDataDownload()
+		}
 	}
+}
+
+// isSeeding reports whether this node is fetching a segment from upstream (so its peer downloads
+// are paused).
+func (s *Swarm) isSeeding() bool {
+	s.seedingMu.Lock()
+	defer s.seedingMu.Unlock()
+	return s.seeding > 0
 }
 
 // New starts the torrent client on cfg.PeerListener.
@@ -276,14 +286,9 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}
-	// The download limiter is always installed: it also throttles peer downloads while this node
-	// fetches a segment from upstream (see seedingStarted).
-	s.downloadLimit = rate.Inf
 	if cfg.MaxDownloadRate > 0 {
-		s.downloadLimit = rate.Limit(cfg.MaxDownloadRate)
+		cc.DownloadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxDownloadRate), 1<<20)
 	}
-	s.downloadLimiter = rate.NewLimiter(s.downloadLimit, 1<<20)
-	cc.DownloadRateLimiter = s.downloadLimiter
 	client, err := torrent.NewClient(cc)
 	if err != nil {
 		return nil, fmt.Errorf("start torrent client: %w", err)
