@@ -184,12 +184,11 @@ func (s *Swarm) grantLocked() {
 // 16 MiB segment took 15 s instead of 2). Pausing cancels those requests.
 func (s *Swarm) seedingLocked(delta int) {
 	s.seeding += delta
-	switch {
-	case s.seeding == 0:
+	if s.seeding == 0 {
 		for _, t := range s.client.Torrents() {
 			t.AllowDataDownload()
 		}
-	case s.seeding == delta:
+	} else if s.seeding == delta {
 		for _, t := range s.client.Torrents() {
 			t.DisallowDataDownload()
 		}
