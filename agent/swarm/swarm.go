@@ -183,12 +183,14 @@ func (s *Swarm) grantLocked() {
 // keep the node's downlink queue full, and a registry's packets wait behind them (measured: a
 // 16 MiB segment took 15 s instead of 2). Pausing cancels those requests.
 func (s *Swarm) seedingLocked(delta int) {
+	before := s.seeding
 	s.seeding += delta
-	if s.seeding == 0 {
+	switch {
+	case s.seeding == 0:
 		for _, t := range s.client.Torrents() {
 			t.AllowDataDownload()
 		}
-	} else if s.seeding == delta {
+	case before == 0:
 		for _, t := range s.client.Torrents() {
 			t.DisallowDataDownload()
 		}
