@@ -305,6 +305,9 @@ func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (
 		s.seedingMu.Unlock()
 		b.segs[k].setStorage(st)
 		t.SetOnWriteChunkError(func(err error) {
+			if errors.Is(err, errFrozen) {
+				return // a late chunk of a piece read from upstream instead
+			}
 			s.log.Error("cannot write segment data; dropping the segment", "digest", b.plan.digest, "segment", k, "error", err)
 			t.Drop()
 		})
@@ -397,6 +400,7 @@ func (r *blobReader) step(ctx context.Context) error {
 	_, t, _, _ := r.b.segs[r.k].state()
 	var n int
 	var err error
+	var idle bool
 	blocked := time.Now()
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
@@ -406,10 +410,11 @@ func (r *blobReader) step(ctx context.Context) error {
 		// from upstream), or when the reader has waited twice that long in all (the content
 		// store gives up on a download that delivers nothing for longer).
 		before := t.BytesCompleted()
+		wasSeeding := r.s.isSeeding()
 		wctx, cancel := context.WithTimeout(ctx, r.s.cfg.StallTimeout)
 		n, err = r.reader.ReadContext(wctx, r.probe[:])
 		cancel()
-		seeding := r.s.isSeeding()
+		seeding := wasSeeding || r.s.isSeeding()
 		if n == 0 && err != nil && seeding && ctx.Err() == nil && time.Since(blocked) < 2*r.s.cfg.StallTimeout {
 			// The torrent reader fails at once while downloads are paused: wait for the resume.
 			select {
@@ -419,7 +424,7 @@ func (r *blobReader) step(ctx context.Context) error {
 				return ctx.Err()
 			}
 		}
-		idle := t.BytesCompleted() == before && !seeding
+		idle = t.BytesCompleted() == before && !seeding
 		if n > 0 || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) ||
 			idle || time.Since(blocked) >= 2*r.s.cfg.StallTimeout {
 			break
@@ -446,14 +451,52 @@ func (r *blobReader) step(ctx context.Context) error {
 	if err != nil && errors.Is(err, io.EOF) {
 		return fmt.Errorf("segment %d of %s: torrent ended at %d of %d bytes: %w", r.k, r.b.plan.digest, segPos, length, io.ErrUnexpectedEOF)
 	}
-	// The swarm made no progress: read the rest of this segment from upstream.
 	stats := t.Stats()
+	r.s.metrics.stalls.Inc()
+	if !idle && errors.Is(err, context.DeadlineExceeded) {
+		// The segment progresses but the piece the reader needs does not come: read that piece
+		// alone from upstream and go on with the swarm.
+		r.s.log.Info("piece late in the swarm; reading it from upstream",
+			"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
+		return r.copyPiece(ctx, t, segPos)
+	}
+	// The swarm made no progress: read the rest of this segment from upstream.
 	r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
 		"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "error", err,
 		"peers_known", stats.TotalPeers, "peers_active", stats.ActivePeers, "seeders", stats.ConnectedSeeders,
 		"half_open", stats.HalfOpenPeers, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
-	r.s.metrics.stalls.Inc()
 	return r.openDirect(ctx, segPos)
+}
+
+// copyPiece reads the rest of the piece at segPos from upstream into the blob's file, after
+// stopping the segment's torrent from writing or requesting that piece, and moves the torrent
+// reader past it.
+func (r *blobReader) copyPiece(ctx context.Context, t *torrent.Torrent, segPos int64) error {
+	offset, length := r.b.plan.segment(r.k)
+	pl := r.b.plan.pieceLength
+	i := int(segPos / pl)
+	end := min(int64(i+1)*pl, length)
+	r.b.segs[r.k].takeOverPiece(i)
+	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, end-segPos)
+	if err != nil {
+		return fmt.Errorf("read piece %d of segment %d of %s from upstream: %w", i, r.k, r.b.plan.digest, err)
+	}
+	r.direct = rc
+	for r.final < offset+end {
+		if err := r.copyDirect(r.final - offset); err != nil {
+			r.direct = nil
+			_ = rc.Close()
+			return err
+		}
+	}
+	r.direct = nil
+	_ = rc.Close()
+	if end < length {
+		if _, err := r.reader.Seek(end, io.SeekStart); err != nil {
+			return fmt.Errorf("seek segment %d: %w", r.k, err)
+		}
+	}
+	return nil
 }
 
 // openSegment waits for segment k's torrent and opens a reader on it at segPos.

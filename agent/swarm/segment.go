@@ -72,6 +72,20 @@ func (s *segment) setStorage(st *segmentStorage) {
 	s.storage = st
 }
 
+// takeOverPiece stops the segment's torrent from writing or requesting piece i, whose bytes
+// this node reads from upstream instead.
+func (s *segment) takeOverPiece(i int) {
+	s.mu.Lock()
+	st, t := s.storage, s.t
+	s.mu.Unlock()
+	if st != nil {
+		st.freezePiece(i)
+	}
+	if t != nil {
+		t.CancelPieces(i, i+1)
+	}
+}
+
 // abandon stops the segment's torrent on this node for good, when its bytes are read from
 // upstream instead: the storage takes no more writes, so no chunk still in flight lands on them,
 // and the torrent is dropped.

@@ -86,12 +86,24 @@ type segmentStorage struct {
 	known    []bool
 	complete []bool
 
-	writeMu sync.RWMutex // held for reading by writes, for writing by freeze
-	frozen  bool
+	writeMu      sync.RWMutex // held for reading by writes, for writing by freeze
+	frozen       bool
+	frozenPieces map[int]bool
 }
 
-// errFrozen is returned by a segment storage that stopped taking writes (see freeze).
-var errFrozen = errors.New("segment abandoned to upstream")
+// errFrozen is returned by a segment storage, or a piece, that stopped taking writes (see
+// freeze and freezePiece): its bytes came from upstream instead.
+var errFrozen = errors.New("read from upstream instead")
+
+// freezePiece stops writes into piece i; it returns once no write is in progress.
+func (s *segmentStorage) freezePiece(i int) {
+	s.writeMu.Lock()
+	if s.frozenPieces == nil {
+		s.frozenPieces = map[int]bool{}
+	}
+	s.frozenPieces[i] = true
+	s.writeMu.Unlock()
+}
 
 // freeze stops writes into the segment; it returns once no write is in progress.
 func (s *segmentStorage) freeze() {
@@ -194,7 +206,7 @@ func (p *segmentPiece) WriteAt(b []byte, off int64) (int, error) {
 	}
 	p.s.writeMu.RLock()
 	defer p.s.writeMu.RUnlock()
-	if p.s.frozen {
+	if p.s.frozen || p.s.frozenPieces[p.index] {
 		return 0, errFrozen
 	}
 	return p.s.file.WriteAt(b, p.off+off)

@@ -62,7 +62,7 @@ const (
 	// two processes unshaped, but on the shaped testbed 16 KiB cost less CPU and memory in all
 	// (N = 16: 59 vs 65–72 agent CPU-s, 152 vs 161–181 MiB peak RSS) at the same completion time.
 	chunkSize       = 64 << 10
-	maxPeerRequests = 1024                  // anacrolix/torrent's request queue per connection (reqq)
+	maxPeerRequests = 1024                    // anacrolix/torrent's request queue per connection (reqq)
 	requestsPerConn = (512 << 10) / chunkSize // requests this node keeps outstanding at one peer (512 KiB)
 	// peersPerAnswer is how many neighbours a seeder hands each peer of a segment (see
 	// neighbours): peers then have about 5 to 10 connections per segment at any cluster size.
@@ -247,7 +247,7 @@ func New(cfg Config) (*Swarm, error) {
 	}
 
 	cc := torrent.NewDefaultClientConfig()
-	cc.Slogger = cfg.Logger.With("component", "torrent")
+	cc.Slogger = slog.New(torrentLogHandler{cfg.Logger.Handler()}).With("component", "torrent")
 	cc.DataDir = cfg.Dir
 	cc.Seed = true
 	cc.NoDHT = true

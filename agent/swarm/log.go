@@ -1,0 +1,41 @@
+package swarm
+
+import (
+	"context"
+	"log/slog"
+)
+
+// torrentLogHandler passes the torrent client's records on, except that it turns the errors its
+// readers log on every failed read into debug records: the swarm's reader makes reads time out
+// on purpose (to notice stalls) and handles every failure itself, so at error level they would
+// bury real problems (hundreds per rollout at 32 nodes).
+type torrentLogHandler struct{ slog.Handler }
+
+var readerRetryMessages = map[string]bool{
+	"initial read failed":                 true,
+	"read failed after reader reset":      true,
+	"read failed after completion resync": true,
+}
+
+func (h torrentLogHandler) Enabled(ctx context.Context, level slog.Level) bool {
+	// Error records may be demoted in Handle, which needs to see them.
+	return level >= slog.LevelError || h.Handler.Enabled(ctx, level)
+}
+
+func (h torrentLogHandler) Handle(ctx context.Context, r slog.Record) error {
+	if r.Level == slog.LevelError && readerRetryMessages[r.Message] {
+		if !h.Handler.Enabled(ctx, slog.LevelDebug) {
+			return nil
+		}
+		r.Level = slog.LevelDebug
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h torrentLogHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return torrentLogHandler{h.Handler.WithAttrs(attrs)}
+}
+
+func (h torrentLogHandler) WithGroup(name string) slog.Handler {
+	return torrentLogHandler{h.Handler.WithGroup(name)}
+}
