@@ -458,7 +458,7 @@ func (r *blobReader) step(ctx context.Context) error {
 		// alone from upstream and go on with the swarm.
 		r.s.log.Info("piece late in the swarm; reading it from upstream",
 			"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
-		return r.copyPiece(ctx, t, segPos)
+		return r.copyPiece(ctx, segPos)
 	}
 	// The swarm made no progress: read the rest of this segment from upstream.
 	r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
@@ -471,7 +471,7 @@ func (r *blobReader) step(ctx context.Context) error {
 // copyPiece reads the rest of the piece at segPos from upstream into the blob's file, after
 // stopping the segment's torrent from writing or requesting that piece, and moves the torrent
 // reader past it.
-func (r *blobReader) copyPiece(ctx context.Context, t *torrent.Torrent, segPos int64) error {
+func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
 	offset, length := r.b.plan.segment(r.k)
 	pl := r.b.plan.pieceLength
 	i := int(segPos / pl)
