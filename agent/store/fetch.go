@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"io/fs"
 	"os"
@@ -115,7 +116,8 @@ func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) 
 		return nil, err
 	}
 	// The file is known once the source has answered (a FileSource names its own).
-	f, err := os.Open(dl.filePath())
+	path, _ := dl.file()
+	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		if err := dl.failure(); err != nil {
 			return nil, err
@@ -247,7 +249,7 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 	if inPlace {
 		// The store's own temporary file is not needed; readers open the source's file.
 		_ = f.Close()
-		s.removeTemp(dl.filePath())
+		s.removeTemp(f.Name())
 		dl.adopt(fsrc.FilePath())
 		dl.markOpened(size)
 		return s.hashInPlace(dl, fsrc, size, stall)
@@ -286,8 +288,14 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 	if size >= 0 && n != size {
 		return n, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent %d of the %d bytes it announced", d, ErrSizeMismatch, n, size)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != d.Hex {
-		return n, resultDigestMismatch, fmt.Errorf("fetch %s: %w: source sent bytes with digest sha256:%s", d, ErrDigestMismatch, got)
+	return dl.verify(h, n)
+}
+
+// verify completes a download of n bytes whose sha256 state is h, or fails it if the digest
+// differs.
+func (dl *download) verify(h hash.Hash, n int64) (int64, string, error) {
+	if got := hex.EncodeToString(h.Sum(nil)); got != dl.digest.Hex {
+		return n, resultDigestMismatch, fmt.Errorf("fetch %s: %w: source sent bytes with digest sha256:%s", dl.digest, ErrDigestMismatch, got)
 	}
 	dl.complete(n)
 	return n, resultOK, nil
@@ -325,11 +333,7 @@ func (s *Store) hashInPlace(dl *download, src FileSource, size int64, stall *tim
 			dl.release(n - 1) // the last byte waits for the digest check
 		}
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != d.Hex {
-		return n, resultDigestMismatch, fmt.Errorf("fetch %s: %w: source sent bytes with digest sha256:%s", d, ErrDigestMismatch, got)
-	}
-	dl.complete(n)
-	return n, resultOK, nil
+	return dl.verify(h, n)
 }
 
 // openSource calls src, but gives up when ctx ends even if src ignores ctx: a download must
@@ -376,7 +380,8 @@ func (s *Store) reserve(dl *download, n int64) error {
 // commit makes a verified download a complete blob. Readers already have every byte; a failure
 // here only means the store does not keep it.
 func (s *Store) commit(dl *download, f ingestFile, n int64) error {
-	path, own := dl.filePath(), dl.owned()
+	source, own := dl.file()
+	path := source
 	var err error
 	if own {
 		// Durable before visible: after a crash, a file under its digest must hold the whole blob.
@@ -384,8 +389,8 @@ func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
-	} else if path, err = s.adoptFile(path); err != nil {
-		err = fmt.Errorf("adopt %s: %w", dl.filePath(), err)
+	} else if path, err = s.adoptFile(source); err != nil {
+		err = fmt.Errorf("adopt %s: %w", source, err)
 	}
 	s.mu.Lock()
 	delete(s.inflight, dl.digest.Hex)
@@ -400,7 +405,7 @@ func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 		s.index[e.hex] = e
 		s.used += n
 		accessed = e.lastAccess
-	} else if own || (path != "" && path != dl.filePath()) {
+	} else if own || (path != "" && path != source) {
 		s.removeTemp(path) // the store's temporary file, or its copy of a FileSource's
 	}
 	s.mu.Unlock()
@@ -421,8 +426,8 @@ func (s *Store) discard(dl *download, f ingestFile) {
 	s.mu.Lock()
 	delete(s.inflight, dl.digest.Hex)
 	s.reserved -= dl.reserved
-	if dl.owned() {
-		s.removeTemp(dl.filePath())
+	if path, own := dl.file(); own {
+		s.removeTemp(path)
 	}
 	s.mu.Unlock()
 }
@@ -526,16 +531,11 @@ func (dl *download) broadcastLocked() {
 	dl.changed = make(chan struct{})
 }
 
-func (dl *download) filePath() string {
+// file returns the file being filled and whether it is the store's own temporary file.
+func (dl *download) file() (path string, own bool) {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
-	return dl.path
-}
-
-func (dl *download) owned() bool {
-	dl.mu.Lock()
-	defer dl.mu.Unlock()
-	return dl.own
+	return dl.path, dl.own
 }
 
 // adopt makes a FileSource's file the one readers open.

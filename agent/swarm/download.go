@@ -448,7 +448,7 @@ func (r *blobReader) step(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	if err != nil && errors.Is(err, io.EOF) {
+	if errors.Is(err, io.EOF) {
 		return fmt.Errorf("segment %d of %s: torrent ended at %d of %d bytes: %w", r.k, r.b.plan.digest, segPos, length, io.ErrUnexpectedEOF)
 	}
 	stats := t.Stats()

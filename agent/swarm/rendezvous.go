@@ -78,8 +78,7 @@ func hashPrefix(key string) []byte {
 
 // weight hashes prefix (from hashPrefix) followed by m's address, reusing prefix's capacity.
 func weight(prefix []byte, m netip.AddrPort) uint64 {
-	m = netip.AddrPortFrom(m.Addr().Unmap(), m.Port())
-	sum := sha256.Sum256(m.AppendTo(prefix))
+	sum := sha256.Sum256(unmapAddrPort(m).AppendTo(prefix))
 	return binary.BigEndian.Uint64(sum[:8])
 }
 
@@ -107,12 +106,9 @@ func neighbours(key string, x netip.AddrPort, candidates []netip.AddrPort, degre
 
 // pairWeight is the rendezvous weight of the unordered pair {a, b} for key.
 func pairWeight(key string, a, b netip.AddrPort) uint64 {
-	a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
-	b = netip.AddrPortFrom(b.Addr().Unmap(), b.Port())
+	a, b = unmapAddrPort(a), unmapAddrPort(b)
 	if b.Compare(a) < 0 {
 		a, b = b, a
 	}
-	buf := b.AppendTo(append(a.AppendTo(hashPrefix(key)), 0))
-	sum := sha256.Sum256(buf)
-	return binary.BigEndian.Uint64(sum[:8])
+	return weight(append(a.AppendTo(hashPrefix(key)), 0), b)
 }

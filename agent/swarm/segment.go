@@ -127,18 +127,13 @@ func (s *segment) addPeer(key string, self, p netip.AddrPort, now time.Time, deg
 	for addr := range s.peers {
 		candidates = append(candidates, addr)
 	}
-	if self.IsValid() && !s.hasPeerLocked(self) {
+	if _, asked := s.peers[self]; self.IsValid() && !asked {
 		candidates = append(candidates, self)
 	}
 	if p.IsValid() {
 		s.peers[p] = now
 	}
 	return neighbours(key, p, candidates, degree)
-}
-
-func (s *segment) hasPeerLocked(p netip.AddrPort) bool {
-	_, ok := s.peers[p]
-	return ok
 }
 
 // sha1Size is the length of a BitTorrent v1 piece hash.

@@ -86,8 +86,7 @@ type segmentStorage struct {
 	known    []bool
 	complete []bool
 
-	writeMu      sync.RWMutex // held for reading by writes, for writing by freeze
-	frozen       bool
+	writeMu      sync.RWMutex // held for reading by writes, for writing by freeze and freezePiece
 	frozenPieces map[int]bool
 }
 
@@ -96,20 +95,20 @@ type segmentStorage struct {
 var errFrozen = errors.New("read from upstream instead")
 
 // freezePiece stops writes into piece i; it returns once no write is in progress.
-func (s *segmentStorage) freezePiece(i int) {
+func (s *segmentStorage) freezePiece(i int) { s.freezePieces(i, i+1) }
+
+// freeze stops writes into the segment; it returns once no write is in progress.
+func (s *segmentStorage) freeze() { s.freezePieces(0, len(s.known)) }
+
+func (s *segmentStorage) freezePieces(from, to int) {
 	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
 	if s.frozenPieces == nil {
 		s.frozenPieces = map[int]bool{}
 	}
-	s.frozenPieces[i] = true
-	s.writeMu.Unlock()
-}
-
-// freeze stops writes into the segment; it returns once no write is in progress.
-func (s *segmentStorage) freeze() {
-	s.writeMu.Lock()
-	s.frozen = true
-	s.writeMu.Unlock()
+	for i := from; i < to; i++ {
+		s.frozenPieces[i] = true
+	}
 }
 
 type completionState int
@@ -175,26 +174,14 @@ func (p *segmentPiece) ReadAt(b []byte, off int64) (int, error) {
 func (p *segmentPiece) WriteTo(w io.Writer) (int64, error) {
 	bufp, _ := hashBuffers.Get().(*[]byte)
 	defer hashBuffers.Put(bufp)
-	buf := *bufp
-	var written int64
-	for written < p.length {
-		chunk := buf[:min(int64(len(buf)), p.length-written)]
-		n, err := p.ReadAt(chunk, written)
-		if n > 0 {
-			m, werr := w.Write(chunk[:n])
-			written += int64(m)
-			if werr != nil {
-				return written, werr
-			}
-		}
-		if err != nil {
-			return written, err
-		}
+	n, err := io.CopyBuffer(w, io.NewSectionReader(p, 0, p.length), *bufp)
+	if err == nil && n < p.length {
+		err = io.EOF // the file ends inside the piece
 	}
-	return written, nil
+	return n, err
 }
 
-// hashBuffers are WriteTo's read buffers.
+// hashBuffers are the read buffers of WriteTo and of copies from upstream into a blob's file.
 var hashBuffers = sync.Pool{New: func() any {
 	b := make([]byte, 256<<10)
 	return &b
@@ -206,7 +193,7 @@ func (p *segmentPiece) WriteAt(b []byte, off int64) (int, error) {
 	}
 	p.s.writeMu.RLock()
 	defer p.s.writeMu.RUnlock()
-	if p.s.frozen || p.s.frozenPieces[p.index] {
+	if p.s.frozenPieces[p.index] {
 		return 0, errFrozen
 	}
 	return p.s.file.WriteAt(b, p.off+off)
