@@ -9,6 +9,7 @@ import (
 	"hash"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -119,7 +120,9 @@ func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) 
 	path, _ := dl.file()
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		if err := dl.failure(); err != nil {
+		// The file moved away: the download either committed or failed and was discarded just
+		// now. Its outcome is set right after either, so wait for it rather than guess.
+		if _, err := dl.wait(ctx, nil, math.MaxInt64); err != nil {
 			return nil, err
 		}
 		if !retried {
