@@ -91,7 +91,9 @@ func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) 
 	fb, err := s.openCompleteLocked(d)
 	if err == nil {
 		s.mu.Unlock()
-		s.metrics.hits.Inc()
+		if !retried { // a retry was counted as a miss already
+			s.metrics.hits.Inc()
+		}
 		s.persistAccess(d, fb.accessed)
 		return fb, nil
 	}
@@ -99,7 +101,9 @@ func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) 
 		s.mu.Unlock()
 		return nil, fmt.Errorf("fetch %s: %w", d, err)
 	}
-	s.metrics.misses.Inc()
+	if !retried {
+		s.metrics.misses.Inc()
+	}
 	dl := s.inflight[d.Hex]
 	if dl == nil {
 		if dl, err = s.startLocked(ctx, d, src); err != nil {
