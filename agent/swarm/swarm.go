@@ -63,7 +63,9 @@ const (
 	// S/B once the request queue per connection was capped; 16 KiB had looked cheaper only while
 	// peers queued up to 1024 requests each). 256 KiB was worse again (RSS 350 MiB).
 	chunkSize       = 64 << 10
-	maxPeerRequests = 1024                    // anacrolix/torrent's request queue per connection (reqq)
+	maxPeerRequests = 1024 // anacrolix/torrent's request queue per connection (reqq)
+	// writerBackstop is how long a connection's writer sleeps at most (see KeepAliveTimeout).
+	writerBackstop  = 250 * time.Millisecond
 	requestsPerConn = (512 << 10) / chunkSize // requests this node keeps outstanding at one peer (512 KiB)
 	// peersPerAnswer is how many neighbours a seeder hands each peer of a segment (see
 	// neighbours): peers then have about 5 to 10 connections per segment at any cluster size.
@@ -287,6 +289,13 @@ func New(cfg Config) (*Swarm, error) {
 	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
 		m.Reqq = requestsPerConn
 	}
+	// A connection's writer in this client version can miss a wakeup: a chunk read for a peer, or
+	// a request update, that lands between the writer's last look and its wait sits unsent until
+	// the writer's keepalive timer fires (anacrolix/torrent#1070, fixed in v1.62.0, whose
+	// dependencies the module proxy does not serve). The peer, whose few requests are all
+	// outstanding, then waits too: under load segments stalled for the whole StallTimeout and were
+	// read from upstream again. The keepalive timer is the only backstop, so it fires often.
+	cc.KeepAliveTimeout = writerBackstop
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}
