@@ -402,16 +402,17 @@ func (r *blobReader) step(ctx context.Context) error {
 	var err error
 	var idle bool
 	blocked := time.Now()
+	progressed, completed := blocked, t.BytesCompleted() // the segment's last progress
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
 		// the pieces just ahead of it urgent. Pieces arrive rarest-first, so the one waited for
 		// may come late while the segment progresses: a segment is stalled when it completes
 		// nothing for StallTimeout (unless this node paused its downloads to fetch a segment
 		// from upstream), or when the reader has waited twice that long in all (the content
-		// store gives up on a download that delivers nothing for longer).
-		before := t.BytesCompleted()
+		// store gives up on a download that delivers nothing for longer). The wait is cut into
+		// slices so that a segment idle for one slice gets its requests re-sent (see nudge).
 		wasSeeding := r.s.isSeeding()
-		wctx, cancel := context.WithTimeout(ctx, r.s.cfg.StallTimeout)
+		wctx, cancel := context.WithTimeout(ctx, r.s.nudgeAfter())
 		n, err = r.reader.ReadContext(wctx, r.probe[:])
 		cancel()
 		seeding := wasSeeding || r.s.isSeeding()
@@ -419,14 +420,23 @@ func (r *blobReader) step(ctx context.Context) error {
 			// The torrent reader fails at once while downloads are paused: wait for the resume.
 			select {
 			case <-time.After(pausedPoll):
+				progressed = time.Now()
 				continue
 			case <-ctx.Done():
 				return ctx.Err()
 			}
 		}
-		idle = t.BytesCompleted() == before && !seeding
-		if n > 0 || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) ||
-			idle || time.Since(blocked) >= 2*r.s.cfg.StallTimeout {
+		if n > 0 || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
+			break
+		}
+		now := time.Now()
+		if c := t.BytesCompleted(); c != completed || seeding {
+			progressed, completed = now, c
+		} else {
+			r.s.nudge(t)
+		}
+		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
+		if idle || now.Sub(blocked) >= 2*r.s.cfg.StallTimeout {
 			break
 		}
 	}

@@ -15,6 +15,7 @@ type metrics struct {
 	bytes          *prometheus.CounterVec
 	seederFailures prometheus.Counter
 	stalls         prometheus.Counter
+	nudges         prometheus.Counter
 	completion     prometheus.Histogram
 }
 
@@ -32,6 +33,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
 			Help: "Segments whose swarm download made no progress for the stall timeout and were read from upstream.",
 		}),
+		nudges: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "request_nudges_total",
+			Help: "Times a segment the reader waited for made no progress for a second and this node cancelled and re-sent its requests for it.",
+		}),
 		completion: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "blob_completion_seconds",
 			Help:    "Time from the first request of a blob on this node until its last byte was read.",
@@ -44,7 +49,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 	stats := func(f func(cs statsView) float64) func() float64 {
 		return func() float64 { return f(s.stats()) }
 	}
-	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.completion,
+	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.nudges, m.completion,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",

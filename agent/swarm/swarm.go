@@ -30,6 +30,7 @@ import (
 	"time"
 
 	"github.com/anacrolix/torrent"
+	"github.com/anacrolix/torrent/bencode"
 	"github.com/anacrolix/torrent/mse"
 	pp "github.com/anacrolix/torrent/peer_protocol"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -200,6 +201,45 @@ func (s *Swarm) seedingLocked(delta int) {
 	}
 }
 
+// nudge wakes every connection of torrent t at both ends, unless this node's downloads are
+// paused anyway. The torrent client in use can lose a connection writer's wakeup
+// (anacrolix/torrent#1070, fixed only in a release whose dependencies the module proxy does not
+// serve): a chunk a peer has read for this node, or this node's next requests, then wait unsent
+// until the connection's keepalive a minute later, and the segment stalls for the whole
+// StallTimeout before it is read from upstream again. Cancelling and re-sending this node's
+// requests makes each peer write rejects, which wakes the peer's writer; a message that the
+// peer ignores (a ut_metadata reject) wakes this node's. Firing every writer's keepalive timer
+// often instead cost more CPU than it saved (N = 32: every second, 6 more agent CPU-s).
+func (s *Swarm) nudge(t *torrent.Torrent) {
+	s.seedingMu.Lock()
+	defer s.seedingMu.Unlock()
+	if s.seeding > 0 {
+		return
+	}
+	t.DisallowDataDownload()
+	t.AllowDataDownload()
+	for _, pc := range t.PeerConns() {
+		_ = pc.WriteExtendedMessage(pp.ExtensionNameMetadata, wakeMessage)
+	}
+	s.metrics.nudges.Inc()
+	s.log.Debug("segment idle; requests re-sent", "torrent", t.InfoHash())
+}
+
+// wakeMessage is a ut_metadata reject: a message every peer accepts and ignores.
+var wakeMessage = func() []byte {
+	b, err := bencode.Marshal(pp.ExtendedMetadataRequestMsg{Type: pp.RejectMetadataExtensionMsgType})
+	if err != nil {
+		panic(err)
+	}
+	return b
+}()
+
+// nudgeAfter is how long a segment the reader waits for may make no progress before its
+// requests are re-sent (see nudge).
+func (s *Swarm) nudgeAfter() time.Duration {
+	return min(time.Second, s.cfg.StallTimeout/3)
+}
+
 // isSeeding reports whether this node is fetching a segment from upstream (so its peer downloads
 // are paused).
 func (s *Swarm) isSeeding() bool {
@@ -289,13 +329,6 @@ func New(cfg Config) (*Swarm, error) {
 	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
 		m.Reqq = requestsPerConn
 	}
-	// A connection's writer in this client version can miss a wakeup: a chunk read for a peer, or
-	// a request update, that lands between the writer's last look and its wait sits unsent until
-	// the writer's keepalive timer fires (anacrolix/torrent#1070, fixed in v1.62.0, whose
-	// dependencies the module proxy does not serve). The peer, whose few requests are all
-	// outstanding, then waits too: under load segments stalled for the whole StallTimeout and were
-	// read from upstream again. The keepalive timer is the only backstop, so it fires often.
-	cc.KeepAliveTimeout = writerBackstop
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}
