@@ -122,24 +122,32 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 		}
 		seg.publish(answer.Info, t)
 		s.addPeers(t, answer.Peers)
-		go s.announce(b, k, seeder)
+		go s.announce(b, k, seeder, answer.Peers)
 		return nil
 	}
 }
 
 // announce asks the seeder for fresh peers until the segment is complete here, as a tracker
-// announce would; a seeder that disappears just stops being asked.
-func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort) {
+// announce would; a seeder that disappears just stops being asked. The peers a seeder names
+// change only while nodes join the segment, which they do within seconds of each other in a
+// rollout, so the interval doubles, up to maxAnnounceInterval, each time the answer names no
+// peer it has not named before (at N = 32, announcing every 2 s took 2 % of the agents' CPU).
+func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, peers []string) {
 	_, t, _, _ := b.segs[k].state()
-	ticker := time.NewTicker(announceInterval)
-	defer ticker.Stop()
+	interval := announceInterval
+	timer := time.NewTimer(interval)
+	defer timer.Stop()
+	named := map[string]bool{}
+	for _, p := range peers {
+		named[p] = true
+	}
 	for {
 		select {
 		case <-t.Complete().On():
 			return
 		case <-t.Closed():
 			return
-		case <-ticker.C:
+		case <-timer.C:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		answer, err := s.requestSegment(ctx, seeder, b, k)
@@ -147,7 +155,19 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort) {
 		if err != nil {
 			return
 		}
-		s.addPeers(t, answer.Peers)
+		fresh := false
+		for _, p := range answer.Peers {
+			if !named[p] {
+				named[p], fresh = true, true
+			}
+		}
+		if fresh {
+			interval = announceInterval
+			s.addPeers(t, answer.Peers)
+		} else {
+			interval = min(2*interval, maxAnnounceInterval)
+		}
+		timer.Reset(interval)
 	}
 }
 

@@ -70,10 +70,11 @@ const (
 	requestsPerConn = (512 << 10) / chunkSize // requests this node keeps outstanding at one peer (512 KiB)
 	// peersPerAnswer is how many neighbours a seeder hands each peer of a segment (see
 	// neighbours): peers then have about 5 to 10 connections per segment at any cluster size.
-	peersPerAnswer     = 5
-	announceInterval   = 2 * time.Second
-	controlDialTimeout = 300 * time.Millisecond
-	seederRetryPause   = 100 * time.Millisecond
+	peersPerAnswer      = 5
+	announceInterval    = 2 * time.Second
+	maxAnnounceInterval = 16 * time.Second
+	controlDialTimeout  = 300 * time.Millisecond
+	seederRetryPause    = 100 * time.Millisecond
 	// seederTimeoutsToFail is how many timed-out requests in a row make a live seeder count as
 	// failed: about 1.2 s for one that black-holes packets before the next one takes over.
 	seederTimeoutsToFail = 3
