@@ -72,6 +72,9 @@ type SwarmConfig struct {
 	SegmentSize, PieceLength int64
 	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited.
 	MaxUploadRate, MaxDownloadRate int64
+	// IdleTimeout is how long a blob without readers keeps seeding after its last transfer, and
+	// how long an unused working file is kept; 0 = swarm.DefaultIdleTimeout.
+	IdleTimeout time.Duration
 }
 
 // Validate checks the configuration and says what to fix.
@@ -227,6 +230,7 @@ func startSwarm(ctx context.Context, cfg Config, blobs *store.Store, client *ups
 		PieceLength:     cfg.Swarm.PieceLength,
 		MaxUploadRate:   cfg.Swarm.MaxUploadRate,
 		MaxDownloadRate: cfg.Swarm.MaxDownloadRate,
+		IdleTimeout:     cfg.Swarm.IdleTimeout,
 		Logger:          log,
 		Registerer:      reg,
 	})

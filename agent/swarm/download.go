@@ -37,7 +37,7 @@ func (s *Swarm) Source(registry, repo string, d v1.Hash) store.Source {
 		s.mu.Lock()
 		path := b.path
 		s.mu.Unlock()
-		r := &blobReader{s: s, b: b, ctx: ctx, path: path}
+		r := &blobReader{s: s, b: b, ctx: ctx, path: path, done: b.addReader()}
 		if path == "" {
 			// Handed over to the content store already (which asks again only if it has lost
 			// the blob since): the bytes can be read, but there is no file to adopt.
@@ -359,6 +359,7 @@ type blobReader struct {
 	reader torrent.Reader // of segment k, when following it in the swarm
 	direct io.ReadCloser  // the rest of segment k from upstream, when the swarm could not deliver it
 	probe  [1]byte
+	done   func() // tells the blob this reader is gone
 }
 
 var _ store.FileSource = (*blobReader)(nil)
@@ -617,6 +618,7 @@ func (r *blobReader) closeSegment() {
 // Close implements io.Closer; the torrents keep seeding for the other nodes.
 func (r *blobReader) Close() error {
 	r.closeSegment()
+	r.done()
 	return nil
 }
 

@@ -16,6 +16,8 @@ type metrics struct {
 	seederFailures prometheus.Counter
 	stalls         prometheus.Counter
 	nudges         prometheus.Counter
+	retired        *prometheus.CounterVec
+	filesRemoved   prometheus.Counter
 	completion     prometheus.Histogram
 }
 
@@ -37,6 +39,14 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "request_nudges_total",
 			Help: "Times a segment the reader waited for made no progress for a second and this node cancelled and re-sent its requests for it.",
 		}),
+		retired: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "blobs_retired_total",
+			Help: "Blobs whose swarm state was dropped after the idle timeout, by reason: delivered (handed to the content store) or undelivered (its reader went away before the end, or the node only seeded it for peers).",
+		}, []string{"reason"}),
+		filesRemoved: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "working_files_removed_total",
+			Help: "Working files no blob used (left by an earlier run and not resumed) removed after the idle timeout.",
+		}),
 		completion: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "blob_completion_seconds",
 			Help:    "Time from the first request of a blob on this node until its last byte was read.",
@@ -49,7 +59,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 	stats := func(f func(cs statsView) float64) func() float64 {
 		return func() float64 { return f(s.stats()) }
 	}
-	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.nudges, m.completion,
+	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.nudges, m.retired, m.filesRemoved, m.completion,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",

@@ -106,8 +106,11 @@ type Config struct {
 	// StallTimeout is how long reading a segment may make no progress before the rest of the
 	// segment is fetched directly from upstream.
 	StallTimeout time.Duration
-	Logger       *slog.Logger
-	Registerer   prometheus.Registerer
+	// IdleTimeout is how long a blob without readers keeps its segment torrents after they last
+	// moved a byte, and how long a working file no blob uses is kept (see janitor.go).
+	IdleTimeout time.Duration
+	Logger      *slog.Logger
+	Registerer  prometheus.Registerer
 }
 
 // Swarm is one node's member of the cluster swarm.
@@ -121,6 +124,9 @@ type Swarm struct {
 
 	mu    sync.Mutex
 	blobs map[string]*blob
+
+	stopJanitor chan struct{}
+	closeOnce   sync.Once
 
 	// While this node fetches segments from upstream for the cluster, it asks peers for nothing:
 	// the upstream fetch then has the node's downlink to itself, and every other node is waiting
@@ -266,6 +272,9 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.StallTimeout <= 0 {
 		cfg.StallTimeout = DefaultStallTimeout
 	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
 	if cfg.ConnsPerTorrent <= 0 {
 		cfg.ConnsPerTorrent = 4 * peersPerAnswer
 	}
@@ -279,10 +288,11 @@ func New(cfg Config) (*Swarm, error) {
 		return nil, fmt.Errorf("create swarm directory: %w", err)
 	}
 	s := &Swarm{
-		cfg:   cfg,
-		self:  cfg.Membership.Self(),
-		log:   cfg.Logger,
-		blobs: map[string]*blob{},
+		cfg:         cfg,
+		self:        cfg.Membership.Self(),
+		log:         cfg.Logger,
+		blobs:       map[string]*blob{},
+		stopJanitor: make(chan struct{}),
 		control: &http.Client{Transport: &http.Transport{
 			DialContext:         (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: localTCPAddr(cfg.Membership.Self())}).DialContext,
 			MaxIdleConnsPerHost: 4,
@@ -344,11 +354,13 @@ func New(cfg Config) (*Swarm, error) {
 	client.AddDialer(memberDialer{members: cfg.Membership, local: localTCPAddr(s.self)})
 	client.AddListener(cfg.PeerListener)
 	s.metrics = newMetrics(cfg.Registerer, s)
+	go s.janitor(s.stopJanitor, janitorInterval)
 	return s, nil
 }
 
 // Close stops the torrent client; downloads in flight fail and the mirror falls back.
 func (s *Swarm) Close() error {
+	s.closeOnce.Do(func() { close(s.stopJanitor) })
 	errs := s.client.Close()
 	s.mu.Lock()
 	for _, b := range s.blobs {
@@ -412,6 +424,11 @@ type blob struct {
 	downloadOnce sync.Once
 	finishOnce   sync.Once
 	started      time.Time
+
+	activityMu sync.Mutex // guards the janitor's view of the blob's activity (see idleSince)
+	readers    int
+	moved      int64     // bytes in and out of the blob's torrents at the last sweep
+	quietSince time.Time // the sweep since which the blob has had no reader and moved nothing
 }
 
 // blobFor returns the state of digest d, creating it (and its sparse working file) if needed.
@@ -422,6 +439,7 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		if b.plan.size != size {
 			return nil, fmt.Errorf("blob %s: size %d disagrees with the %d already known", d, size, b.plan.size)
 		}
+		b.touch()
 		return b, nil
 	}
 	p, err := newPlan(d, size, s.cfg.SegmentSize, s.cfg.PieceLength)

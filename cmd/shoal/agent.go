@@ -90,6 +90,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(quantities["max-download-rate"], "max-download-rate", "0", "cap on bytes per second received from peers; 0 = unlimited")
 	f.StringVar(quantities["swarm-segment-size"], "swarm-segment-size", "16Mi", "blobs are swarmed in segments of this size, each its own torrent (the same on every node)")
 	f.StringVar(quantities["swarm-piece-length"], "swarm-piece-length", "1Mi", "piece length of segment torrents, a power of two (the same on every node)")
+	f.DurationVar(&cfg.Swarm.IdleTimeout, "swarm-idle-timeout", swarm.DefaultIdleTimeout, "a blob nobody reads stops seeding once its torrents have moved nothing for this long (a delivered blob stays in the content store); unused working files are removed at this age")
 	f.StringVar(&profile, "cpu-profile", "", "write a Go CPU profile of the whole run to this file (relative paths are under --data-dir), for performance work")
 	_ = f.MarkHidden("cpu-profile")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
