@@ -23,6 +23,7 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/upstream"
@@ -156,6 +157,31 @@ type testMirror struct {
 	upstream *fakeUpstream
 	store    *store.Store
 	dir      string
+	metrics  *prometheus.Registry
+}
+
+// requests returns shoal_mirror_requests_total for kind and source.
+func (tm *testMirror) requests(t *testing.T, kind, source string) float64 {
+	t.Helper()
+	mfs, err := tm.metrics.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "shoal_mirror_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["kind"] == kind && labels["source"] == source {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
 }
 
 func newTestMirror(t *testing.T, storeOpts ...store.Option) *testMirror {
@@ -167,11 +193,12 @@ func newTestMirror(t *testing.T, storeOpts ...store.Option) *testMirror {
 	}
 	t.Cleanup(func() { _ = s.Close() })
 	up := newFakeUpstream()
+	reg := prometheus.NewRegistry()
 	m := New(s, up, WithDefaultRegistry("registry.test"),
-		WithAllowedRegistries(func(r string) bool { return r == "registry.test" }))
+		WithAllowedRegistries(func(r string) bool { return r == "registry.test" }), WithRegisterer(reg))
 	server := httptest.NewServer(m)
 	t.Cleanup(server.Close)
-	return &testMirror{server: server, upstream: up, store: s, dir: dir}
+	return &testMirror{server: server, upstream: up, store: s, dir: dir, metrics: reg}
 }
 
 // response is what a test needs of an HTTP answer; the body is already read and closed.
@@ -341,6 +368,9 @@ func TestCorruptUpstreamBlobIsNeverServedComplete(t *testing.T) {
 	}
 	if _, err := tm.store.Stat(d); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("corrupted blob is in the store: %v", err)
+	}
+	if n := tm.requests(t, "blob", "error"); n != 1 {
+		t.Errorf("requests{kind=blob,source=error} = %v, want 1: the cut-short response must be counted as failed", n)
 	}
 	// Once upstream is fixed, the next pull gets the right bytes.
 	tm.upstream.addBlob(content)
