@@ -281,7 +281,7 @@ func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (st
 		w.Header().Set("Accept-Ranges", "bytes")
 		w.Header().Set("Content-Length", strconv.FormatInt(blob.Size(), 10))
 		w.WriteHeader(http.StatusOK)
-		bufp := streamBuffers.Get().(*[]byte)
+		bufp, _ := streamBuffers.Get().(*[]byte)
 		defer streamBuffers.Put(bufp)
 		if _, err := io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{blob}, *bufp); err != nil {
 			return source, fmt.Errorf("stream blob %s: %w", req.Digest, err)
