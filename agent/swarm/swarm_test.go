@@ -92,6 +92,16 @@ func startNodes(t *testing.T, n int, up Upstream, local ...func(i int) LocalBlob
 
 func startNodesWith(t *testing.T, n int, up Upstream, segmentSize, pieceLength int64, local ...func(i int) LocalBlobs) []*testNode {
 	t.Helper()
+	return startNodesConfigured(t, n, up, segmentSize, pieceLength, func(i int, cfg *Config) {
+		if len(local) > 0 {
+			cfg.Local = local[0](i)
+		}
+	})
+}
+
+// startNodesConfigured is startNodesWith with each node's Config adjusted by configure.
+func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLength int64, configure func(i int, cfg *Config)) []*testNode {
+	t.Helper()
 	var listeners []net.Listener
 	var addrs []netip.AddrPort
 	for i := range n {
@@ -120,9 +130,7 @@ func startNodesWith(t *testing.T, n int, up Upstream, segmentSize, pieceLength i
 		if os.Getenv("SHOAL_SWARM_TEST_LOG") != "" {
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", addrs[i])
 		}
-		if len(local) > 0 {
-			cfg.Local = local[0](i)
-		}
+		configure(i, &cfg)
 		sw, err := New(cfg)
 		if err != nil {
 			t.Fatal(err)
