@@ -423,7 +423,9 @@ func (r *blobReader) step(ctx context.Context) error {
 	var err error
 	var idle bool
 	blocked := time.Now()
-	progressed, completed := blocked, t.BytesCompleted() // the segment's last progress
+	progressed, completed := blocked, t.BytesCompleted() // the segment's last verified piece
+	waited := int(segPos / r.b.plan.pieceLength)         // the piece the reader waits for
+	missing := t.PieceBytesMissing(waited)
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
 		// the pieces just ahead of it urgent. Pieces arrive rarest-first, so the one waited for
@@ -431,7 +433,8 @@ func (r *blobReader) step(ctx context.Context) error {
 		// nothing for StallTimeout (unless this node paused its downloads to fetch a segment
 		// from upstream), or when the reader has waited twice that long in all (the content
 		// store gives up on a download that delivers nothing for longer). The wait is cut into
-		// slices so that a segment idle for one slice gets its requests re-sent (see nudge).
+		// slices so that when the piece waited for receives nothing for a slice, the segment's
+		// requests are re-sent (see nudge).
 		wasSeeding := r.s.isSeeding()
 		wctx, cancel := context.WithTimeout(ctx, r.s.nudgeAfter())
 		n, err = r.reader.ReadContext(wctx, r.probe[:])
@@ -453,7 +456,10 @@ func (r *blobReader) step(ctx context.Context) error {
 		now := time.Now()
 		if c := t.BytesCompleted(); c != completed || seeding {
 			progressed, completed = now, c
-		} else {
+		}
+		if m := t.PieceBytesMissing(waited); m != missing || m == 0 {
+			missing = m // arriving, or all there and being verified
+		} else if !seeding {
 			r.s.nudge(t)
 		}
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout

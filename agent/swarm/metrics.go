@@ -37,7 +37,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		}),
 		nudges: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "request_nudges_total",
-			Help: "Times a segment the reader waited for made no progress for a second and this node cancelled and re-sent its requests for it.",
+			Help: "Times the piece a reader waited for received nothing for a second and this node cancelled and re-sent its requests for the piece's segment.",
 		}),
 		retired: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "blobs_retired_total",

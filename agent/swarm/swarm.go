@@ -64,9 +64,7 @@ const (
 	// S/B once the request queue per connection was capped; 16 KiB had looked cheaper only while
 	// peers queued up to 1024 requests each). 256 KiB was worse again (RSS 350 MiB).
 	chunkSize       = 64 << 10
-	maxPeerRequests = 1024 // anacrolix/torrent's request queue per connection (reqq)
-	// writerBackstop is how long a connection's writer sleeps at most (see KeepAliveTimeout).
-	writerBackstop  = 250 * time.Millisecond
+	maxPeerRequests = 1024                    // anacrolix/torrent's request queue per connection (reqq)
 	requestsPerConn = (512 << 10) / chunkSize // requests this node keeps outstanding at one peer (512 KiB)
 	// peersPerAnswer is how many neighbours a seeder hands each peer of a segment (see
 	// neighbours): peers then have about 5 to 10 connections per segment at any cluster size.
@@ -229,7 +227,7 @@ func (s *Swarm) nudge(t *torrent.Torrent) {
 		_ = pc.WriteExtendedMessage(pp.ExtensionNameMetadata, wakeMessage)
 	}
 	s.metrics.nudges.Inc()
-	s.log.Debug("segment idle; requests re-sent", "torrent", t.InfoHash())
+	s.log.Debug("piece idle; segment requests re-sent", "torrent", t.InfoHash())
 }
 
 // wakeMessage is a ut_metadata reject: a message every peer accepts and ignores.
@@ -241,8 +239,8 @@ var wakeMessage = func() []byte {
 	return b
 }()
 
-// nudgeAfter is how long a segment the reader waits for may make no progress before its
-// requests are re-sent (see nudge).
+// nudgeAfter is how long a segment the reader waits for may receive nothing before its requests
+// are re-sent (see nudge).
 func (s *Swarm) nudgeAfter() time.Duration {
 	return min(time.Second, s.cfg.StallTimeout/3)
 }
