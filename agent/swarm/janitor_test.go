@@ -72,6 +72,7 @@ func TestJanitorRetiresIdleDeliveredBlob(t *testing.T) {
 	}
 
 	s := nodes[0].swarm
+	waitQuiet(ctx, t, blobOf(nodes[0], d)) // no late chunk still in flight between the nodes
 	idle := s.cfg.IdleTimeout
 	start := time.Now()
 	s.sweep(start) // first look: the blob becomes quiet from here
