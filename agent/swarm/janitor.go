@@ -82,13 +82,7 @@ const (
 // idleSince returns how long b has had no reader and moved no byte through its torrents, as
 // seen by the sweeps so far; zero while it is in use.
 func (b *blob) idleSince(now time.Time) time.Duration {
-	var moved int64
-	for _, seg := range b.segs {
-		if _, t, _, _ := seg.state(); t != nil {
-			st := t.Stats()
-			moved += st.BytesReadData.Int64() + st.BytesWrittenData.Int64()
-		}
-	}
+	moved := b.bytesMoved()
 	b.activityMu.Lock()
 	defer b.activityMu.Unlock()
 	if b.readers > 0 || moved != b.moved || b.quietSince.IsZero() {
@@ -96,6 +90,18 @@ func (b *blob) idleSince(now time.Time) time.Duration {
 		return 0
 	}
 	return now.Sub(b.quietSince)
+}
+
+// bytesMoved is the piece data b's torrents have received and sent.
+func (b *blob) bytesMoved() int64 {
+	var moved int64
+	for _, seg := range b.segs {
+		if _, t, _, _ := seg.state(); t != nil {
+			st := t.Stats()
+			moved += st.BytesReadData.Int64() + st.BytesWrittenData.Int64()
+		}
+	}
+	return moved
 }
 
 // stillQuiet reports whether b has had no reader or use since the last sweep found it quiet.

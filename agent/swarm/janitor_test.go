@@ -100,21 +100,14 @@ func TestJanitorRetiresIdleDeliveredBlob(t *testing.T) {
 // A blob with a reader is never retired; once the reader is gone and the torrents are still for
 // the idle timeout, the blob is retired and its working file removed.
 func TestJanitorRetiresAbandonedDownload(t *testing.T) {
-	up := newMemUpstream()
-	content := randomBlob(t, 2<<20)
-	d := up.add(content)
-	nodes := startNodes(t, 1, up)
-	s := nodes[0].swarm
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	rc, _, err := s.Source("registry.test", "app", d)(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	node, d, rc := openOnOneNode(ctx, t, 2<<20)
+	s := node.swarm
 	if _, err := io.ReadFull(rc, make([]byte, 1000)); err != nil {
 		t.Fatal(err)
 	}
-	b := blobOf(nodes[0], d)
+	b := blobOf(node, d)
 	path := b.path
 	// Let the torrents finish what they download in the background, so that only the reader
 	// keeps the blob in use.
@@ -125,7 +118,7 @@ func TestJanitorRetiresAbandonedDownload(t *testing.T) {
 	for i := range 3 {
 		s.sweep(start.Add(time.Duration(i) * idle))
 	}
-	if blobOf(nodes[0], d) == nil {
+	if blobOf(node, d) == nil {
 		t.Fatal("blob retired while a reader had it open")
 	}
 	if err := rc.Close(); err != nil {
@@ -133,11 +126,11 @@ func TestJanitorRetiresAbandonedDownload(t *testing.T) {
 	}
 	later := start.Add(3 * idle)
 	s.sweep(later)
-	if blobOf(nodes[0], d) == nil {
+	if blobOf(node, d) == nil {
 		t.Fatal("blob retired at the first sweep after its reader went away")
 	}
 	s.sweep(later.Add(idle))
-	if blobOf(nodes[0], d) != nil {
+	if blobOf(node, d) != nil {
 		t.Fatal("abandoned blob not retired")
 	}
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
@@ -148,18 +141,25 @@ func TestJanitorRetiresAbandonedDownload(t *testing.T) {
 	}
 }
 
+// openOnOneNode starts one node and opens a reader of a new random blob of size bytes on it.
+func openOnOneNode(ctx context.Context, t *testing.T, size int) (*testNode, v1.Hash, io.ReadCloser) {
+	t.Helper()
+	up := newMemUpstream()
+	d := up.add(randomBlob(t, size))
+	node := startNodes(t, 1, up)[0]
+	rc, _, err := node.swarm.Source("registry.test", "app", d)(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return node, d, rc
+}
+
 // waitQuiet waits until b's torrents stop moving bytes.
 func waitQuiet(ctx context.Context, t *testing.T, b *blob) {
 	t.Helper()
 	var last int64 = -1
 	for {
-		var moved int64
-		for _, seg := range b.segs {
-			if _, tt, _, _ := seg.state(); tt != nil {
-				st := tt.Stats()
-				moved += st.BytesReadData.Int64() + st.BytesWrittenData.Int64()
-			}
-		}
+		moved := b.bytesMoved()
 		if moved == last {
 			return
 		}
@@ -175,19 +175,12 @@ func waitQuiet(ctx context.Context, t *testing.T, b *blob) {
 // Files in the swarm's directory that no blob uses are removed once they are old; anything else
 // is left alone.
 func TestJanitorRemovesUnusedWorkingFiles(t *testing.T) {
-	up := newMemUpstream()
-	content := randomBlob(t, 1<<20)
-	d := up.add(content)
-	nodes := startNodes(t, 1, up)
-	s := nodes[0].swarm
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	rc, _, err := s.Source("registry.test", "app", d)(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	node, d, rc := openOnOneNode(ctx, t, 1<<20)
 	defer rc.Close()
-	inUse := blobOf(nodes[0], d).path
+	s := node.swarm
+	inUse := blobOf(node, d).path
 
 	now := time.Now()
 	old := now.Add(-2 * s.cfg.IdleTimeout)
