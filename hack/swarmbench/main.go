@@ -247,7 +247,25 @@ type result struct {
 	TestbedCPU      float64 `json:"testbed_cpu_s"`
 	TestbedCPUShare float64 `json:"testbed_cpu_utilisation"` // TestbedCPU over all cores' time
 	Wall            float64 `json:"wall_s"`
-	Error           string  `json:"error,omitempty"`
+	// LinkUse is the bytes the asking nodes' links carried, down and up, from the start to the
+	// last node's completion, over what the links could carry meanwhile (nodes × B × time).
+	LinkUse Traffic `json:"link_use"`
+	// Timeline has one entry per second from the start: the run's link and CPU use.
+	Timeline []second `json:"timeline,omitempty"`
+	Error    string   `json:"error,omitempty"`
+}
+
+// second is one second of a run: each node link's traffic (in node order) and the share of all
+// cores busy.
+type second struct {
+	Links      []testbed.Traffic `json:"links"`
+	MachineCPU float64           `json:"machine_cpu"`
+}
+
+// Traffic is a pair of link utilisations.
+type Traffic struct {
+	Down float64 `json:"down"`
+	Up   float64 `json:"up"`
 }
 
 // benchN runs the scenarios on one testbed of n nodes.
@@ -356,12 +374,17 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 		return res, err
 	}
 	start := time.Now().Add(cfg.startDelay + time.Duration(n)*20*time.Millisecond)
+	stopSampling := make(chan struct{})
+	sampled := make(chan []second, 1)
+	go func() { sampled <- sample(tb, start, stopSampling) }()
 	fetches, err := tb.FetchAll(ctx, func(i int) *testbed.FetchSpec {
 		if i < first {
 			return nil
 		}
 		return &testbed.FetchSpec{URL: url(i), Digest: d, Start: start, Timeout: timeout}
 	})
+	close(stopSampling)
+	res.Timeline = <-sampled
 	if ctx.Err() != nil {
 		return res, fmt.Errorf("interrupted: %w", ctx.Err())
 	}
@@ -397,6 +420,7 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	if len(times) > 0 {
 		res.Max = times[len(times)-1]
 	}
+	res.LinkUse = linkShare(res.Timeline, first, res.Max*res.SOverB, b)
 
 	if err := tb.Registry().Sync(ctx); err != nil {
 		return res, err
@@ -428,6 +452,67 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 		return res, fmt.Errorf("%d of %d nodes failed, e.g. %s", res.Asked-res.OK, res.Asked, firstError(res.Fetches))
 	}
 	return res, nil
+}
+
+// sample reads every node link's counters and the machine's CPU counters each second from
+// start until stop closes, and returns what each second saw.
+func sample(tb *testbed.Testbed, start time.Time, stop <-chan struct{}) []second {
+	select {
+	case <-time.After(time.Until(start)):
+	case <-stop:
+		return nil
+	}
+	prevLinks, err := tb.NodeTraffic()
+	if err != nil {
+		return nil
+	}
+	prevCPU, err := testbed.ReadMachineCPU()
+	if err != nil {
+		return nil
+	}
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	var timeline []second
+	for {
+		select {
+		case <-tick.C:
+		case <-stop:
+			return timeline
+		}
+		links, err := tb.NodeTraffic()
+		if err != nil {
+			return timeline
+		}
+		cpu, err := testbed.ReadMachineCPU()
+		if err != nil {
+			return timeline
+		}
+		sec := second{Links: make([]testbed.Traffic, len(links)), MachineCPU: cpu.Sub(prevCPU).Utilisation()}
+		for i := range links {
+			sec.Links[i] = links[i].Sub(prevLinks[i])
+		}
+		timeline, prevLinks, prevCPU = append(timeline, sec), links, cpu
+	}
+}
+
+// linkShare is the share of the asking nodes' (from index first) link capacity used in the
+// first seconds of the timeline, down and up.
+func linkShare(timeline []second, first int, seconds float64, b testbed.Rate) Traffic {
+	whole := min(len(timeline), int(math.Ceil(seconds)))
+	if whole == 0 {
+		return Traffic{}
+	}
+	var down, up int64
+	nodes := 0
+	for _, sec := range timeline[:whole] {
+		nodes = len(sec.Links) - first
+		for _, tr := range sec.Links[first:] {
+			down += tr.Received
+			up += tr.Sent
+		}
+	}
+	capacity := float64(nodes) * b.BytesPerSecond() * float64(whole)
+	return Traffic{Down: float64(down) / capacity, Up: float64(up) / capacity}
 }
 
 // processCPU is the CPU time the registry and the running agents have used so far.
@@ -503,15 +588,20 @@ func firstError(fs []testbed.FetchResult) string {
 func round(v float64) float64 { return math.Round(v*100) / 100 }
 
 func printTable(w io.Writer, results []*result) {
-	fmt.Fprintf(w, "\n%-4s %-8s %-8s %-6s %-7s %-6s %6s %6s %6s %8s %6s %13s %7s %13s %7s\n",
-		"N", "B", "R", "scen.", "S", "ok", "p50", "p99", "max", "upstr/S", "(log)", "agentCPU s", "RSS MiB", "machine CPU", "wall s")
+	fmt.Fprintf(w, "\n%-4s %-8s %-8s %-6s %-7s %-6s %6s %6s %6s %8s %6s %10s %13s %7s %13s %7s\n",
+		"N", "B", "R", "scen.", "S", "ok", "p50", "p99", "max", "upstr/S", "(log)", "links d/u", "agentCPU s", "RSS MiB", "machine CPU", "wall s")
 	for _, r := range results {
-		fmt.Fprintf(w, "%-4d %-8s %-8s %-6s %-7s %-6s %6.2f %6.2f %6.2f %8.2f %6.2f %13s %7s %13s %7.0f\n",
+		fmt.Fprintf(w, "%-4d %-8s %-8s %-6s %-7s %-6s %6.2f %6.2f %6.2f %8.2f %6.2f %10s %13s %7s %13s %7.0f\n",
 			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, mib(r.Size), fmt.Sprintf("%d/%d", r.OK, r.Asked),
-			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, agentCPU(r), rss(r), machineCPU(r), r.Wall)
+			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, linkUse(r), agentCPU(r), rss(r), machineCPU(r), r.Wall)
 	}
 	fmt.Fprintln(w, "times in units of S/B (S: blob size, B: node link rate); upstream: registry link bytes sent / S (log: blob bytes in the registry's access log / S);")
+	fmt.Fprintln(w, "links d/u: share of the asking nodes' link capacity used down / up until the last one finished;")
 	fmt.Fprintln(w, "machine CPU: share of all cores busy while the nodes fetched (in brackets: the testbed's processes alone)")
+}
+
+func linkUse(r *result) string {
+	return fmt.Sprintf("%.0f/%.0f%%", 100*r.LinkUse.Down, 100*r.LinkUse.Up)
 }
 
 func machineCPU(r *result) string {
@@ -554,19 +644,20 @@ func markdown(cfg config, swarm bool, results []*result) string {
 	}
 	fmt.Fprintf(&b, "Measured %s with `%s`; swarm %s.\n\n",
 		time.Now().UTC().Format("2006-01-02"), strings.Join(append([]string{"go run ./hack/swarmbench"}, os.Args[1:]...), " "), mode)
-	b.WriteString("| N | B | R | scenario | S | nodes ok | p50 | p99 | max | upstream / S (link, log) | agent CPU s (sum / max) | agent peak RSS (max) | machine CPU (testbed) | wall |\n")
-	b.WriteString("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+	b.WriteString("| N | B | R | scenario | S | nodes ok | p50 | p99 | max | upstream / S (link, log) | links down / up | agent CPU s (sum / max) | agent peak RSS (max) | machine CPU (testbed) | wall |\n")
+	b.WriteString("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
 	for _, r := range results {
 		rssCell := "–"
 		if r.Scenario != scenarioDirect {
 			rssCell = fmt.Sprintf("%d MiB", r.PeakRSSMax>>20)
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %d MiB | %d/%d | %.2f | %.2f | %.2f | %.2f, %.2f | %s | %s | %s | %.0f s |\n",
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %d MiB | %d/%d | %.2f | %.2f | %.2f | %.2f, %.2f | %s | %s | %s | %s | %.0f s |\n",
 			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, r.Size>>20, r.OK, r.Asked,
-			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, agentCPU(r), rssCell, machineCPU(r), r.Wall)
+			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, linkUse(r), agentCPU(r), rssCell, machineCPU(r), r.Wall)
 	}
 	b.WriteString("\nTimes are per-node completion (common start to the last verified byte) in units of S/B. ")
 	b.WriteString("Upstream is what the registry sent during the scenario over S, counted on its link (with headers) and as blob bytes in its access log; for warm it includes node 0's first fetch. ")
+	b.WriteString("Links is the share of the asking nodes' link capacity that carried bytes, down and up, from the start until the last node finished (`-json` has it second by second, with each node's delivery curve). ")
 	b.WriteString("Machine CPU is the share of both cores busy while the nodes fetched, whatever ran; in brackets the share used by ")
 	b.WriteString("the testbed's own processes (agents, registry, fetch clients; the kernel's network work is not in it).\n")
 	return b.String()

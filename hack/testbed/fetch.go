@@ -63,6 +63,9 @@ type FetchResult struct {
 	Seconds float64 `json:"seconds"` // seconds from Start to the last byte, digest checked
 	OK      bool    `json:"ok"`      // status 200 and the digest matched
 	Error   string  `json:"error,omitempty"`
+	// Progress[i] is the body bytes received by i+1 seconds after Start, the last entry the
+	// total at the end: the node's delivery curve.
+	Progress []int64 `json:"progress_bytes,omitempty"`
 	// CPUSeconds is the client process's own CPU time; Node.Fetch adds it to the report.
 	CPUSeconds float64 `json:"cpu_s"`
 }

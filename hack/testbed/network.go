@@ -157,8 +157,7 @@ func (t Traffic) Sub(earlier Traffic) Traffic {
 	return Traffic{Received: t.Received - earlier.Received, Sent: t.Sent - earlier.Sent}
 }
 
-// linkTraffic reads the counters of a bridge-side veth and turns them around: what the
-// switch side transmitted, the node received.
+// linkTraffic reads the counters of a bridge-side veth, seen from the node.
 func linkTraffic(switchLink string) (Traffic, error) {
 	stats, err := readLinkStats()
 	if err != nil {
@@ -168,8 +167,12 @@ func linkTraffic(switchLink string) (Traffic, error) {
 	if !ok {
 		return Traffic{}, fmt.Errorf("link %s not found", switchLink)
 	}
-	return Traffic{Received: s.tx, Sent: s.rx}, nil
+	return s.traffic(), nil
 }
+
+// traffic turns a bridge-side veth's counters around: what the switch side transmitted, the
+// node received.
+func (s linkStats) traffic() Traffic { return Traffic{Received: s.tx, Sent: s.rx} }
 
 type linkStats struct{ rx, tx int64 }
 

@@ -273,6 +273,23 @@ func (tb *Testbed) RegistryTraffic() (Traffic, error) {
 	return linkTraffic(tb.names.registryLink())
 }
 
+// NodeTraffic reads every node link's counters at once, in node order.
+func (tb *Testbed) NodeTraffic() ([]Traffic, error) {
+	stats, err := readLinkStats()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Traffic, len(tb.nodes))
+	for i, n := range tb.nodes {
+		s, ok := stats[n.switchLink]
+		if !ok {
+			return nil, fmt.Errorf("link %s not found", n.switchLink)
+		}
+		out[i] = s.traffic()
+	}
+	return out, nil
+}
+
 // Peers is the --peers value naming every node: "10.99.0.10:7070,10.99.0.11:7070,...".
 func (tb *Testbed) Peers() string {
 	addrs := make([]string, len(tb.nodes))

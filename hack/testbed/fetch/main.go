@@ -1,8 +1,9 @@
 // Command fetch is the testbed's load client: run inside a node's network namespace, it waits
 // until an absolute start time (so that every node starts together), GETs one blob URL, reads
 // the body with a 1 MiB buffer while hashing it, checks the sha256 against the digest, and
-// prints one JSON line: {"node","bytes","ttfb_s","seconds","ok","error"}, times counted from
-// the start time. It exits 1 when the fetch failed (the line is printed all the same), 2 on
+// prints one JSON line: {"node","bytes","ttfb_s","seconds","ok","error","progress_bytes"},
+// times counted from the start time; progress_bytes[i] is how many body bytes had arrived
+// i+1 seconds after the start (the delivery curve). It exits 1 when the fetch failed (the line is printed all the same), 2 on
 // bad usage. It is deliberately tiny: no retries, no proxy, no compression.
 package main
 
@@ -30,6 +31,9 @@ type report struct {
 	Seconds float64 `json:"seconds"`
 	OK      bool    `json:"ok"`
 	Error   string  `json:"error,omitempty"`
+	// Progress[i] is the body bytes received by i+1 seconds after the start; the last entry
+	// is the total at the end.
+	Progress []int64 `json:"progress_bytes,omitempty"`
 }
 
 func main() {
@@ -105,6 +109,7 @@ func fetch(start time.Time, timeout time.Duration, url, wantHex string) report {
 			if r.Bytes == 0 {
 				r.TTFB = time.Since(start).Seconds()
 			}
+			r.Progress = recordProgress(r.Progress, time.Since(start), r.Bytes)
 			r.Bytes += int64(n)
 			h.Write(buf[:n])
 		}
@@ -116,10 +121,20 @@ func fetch(start time.Time, timeout time.Duration, url, wantHex string) report {
 		}
 	}
 	r.Seconds = time.Since(start).Seconds()
+	r.Progress = append(recordProgress(r.Progress, time.Since(start), r.Bytes), r.Bytes)
 	if got := hex.EncodeToString(h.Sum(nil)); got != wantHex {
 		r.Error = fmt.Sprintf("digest mismatch: got sha256:%s after %d bytes", got, r.Bytes)
 		return r
 	}
 	r.OK = true
 	return r
+}
+
+// recordProgress fills in progress up to elapsed: every whole second that ended by then and
+// has no entry yet gets total, the bytes that had arrived before elapsed.
+func recordProgress(progress []int64, elapsed time.Duration, total int64) []int64 {
+	for len(progress) < int(elapsed/time.Second) {
+		progress = append(progress, total)
+	}
+	return progress
 }
