@@ -424,8 +424,6 @@ func (r *blobReader) step(ctx context.Context) error {
 	var idle bool
 	blocked := time.Now()
 	progressed, completed := blocked, t.BytesCompleted() // the segment's last verified piece
-	waited := int(segPos / r.b.plan.pieceLength)         // the piece the reader waits for
-	missing := t.PieceBytesMissing(waited)
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
 		// the pieces just ahead of it urgent. Pieces arrive rarest-first, so the one waited for
@@ -433,10 +431,9 @@ func (r *blobReader) step(ctx context.Context) error {
 		// nothing for StallTimeout (unless this node paused its downloads to fetch a segment
 		// from upstream), or when the reader has waited twice that long in all (the content
 		// store gives up on a download that delivers nothing for longer). The wait is cut into
-		// slices so that when the piece waited for receives nothing for a slice, the segment's
-		// requests are re-sent (see nudge).
+		// slices to look at the segment's progress in between.
 		wasSeeding := r.s.isSeeding()
-		wctx, cancel := context.WithTimeout(ctx, r.s.nudgeAfter())
+		wctx, cancel := context.WithTimeout(ctx, r.s.waitSlice())
 		n, err = r.reader.ReadContext(wctx, r.probe[:])
 		cancel()
 		seeding := wasSeeding || r.s.isSeeding()
@@ -456,11 +453,6 @@ func (r *blobReader) step(ctx context.Context) error {
 		now := time.Now()
 		if c := t.BytesCompleted(); c != completed || seeding {
 			progressed, completed = now, c
-		}
-		if m := t.PieceBytesMissing(waited); m != missing || m == 0 {
-			missing = m // arriving, or all there and being verified
-		} else if !seeding {
-			r.s.nudge(t)
 		}
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
 		if idle || now.Sub(blocked) >= 2*r.s.cfg.StallTimeout {

@@ -15,7 +15,6 @@ type metrics struct {
 	bytes          *prometheus.CounterVec
 	seederFailures prometheus.Counter
 	stalls         prometheus.Counter
-	nudges         prometheus.Counter
 	retired        *prometheus.CounterVec
 	filesRemoved   prometheus.Counter
 	completion     prometheus.Histogram
@@ -34,10 +33,6 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		stalls: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
 			Help: "Segments whose swarm download made no progress for the stall timeout and were read from upstream.",
-		}),
-		nudges: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "shoal", Subsystem: "swarm", Name: "request_nudges_total",
-			Help: "Times the piece a reader waited for received nothing for a second and this node cancelled and re-sent its requests for the piece's segment.",
 		}),
 		retired: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "blobs_retired_total",
@@ -59,7 +54,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 	stats := func(f func(cs statsView) float64) func() float64 {
 		return func() float64 { return f(s.stats()) }
 	}
-	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.nudges, m.retired, m.filesRemoved, m.completion,
+	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.retired, m.filesRemoved, m.completion,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",
