@@ -133,7 +133,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	blobs, err := store.Open(cfg.DataDir,
 		store.WithMaxBytes(cfg.CacheSize),
-		store.WithLogger(log.With("component", "store")),
+		store.WithLogger(log), // the store names itself as the component
 		store.WithRegisterer(reg))
 	if err != nil {
 		return fmt.Errorf("open content store in %s: %w", cfg.DataDir, err)
