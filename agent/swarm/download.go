@@ -511,15 +511,15 @@ func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
 		return fmt.Errorf("read piece %d of segment %d of %s from upstream: %w", i, r.k, r.b.plan.digest, err)
 	}
 	r.direct = rc
+	defer func() {
+		r.direct = nil
+		_ = rc.Close()
+	}()
 	for r.final < offset+end {
 		if err := r.copyDirect(r.final - offset); err != nil {
-			r.direct = nil
-			_ = rc.Close()
 			return err
 		}
 	}
-	r.direct = nil
-	_ = rc.Close()
 	if end < length {
 		if _, err := r.reader.Seek(end, io.SeekStart); err != nil {
 			return fmt.Errorf("seek segment %d: %w", r.k, err)

@@ -462,11 +462,15 @@ func sample(tb *testbed.Testbed, start time.Time, stop <-chan struct{}) []second
 	case <-stop:
 		return nil
 	}
-	prevLinks, err := tb.NodeTraffic()
-	if err != nil {
-		return nil
+	read := func() ([]testbed.Traffic, testbed.MachineCPU, error) {
+		links, err := tb.NodeTraffic()
+		if err != nil {
+			return nil, testbed.MachineCPU{}, err
+		}
+		cpu, err := testbed.ReadMachineCPU()
+		return links, cpu, err
 	}
-	prevCPU, err := testbed.ReadMachineCPU()
+	prevLinks, prevCPU, err := read()
 	if err != nil {
 		return nil
 	}
@@ -479,11 +483,7 @@ func sample(tb *testbed.Testbed, start time.Time, stop <-chan struct{}) []second
 		case <-stop:
 			return timeline
 		}
-		links, err := tb.NodeTraffic()
-		if err != nil {
-			return timeline
-		}
-		cpu, err := testbed.ReadMachineCPU()
+		links, cpu, err := read()
 		if err != nil {
 			return timeline
 		}
