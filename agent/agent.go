@@ -70,6 +70,9 @@ type SwarmConfig struct {
 	Peers []netip.AddrPort
 	// SegmentSize and PieceLength cut blobs into torrents; the same on every node.
 	SegmentSize, PieceLength int64
+	// RampSegments is how many short segments start a blob; the same on every node. 0 =
+	// swarm.DefaultRampSegments, negative = none.
+	RampSegments int
 	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited.
 	MaxUploadRate, MaxDownloadRate int64
 	// IdleTimeout is how long a blob without readers keeps seeding after its last transfer, and
@@ -228,6 +231,7 @@ func startSwarm(ctx context.Context, cfg Config, blobs *store.Store, client *ups
 		Local:           blobs,
 		SegmentSize:     cfg.Swarm.SegmentSize,
 		PieceLength:     cfg.Swarm.PieceLength,
+		RampSegments:    cfg.Swarm.RampSegments,
 		MaxUploadRate:   cfg.Swarm.MaxUploadRate,
 		MaxDownloadRate: cfg.Swarm.MaxDownloadRate,
 		IdleTimeout:     cfg.Swarm.IdleTimeout,

@@ -12,7 +12,7 @@ import (
 func testPlan(t *testing.T, i int, segments int64) plan {
 	t.Helper()
 	d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", i)}
-	p, err := newPlan(d, segments*DefaultSegmentSize, DefaultSegmentSize, DefaultPieceLength)
+	p, err := newPlan(d, segments*DefaultSegmentSize, DefaultSegmentSize, DefaultPieceLength, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

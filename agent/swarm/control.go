@@ -26,6 +26,7 @@ type segmentRequest struct {
 	size           int64
 	segmentSize    int64
 	pieceLength    int64
+	rampSegments   int
 	registry, repo string
 	peer           netip.AddrPort
 }
@@ -37,6 +38,7 @@ func (r segmentRequest) query() url.Values {
 		"size":         {strconv.FormatInt(r.size, 10)},
 		"segment_size": {strconv.FormatInt(r.segmentSize, 10)},
 		"piece_length": {strconv.FormatInt(r.pieceLength, 10)},
+		"ramp":         {strconv.Itoa(r.rampSegments)},
 		"registry":     {r.registry},
 		"repository":   {r.repo},
 		"peer":         {r.peer.String()},
@@ -55,7 +57,10 @@ func parseSegmentRequest(q url.Values) (segmentRequest, plan, error) {
 			return r, plan{}, fmt.Errorf("%s: %w", name, err)
 		}
 	}
-	p, err := newPlan(r.digest, r.size, r.segmentSize, r.pieceLength)
+	if r.rampSegments, err = strconv.Atoi(q.Get("ramp")); err != nil {
+		return r, plan{}, fmt.Errorf("ramp: %w", err)
+	}
+	p, err := newPlan(r.digest, r.size, r.segmentSize, r.pieceLength, r.rampSegments)
 	if err != nil {
 		return r, plan{}, err
 	}
@@ -95,9 +100,9 @@ func (s *Swarm) serveSegment(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "peer address does not match the connection", http.StatusForbidden)
 		return
 	}
-	if p.segmentSize != s.cfg.SegmentSize || p.pieceLength != s.cfg.PieceLength {
-		s.log.Warn("a peer cuts blobs differently; all agents should share --swarm-segment-size and --swarm-piece-length",
-			"peer", req.peer, "segment_size", p.segmentSize, "piece_length", p.pieceLength)
+	if p.segmentSize != s.cfg.SegmentSize || p.pieceLength != s.cfg.PieceLength || p.rampSegments != s.cfg.RampSegments {
+		s.log.Warn("a peer cuts blobs differently; all agents should share --swarm-segment-size, --swarm-piece-length and --swarm-ramp-segments",
+			"peer", req.peer, "segment_size", p.segmentSize, "piece_length", p.pieceLength, "ramp_segments", p.rampSegments)
 		http.Error(w, "segmentation parameters differ from this agent's", http.StatusConflict)
 		return
 	}
@@ -127,7 +132,7 @@ func (s *Swarm) serveSegment(w http.ResponseWriter, r *http.Request) {
 func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *blob, k int) (*segmentAnswer, error) {
 	req := segmentRequest{
 		digest: b.plan.digest, k: k, size: b.plan.size,
-		segmentSize: b.plan.segmentSize, pieceLength: b.plan.pieceLength,
+		segmentSize: b.plan.segmentSize, pieceLength: b.plan.pieceLength, rampSegments: b.plan.rampSegments,
 		registry: b.registry, repo: b.repo, peer: s.self,
 	}
 	u := url.URL{Scheme: "http", Host: seeder.String(), Path: "/swarm/v1/segment", RawQuery: req.query().Encode()}

@@ -27,8 +27,9 @@ func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
 	nodes := startNodesConfigured(t, 2, up, size, pieceLength, func(_ int, cfg *Config) {
 		cfg.StallTimeout = stall
 		cfg.MaxUploadRate = 2 * pieceLength
+		cfg.RampSegments = -1 // one segment of eight pieces
 	})
-	p, err := newPlan(d, size, size, pieceLength)
+	p, err := newPlan(d, size, size, pieceLength, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

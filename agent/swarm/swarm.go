@@ -55,6 +55,8 @@ type LocalBlobs interface {
 const (
 	DefaultSegmentSize = 16 << 20
 	DefaultPieceLength = 1 << 20
+	// DefaultRampSegments is how many short segments start a blob (see plan).
+	DefaultRampSegments = 4
 	// DefaultUpstreamWindow: with 8 segments fetched at once, every node waited for all 8 to be
 	// published together, at 16 MiB / (R/8) after the start (N = 32: 5.4 s, links 12 % busy until
 	// then); with 4, the first segments come twice as early, and R = 4·B is still used in full
@@ -96,6 +98,10 @@ type Config struct {
 	Local LocalBlobs
 	// SegmentSize and PieceLength cut blobs into torrents; every node must use the same values.
 	SegmentSize, PieceLength int64
+	// RampSegments is how many short segments (a quarter of SegmentSize) start a blob, so that
+	// the first segments are published sooner; the same on every node. 0 means
+	// DefaultRampSegments, a negative value none.
+	RampSegments int
 	// UpstreamWindow is how many segments a node asks seeders for ahead of the first one not yet
 	// published: it bounds the upstream fetches running at once, so early segments come first.
 	UpstreamWindow int
@@ -232,6 +238,12 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.PieceLength == 0 {
 		cfg.PieceLength = DefaultPieceLength
 	}
+	switch {
+	case cfg.RampSegments == 0:
+		cfg.RampSegments = DefaultRampSegments
+	case cfg.RampSegments < 0:
+		cfg.RampSegments = 0
+	}
 	if cfg.UpstreamWindow <= 0 {
 		cfg.UpstreamWindow = DefaultUpstreamWindow
 	}
@@ -250,7 +262,7 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if _, err := newPlan(v1.Hash{Algorithm: "sha256"}, 1, cfg.SegmentSize, cfg.PieceLength); err != nil {
+	if _, err := newPlan(v1.Hash{Algorithm: "sha256"}, 1, cfg.SegmentSize, cfg.PieceLength, cfg.RampSegments); err != nil {
 		return nil, fmt.Errorf("swarm segmentation: %w", err)
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
@@ -416,7 +428,7 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		b.touch()
 		return b, nil
 	}
-	p, err := newPlan(d, size, s.cfg.SegmentSize, s.cfg.PieceLength)
+	p, err := newPlan(d, size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments)
 	if err != nil {
 		return nil, fmt.Errorf("blob %s: %w", d, err)
 	}

@@ -20,15 +20,16 @@ import (
 
 func newAgentCommand() *cobra.Command {
 	var (
-		cfg        agent.Config
-		cacheSize  string
-		endpoints  []string
-		logLevel   string
-		logFormat  string
-		p2pAddr    string
-		profile    string
-		peers      string
-		quantities = map[string]*string{
+		cfg          agent.Config
+		cacheSize    string
+		endpoints    []string
+		logLevel     string
+		logFormat    string
+		p2pAddr      string
+		profile      string
+		peers        string
+		rampSegments int
+		quantities   = map[string]*string{
 			"max-upload-rate":    new(string),
 			"max-download-rate":  new(string),
 			"swarm-segment-size": new(string),
@@ -57,6 +58,14 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 			}
 			if err := parseSwarmFlags(&cfg.Swarm, p2pAddr, peers, quantities); err != nil {
 				return err
+			}
+			switch {
+			case rampSegments < 0:
+				return fmt.Errorf("--swarm-ramp-segments %d: want 0 or more", rampSegments)
+			case rampSegments == 0:
+				cfg.Swarm.RampSegments = -1 // none
+			default:
+				cfg.Swarm.RampSegments = rampSegments
 			}
 			if profile != "" {
 				stop, err := startCPUProfile(profile, cfg.DataDir)
@@ -90,6 +99,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(quantities["max-download-rate"], "max-download-rate", "0", "cap on bytes per second received from peers; 0 = unlimited")
 	f.StringVar(quantities["swarm-segment-size"], "swarm-segment-size", "16Mi", "blobs are swarmed in segments of this size, each its own torrent (the same on every node)")
 	f.StringVar(quantities["swarm-piece-length"], "swarm-piece-length", "1Mi", "piece length of segment torrents, a power of two (the same on every node)")
+	f.IntVar(&rampSegments, "swarm-ramp-segments", swarm.DefaultRampSegments, "blobs start with this many segments a quarter of --swarm-segment-size long, published sooner at the start of a rollout; 0 = none (the same on every node)")
 	f.DurationVar(&cfg.Swarm.IdleTimeout, "swarm-idle-timeout", swarm.DefaultIdleTimeout, "a blob nobody reads stops seeding once its torrents have moved nothing for this long (a delivered blob stays in the content store); unused working files are removed at this age")
 	f.StringVar(&profile, "cpu-profile", "", "write a Go CPU profile of the whole run to this file (relative paths are under --data-dir), for performance work")
 	_ = f.MarkHidden("cpu-profile")

@@ -1,0 +1,112 @@
+package swarm
+
+import (
+	"net/url"
+	"strconv"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+// checkCovers fails unless p's segments tile the blob in order: each starts where the previous
+// one ended, each but the last is a whole number of pieces, none is empty or longer than the
+// segment size, and the last ends at the blob's end.
+func checkCovers(t *testing.T, p plan) {
+	t.Helper()
+	var next int64
+	n := p.segments()
+	for k := range n {
+		offset, length := p.segment(k)
+		switch {
+		case offset != next:
+			t.Fatalf("%v: segment %d starts at %d, want %d", p, k, offset, next)
+		case length <= 0 || length > p.segmentSize:
+			t.Fatalf("%v: segment %d is %d bytes long", p, k, length)
+		case k < n-1 && length%p.pieceLength != 0:
+			t.Fatalf("%v: segment %d (%d bytes) is not a whole number of pieces", p, k, length)
+		case p.pieces(k) > maxSegmentPieces:
+			t.Fatalf("%v: segment %d has %d pieces", p, k, p.pieces(k))
+		}
+		next = offset + length
+	}
+	if next != p.size {
+		t.Fatalf("%v: segments end at %d, want %d", p, next, p.size)
+	}
+}
+
+func TestPlanStartsWithShortSegments(t *testing.T) {
+	const mib = 1 << 20
+	d := v1.Hash{Algorithm: "sha256", Hex: "ab"}
+	for _, tt := range []struct {
+		name                    string
+		size, segment, piece    int64
+		ramp                    int
+		segments                int
+		firstLength, lastLength int64
+	}{
+		{"256 MiB", 256 * mib, 16 * mib, mib, 4, 4 + 15, 4 * mib, 16 * mib},
+		{"no ramp", 256 * mib, 16 * mib, mib, 0, 16, 16 * mib, 16 * mib},
+		{"blob within the ramp", 10 * mib, 16 * mib, mib, 4, 3, 4 * mib, 2 * mib},
+		{"blob of one short segment", 3 * mib, 16 * mib, mib, 4, 1, 3 * mib, 3 * mib},
+		{"ramp ends inside the blob", 16*mib + 1, 16 * mib, mib, 4, 5, 4 * mib, 1},
+		{"quarter below a piece", 64 * mib, 2 * mib, mib, 4, 4 + 30, mib, 2 * mib},
+		{"quarter not a whole piece", 64 * mib, 12 * mib, 2 * mib, 2, 2 + 5, 2 * mib, 12 * mib},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := newPlan(d, tt.size, tt.segment, tt.piece, tt.ramp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkCovers(t, p)
+			if got := p.segments(); got != tt.segments {
+				t.Fatalf("%v: %d segments, want %d", p, got, tt.segments)
+			}
+			if _, got := p.segment(0); got != tt.firstLength {
+				t.Errorf("%v: first segment %d bytes, want %d", p, got, tt.firstLength)
+			}
+			if _, got := p.segment(tt.segments - 1); got != tt.lastLength {
+				t.Errorf("%v: last segment %d bytes, want %d", p, got, tt.lastLength)
+			}
+		})
+	}
+}
+
+func TestPlanRejectsBadRamp(t *testing.T) {
+	d := v1.Hash{Algorithm: "sha256", Hex: "ab"}
+	for _, ramp := range []int{-1, maxRampSegments + 1} {
+		if _, err := newPlan(d, 1<<20, 16<<20, 1<<20, ramp); err == nil {
+			t.Errorf("ramp %d accepted", ramp)
+		}
+	}
+}
+
+// FuzzParseSegmentRequest feeds the control API's parser arbitrary blob geometry: it must never
+// panic, and a plan it accepts must tile the blob.
+func FuzzParseSegmentRequest(f *testing.F) {
+	f.Add(int64(256<<20), int64(16<<20), int64(1<<20), 4, 3)
+	f.Add(int64(1), int64(16<<20), int64(1<<20), 0, 0)
+	f.Add(int64(1<<40), int64(16<<20), int64(16<<10), 64, 100)
+	f.Fuzz(func(t *testing.T, size, segmentSize, pieceLength int64, ramp, k int) {
+		q := url.Values{
+			"digest":       {"sha256:" + "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
+			"segment":      {strconv.Itoa(k)},
+			"size":         {strconv.FormatInt(size, 10)},
+			"segment_size": {strconv.FormatInt(segmentSize, 10)},
+			"piece_length": {strconv.FormatInt(pieceLength, 10)},
+			"ramp":         {strconv.Itoa(ramp)},
+			"registry":     {"registry.test"},
+			"repository":   {"app"},
+			"peer":         {"127.0.0.1:7000"},
+		}
+		r, p, err := parseSegmentRequest(q)
+		if err != nil {
+			return
+		}
+		if r.k < 0 || r.k >= p.segments() {
+			t.Fatalf("accepted segment %d of %d", r.k, p.segments())
+		}
+		if p.segments() <= 1<<16 {
+			checkCovers(t, p)
+		}
+	})
+}
