@@ -432,11 +432,12 @@ func (r *blobReader) step(ctx context.Context) error {
 		// from upstream), or when the reader has waited twice that long in all (the content
 		// store gives up on a download that delivers nothing for longer). The wait is cut into
 		// slices to look at the segment's progress in between.
-		wasSeeding := r.s.isSeeding()
+		wasSeeding, pausesBefore := r.s.pauseState()
 		wctx, cancel := context.WithTimeout(ctx, r.s.waitSlice())
 		n, err = r.reader.ReadContext(wctx, r.probe[:])
 		cancel()
-		seeding := wasSeeding || r.s.isSeeding()
+		isSeeding, pausesAfter := r.s.pauseState()
+		seeding := wasSeeding || isSeeding || pausesAfter != pausesBefore
 		if n == 0 && err != nil && seeding && ctx.Err() == nil && time.Since(blocked) < 2*r.s.cfg.StallTimeout {
 			// The torrent reader fails at once while downloads are paused: wait for the resume.
 			select {

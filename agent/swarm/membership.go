@@ -35,6 +35,9 @@ type Membership interface {
 	// at once and a dead member costs one failed request rather than one per request until
 	// the next probe notices. The member comes back when a later probe reaches it.
 	ReportFailure(addr netip.AddrPort)
+	// ReportAlive says that addr just answered a request or made one, so that checking its
+	// liveness separately can wait. It does not revive a member taken for dead.
+	ReportAlive(addr netip.AddrPort)
 }
 
 var _ Membership = (*Static)(nil)
@@ -42,9 +45,10 @@ var _ Membership = (*Static)(nil)
 // Probe defaults; see WithProbeInterval and WithProbeTimeout.
 const (
 	// DefaultProbeInterval spaces probe rounds: each round opens a connection to every other
-	// member, so the cost grows with the square of the cluster (at 32 nodes and one round a second
-	// the probes took 5 % of the agents' CPU in a rollout). Requests that are refused mark a
-	// member dead at once, so the rounds only have to catch members that vanish silently.
+	// member it has not heard from within the interval, so the cost grows with the square of the
+	// cluster (at 32 nodes and one round a second the probes took 5 % of the agents' CPU in a
+	// rollout). Requests that are refused mark a member dead at once, so the rounds only have to
+	// catch members that vanish silently.
 	DefaultProbeInterval = 3 * time.Second
 	// DefaultProbeTimeout outlasts one lost SYN (Linux retransmits it after a second): on a
 	// saturated link a live member must not look dead, which would move its segments.
@@ -64,7 +68,9 @@ type Static struct {
 	after    func(time.Duration) <-chan time.Time
 	log      *slog.Logger
 	reg      prometheus.Registerer
-	gauge    *prometheus.GaugeVec // nil: no metrics
+	gauge    *prometheus.GaugeVec   // nil: no metrics
+	probes   *prometheus.CounterVec // nil: no metrics
+	now      func() time.Time
 
 	mu    sync.Mutex
 	state map[netip.AddrPort]*memberState // every member but self
@@ -78,6 +84,9 @@ type memberState struct {
 	reports uint64
 	// failedProbes counts consecutive failed probes.
 	failedProbes int
+	// heard is when the member last answered or made a request (ReportAlive): a live member
+	// heard from within the probe interval is not probed.
+	heard time.Time
 }
 
 // probeFailuresToDie is how many probes in a row must fail before a member is taken for dead.
@@ -144,6 +153,7 @@ func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption
 		interval: DefaultProbeInterval,
 		timeout:  DefaultProbeTimeout,
 		after:    time.After,
+		now:      time.Now,
 		log:      slog.New(slog.DiscardHandler),
 		ips:      map[netip.Addr]struct{}{},
 		state:    map[netip.AddrPort]*memberState{},
@@ -156,6 +166,10 @@ func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption
 			Namespace: "shoal", Subsystem: "swarm", Name: "members",
 			Help: "Swarm members (this node included) by whether they are believed alive.",
 		}, []string{"state"}))
+		s.probes = registerOrReuse(s.reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "member_probes_total",
+			Help: "Liveness checks of swarm members by result: ok, failed, or skipped because the member was heard from within the probe interval.",
+		}, []string{"result"}))
 	}
 	s.members = append(s.members, s.self)
 	for _, p := range peers {
@@ -212,6 +226,17 @@ func (s *Static) ReportFailure(addr netip.AddrPort) {
 	}
 }
 
+// ReportAlive implements Membership. Reports about self or about non-members are ignored.
+func (s *Static) ReportAlive(addr netip.AddrPort) {
+	addr = unmapAddrPort(addr)
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m := s.state[addr]; m != nil {
+		m.heard = now
+	}
+}
+
 // Run probes every peer each probe interval, starting at once, until ctx ends. Call it once.
 // Probes run concurrently, each bounded by the probe timeout, so a peer that black-holes
 // packets delays nobody else; a round ends when all its probes have returned.
@@ -234,10 +259,20 @@ func (s *Static) Run(ctx context.Context) {
 
 func (s *Static) probeRound(ctx context.Context, peers []netip.AddrPort) {
 	var wg sync.WaitGroup
+	now := s.now()
 	for _, p := range peers {
 		s.mu.Lock()
-		reports := s.state[p].reports
+		m := s.state[p]
+		reports := m.reports
+		// A live member that answered or made a request within the interval needs no probe: in
+		// a rollout, members talk to each other constantly. A dead one is always probed, the
+		// only way back to life.
+		skip := !m.dead && now.Sub(m.heard) < s.interval
 		s.mu.Unlock()
+		if skip {
+			s.countProbe("skipped")
+			continue
+		}
 		wg.Go(func() {
 			pctx, cancel := context.WithTimeout(ctx, s.timeout)
 			err := s.probe(pctx, p)
@@ -258,8 +293,10 @@ func (s *Static) setProbed(p netip.AddrPort, reports uint64, err error) {
 	m := s.state[p]
 	if err != nil {
 		m.failedProbes++
+		s.countProbe("failed")
 	} else {
 		m.failedProbes = 0
+		s.countProbe("ok")
 	}
 	switch {
 	case err != nil && !m.dead && m.failedProbes >= probeFailuresToDie:
@@ -275,6 +312,12 @@ func (s *Static) setProbed(p netip.AddrPort, reports uint64, err error) {
 		return
 	}
 	s.updateLocked()
+}
+
+func (s *Static) countProbe(result string) {
+	if s.probes != nil {
+		s.probes.WithLabelValues(result).Inc()
+	}
 }
 
 // updateLocked rebuilds the live list and the gauge from the member states.

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // testWait bounds every wait in these tests so that a bug fails them instead of hanging them.
@@ -470,5 +471,69 @@ func TestIsTimeout(t *testing.T) {
 	}
 	if isTimeout(nil) || isTimeout(errors.New("connection reset by peer")) {
 		t.Error("isTimeout is true for nil or a plain error")
+	}
+}
+
+// fakeNow is a clock that moves only when told to.
+type fakeNow struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeNow) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeNow) set(t time.Time) {
+	c.mu.Lock()
+	c.t = t
+	c.mu.Unlock()
+}
+
+// TestStaticSkipsMembersHeardFrom: a live member that answered or made a request within the
+// probe interval is not probed (a round that probed it anyway would not end: nobody answers
+// that probe); one heard from longer ago is, and so is a dead one, whatever was heard.
+func TestStaticSkipsMembersHeardFrom(t *testing.T) {
+	f := newFakeProbes()
+	reg := prometheus.NewRegistry()
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC}, append(f.options(), WithStaticRegisterer(reg))...)
+	t0 := time.Unix(1000, 0)
+	clock := &fakeNow{t: t0}
+	s.now = clock.now
+	s.ReportAlive(peerB)
+	s.ReportAlive(selfAddr)                                 // self: ignored
+	s.ReportAlive(netip.MustParseAddrPort("10.0.0.9:7070")) // not a member: ignored
+	startStatic(t, s)
+
+	for i, at := range []time.Duration{2 * time.Second, DefaultProbeInterval} {
+		calls := f.await(t, 1)
+		if calls[0].addr != peerC {
+			t.Fatalf("round %d probed %v, want only %v", i+1, calls[0].addr, peerC)
+		}
+		calls[0].reply <- nil
+		clock.set(t0.Add(at)) // the time of the next round
+		if i == 1 {
+			s.ReportAlive(peerC)
+			s.ReportFailure(peerC)
+		}
+		f.tick(t)
+	}
+	if got := testutil.ToFloat64(s.probes.WithLabelValues("skipped")); got != 2 {
+		t.Errorf("skipped probes = %v, want 2", got)
+	}
+
+	// peerB was heard from a whole interval ago: probed again. peerC is dead: probed although
+	// it was just heard from, and revived by the probe.
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB}; !slices.Equal(got, want) {
+		t.Fatalf("after ReportFailure(%v) Live() = %v, want %v", peerC, got, want)
+	}
+	f.round(t, 2, nil)
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB, peerC}; !slices.Equal(got, want) {
+		t.Fatalf("after a successful probe of the dead member Live() = %v, want %v", got, want)
+	}
+	if got := testutil.ToFloat64(s.probes.WithLabelValues("ok")); got != 4 {
+		t.Errorf("successful probes = %v, want 4", got)
 	}
 }

@@ -141,6 +141,7 @@ type Swarm struct {
 	// for that segment to be published.
 	seedingMu   sync.Mutex
 	seeding     int
+	pauses      uint64 // how many times peer downloads were paused
 	seedWaiters []*seedWaiter
 }
 
@@ -210,6 +211,7 @@ func (s *Swarm) seedingLocked(delta int) {
 			t.AllowDataDownload()
 		}
 	case before == 0:
+		s.pauses++
 		for _, t := range s.client.Torrents() {
 			t.DisallowDataDownload()
 		}
@@ -222,12 +224,14 @@ func (s *Swarm) waitSlice() time.Duration {
 	return min(time.Second, s.cfg.StallTimeout/3)
 }
 
-// isSeeding reports whether this node is fetching a segment from upstream (so its peer downloads
-// are paused).
-func (s *Swarm) isSeeding() bool {
+// pauseState reports whether this node is fetching a segment from upstream (so its peer
+// downloads are paused), and how many pauses have begun so far: a reader compares the count
+// before and after a read that failed, since a whole pause (a short segment takes well under a
+// millisecond on a fast link) can begin and end while the read waits.
+func (s *Swarm) pauseState() (seeding bool, pauses uint64) {
 	s.seedingMu.Lock()
 	defer s.seedingMu.Unlock()
-	return s.seeding > 0
+	return s.seeding > 0, s.pauses
 }
 
 // New starts the torrent client on cfg.PeerListener.
