@@ -100,7 +100,7 @@ func (s *Swarm) serveSegment(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "peer address does not match the connection", http.StatusForbidden)
 		return
 	}
-	s.cfg.Membership.ReportAlive(req.peer)
+	s.cfg.Membership.ReportAlive(req.peer.Addr())
 	if p.segmentSize != s.cfg.SegmentSize || p.pieceLength != s.cfg.PieceLength || p.rampSegments != s.cfg.RampSegments {
 		s.log.Warn("a peer cuts blobs differently; all agents should share --swarm-segment-size, --swarm-piece-length and --swarm-ramp-segments",
 			"peer", req.peer, "segment_size", p.segmentSize, "piece_length", p.pieceLength, "ramp_segments", p.rampSegments)
@@ -150,7 +150,7 @@ func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *bl
 	if err != nil {
 		return nil, fmt.Errorf("ask %s for segment %d: %w", seeder, k, err)
 	}
-	s.cfg.Membership.ReportAlive(seeder) // it answered, whatever it said
+	s.cfg.Membership.ReportAlive(seeder.Addr()) // it answered, whatever it said
 	if resp.StatusCode != http.StatusOK {
 		return nil, &seederError{status: resp.StatusCode, msg: string(body)}
 	}

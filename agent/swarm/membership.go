@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,9 +36,10 @@ type Membership interface {
 	// at once and a dead member costs one failed request rather than one per request until
 	// the next probe notices. The member comes back when a later probe reaches it.
 	ReportFailure(addr netip.AddrPort)
-	// ReportAlive says that addr just answered a request or made one, so that checking its
-	// liveness separately can wait. It does not revive a member taken for dead.
-	ReportAlive(addr netip.AddrPort)
+	// ReportAlive says that the member at IP addr just answered a request, made one or sent
+	// data, so that checking its liveness separately can wait. It does not revive a member taken
+	// for dead.
+	ReportAlive(addr netip.Addr)
 }
 
 var _ Membership = (*Static)(nil)
@@ -59,9 +61,14 @@ const (
 // start alive, so that a cold start does not wait for probes, and Run keeps their liveness up
 // to date by probing them.
 type Static struct {
-	self     netip.AddrPort
-	members  []netip.AddrPort // sorted, self included
-	ips      map[netip.Addr]struct{}
+	self    netip.AddrPort
+	members []netip.AddrPort // sorted, self included
+	ips     map[netip.Addr]struct{}
+	// heard holds, for the IP of every other member, when it was last heard from (ReportAlive,
+	// in Unix nanoseconds): a live member heard from within the probe interval is not probed.
+	// The map is built once; ReportAlive is called for every chunk a peer sends, so it takes
+	// no lock.
+	heard    map[netip.Addr]*atomic.Int64
 	probe    func(ctx context.Context, addr netip.AddrPort) error
 	interval time.Duration
 	timeout  time.Duration
@@ -84,9 +91,6 @@ type memberState struct {
 	reports uint64
 	// failedProbes counts consecutive failed probes.
 	failedProbes int
-	// heard is when the member last answered or made a request (ReportAlive): a live member
-	// heard from within the probe interval is not probed.
-	heard time.Time
 }
 
 // probeFailuresToDie is how many probes in a row must fail before a member is taken for dead.
@@ -181,8 +185,12 @@ func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption
 		s.members = append(s.members, p)
 	}
 	slices.SortFunc(s.members, netip.AddrPort.Compare)
+	s.heard = map[netip.Addr]*atomic.Int64{}
 	for _, m := range s.members {
 		s.ips[plainAddr(m.Addr())] = struct{}{}
+		if m != s.self {
+			s.heard[plainAddr(m.Addr())] = new(atomic.Int64)
+		}
 	}
 	s.mu.Lock()
 	s.updateLocked()
@@ -226,14 +234,10 @@ func (s *Static) ReportFailure(addr netip.AddrPort) {
 	}
 }
 
-// ReportAlive implements Membership. Reports about self or about non-members are ignored.
-func (s *Static) ReportAlive(addr netip.AddrPort) {
-	addr = unmapAddrPort(addr)
-	now := s.now()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if m := s.state[addr]; m != nil {
-		m.heard = now
+// ReportAlive implements Membership: every member at that IP counts as heard from (self aside).
+func (s *Static) ReportAlive(addr netip.Addr) {
+	if h := s.heard[plainAddr(addr)]; h != nil {
+		h.Store(s.now().UnixNano())
 	}
 }
 
@@ -267,7 +271,7 @@ func (s *Static) probeRound(ctx context.Context, peers []netip.AddrPort) {
 		// A live member that answered or made a request within the interval needs no probe: in
 		// a rollout, members talk to each other constantly. A dead one is always probed, the
 		// only way back to life.
-		skip := !m.dead && now.Sub(m.heard) < s.interval
+		skip := !m.dead && now.UnixNano()-s.heard[plainAddr(p.Addr())].Load() < s.interval.Nanoseconds()
 		s.mu.Unlock()
 		if skip {
 			s.countProbe("skipped")

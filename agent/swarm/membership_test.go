@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/anacrolix/torrent"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -502,9 +503,9 @@ func TestStaticSkipsMembersHeardFrom(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	clock := &fakeNow{t: t0}
 	s.now = clock.now
-	s.ReportAlive(peerB)
-	s.ReportAlive(selfAddr)                                 // self: ignored
-	s.ReportAlive(netip.MustParseAddrPort("10.0.0.9:7070")) // not a member: ignored
+	s.ReportAlive(peerB.Addr())
+	s.ReportAlive(selfAddr.Addr())                 // self: ignored
+	s.ReportAlive(netip.MustParseAddr("10.0.0.9")) // not a member: ignored
 	startStatic(t, s)
 
 	for i, at := range []time.Duration{2 * time.Second, DefaultProbeInterval} {
@@ -515,7 +516,7 @@ func TestStaticSkipsMembersHeardFrom(t *testing.T) {
 		calls[0].reply <- nil
 		clock.set(t0.Add(at)) // the time of the next round
 		if i == 1 {
-			s.ReportAlive(peerC)
+			s.ReportAlive(peerC.Addr())
 			s.ReportFailure(peerC)
 		}
 		f.tick(t)
@@ -535,5 +536,22 @@ func TestStaticSkipsMembersHeardFrom(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(s.probes.WithLabelValues("ok")); got != 4 {
 		t.Errorf("successful probes = %v, want 4", got)
+	}
+}
+
+// TestDataFromPeersCountsAsHeard: the torrent client's callback reports the sender of useful
+// data alive, whether the connection was accepted (a *net.TCPAddr from the socket) or dialled
+// (the netip.AddrPort the swarm gave the client).
+func TestDataFromPeersCountsAsHeard(t *testing.T) {
+	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC})
+	clock := &fakeNow{t: time.Unix(1000, 0)}
+	s.now = clock.now
+	report := reportSenderAlive(s)
+	report(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(peerB.Addr(), 51000))}})
+	report(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: peerC}})
+	for _, p := range []netip.AddrPort{peerB, peerC} {
+		if got := s.heard[p.Addr()].Load(); got != clock.t.UnixNano() {
+			t.Errorf("%v last heard at %d, want %d", p, got, clock.t.UnixNano())
+		}
 	}
 }

@@ -327,6 +327,8 @@ func New(cfg Config) (*Swarm, error) {
 	// link spread over its several connections, and bounds the buffers a peer allocates to serve
 	// this node (N = 32: 1 MiB gave p99 1.66-1.69 and peak RSS 176-196 MiB, 512 KiB 1.60 and
 	// 144 MiB, 256 KiB 1.67 with more stalls).
+	// Data from a peer shows it is alive: no need to probe it meanwhile (see Static).
+	cc.Callbacks.ReceivedUsefulData = append(cc.Callbacks.ReceivedUsefulData, reportSenderAlive(cfg.Membership))
 	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
 		m.Reqq = requestsPerConn
 	}
@@ -389,6 +391,19 @@ func (d memberDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
 		d.members.ReportFailure(ap)
 	}
 	return conn, err
+}
+
+// reportSenderAlive returns the torrent client callback that tells m a peer that sent data is
+// alive.
+func reportSenderAlive(m Membership) func(torrent.ReceivedUsefulDataEvent) {
+	return func(ev torrent.ReceivedUsefulDataEvent) {
+		switch a := ev.Peer.RemoteAddr.(type) {
+		case *net.TCPAddr: // accepted connections
+			m.ReportAlive(a.AddrPort().Addr())
+		case netip.AddrPort: // dialled ones: the address given to AddPeers
+			m.ReportAlive(a.Addr())
+		}
+	}
 }
 
 // isTimeout reports whether err is a timeout, which proves nothing about a peer: a saturated
