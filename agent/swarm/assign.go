@@ -20,29 +20,34 @@ func seederOf(p plan, k int, assignment, members []netip.AddrPort, alive func(ne
 }
 
 // assignSeeders gives every segment of a blob its seeder among all members, alive or not:
-// segments are taken in order and each goes to the member that ranks highest for it by
-// rendezvous hashing among those that have not yet reached their share, ceil(segments/members).
-// Plain rendezvous hashing would be lumpy (with 16 segments over 8 members one member often gets
-// 4, and a seeder fetches its segments one after the other, so the blob is published at the pace
-// of the busiest seeder); the cap bounds every member's upstream work. Liveness is applied on
-// top by seederOf, so that the assignment changes only when the member list does. Every node
-// computes the same assignment from the same member list.
+// segments are taken in order and each goes to the member that has the fewest of the blob's
+// bytes to seed so far, the one ranking highest for the segment by rendezvous hashing among
+// equals. Plain rendezvous hashing would be lumpy (with 16 segments over 8 members one member
+// often gets 4, and a seeder fetches its segments one after the other, so the blob is published
+// at the pace of the busiest seeder). Counting bytes rather than segments matters because
+// segments differ in length (see plan); taking the least loaded rather than capping each
+// member's share also spreads neighbouring segments, which are fetched from upstream at the
+// same time, over different members (the short segments at the start always go to different
+// members when there are enough). Liveness is applied on top by seederOf, so that the
+// assignment changes only when the member list does. Every node computes the same assignment
+// from the same member list.
 func assignSeeders(p plan, live []netip.AddrPort) []netip.AddrPort {
 	k := p.segments()
 	if len(live) == 0 {
 		return make([]netip.AddrPort, k)
 	}
-	share := (k + len(live) - 1) / len(live)
-	load := make(map[netip.AddrPort]int, len(live))
+	load := make(map[netip.AddrPort]int64, len(live))
 	seeders := make([]netip.AddrPort, k)
 	for i := range k {
-		for _, m := range Rank(p.key(i), live) {
-			if load[m] < share {
+		_, length := p.segment(i)
+		ranked := Rank(p.key(i), live)
+		seeders[i] = ranked[0]
+		for _, m := range ranked[1:] {
+			if load[m] < load[seeders[i]] {
 				seeders[i] = m
-				load[m]++
-				break
 			}
 		}
+		load[seeders[i]] += length
 	}
 	return seeders
 }

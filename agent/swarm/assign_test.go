@@ -95,3 +95,41 @@ func TestAssignSeedersFollowsRendezvousWithoutContention(t *testing.T) {
 		t.Errorf("no members: %v", got)
 	}
 }
+
+// TestAssignSeedersBalancesBytes: with short segments at the start of a blob (see plan), the
+// share is counted in bytes: nobody seeds three long segments while others seed short ones, and
+// the short segments go to different members, to be fetched in parallel.
+func TestAssignSeedersBalancesBytes(t *testing.T) {
+	const mib = 1 << 20
+	for _, tt := range []struct {
+		members int
+		worst   int64 // the most bytes any member may seed
+	}{{8, 36 * mib}, {16, 20 * mib}, {32, 16 * mib}} {
+		members := testMembers(tt.members)
+		for blob := range 200 {
+			d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", blob)}
+			p, err := newPlan(d, 256*mib, 16*mib, mib, DefaultRampSegments)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := assignSeeders(p, members)
+			load := map[netip.AddrPort]int64{}
+			shortSeeders := map[netip.AddrPort]bool{}
+			for k, m := range got {
+				_, length := p.segment(k)
+				load[m] += length
+				if k < p.rampSegments {
+					shortSeeders[m] = true
+				}
+			}
+			for m, n := range load {
+				if n > tt.worst {
+					t.Fatalf("%d members, blob %d: %v seeds %d MiB, want at most %d", tt.members, blob, m, n/mib, tt.worst/mib)
+				}
+			}
+			if tt.members >= p.rampSegments && len(shortSeeders) < p.rampSegments {
+				t.Errorf("%d members, blob %d: the %d short segments went to %d members", tt.members, blob, p.rampSegments, len(shortSeeders))
+			}
+		}
+	}
+}
