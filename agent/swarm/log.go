@@ -3,6 +3,7 @@ package swarm
 import (
 	"context"
 	"log/slog"
+	"strings"
 )
 
 // torrentLogHandler passes the torrent client's records on, except that it turns a few that
@@ -11,7 +12,9 @@ import (
 //     purpose (to notice stalls) and handles every failure itself, so at error level they would
 //     bury real problems (hundreds per rollout at 32 nodes);
 //   - its warning that a pass over its torrents took over 20 ms, which on a node busy with a
-//     rollout happens about three times a minute and says nothing an operator can act on.
+//     rollout happens about three times a minute and says nothing an operator can act on;
+//   - its error for a chunk that arrives for a piece the swarm's reader has meanwhile read from
+//     upstream (the write is refused on purpose, see segmentStorage.freezePiece).
 type torrentLogHandler struct{ slog.Handler }
 
 var demotedMessages = map[string]bool{
@@ -26,8 +29,11 @@ func (h torrentLogHandler) Enabled(ctx context.Context, level slog.Level) bool {
 	return level >= slog.LevelWarn || h.Handler.Enabled(ctx, level)
 }
 
+// frozenWrite ends the client's message for a chunk refused by a frozen piece.
+var frozenWrite = ": " + errFrozen.Error()
+
 func (h torrentLogHandler) Handle(ctx context.Context, r slog.Record) error {
-	if r.Level >= slog.LevelWarn && demotedMessages[r.Message] {
+	if r.Level >= slog.LevelWarn && (demotedMessages[r.Message] || strings.HasSuffix(r.Message, frozenWrite)) {
 		if !h.Handler.Enabled(ctx, slog.LevelDebug) {
 			return nil
 		}

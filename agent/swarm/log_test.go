@@ -17,6 +17,7 @@ func TestTorrentLogHandlerDemotesReaderRetries(t *testing.T) {
 		log.Error("initial read failed", "err", "context deadline exceeded")
 		log.Error("read failed after reader reset", "err", "context deadline exceeded")
 		log.Warn("client unlock handlers took a long time", "duration", "25ms")
+		log.Error("a87d5398: *torrent.PeerConn 0x2055: writing received chunk 127: " + errFrozen.Error())
 		log.Error("disk on fire")
 		log.Warn("peer misbehaves")
 		log.Info("connected")
@@ -25,12 +26,13 @@ func TestTorrentLogHandlerDemotesReaderRetries(t *testing.T) {
 			!strings.Contains(out, "level=WARN msg=\"peer misbehaves\"") {
 			t.Errorf("level %v: other records changed or lost:\n%s", level, out)
 		}
-		routine := strings.Count(out, "read failed") + strings.Count(out, "took a long time")
+		routine := strings.Count(out, "read failed") + strings.Count(out, "took a long time") + strings.Count(out, "writing received chunk")
 		switch {
 		case level == slog.LevelInfo && routine != 0:
 			t.Errorf("routine records logged at info level:\n%s", out)
 		case level == slog.LevelDebug && (strings.Count(out, "level=DEBUG msg=\"initial read failed\"") != 1 ||
-			strings.Count(out, "level=DEBUG msg=\"client unlock handlers took a long time\"") != 1):
+			strings.Count(out, "level=DEBUG msg=\"client unlock handlers took a long time\"") != 1 ||
+			strings.Count(out, "level=DEBUG msg=\"a87d5398: *torrent.PeerConn 0x2055: writing received chunk 127") != 1):
 			t.Errorf("routine records not demoted to debug:\n%s", out)
 		}
 	}
