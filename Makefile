@@ -66,6 +66,7 @@ fuzz: ## Run each fuzz target for $(FUZZTIME).
 	go test -run='^$$' -fuzz='^FuzzParseRequest$$' -fuzztime=$(FUZZTIME) ./agent/mirror
 	go test -run='^$$' -fuzz='^FuzzParseDigest$$' -fuzztime=$(FUZZTIME) ./internal/oci
 	go test -run='^$$' -fuzz='^FuzzRenderMerged$$' -fuzztime=$(FUZZTIME) ./agent/hostconfig
+	go test -run='^$$' -fuzz='^FuzzParseSegmentRequest$$' -fuzztime=$(FUZZTIME) ./agent/swarm
 
 .PHONY: e2e
 e2e: ## End-to-end tests: real registry, containerd through CRI, agents (root; isolated network namespace).
