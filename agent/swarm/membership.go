@@ -268,9 +268,9 @@ func (s *Static) probeRound(ctx context.Context, peers []netip.AddrPort) {
 		s.mu.Lock()
 		m := s.state[p]
 		reports := m.reports
-		// A live member that answered or made a request within the interval needs no probe: in
-		// a rollout, members talk to each other constantly. A dead one is always probed, the
-		// only way back to life.
+		// A live member that sent data, or made or answered a request, within the interval needs
+		// no probe: in a rollout, members talk to each other constantly. A dead one is always
+		// probed, the only way back to life.
 		skip := !m.dead && now.UnixNano()-s.heard[plainAddr(p.Addr())].Load() < s.interval.Nanoseconds()
 		s.mu.Unlock()
 		if skip {

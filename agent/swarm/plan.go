@@ -80,8 +80,16 @@ func (p plan) pieces(k int) int {
 	return int((length + p.pieceLength - 1) / p.pieceLength)
 }
 
-// segmentName names segment k's torrent; it is part of the info, hence of the infohash.
-func (p plan) segmentName(k int) string { return fmt.Sprintf("%s.%d", p.digest.Hex, k) }
+// segmentName names segment k's torrent by its byte range; it is part of the info, hence of the
+// infohash. Naming the range rather than the index makes nodes that cut a blob differently
+// (other segmentation flags, or an older version during an upgrade) disagree on every info
+// instead of trading pieces of different byte ranges under the same name: a segment k of the
+// same length at another offset would pass every other check, its pieces verify against its own
+// hashes, and only the whole blob's digest would catch the wrong bytes.
+func (p plan) segmentName(k int) string {
+	offset, length := p.segment(k)
+	return fmt.Sprintf("%s.%d-%d", p.digest.Hex, offset, offset+length)
+}
 
 // key is the rendezvous key of segment k: its seeder is the member that ranks first for it.
 func (p plan) key(k int) string { return fmt.Sprintf("%s/segment/%d", p.digest, k) }
