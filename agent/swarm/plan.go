@@ -27,7 +27,7 @@ const (
 // byte of a segment before its seeder has fetched all of it from upstream (its piece hashes
 // exist only then), so the time to publish the first segments is time every node's link sits
 // idle. A quarter of the size is published four times sooner (N = 32 cold: the links 41 % busy
-// by the 3rd second against 12 %; p99 1.58-1.61 × S/B against 1.68 the same day).
+// by the 3rd second against 12 %; p99 1.58-1.65 × S/B against 1.68 the same day).
 type plan struct {
 	digest       v1.Hash
 	size         int64
