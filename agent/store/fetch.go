@@ -36,10 +36,6 @@ type FileSource interface {
 	FilePath() string
 	// Advance blocks until more than have bytes from the blob's start are final in the file and
 	// returns how many are, or fails. The store calls it with have = what it has hashed so far.
-	// It may also return have itself, to show that the source is making progress that is not
-	// yet in order (the swarm downloads later parts of a blob while the reader waits for a
-	// piece): every return resets the store's stall timer, so a source that is alive is not
-	// taken for stalled, and the store calls Advance again.
 	Advance(ctx context.Context, have int64) (int64, error)
 }
 

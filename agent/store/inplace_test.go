@@ -4,13 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
-	"time"
 )
 
 // fileSource is a FileSource over a file it fills itself, in steps the test releases.
@@ -65,9 +63,6 @@ func (f *fileSource) Advance(ctx context.Context, have int64) (int64, error) {
 		}
 		select {
 		case end := <-f.steps:
-			if end == aliveStep {
-				return final, nil // progress elsewhere: no new bytes
-			}
 			f.mu.Lock()
 			if end < 0 {
 				f.fail = errors.New("source gave up")
@@ -80,9 +75,6 @@ func (f *fileSource) Advance(ctx context.Context, have int64) (int64, error) {
 		}
 	}
 }
-
-// aliveStep, sent as a step, makes Advance return without new bytes.
-const aliveStep = -2
 
 func (f *fileSource) Read([]byte) (int, error) { return 0, errors.New("a FileSource is not read") }
 func (f *fileSource) Close() error {
@@ -194,42 +186,6 @@ func TestFetchInPlaceFailuresLeaveTheSourcesFile(t *testing.T) {
 			ts.assertNothingStored(t)
 			if _, err := os.Stat(src.path); err != nil {
 				t.Errorf("the source's file is gone: %v", err)
-			}
-		})
-	}
-}
-
-// TestFetchInPlaceSourceThatShowsProgressDoesNotStall: a FileSource whose Advance returns without
-// new bytes (the swarm does so while it downloads other parts of the blob) resets the stall
-// timer each time, however long the wait for the next bytes in order; one that stays silent
-// stalls.
-func TestFetchInPlaceSourceThatShowsProgressDoesNotStall(t *testing.T) {
-	const stall = 500 * time.Millisecond
-	for _, alive := range []bool{true, false} {
-		t.Run(fmt.Sprintf("alive=%v", alive), func(t *testing.T) {
-			ts := openTestStore(t, "", WithStallTimeout(stall))
-			ctx := testContext(t)
-			data, d := randomBlob(9, 100<<10)
-			src := newFileSource(t, ts.dir, data)
-			b, err := ts.Fetch(ctx, d, src.open)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
-			src.put(t, 10<<10)
-			for range 20 { // 4 stall timeouts without a new byte
-				time.Sleep(stall / 5)
-				if alive {
-					src.steps <- aliveStep
-				}
-			}
-			src.put(t, int64(len(data)))
-			got, err := io.ReadAll(b)
-			switch {
-			case alive && (err != nil || !bytes.Equal(got, data)):
-				t.Fatalf("read %d bytes, err %v; want the blob", len(got), err)
-			case !alive && !errors.Is(err, ErrStalled):
-				t.Fatalf("read %d bytes, err %v; want %v", len(got), err, ErrStalled)
 			}
 		})
 	}

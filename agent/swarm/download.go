@@ -359,43 +359,18 @@ type blobReader struct {
 	reader torrent.Reader // of segment k, when following it in the swarm
 	direct io.ReadCloser  // the rest of segment k from upstream, when the swarm could not deliver it
 	probe  [1]byte
-	wait   waitState // the wait for the piece at final, kept across Advance calls
-	done   func()    // tells the blob this reader is gone
+	done   func() // tells the blob this reader is gone
 }
-
-// waitState is how long a reader has waited for the piece at position at, and what it saw
-// meanwhile: step returns to Advance while it waits (errProgressElsewhere), and the stall and
-// late-piece rules must count the whole wait.
-type waitState struct {
-	at                  int64
-	blocked, progressed time.Time // when the wait began; when the segment last completed a piece
-	completed           int64     // the segment's verified bytes at progressed
-	reported            time.Time // when Advance last returned without new bytes
-	blobCompleted       int64     // the blob's verified bytes at reported
-}
-
-// errProgressElsewhere tells Advance that the blob downloads, though not at the reader's
-// position: a node alone downloads every published segment at once, each at a fraction of its
-// link, so the piece in order may take longer than the content store waits for a byte (see
-// store.FileSource).
-var errProgressElsewhere = errors.New("progress elsewhere in the blob")
-
-// aliveReport is how often, at most, Advance returns without new bytes to show progress
-// elsewhere in the blob: well within the content store's 30 s.
-func (s *Swarm) aliveReport() time.Duration { return min(5*time.Second, s.cfg.StallTimeout) }
 
 var _ store.FileSource = (*blobReader)(nil)
 
 // FilePath implements store.FileSource.
 func (r *blobReader) FilePath() string { return r.path }
 
-// Advance implements store.FileSource: it blocks until more than have bytes are final, or
-// returns have when the blob made progress elsewhere while the reader waited for its piece.
+// Advance implements store.FileSource: it blocks until more than have bytes are final.
 func (r *blobReader) Advance(ctx context.Context, have int64) (int64, error) {
 	for r.final <= have && r.final < r.b.plan.size {
-		if err := r.step(ctx); errors.Is(err, errProgressElsewhere) {
-			return r.final, nil
-		} else if err != nil {
+		if err := r.step(ctx); err != nil {
 			return r.final, err
 		}
 	}
@@ -412,7 +387,7 @@ func (r *blobReader) Read(p []byte) (int, error) {
 		r.s.finished(r.b)
 		return 0, io.EOF
 	}
-	for r.read >= r.final {
+	if r.read >= r.final {
 		if _, err := r.Advance(r.ctx, r.read); err != nil {
 			return 0, err
 		}
@@ -447,12 +422,8 @@ func (r *blobReader) step(ctx context.Context) error {
 	var n int
 	var err error
 	var idle bool
-	if r.wait.at != r.final || r.wait.blocked.IsZero() {
-		now := time.Now()
-		r.wait = waitState{at: r.final, blocked: now, progressed: now, completed: t.BytesCompleted(), reported: now, blobCompleted: r.b.bytesCompleted()}
-	}
-	blocked := r.wait.blocked
-	progressed, completed := r.wait.progressed, r.wait.completed // the segment's last verified piece
+	blocked := time.Now()
+	progressed, completed := blocked, t.BytesCompleted() // the segment's last verified piece
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
 		// the pieces just ahead of it urgent. Pieces arrive rarest-first, so the one waited for
@@ -487,13 +458,6 @@ func (r *blobReader) step(ctx context.Context) error {
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
 		if idle || now.Sub(blocked) >= 2*r.s.cfg.StallTimeout {
 			break
-		}
-		r.wait.progressed, r.wait.completed = progressed, completed
-		if now.Sub(r.wait.reported) >= r.s.aliveReport() {
-			if c := r.b.bytesCompleted(); c != r.wait.blobCompleted {
-				r.wait.reported, r.wait.blobCompleted = now, c
-				return errProgressElsewhere
-			}
 		}
 	}
 	if n > 0 {

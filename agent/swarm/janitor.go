@@ -92,17 +92,6 @@ func (b *blob) idleSince(now time.Time) time.Duration {
 	return now.Sub(b.quietSince)
 }
 
-// bytesCompleted is how many of the blob's bytes its torrents have verified here.
-func (b *blob) bytesCompleted() int64 {
-	var n int64
-	for _, seg := range b.segs {
-		if _, t, _, _ := seg.state(); t != nil {
-			n += t.BytesCompleted()
-		}
-	}
-	return n
-}
-
 // bytesMoved is the piece data b's torrents have received and sent.
 func (b *blob) bytesMoved() int64 {
 	var moved int64
