@@ -320,6 +320,8 @@ func New(cfg Config) (*Swarm, error) {
 	// (a request waits for space held by earlier ones it is itself blocking). So the limit is what
 	// a peer can ask for at once: the client's request queue times the chunk size.
 	cc.MaxAllocPeerRequestDataPerConn = maxPeerRequests * chunkSize
+	// Data from a peer shows it is alive: no need to probe it meanwhile (see Static).
+	cc.Callbacks.ReceivedUsefulData = append(cc.Callbacks.ReceivedUsefulData, reportSenderAlive(cfg.Membership))
 	// A peer serves requests in the order they arrive, so the deeper the queue this node keeps at
 	// a peer, the longer the piece its reader waits for sits behind others: the client queues up
 	// to the peer's advertised "reqq" (1024 chunks, 64 MiB, between two of these clients). Cap it
@@ -327,8 +329,6 @@ func New(cfg Config) (*Swarm, error) {
 	// link spread over its several connections, and bounds the buffers a peer allocates to serve
 	// this node (N = 32: 1 MiB gave p99 1.66-1.69 and peak RSS 176-196 MiB, 512 KiB 1.60 and
 	// 144 MiB, 256 KiB 1.67 with more stalls).
-	// Data from a peer shows it is alive: no need to probe it meanwhile (see Static).
-	cc.Callbacks.ReceivedUsefulData = append(cc.Callbacks.ReceivedUsefulData, reportSenderAlive(cfg.Membership))
 	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
 		m.Reqq = requestsPerConn
 	}
