@@ -158,7 +158,7 @@ func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *bl
 	if err := json.Unmarshal(body, &answer); err != nil {
 		return nil, fmt.Errorf("answer of %s for segment %d: %w", seeder, k, err)
 	}
-	if err := checkInfo(b.plan, k, answer.Info); err != nil {
+	if _, err := checkInfo(b.plan, k, answer.Info); err != nil {
 		return nil, fmt.Errorf("answer of %s for segment %d: %w", seeder, k, err)
 	}
 	return &answer, nil

@@ -78,7 +78,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 	failed := map[netip.AddrPort]bool{}
 	timeouts := 0
 	for {
-		if info, _, _, _ := seg.state(); info != nil {
+		if info, _, _ := seg.state(); info != nil {
 			return nil
 		}
 		live := s.cfg.Membership.Live()
@@ -116,12 +116,10 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			s.log.Info("seeder failed, trying the next one", "digest", b.plan.digest, "segment", k, "seeder", seeder, "error", err)
 			continue
 		}
-		t, err := s.addTorrent(b, k, answer.Info, b.state)
-		if err != nil {
+		if err := s.publishSegment(b, k, answer.Info, b.state); err != nil {
 			return err
 		}
-		seg.publish(answer.Info, t)
-		s.addPeers(t, answer.Peers)
+		s.addPeers(b.t, answer.Peers)
 		go s.announce(b, k, seeder, answer.Peers)
 		return nil
 	}
@@ -133,7 +131,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 // rollout, so the interval doubles, up to maxAnnounceInterval, each time the answer names no
 // peer it has not named before (at N = 32, announcing every 2 s took 2 % of the agents' CPU).
 func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, peers []string) {
-	_, t, _, _ := b.segs[k].state()
+	t := b.t
 	interval := announceInterval
 	timer := time.NewTimer(interval)
 	defer timer.Stop()
@@ -189,7 +187,7 @@ func (s *Swarm) addPeers(t *torrent.Torrent, peers []string) {
 func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, error) {
 	seg := b.segs[k]
 	for {
-		info, _, ready, _ := seg.state()
+		info, ready, _ := seg.state()
 		if info != nil {
 			return info, nil
 		}
@@ -198,7 +196,7 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 		}
 		select {
 		case <-ready:
-			if info, _, _, err := seg.state(); info == nil && err != nil {
+			if info, _, err := seg.state(); info == nil && err != nil {
 				return nil, err
 			}
 		case <-ctx.Done():
@@ -232,9 +230,7 @@ func (s *Swarm) seed(b *blob, k int) {
 	s.metrics.bytes.WithLabelValues(source).Add(float64(length))
 	info, err := buildInfo(b.plan, k, pieces)
 	if err == nil {
-		var t *torrent.Torrent
-		if t, err = s.addTorrent(b, k, info, allComplete); err == nil {
-			b.segs[k].publish(info, t)
+		if err = s.publishSegment(b, k, info, allComplete); err == nil {
 			s.log.Info("seeding segment", "digest", b.plan.digest, "segment", k, "from", source,
 				"bytes", length, "duration", time.Since(start))
 			return
@@ -303,37 +299,120 @@ func (s *Swarm) openLocal(b *blob) store.Blob {
 	return local
 }
 
-// addTorrent adds segment k's torrent, stored in the blob's file at the segment's offset.
-func (s *Swarm) addTorrent(b *blob, k int, info []byte, state completionState) (*torrent.Torrent, error) {
-	if err := checkInfo(b.plan, k, info); err != nil {
-		return nil, fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, err)
+// addTorrent adds b's torrent, stored in the blob's file. It trades no piece until the hashes
+// of the piece's segment are known here (see publishSegment).
+func (s *Swarm) addTorrent(b *blob) error {
+	info, err := blobInfo(b.plan)
+	if err != nil {
+		return err
 	}
-	offset, _ := b.plan.segment(k)
-	st := newSegmentStorage(b.file, offset, b.plan.pieces(k), state)
+	st := newBlobStorage(b.file, b.plan.numPieces())
 	t, isNew := s.client.AddTorrentOpt(torrent.AddTorrentOpts{
 		InfoHash:  metainfo.HashBytes(info),
 		InfoBytes: info,
 		Storage:   st,
 		ChunkSize: chunkSize,
+		// Nothing to check before hashes arrive; a resumed download is verified segment by
+		// segment as they do.
+		DisableInitialPieceCheck: true,
 	})
-	if isNew {
-		// Added while this node fetches from upstream: it downloads nothing until that is done.
-		s.seedingMu.Lock()
-		if s.seeding > 0 {
-			t.DisallowDataDownload()
-		}
-		s.seedingMu.Unlock()
-		b.segs[k].setStorage(st)
-		t.SetOnWriteChunkError(func(err error) {
-			if errors.Is(err, errFrozen) {
-				return // a late chunk of a piece read from upstream instead
-			}
-			s.log.Error("cannot write segment data; dropping the segment", "digest", b.plan.digest, "segment", k, "error", err)
-			t.Drop()
-		})
-		t.DownloadAll()
+	if !isNew {
+		return errors.New("its torrent is already open")
 	}
-	return t, nil
+	// Added while this node fetches from upstream: it downloads nothing until that is done.
+	s.seedingMu.Lock()
+	if s.seeding > 0 {
+		t.DisallowDataDownload()
+	}
+	s.seedingMu.Unlock()
+	t.SetOnWriteChunkError(func(err error) {
+		if errors.Is(err, errFrozen) {
+			return // a late chunk of a piece read from upstream instead
+		}
+		s.log.Error("cannot write blob data; dropping the blob's torrent", "digest", b.plan.digest, "error", err)
+		t.Drop()
+	})
+	b.t, b.st, b.prio = t, st, make([]torrent.PiecePriority, b.plan.numPieces())
+	s.torrents.Store(t, b)
+	return nil
+}
+
+// publishSegment records segment k's info, checked against the plan: its piece hashes go to the
+// blob's storage in the given state, and the torrent trades those pieces from then on.
+func (s *Swarm) publishSegment(b *blob, k int, info []byte, state completionState) error {
+	pieces, err := checkInfo(b.plan, k, info)
+	if err != nil {
+		return fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, err)
+	}
+	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
+	b.st.setHashes(first, pieces, state)
+	for i := first; i < first+n; i++ {
+		b.t.Piece(i).UpdateCompletion()
+	}
+	if state != allComplete {
+		b.setPriority(first, first+n, torrent.PiecePriorityNormal)
+	}
+	if state == unknownCompletion {
+		// Resumed: what is on disk already counts once verified.
+		go func() {
+			for i := first; i < first+n; i++ {
+				if err := b.t.Piece(i).VerifyDataContext(context.Background()); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	b.segs[k].publish(info)
+	return nil
+}
+
+// setPriority sets the priority of pieces [from, to) and records it (see refreshPriorities).
+func (b *blob) setPriority(from, to int, prio torrent.PiecePriority) {
+	b.prioMu.Lock()
+	defer b.prioMu.Unlock()
+	for i := from; i < to; i++ {
+		b.prio[i] = prio
+		b.t.Piece(i).SetPriority(prio)
+	}
+}
+
+// refreshPriorities sets every piece's priority again, to what it is. It follows
+// DisallowDataDownload: the torrent client drops its pieces from its request order while
+// downloads are disallowed but keeps them pending, and it panics, at AllowDataDownload, if it
+// checks the two against each other before it has re-added them all (anacrolix/torrent v1.62.0,
+// assertPendingPiecesMatchRequestOrder). Setting a priority while downloads are disallowed
+// updates both.
+func (b *blob) refreshPriorities() {
+	b.prioMu.Lock()
+	defer b.prioMu.Unlock()
+	for i, prio := range b.prio {
+		b.t.Piece(i).SetPriority(prio)
+	}
+}
+
+// peerHas reports whether a connected peer has piece i.
+func (b *blob) peerHas(i int) bool {
+	for _, pc := range b.t.PeerConns() {
+		if pc.PeerPieces().Contains(uint32(i)) {
+			return true
+		}
+	}
+	return false
+}
+
+// takeOverPiece stops the blob's torrent from writing or requesting piece i, whose bytes this
+// node reads from upstream instead.
+func (b *blob) takeOverPiece(i int) {
+	b.st.freezePieces(i, i+1)
+	b.setPriority(i, i+1, torrent.PiecePriorityNone)
+}
+
+// abandonSegment stops the blob's torrent from writing or requesting segment k's pieces for
+// good, when its bytes are read from upstream instead: no chunk still in flight lands on them.
+func (b *blob) abandonSegment(k int) {
+	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
+	b.st.freezePieces(first, first+n)
+	b.setPriority(first, first+n, torrent.PiecePriorityNone)
 }
 
 // readaheadPieces is how many pieces ahead of the reader are fetched with priority.
@@ -343,9 +422,9 @@ const readaheadPieces = 2
 const pausedPoll = 50 * time.Millisecond
 
 // blobReader follows a blob in order, segment after segment, as its bytes become final in the
-// blob's file: verified pieces of the segments' torrents, or, for a segment the swarm cannot
-// deliver (no torrent, or no progress for StallTimeout), bytes read from upstream and written
-// there directly. It is a store.FileSource, so the content store hashes the blob in that file and
+// blob's file: verified pieces of the blob's torrent, or, for a segment the swarm cannot deliver
+// (no info, or no progress for StallTimeout), bytes read from upstream and written there
+// directly. It is a store.FileSource, so the content store hashes the blob in that file and
 // then adopts it instead of copying it; either way the store verifies the whole blob's digest.
 type blobReader struct {
 	s    *Swarm
@@ -356,7 +435,8 @@ type blobReader struct {
 	final  int64          // bytes from the blob's start that are final in the file
 	read   int64          // bytes Read has returned
 	k      int            // the segment holding byte final
-	reader torrent.Reader // of segment k, when following it in the swarm
+	open   bool           // segment k's info is known and reader is positioned in it
+	reader torrent.Reader // of the blob's torrent, while following the swarm
 	direct io.ReadCloser  // the rest of segment k from upstream, when the swarm could not deliver it
 	probe  [1]byte
 	done   func() // tells the blob this reader is gone
@@ -410,7 +490,7 @@ func (r *blobReader) step(ctx context.Context) error {
 		r.k++
 		return nil
 	}
-	if r.reader == nil && r.direct == nil {
+	if !r.open && r.direct == nil {
 		if err := r.openSegment(ctx, segPos); err != nil {
 			return err
 		}
@@ -418,20 +498,21 @@ func (r *blobReader) step(ctx context.Context) error {
 	if r.direct != nil {
 		return r.copyDirect(segPos)
 	}
-	_, t, _, _ := r.b.segs[r.k].state()
+	t := r.b.t
 	var n int
 	var err error
 	var idle bool
 	blocked := time.Now()
-	progressed, completed := blocked, t.BytesCompleted() // the segment's last verified piece
+	progressed, completed := blocked, t.BytesCompleted() // the blob's last verified piece
+	piece := int((offset + segPos) / r.b.plan.pieceLength)
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
-		// the pieces just ahead of it urgent. Pieces arrive rarest-first, so the one waited for
-		// may come late while the segment progresses: a segment is stalled when it completes
-		// nothing for StallTimeout (unless this node paused its downloads to fetch a segment
-		// from upstream), or when the reader has waited twice that long in all (the content
-		// store gives up on a download that delivers nothing for longer). The wait is cut into
-		// slices to look at the segment's progress in between.
+		// the pieces just ahead of it urgent. The swarm is stalled when the blob completes no
+		// piece for StallTimeout (unless this node paused its downloads to fetch a segment from
+		// upstream). The piece waited for is late when no connected peer has it after
+		// StallTimeout, or when the reader has waited twice that long in all (the content store
+		// gives up on a download that delivers nothing for longer). The wait is cut into slices
+		// to look at the blob's progress in between.
 		wasSeeding, pausesBefore := r.s.pauseState()
 		wctx, cancel := context.WithTimeout(ctx, r.s.waitSlice())
 		n, err = r.reader.ReadContext(wctx, r.probe[:])
@@ -456,22 +537,21 @@ func (r *blobReader) step(ctx context.Context) error {
 			progressed, completed = now, c
 		}
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
-		if idle || now.Sub(blocked) >= 2*r.s.cfg.StallTimeout {
+		waited := now.Sub(blocked)
+		if idle || waited >= 2*r.s.cfg.StallTimeout || (waited >= r.s.cfg.StallTimeout && !r.b.peerHas(piece)) {
 			break
 		}
 	}
 	if n > 0 {
 		// The piece at segPos is verified; so may be the ones after it.
 		pl := r.b.plan.pieceLength
-		end := min((segPos/pl+1)*pl, length)
-		for i := int(end / pl); end < length && t.Piece(i).State().Complete; i++ {
-			end = min(end+pl, length)
+		end := min(((offset+segPos)/pl+1)*pl, offset+length)
+		for i := int(end / pl); end < offset+length && t.Piece(i).State().Complete; i++ {
+			end = min(end+pl, offset+length)
 		}
-		r.final = offset + end
-		if end < length {
-			if _, err := r.reader.Seek(end, io.SeekStart); err != nil {
-				return fmt.Errorf("seek segment %d: %w", r.k, err)
-			}
+		r.final = end
+		if _, err := r.reader.Seek(end, io.SeekStart); err != nil {
+			return fmt.Errorf("seek segment %d: %w", r.k, err)
 		}
 		return nil
 	}
@@ -504,9 +584,9 @@ func (r *blobReader) step(ctx context.Context) error {
 func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
 	offset, length := r.b.plan.segment(r.k)
 	pl := r.b.plan.pieceLength
-	i := int(segPos / pl)
-	end := min(int64(i+1)*pl, length)
-	r.b.segs[r.k].takeOverPiece(i)
+	i := int((offset + segPos) / pl)
+	end := min(int64(i+1)*pl-offset, length)
+	r.b.takeOverPiece(i)
 	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, end-segPos)
 	if err != nil {
 		return fmt.Errorf("read piece %d of segment %d of %s from upstream: %w", i, r.k, r.b.plan.digest, err)
@@ -521,35 +601,33 @@ func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
 			return err
 		}
 	}
-	if end < length {
-		if _, err := r.reader.Seek(end, io.SeekStart); err != nil {
-			return fmt.Errorf("seek segment %d: %w", r.k, err)
-		}
+	if _, err := r.reader.Seek(offset+end, io.SeekStart); err != nil {
+		return fmt.Errorf("seek segment %d: %w", r.k, err)
 	}
 	return nil
 }
 
-// openSegment waits for segment k's torrent and opens a reader on it at segPos.
+// openSegment waits for segment k's info and positions the torrent reader at segPos.
 func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 	seg := r.b.segs[r.k]
 	wctx, cancel := context.WithTimeout(ctx, r.s.cfg.InfoTimeout)
 	defer cancel()
 	for {
-		info, t, ready, err := seg.state()
+		info, ready, err := seg.state()
 		if info != nil {
-			// Never SetResponsive: a responsive reader returns chunks before their piece is
-			// verified, and only verified bytes may leave the swarm.
-			reader := t.NewReader()
-			reader.SetContext(r.ctx)
-			// A short readahead: the pieces just ahead of the reader come first, the rest of every
-			// segment is fetched rarest-first, which keeps peers holding different pieces to trade.
-			_, length := r.b.plan.segment(r.k)
-			reader.SetReadahead(min(length, readaheadPieces*r.b.plan.pieceLength))
-			if _, err := reader.Seek(segPos, io.SeekStart); err != nil {
-				_ = reader.Close()
+			if r.reader == nil {
+				// Never SetResponsive: a responsive reader returns chunks before their piece is
+				// verified, and only verified bytes may leave the swarm.
+				r.reader = r.b.t.NewReader()
+				r.reader.SetContext(r.ctx)
+				// A short readahead: the pieces just ahead of the reader come first.
+				r.reader.SetReadahead(readaheadPieces * r.b.plan.pieceLength)
+			}
+			offset, _ := r.b.plan.segment(r.k)
+			if _, err := r.reader.Seek(offset+segPos, io.SeekStart); err != nil {
 				return fmt.Errorf("seek segment %d: %w", r.k, err)
 			}
-			r.reader = reader
+			r.open = true
 			return nil
 		}
 		if err != nil {
@@ -567,10 +645,12 @@ func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 }
 
 // openDirect starts reading the rest of segment k, from segPos, straight from upstream. The
-// segment's torrent stops first, so that no chunk from a peer lands on bytes from upstream.
+// torrent stops trading the segment first, so that no chunk from a peer lands on bytes from
+// upstream.
 func (r *blobReader) openDirect(ctx context.Context, segPos int64) error {
 	r.closeSegment()
-	r.b.segs[r.k].abandon()
+	r.closeReader()
+	r.b.abandonSegment(r.k)
 	offset, length := r.b.plan.segment(r.k)
 	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, length-segPos)
 	if err != nil {
@@ -603,20 +683,27 @@ func (r *blobReader) copyDirect(segPos int64) error {
 	return err
 }
 
+// closeSegment leaves segment k.
 func (r *blobReader) closeSegment() {
-	if r.reader != nil {
-		_ = r.reader.Close()
-		r.reader = nil
-	}
+	r.open = false
 	if r.direct != nil {
 		_ = r.direct.Close()
 		r.direct = nil
 	}
 }
 
-// Close implements io.Closer; the torrents keep seeding for the other nodes.
+// closeReader closes the torrent reader, whose readahead would otherwise keep asking for pieces.
+func (r *blobReader) closeReader() {
+	if r.reader != nil {
+		_ = r.reader.Close()
+		r.reader = nil
+	}
+}
+
+// Close implements io.Closer; the torrent keeps seeding for the other nodes.
 func (r *blobReader) Close() error {
 	r.closeSegment()
+	r.closeReader()
 	r.done()
 	return nil
 }
@@ -627,15 +714,8 @@ func (s *Swarm) finished(b *blob) {
 		if !b.started.IsZero() {
 			s.metrics.completion.Observe(time.Since(b.started).Seconds())
 		}
-		var read, wasted, written int64
-		for _, seg := range b.segs {
-			if _, t, _, _ := seg.state(); t != nil {
-				st := t.Stats()
-				read += st.BytesReadUsefulData.Int64()
-				wasted += st.ChunksReadWasted.Int64()
-				written += st.BytesWrittenData.Int64()
-			}
-		}
+		st := b.t.Stats()
+		read, wasted, written := st.BytesReadUsefulData.Int64(), st.ChunksReadWasted.Int64(), st.BytesWrittenData.Int64()
 		s.log.Info("blob delivered", "digest", b.plan.digest, "duration", time.Since(b.started),
 			"peer_bytes", read, "wasted_chunks", wasted, "uploaded_bytes", written)
 		go s.handover(b)
@@ -688,11 +768,8 @@ func (s *Swarm) drop(b *blob) {
 	path := b.path
 	b.path = ""
 	s.mu.Unlock()
-	for _, seg := range b.segs {
-		if _, t, _, _ := seg.state(); t != nil {
-			t.Drop()
-		}
-	}
+	s.torrents.Delete(b.t)
+	b.t.Drop()
 	b.file.close()
 	if path != "" {
 		_ = os.Remove(path)

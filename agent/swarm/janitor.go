@@ -94,14 +94,8 @@ func (b *blob) idleSince(now time.Time) time.Duration {
 
 // bytesMoved is the piece data b's torrents have received and sent.
 func (b *blob) bytesMoved() int64 {
-	var moved int64
-	for _, seg := range b.segs {
-		if _, t, _, _ := seg.state(); t != nil {
-			st := t.Stats()
-			moved += st.BytesReadData.Int64() + st.BytesWrittenData.Int64()
-		}
-	}
-	return moved
+	st := b.t.Stats()
+	return st.BytesReadData.Int64() + st.BytesWrittenData.Int64()
 }
 
 // stillQuiet reports whether b has had no reader or use since the last sweep found it quiet.

@@ -49,10 +49,8 @@ func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
 	}
 	// The seeder loses its first piece (as if its disk dropped it): the reader's handshake tells
 	// it that nobody has that piece, while the rest of the segment comes.
-	seg := blobOf(seeder, d).segs[0]
-	seg.mu.Lock()
-	st, tor := seg.storage, seg.t
-	seg.mu.Unlock()
+	b := blobOf(seeder, d)
+	st, tor := b.st, b.t
 	st.setComplete(0, false)
 	tor.Piece(0).UpdateCompletion()
 	if tor.Piece(0).State().Complete {

@@ -80,6 +80,15 @@ func (p plan) pieces(k int) int {
 	return int((length + p.pieceLength - 1) / p.pieceLength)
 }
 
+// numPieces is how many pieces the blob's torrent has.
+func (p plan) numPieces() int { return int((p.size + p.pieceLength - 1) / p.pieceLength) }
+
+// firstPiece is the index, in the blob's torrent, of segment k's first piece.
+func (p plan) firstPiece(k int) int {
+	offset, _ := p.segment(k)
+	return int(offset / p.pieceLength)
+}
+
 // segmentName names segment k's torrent by its byte range; it is part of the info, hence of the
 // infohash. Naming the range rather than the index makes nodes that cut a blob differently
 // (other segmentation flags, or an older version during an upgrade) disagree on every info

@@ -11,13 +11,12 @@ import (
 	"sync"
 	"time"
 
-	"github.com/anacrolix/torrent"
 	"github.com/anacrolix/torrent/bencode"
 	"github.com/anacrolix/torrent/metainfo"
 )
 
-// segment is this node's state for one segment of a blob: its torrent info once known (seeded
-// here or learned from its seeder), the torrent, and, when this node seeds it, the peers that
+// segment is this node's state for one segment of a blob: its info (the hashes of its pieces)
+// once known, seeded here or learned from its seeder, and, when this node seeds it, the peers that
 // asked for it (the seeder is the segment's tracker).
 type segment struct {
 	k int
@@ -25,8 +24,6 @@ type segment struct {
 	mu      sync.Mutex
 	ready   chan struct{} // closed when info is set or seeding failed
 	info    []byte
-	t       *torrent.Torrent
-	storage *segmentStorage
 	seeding bool  // a fetch from upstream (or the local store) is running
 	err     error // why the last seeding attempt failed
 	peers   map[netip.AddrPort]time.Time
@@ -36,21 +33,21 @@ func newSegment(k int) *segment {
 	return &segment{k: k, ready: make(chan struct{}), peers: map[netip.AddrPort]time.Time{}}
 }
 
-// state returns the info and torrent if known, and the channel that closes when that changes.
-func (s *segment) state() (info []byte, t *torrent.Torrent, ready <-chan struct{}, err error) {
+// state returns the info if known, and the channel that closes when that changes.
+func (s *segment) state() (info []byte, ready <-chan struct{}, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.info, s.t, s.ready, s.err
+	return s.info, s.ready, s.err
 }
 
-// publish records the segment's info and torrent and wakes everyone waiting for them.
-func (s *segment) publish(info []byte, t *torrent.Torrent) {
+// publish records the segment's info and wakes everyone waiting for it.
+func (s *segment) publish(info []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.info != nil {
 		return
 	}
-	s.info, s.t, s.err, s.seeding = info, t, nil, false
+	s.info, s.err, s.seeding = info, nil, false
 	close(s.ready)
 }
 
@@ -64,41 +61,6 @@ func (s *segment) fail(err error) {
 	s.err, s.seeding = err, false
 	close(s.ready)
 	s.ready = make(chan struct{})
-}
-
-func (s *segment) setStorage(st *segmentStorage) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.storage = st
-}
-
-// takeOverPiece stops the segment's torrent from writing or requesting piece i, whose bytes
-// this node reads from upstream instead.
-func (s *segment) takeOverPiece(i int) {
-	s.mu.Lock()
-	st, t := s.storage, s.t
-	s.mu.Unlock()
-	if st != nil {
-		st.freezePiece(i)
-	}
-	if t != nil {
-		t.CancelPieces(i, i+1)
-	}
-}
-
-// abandon stops the segment's torrent on this node for good, when its bytes are read from
-// upstream instead: the storage takes no more writes, so no chunk still in flight lands on them,
-// and the torrent is dropped.
-func (s *segment) abandon() {
-	s.mu.Lock()
-	st, t := s.storage, s.t
-	s.mu.Unlock()
-	if st != nil {
-		st.freeze()
-	}
-	if t != nil {
-		t.Drop()
-	}
 }
 
 // startSeeding reports whether the caller should start seeding (nobody else is, and no info yet).
@@ -172,31 +134,44 @@ func buildInfo(p plan, k int, pieces []byte) ([]byte, error) {
 	return bencode.Marshal(info)
 }
 
+// blobInfo returns the bencoded info of p's blob torrent. Every node builds the same one, so it
+// needs no exchange: its piece hashes are placeholders, and the real ones come with the segments'
+// infos (see blobStorage).
+func blobInfo(p plan) ([]byte, error) {
+	n := int((p.size + p.pieceLength - 1) / p.pieceLength)
+	pieces := make([]byte, 0, n*sha1Size)
+	for range n {
+		pieces = append(pieces, placeholderHash[:]...)
+	}
+	info := metainfo.Info{Name: p.digest.Hex, PieceLength: p.pieceLength, Pieces: pieces, Length: p.size}
+	return bencode.Marshal(info)
+}
+
 // checkInfo verifies that info bytes learned from a peer describe segment k of p exactly, so a
 // confused or malicious peer cannot make this node download something else.
-func checkInfo(p plan, k int, infoBytes []byte) error {
+func checkInfo(p plan, k int, infoBytes []byte) (pieces []byte, err error) {
 	if len(infoBytes) > 1<<20 {
-		return errors.New("info too large")
+		return nil, errors.New("info too large")
 	}
 	var info metainfo.Info
 	if err := bencode.Unmarshal(infoBytes, &info); err != nil {
-		return fmt.Errorf("decode info: %w", err)
+		return nil, fmt.Errorf("decode info: %w", err)
 	}
 	_, length := p.segment(k)
 	switch {
 	case info.Name != p.segmentName(k):
-		return fmt.Errorf("info names %q, want %q", info.Name, p.segmentName(k))
+		return nil, fmt.Errorf("info names %q, want %q", info.Name, p.segmentName(k))
 	case info.Length != length || len(info.Files) != 0:
-		return fmt.Errorf("info describes %d bytes, want one file of %d", info.Length, length)
+		return nil, fmt.Errorf("info describes %d bytes, want one file of %d", info.Length, length)
 	case info.PieceLength != p.pieceLength:
-		return fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.pieceLength)
+		return nil, fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.pieceLength)
 	case len(info.Pieces) != p.pieces(k)*sha1.Size:
-		return fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/sha1.Size, p.pieces(k))
+		return nil, fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/sha1.Size, p.pieces(k))
 	}
 	// Re-encoding must give the same bytes, or the infohash would not be what every node computes.
 	again, err := bencode.Marshal(info)
 	if err != nil || !bytes.Equal(again, infoBytes) {
-		return errors.New("info is not in canonical form")
+		return nil, errors.New("info is not in canonical form")
 	}
-	return nil
+	return info.Pieces, nil
 }

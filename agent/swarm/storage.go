@@ -2,6 +2,7 @@ package swarm
 
 import (
 	"context"
+	"crypto/sha1" //nolint:gosec // BitTorrent v1 piece hashes are SHA-1; blobs are verified by sha256 too
 	"errors"
 	"fmt"
 	"io"
@@ -73,34 +74,45 @@ func (f *blobFile) close() {
 	}
 }
 
-// segmentStorage is the anacrolix storage of one segment torrent: the byte range
-// [base, base+length) of a blob file, with piece completion kept in memory. A seeder that has
-// just fetched and hashed the segment marks every piece complete; a fresh download starts with
-// every piece known incomplete (no pointless hashing of an empty file); a resumed download
-// leaves completion unknown so that the torrent client verifies what is already on disk.
-type segmentStorage struct {
+// blobStorage is the anacrolix storage of a blob's torrent: the blob file, with piece completion
+// kept in memory. The torrent's info carries no real piece hashes (nobody knows them when it is
+// created, see blobInfo): each segment's hashes arrive with the segment's info, from its seeder,
+// and the storage checks pieces against them itself (storage.SelfHashing). Until a piece's hash
+// is known its completion is unknown, which keeps the torrent client from requesting it. A seeder
+// that has just fetched and hashed a segment marks its pieces complete; a fresh download marks
+// them incomplete (no pointless hashing of an empty file); a resumed download leaves them unknown
+// until they are verified against the hashes.
+type blobStorage struct {
 	file *blobFile
-	base int64
 
 	mu       sync.Mutex
+	hashes   []byte // SHA-1 of every piece, valid where hashed
+	hashed   []bool
 	known    []bool
 	complete []bool
 
-	writeMu      sync.RWMutex // held for reading by writes, for writing by freeze and freezePiece
+	writeMu      sync.RWMutex // held for reading by writes, for writing by freezePieces
 	frozenPieces map[int]bool
 }
 
-// errFrozen is returned by a segment storage, or a piece, that stopped taking writes (see
-// freeze and freezePiece): its bytes came from upstream instead.
+// errFrozen is returned by a piece that stopped taking writes (see freezePieces): its bytes came
+// from upstream instead.
 var errFrozen = errors.New("read from upstream instead")
 
-// freezePiece stops writes into piece i; it returns once no write is in progress.
-func (s *segmentStorage) freezePiece(i int) { s.freezePieces(i, i+1) }
+// errHashUnknown is returned when the torrent client hashes a piece whose hash has not arrived.
+var errHashUnknown = errors.New("piece hash not known yet")
 
-// freeze stops writes into the segment; it returns once no write is in progress.
-func (s *segmentStorage) freeze() { s.freezePieces(0, len(s.known)) }
+// placeholderHash is every piece's hash in a blob torrent's info. SelfHash returns it for a piece
+// that matches its real hash, and something else otherwise.
+var placeholderHash = func() (h metainfo.Hash) {
+	for i := range h {
+		h[i] = 0xff
+	}
+	return h
+}()
 
-func (s *segmentStorage) freezePieces(from, to int) {
+// freezePieces stops writes into pieces [from, to); it returns once no write is in progress.
+func (s *blobStorage) freezePieces(from, to int) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	if s.frozenPieces == nil {
@@ -116,46 +128,58 @@ type completionState int
 const (
 	allIncomplete     completionState = iota // fresh download
 	allComplete                              // data written and hashed by us
-	unknownCompletion                        // resumed: let the torrent client check
+	unknownCompletion                        // resumed: to be verified
 )
 
-func newSegmentStorage(file *blobFile, base int64, pieces int, state completionState) *segmentStorage {
-	s := &segmentStorage{file: file, base: base, known: make([]bool, pieces), complete: make([]bool, pieces)}
-	for i := range pieces {
+func newBlobStorage(file *blobFile, pieces int) *blobStorage {
+	return &blobStorage{file: file, hashes: make([]byte, pieces*sha1Size), hashed: make([]bool, pieces),
+		known: make([]bool, pieces), complete: make([]bool, pieces)}
+}
+
+// setHashes records the hashes of the pieces from first on (a segment's "pieces") and their state.
+func (s *blobStorage) setHashes(first int, pieces []byte, state completionState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	copy(s.hashes[first*sha1Size:], pieces)
+	for i := first; i < first+len(pieces)/sha1Size; i++ {
+		s.hashed[i] = true
 		s.known[i] = state != unknownCompletion
 		s.complete[i] = state == allComplete
 	}
-	return s
 }
 
 // OpenTorrent implements storage.ClientImpl.
-func (s *segmentStorage) OpenTorrent(_ context.Context, info *metainfo.Info, _ metainfo.Hash) (storage.TorrentImpl, error) {
+func (s *blobStorage) OpenTorrent(_ context.Context, info *metainfo.Info, _ metainfo.Hash) (storage.TorrentImpl, error) {
 	if n := info.NumPieces(); n != len(s.known) {
-		return storage.TorrentImpl{}, fmt.Errorf("segment storage prepared for %d pieces, torrent has %d", len(s.known), n)
+		return storage.TorrentImpl{}, fmt.Errorf("blob storage prepared for %d pieces, torrent has %d", len(s.known), n)
 	}
 	return storage.TorrentImpl{
 		Piece: func(p metainfo.Piece) storage.PieceImpl {
-			return &segmentPiece{s: s, index: p.Index(), off: s.base + p.Offset(), length: p.Length()}
+			return &blobPiece{s: s, index: p.Index(), off: p.Offset(), length: p.Length()}
 		},
 		Close: func() error { return nil },
 	}, nil
 }
 
-func (s *segmentStorage) setComplete(i int, complete bool) {
+// setComplete records the torrent client's verdict on piece i, unless its hash is not known: then
+// there was nothing to check it against.
+func (s *blobStorage) setComplete(i int, complete bool) {
 	s.mu.Lock()
-	s.known[i], s.complete[i] = true, complete
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	if s.hashed[i] {
+		s.known[i], s.complete[i] = true, complete
+	}
 }
 
-// segmentPiece is one piece of a segment torrent.
-type segmentPiece struct {
-	s      *segmentStorage
+// blobPiece is one piece of a blob torrent.
+type blobPiece struct {
+	s      *blobStorage
 	index  int
 	off    int64
 	length int64
 }
 
-func (p *segmentPiece) ReadAt(b []byte, off int64) (int, error) {
+func (p *blobPiece) ReadAt(b []byte, off int64) (int, error) {
 	if off >= p.length {
 		return 0, io.EOF
 	}
@@ -171,7 +195,7 @@ func (p *segmentPiece) ReadAt(b []byte, off int64) (int, error) {
 
 // WriteTo writes the piece to w (the torrent client hashes pieces this way) in a few large
 // reads rather than the client's default of one read per 32 KiB.
-func (p *segmentPiece) WriteTo(w io.Writer) (int64, error) {
+func (p *blobPiece) WriteTo(w io.Writer) (int64, error) {
 	bufp, _ := hashBuffers.Get().(*[]byte)
 	defer hashBuffers.Put(bufp)
 	n, err := io.CopyBuffer(w, io.NewSectionReader(p, 0, p.length), *bufp)
@@ -187,7 +211,7 @@ var hashBuffers = sync.Pool{New: func() any {
 	return &b
 }}
 
-func (p *segmentPiece) WriteAt(b []byte, off int64) (int, error) {
+func (p *blobPiece) WriteAt(b []byte, off int64) (int, error) {
 	if off+int64(len(b)) > p.length {
 		return 0, fmt.Errorf("write of %d bytes at %d past the end of a %d byte piece", len(b), off, p.length)
 	}
@@ -199,17 +223,39 @@ func (p *segmentPiece) WriteAt(b []byte, off int64) (int, error) {
 	return p.s.file.WriteAt(b, p.off+off)
 }
 
-func (p *segmentPiece) MarkComplete() error {
+func (p *blobPiece) MarkComplete() error {
 	p.s.setComplete(p.index, true)
 	return nil
 }
 
-func (p *segmentPiece) MarkNotComplete() error {
+func (p *blobPiece) MarkNotComplete() error {
 	p.s.setComplete(p.index, false)
 	return nil
 }
 
-func (p *segmentPiece) Completion() storage.Completion {
+// SelfHash implements storage.SelfHashing: it checks the piece against its real hash.
+func (p *blobPiece) SelfHash() (metainfo.Hash, error) {
+	p.s.mu.Lock()
+	hashed := p.s.hashed[p.index]
+	var want [sha1Size]byte
+	copy(want[:], p.s.hashes[p.index*sha1Size:])
+	p.s.mu.Unlock()
+	if !hashed {
+		return metainfo.Hash{}, errHashUnknown
+	}
+	h := sha1.New() //nolint:gosec // see segment.go
+	if _, err := p.WriteTo(h); err != nil {
+		return metainfo.Hash{}, err
+	}
+	var got metainfo.Hash
+	h.Sum(got[:0])
+	if got == want {
+		return placeholderHash, nil
+	}
+	return got, nil
+}
+
+func (p *blobPiece) Completion() storage.Completion {
 	p.s.mu.Lock()
 	defer p.s.mu.Unlock()
 	return storage.Completion{Ok: p.s.known[p.index], Complete: p.s.complete[p.index]}

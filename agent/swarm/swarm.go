@@ -107,8 +107,9 @@ type Config struct {
 	UpstreamWindow int
 	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited.
 	MaxUploadRate, MaxDownloadRate int64
-	// ConnsPerTorrent bounds established peer connections per segment torrent.
+	// ConnsPerTorrent bounds established peer connections per blob torrent.
 	ConnsPerTorrent int
+
 	// InfoTimeout bounds waiting for a seeder to publish a segment before fetching it directly.
 	InfoTimeout time.Duration
 	// StallTimeout is how long reading a segment may make no progress before the rest of the
@@ -130,8 +131,9 @@ type Swarm struct {
 	control *http.Client
 	metrics *metrics
 
-	mu    sync.Mutex
-	blobs map[string]*blob
+	mu       sync.Mutex
+	blobs    map[string]*blob
+	torrents sync.Map // *torrent.Torrent → its *blob
 
 	stopJanitor chan struct{}
 	closeOnce   sync.Once
@@ -214,6 +216,9 @@ func (s *Swarm) seedingLocked(delta int) {
 		s.pauses++
 		for _, t := range s.client.Torrents() {
 			t.DisallowDataDownload()
+			if b, ok := s.torrents.Load(t); ok {
+				b.(*blob).refreshPriorities()
+			}
 		}
 	}
 }
@@ -263,6 +268,7 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.ConnsPerTorrent <= 0 {
 		cfg.ConnsPerTorrent = 4 * peersPerAnswer
 	}
+
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -331,6 +337,7 @@ func New(cfg Config) (*Swarm, error) {
 	// 144 MiB, 256 KiB 1.67 with more stalls).
 	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
 		m.Reqq = requestsPerConn
+
 	}
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
@@ -420,6 +427,8 @@ type blob struct {
 	plan           plan
 	registry, repo string
 	file           *blobFile
+	t              *torrent.Torrent // the blob's torrent (see blobStorage)
+	st             *blobStorage
 	path           string // the working file; "" once the data lives in the content store
 	state          completionState
 	segs           []*segment
@@ -429,6 +438,9 @@ type blob struct {
 	downloadOnce sync.Once
 	finishOnce   sync.Once
 	started      time.Time
+
+	prioMu sync.Mutex
+	prio   []torrent.PiecePriority // every piece's priority, as set by setPriority
 
 	activityMu sync.Mutex // guards the janitor's view of the blob's activity (see idleSince)
 	readers    int
@@ -471,6 +483,10 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		members: members, assignment: assignSeeders(p, members)}
 	for k := range p.segments() {
 		b.segs = append(b.segs, newSegment(k))
+	}
+	if err := s.addTorrent(b); err != nil {
+		b.file.close()
+		return nil, fmt.Errorf("blob %s: %w", d, err)
 	}
 	s.blobs[d.Hex] = b
 	return b, nil
