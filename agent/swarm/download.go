@@ -307,6 +307,7 @@ func (s *Swarm) addTorrent(b *blob) error {
 		return err
 	}
 	st := newBlobStorage(b.file, b.plan.numPieces())
+	st.onLiar = s.ban
 	t, isNew := s.client.AddTorrentOpt(torrent.AddTorrentOpts{
 		InfoHash:  metainfo.HashBytes(info),
 		InfoBytes: info,

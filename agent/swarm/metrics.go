@@ -15,6 +15,7 @@ type metrics struct {
 	bytes          *prometheus.CounterVec
 	seederFailures prometheus.Counter
 	stalls         prometheus.Counter
+	bans           prometheus.Counter
 	retired        *prometheus.CounterVec
 	filesRemoved   prometheus.Counter
 	completion     prometheus.Histogram
@@ -33,6 +34,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		stalls: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
 			Help: "Segments whose swarm download made no progress for the stall timeout and were read from upstream.",
+		}),
+		bans: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "peers_banned_total",
+			Help: "Peers banned because a block they sent differed from its piece once the piece verified (the torrent client also bans the only sender of a piece that fails by itself).",
 		}),
 		retired: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "blobs_retired_total",
@@ -54,7 +59,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 	stats := func(f func(cs statsView) float64) func() float64 {
 		return func() float64 { return f(s.stats()) }
 	}
-	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.retired, m.filesRemoved, m.completion,
+	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.bans, m.retired, m.filesRemoved, m.completion,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",

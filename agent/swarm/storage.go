@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"sync"
 
 	"github.com/anacrolix/torrent/metainfo"
@@ -93,6 +94,9 @@ type blobStorage struct {
 
 	writeMu      sync.RWMutex // held for reading by writes, for writing by freezePieces
 	frozenPieces map[int]bool
+
+	sent   sentBlocks            // blocks peers sent, until their piece verifies (see ban.go)
+	onLiar func(peer netip.Addr) // called with every peer that sent a block of a piece that differs from it once verified
 }
 
 // errFrozen is returned by a piece that stopped taking writes (see freezePieces): its bytes came
@@ -243,16 +247,34 @@ func (p *blobPiece) SelfHash() (metainfo.Hash, error) {
 	if !hashed {
 		return metainfo.Hash{}, errHashUnknown
 	}
+	check := newBlockChecker(p.s.sent.of(p.index))
 	h := sha1.New() //nolint:gosec // see segment.go
-	if _, err := p.WriteTo(h); err != nil {
-		return metainfo.Hash{}, err
+	bufp, _ := hashBuffers.Get().(*[]byte)
+	defer hashBuffers.Put(bufp)
+	for off := int64(0); off < p.length; {
+		n, err := p.ReadAt((*bufp)[:min(int64(len(*bufp)), p.length-off)], off)
+		if n == 0 {
+			if err == nil || errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF // the file ends inside the piece
+			}
+			return metainfo.Hash{}, err
+		}
+		h.Write((*bufp)[:n])
+		check.write(off, (*bufp)[:n])
+		off += int64(n)
 	}
 	var got metainfo.Hash
 	h.Sum(got[:0])
-	if got == want {
-		return placeholderHash, nil
+	if got != want {
+		return got, nil // the blocks stay recorded: the next verified copy tells who lied
 	}
-	return got, nil
+	p.s.sent.forget(p.index)
+	if p.s.onLiar != nil {
+		for _, peer := range check.liars() {
+			p.s.onLiar(peer)
+		}
+	}
+	return placeholderHash, nil
 }
 
 func (p *blobPiece) Completion() storage.Completion {

@@ -134,6 +134,7 @@ type Swarm struct {
 	mu       sync.Mutex
 	blobs    map[string]*blob
 	torrents sync.Map // *torrent.Torrent → its *blob
+	banned   bannedIPs
 
 	stopJanitor chan struct{}
 	closeOnce   sync.Once
@@ -326,8 +327,10 @@ func New(cfg Config) (*Swarm, error) {
 	// (a request waits for space held by earlier ones it is itself blocking). So the limit is what
 	// a peer can ask for at once: the client's request queue times the chunk size.
 	cc.MaxAllocPeerRequestDataPerConn = maxPeerRequests * chunkSize
-	// Data from a peer shows it is alive: no need to probe it meanwhile (see Static).
-	cc.Callbacks.ReceivedUsefulData = append(cc.Callbacks.ReceivedUsefulData, reportSenderAlive(cfg.Membership))
+	// Data from a peer shows it is alive: no need to probe it meanwhile (see Static). Every block
+	// is recorded until its piece verifies, to find who sent bad data (see ban.go).
+	cc.Callbacks.ReceivedUsefulData = append(cc.Callbacks.ReceivedUsefulData, reportSenderAlive(cfg.Membership), s.recordSentBlock)
+	cc.IPBlocklist = &s.banned
 	// A peer serves requests in the order they arrive, so the deeper the queue this node keeps at
 	// a peer, the longer the piece its reader waits for sits behind others: the client queues up
 	// to the peer's advertised "reqq" (1024 chunks, 64 MiB, between two of these clients). Cap it
@@ -404,11 +407,8 @@ func (d memberDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
 // alive.
 func reportSenderAlive(m Membership) func(torrent.ReceivedUsefulDataEvent) {
 	return func(ev torrent.ReceivedUsefulDataEvent) {
-		switch a := ev.Peer.RemoteAddr.(type) {
-		case *net.TCPAddr: // accepted connections
-			m.ReportAlive(a.AddrPort().Addr())
-		case netip.AddrPort: // dialled ones: the address given to AddPeers
-			m.ReportAlive(a.Addr())
+		if addr, ok := peerIP(ev.Peer.RemoteAddr); ok {
+			m.ReportAlive(addr)
 		}
 	}
 }

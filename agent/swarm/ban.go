@@ -1,0 +1,176 @@
+package swarm
+
+import (
+	"hash/crc32"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/anacrolix/torrent"
+	"github.com/anacrolix/torrent/iplist"
+)
+
+// A blob's torrent checks its pieces itself (see blobStorage), which turns off the torrent
+// client's own way of finding which peer corrupted a piece that several peers sent blocks of (it
+// bans only a piece's single sender). So the swarm does that itself: it keeps a checksum of every
+// block a peer sends until the block's piece verifies, and then bans every peer whose block
+// differs from the verified bytes.
+
+// sentBlock is a block a peer sent for a piece.
+type sentBlock struct {
+	peer   netip.Addr
+	offset int64 // in the piece
+	length int64
+	sum    uint32 // CRC-32C of the bytes sent
+}
+
+// maxSentBlocks bounds the blocks kept per piece: a piece that fails again and again (many
+// senders, some lying) keeps only its most recent ones.
+const maxSentBlocks = 256
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// sentBlocks records, per piece, the blocks peers sent since the piece last verified.
+type sentBlocks struct {
+	mu     sync.Mutex
+	pieces map[int][]sentBlock
+}
+
+func (s *sentBlocks) record(piece int, offset int64, data []byte, peer netip.Addr) {
+	b := sentBlock{peer: peer, offset: offset, length: int64(len(data)), sum: crc32.Checksum(data, castagnoli)}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pieces == nil {
+		s.pieces = map[int][]sentBlock{}
+	}
+	blocks := s.pieces[piece]
+	if len(blocks) >= maxSentBlocks {
+		blocks = append(blocks[:0], blocks[len(blocks)/2:]...)
+	}
+	s.pieces[piece] = append(blocks, b)
+}
+
+// of returns a copy of the blocks recorded for piece.
+func (s *sentBlocks) of(piece int) []sentBlock {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]sentBlock(nil), s.pieces[piece]...)
+}
+
+func (s *sentBlocks) forget(piece int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pieces, piece)
+}
+
+// blockChecker computes the checksums of recorded blocks over a piece's bytes, read in order.
+type blockChecker struct {
+	blocks []sentBlock
+	sums   []uint32
+}
+
+func newBlockChecker(blocks []sentBlock) *blockChecker {
+	return &blockChecker{blocks: blocks, sums: make([]uint32, len(blocks))}
+}
+
+// write takes the piece's bytes at offset.
+func (c *blockChecker) write(offset int64, data []byte) {
+	end := offset + int64(len(data))
+	for j, b := range c.blocks {
+		lo, hi := max(b.offset, offset), min(b.offset+b.length, end)
+		if lo < hi {
+			c.sums[j] = crc32.Update(c.sums[j], castagnoli, data[lo-offset:hi-offset])
+		}
+	}
+}
+
+// liars returns the peers that sent a block that differs from the bytes written.
+func (c *blockChecker) liars() []netip.Addr {
+	var bad []netip.Addr
+	for j, b := range c.blocks {
+		if c.sums[j] != b.sum && !contains(bad, b.peer) {
+			bad = append(bad, b.peer)
+		}
+	}
+	return bad
+}
+
+func contains(addrs []netip.Addr, a netip.Addr) bool {
+	for _, x := range addrs {
+		if x == a {
+			return true
+		}
+	}
+	return false
+}
+
+// recordSentBlock is the torrent client callback that records every block received for a blob.
+func (s *Swarm) recordSentBlock(ev torrent.ReceivedUsefulDataEvent) {
+	addr, ok := peerIP(ev.Peer.RemoteAddr)
+	if !ok {
+		return
+	}
+	b, ok := s.torrents.Load(ev.Peer.Torrent())
+	if !ok {
+		return
+	}
+	m := ev.Message
+	b.(*blob).st.sent.record(int(m.Index), int64(m.Begin), m.Piece, addr)
+}
+
+// peerIP returns the IP of a peer's address as the torrent client holds it.
+func peerIP(a torrent.PeerRemoteAddr) (netip.Addr, bool) {
+	switch a := a.(type) {
+	case *net.TCPAddr: // accepted connections
+		return a.AddrPort().Addr().Unmap(), true
+	case netip.AddrPort: // dialled ones: the address given to AddPeers
+		return a.Addr().Unmap(), true
+	}
+	return netip.Addr{}, false
+}
+
+// ban stops all traffic with a peer that sent bad data: its connections close, and the torrent
+// client refuses new ones (see bannedIPs).
+func (s *Swarm) ban(addr netip.Addr) {
+	if _, loaded := s.banned.set.LoadOrStore(addr, true); loaded {
+		return
+	}
+	s.metrics.bans.Inc()
+	s.log.Warn("peer sent data that failed verification; banned", "peer", addr)
+	for _, t := range s.client.Torrents() {
+		for _, pc := range t.PeerConns() {
+			if ip, ok := peerIP(pc.RemoteAddr); ok && ip == addr {
+				_ = pc.Close()
+			}
+		}
+	}
+}
+
+// bannedIPs is the torrent client's block list: the peers this node banned.
+type bannedIPs struct{ set sync.Map } // netip.Addr → true
+
+var _ iplist.Ranger = (*bannedIPs)(nil)
+
+// Lookup implements iplist.Ranger.
+func (b *bannedIPs) Lookup(ip net.IP) (iplist.Range, bool) {
+	addr, ok := netip.AddrFromSlice(ip)
+	if !ok {
+		return iplist.Range{}, false
+	}
+	if _, banned := b.set.Load(addr.Unmap()); !banned {
+		return iplist.Range{}, false
+	}
+	return iplist.Range{First: ip, Last: ip, Description: "sent bad data"}, true
+}
+
+// NumRanges implements iplist.Ranger.
+func (b *bannedIPs) NumRanges() int {
+	n := 0
+	b.set.Range(func(any, any) bool { n++; return true })
+	return n
+}
+
+func (s *Swarm) isBanned(addr netip.Addr) bool {
+	_, banned := s.banned.set.Load(addr.Unmap())
+	return banned
+}
