@@ -110,12 +110,13 @@ func (s *Swarm) recordSentBlock(ev torrent.ReceivedUsefulDataEvent) {
 	if !ok {
 		return
 	}
-	b, ok := s.torrents.Load(ev.Peer.Torrent())
+	v, _ := s.torrents.Load(ev.Peer.Torrent())
+	b, ok := v.(*blob)
 	if !ok {
 		return
 	}
 	m := ev.Message
-	b.(*blob).st.sent.record(int(m.Index), int64(m.Begin), m.Piece, addr)
+	b.st.sent.record(int(m.Index), int64(m.Begin), m.Piece, addr)
 }
 
 // peerIP returns the IP of a peer's address as the torrent client holds it.

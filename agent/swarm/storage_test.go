@@ -50,10 +50,17 @@ func TestBlobStorageKnowsNothingBeforeHashes(t *testing.T) {
 	const pl = 16 << 10
 	data := bytes.Repeat([]byte("shoal"), 4*pl/5)
 	st, piece := newTestStorage(t, data, pl)
+	hasher := func(i int) storage.SelfHashing {
+		h, ok := piece(i).(storage.SelfHashing)
+		if !ok {
+			t.Fatal("a blob piece does not hash itself")
+		}
+		return h
+	}
 	if c := piece(1).Completion(); c.Ok {
 		t.Fatalf("completion of a piece without hash = %+v, want unknown", c)
 	}
-	if _, err := piece(1).(storage.SelfHashing).SelfHash(); !errors.Is(err, errHashUnknown) {
+	if _, err := hasher(1).SelfHash(); !errors.Is(err, errHashUnknown) {
 		t.Fatalf("SelfHash without hash: %v, want errHashUnknown", err)
 	}
 	if err := piece(1).MarkNotComplete(); err != nil {
@@ -72,7 +79,7 @@ func TestBlobStorageKnowsNothingBeforeHashes(t *testing.T) {
 		t.Fatalf("piece 1 became known with piece 2's hashes: %+v", c)
 	}
 	for i := 2; i < 4; i++ {
-		sum, err := piece(i).(storage.SelfHashing).SelfHash()
+		sum, err := hasher(i).SelfHash()
 		if err != nil || sum != placeholderHash {
 			t.Fatalf("SelfHash of good piece %d = %x, %v; want the placeholder", i, sum, err)
 		}
@@ -81,7 +88,7 @@ func TestBlobStorageKnowsNothingBeforeHashes(t *testing.T) {
 	if _, err := st.file.WriteAt([]byte{data[3*pl] ^ 1}, 3*pl); err != nil {
 		t.Fatal(err)
 	}
-	if sum, err := piece(3).(storage.SelfHashing).SelfHash(); err != nil || sum == placeholderHash {
+	if sum, err := hasher(3).SelfHash(); err != nil || sum == placeholderHash {
 		t.Fatalf("SelfHash of a corrupted piece = %x, %v; want a mismatch", sum, err)
 	}
 }
@@ -111,7 +118,10 @@ func TestLiarsAreFoundOnceThePieceVerifies(t *testing.T) {
 	if _, err := st.file.WriteAt(bad, pl+3*block); err != nil {
 		t.Fatal(err)
 	}
-	hasher := piece(1).(storage.SelfHashing)
+	hasher, ok := piece(1).(storage.SelfHashing)
+	if !ok {
+		t.Fatal("a blob piece does not hash itself")
+	}
 	if sum, err := hasher.SelfHash(); err != nil || sum == placeholderHash {
 		t.Fatalf("corrupted piece verified: %x, %v", sum, err)
 	}

@@ -217,8 +217,9 @@ func (s *Swarm) seedingLocked(delta int) {
 		s.pauses++
 		for _, t := range s.client.Torrents() {
 			t.DisallowDataDownload()
-			if b, ok := s.torrents.Load(t); ok {
-				b.(*blob).refreshPriorities()
+			v, _ := s.torrents.Load(t)
+			if b, ok := v.(*blob); ok {
+				b.refreshPriorities()
 			}
 		}
 	}
@@ -322,6 +323,11 @@ func New(cfg Config) (*Swarm, error) {
 	// moved request that its first peer had already answered arrives twice (N = 32: 451 wasted
 	// 64 KiB chunks per node, 11 % of the blob; 265 with 1 s; 71 with 3 s).
 	cc.StealRequestGrace = stealGrace
+	// The client considers pieces for requests in its order (priority, then rarest first) only
+	// until 64 MiB of them by default. In a blob's torrent the rarest pieces are those of segments
+	// whose holders this node is not connected to, so those 64 MiB could be pieces no peer can
+	// send while every other piece waits: a node alone stopped dead after 80 MiB.
+	cc.MaxUnverifiedBytes = 0
 	// The client reserves buffer space for every request a peer makes and serves them in no
 	// particular order; a limit below what one peer can have outstanding deadlocks the connection
 	// (a request waits for space held by earlier ones it is itself blocking). So the limit is what

@@ -1,0 +1,38 @@
+package swarm
+
+import (
+	"bytes"
+	"context"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// TestNodeAloneGetsEverySegmentFromItsSeeders: one node of many reads a blob that nobody has:
+// every segment comes from its seeder, with no stall, however many segments there are.
+func TestNodeAloneGetsEverySegmentFromItsSeeders(t *testing.T) {
+	const (
+		pieceLength = 64 << 10
+		segmentSize = 4 * pieceLength
+		size        = 24 * segmentSize
+	)
+	up := newMemUpstream()
+	content := randomBlob(t, size)
+	d := up.add(content)
+	nodes := startNodesConfigured(t, 12, up, segmentSize, pieceLength, func(_ int, cfg *Config) {
+		cfg.StallTimeout = 2 * time.Second
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	got, err := readSource(ctx, nodes[0].swarm.Source("registry.test", "app", d))
+	if err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("%d bytes, %v", len(got), err)
+	}
+	if n := testutil.ToFloat64(nodes[0].swarm.metrics.stalls); n != 0 {
+		t.Errorf("stalls = %v, want 0", n)
+	}
+	if sent := up.sent.Load(); sent != size {
+		t.Errorf("upstream sent %d bytes, want %d", sent, size)
+	}
+}
