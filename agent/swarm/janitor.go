@@ -13,15 +13,15 @@ const DefaultIdleTimeout = 10 * time.Minute
 // janitorInterval is how often the janitor sweeps.
 const janitorInterval = time.Minute
 
-// The janitor retires what the swarm no longer needs. A node keeps the segment torrents of a
-// blob it has delivered so that it serves peers for the rest of a rollout; kept for ever, every
-// blob ever pulled would hold its torrents, their connections and an open file, which also keeps
+// The janitor retires what the swarm no longer needs. A node keeps the torrent of a blob it has
+// delivered so that it serves peers for the rest of a rollout; kept for ever, every blob ever
+// pulled would hold its torrent, its connections and an open file, which also keeps
 // the disk space of a blob the content store has evicted. A download whose reader went away
 // (the pull was cancelled) would keep its working file for ever too, and so would a working file
 // left by an earlier run that nobody resumed.
 //
-// A blob is retired once it has no reader and its torrents have moved no byte, in or out, for
-// IdleTimeout: its torrents stop and its working file, if it still has one, is removed (a
+// A blob is retired once it has no reader and its torrent has moved no byte, in or out, for
+// IdleTimeout: its torrent stops and its working file, if it still has one, is removed (a
 // delivered blob's data belongs to the content store and stays there). A file in Dir that no
 // blob uses is removed once it is IdleTimeout old.
 
@@ -79,7 +79,7 @@ const (
 	retiredUndelivered = "undelivered" // never delivered here: its reader went away, or it only seeded for peers
 )
 
-// idleSince returns how long b has had no reader and moved no byte through its torrents, as
+// idleSince returns how long b has had no reader and moved no byte through its torrent, as
 // seen by the sweeps so far; zero while it is in use.
 func (b *blob) idleSince(now time.Time) time.Duration {
 	moved := b.bytesMoved()
@@ -92,7 +92,7 @@ func (b *blob) idleSince(now time.Time) time.Duration {
 	return now.Sub(b.quietSince)
 }
 
-// bytesMoved is the piece data b's torrents have received and sent.
+// bytesMoved is the piece data b's torrent has received and sent.
 func (b *blob) bytesMoved() int64 {
 	st := b.t.Stats()
 	return st.BytesReadData.Int64() + st.BytesWrittenData.Int64()

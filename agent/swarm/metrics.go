@@ -33,7 +33,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		}),
 		stalls: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
-			Help: "Segments whose swarm download made no progress for the stall timeout and were read from upstream.",
+			Help: "Reads the swarm could not serve in time and that went to upstream instead: the rest of a segment when the blob made no progress for the stall timeout, or a single late piece.",
 		}),
 		bans: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peers_banned_total",
@@ -78,7 +78,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		}, stats(func(v statsView) float64 { return float64(v.piecesBad) })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peers_connected",
-			Help: "Established peer connections, summed over segment torrents.",
+			Help: "Established peer connections, summed over blob torrents.",
 		}, stats(func(v statsView) float64 { return float64(v.peers) })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "torrents",

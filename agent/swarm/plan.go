@@ -18,10 +18,10 @@ const (
 	rampDivisor = 4
 )
 
-// plan is how a blob is cut into segments, each its own torrent whose pieces are pieceLength
-// long: first rampSegments short ones (a quarter of segmentSize, in whole pieces), then
-// segments of segmentSize, the last one shorter. Every node derives the same plan from the same
-// parameters, so the torrent of a segment is identical (same infohash) whoever builds it.
+// plan is how a blob is cut into segments of whole pieces of pieceLength: first rampSegments
+// short ones (a quarter of segmentSize, in whole pieces), then segments of segmentSize, the last
+// one shorter. Every node derives the same plan from the same parameters, so a segment's info is
+// identical whoever builds it, and its pieces are the same pieces of the blob's torrent.
 //
 // The short segments at the start are for the first seconds of a rollout: nobody can trade a
 // byte of a segment before its seeder has fetched all of it from upstream (its piece hashes
@@ -89,12 +89,11 @@ func (p plan) firstPiece(k int) int {
 	return int(offset / p.pieceLength)
 }
 
-// segmentName names segment k's torrent by its byte range; it is part of the info, hence of the
-// infohash. Naming the range rather than the index makes nodes that cut a blob differently
-// (other segmentation flags, or an older version during an upgrade) disagree on every info
-// instead of trading pieces of different byte ranges under the same name: a segment k of the
-// same length at another offset would pass every other check, its pieces verify against its own
-// hashes, and only the whole blob's digest would catch the wrong bytes.
+// segmentName names segment k's info by its byte range. Naming the range rather than the index
+// makes nodes that cut a blob differently (other segmentation flags, or an older version during
+// an upgrade) disagree on every info instead of taking a segment's hashes for the pieces of
+// another range: a segment k of the same length at another offset would pass every other check,
+// and its pieces would then fail against hashes of other bytes.
 func (p plan) segmentName(k int) string {
 	offset, length := p.segment(k)
 	return fmt.Sprintf("%s.%d-%d", p.digest.Hex, offset, offset+length)

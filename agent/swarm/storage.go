@@ -20,7 +20,7 @@ var (
 	errFileClosed = errors.New("blob file closed")
 )
 
-// blobFile is the data of one blob that segment torrents read and write at offsets. While a blob
+// blobFile is the data of one blob that its torrent reads and writes at offsets. While a blob
 // downloads it is the swarm's own sparse file; once the blob is complete in the content store it
 // can be switched to the store's file, so that seeding never keeps a second copy on disk.
 type blobFile struct {

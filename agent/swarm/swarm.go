@@ -2,13 +2,14 @@
 // (github.com/anacrolix/torrent), so that a blob leaves its upstream registry about once per
 // cluster however many nodes want it at the same moment.
 //
-// A blob is cut into fixed segments, each its own torrent. The seeder of a segment is the live
-// member that ranks first for it by rendezvous hashing: it fetches that byte range from upstream
-// (HTTP Range), hashes the pieces, and publishes the segment's torrent to whoever asks; it is also
-// the segment's tracker, answering each asker with the peers that asked before. Peers swarm a
-// segment while later segments are still being fetched, so they start receiving long before any
-// seeder has the whole blob. Every byte from a peer is checked against its piece hash before it
-// is stored or read, and the content store checks the whole blob against its sha256 digest.
+// A blob is traded as one torrent, and cut into segments for fetching and hashing. The seeder of
+// a segment is the member the balanced rendezvous assignment gives it to: it fetches that byte
+// range from upstream (HTTP Range), hashes the pieces, and publishes the segment's info (its
+// piece hashes) to whoever asks; it is also the segment's tracker, answering each asker with
+// peers that asked before. Peers trade a segment's pieces while later segments are still being
+// fetched, so they start receiving long before any seeder has the whole blob. Every byte from a
+// peer is checked against its piece hash before it is stored or read, and the content store
+// checks the whole blob against its sha256 digest.
 //
 // One TCP port per node (--p2p-addr) carries both the BitTorrent peer protocol and a small HTTP
 // control API (see Split); connections from addresses that are not members are refused.
@@ -115,7 +116,7 @@ type Config struct {
 	// StallTimeout is how long reading a segment may make no progress before the rest of the
 	// segment is fetched directly from upstream.
 	StallTimeout time.Duration
-	// IdleTimeout is how long a blob without readers keeps its segment torrents after they last
+	// IdleTimeout is how long a blob without readers keeps its torrent after it last
 	// moved a byte, and how long a working file no blob uses is kept (see janitor.go).
 	IdleTimeout time.Duration
 	Logger      *slog.Logger
