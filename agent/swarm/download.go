@@ -416,12 +416,16 @@ func (b *blob) abandonSegment(k int) {
 	b.setPriority(first, first+n, torrent.PiecePriorityNone)
 }
 
-// readaheadPieces is how many pieces beyond the one the reader waits for are fetched with
-// priority. With one torrent per blob, 2 made every peer connection update its requests each
-// time a reader moved on, and all readers, at about the same place, asked the same few holders
-// for the same pieces: p99 N = 8 cold 1.27-1.34 × S/B, N = 16 cold 1.56 and warm 1.55; with
-// none, 1.18-1.21, 1.45 and 1.30 (N = 32: no difference measured, 1.61-1.63 cold).
-const readaheadPieces = 0
+// readaheadPieces is how many pieces from the reader's position are fetched with priority.
+// Fewer would serve the swarm better (with one torrent per blob, every move of a reader updates
+// the requests of every connection that has the pieces ahead, and all readers, at about the same
+// place, ask the same few holders: N = 8 cold p99 1.18-1.21 × S/B with 0 (only the piece at the
+// reader) against 1.27-1.34 with
+// 2, N = 16 1.42-1.45 against 1.56), but with 0 or 1 a node pulling a blob alone waited 20 s
+// for its reader's piece while completing 145-148 others, and the content store gave up on the
+// pull (warm scenario, N = 32: in all 3 runs; with 2 in none of 3, though once the piece was
+// late and read from upstream; see swarm.md, "Known gaps").
+const readaheadPieces = 2
 
 // pausedPoll is how often a reader checks whether paused peer downloads have resumed.
 const pausedPoll = 50 * time.Millisecond

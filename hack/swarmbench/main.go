@@ -242,6 +242,7 @@ type result struct {
 	PeakRSSMax   int64                 `json:"agent_peak_rss_max_bytes"`
 	MachineCPU   float64               `json:"machine_cpu_utilisation"` // while the nodes fetched
 	MachineBusy  float64               `json:"machine_cpu_busy_s"`
+	MachineSteal float64               `json:"machine_cpu_steal"` // share of all cores' time taken by the hypervisor for other machines
 	// TestbedCPU is the CPU time of the agents, the registry and the fetch clients while the
 	// nodes fetched: the machine is shared, so its busy time may include other work.
 	TestbedCPU      float64 `json:"testbed_cpu_s"`
@@ -393,7 +394,7 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 		return res, err
 	}
 	cpu := cpuAfter.Sub(cpuBefore)
-	res.MachineCPU, res.MachineBusy = cpu.Utilisation(), cpu.Busy
+	res.MachineCPU, res.MachineBusy, res.MachineSteal = cpu.Utilisation(), cpu.Busy, cpu.StealShare()
 	procsAfter, err := processCPU(tb)
 	if err != nil {
 		return res, err
@@ -597,7 +598,7 @@ func printTable(w io.Writer, results []*result) {
 	}
 	fmt.Fprintln(w, "times in units of S/B (S: blob size, B: node link rate); upstream: registry link bytes sent / S (log: blob bytes in the registry's access log / S);")
 	fmt.Fprintln(w, "links d/u: share of the asking nodes' link capacity used down / up until the last one finished;")
-	fmt.Fprintln(w, "machine CPU: share of all cores busy while the nodes fetched (in brackets: the testbed's processes alone)")
+	fmt.Fprintln(w, "machine CPU: share of all cores busy while the nodes fetched (in brackets: the testbed's processes alone; steal: time the hypervisor gave these cores to other machines)")
 }
 
 func linkUse(r *result) string {
@@ -605,6 +606,9 @@ func linkUse(r *result) string {
 }
 
 func machineCPU(r *result) string {
+	if r.MachineSteal >= 0.01 {
+		return fmt.Sprintf("%.0f%% (%.0f%%; steal %.0f%%)", 100*r.MachineCPU, 100*r.TestbedCPUShare, 100*r.MachineSteal)
+	}
 	return fmt.Sprintf("%.0f%% (%.0f%%)", 100*r.MachineCPU, 100*r.TestbedCPUShare)
 }
 
@@ -659,7 +663,8 @@ func markdown(cfg config, swarm bool, results []*result) string {
 	b.WriteString("Upstream is what the registry sent during the scenario over S, counted on its link (with headers) and as blob bytes in its access log; for warm it includes node 0's first fetch. ")
 	b.WriteString("Links is the share of the asking nodes' link capacity that carried bytes, down and up, from the start until the last node finished (`-json` has it second by second, with each node's delivery curve). ")
 	b.WriteString("Machine CPU is the share of both cores busy while the nodes fetched, whatever ran; in brackets the share used by ")
-	b.WriteString("the testbed's own processes (agents, registry, fetch clients; the kernel's network work is not in it).\n")
+	b.WriteString("the testbed's own processes (agents, registry, fetch clients; the kernel's network work is not in it), and, when there was any, the steal: ")
+	b.WriteString("time the hypervisor gave these cores to other machines while this one had work. A run with much steal was slowed by something outside it.\n")
 	return b.String()
 }
 

@@ -68,6 +68,9 @@ func ProcessUsage(pid int) (Usage, error) {
 // to get how busy the machine was between them.
 type MachineCPU struct {
 	Busy, Total float64 // seconds summed over all CPUs
+	// Steal is the part of Busy during which the hypervisor ran other machines on these CPUs
+	// while this one had work: a run with much of it was slowed by something outside it.
+	Steal float64
 }
 
 // ReadMachineCPU reads the aggregate line of /proc/stat.
@@ -77,6 +80,11 @@ func ReadMachineCPU() (MachineCPU, error) {
 		return MachineCPU{}, fmt.Errorf("read /proc/stat: %w", err)
 	}
 	line, _, _ := strings.Cut(string(data), "\n")
+	return parseMachineCPU(line)
+}
+
+// parseMachineCPU parses the aggregate "cpu" line of /proc/stat.
+func parseMachineCPU(line string) (MachineCPU, error) {
 	fields := strings.Fields(line)
 	if len(fields) < 5 || fields[0] != "cpu" {
 		return MachineCPU{}, fmt.Errorf("/proc/stat: unexpected first line %q", line)
@@ -93,13 +101,24 @@ func ReadMachineCPU() (MachineCPU, error) {
 		if i != 3 && i != 4 { // idle, iowait
 			m.Busy += v
 		}
+		if i == 7 {
+			m.Steal += v
+		}
 	}
 	return m, nil
 }
 
 // Sub returns the counters between an earlier reading and m.
 func (m MachineCPU) Sub(earlier MachineCPU) MachineCPU {
-	return MachineCPU{Busy: m.Busy - earlier.Busy, Total: m.Total - earlier.Total}
+	return MachineCPU{Busy: m.Busy - earlier.Busy, Total: m.Total - earlier.Total, Steal: m.Steal - earlier.Steal}
+}
+
+// StealShare is Steal / Total.
+func (m MachineCPU) StealShare() float64 {
+	if m.Total <= 0 {
+		return 0
+	}
+	return m.Steal / m.Total
 }
 
 // Utilisation is Busy / Total: 1 means every CPU was busy all the time.
