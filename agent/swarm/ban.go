@@ -4,6 +4,7 @@ import (
 	"hash/crc32"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/anacrolix/torrent"
@@ -63,45 +64,39 @@ func (s *sentBlocks) forget(piece int) {
 	delete(s.pieces, piece)
 }
 
-// blockChecker computes the checksums of recorded blocks over a piece's bytes, read in order.
+// blockChecker is an io.Writer that takes a piece's bytes in order and computes the checksums
+// of the recorded blocks over them.
 type blockChecker struct {
 	blocks []sentBlock
 	sums   []uint32
+	offset int64 // in the piece, of the next byte written
 }
 
 func newBlockChecker(blocks []sentBlock) *blockChecker {
 	return &blockChecker{blocks: blocks, sums: make([]uint32, len(blocks))}
 }
 
-// write takes the piece's bytes at offset.
-func (c *blockChecker) write(offset int64, data []byte) {
-	end := offset + int64(len(data))
+func (c *blockChecker) Write(data []byte) (int, error) {
+	end := c.offset + int64(len(data))
 	for j, b := range c.blocks {
-		lo, hi := max(b.offset, offset), min(b.offset+b.length, end)
+		lo, hi := max(b.offset, c.offset), min(b.offset+b.length, end)
 		if lo < hi {
-			c.sums[j] = crc32.Update(c.sums[j], castagnoli, data[lo-offset:hi-offset])
+			c.sums[j] = crc32.Update(c.sums[j], castagnoli, data[lo-c.offset:hi-c.offset])
 		}
 	}
+	c.offset = end
+	return len(data), nil
 }
 
 // liars returns the peers that sent a block that differs from the bytes written.
 func (c *blockChecker) liars() []netip.Addr {
 	var bad []netip.Addr
 	for j, b := range c.blocks {
-		if c.sums[j] != b.sum && !contains(bad, b.peer) {
+		if c.sums[j] != b.sum && !slices.Contains(bad, b.peer) {
 			bad = append(bad, b.peer)
 		}
 	}
 	return bad
-}
-
-func contains(addrs []netip.Addr, a netip.Addr) bool {
-	for _, x := range addrs {
-		if x == a {
-			return true
-		}
-	}
-	return false
 }
 
 // recordSentBlock is the torrent client callback that records every block received for a blob.

@@ -401,30 +401,21 @@ func (b *blob) peerHas(i int) bool {
 	return false
 }
 
-// takeOverPiece stops the blob's torrent from writing or requesting piece i, whose bytes this
-// node reads from upstream instead.
-func (b *blob) takeOverPiece(i int) {
-	b.st.freezePieces(i, i+1)
-	b.setPriority(i, i+1, torrent.PiecePriorityNone)
-}
-
-// abandonSegment stops the blob's torrent from writing or requesting segment k's pieces for
-// good, when its bytes are read from upstream instead: no chunk still in flight lands on them.
-func (b *blob) abandonSegment(k int) {
-	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
-	b.st.freezePieces(first, first+n)
-	b.setPriority(first, first+n, torrent.PiecePriorityNone)
+// takeOverPieces stops the blob's torrent from writing or requesting pieces [from, to) for good,
+// when this node reads their bytes from upstream instead: no chunk still in flight lands on them.
+func (b *blob) takeOverPieces(from, to int) {
+	b.st.freezePieces(from, to)
+	b.setPriority(from, to, torrent.PiecePriorityNone)
 }
 
 // readaheadPieces is how many pieces from the reader's position are fetched with priority.
 // Fewer would serve the swarm better (with one torrent per blob, every move of a reader updates
 // the requests of every connection that has the pieces ahead, and all readers, at about the same
 // place, ask the same few holders: N = 8 cold p99 1.18-1.21 × S/B with 0 (only the piece at the
-// reader) against 1.27-1.34 with
-// 2, N = 16 1.42-1.45 against 1.56), but with 0 or 1 a node pulling a blob alone waited 20 s
-// for its reader's piece while completing 145-148 others, and the content store gave up on the
-// pull (warm scenario, N = 32: in all 3 runs; with 2 in none of 3, though once the piece was
-// late and read from upstream; see swarm.md, "Known gaps").
+// reader) against 1.27-1.34 with 2, N = 16 1.42-1.45 against 1.56), but with 0 or 1 a node
+// pulling a blob alone waited 20 s for its reader's piece while completing 145-148 others, and
+// the content store gave up on the pull (warm scenario, N = 32: in all 3 runs; with 2 in none
+// of 3, though once the piece was late and read from upstream; see swarm.md, "Known gaps").
 const readaheadPieces = 2
 
 // pausedPoll is how often a reader checks whether paused peer downloads have resumed.
@@ -595,7 +586,7 @@ func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
 	pl := r.b.plan.pieceLength
 	i := int((offset + segPos) / pl)
 	end := min(int64(i+1)*pl-offset, length)
-	r.b.takeOverPiece(i)
+	r.b.takeOverPieces(i, i+1)
 	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, end-segPos)
 	if err != nil {
 		return fmt.Errorf("read piece %d of segment %d of %s from upstream: %w", i, r.k, r.b.plan.digest, err)
@@ -659,7 +650,8 @@ func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 func (r *blobReader) openDirect(ctx context.Context, segPos int64) error {
 	r.closeSegment()
 	r.closeReader()
-	r.b.abandonSegment(r.k)
+	first := r.b.plan.firstPiece(r.k)
+	r.b.takeOverPieces(first, first+r.b.plan.pieces(r.k))
 	offset, length := r.b.plan.segment(r.k)
 	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, length-segPos)
 	if err != nil {

@@ -14,7 +14,7 @@ import (
 //   - its warning that a pass over its torrents took over 20 ms, which on a node busy with a
 //     rollout happens about three times a minute and says nothing an operator can act on;
 //   - its error for a chunk that arrives for a piece the swarm's reader has meanwhile read from
-//     upstream (the write is refused on purpose, see segmentStorage.freezePiece).
+//     upstream (the write is refused on purpose, see blobStorage.freezePieces).
 type torrentLogHandler struct{ slog.Handler }
 
 var demotedMessages = map[string]bool{

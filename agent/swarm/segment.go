@@ -138,7 +138,7 @@ func buildInfo(p plan, k int, pieces []byte) ([]byte, error) {
 // needs no exchange: its piece hashes are placeholders, and the real ones come with the segments'
 // infos (see blobStorage).
 func blobInfo(p plan) ([]byte, error) {
-	n := int((p.size + p.pieceLength - 1) / p.pieceLength)
+	n := p.numPieces()
 	pieces := make([]byte, 0, n*sha1Size)
 	for range n {
 		pieces = append(pieces, placeholderHash[:]...)

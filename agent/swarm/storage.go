@@ -249,19 +249,8 @@ func (p *blobPiece) SelfHash() (metainfo.Hash, error) {
 	}
 	check := newBlockChecker(p.s.sent.of(p.index))
 	h := sha1.New() //nolint:gosec // see segment.go
-	bufp, _ := hashBuffers.Get().(*[]byte)
-	defer hashBuffers.Put(bufp)
-	for off := int64(0); off < p.length; {
-		n, err := p.ReadAt((*bufp)[:min(int64(len(*bufp)), p.length-off)], off)
-		if n == 0 {
-			if err == nil || errors.Is(err, io.EOF) {
-				err = io.ErrUnexpectedEOF // the file ends inside the piece
-			}
-			return metainfo.Hash{}, err
-		}
-		h.Write((*bufp)[:n])
-		check.write(off, (*bufp)[:n])
-		off += int64(n)
+	if _, err := p.WriteTo(io.MultiWriter(h, check)); err != nil {
+		return metainfo.Hash{}, err
 	}
 	var got metainfo.Hash
 	h.Sum(got[:0])

@@ -160,3 +160,28 @@ func TestSentBlocksAreBounded(t *testing.T) {
 		t.Fatalf("last block kept is at %d, want the most recent", last.offset)
 	}
 }
+
+// TestBlockCheckerAcrossWrites: a piece's bytes may come in writes that do not line up with the
+// recorded blocks; each block's checksum is still that of its own bytes.
+func TestBlockCheckerAcrossWrites(t *testing.T) {
+	data := make([]byte, 1000)
+	for i := range data {
+		data[i] = byte(i * 13)
+	}
+	honest, liar := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+	var s sentBlocks
+	s.record(0, 0, data[:300], honest)
+	s.record(0, 300, data[300:700], honest)
+	bad := bytes.Clone(data[700:])
+	bad[0] ^= 1
+	s.record(0, 700, bad, liar)
+	check := newBlockChecker(s.of(0))
+	for off := 0; off < len(data); off += 128 {
+		if _, err := check.Write(data[off:min(off+128, len(data))]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := check.liars(); len(got) != 1 || got[0] != liar {
+		t.Fatalf("liars = %v, want [%v]", got, liar)
+	}
+}

@@ -110,11 +110,10 @@ type Config struct {
 	MaxUploadRate, MaxDownloadRate int64
 	// ConnsPerTorrent bounds established peer connections per blob torrent.
 	ConnsPerTorrent int
-
 	// InfoTimeout bounds waiting for a seeder to publish a segment before fetching it directly.
 	InfoTimeout time.Duration
-	// StallTimeout is how long reading a segment may make no progress before the rest of the
-	// segment is fetched directly from upstream.
+	// StallTimeout is how long the blob may complete no piece while a reader waits before the
+	// rest of the reader's segment is fetched directly from upstream (see blobReader.step).
 	StallTimeout time.Duration
 	// IdleTimeout is how long a blob without readers keeps its torrent after it last
 	// moved a byte, and how long a working file no blob uses is kept (see janitor.go).
@@ -271,7 +270,6 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.ConnsPerTorrent <= 0 {
 		cfg.ConnsPerTorrent = 4 * peersPerAnswer
 	}
-
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -347,7 +345,6 @@ func New(cfg Config) (*Swarm, error) {
 	// 144 MiB, 256 KiB 1.67 with more stalls).
 	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
 		m.Reqq = requestsPerConn
-
 	}
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
@@ -451,7 +448,7 @@ type blob struct {
 
 	activityMu sync.Mutex // guards the janitor's view of the blob's activity (see idleSince)
 	readers    int
-	moved      int64     // bytes in and out of the blob's torrents at the last sweep
+	moved      int64     // bytes in and out of the blob's torrent at the last sweep
 	quietSince time.Time // the sweep since which the blob has had no reader and moved nothing
 }
 
