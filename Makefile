@@ -11,7 +11,12 @@ export KUBEBUILDER_ASSETS := $(SHOAL_CACHE)/k8s/$(K8S_VERSION)
 export CGO_ENABLED ?= 0
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
-FUZZTIME ?= 20s
+# Fuzz budgets are execution counts, about 20 s each on a 2-core machine. A
+# duration (-fuzztime=20s) races Go's fuzz coordinator at the deadline and can
+# fail a target with a bare "context deadline exceeded" and no crasher; a count
+# has no deadline to race. FUZZ_SCALE multiplies every count (1 = default).
+FUZZ_SCALE ?= 1
+fuzz_execs = $(shell echo $$(( $(1) * $(FUZZ_SCALE) )))x
 GO_TEST_FLAGS ?=
 
 .PHONY: all
@@ -62,11 +67,11 @@ unit: ## Unit and integration tests of every package (race detector on).
 	CGO_ENABLED=1 go test -race -count=1 -timeout 15m $(GO_TEST_FLAGS) $$(go list ./... | grep -v /test/e2e)
 
 .PHONY: fuzz
-fuzz: ## Run each fuzz target for $(FUZZTIME).
-	go test -run='^$$' -fuzz='^FuzzParseRequest$$' -fuzztime=$(FUZZTIME) ./agent/mirror
-	go test -run='^$$' -fuzz='^FuzzParseDigest$$' -fuzztime=$(FUZZTIME) ./internal/oci
-	go test -run='^$$' -fuzz='^FuzzRenderMerged$$' -fuzztime=$(FUZZTIME) ./agent/hostconfig
-	go test -run='^$$' -fuzz='^FuzzParseSegmentRequest$$' -fuzztime=$(FUZZTIME) ./agent/swarm
+fuzz: ## Run each fuzz target for a fixed number of executions (FUZZ_SCALE=k for k times more).
+	go test -run='^$$' -fuzz='^FuzzParseRequest$$' -fuzztime=$(call fuzz_execs,100000) ./agent/mirror
+	go test -run='^$$' -fuzz='^FuzzParseDigest$$' -fuzztime=$(call fuzz_execs,400000) ./internal/oci
+	go test -run='^$$' -fuzz='^FuzzRenderMerged$$' -fuzztime=$(call fuzz_execs,80000) ./agent/hostconfig
+	go test -run='^$$' -fuzz='^FuzzParseSegmentRequest$$' -fuzztime=$(call fuzz_execs,45000) ./agent/swarm
 
 .PHONY: e2e
 e2e: ## End-to-end tests: real registry, containerd through CRI, agents (root; isolated network namespace).
