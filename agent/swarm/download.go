@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net/netip"
 	"os"
 	"slices"
@@ -392,13 +393,25 @@ func (b *blob) refreshPriorities() {
 }
 
 // peerHas reports whether a connected peer has piece i.
-func (b *blob) peerHas(i int) bool {
+func (b *blob) peerHas(i int) bool { return b.holders(i) > 0 }
+
+// holders counts the connected peers that have piece i.
+func (b *blob) holders(i int) int {
+	n := 0
 	for _, pc := range b.t.PeerConns() {
 		if pc.PeerPieces().Contains(uint32(i)) {
-			return true
+			n++
 		}
 	}
-	return false
+	return n
+}
+
+// pieceReport describes piece i for a log: what the torrent client knows of it, and how many
+// connected peers have it.
+func (b *blob) pieceReport(i int) slog.Attr {
+	st := b.t.Piece(i).State()
+	return slog.Group("piece", "index", i, "known", st.Ok, "complete", st.Complete, "partial", st.Partial,
+		"checking", st.Checking, "priority", int(st.Priority), "peers_with_it", b.holders(i))
 }
 
 // takeOverPieces stops the blob's torrent from writing or requesting pieces [from, to) for good,
@@ -567,14 +580,14 @@ func (r *blobReader) step(ctx context.Context) error {
 		// The segment progresses but the piece the reader needs does not come: read that piece
 		// alone from upstream and go on with the swarm.
 		r.s.log.Info("piece late in the swarm; reading it from upstream",
-			"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
+			"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()), r.b.pieceReport(piece))
 		return r.copyPiece(ctx, segPos)
 	}
 	// The swarm made no progress: read the rest of this segment from upstream.
 	r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
 		"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "error", err,
 		"peers_known", stats.TotalPeers, "peers_active", stats.ActivePeers, "seeders", stats.ConnectedSeeders,
-		"half_open", stats.HalfOpenPeers, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()))
+		"half_open", stats.HalfOpenPeers, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()), r.b.pieceReport(piece))
 	return r.openDirect(ctx, segPos)
 }
 

@@ -346,6 +346,14 @@ func New(cfg Config) (*Swarm, error) {
 	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
 		m.Reqq = requestsPerConn
 	}
+	// Keep requestsPerConn outstanding on every connection (see requestwindow.go).
+	if canHoldRequestWindow() {
+		cc.Callbacks.ReadMessage = func(pc *torrent.PeerConn, _ *pp.Message) {
+			holdRequestWindow(pc, requestsPerConn)
+		}
+	} else {
+		s.log.Warn("cannot hold the torrent client's request window; connections may run with one or two requests outstanding")
+	}
 	if cfg.MaxUploadRate > 0 {
 		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
 	}
