@@ -414,6 +414,25 @@ func (b *blob) pieceReport(i int) slog.Attr {
 		"checking", st.Checking, "priority", int(st.Priority), "peers_with_it", b.holders(i))
 }
 
+// kick makes the torrent client look again at whom to ask for piece i. The client reconsiders a
+// connection's requests only on events (a chunk arriving on it, a "have", a piece changing
+// state, ...), and a reader alone in a blob's torrent sometimes waits for a piece that a
+// connected peer has while no connection has asked for it and none has an event to come (the
+// lone-reader test reproduces it in about one run of ten). A piece whose completion goes from
+// unknown to incomplete is such an event, on every connection whose peer has the piece: kick
+// makes the piece's completion unknown and then incomplete again. It reports whether it did (not
+// for a piece that is complete or whose completion is unknown).
+func (b *blob) kick(i int) bool {
+	if !b.st.forgetIncomplete(i) {
+		return false
+	}
+	p := b.t.Piece(i)
+	p.UpdateCompletion()
+	b.st.restoreIncomplete(i)
+	p.UpdateCompletion()
+	return true
+}
+
 // takeOverPieces stops the blob's torrent from writing or requesting pieces [from, to) for good,
 // when this node reads their bytes from upstream instead: no chunk still in flight lands on them.
 func (b *blob) takeOverPieces(from, to int) {
@@ -430,6 +449,10 @@ func (b *blob) takeOverPieces(from, to int) {
 // the content store gave up on the pull (warm scenario, N = 32: in all 3 runs; with 2 in none
 // of 3, though once the piece was late and read from upstream; see swarm.md, "Known gaps").
 const readaheadPieces = 2
+
+// kickAfter is how long a reader waits for a piece of which no byte has come, although a
+// connected peer has it, before it kicks the piece (see blob.kick), and again between kicks.
+func kickAfter(stallTimeout time.Duration) time.Duration { return stallTimeout / 5 }
 
 // pausedPoll is how often a reader checks whether paused peer downloads have resumed.
 const pausedPoll = 50 * time.Millisecond
@@ -517,6 +540,7 @@ func (r *blobReader) step(ctx context.Context) error {
 	var idle bool
 	blocked := time.Now()
 	progressed, completed := blocked, t.BytesCompleted() // the blob's last verified piece
+	kicked := blocked
 	piece := int((offset + segPos) / r.b.plan.pieceLength)
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
@@ -551,6 +575,15 @@ func (r *blobReader) step(ctx context.Context) error {
 		}
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
 		waited := now.Sub(blocked)
+		if !seeding && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.Piece(piece).State().Partial && r.b.peerHas(piece) {
+			// Not a byte of the piece in all that time although a connected peer has it: maybe
+			// nobody asked for it.
+			if r.b.kick(piece) {
+				r.s.metrics.kicks.Inc()
+				r.s.log.Debug("kicked a piece nobody sent", "digest", r.b.plan.digest, "segment", r.k, "waited", waited, r.b.pieceReport(piece))
+			}
+			kicked = now
+		}
 		if idle || waited >= 2*r.s.cfg.StallTimeout || (waited >= r.s.cfg.StallTimeout && !r.b.peerHas(piece)) {
 			break
 		}

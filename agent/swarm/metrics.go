@@ -15,6 +15,7 @@ type metrics struct {
 	bytes          *prometheus.CounterVec
 	seederFailures prometheus.Counter
 	stalls         prometheus.Counter
+	kicks          prometheus.Counter
 	bans           prometheus.Counter
 	retired        *prometheus.CounterVec
 	filesRemoved   prometheus.Counter
@@ -34,6 +35,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		stalls: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
 			Help: "Reads the swarm could not serve in time and that went to upstream instead: the rest of a segment when the blob made no progress for the stall timeout, or a single late piece.",
+		}),
+		kicks: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "piece_kicks_total",
+			Help: "Times a reader, waiting for a piece that a connected peer has and of which no byte had come, made the torrent client reconsider whom to ask for it.",
 		}),
 		bans: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peers_banned_total",
@@ -59,7 +64,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 	stats := func(f func(cs statsView) float64) func() float64 {
 		return func() float64 { return f(s.stats()) }
 	}
-	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.bans, m.retired, m.filesRemoved, m.completion,
+	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.kicks, m.bans, m.retired, m.filesRemoved, m.completion,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",

@@ -175,6 +175,27 @@ func (s *blobStorage) setComplete(i int, complete bool) {
 	}
 }
 
+// forgetIncomplete makes piece i's completion unknown if it is known to be incomplete, and
+// reports whether it did; restoreIncomplete undoes it unless the piece has been checked since.
+// See blob.kick.
+func (s *blobStorage) forgetIncomplete(i int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.known[i] || s.complete[i] {
+		return false
+	}
+	s.known[i] = false
+	return true
+}
+
+func (s *blobStorage) restoreIncomplete(i int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.hashed[i] && !s.known[i] {
+		s.known[i] = true
+	}
+}
+
 // blobPiece is one piece of a blob torrent.
 type blobPiece struct {
 	s      *blobStorage

@@ -93,6 +93,49 @@ func TestBlobStorageKnowsNothingBeforeHashes(t *testing.T) {
 	}
 }
 
+// TestKickLeavesVerdictsAlone: a kick (blob.kick) makes an incomplete piece's completion unknown
+// and then known again, and touches neither a complete piece, nor one without a hash, nor a
+// piece the torrent client judged in between.
+func TestKickLeavesVerdictsAlone(t *testing.T) {
+	const pl = 16 << 10
+	data := bytes.Repeat([]byte("kick"), 4*pl/4)
+	st, piece := newTestStorage(t, data, pl)
+	if st.forgetIncomplete(0) {
+		t.Fatal("forgot the completion of a piece without hash")
+	}
+	st.setHashes(0, pieceHashes(data[:2*pl], pl), allIncomplete)
+	st.setHashes(2, pieceHashes(data[2*pl:], pl), allComplete)
+	if st.forgetIncomplete(2) {
+		t.Fatal("forgot the completion of a complete piece")
+	}
+	if c := piece(2).Completion(); !c.Ok || !c.Complete {
+		t.Fatalf("complete piece after a refused kick: %+v", c)
+	}
+
+	if !st.forgetIncomplete(0) {
+		t.Fatal("did not forget an incomplete piece")
+	}
+	if c := piece(0).Completion(); c.Ok {
+		t.Fatalf("kicked piece: %+v, want unknown", c)
+	}
+	st.restoreIncomplete(0)
+	if c := piece(0).Completion(); !c.Ok || c.Complete {
+		t.Fatalf("kicked piece restored: %+v, want known incomplete", c)
+	}
+
+	// The client verifies piece 1 while it is forgotten: the restore keeps the verdict.
+	if !st.forgetIncomplete(1) {
+		t.Fatal("did not forget an incomplete piece")
+	}
+	if err := piece(1).MarkComplete(); err != nil {
+		t.Fatal(err)
+	}
+	st.restoreIncomplete(1)
+	if c := piece(1).Completion(); !c.Ok || !c.Complete {
+		t.Fatalf("piece verified during a kick: %+v, want complete", c)
+	}
+}
+
 // TestLiarsAreFoundOnceThePieceVerifies: two peers sent blocks of one piece, one of them bad.
 // The piece fails and nobody can be blamed yet; once a good copy verifies, the peer whose block
 // differs from it is named, and the honest one is not.
