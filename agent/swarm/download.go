@@ -378,6 +378,28 @@ func (b *blob) setPriority(from, to int, prio torrent.PiecePriority) {
 	}
 }
 
+// raiseAhead gives the pieces of the prioritySegments segments after the reader's a high
+// priority, so that the reader finds them there when it gets to them (see prioritySegments).
+func (r *blobReader) raiseAhead() {
+	for k := r.k + 1; k <= r.k+prioritySegments && k < len(r.b.segs); k++ {
+		first := r.b.plan.firstPiece(k)
+		r.b.raisePriority(first, first+r.b.plan.pieces(k), torrent.PiecePriorityHigh)
+	}
+}
+
+// raisePriority gives the pieces of [from, to) that have the normal priority (published, not
+// read from upstream, not already raised) priority prio.
+func (b *blob) raisePriority(from, to int, prio torrent.PiecePriority) {
+	b.prioMu.Lock()
+	defer b.prioMu.Unlock()
+	for i := from; i < to; i++ {
+		if b.prio[i] == torrent.PiecePriorityNormal {
+			b.prio[i] = prio
+			b.t.Piece(i).SetPriority(prio)
+		}
+	}
+}
+
 // refreshPriorities sets every piece's priority again, to what it is. It follows
 // DisallowDataDownload: the torrent client drops its pieces from its request order while
 // downloads are disallowed but keeps them pending, and it panics, at AllowDataDownload, if it
@@ -440,19 +462,27 @@ func (b *blob) takeOverPieces(from, to int) {
 	b.setPriority(from, to, torrent.PiecePriorityNone)
 }
 
-// readaheadPieces is how many pieces from the reader's position are fetched with priority.
-// Fewer would serve the swarm better (with one torrent per blob, every move of a reader updates
-// the requests of every connection that has the pieces ahead, and all readers, at about the same
-// place, ask the same few holders: N = 8 cold p99 1.18-1.21 × S/B with 0 (only the piece at the
-// reader) against 1.27-1.34 with 2, N = 16 1.42-1.45 against 1.56), but with 0 or 1 a node
-// pulling a blob alone waited 20 s for its reader's piece while completing 145-148 others, and
-// the content store gave up on the pull (warm scenario, N = 32: in all 3 runs; with 2 in none
-// of 3, though once the piece was late and read from upstream; see swarm.md, "Known gaps").
+// readaheadPieces is how many pieces from the reader's position are fetched with priority. With
+// the request window held (requestwindow.go) and pieces nobody asked for kicked (blob.kick), 0
+// and 2 measured the same at N = 32 (cold p99 1.50 both, warm 1.41 and 1.43) and 2 was better at
+// N = 8 (cold 1.13 against 1.17, warm 1.09 against 1.16). Before those two fixes 0 served the
+// swarm better but left a lone reader waiting 20 s for its piece.
 const readaheadPieces = 2
 
 // kickAfter is how long a reader waits for a piece of which no byte has come, although a
 // connected peer has it, before it kicks the piece (see blob.kick), and again between kicks.
 func kickAfter(stallTimeout time.Duration) time.Duration { return stallTimeout / 5 }
+
+// prioritySegments is how many segments after the reader's have their pieces fetched with high
+// priority (above the rest, below the reader's own pieces). Otherwise pieces come rarest first
+// from anywhere in the blob, and at N = 32 the readers, each waiting for the next piece in
+// order, had a tenth of the blob when their nodes had 90 % of it: the content store's and the
+// runtime's SHA-256 of most of the blob ran after the links went quiet, 0.25 × S/B. With 2, N =
+// 32 cold p99 1.38 against 1.48-1.50, warm 1.28-1.33 against 1.41-1.43, N = 8 cold 1.09 against
+// 1.13, warm 0.97 against 1.09; but N = 16 warm 1.42-1.52 against 1.21-1.24: there every
+// segment is published at once and all readers end up missing the same last pieces, which then
+// come from few holders.
+const prioritySegments = 2
 
 // pausedPoll is how often a reader checks whether paused peer downloads have resumed.
 const pausedPoll = 50 * time.Millisecond
@@ -575,6 +605,7 @@ func (r *blobReader) step(ctx context.Context) error {
 		}
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
 		waited := now.Sub(blocked)
+		r.raiseAhead()
 		if !seeding && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.Piece(piece).State().Partial && r.b.peerHas(piece) {
 			// Not a byte of the piece in all that time although a connected peer has it: maybe
 			// nobody asked for it.
@@ -669,6 +700,7 @@ func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 				// The piece the reader waits for comes first (see readaheadPieces).
 				r.reader.SetReadahead(readaheadPieces * r.b.plan.pieceLength)
 			}
+			r.raiseAhead()
 			offset, _ := r.b.plan.segment(r.k)
 			if _, err := r.reader.Seek(offset+segPos, io.SeekStart); err != nil {
 				return fmt.Errorf("seek segment %d: %w", r.k, err)
