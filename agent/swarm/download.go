@@ -479,9 +479,10 @@ func kickAfter(stallTimeout time.Duration) time.Duration { return stallTimeout /
 // order, had a tenth of the blob when their nodes had 90 % of it: the content store's and the
 // runtime's SHA-256 of most of the blob ran after the links went quiet, 0.25 × S/B. With 2, N =
 // 32 cold p99 1.38 against 1.48-1.50, warm 1.28-1.33 against 1.41-1.43, N = 8 cold 1.09 against
-// 1.13, warm 0.97 against 1.09; but N = 16 warm 1.42-1.52 against 1.21-1.24: there every
-// segment is published at once and all readers end up missing the same last pieces, which then
-// come from few holders.
+// 1.13, warm 0.97 against 1.09; but N = 16 warm 1.42-1.52 against 1.21-1.24: there node 0
+// holds every piece, the readers ask it for the pieces they want in order (which others hold
+// too), and the pieces of the segments it seeded from its store, which nobody else has, come
+// last, from node 0 alone (swarm.md, "In-order delivery and the end of a rollout").
 const prioritySegments = 2
 
 // pausedPoll is how often a reader checks whether paused peer downloads have resumed.

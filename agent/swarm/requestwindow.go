@@ -19,7 +19,7 @@ import (
 // flight and waits a round trip for each. On an idle link that costs little; on a node whose
 // uplink is full, its requests and acknowledgements queue behind its uploads (up to 50 ms each
 // way in the testbed) and the node receives at a fraction of its link while others receive at
-// the full rate (swarm.md, "Unequal shares"). At N = 32 cold, in runs back to back: p99 1.62 ×
+// the full rate (swarm.md, "The request window is held at 512 KiB"). At N = 32 cold, in runs back to back: p99 1.62 ×
 // S/B with the client's window, 1.56 with the window held at requestsPerConn; with it held at
 // 4 or 16 requests, 1.63 and 1.61.
 //
@@ -30,7 +30,8 @@ import (
 // upgrade renames or retypes the field. If it is ever missing at run time, the swarm logs a
 // warning and runs with the client's own window.
 
-// peakRequestsOffset is the offset of the request window's peak in torrent.PeerConn, or -1.
+// peakRequestsOffset is the offset of the request window's peak in torrent.PeerConn, or
+// ^uintptr(0) if the client has no such field.
 var peakRequestsOffset = func() uintptr {
 	peer, ok := reflect.TypeFor[torrent.PeerConn]().FieldByName("Peer")
 	if !ok || peer.Type.Kind() != reflect.Struct {
