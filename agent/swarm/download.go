@@ -379,35 +379,12 @@ func (b *blob) setPriority(from, to int, prio torrent.PiecePriority) {
 }
 
 // raiseAhead gives the pieces of the prioritySegments segments after the reader's a high
-// priority, so that the reader finds them there when it gets to them (see prioritySegments),
-// unless the blob is warm: a connected peer held all of it before this node had half. Such a
-// peer has every piece the readers want in order, so they all ask it for them, and the pieces
-// of the segments it seeded, which nobody else has, leave it last (N = 16 warm: p99 1.42-1.52
-// with the priority, 1.22-1.23 with this rule; N = 32 warm 1.28-1.34 and 1.31-1.36, N = 8 warm
-// 0.97-1.09 and 1.17). Half a blob is well before any node completes in a cold rollout.
+// priority, so that the reader finds them there when it gets to them (see prioritySegments).
 func (r *blobReader) raiseAhead() {
-	if r.b.warm.Load() {
-		return
-	}
-	if r.b.t.BytesCompleted() < r.b.plan.size/2 && r.b.seedConnected() {
-		r.b.warm.Store(true)
-		return
-	}
 	for k := r.k + 1; k <= r.k+prioritySegments && k < len(r.b.segs); k++ {
 		first := r.b.plan.firstPiece(k)
 		r.b.raisePriority(first, first+r.b.plan.pieces(k), torrent.PiecePriorityHigh)
 	}
-}
-
-// seedConnected reports whether a connected peer has every piece of the blob.
-func (b *blob) seedConnected() bool {
-	n := uint64(b.plan.numPieces())
-	for _, pc := range b.t.PeerConns() {
-		if pc.PeerPieces().GetCardinality() == n {
-			return true
-		}
-	}
-	return false
 }
 
 // raisePriority gives the pieces of [from, to) that have the normal priority (published, not
@@ -502,8 +479,10 @@ func kickAfter(stallTimeout time.Duration) time.Duration { return stallTimeout /
 // order, had a tenth of the blob when their nodes had 90 % of it: the content store's and the
 // runtime's SHA-256 of most of the blob ran after the links went quiet, 0.25 × S/B. With 2, N =
 // 32 cold p99 1.38 against 1.48-1.50, warm 1.28-1.33 against 1.41-1.43, N = 8 cold 1.09 against
-// 1.13, warm 0.97 against 1.09; but N = 16 warm 1.42-1.52 against 1.21-1.24, which is why a
-// warm blob gets no such priority (see raiseAhead).
+// 1.13, warm 0.97 against 1.09; but N = 16 warm 1.42-1.52 against 1.21-1.24: there node 0
+// holds every piece, the readers ask it for the pieces they want in order (which others hold
+// too), and the pieces of the segments it seeded from its store, which nobody else has, come
+// last, from node 0 alone (swarm.md, "In-order delivery and the end of a rollout").
 const prioritySegments = 2
 
 // pausedPoll is how often a reader checks whether paused peer downloads have resumed.

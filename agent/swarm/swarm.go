@@ -28,7 +28,6 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -454,7 +453,6 @@ type blob struct {
 
 	prioMu sync.Mutex
 	prio   []torrent.PiecePriority // every piece's priority, as set by setPriority
-	warm   atomic.Bool             // a peer held the whole blob before this node had half of it (see raiseAhead)
 
 	activityMu sync.Mutex // guards the janitor's view of the blob's activity (see idleSince)
 	readers    int
