@@ -606,8 +606,9 @@ func (r *blobReader) step(ctx context.Context) error {
 		}
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
 		waited := now.Sub(blocked)
+		held := r.b.peerHas(piece)
 		r.raiseAhead()
-		if !seeding && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.Piece(piece).State().Partial && r.b.peerHas(piece) {
+		if !seeding && held && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.Piece(piece).State().Partial {
 			// Not a byte of the piece in all that time although a connected peer has it: maybe
 			// nobody asked for it.
 			if r.b.kick(piece) {
@@ -616,7 +617,7 @@ func (r *blobReader) step(ctx context.Context) error {
 			}
 			kicked = now
 		}
-		if idle || waited >= 2*r.s.cfg.StallTimeout || (waited >= r.s.cfg.StallTimeout && !r.b.peerHas(piece)) {
+		if idle || waited >= 2*r.s.cfg.StallTimeout || (waited >= r.s.cfg.StallTimeout && !held) {
 			break
 		}
 	}

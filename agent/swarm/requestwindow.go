@@ -19,9 +19,9 @@ import (
 // flight and waits a round trip for each. On an idle link that costs little; on a node whose
 // uplink is full, its requests and acknowledgements queue behind its uploads (up to 50 ms each
 // way in the testbed) and the node receives at a fraction of its link while others receive at
-// the full rate (swarm.md, "The request window is held at 512 KiB"). At N = 32 cold, in runs back to back: p99 1.62 ×
-// S/B with the client's window, 1.56 with the window held at requestsPerConn; with it held at
-// 4 or 16 requests, 1.63 and 1.61.
+// the full rate (swarm.md, "The request window is held at 512 KiB"). At N = 32 cold, in runs
+// back to back: p99 1.62 × S/B with the client's window, 1.56 with the window held at
+// requestsPerConn; with it held at 4 or 16 requests, 1.63 and 1.61.
 //
 // The window has no setting, so the swarm holds peak at the window it wants before the client
 // handles each message a peer sends (the ReadMessage callback, called with the client's lock
