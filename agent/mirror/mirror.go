@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -51,6 +52,8 @@ type Mirror struct {
 	metrics         *metrics
 	blobSource      func(registry, repo string, d v1.Hash) store.Source
 	missSource      string // metric label of blobs fetched through blobSource
+	firstByte       time.Duration
+	bodyIdle        time.Duration
 }
 
 // Option configures a Mirror.
@@ -94,6 +97,8 @@ func New(s BlobStore, up Upstream, opts ...Option) *Mirror {
 		defaultRegistry: "docker.io",
 		allowed:         func(string) bool { return true },
 		manifestTimeout: 10 * time.Second,
+		firstByte:       DefaultFirstByteTimeout,
+		bodyIdle:        DefaultBodyIdleTimeout,
 	}
 	for _, opt := range opts {
 		opt(m)
@@ -138,9 +143,15 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m.writeError(w, r, req, badRequest(http.StatusNotFound, "NAME_UNKNOWN", "registry %s is not mirrored by this agent", req.Registry))
 		return
 	}
+	m.serveGuarded(w, r, req.Kind.String(), func(w http.ResponseWriter, r *http.Request) { m.serveContent(w, r, req) })
+}
+
+// serveContent answers a manifest or blob request; it runs under serveGuarded's watch.
+func (m *Mirror) serveContent(w http.ResponseWriter, r *http.Request, req *Request) {
 	cw := &countingWriter{ResponseWriter: w}
 	start := time.Now()
 	var source string
+	var err error
 	if req.Kind == KindManifest {
 		source, err = m.serveManifest(cw, r, req)
 	} else {
@@ -149,7 +160,7 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		source = sourceError
 		if !cw.wroteHeader {
-			m.writeError(w, r, req, err)
+			m.writeError(cw, r, req, err)
 		} else {
 			// Headers are gone: the only honest signal left is to cut the connection short of
 			// Content-Length, so the client never takes a partial body for a complete one.
@@ -260,40 +271,110 @@ func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (st
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Docker-Content-Digest", req.Digest.String())
 	w.Header().Set("Etag", `"`+req.Digest.String()+`"`)
-	if blob.Size() < 0 {
-		// Unknown length (an upstream without Content-Length): stream without ranges.
-		w.WriteHeader(http.StatusOK)
-		if r.Method == http.MethodGet {
-			if _, err := io.Copy(w, blob); err != nil {
-				return source, fmt.Errorf("stream blob %s: %w", req.Digest, err)
-			}
-		}
-		return source, nil
-	}
 	if _, onDisk := blob.(syscall.Conn); onDisk {
 		// A complete blob on disk: handing it to net/http unwrapped lets it use sendfile(2).
 		http.ServeContent(w, r, "", time.Time{}, blob)
 		return source, nil
 	}
-	if plainGet(r) {
-		// A blob still downloading: http.ServeContent would copy it 32 KiB at a time (a file read
-		// and a socket write each); large blocks cut those system calls 32-fold.
+	// A blob still downloading. Headers wait for the first bytes of the body, so that a
+	// download that cannot start in time is still answered with a status the runtime falls back
+	// on (see serveGuarded).
+	size := blob.Size()
+	switch {
+	case size < 0:
+		// Unknown length (an upstream without Content-Length): the whole body, no ranges.
+		return source, streamInflight(w, r, blob, http.StatusOK, 0, -1, -1)
+	case plainGet(r):
 		w.Header().Set("Accept-Ranges", "bytes")
-		w.Header().Set("Content-Length", strconv.FormatInt(blob.Size(), 10))
-		w.WriteHeader(http.StatusOK)
-		bufp, _ := streamBuffers.Get().(*[]byte)
-		defer streamBuffers.Put(bufp)
-		if _, err := io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{blob}, *bufp); err != nil {
-			return source, fmt.Errorf("stream blob %s: %w", req.Digest, err)
-		}
-		return source, nil
+		return source, streamInflight(w, r, blob, http.StatusOK, 0, size, size)
 	}
+	if start, end, ok := singleRange(r, size); ok {
+		// How containerd resumes a partly fetched blob: served as the bytes arrive.
+		w.Header().Set("Accept-Ranges", "bytes")
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, end, size))
+		return source, streamInflight(w, r, blob, http.StatusPartialContent, start, end-start+1, size)
+	}
+	// HEAD, conditional and multi-range requests: net/http's implementation.
 	reader := &errorRecordingReadSeeker{rs: blob}
 	http.ServeContent(w, r, "", time.Time{}, reader)
 	if reader.err != nil {
 		return source, fmt.Errorf("stream blob %s: %w", req.Digest, reader.err)
 	}
 	return source, nil
+}
+
+// streamInflight answers with status and length bytes of blob from start (-1: to its end),
+// waiting for the first of them before it sends headers. size is the blob's, -1 if unknown.
+// Large blocks: http.ServeContent would copy 32 KiB at a time (a file read and a socket write
+// each); 1 MiB cuts those system calls 32-fold.
+func streamInflight(w http.ResponseWriter, r *http.Request, blob store.Blob, status int, start, length, size int64) error {
+	bufp, _ := streamBuffers.Get().(*[]byte)
+	defer streamBuffers.Put(bufp)
+	buf := *bufp
+	if _, err := blob.Seek(start, io.SeekStart); err != nil {
+		return fmt.Errorf("seek to %d: %w", start, err)
+	}
+	body := io.Reader(blob)
+	if length >= 0 {
+		body = io.LimitReader(blob, length)
+	}
+	first, err := body.Read(buf)
+	if first == 0 && err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read blob at %d: %w", start, err)
+	}
+	if length >= 0 {
+		w.Header().Set("Content-Length", strconv.FormatInt(length, 10))
+	}
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead {
+		return nil
+	}
+	if _, err := w.Write(buf[:first]); err != nil {
+		return fmt.Errorf("send blob: %w", err)
+	}
+	n, err := io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{body}, buf)
+	if err != nil {
+		return fmt.Errorf("stream blob at %d: %w", start+int64(first)+n, err)
+	}
+	if length >= 0 && int64(first)+n != length {
+		return fmt.Errorf("stream blob: %d of %d bytes from %d (blob of %d): %w", int64(first)+n, length, start, size, io.ErrUnexpectedEOF)
+	}
+	return nil
+}
+
+// singleRange returns the one byte range a plain GET asks for ("bytes=START-" or
+// "bytes=START-END", START within the blob) and whether the request is of that form; anything
+// else (suffix, several ranges, conditions, a range past the end) is left to http.ServeContent.
+func singleRange(r *http.Request, size int64) (start, end int64, ok bool) {
+	rng := r.Header.Get("Range")
+	if r.Method != http.MethodGet || rng == "" || len(r.Header.Values("Range")) != 1 {
+		return 0, 0, false
+	}
+	for _, h := range []string{"If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range"} {
+		if r.Header.Get(h) != "" {
+			return 0, 0, false
+		}
+	}
+	spec, found := strings.CutPrefix(rng, "bytes=")
+	if !found || strings.Contains(spec, ",") {
+		return 0, 0, false
+	}
+	first, last, found := strings.Cut(strings.TrimSpace(spec), "-")
+	if !found || first == "" {
+		return 0, 0, false
+	}
+	start, err := strconv.ParseInt(first, 10, 64)
+	if err != nil || start < 0 || start >= size {
+		return 0, 0, false
+	}
+	end = size - 1
+	if last != "" {
+		if end, err = strconv.ParseInt(last, 10, 64); err != nil || end < start {
+			return 0, 0, false
+		}
+		end = min(end, size-1)
+	}
+	return start, end, true
 }
 
 func (m *Mirror) headBlobUpstream(w http.ResponseWriter, r *http.Request, req *Request) (string, error) {

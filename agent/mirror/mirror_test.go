@@ -37,6 +37,8 @@ type fakeUpstream struct {
 	manifests map[string][]byte // tag or digest → body
 	err       error             // when set, every call fails with it
 	gate      chan struct{}     // when set, blob bodies pause after the first half until closed
+	// gateFromStart makes the gate hold bodies before their first byte.
+	gateFromStart bool
 
 	blobCalls     atomic.Int64
 	manifestCalls atomic.Int64
@@ -105,6 +107,9 @@ func (f *fakeUpstream) Blob(ctx context.Context, _, _ string, d v1.Hash, offset,
 		return io.NopCloser(bytes.NewReader(b)), int64(len(b)), nil
 	}
 	half := len(b) / 2
+	if f.gateFromStart {
+		half = 0
+	}
 	r := io.MultiReader(bytes.NewReader(b[:half]), &gatedReader{ctx: ctx, gate: gate, r: bytes.NewReader(b[half:])})
 	return io.NopCloser(r), int64(len(b)), nil
 }
@@ -186,6 +191,13 @@ func (tm *testMirror) requests(t *testing.T, kind, source string) float64 {
 
 func newTestMirror(t *testing.T, storeOpts ...store.Option) *testMirror {
 	t.Helper()
+	return newTestMirrorWith(t, storeOpts, nil)
+}
+
+// newTestMirrorWith is newTestMirror with options for the mirror too; wrap, when set, stands
+// between the mirror and its store.
+func newTestMirrorWith(t *testing.T, storeOpts []store.Option, mirrorOpts []Option, wrap ...func(BlobStore) BlobStore) *testMirror {
+	t.Helper()
 	dir := t.TempDir()
 	s, err := store.Open(filepath.Join(dir, "store"), storeOpts...)
 	if err != nil {
@@ -194,8 +206,12 @@ func newTestMirror(t *testing.T, storeOpts ...store.Option) *testMirror {
 	t.Cleanup(func() { _ = s.Close() })
 	up := newFakeUpstream()
 	reg := prometheus.NewRegistry()
-	m := New(s, up, WithDefaultRegistry("registry.test"),
-		WithAllowedRegistries(func(r string) bool { return r == "registry.test" }), WithRegisterer(reg))
+	var bs BlobStore = s
+	for _, w := range wrap {
+		bs = w(bs)
+	}
+	m := New(bs, up, append([]Option{WithDefaultRegistry("registry.test"),
+		WithAllowedRegistries(func(r string) bool { return r == "registry.test" }), WithRegisterer(reg)}, mirrorOpts...)...)
 	server := httptest.NewServer(m)
 	t.Cleanup(server.Close)
 	return &testMirror{server: server, upstream: up, store: s, dir: dir, metrics: reg}
