@@ -131,6 +131,10 @@ func Run(ctx context.Context, cfg Config) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if !cfg.mirrors(cfg.DefaultRegistry) {
+		log.Warn("--default-registry is not mirrored: requests without ?ns= are refused with 404; add it to --mirror-registries",
+			"default_registry", cfg.DefaultRegistry, "mirror_registries", cfg.MirrorRegistries)
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 

@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -137,6 +139,49 @@ func TestRunRefusesBusyAddress(t *testing.T) {
 	err = Run(context.Background(), cfg)
 	if err == nil || !strings.Contains(err.Error(), "listen for the mirror") {
 		t.Fatalf("Run on a busy address = %v", err)
+	}
+}
+
+// TestWarnsWhenDefaultRegistryIsNotMirrored: requests without ?ns= go to --default-registry,
+// which the mirror refuses unless it mirrors it; the agent says so when it starts.
+func TestWarnsWhenDefaultRegistryIsNotMirrored(t *testing.T) {
+	tests := []struct {
+		name            string
+		mirrors         []string
+		defaultRegistry string
+		warn            bool
+	}{
+		{"not mirrored", []string{"registry.test"}, "docker.io", true},
+		{"mirrored", []string{"registry.test", "docker.io"}, "docker.io", false},
+		{"every registry mirrored", []string{"*"}, "docker.io", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// A busy mirror address stops Run right after its start-up checks.
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			cfg := validConfig(t)
+			cfg.MirrorAddr = l.Addr().String()
+			cfg.MirrorRegistries, cfg.DefaultRegistry = tt.mirrors, tt.defaultRegistry
+			var logs bytes.Buffer
+			cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			if err := Run(context.Background(), cfg); err == nil {
+				t.Fatal("Run on a busy address succeeded")
+			}
+			warned := false
+			for _, line := range strings.Split(logs.String(), "\n") {
+				if strings.Contains(line, "level=WARN") && strings.Contains(line, "default_registry="+tt.defaultRegistry) {
+					warned = true
+				}
+			}
+			if warned != tt.warn {
+				t.Errorf("--default-registry %s with --mirror-registries %v: warned %v, want %v; logs:\n%s",
+					tt.defaultRegistry, tt.mirrors, warned, tt.warn, logs.String())
+			}
+		})
 	}
 }
 
