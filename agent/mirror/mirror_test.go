@@ -528,6 +528,44 @@ func TestBadInputTouchesNothing(t *testing.T) {
 	}
 }
 
+// TestMalformedTagIsUnknown: a manifest asked for by a malformed tag is answered 404
+// MANIFEST_UNKNOWN, as the Distribution spec wants for a manifest that does not exist, by the
+// mirror itself; a malformed digest stays a 400.
+func TestMalformedTagIsUnknown(t *testing.T) {
+	tm := newTestMirror(t)
+	tests := []struct {
+		method, path string
+		status       int
+		code         string
+	}{
+		{http.MethodGet, "/v2/app/manifests/.INVALID_MANIFEST_NAME", http.StatusNotFound, "MANIFEST_UNKNOWN"},
+		{http.MethodHead, "/v2/app/manifests/.INVALID_MANIFEST_NAME?ns=registry.test", http.StatusNotFound, ""},
+		{http.MethodGet, "/v2/app/manifests/-bad?ns=registry.test", http.StatusNotFound, "MANIFEST_UNKNOWN"},
+		{http.MethodGet, "/v2/app/manifests/sha256:totallywrong", http.StatusBadRequest, "DIGEST_INVALID"},
+	}
+	for _, tt := range tests {
+		resp, body, err := tm.get(t, tt.method, tt.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != tt.status {
+			t.Errorf("%s %s = %d, want %d", tt.method, tt.path, resp.StatusCode, tt.status)
+		}
+		if tt.code == "" {
+			continue // HEAD: no body
+		}
+		var e struct {
+			Errors []struct{ Code string } `json:"errors"`
+		}
+		if err := json.Unmarshal(body, &e); err != nil || len(e.Errors) != 1 || e.Errors[0].Code != tt.code {
+			t.Errorf("%s %s: body %q, want one %s error", tt.method, tt.path, body, tt.code)
+		}
+	}
+	if n := tm.upstream.manifestCalls.Load(); n != 0 {
+		t.Errorf("malformed references reached upstream %d times", n)
+	}
+}
+
 func TestBaseEndpoint(t *testing.T) {
 	tm := newTestMirror(t)
 	resp, body, err := tm.get(t, http.MethodGet, "/v2/", nil)

@@ -124,7 +124,9 @@ func ParseRequest(method string, u *url.URL, defaultRegistry string) (*Request, 
 
 	if req.Kind == KindManifest && !oci.IsDigest(reference) {
 		if err := oci.ValidateTag(reference); err != nil {
-			return nil, badRequest(http.StatusBadRequest, "MANIFEST_INVALID", "%v", err)
+			// No manifest can exist under a malformed tag, and the Distribution spec answers a
+			// manifest that does not exist with 404; the agent knows without asking upstream.
+			return nil, badRequest(http.StatusNotFound, "MANIFEST_UNKNOWN", "manifest unknown: %v", err)
 		}
 		return req, nil
 	}
