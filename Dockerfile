@@ -4,7 +4,7 @@ FROM golang:1.26 AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 # go.mod replaces go-utp with this local stub (the proxy does not serve the real one).
-COPY hack/stubs/go-utp hack/stubs/go-utp
+COPY third_party/go-utp third_party/go-utp
 RUN --mount=type=cache,target=/go/pkg/mod go mod download
 COPY . .
 ARG VERSION=dev

@@ -123,5 +123,7 @@ require (
 )
 
 // anacrolix/torrent imports go-utp, whose required version the module proxy refuses (403). Shoal
-// never uses uTP, so a stub that fails every constructor stands in (hack/stubs/go-utp).
-replace github.com/anacrolix/go-utp => ./hack/stubs/go-utp
+// never uses uTP, so a stub that fails every constructor stands in (third_party/go-utp). Because
+// of this replace, `go install github.com/shoal-dev/shoal/cmd/shoal@version` fails: build from a
+// checkout (make build) or use the image.
+replace github.com/anacrolix/go-utp => ./third_party/go-utp

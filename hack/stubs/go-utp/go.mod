@@ -1,3 +1,0 @@
-module github.com/anacrolix/go-utp
-
-go 1.24
