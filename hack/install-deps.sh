@@ -10,6 +10,7 @@ K8S_VERSION=${K8S_VERSION:-1.37.1}
 CONTROLLER_GEN_VERSION=v0.23.0
 GOLANGCI_LINT_VERSION=v2.15.0
 HELM_VERSION=v3.22.0
+OCI_CONFORMANCE_VERSION=v0.0.0-20260831232431-97274622c111
 BIN="$CACHE/bin"
 ENVTEST_DIR="$CACHE/k8s/$K8S_VERSION"
 
@@ -42,6 +43,20 @@ go_tool() { # name module version
 go_tool controller-gen sigs.k8s.io/controller-tools/cmd/controller-gen "$CONTROLLER_GEN_VERSION"
 go_tool golangci-lint github.com/golangci/golangci-lint/v2/cmd/golangci-lint "$GOLANGCI_LINT_VERSION"
 go_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+
+# The OCI distribution-spec conformance suite, which test/e2e runs against the mirror. Its module
+# (the repository's conformance/ directory) has no tags of its own, and the module proxy serves
+# one pseudo-version of it (go list -m -versions lists none; @latest resolves to this one).
+oci_conformance_stamp="$BIN/.oci-conformance-$OCI_CONFORMANCE_VERSION"
+if [ ! -x "$BIN/oci-conformance" ] || [ ! -f "$oci_conformance_stamp" ]; then
+  log "go install github.com/opencontainers/distribution-spec/conformance@$OCI_CONFORMANCE_VERSION"
+  oci_conformance_out=$(mktemp -d)
+  GOBIN="$oci_conformance_out" CGO_ENABLED=0 go install -ldflags "-X main.Version=$OCI_CONFORMANCE_VERSION" \
+    "github.com/opencontainers/distribution-spec/conformance@$OCI_CONFORMANCE_VERSION"
+  mv "$oci_conformance_out/conformance" "$BIN/oci-conformance"
+  rm -rf "$oci_conformance_out"
+  touch "$oci_conformance_stamp"
+fi
 
 # kube-apiserver has no Debian package: build it from the module proxy in a throwaway module that
 # requires k8s.io/kubernetes and points every staging module at its published v0 twin.
