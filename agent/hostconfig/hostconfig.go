@@ -9,6 +9,10 @@
 // of the user's hosts. Every file Shoal writes starts with a marker line, which is how Write
 // and Remove tell Shoal's files from the user's.
 //
+// For the agent's own requests upstream, ExistingServer and ExistingTLS read what the node had
+// configured for a registry before Shoal (looking through Shoal's files to the user's): where
+// the registry is served and how its hosts are reached over TLS.
+//
 // The layout follows containerd 1.6's remotes/docker/config: hosts are tried in the order of
 // their [host."..."] tables in the file, then the top-level server (https://<registry> when
 // unset; https://registry-1.docker.io for docker.io). A file without any [host] table does not
@@ -99,47 +103,6 @@ func Write(cfg Config) error {
 // empty. Files Shoal did not write are never touched. Removing twice is harmless.
 func Remove(dir string) error {
 	return undoAll(dir, nil)
-}
-
-// ExistingServer returns the server containerd would use for registry were Shoal not installed:
-// the `server` of the hosts.toml containerd would read for it (its own directory, else
-// _default), looking through Shoal's files to the user's original. It returns "" when there is
-// no such file or it sets no server. As in containerd, a server without a scheme means https.
-func ExistingServer(dir, registry string) (string, error) {
-	if err := ValidateRegistry(registry); err != nil {
-		return "", err
-	}
-	for _, name := range lookupOrder(registry) {
-		regDir := filepath.Join(dir, name)
-		if _, err := os.Stat(regDir); errors.Is(err, fs.ErrNotExist) {
-			continue
-		} else if err != nil {
-			return "", err
-		}
-		// containerd stops at the first directory that exists.
-		hostsPath := filepath.Join(regDir, hostsFile)
-		content, err := readOptional(hostsPath)
-		if err != nil {
-			return "", err
-		}
-		state, ours := parseMarker(content)
-		switch {
-		case !ours:
-			return serverOf(hostsPath, content)
-		case state == stateMerged:
-			backupPath := filepath.Join(regDir, backupFile)
-			original, err := os.ReadFile(backupPath)
-			if err != nil {
-				return "", fmt.Errorf("read the original of %s: %w", hostsPath, err)
-			}
-			return serverOf(backupPath, original)
-		case state == stateNewDir:
-			continue // the directory exists only because of Shoal
-		default:
-			return "", nil // the directory had no hosts.toml before Shoal
-		}
-	}
-	return "", nil
 }
 
 // RegistryDir returns the directory name under containerd's config_path for a registry:

@@ -303,18 +303,3 @@ func (c certFiles) write(b *strings.Builder, indent string) {
 		b.WriteString(indent + "client = [" + strings.Join(pairs, ", ") + "]\n")
 	}
 }
-
-// serverOf returns the server a hosts.toml sets, with https:// added when it has no scheme,
-// as containerd does.
-func serverOf(path string, content []byte) (string, error) {
-	var f struct {
-		Server string `toml:"server"`
-	}
-	if err := toml.Unmarshal(content, &f); err != nil {
-		return "", fmt.Errorf("parse %s: %w", path, err)
-	}
-	if f.Server != "" && !strings.HasPrefix(f.Server, "http") {
-		return "https://" + f.Server, nil
-	}
-	return f.Server, nil
-}

@@ -7,11 +7,15 @@
 // "registry.test"), under which its credentials are looked up, and an Endpoint, where it is
 // really served. Requests go only to the endpoint, to the token realm the endpoint names and to
 // the blob locations it redirects to; the endpoint's Authorization header never follows a
-// redirect to another host.
+// redirect to another host. An endpoint may need TLS settings of its own (a private CA, client
+// certificates), given by WithTLSResolver; WithRootCAs adds CAs for every registry.
 package upstream
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -75,9 +79,14 @@ type Client struct {
 	authTTL  time.Duration
 	metrics  *metrics
 	log      *slog.Logger
+	// resolveTLS gives an endpoint's own TLS settings; nil: none.
+	resolveTLS func(registry string, endpoint Endpoint) (TLSSettings, error)
+	// baseErr fails every request: WithRootCAs could not be applied to the transport.
+	baseErr error
 
-	mu         sync.Mutex
-	transports map[transportKey]*authEntry
+	mu          sync.Mutex
+	transports  map[transportKey]*authEntry
+	endpointTLS map[endpointKey]*endpointTLS
 }
 
 // Option configures a Client.
@@ -91,6 +100,9 @@ type options struct {
 	authTTL   time.Duration
 	reg       prometheus.Registerer
 	log       *slog.Logger
+	// TLS (tls.go)
+	resolveTLS func(string, Endpoint) (TLSSettings, error)
+	rootCAs    []*x509.Certificate
 }
 
 // WithEndpointResolver says where a logical registry is served (default DefaultEndpoint).
@@ -109,7 +121,8 @@ func WithKeychain(kc authn.Keychain) Option {
 func WithAuthFile(path string) Option { return WithKeychain(AuthFileKeychain(path)) }
 
 // WithTransport sets the RoundTripper requests go through (default: an http.Transport with the
-// Dial timeout that honours the proxy environment variables).
+// Dial timeout that honours the proxy environment variables). WithRootCAs and TLS settings need
+// it to be an *http.Transport, which they copy.
 func WithTransport(rt http.RoundTripper) Option { return func(o *options) { o.transport = rt } }
 
 // WithTimeouts sets the timeouts; zero fields keep their defaults.
@@ -142,6 +155,9 @@ func New(opts ...Option) *Client {
 		metrics:    newMetrics(o.reg),
 		log:        o.log,
 		transports: map[transportKey]*authEntry{},
+
+		resolveTLS:  o.resolveTLS,
+		endpointTLS: map[endpointKey]*endpointTLS{},
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -157,32 +173,72 @@ func New(opts ...Option) *Client {
 			IdleConnTimeout:       90 * time.Second,
 		}
 	}
+	if len(o.rootCAs) > 0 {
+		base, err := withTLSConfig(c.base, func(cfg *tls.Config) (*tls.Config, error) {
+			if cfg = cfg.Clone(); cfg == nil {
+				cfg = &tls.Config{}
+			}
+			cfg.RootCAs = withCerts(cfg.RootCAs, o.rootCAs)
+			return cfg, nil
+		})
+		if err != nil {
+			c.baseErr = fmt.Errorf("root CAs: %w", err)
+		} else {
+			c.base = base
+		}
+	}
 	return c
 }
 
-// target is one repository of one registry, and where it is served.
+// target is one repository of one registry, where it is served, and the transport that reaches
+// it (with the endpoint's TLS settings, identified by tlsID).
 type target struct {
-	registry string
-	repo     string
-	endpoint Endpoint
+	registry  string
+	repo      string
+	endpoint  Endpoint
+	transport http.RoundTripper
+	tlsID     [sha256.Size]byte
 }
 
 func (c *Client) target(registry, repo string) (target, *Error) {
-	fail := func(kind, err error) (target, *Error) {
-		return target{}, &Error{Registry: registry, Err: err, kind: kind}
-	}
 	if err := oci.ValidateRegistry(registry); err != nil {
-		return fail(ErrBadRequest, err)
+		return target{}, &Error{Registry: registry, Err: err, kind: ErrBadRequest}
 	}
 	if err := oci.ValidateRepository(repo); err != nil {
-		return fail(ErrBadRequest, err)
+		return target{}, &Error{Registry: registry, Err: err, kind: ErrBadRequest}
 	}
+	t, err := c.reach(registry)
+	t.repo = repo
+	return t, err
+}
+
+// reach finds where a valid registry is served and the transport that reaches it. Its failures
+// are local configuration problems, on which the runtime should go straight upstream.
+func (c *Client) reach(registry string) (target, *Error) {
 	endpoint, err := c.resolve(registry)
 	if err != nil {
-		// A local configuration problem: the runtime should go straight upstream.
-		return fail(ErrUnavailable, fmt.Errorf("resolve endpoint: %w", err))
+		return target{}, &Error{Registry: registry, Err: fmt.Errorf("resolve endpoint: %w", err), kind: ErrUnavailable}
 	}
-	return target{registry: registry, repo: repo, endpoint: endpoint}, nil
+	rt, tlsID, err := c.transportFor(registry, endpoint)
+	if err != nil {
+		return target{}, &Error{Registry: registry, Endpoint: endpoint.String(), Err: err, kind: ErrUnavailable}
+	}
+	return target{registry: registry, endpoint: endpoint, transport: rt, tlsID: tlsID}, nil
+}
+
+// Check prepares requests to registry as every request does (resolving its endpoint, reading
+// the files of its TLS settings) without sending any, so that a configuration problem shows
+// before the first pull.
+func (c *Client) Check(registry string) error {
+	op := "prepare to pull"
+	if err := oci.ValidateRegistry(registry); err != nil {
+		return &Error{Registry: registry, Op: op, Err: err, kind: ErrBadRequest}
+	}
+	if _, err := c.reach(registry); err != nil {
+		err.Op = op
+		return err
+	}
+	return nil
 }
 
 // fail builds the error for op on t.
@@ -255,11 +311,13 @@ func (b cancelOnClose) Close() error {
 	return err
 }
 
-// transportKey identifies an authenticated transport: always the pull scope of one repository.
+// transportKey identifies an authenticated transport: always the pull scope of one repository,
+// over one version of the endpoint's TLS settings.
 type transportKey struct {
 	registry string
 	endpoint Endpoint
 	repo     string
+	tlsID    [sha256.Size]byte
 }
 
 // authEntry is an authenticated client, or the handshake producing it (done not yet closed).
@@ -283,7 +341,7 @@ func (e *authEntry) usable(now time.Time) bool {
 // a new handshake. Concurrent callers share one handshake; it runs on its own deadline so that
 // the caller that started it can give up without failing the others.
 func (c *Client) authenticated(ctx context.Context, t target) (*http.Client, *Error) {
-	key := transportKey{registry: t.registry, endpoint: t.endpoint, repo: t.repo}
+	key := transportKey{registry: t.registry, endpoint: t.endpoint, repo: t.repo, tlsID: t.tlsID}
 	now := time.Now()
 	c.mu.Lock()
 	e, ok := c.transports[key]
@@ -349,7 +407,7 @@ func (c *Client) newTransport(ctx context.Context, t target) (http.RoundTripper,
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errCredentials, err)
 	}
-	inner := transport.NewUserAgent(pinScheme{endpoint: t.endpoint, inner: c.base}, "shoal")
+	inner := transport.NewUserAgent(pinScheme{endpoint: t.endpoint, inner: t.transport}, "shoal")
 	scope := "repository:" + t.repo + ":" + transport.PullScope
 	return transport.NewWithContext(ctx, endpoint, auth, inner, []string{scope})
 }

@@ -2,6 +2,8 @@ package upstream
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,7 +26,9 @@ var (
 	// credentials that we do not have), or the token handshake failed.
 	ErrUnauthorized = errors.New("unauthorized upstream")
 	// ErrUnavailable: the registry could not be reached or did not answer in time (dial error,
-	// timeout, stalled body, 5xx, 429).
+	// timeout, stalled body, 5xx, 429), its TLS handshake failed (a certificate not trusted or
+	// not valid for its name, a client certificate refused), or the endpoint or its TLS
+	// settings could not be set up here (a CA file missing, say).
 	ErrUnavailable = errors.New("upstream unavailable")
 	// ErrInvalid: the registry answered with something we must not use (digest mismatch,
 	// oversized manifest, wrong Content-Range).
@@ -148,12 +152,27 @@ func transportFailure(err error) (status int, code string, kind error) {
 		// not a registry we can use, not that the content is missing.
 		return terr.StatusCode, code, ErrUnavailable
 	}
-	if isNetworkError(err) {
+	if isTLSError(err) || isNetworkError(err) {
 		return 0, "", ErrUnavailable
 	}
 	// A token answer without a token, a realm refused by the SSRF guard, unreadable credentials:
 	// we could not authenticate.
 	return 0, "", ErrUnauthorized
+}
+
+// isTLSError reports a failed TLS handshake on our side: the registry's certificate is not
+// trusted, not valid for its name or expired, or it did not speak TLS. (A registry refusing our
+// client certificate sends an alert, which arrives as a network error.)
+func isTLSError(err error) bool {
+	var (
+		verify   *tls.CertificateVerificationError
+		unknown  x509.UnknownAuthorityError
+		hostname x509.HostnameError
+		invalid  x509.CertificateInvalidError
+		header   tls.RecordHeaderError
+	)
+	return errors.As(err, &verify) || errors.As(err, &unknown) || errors.As(err, &hostname) ||
+		errors.As(err, &invalid) || errors.As(err, &header)
 }
 
 func isNetworkError(err error) bool {
