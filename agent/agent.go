@@ -5,6 +5,7 @@ package agent
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,6 +47,9 @@ type Config struct {
 	RegistryEndpoints map[string]string
 	// RegistryAuthFile is a docker config.json with credentials for upstream registries.
 	RegistryAuthFile string
+	// RegistryCAFile is a PEM bundle of CAs trusted for every upstream registry besides the
+	// system roots. A registry's own TLS settings come from its existing hosts.toml.
+	RegistryCAFile string
 	// MetricsAddr serves /metrics, /healthz and /readyz; "" disables it.
 	MetricsAddr string
 	// DefaultRegistry serves requests that carry no ?ns= (clients other than containerd).
@@ -135,6 +139,10 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("--default-registry is not mirrored: requests without ?ns= are refused with 404; add it to --mirror-registries",
 			"default_registry", cfg.DefaultRegistry, "mirror_registries", cfg.MirrorRegistries)
 	}
+	rootCAs, err := readRootCAs(cfg.RegistryCAFile)
+	if err != nil {
+		return err
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
@@ -151,6 +159,8 @@ func Run(ctx context.Context, cfg Config) error {
 	endpoints := newEndpointResolver(cfg)
 	upstreamOpts := []upstream.Option{
 		upstream.WithEndpointResolver(endpoints.resolve),
+		upstream.WithTLSResolver(endpoints.tls),
+		upstream.WithRootCAs(rootCAs...),
 		upstream.WithLogger(log.With("component", "upstream")),
 		upstream.WithRegisterer(reg),
 		upstream.WithTimeouts(cfg.UpstreamTimeouts),
@@ -159,6 +169,14 @@ func Run(ctx context.Context, cfg Config) error {
 		upstreamOpts = append(upstreamOpts, upstream.WithAuthFile(cfg.RegistryAuthFile))
 	}
 	client := upstream.New(upstreamOpts...)
+	for _, registry := range cfg.MirrorRegistries {
+		if registry == "*" {
+			continue
+		}
+		if err := client.Check(registry); err != nil {
+			log.Warn("the agent cannot fetch from this registry; pulls from it bypass the agent", "registry", registry, "error", err)
+		}
+	}
 
 	mirrorOpts := []mirror.Option{
 		mirror.WithLogger(log.With("component", "mirror")),
@@ -310,6 +328,35 @@ func (r *endpointResolver) resolve(registry string) (upstream.Endpoint, error) {
 		}
 	}
 	return upstream.DefaultEndpoint(registry), nil
+}
+
+// tls returns the TLS settings the node's existing hosts.toml gives the registry's endpoint (see
+// hostconfig.ExistingTLS): none when the agent writes no hosts.toml or none matches.
+func (r *endpointResolver) tls(registry string, endpoint upstream.Endpoint) (upstream.TLSSettings, error) {
+	if r.hostsDir == "" {
+		return upstream.TLSSettings{}, nil
+	}
+	t, err := hostconfig.ExistingTLS(r.hostsDir, registry, endpoint.String())
+	if err != nil {
+		return upstream.TLSSettings{}, fmt.Errorf("read the existing hosts.toml of %s: %w", registry, err)
+	}
+	s := upstream.TLSSettings{CAFiles: t.CA, SkipVerify: t.SkipVerify, Source: t.Source}
+	for _, pair := range t.Client {
+		s.ClientCerts = append(s.ClientCerts, upstream.ClientCert{CertFile: pair[0], KeyFile: pair[1]})
+	}
+	return s, nil
+}
+
+// readRootCAs reads --registry-ca-file, if given.
+func readRootCAs(path string) ([]*x509.Certificate, error) {
+	if path == "" {
+		return nil, nil
+	}
+	certs, err := upstream.ReadCAFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--registry-ca-file: %w", err)
+	}
+	return certs, nil
 }
 
 // server is the upstream URL written into hosts.toml after the mirror, for containerd to fall back to.

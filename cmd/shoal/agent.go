@@ -86,6 +86,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringSliceVar(&cfg.MirrorRegistries, "mirror-registries", []string{"docker.io"}, `registries to mirror, comma-separated; "*" = every registry (written as _default/hosts.toml)`)
 	f.StringArrayVar(&endpoints, "registry-endpoint", nil, "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable); default: the server of an existing hosts.toml, else the registry's usual endpoint")
 	f.StringVar(&cfg.RegistryAuthFile, "registry-auth-file", "", "docker config.json with credentials for upstream registries")
+	f.StringVar(&cfg.RegistryCAFile, "registry-ca-file", "", "PEM file of CA certificates trusted for every upstream registry besides the system roots; a registry's own ca, client and skip_verify come from its existing hosts.toml")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "127.0.0.1:9091", `IP:PORT serving /metrics, /healthz and /readyz; "" = disabled`)
 	f.StringVar(&cfg.DefaultRegistry, "default-registry", "docker.io", "registry for requests that carry no ?ns= parameter (clients other than containerd)")
 	f.DurationVar(&cfg.MirrorDialTimeout, "mirror-dial-timeout", 200*time.Millisecond, "dial_timeout written into hosts.toml for the mirror host (containerd 1.7+ honours it)")
