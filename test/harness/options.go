@@ -14,6 +14,8 @@ type options struct {
 	snapshotter string
 	netns       string
 	listenAddr  string
+	tlsCert     string // WithTLS
+	tlsKey      string
 }
 
 func newOptions(defaultBinary string, opts []Option) options {

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"fmt"
 	"net"
@@ -27,6 +29,7 @@ const DefaultRegistryBinary = "/usr/bin/docker-registry"
 type Registry struct {
 	dir       string
 	host      string
+	scheme    string // https with WithTLS
 	accessLog string
 	proc      *process
 	client    *http.Client
@@ -50,8 +53,18 @@ func StartRegistry(ctx context.Context, dir string, opts ...Option) (*Registry, 
 	r := &Registry{
 		dir:       dir,
 		host:      host,
+		scheme:    "http",
 		accessLog: filepath.Join(dir, "access.log"),
 		client:    loopbackHTTPClient(),
+	}
+	tlsConfig := ""
+	if o.tlsCert != "" {
+		var err error
+		if r.client.Transport, err = trustingTransport(o.tlsCert); err != nil {
+			return nil, err
+		}
+		r.scheme = "https"
+		tlsConfig = fmt.Sprintf("  tls:\n    certificate: %s\n    key: %s\n", o.tlsCert, o.tlsKey)
 	}
 	storage := filepath.Join(dir, "storage")
 	if err := os.MkdirAll(storage, 0o755); err != nil {
@@ -75,7 +88,7 @@ storage:
 http:
   addr: %s
   secret: shoal-harness-not-a-secret
-`, storage, r.host)
+%s`, storage, r.host, tlsConfig)
 	configPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		return nil, fmt.Errorf("write registry config: %w", err)
@@ -116,8 +129,32 @@ func (r *Registry) get(ctx context.Context, u string) error {
 // used in image references.
 func (r *Registry) Host() string { return r.host }
 
-// URL is the registry's base URL, "http://127.0.0.1:PORT".
-func (r *Registry) URL() string { return "http://" + r.host }
+// URL is the registry's base URL, "http://127.0.0.1:PORT" ("https://..." with WithTLS).
+func (r *Registry) URL() string { return r.scheme + "://" + r.host }
+
+// WithTLS makes the registry serve HTTPS with the PEM certificate and key in these files; the
+// certificate must be valid for the registry's address. The harness's own requests (readiness,
+// Sync) trust that certificate. PushImage and the other push helpers speak plain HTTP: push to
+// the registry without TLS, then start it again with TLS on the same directory. Only
+// StartRegistry reads it.
+func WithTLS(certFile, keyFile string) Option {
+	return func(o *options) { o.tlsCert, o.tlsKey = certFile, keyFile }
+}
+
+// trustingTransport is loopbackTransport trusting only the certificates in certFile.
+func trustingTransport(certFile string) (*http.Transport, error) {
+	pem, err := os.ReadFile(certFile)
+	if err != nil {
+		return nil, fmt.Errorf("registry certificate: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("registry certificate %s: no PEM certificate in it", certFile)
+	}
+	tr := loopbackTransport()
+	tr.TLSClientConfig = &tls.Config{RootCAs: roots}
+	return tr, nil
+}
 
 // PID is the registry process's id.
 func (r *Registry) PID() int { return r.proc.PID() }
