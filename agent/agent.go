@@ -58,6 +58,11 @@ type Config struct {
 	MirrorDialTimeout time.Duration
 	// ManifestTimeout bounds resolving a manifest upstream.
 	ManifestTimeout time.Duration
+	// FirstByteTimeout bounds the mirror's time to the first byte of an answer (503 past it);
+	// BodyIdleTimeout cuts a body that goes silent. 0 = the mirror's defaults, negative = none.
+	FirstByteTimeout, BodyIdleTimeout time.Duration
+	// FaultInjection serves the fault hooks on the metrics address (see faults.go).
+	FaultInjection bool
 	// UpstreamTimeouts bound the upstream client's connections and reads.
 	UpstreamTimeouts upstream.Timeouts
 	// Swarm configures peer-to-peer distribution; disabled when P2PAddr is not set.
@@ -185,6 +190,19 @@ func Run(ctx context.Context, cfg Config) error {
 		mirror.WithAllowedRegistries(cfg.mirrors),
 		mirror.WithManifestTimeout(cfg.ManifestTimeout),
 	}
+	if cfg.FirstByteTimeout != 0 {
+		mirrorOpts = append(mirrorOpts, mirror.WithFirstByteTimeout(cfg.FirstByteTimeout))
+	}
+	if cfg.BodyIdleTimeout != 0 {
+		mirrorOpts = append(mirrorOpts, mirror.WithBodyIdleTimeout(cfg.BodyIdleTimeout))
+	}
+	var faults *faultHooks
+	var mirrorStore mirror.BlobStore = blobs
+	if cfg.FaultInjection {
+		faults = newFaultHooks(blobs, log)
+		mirrorStore = faults
+		log.Warn("fault injection is on: POST /debug/faults/wedge on the metrics address wedges the mirror's store")
+	}
 	var servers []*namedServer
 	if cfg.Swarm.P2PAddr.IsValid() {
 		sw, p2pServer, err := startSwarm(ctx, cfg, blobs, client, reg, log)
@@ -195,7 +213,7 @@ func Run(ctx context.Context, cfg Config) error {
 		servers = append(servers, p2pServer)
 		mirrorOpts = append(mirrorOpts, mirror.WithBlobSource(sw.Source))
 	}
-	handler := mirror.New(blobs, client, mirrorOpts...)
+	handler := mirror.New(mirrorStore, client, mirrorOpts...)
 
 	// Listen before writing hosts.toml: containerd may read it the moment it appears.
 	mirrorListener, err := net.Listen("tcp", cfg.MirrorAddr)
@@ -216,7 +234,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return fmt.Errorf("listen for metrics on %s: %w", cfg.MetricsAddr, err)
 		}
 		servers = append(servers, &namedServer{name: "metrics", listener: metricsListener, server: &http.Server{
-			Handler:           opsHandler(reg, &ready),
+			Handler:           opsHandler(reg, &ready, faults),
 			ReadHeaderTimeout: 10 * time.Second,
 		}})
 	}
@@ -371,8 +389,11 @@ func (r *endpointResolver) server(registry string) string {
 	return endpoint.String()
 }
 
-func opsHandler(reg *prometheus.Registry, ready *atomic.Bool) http.Handler {
+func opsHandler(reg *prometheus.Registry, ready *atomic.Bool, faults *faultHooks) http.Handler {
 	mux := http.NewServeMux()
+	if faults != nil {
+		mux.HandleFunc("POST /debug/faults/wedge", faults.serveWedge)
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))

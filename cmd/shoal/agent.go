@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/shoal-dev/shoal/agent"
+	"github.com/shoal-dev/shoal/agent/mirror"
 	"github.com/shoal-dev/shoal/agent/swarm"
 	"github.com/shoal-dev/shoal/agent/upstream"
 )
@@ -91,6 +92,10 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(&cfg.DefaultRegistry, "default-registry", "docker.io", "registry for requests that carry no ?ns= parameter (clients other than containerd)")
 	f.DurationVar(&cfg.MirrorDialTimeout, "mirror-dial-timeout", 200*time.Millisecond, "dial_timeout written into hosts.toml for the mirror host (containerd 1.7+ honours it)")
 	f.DurationVar(&cfg.ManifestTimeout, "manifest-timeout", 10*time.Second, "how long resolving a manifest upstream may take before the runtime is sent to its next host")
+	f.DurationVar(&cfg.FirstByteTimeout, "mirror-first-byte-timeout", mirror.DefaultFirstByteTimeout, "a request the agent cannot start answering within this time gets 503, and containerd goes to its next host (keep it at most 10s: containerd 2.x gives a mirror 30s, 1.6 waits for ever)")
+	f.DurationVar(&cfg.BodyIdleTimeout, "mirror-body-idle-timeout", mirror.DefaultBodyIdleTimeout, "a response body that sends nothing for this long is cut, so the runtime retries instead of hanging")
+	f.BoolVar(&cfg.FaultInjection, "fault-injection", false, "serve POST /debug/faults/wedge?on=true|false on --metrics-addr, which blocks every content-store call of the mirror as a deadlock would (for testing fallback and liveness probes; never in production)")
+	_ = f.MarkHidden("fault-injection")
 	f.DurationVar(&cfg.UpstreamTimeouts.Dial, "upstream-dial-timeout", 2*time.Second, "dial timeout for upstream registries")
 	f.DurationVar(&cfg.UpstreamTimeouts.ResponseHeader, "upstream-response-timeout", 10*time.Second, "how long an upstream registry may take to answer a request")
 	f.DurationVar(&cfg.UpstreamTimeouts.BlobIdle, "upstream-idle-timeout", 30*time.Second, "a blob download that receives no byte for this long fails")
