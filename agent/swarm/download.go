@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -17,6 +18,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/upstream"
 )
 
 // Source returns a store.Source that gets blob d through the swarm: the content store calls it
@@ -73,7 +75,8 @@ func (s *Swarm) acquireAll(b *blob) {
 }
 
 // acquire gets segment k's torrent: from its seeder, or by seeding it here when this node is the
-// seeder or every seeder candidate failed.
+// seeder or every seeder candidate failed. When upstream ignores Range, every segment's seeder
+// is segment 0's (see seedWhole).
 func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 	seg := b.segs[k]
 	failed := map[netip.AddrPort]bool{}
@@ -82,18 +85,36 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 		if info, _, _ := seg.state(); info != nil {
 			return nil
 		}
+		whole := b.whole.Load()
+		owner := k
+		if whole {
+			owner = 0
+		}
 		live := s.cfg.Membership.Live()
-		seeder, _ := seederOf(b.plan, k, b.assignment, b.members, func(m netip.AddrPort) bool {
-			return !failed[m] && slices.Contains(live, m)
+		seeder, _ := seederOf(b.plan, owner, b.assignment, b.members, func(m netip.AddrPort) bool {
+			// A whole blob's seeder is left only once it failed this node: every member that
+			// takes it for the whole blob's seeder fetches the blob whole, so a momentary
+			// difference between nodes' views of who is alive would cost a copy of the blob.
+			return !failed[m] && (whole || slices.Contains(live, m))
 		})
 		if !seeder.IsValid() || seeder == s.self {
+			if whole {
+				b.wholeHere.Store(true)
+			}
 			_, err := s.ensureSegment(ctx, b, k)
+			if err != nil && !whole && b.whole.Load() {
+				continue // found that upstream ignores Range: the whole blob's seeder now
+			}
 			return err
 		}
-		answer, err := s.requestSegment(ctx, seeder, b, k)
+		answer, err := s.requestSegment(ctx, seeder, b, k, whole)
 		if err != nil {
 			if ctx.Err() != nil {
 				return err
+			}
+			if isRangeUnsupported(err) && !whole {
+				s.setWhole(b, "seeder "+seeder.String()+" found it")
+				continue
 			}
 			s.metrics.seederFailures.Inc()
 			switch {
@@ -121,8 +142,17 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			return err
 		}
 		s.addPeers(b.t, answer.Peers)
-		go s.announce(b, k, seeder, answer.Peers)
+		go s.announce(b, k, seeder, whole, answer.Peers)
 		return nil
+	}
+}
+
+// setWhole records that blob b's registry ignores Range (see seedWhole).
+func (s *Swarm) setWhole(b *blob, why string) {
+	if b.whole.CompareAndSwap(false, true) {
+		s.metrics.wholeBlobs.Inc()
+		s.log.Warn("the registry ignores Range requests; one member fetches the whole blob for the swarm",
+			"digest", b.plan.digest, "registry", b.registry, "reason", why)
 	}
 }
 
@@ -131,7 +161,9 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 // change only while nodes join the segment, which they do within seconds of each other in a
 // rollout, so the interval doubles, up to maxAnnounceInterval, each time the answer names no
 // peer it has not named before (at N = 32, announcing every 2 s took 2 % of the agents' CPU).
-func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, peers []string) {
+func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, whole bool, peers []string) {
+	s.announcing.Add(1)
+	defer s.announcing.Add(-1)
 	t := b.t
 	interval := announceInterval
 	timer := time.NewTimer(interval)
@@ -142,14 +174,17 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, peers []string) 
 	}
 	for {
 		select {
-		case <-t.Complete().On():
+		case <-t.Complete().On(): // see handover
 			return
 		case <-t.Closed():
 			return
 		case <-timer.C:
 		}
+		if b.segmentDone(k) {
+			return
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		answer, err := s.requestSegment(ctx, seeder, b, k)
+		answer, err := s.requestSegment(ctx, seeder, b, k, whole)
 		cancel()
 		if err != nil {
 			return
@@ -168,6 +203,18 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, peers []string) 
 		}
 		timer.Reset(interval)
 	}
+}
+
+// segmentDone reports whether every piece of segment k is final here: verified, or read from
+// upstream instead.
+func (b *blob) segmentDone(k int) bool {
+	first := b.plan.firstPiece(k)
+	for i := first; i < first+b.plan.pieces(k); i++ {
+		if !b.st.isFinal(i) && !b.t.Piece(i).State().Complete {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *Swarm) addPeers(t *torrent.Torrent, peers []string) {
@@ -192,7 +239,13 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 		if info != nil {
 			return info, nil
 		}
-		if seg.startSeeding() {
+		if b.whole.Load() {
+			if !b.wholeHere.Load() {
+				// Not this node's to fetch: the asker goes to the whole blob's seeder.
+				return nil, fmt.Errorf("segment %d of %s: not the whole blob's seeder: %w", k, b.plan.digest, upstream.ErrRangeUnsupported)
+			}
+			s.startWhole(b)
+		} else if seg.startSeeding() {
 			go s.seed(b, k)
 		}
 		select {
@@ -212,7 +265,7 @@ func (s *Swarm) seed(b *blob, k int) {
 	defer cancel()
 	offset, length := b.plan.segment(k)
 	start := time.Now()
-	local := s.openLocal(b)
+	local := s.openLocal(b.plan.digest)
 	if local != nil {
 		defer local.Close()
 	} else {
@@ -225,6 +278,9 @@ func (s *Swarm) seed(b *blob, k int) {
 	}
 	pieces, source, err := s.fetchSegment(ctx, b, local, offset, length)
 	if err != nil {
+		if errors.Is(err, upstream.ErrRangeUnsupported) {
+			s.setWhole(b, "a ranged fetch of segment "+strconv.Itoa(k)+" got the whole blob")
+		}
 		b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
 		return
 	}
@@ -288,12 +344,105 @@ func (s *Swarm) fetchSegment(ctx context.Context, b *blob, local store.Blob, off
 // upstreamStreams is how many ranges of a segment are fetched from upstream at once.
 const upstreamStreams = 4
 
-// openLocal opens blob b in the content store if it is complete there, else returns nil.
-func (s *Swarm) openLocal(b *blob) store.Blob {
+// startWhole starts seedWhole for blob b unless it is running.
+func (s *Swarm) startWhole(b *blob) {
+	b.wholeMu.Lock()
+	defer b.wholeMu.Unlock()
+	if b.wholeRunning {
+		return
+	}
+	b.wholeRunning = true
+	go s.seedWhole(b)
+}
+
+// seedWhole fetches a blob whose registry ignores Range in one request from its start and
+// publishes each segment as its bytes arrive, so the swarm trades the early segments while the
+// later ones are still coming: the registry still sends the blob once. It is segment 0's seeder
+// that does it for the cluster (see acquire). A segment already published here (learned from a
+// peer before the registry was found to ignore Range) is skipped over.
+func (s *Swarm) seedWhole(b *blob) {
+	start := time.Now()
+	var err error
+	defer func() {
+		b.wholeMu.Lock()
+		b.wholeRunning = false
+		b.wholeMu.Unlock()
+		if err == nil {
+			return
+		}
+		for _, seg := range b.segs {
+			seg.fail(fmt.Errorf("seed %s whole: %w", b.plan.digest, err))
+		}
+	}()
+	var rc io.ReadCloser
+	if local := s.openLocal(b.plan.digest); local != nil {
+		rc = local
+	} else if rc, _, err = s.cfg.Upstream.Blob(context.Background(), b.registry, b.repo, b.plan.digest, 0, -1); err != nil {
+		return
+	}
+	defer rc.Close()
+	source := sourceUpstream
+	if _, ok := rc.(store.Blob); ok {
+		source = sourceLocal
+	}
+	for k, seg := range b.segs {
+		offset, length := b.plan.segment(k)
+		var pieces, info []byte
+		if pieces, err = copyAndHash(context.Background(), rc, b.file, offset, length, b.plan.pieceLength); err != nil {
+			err = fmt.Errorf("segment %d: %w", k, err)
+			return
+		}
+		s.metrics.bytes.WithLabelValues(source).Add(float64(length))
+		if known, _, _ := seg.state(); known != nil {
+			// Learned from a peer meanwhile (another member took itself for the whole blob's
+			// seeder too): its pieces are here now all the same. Skipping them could leave a
+			// piece that neither had.
+			b.completePieces(k, pieces)
+			continue
+		}
+		if info, err = buildInfo(b.plan, k, pieces); err == nil {
+			err = s.publishSegment(b, k, info, allComplete)
+		}
+		if err != nil {
+			return
+		}
+	}
+	s.log.Info("seeding whole blob", "digest", b.plan.digest, "from", source, "bytes", b.plan.size, "duration", time.Since(start))
+}
+
+// openUpstream opens bytes [offset, offset+length) of b from upstream. From a registry that
+// ignores Range it asks for the whole blob, discards its way to offset and closes after length
+// bytes: costly, but only readers that the swarm could not serve get there.
+func (s *Swarm) openUpstream(ctx context.Context, b *blob, offset, length int64) (io.ReadCloser, error) {
+	if !b.whole.Load() {
+		rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.digest, offset, length)
+		if !errors.Is(err, upstream.ErrRangeUnsupported) {
+			return rc, err
+		}
+		s.setWhole(b, "a direct read got the whole blob")
+	}
+	s.log.Info("reading from upstream past the start of a blob whose registry ignores Range",
+		"digest", b.plan.digest, "offset", offset, "length", length)
+	rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.digest, 0, -1)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := io.CopyN(io.Discard, rc, offset); err != nil {
+		_ = rc.Close()
+		return nil, fmt.Errorf("skip to byte %d: %w", offset, err)
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.LimitReader(rc, length), rc}, nil
+}
+
+// openLocal opens blob d in the content store if it is complete there, else returns nil.
+func (s *Swarm) openLocal(d v1.Hash) store.Blob {
 	if s.cfg.Local == nil {
 		return nil
 	}
-	local, err := s.cfg.Local.Get(b.plan.digest)
+	local, err := s.cfg.Local.Get(d)
 	if err != nil {
 		return nil
 	}
@@ -342,6 +491,11 @@ func (s *Swarm) addTorrent(b *blob) error {
 // publishSegment records segment k's info, checked against the plan: its piece hashes go to the
 // blob's storage in the given state, and the torrent trades those pieces from then on.
 func (s *Swarm) publishSegment(b *blob, k int, info []byte, state completionState) error {
+	if known, _, _ := b.segs[k].state(); known != nil {
+		// Published already, from another source: an answer that crossed this node's own
+		// publication, say. Its pieces stay as they are.
+		return nil
+	}
 	pieces, err := checkInfo(b.plan, k, info)
 	if err != nil {
 		return fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, err)
@@ -366,6 +520,17 @@ func (s *Swarm) publishSegment(b *blob, k int, info []byte, state completionStat
 	}
 	b.segs[k].publish(info)
 	return nil
+}
+
+// completePieces marks the pieces of segment k complete whose bytes, now in the blob's file,
+// have the hashes the segment's published info gives them.
+func (b *blob) completePieces(k int, pieces []byte) {
+	first := b.plan.firstPiece(k)
+	for j := range b.plan.pieces(k) {
+		if b.st.completeIfHash(first+j, pieces[j*sha1Size:(j+1)*sha1Size]) {
+			b.t.Piece(first + j).UpdateCompletion()
+		}
+	}
 }
 
 // setPriority sets the priority of pieces [from, to) and records it (see refreshPriorities).
@@ -666,7 +831,7 @@ func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
 	i := int((offset + segPos) / pl)
 	end := min(int64(i+1)*pl-offset, length)
 	r.b.takeOverPieces(i, i+1)
-	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, end-segPos)
+	rc, err := r.s.openUpstream(ctx, r.b, offset+segPos, end-segPos)
 	if err != nil {
 		return fmt.Errorf("read piece %d of segment %d of %s from upstream: %w", i, r.k, r.b.plan.digest, err)
 	}
@@ -689,7 +854,9 @@ func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
 // openSegment waits for segment k's info and positions the torrent reader at segPos.
 func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 	seg := r.b.segs[r.k]
-	wctx, cancel := context.WithTimeout(ctx, r.s.cfg.InfoTimeout)
+	// As long as a piece may be late (see step): the content store gives up on a source silent
+	// for 30 s, and a seeder that takes longer is dead or its upstream is.
+	wctx, cancel := context.WithTimeout(ctx, min(r.s.cfg.InfoTimeout, 2*r.s.cfg.StallTimeout))
 	defer cancel()
 	for {
 		info, ready, err := seg.state()
@@ -710,9 +877,11 @@ func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 			r.open = true
 			return nil
 		}
-		if err != nil {
+		if err != nil && !isRangeUnsupported(err) {
 			return r.openDirect(ctx, segPos)
 		}
+		// (A seeder that found the registry ignores Range is no reason to go to upstream
+		// directly: the segment comes from the whole blob's seeder next.)
 		select {
 		case <-ready:
 		case <-wctx.Done():
@@ -733,7 +902,7 @@ func (r *blobReader) openDirect(ctx context.Context, segPos int64) error {
 	first := r.b.plan.firstPiece(r.k)
 	r.b.takeOverPieces(first, first+r.b.plan.pieces(r.k))
 	offset, length := r.b.plan.segment(r.k)
-	rc, _, err := r.s.cfg.Upstream.Blob(ctx, r.b.registry, r.b.repo, r.b.plan.digest, offset+segPos, length-segPos)
+	rc, err := r.s.openUpstream(ctx, r.b, offset+segPos, length-segPos)
 	if err != nil {
 		return fmt.Errorf("read segment %d of %s from upstream: %w", r.k, r.b.plan.digest, err)
 	}
@@ -816,6 +985,12 @@ func (s *Swarm) handover(b *blob) {
 		local, err := s.cfg.Local.Get(b.plan.digest)
 		if err == nil {
 			b.file.swap(local, nil, local)
+			// Verified whole: pieces read from upstream are seeded too, and the torrent is
+			// complete, which ends the segments' announces.
+			b.st.markVerified()
+			for i := range b.plan.numPieces() {
+				b.t.Piece(i).UpdateCompletion()
+			}
 			s.mu.Lock()
 			path := b.path
 			b.path = ""

@@ -20,6 +20,10 @@ type metrics struct {
 	retired        *prometheus.CounterVec
 	filesRemoved   prometheus.Counter
 	completion     prometheus.Histogram
+	// protocolFallbacks counts peers found to speak an older control protocol.
+	protocolFallbacks prometheus.Counter
+	// wholeBlobs counts blobs fetched whole because upstream ignores Range.
+	wholeBlobs prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
@@ -57,6 +61,14 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Help:    "Time from the first request of a blob on this node until its last byte was read.",
 			Buckets: prometheus.ExponentialBuckets(0.25, 2, 14),
 		}),
+		protocolFallbacks: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "protocol_fallbacks_total",
+			Help: "Peers found to speak an older control protocol than this agent (an agent of the previous release during a rolling upgrade); this node speaks theirs with them.",
+		}),
+		wholeBlobs: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "whole_blob_fallbacks_total",
+			Help: "Blobs this node learned must be fetched whole because their registry ignores Range (one member fetches the whole blob and the swarm trades it).",
+		}),
 	}
 	if reg == nil {
 		return m
@@ -65,6 +77,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		return func() float64 { return f(s.stats()) }
 	}
 	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.kicks, m.bans, m.retired, m.filesRemoved, m.completion,
+		m.protocolFallbacks, m.wholeBlobs,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",

@@ -1,6 +1,7 @@
 package swarm
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha1" //nolint:gosec // BitTorrent v1 piece hashes are SHA-1; blobs are verified by sha256 too
 	"errors"
@@ -127,6 +128,25 @@ func (s *blobStorage) freezePieces(from, to int) {
 	}
 }
 
+// isFinal reports whether piece i's bytes came from upstream instead of peers (see
+// freezePieces), or the whole blob verified (see markVerified).
+func (s *blobStorage) isFinal(i int) bool {
+	s.writeMu.RLock()
+	defer s.writeMu.RUnlock()
+	return s.frozenPieces[i]
+}
+
+// markVerified records every piece as complete: the content store verified the whole blob's
+// sha256, pieces read from upstream and pieces of segments whose hashes never came included.
+// The torrent then seeds all of it.
+func (s *blobStorage) markVerified() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range s.known {
+		s.known[i], s.complete[i] = true, true
+	}
+}
+
 type completionState int
 
 const (
@@ -146,6 +166,9 @@ func (s *blobStorage) setHashes(first int, pieces []byte, state completionState)
 	defer s.mu.Unlock()
 	copy(s.hashes[first*sha1Size:], pieces)
 	for i := first; i < first+len(pieces)/sha1Size; i++ {
+		if s.hashed[i] && s.known[i] && s.complete[i] {
+			continue // the same segment published twice (see publishSegment): never undo a piece
+		}
 		s.hashed[i] = true
 		s.known[i] = state != unknownCompletion
 		s.complete[i] = state == allComplete
@@ -163,6 +186,17 @@ func (s *blobStorage) OpenTorrent(_ context.Context, info *metainfo.Info, _ meta
 		},
 		Close: func() error { return nil },
 	}, nil
+}
+
+// completeIfHash marks piece i complete if its known hash is hash, and reports whether it did.
+func (s *blobStorage) completeIfHash(i int, hash []byte) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.hashed[i] || !bytes.Equal(s.hashes[i*sha1Size:(i+1)*sha1Size], hash) {
+		return false
+	}
+	s.known[i], s.complete[i] = true, true
+	return true
 }
 
 // setComplete records the torrent client's verdict on piece i, unless its hash is not known: then

@@ -28,6 +28,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -128,8 +129,14 @@ type Swarm struct {
 	self    netip.AddrPort
 	log     *slog.Logger
 	client  *torrent.Client
-	control *http.Client
-	metrics *metrics
+	control *http.Client // protocol 2: headers come at once (see requestSegmentV2)
+	// controlV1 is for seeders of the previous release, whose answers come only once the
+	// segment is published.
+	controlV1 *http.Client
+	protocols sync.Map // netip.AddrPort → the older control protocol version a peer speaks
+	// announcing counts the announce loops running (see announce).
+	announcing atomic.Int64
+	metrics    *metrics
 
 	mu       sync.Mutex
 	blobs    map[string]*blob
@@ -286,8 +293,14 @@ func New(cfg Config) (*Swarm, error) {
 		blobs:       map[string]*blob{},
 		stopJanitor: make(chan struct{}),
 		control: &http.Client{Transport: &http.Transport{
+			DialContext:           (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: localTCPAddr(cfg.Membership.Self())}).DialContext,
+			MaxIdleConnsPerHost:   4,
+			IdleConnTimeout:       time.Minute,
+			ResponseHeaderTimeout: controlHeaderTimeout,
+		}},
+		controlV1: &http.Client{Transport: &http.Transport{
 			DialContext:         (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: localTCPAddr(cfg.Membership.Self())}).DialContext,
-			MaxIdleConnsPerHost: 4,
+			MaxIdleConnsPerHost: 1,
 			IdleConnTimeout:     time.Minute,
 		}},
 	}
@@ -446,6 +459,12 @@ type blob struct {
 	segs           []*segment
 	members        []netip.AddrPort // the member list the assignment was computed over
 	assignment     []netip.AddrPort // balanced seeder of every segment over members
+	// whole: upstream ignores Range, so one member, segment 0's seeder, fetches the whole blob
+	// and publishes every segment (see seedWhole).
+	whole        atomic.Bool
+	wholeHere    atomic.Bool // this node was chosen to fetch the whole blob
+	wholeMu      sync.Mutex
+	wholeRunning bool
 
 	downloadOnce sync.Once
 	finishOnce   sync.Once
@@ -510,6 +529,7 @@ func (s *Swarm) Handler() http.Handler {
 	mux.HandleFunc("GET /swarm/v1/ping", func(w http.ResponseWriter, _ *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	})
-	mux.HandleFunc("GET /swarm/v1/segment", s.serveSegment)
+	mux.HandleFunc("GET "+segmentPathV1, s.serveSegment)
+	mux.HandleFunc("GET "+segmentPathV2, s.serveSegmentV2)
 	return mux
 }

@@ -22,6 +22,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/upstream"
 )
 
 // memUpstream is an in-memory registry that serves byte ranges and counts what it sends.
@@ -31,6 +32,9 @@ type memUpstream struct {
 	sent      atomic.Int64
 	rangeGets atomic.Int64
 	down      atomic.Bool
+	// noRange makes it a registry that ignores Range: a ranged request fails as the upstream
+	// client fails it, and only a request for the whole blob succeeds.
+	noRange atomic.Bool
 }
 
 func newMemUpstream() *memUpstream { return &memUpstream{blobs: map[string][]byte{}} }
@@ -70,6 +74,13 @@ func (u *memUpstream) Blob(_ context.Context, _, _ string, d v1.Hash, offset, le
 	if length < 0 {
 		length = int64(len(b)) - offset
 	}
+	if u.noRange.Load() {
+		if offset > 0 || length != int64(len(b)) {
+			return nil, 0, fmt.Errorf("get bytes %d-%d: %w", offset, offset+length-1, upstream.ErrRangeUnsupported)
+		}
+		u.sent.Add(int64(len(b)))
+		return io.NopCloser(bytes.NewReader(b)), int64(len(b)), nil
+	}
 	u.rangeGets.Add(1)
 	u.sent.Add(length)
 	return io.NopCloser(bytes.NewReader(b[offset : offset+length])), int64(len(b)), nil
@@ -80,6 +91,7 @@ type testNode struct {
 	swarm   *Swarm
 	members *Static
 	server  *http.Server
+	bt      net.Listener
 	addr    netip.AddrPort
 }
 
@@ -137,7 +149,7 @@ func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLe
 		}
 		server := &http.Server{Handler: sw.Handler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = server.Serve(control) }()
-		node := &testNode{swarm: sw, members: members, server: server, addr: addrs[i]}
+		node := &testNode{swarm: sw, members: members, server: server, bt: bt, addr: addrs[i]}
 		t.Cleanup(func() {
 			cancel()
 			_ = server.Close()

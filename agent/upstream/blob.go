@@ -22,9 +22,11 @@ import (
 // say). Redirects (to object storage) are followed without the registry's credentials.
 //
 // A 206 answer must carry the Content-Range asked for (ErrInvalid otherwise). A registry that
-// ignores Range and answers 200 is fine when offset is 0 (the body is cut at length); for a
-// later offset Blob returns ErrRangeUnsupported instead of discarding its way there, so that a
-// segmented fetch falls back to one whole-blob download.
+// ignores Range answers a ranged request (offset > 0 or length > 0) with 200 and the whole
+// blob: Blob then returns ErrRangeUnsupported at once, without reading the body, so that a
+// segmented fetch falls back to one whole-blob download (a body cut after length bytes would
+// still have cost whatever the registry pushed before the connection closed: several copies of
+// the blob when every node did it). Ask with offset 0 and length -1 for the whole blob.
 //
 // The bytes are not verified against d: a range cannot be, and the store verifies whole blobs.
 // Reading fails with ErrUnavailable when no byte arrives for the BlobIdle timeout. The caller
@@ -71,10 +73,9 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 	total, limit := resp.ContentLength, int64(-1)
 	switch resp.StatusCode {
 	case http.StatusOK:
-		if offset > 0 {
+		if ranged {
 			return fail(ErrRangeUnsupported, errors.New("asked for a range, got the whole blob"))
 		}
-		limit = length
 	case http.StatusPartialContent:
 		cr := resp.Header.Get("Content-Range")
 		start, end, size, err := parseContentRange(cr)

@@ -1,0 +1,171 @@
+package swarm
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// fetchAll has nodes read blob d at once and fails the test unless each got content.
+func fetchAll(t *testing.T, ctx context.Context, nodes []*testNode, d v1.Hash, content []byte) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(nodes))
+	for _, node := range nodes {
+		wg.Go(func() {
+			got, err := readSource(ctx, node.swarm.Source("registry.test", "app", d))
+			switch {
+			case err != nil:
+				errs <- fmt.Errorf("node %s: %w", node.addr, err)
+			case !bytes.Equal(got, content):
+				errs <- fmt.Errorf("node %s: wrong bytes", node.addr)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// TestRegistryIgnoringRangeCostsOneCopy has every node ask for a new blob from a registry that
+// answers every ranged request with the whole blob: each node gets the right bytes, and the
+// registry sends the blob about once (one member fetches it whole and the swarm trades it).
+func TestRegistryIgnoringRangeCostsOneCopy(t *testing.T) {
+	up := newMemUpstream()
+	up.noRange.Store(true)
+	content := randomBlob(t, 6<<20+4321)
+	d := up.add(content)
+	nodes := startNodes(t, 4, up)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	fetchAll(t, ctx, nodes, d, content)
+	if sent := up.sent.Load(); float64(sent) > 1.1*float64(len(content)) {
+		t.Errorf("the registry sent %d bytes for a %d byte blob fetched by %d nodes, want about one copy", sent, len(content), len(nodes))
+	}
+	var fromPeers int64
+	for _, node := range nodes {
+		fromPeers += node.swarm.stats().peerBytesRead
+	}
+	if fromPeers < 2*int64(len(content)) {
+		t.Errorf("peers delivered %d bytes, want most of the blob to travel between peers", fromPeers)
+	}
+}
+
+// freeze replaces a node by a listener that never accepts: the kernel still completes TCP
+// handshakes and nobody answers, as with a process stopped by SIGSTOP.
+func freeze(t *testing.T, node *testNode) {
+	t.Helper()
+	_ = node.server.Close()
+	_ = node.bt.Close()
+	_ = node.swarm.Close()
+	var l net.Listener
+	var err error
+	for range 50 { // the split listener lets go of the port asynchronously
+		if l, err = net.Listen("tcp", node.addr.String()); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("re-listen on %s: %v", node.addr, err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+}
+
+// TestFrozenSeederIsPassedOver stops one of four nodes just before the others ask for a new blob
+// (its segments are due from it): the others still get the blob, the frozen node's segments are
+// seeded by the next members instead, and the registry still sends about one copy.
+func TestFrozenSeederIsPassedOver(t *testing.T) {
+	up := newMemUpstream()
+	content := randomBlob(t, 8<<20)
+	d := up.add(content)
+	nodes := startNodes(t, 4, up)
+	frozen := nodes[3]
+	b, err := nodes[0].swarm.blobFor(d, int64(len(content)), "registry.test", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seeds := 0
+	for _, a := range b.assignment {
+		if a == frozen.addr {
+			seeds++
+		}
+	}
+	if seeds == 0 {
+		t.Fatal("test setup: the frozen node seeds no segment")
+	}
+	freeze(t, frozen)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	fetchAll(t, ctx, nodes[:3], d, content)
+	if sent := up.sent.Load(); float64(sent) > 1.2*float64(len(content)) {
+		t.Errorf("the registry sent %d bytes for a %d byte blob, want at most 1.2 copies", sent, len(content))
+	}
+	var failures float64
+	for _, node := range nodes[:3] {
+		failures += testutil.ToFloat64(node.swarm.metrics.seederFailures)
+	}
+	if failures == 0 {
+		t.Error("no seeder failure counted, yet the frozen node seeds segments")
+	}
+}
+
+// TestAnnouncesEndWithTheirSegment checks that a node stops asking seeders for peers once it has
+// its segments, including those whose pieces it read from upstream (which the torrent never
+// completes by itself).
+func TestAnnouncesEndWithTheirSegment(t *testing.T) {
+	up := newMemUpstream()
+	content := randomBlob(t, 4<<20)
+	d := up.add(content)
+	stores := []*heldBlobs{{d: d, data: content}, {d: d, data: content}, {d: d, data: content}}
+	nodes := startNodesWith(t, 3, up, 1<<20, 256<<10, func(i int) LocalBlobs { return stores[i] })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	fetchAll(t, ctx, nodes, d, content)
+	for _, st := range stores {
+		st.held.Store(true) // the content store committed the blob
+	}
+	deadline := time.Now().Add(time.Minute)
+	for _, node := range nodes {
+		for node.swarm.announcing.Load() > 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("node %s: %d announce loops still running after the blob was delivered", node.addr, node.swarm.announcing.Load())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+// TestSegmentRequestWithWrongSizeIsRefused asks a seeder for a segment of a blob with a size
+// that is not the blob's: it refuses before creating any working file.
+func TestSegmentRequestWithWrongSizeIsRefused(t *testing.T) {
+	up := newMemUpstream()
+	content := randomBlob(t, 1<<20)
+	d := up.add(content)
+	nodes := startNodes(t, 2, up)
+	asker, seeder := nodes[0], nodes[1]
+	for _, size := range []int64{int64(len(content)) + 1, 1 << 40} {
+		req := segmentRequest{digest: d, k: 0, size: size, segmentSize: 1 << 20, pieceLength: 256 << 10,
+			rampSegments: DefaultRampSegments, registry: "registry.test", repo: "app", peer: asker.addr}
+		_, err := asker.swarm.requestSegmentV2(context.Background(), seeder.addr, req)
+		if se, ok := err.(*seederError); !ok || se.status != http.StatusConflict {
+			t.Errorf("size %d: got %v, want a 409 answer", size, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(seeder.swarm.cfg.Dir, d.Hex)); !os.IsNotExist(err) {
+		t.Errorf("the seeder created a working file for a request with a wrong size (stat: %v)", err)
+	}
+}
