@@ -4,6 +4,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"errors"
@@ -82,6 +83,9 @@ type SwarmConfig struct {
 	// RampSegments is how many short segments start a blob; the same on every node. 0 =
 	// swarm.DefaultRampSegments, negative = none.
 	RampSegments int
+	// MinSegments is how many segments a blob is cut into at least (see swarm.Config); the same
+	// on every node. 0 = segments of SegmentSize for every blob.
+	MinSegments int
 	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited.
 	MaxUploadRate, MaxDownloadRate int64
 	// IdleTimeout is how long a blob without readers keeps seeding after its last transfer, and
@@ -124,6 +128,9 @@ func (c *Config) Validate() error {
 	}
 	if len(c.Swarm.Peers) > 0 && !c.Swarm.P2PAddr.IsValid() {
 		return errors.New("--peers needs --p2p-addr")
+	}
+	if c.Swarm.MinSegments < 0 {
+		return errors.New("--swarm-min-segments must not be negative")
 	}
 	if c.Swarm.MaxUploadRate < 0 || c.Swarm.MaxDownloadRate < 0 {
 		return errors.New("--max-upload-rate and --max-download-rate must not be negative")
@@ -272,6 +279,7 @@ func startSwarm(ctx context.Context, cfg Config, blobs *store.Store, client *ups
 		SegmentSize:     cfg.Swarm.SegmentSize,
 		PieceLength:     cfg.Swarm.PieceLength,
 		RampSegments:    cfg.Swarm.RampSegments,
+		MinSegments:     cmp.Or(cfg.Swarm.MinSegments, -1),
 		MaxUploadRate:   cfg.Swarm.MaxUploadRate,
 		MaxDownloadRate: cfg.Swarm.MaxDownloadRate,
 		IdleTimeout:     cfg.Swarm.IdleTimeout,

@@ -12,7 +12,7 @@ import (
 func testPlan(t *testing.T, i int, segments int64) plan {
 	t.Helper()
 	d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", i)}
-	p, err := newPlan(d, segments*DefaultSegmentSize, DefaultSegmentSize, DefaultPieceLength, 0)
+	p, err := newPlan(d, segments*DefaultSegmentSize, DefaultSegmentSize, DefaultPieceLength, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -25,7 +25,7 @@ func TestAssignSeedersIsBalancedAndDeterministic(t *testing.T) {
 		for blob := range 20 {
 			p := testPlan(t, blob, int64(tt.segments))
 			got := assignSeeders(p, members)
-			share := (tt.segments + tt.members - 1) / tt.members
+			share := (p.segments() + tt.members - 1) / tt.members
 			load := map[netip.AddrPort]int{}
 			for k, m := range got {
 				if !slices.Contains(members, m) {
@@ -108,7 +108,7 @@ func TestAssignSeedersBalancesBytes(t *testing.T) {
 		members := testMembers(tt.members)
 		for blob := range 200 {
 			d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", blob)}
-			p, err := newPlan(d, 256*mib, 16*mib, mib, DefaultRampSegments)
+			p, err := newPlan(d, 256*mib, 16*mib, mib, DefaultRampSegments, DefaultMinSegments)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -29,11 +29,15 @@ type segmentRequest struct {
 	segmentSize    int64
 	pieceLength    int64
 	rampSegments   int
+	minSegments    int // absent (0) in requests of agents of the previous release
 	registry, repo string
 	peer           netip.AddrPort
 	// whole: the asker found that upstream ignores Range, and asks the blob's whole seeder (see
 	// seedWhole). Protocol 2 only.
 	whole bool
+	// reseed: the segment's seeder stopped answering, and this member is asked to fetch the
+	// segment's bytes again (see Swarm.rescue). Protocol 2 only.
+	reseed bool
 }
 
 func (r segmentRequest) query() url.Values {
@@ -48,8 +52,14 @@ func (r segmentRequest) query() url.Values {
 		"repository":   {r.repo},
 		"peer":         {r.peer.String()},
 	}
+	if r.minSegments != 0 {
+		q.Set("min_segments", strconv.Itoa(r.minSegments))
+	}
 	if r.whole {
 		q.Set("whole", "1")
+	}
+	if r.reseed {
+		q.Set("reseed", "1")
 	}
 	return q
 }
@@ -69,7 +79,12 @@ func parseSegmentRequest(q url.Values) (segmentRequest, plan, error) {
 	if r.rampSegments, err = strconv.Atoi(q.Get("ramp")); err != nil {
 		return r, plan{}, fmt.Errorf("ramp: %w", err)
 	}
-	p, err := newPlan(r.digest, r.size, r.segmentSize, r.pieceLength, r.rampSegments)
+	if v := q.Get("min_segments"); v != "" {
+		if r.minSegments, err = strconv.Atoi(v); err != nil {
+			return r, plan{}, fmt.Errorf("min_segments: %w", err)
+		}
+	}
+	p, err := newPlan(r.digest, r.size, r.segmentSize, r.pieceLength, r.rampSegments, r.minSegments)
 	if err != nil {
 		return r, plan{}, err
 	}
@@ -86,12 +101,14 @@ func parseSegmentRequest(q url.Values) (segmentRequest, plan, error) {
 	if r.peer, err = netip.ParseAddrPort(q.Get("peer")); err != nil {
 		return r, plan{}, fmt.Errorf("peer: %w", err)
 	}
-	switch q.Get("whole") {
-	case "", "0":
-	case "1":
-		r.whole = true
-	default:
-		return r, plan{}, fmt.Errorf("whole %q: want 0 or 1", q.Get("whole"))
+	for name, dst := range map[string]*bool{"whole": &r.whole, "reseed": &r.reseed} {
+		switch q.Get(name) {
+		case "", "0":
+		case "1":
+			*dst = true
+		default:
+			return r, plan{}, fmt.Errorf("%s %q: want 0 or 1", name, q.Get(name))
+		}
 	}
 	return r, p, nil
 }
@@ -163,10 +180,13 @@ func (s *Swarm) admitSegmentRequest(w http.ResponseWriter, r *http.Request) *seg
 		return nil
 	}
 	s.cfg.Membership.ReportAlive(req.peer.Addr())
-	if p.segmentSize != s.cfg.SegmentSize || p.pieceLength != s.cfg.PieceLength || p.rampSegments != s.cfg.RampSegments {
-		s.log.Warn("a peer cuts blobs differently; all agents should share --swarm-segment-size, --swarm-piece-length and --swarm-ramp-segments",
-			"peer", req.peer, "segment_size", p.segmentSize, "piece_length", p.pieceLength, "ramp_segments", p.rampSegments)
-		http.Error(w, "segmentation parameters differ from this agent's", http.StatusConflict)
+	ours, err := newPlan(req.digest, req.size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments, s.cfg.MinSegments)
+	if err != nil || !p.sameCut(ours) {
+		// Agents of the previous release cut blobs under 16 segments differently; other flags
+		// differ by mistake.
+		s.log.Warn("a peer cuts this blob into other segments; all agents should share --swarm-segment-size, --swarm-piece-length, --swarm-ramp-segments and --swarm-min-segments",
+			"peer", req.peer, "digest", req.digest, "segment_size", p.segmentSize, "piece_length", p.pieceLength, "ramp_segments", p.rampSegments, "min_segments", p.minSegments)
+		http.Error(w, "this agent cuts the blob into other segments", http.StatusConflict)
 		return nil
 	}
 	// The working file is sized from the blob's size: check the asker's against what this node
@@ -273,6 +293,9 @@ func (s *Swarm) serveSegmentV2(w http.ResponseWriter, r *http.Request) {
 func (s *Swarm) answerSegment(ctx context.Context, call *segmentCall) segmentAnswer {
 	req, b := call.req, call.b
 	info, err := s.ensureSegment(ctx, b, req.k)
+	if err == nil && req.reseed {
+		err = s.refetchSegment(ctx, b, req.k)
+	}
 	if err != nil {
 		s.log.Warn("cannot seed segment", "digest", req.digest, "segment", req.k, "error", err)
 		code := codeSeedFailed
@@ -294,11 +317,7 @@ func (s *Swarm) answerSegment(ctx context.Context, call *segmentCall) segmentAns
 // seedWhole); it must be what the choice was made on, never read again from the blob, which
 // may have changed since: a member asked for the whole blob fetches it.
 func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *blob, k int, whole bool) (*segmentAnswer, error) {
-	req := segmentRequest{
-		digest: b.plan.digest, k: k, size: b.plan.size,
-		segmentSize: b.plan.segmentSize, pieceLength: b.plan.pieceLength, rampSegments: b.plan.rampSegments,
-		registry: b.registry, repo: b.repo, peer: s.self, whole: whole,
-	}
+	req := s.segmentRequestFor(b, k, whole)
 	var answer *segmentAnswer
 	var err error
 	if s.peerProtocol(seeder) >= 2 {
@@ -308,7 +327,7 @@ func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *bl
 		}
 	}
 	if s.peerProtocol(seeder) < 2 {
-		answer, err = s.requestSegmentV1(ctx, seeder, req)
+		answer, err = s.requestSegmentV1(ctx, seeder, req, b.plan)
 	}
 	if err != nil {
 		return nil, err
@@ -321,6 +340,15 @@ func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *bl
 		return nil, fmt.Errorf("answer of %s for segment %d: %w", seeder, k, err)
 	}
 	return answer, nil
+}
+
+// segmentRequestFor is this node's request for segment k of b.
+func (s *Swarm) segmentRequestFor(b *blob, k int, whole bool) segmentRequest {
+	return segmentRequest{
+		digest: b.plan.digest, k: k, size: b.plan.size,
+		segmentSize: b.plan.segmentSize, pieceLength: b.plan.pieceLength, rampSegments: b.plan.rampSegments,
+		minSegments: b.plan.minSegments, registry: b.registry, repo: b.repo, peer: s.self, whole: whole,
+	}
 }
 
 // errOldProtocol: the seeder does not know protocol 2.
@@ -378,10 +406,14 @@ func (h *heartbeatReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (s *Swarm) requestSegmentV1(ctx context.Context, seeder netip.AddrPort, req segmentRequest) (*segmentAnswer, error) {
-	if req.whole {
-		return nil, &seederError{status: http.StatusNotImplemented, msg: "an agent of the previous release cannot seed a whole blob", code: codeSeedFailed}
+func (s *Swarm) requestSegmentV1(ctx context.Context, seeder netip.AddrPort, req segmentRequest, p plan) (*segmentAnswer, error) {
+	switch {
+	case req.whole, req.reseed:
+		return nil, &seederError{status: http.StatusNotImplemented, msg: "an agent of the previous release cannot seed a whole blob or seed a segment again", code: codeSeedFailed}
+	case !p.legacyCut():
+		return nil, &seederError{status: http.StatusConflict, msg: "an agent of the previous release cuts this blob into other segments", code: codeSeedFailed}
 	}
+	req.minSegments = 0 // unknown to protocol 1
 	ctx, cancel := context.WithTimeout(ctx, v1AnswerTimeout)
 	defer cancel()
 	u := url.URL{Scheme: "http", Host: seeder.String(), Path: segmentPathV1, RawQuery: req.query().Encode()}

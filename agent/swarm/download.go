@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -121,7 +122,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			case isSeederError(err):
 			case !isTimeout(err):
 				s.cfg.Membership.ReportFailure(seeder)
-			case timeouts < seederTimeoutsToFail && slices.Contains(s.cfg.Membership.Live(), seeder):
+			case timeouts < retriesAfter(err) && slices.Contains(s.cfg.Membership.Live(), seeder):
 				timeouts++
 				// A timeout: a congested link drops SYNs (the retry comes a second later) and a busy
 				// node answers late. Moving on would fetch the segment from upstream a second time, so
@@ -141,6 +142,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 		if err := s.publishSegment(b, k, answer.Info, b.state); err != nil {
 			return err
 		}
+		seg.setSource(seeder)
 		s.addPeers(b.t, answer.Peers)
 		go s.announce(b, k, seeder, whole, answer.Peers)
 		return nil
@@ -149,6 +151,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 
 // setWhole records that blob b's registry ignores Range (see seedWhole).
 func (s *Swarm) setWhole(b *blob, why string) {
+	s.noRange.Store(b.registry, true)
 	if b.whole.CompareAndSwap(false, true) {
 		s.metrics.wholeBlobs.Inc()
 		s.log.Warn("the registry ignores Range requests; one member fetches the whole blob for the swarm",
@@ -410,6 +413,188 @@ func (s *Swarm) seedWhole(b *blob) {
 	s.log.Info("seeding whole blob", "digest", b.plan.digest, "from", source, "bytes", b.plan.size, "duration", time.Since(start))
 }
 
+// retriesAfter is how many times in a row a seeder that timed out is asked again before the
+// next one is: a dial that timed out proves little (a saturated drop-tail link drops SYNs, and
+// Linux sends the next one a second later), but a seeder that accepted the connection and then
+// said nothing (no headers, or no heartbeat) is stopped or wedged, and is asked once more only.
+func retriesAfter(err error) int {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return seederTimeoutsToFail
+	}
+	return 1
+}
+
+// rescue runs when a reader waits for a piece of segment k that does not come: if the member
+// the segment's info came from does not answer a ping, it is taken as stopped (its pieces stop
+// counting, see holders), and every segment of the blob that it published here is seeded again,
+// each by the next member by rank, from upstream, for everyone (this node included, when that
+// is it). Only the pieces that no live peer holds are fetched again: one copy of what the
+// stopped member alone had, instead of one per reader that would read it directly.
+func (s *Swarm) rescue(b *blob, k int) {
+	seg := b.segs[k]
+	source, ok := seg.beginRescue(time.Now(), kickAfter(s.cfg.StallTimeout))
+	if !ok {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), rescuePingTimeout)
+		err := pingProbe(s.self)(ctx, source)
+		cancel()
+		if err == nil {
+			seg.endRescue(false, netip.AddrPort{})
+			return // alive: its pieces come, or the late-piece rule reads them
+		}
+		s.markSilent(source.Addr())
+		s.log.Warn("a seeder does not answer; the next members seed its segments again",
+			"digest", b.plan.digest, "segment", k, "seeder", source, "error", err)
+		go s.reseed(b, k, source)
+		for other, os := range b.segs {
+			if other == k || b.segmentDone(other) {
+				continue
+			}
+			if src, ok := os.beginRescue(time.Now(), 0); ok {
+				if src != source {
+					os.endRescue(false, netip.AddrPort{})
+					continue
+				}
+				go s.reseed(b, other, source)
+			}
+		}
+	}()
+}
+
+// reseed has segment k, published here by stopped, seeded again by the next member by rank, and
+// ends the rescue begun on it.
+func (s *Swarm) reseed(b *blob, k int, stopped netip.AddrPort) {
+	seg := b.segs[k]
+	moved, next := false, netip.AddrPort{}
+	defer func() { seg.endRescue(moved, next) }()
+	s.metrics.rescues.Inc()
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.InfoTimeout)
+	defer cancel()
+	whole := b.whole.Load()
+	owner := k
+	if whole {
+		owner = 0
+	}
+	failed := map[netip.AddrPort]bool{stopped: true}
+	for ctx.Err() == nil {
+		live := s.cfg.Membership.Live()
+		seeder, found := seederOf(b.plan, owner, b.assignment, b.members, func(m netip.AddrPort) bool {
+			return !failed[m] && !s.isSilent(m.Addr()) && slices.Contains(live, m)
+		})
+		if !found || seeder == s.self {
+			if err := s.refetchSegment(ctx, b, k); err != nil {
+				s.log.Warn("cannot seed a segment again", "digest", b.plan.digest, "segment", k, "error", err)
+				return
+			}
+			moved = true
+			return
+		}
+		req := s.segmentRequestFor(b, k, whole)
+		req.reseed = true
+		answer, err := s.requestSegmentV2(ctx, seeder, req)
+		if err == nil && answer.Error == "" {
+			s.addPeers(b.t, answer.Peers)
+			moved, next = true, seeder
+			return
+		}
+		failed[seeder] = true
+	}
+}
+
+// rescuePingTimeout bounds the ping that decides whether a segment's seeder is stopped: a live
+// agent answers in milliseconds.
+const rescuePingTimeout = time.Second
+
+// refetchSegment fetches again, from the local store or upstream, the pieces of segment k that
+// are neither here nor held by a live connected peer, for a segment whose info is known but
+// whose seeder stopped: those that match their hashes become complete, and the torrent trades
+// them. The others come from the peers that hold them.
+func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
+	seg := b.segs[k]
+	seg.refetchMu.Lock()
+	defer seg.refetchMu.Unlock()
+	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
+	var runs [][2]int // [from, to) of pieces nobody can send
+	for i := first; i < first+n; i++ {
+		if b.st.isFinal(i) || b.t.Piece(i).State().Complete || b.holders(i) > 0 {
+			continue
+		}
+		if len(runs) > 0 && runs[len(runs)-1][1] == i {
+			runs[len(runs)-1][1] = i + 1
+		} else {
+			runs = append(runs, [2]int{i, i + 1})
+		}
+	}
+	if len(runs) == 0 {
+		return nil
+	}
+	local := s.openLocal(b.plan.digest)
+	if local != nil {
+		defer local.Close()
+	} else {
+		release, err := s.seedSlot(ctx, k)
+		if err != nil {
+			return err
+		}
+		defer release()
+	}
+	segOffset, segLength := b.plan.segment(k)
+	pl := b.plan.pieceLength
+	var fetched int64
+	source := sourceUpstream
+	for _, run := range runs {
+		offset := int64(run[0]) * pl
+		length := min(int64(run[1])*pl, segOffset+segLength) - offset
+		var pieces []byte
+		var err error
+		if local != nil {
+			pieces, source, err = s.fetchSegment(ctx, b, local, offset, length)
+		} else {
+			var rc io.ReadCloser
+			if rc, err = s.openUpstream(ctx, b, offset, length); err == nil {
+				pieces, err = copyAndHash(ctx, rc, b.file, offset, length, pl)
+				_ = rc.Close()
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("fetch pieces %d-%d of %s again: %w", run[0], run[1]-1, b.plan.digest, err)
+		}
+		s.metrics.bytes.WithLabelValues(source).Add(float64(length))
+		fetched += length
+		for j := range run[1] - run[0] {
+			if b.st.completeIfHash(run[0]+j, pieces[j*sha1Size:(j+1)*sha1Size]) {
+				b.t.Piece(run[0] + j).UpdateCompletion()
+			}
+		}
+	}
+	s.log.Info("seeded a segment again", "digest", b.plan.digest, "segment", k, "from", source, "bytes", fetched, "of", segLength)
+	return nil
+}
+
+// markSilent makes a peer's pieces stop counting for a while (see holders): it did not answer
+// a ping, so its connections are stuck, whatever they claim to have.
+func (s *Swarm) markSilent(addr netip.Addr) {
+	s.silent.Store(addr.Unmap(), time.Now().Add(silentFor))
+}
+
+func (s *Swarm) isSilent(addr netip.Addr) bool {
+	v, ok := s.silent.Load(addr.Unmap())
+	if !ok {
+		return false
+	}
+	if time.Now().After(v.(time.Time)) {
+		s.silent.Delete(addr.Unmap())
+		return false
+	}
+	return true
+}
+
+// silentFor is how long a peer that did not answer a ping stays silent.
+const silentFor = 30 * time.Second
+
 // openUpstream opens bytes [offset, offset+length) of b from upstream. From a registry that
 // ignores Range it asks for the whole blob, discards its way to offset and closes after length
 // bytes: costly, but only readers that the swarm could not serve get there.
@@ -586,9 +771,13 @@ func (b *blob) peerHas(i int) bool { return b.holders(i) > 0 }
 func (b *blob) holders(i int) int {
 	n := 0
 	for _, pc := range b.t.PeerConns() {
-		if pc.PeerPieces().Contains(uint32(i)) {
-			n++
+		if !pc.PeerPieces().Contains(uint32(i)) {
+			continue
 		}
+		if ip, ok := peerIP(pc.RemoteAddr); ok && b.silent != nil && b.silent(ip) {
+			continue // stopped, whatever it claims to have (see Swarm.rescue)
+		}
+		n++
 	}
 	return n
 }
@@ -781,6 +970,10 @@ func (r *blobReader) step(ctx context.Context) error {
 				r.s.log.Debug("kicked a piece nobody sent", "digest", r.b.plan.digest, "segment", r.k, "waited", waited, r.b.pieceReport(piece))
 			}
 			kicked = now
+		}
+		if !seeding && waited >= kickAfter(r.s.cfg.StallTimeout) {
+			// The piece has not come in all that time: maybe its segment's seeder is stopped.
+			r.s.rescue(r.b, r.k)
 		}
 		if idle || waited >= 2*r.s.cfg.StallTimeout || (waited >= r.s.cfg.StallTimeout && !held) {
 			break

@@ -169,3 +169,55 @@ func TestSegmentRequestWithWrongSizeIsRefused(t *testing.T) {
 		t.Errorf("the seeder created a working file for a request with a wrong size (stat: %v)", err)
 	}
 }
+
+// actOld makes node behave as an agent of the previous release: it serves control protocol 1
+// only, speaks it to every peer, and cuts every blob into segments of the segment size (its
+// Config must have MinSegments < 0).
+func actOld(node *testNode, peers []*testNode) {
+	mux := http.NewServeMux()
+	mux.Handle("GET /swarm/v1/ping", node.swarm.Handler())
+	mux.Handle("GET "+segmentPathV1, node.swarm.Handler())
+	node.handler.Store(http.Handler(mux))
+	for _, p := range peers {
+		if p != node {
+			node.swarm.protocols.Store(p.addr, 1)
+		}
+	}
+}
+
+// TestOldAndNewAgentsSwarm runs two agents of this release with one of the previous: where
+// they cut a blob the same way they trade it (the new ones speak the old protocol with the old
+// one, and count that), and where they do not, every node still gets the right bytes.
+func TestOldAndNewAgentsSwarm(t *testing.T) {
+	up := newMemUpstream()
+	nodes := startNodesConfigured(t, 3, up, 1<<20, 256<<10, func(i int, cfg *Config) {
+		if i == 2 {
+			cfg.MinSegments = -1
+		}
+	})
+	old := nodes[2]
+	actOld(old, nodes)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	large := randomBlob(t, 20<<20) // 24 segments: both releases cut it the same way
+	d := up.add(large)
+	fetchAll(t, ctx, nodes, d, large)
+	if sent := up.sent.Load(); float64(sent) > 1.1*float64(len(large)) {
+		t.Errorf("the registry sent %d bytes for a %d byte blob cut the same way by both releases, want about one copy", sent, len(large))
+	}
+	var fallbacks float64
+	for _, node := range nodes[:2] {
+		fallbacks += testutil.ToFloat64(node.swarm.metrics.protocolFallbacks)
+	}
+	if fallbacks == 0 {
+		t.Error("no fallback to the old protocol counted, yet the old agent seeds segments")
+	}
+	if got := old.swarm.stats().peerBytesRead; got == 0 {
+		t.Error("the old agent received nothing from the new ones")
+	}
+
+	small := randomBlob(t, 3<<20) // the new release cuts it in twelve, the old one in four
+	d = up.add(small)
+	fetchAll(t, ctx, nodes, d, small)
+}

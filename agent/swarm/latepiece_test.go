@@ -28,8 +28,9 @@ func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
 		cfg.StallTimeout = stall
 		cfg.MaxUploadRate = 2 * pieceLength
 		cfg.RampSegments = -1 // one segment of eight pieces
+		cfg.MinSegments = -1
 	})
-	p, err := newPlan(d, size, size, pieceLength, 0)
+	p, err := newPlan(d, size, size, pieceLength, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strings"
@@ -153,7 +154,7 @@ func WithStaticRegisterer(reg prometheus.Registerer) StaticOption {
 func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption) *Static {
 	s := &Static{
 		self:     unmapAddrPort(self),
-		probe:    dialProbe,
+		probe:    pingProbe(self),
 		interval: DefaultProbeInterval,
 		timeout:  DefaultProbeTimeout,
 		after:    time.After,
@@ -338,14 +339,30 @@ func (s *Static) updateLocked() {
 	}
 }
 
-// dialProbe is the default probe: a member is alive if its p2p port accepts a TCP connection.
-func dialProbe(ctx context.Context, addr netip.AddrPort) error {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", addr.String())
-	if err != nil {
-		return err
+// pingProbe returns the default probe: a member is alive if its control API answers
+// GET /swarm/v1/ping within the probe's deadline. A TCP connection alone proves nothing: the
+// kernel of a stopped or wedged process still completes handshakes. Connections come from
+// self's IP, by which members admit each other.
+func pingProbe(self netip.AddrPort) func(ctx context.Context, addr netip.AddrPort) error {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext:       (&net.Dialer{LocalAddr: localTCPAddr(self)}).DialContext,
+		DisableKeepAlives: true, // a probe must open a connection, as a peer would
+	}}
+	return func(ctx context.Context, addr netip.AddrPort) error {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+"/swarm/v1/ping", nil)
+		if err != nil {
+			return err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusNoContent {
+			return fmt.Errorf("ping %s: status %d", addr, resp.StatusCode)
+		}
+		return nil
 	}
-	return c.Close()
 }
 
 // ParsePeers parses a --peers value: comma-separated IP:PORT entries, IPv6 addresses in

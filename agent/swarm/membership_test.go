@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strings"
@@ -408,20 +409,37 @@ func TestStaticConcurrentUse(t *testing.T) {
 	wg.Wait()
 }
 
-func TestDialProbe(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+// TestPingProbe checks that a member counts as alive only if its control API answers: a port
+// that completes handshakes but never answers (a stopped process) fails the probe.
+func TestPingProbe(t *testing.T) {
+	answering, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := netip.MustParseAddrPort(l.Addr().String())
+	server := &http.Server{Handler: (&Swarm{}).controlMux(), ReadHeaderTimeout: time.Second}
+	go func() { _ = server.Serve(answering) }()
+	defer server.Close()
+	silent, err := net.Listen("tcp", "127.0.0.1:0") // never accepts: the kernel still handshakes
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	self := netip.MustParseAddrPort("127.0.0.1:1")
+	probe := pingProbe(self)
 	ctx, cancel := context.WithTimeout(context.Background(), testWait)
 	defer cancel()
-	if err := dialProbe(ctx, addr); err != nil {
-		t.Errorf("probe of a listening port: %v", err)
+	if err := probe(ctx, netip.MustParseAddrPort(answering.Addr().String())); err != nil {
+		t.Errorf("probe of an answering member: %v", err)
 	}
-	l.Close()
-	if err := dialProbe(ctx, addr); err == nil {
-		t.Errorf("probe of a closed port succeeded")
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancelShort()
+	if err := probe(short, netip.MustParseAddrPort(silent.Addr().String())); err == nil {
+		t.Error("probe of a port that accepts but never answers succeeded")
+	}
+	addr := netip.MustParseAddrPort(answering.Addr().String())
+	_ = server.Close()
+	if err := probe(ctx, addr); err == nil {
+		t.Error("probe of a closed port succeeded")
 	}
 }
 

@@ -24,6 +24,8 @@ type metrics struct {
 	protocolFallbacks prometheus.Counter
 	// wholeBlobs counts blobs fetched whole because upstream ignores Range.
 	wholeBlobs prometheus.Counter
+	// rescues counts segments whose seeder stopped answering and that another member seeded again.
+	rescues prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
@@ -69,6 +71,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "whole_blob_fallbacks_total",
 			Help: "Blobs this node learned must be fetched whole because their registry ignores Range (one member fetches the whole blob and the swarm trades it).",
 		}),
+		rescues: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "segment_rescues_total",
+			Help: "Segments a reader waited for whose seeder did not answer a ping (stopped or wedged): the next member by rank seeded them again from upstream.",
+		}),
 	}
 	if reg == nil {
 		return m
@@ -77,7 +83,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		return func() float64 { return f(s.stats()) }
 	}
 	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.kicks, m.bans, m.retired, m.filesRemoved, m.completion,
-		m.protocolFallbacks, m.wholeBlobs,
+		m.protocolFallbacks, m.wholeBlobs, m.rescues,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",

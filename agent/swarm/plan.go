@@ -15,12 +15,14 @@ const (
 	maxBlobSize      = 1 << 40
 	maxRampSegments  = 64
 	// rampDivisor: the first segments of a blob (see plan) are a quarter of the segment size.
-	rampDivisor = 4
+	rampDivisor    = 4
+	maxMinSegments = 1024
 )
 
 // plan is how a blob is cut into segments of whole pieces of pieceLength: first rampSegments
-// short ones (a quarter of segmentSize, in whole pieces), then segments of segmentSize, the last
-// one shorter. Every node derives the same plan from the same parameters, so a segment's info is
+// short ones (a quarter of the segment length, in whole pieces), then segments of the segment
+// length, the last one shorter. The segment length is segmentSize, or less for a blob under
+// minSegments × segmentSize (see segmentLength). All three numbers are the same on every node. Every node derives the same plan from the same parameters, so a segment's info is
 // identical whoever builds it, and its pieces are the same pieces of the blob's torrent.
 //
 // The short segments at the start are for the first seconds of a rollout: nobody can trade a
@@ -34,13 +36,16 @@ type plan struct {
 	segmentSize  int64
 	pieceLength  int64
 	rampSegments int
+	minSegments  int // 0: segments of segmentSize whatever the blob's size
 }
 
-func newPlan(d v1.Hash, size, segmentSize, pieceLength int64, rampSegments int) (plan, error) {
-	p := plan{digest: d, size: size, segmentSize: segmentSize, pieceLength: pieceLength, rampSegments: rampSegments}
+func newPlan(d v1.Hash, size, segmentSize, pieceLength int64, rampSegments, minSegments int) (plan, error) {
+	p := plan{digest: d, size: size, segmentSize: segmentSize, pieceLength: pieceLength, rampSegments: rampSegments, minSegments: minSegments}
 	switch {
 	case rampSegments < 0 || rampSegments > maxRampSegments:
 		return plan{}, fmt.Errorf("ramp segments %d out of range [0, %d]", rampSegments, maxRampSegments)
+	case minSegments < 0 || minSegments > maxMinSegments:
+		return plan{}, fmt.Errorf("minimum segments %d out of range [0, %d]", minSegments, maxMinSegments)
 	case size <= 0 || size > maxBlobSize:
 		return plan{}, fmt.Errorf("blob size %d out of range", size)
 	case pieceLength < minPieceLength || pieceLength > maxPieceLength || pieceLength&(pieceLength-1) != 0:
@@ -51,9 +56,36 @@ func newPlan(d v1.Hash, size, segmentSize, pieceLength int64, rampSegments int) 
 	return p, nil
 }
 
+// segmentLength is the length of the blob's segments after the short ones: segmentSize, or, for
+// a blob under minSegments × segmentSize, its size / minSegments in whole pieces (rounded down:
+// a blob a little over a round size gets one short segment at its end rather than every
+// segment a piece longer).
+// What a stopped or lost seeder costs is the segment it was fetching from upstream (the registry
+// sent those bytes to a node that will never share them, and another member fetches the segment
+// again), so that loss must be a small share of any blob: with 16 MiB segments a 64 MiB blob
+// cost 1.25-1.29 copies from the registry when a seeder was stopped mid-fetch.
+func (p plan) segmentLength() int64 {
+	if p.minSegments == 0 {
+		return p.segmentSize
+	}
+	want := p.size / int64(p.minSegments) / p.pieceLength * p.pieceLength
+	return min(p.segmentSize, max(want, p.pieceLength))
+}
+
+// legacyCut reports whether the blob is cut as agents of the previous release cut it (segments
+// of segmentSize whatever the blob's size), so that they can trade it.
+func (p plan) legacyCut() bool { return p.segmentLength() == p.segmentSize }
+
+// sameCut reports whether p and q cut the blob into the same segments, whatever parameters
+// they were made from.
+func (p plan) sameCut(q plan) bool {
+	return p.size == q.size && p.pieceLength == q.pieceLength && p.rampSegments == q.rampSegments &&
+		p.rampLength() == q.rampLength() && p.segmentLength() == q.segmentLength()
+}
+
 // rampLength is the length of the short segments at the start of a blob.
 func (p plan) rampLength() int64 {
-	return max(p.pieceLength, p.segmentSize/rampDivisor/p.pieceLength*p.pieceLength)
+	return max(p.pieceLength, p.segmentLength()/rampDivisor/p.pieceLength*p.pieceLength)
 }
 
 func (p plan) segments() int {
@@ -62,7 +94,8 @@ func (p plan) segments() int {
 	if p.size <= ramp {
 		return int((p.size + short - 1) / short)
 	}
-	return p.rampSegments + int((p.size-ramp+p.segmentSize-1)/p.segmentSize)
+	seg := p.segmentLength()
+	return p.rampSegments + int((p.size-ramp+seg-1)/seg)
 }
 
 // segment returns the offset and length of segment k.
@@ -71,8 +104,9 @@ func (p plan) segment(k int) (offset, length int64) {
 		offset = int64(k) * p.rampLength()
 		return offset, min(p.rampLength(), p.size-offset)
 	}
-	offset = int64(p.rampSegments)*p.rampLength() + int64(k-p.rampSegments)*p.segmentSize
-	return offset, min(p.segmentSize, p.size-offset)
+	seg := p.segmentLength()
+	offset = int64(p.rampSegments)*p.rampLength() + int64(k-p.rampSegments)*seg
+	return offset, min(seg, p.size-offset)
 }
 
 func (p plan) pieces(k int) int {
@@ -104,5 +138,5 @@ func (p plan) key(k int) string { return fmt.Sprintf("%s/segment/%d", p.digest, 
 
 func (p plan) String() string {
 	return fmt.Sprintf("%s (%d bytes, %d segments of %d after %d of %d, pieces of %d)",
-		p.digest, p.size, p.segments(), p.segmentSize, p.rampSegments, p.rampLength(), p.pieceLength)
+		p.digest, p.size, p.segments(), p.segmentLength(), p.rampSegments, p.rampLength(), p.pieceLength)
 }

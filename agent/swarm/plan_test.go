@@ -40,20 +40,24 @@ func TestPlanStartsWithShortSegments(t *testing.T) {
 	for _, tt := range []struct {
 		name                    string
 		size, segment, piece    int64
-		ramp                    int
+		ramp, min               int
 		segments                int
 		firstLength, lastLength int64
 	}{
-		{"256 MiB", 256 * mib, 16 * mib, mib, 4, 4 + 15, 4 * mib, 16 * mib},
-		{"no ramp", 256 * mib, 16 * mib, mib, 0, 16, 16 * mib, 16 * mib},
-		{"blob within the ramp", 10 * mib, 16 * mib, mib, 4, 3, 4 * mib, 2 * mib},
-		{"blob of one short segment", 3 * mib, 16 * mib, mib, 4, 1, 3 * mib, 3 * mib},
-		{"ramp ends inside the blob", 16*mib + 1, 16 * mib, mib, 4, 5, 4 * mib, 1},
-		{"quarter below a piece", 64 * mib, 2 * mib, mib, 4, 4 + 30, mib, 2 * mib},
-		{"quarter not a whole piece", 64 * mib, 12 * mib, 2 * mib, 2, 2 + 5, 2 * mib, 12 * mib},
+		{"256 MiB", 256 * mib, 16 * mib, mib, 4, 16, 4 + 15, 4 * mib, 16 * mib},
+		{"no ramp", 256 * mib, 16 * mib, mib, 0, 16, 16, 16 * mib, 16 * mib},
+		{"64 MiB: sixteenths", 64 * mib, 16 * mib, mib, 4, 16, 4 + 15, mib, 4 * mib},
+		{"64 MiB, no minimum", 64 * mib, 16 * mib, mib, 4, 0, 4 + 3, 4 * mib, 16 * mib},
+		{"small blob: one piece a segment", 10 * mib, 16 * mib, mib, 4, 16, 10, mib, mib},
+		{"blob within the ramp", 3 * mib, 16 * mib, mib, 4, 16, 3, mib, mib},
+		{"blob within the ramp, no minimum", 10 * mib, 16 * mib, mib, 4, 0, 3, 4 * mib, 2 * mib},
+		{"ramp ends inside the blob", 16*mib + 1, 16 * mib, mib, 4, 0, 5, 4 * mib, 1},
+		{"sixteenth rounded down to pieces", 16*mib + 1, 16 * mib, mib, 4, 16, 4 + 13, mib, 1},
+		{"quarter below a piece", 64 * mib, 2 * mib, mib, 4, 16, 4 + 30, mib, 2 * mib},
+		{"quarter not a whole piece", 256 * mib, 12 * mib, 2 * mib, 2, 16, 2 + 21, 2 * mib, 12 * mib},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			p, err := newPlan(d, tt.size, tt.segment, tt.piece, tt.ramp)
+			p, err := newPlan(d, tt.size, tt.segment, tt.piece, tt.ramp, tt.min)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -74,7 +78,7 @@ func TestPlanStartsWithShortSegments(t *testing.T) {
 func TestPlanRejectsBadRamp(t *testing.T) {
 	d := v1.Hash{Algorithm: "sha256", Hex: "ab"}
 	for _, ramp := range []int{-1, maxRampSegments + 1} {
-		if _, err := newPlan(d, 1<<20, 16<<20, 1<<20, ramp); err == nil {
+		if _, err := newPlan(d, 1<<20, 16<<20, 1<<20, ramp, 0); err == nil {
 			t.Errorf("ramp %d accepted", ramp)
 		}
 	}
@@ -83,10 +87,11 @@ func TestPlanRejectsBadRamp(t *testing.T) {
 // FuzzParseSegmentRequest feeds the control API's parser arbitrary blob geometry: it must never
 // panic, and a plan it accepts must tile the blob.
 func FuzzParseSegmentRequest(f *testing.F) {
-	f.Add(int64(256<<20), int64(16<<20), int64(1<<20), 4, 3)
-	f.Add(int64(1), int64(16<<20), int64(1<<20), 0, 0)
-	f.Add(int64(1<<40), int64(16<<20), int64(16<<10), 64, 100)
-	f.Fuzz(func(t *testing.T, size, segmentSize, pieceLength int64, ramp, k int) {
+	f.Add(int64(256<<20), int64(16<<20), int64(1<<20), 4, 16, 3)
+	f.Add(int64(1), int64(16<<20), int64(1<<20), 0, 0, 0)
+	f.Add(int64(64<<20+1), int64(16<<20), int64(1<<20), 4, 16, 18)
+	f.Add(int64(1<<40), int64(16<<20), int64(16<<10), 64, 1024, 100)
+	f.Fuzz(func(t *testing.T, size, segmentSize, pieceLength int64, ramp, minSegments, k int) {
 		q := url.Values{
 			"digest":       {"sha256:" + "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
 			"segment":      {strconv.Itoa(k)},
@@ -94,6 +99,7 @@ func FuzzParseSegmentRequest(f *testing.F) {
 			"segment_size": {strconv.FormatInt(segmentSize, 10)},
 			"piece_length": {strconv.FormatInt(pieceLength, 10)},
 			"ramp":         {strconv.Itoa(ramp)},
+			"min_segments": {strconv.Itoa(minSegments)},
 			"registry":     {"registry.test"},
 			"repository":   {"app"},
 			"peer":         {"127.0.0.1:7000"},
@@ -116,11 +122,11 @@ func FuzzParseSegmentRequest(f *testing.F) {
 // the other, or a node would fill those bytes with pieces of another range.
 func TestInfoOfAnotherCutIsRefused(t *testing.T) {
 	d := v1.Hash{Algorithm: "sha256", Hex: "ab"}
-	ramp, err := newPlan(d, 256<<20, 16<<20, 1<<20, 4)
+	ramp, err := newPlan(d, 256<<20, 16<<20, 1<<20, 4, DefaultMinSegments)
 	if err != nil {
 		t.Fatal(err)
 	}
-	plain, err := newPlan(d, 256<<20, 16<<20, 1<<20, 0)
+	plain, err := newPlan(d, 256<<20, 16<<20, 1<<20, 0, DefaultMinSegments)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,12 @@ type segment struct {
 	seeding bool  // a fetch from upstream (or the local store) is running
 	err     error // why the last seeding attempt failed
 	peers   map[netip.AddrPort]time.Time
+	// source is the seeder this node learned the info from (invalid when seeded here), and
+	// rescuing says a rescue of the segment runs (see Swarm.rescue).
+	source    netip.AddrPort
+	rescuing  bool
+	rescued   time.Time  // when the last rescue began
+	refetchMu sync.Mutex // one fetch of the segment's bytes again at a time (see refetchSegment)
 }
 
 func newSegment(k int) *segment {
@@ -61,6 +67,36 @@ func (s *segment) fail(err error) {
 	s.err, s.seeding = err, false
 	close(s.ready)
 	s.ready = make(chan struct{})
+}
+
+// setSource records the seeder the segment's info came from.
+func (s *segment) setSource(seeder netip.AddrPort) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.source = seeder
+}
+
+// beginRescue returns the segment's seeder and true if a rescue may start: the info came from
+// another member, no rescue runs, and none began within every.
+func (s *segment) beginRescue(now time.Time, every time.Duration) (netip.AddrPort, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.rescuing || s.info == nil || !s.source.IsValid() || now.Sub(s.rescued) < every {
+		return netip.AddrPort{}, false
+	}
+	s.rescuing, s.rescued = true, now
+	return s.source, true
+}
+
+// endRescue ends a rescue. When it moved the segment to another source (next, or this node
+// when next is invalid), later rescues are about that one.
+func (s *segment) endRescue(moved bool, next netip.AddrPort) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rescuing = false
+	if moved {
+		s.source = next
+	}
 }
 
 // startSeeding reports whether the caller should start seeding (nobody else is, and no info yet).

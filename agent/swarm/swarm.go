@@ -59,6 +59,9 @@ const (
 	DefaultPieceLength = 1 << 20
 	// DefaultRampSegments is how many short segments start a blob (see plan).
 	DefaultRampSegments = 4
+	// DefaultMinSegments is how many segments a blob is cut into at least, when its pieces
+	// allow (see plan.segmentLength).
+	DefaultMinSegments = 16
 	// DefaultUpstreamWindow: with 8 segments fetched at once, every node waited for all 8 to be
 	// published together, at 16 MiB / (R/8) after the start (N = 32: 5.4 s, links 12 % busy until
 	// then); with 4, the first segments come twice as early, and R = 4·B is still used in full
@@ -104,6 +107,10 @@ type Config struct {
 	// the first segments are published sooner; the same on every node. 0 means
 	// DefaultRampSegments, a negative value none.
 	RampSegments int
+	// MinSegments is how many segments a blob is cut into at least (shorter segments for small
+	// blobs, see plan); the same on every node. 0 means DefaultMinSegments, a negative value
+	// segments of SegmentSize for every blob.
+	MinSegments int
 	// UpstreamWindow is how many segments a node asks seeders for ahead of the first one not yet
 	// published: it bounds the upstream fetches running at once, so early segments come first.
 	UpstreamWindow int
@@ -136,7 +143,12 @@ type Swarm struct {
 	protocols sync.Map // netip.AddrPort → the older control protocol version a peer speaks
 	// announcing counts the announce loops running (see announce).
 	announcing atomic.Int64
-	metrics    *metrics
+	// noRange holds the registries found to ignore Range (registry → true): their later blobs
+	// start out fetched whole, without a failed ranged request per seeder first.
+	noRange sync.Map
+	// silent holds peers that did not answer a ping, until when (see rescue).
+	silent  sync.Map
+	metrics *metrics
 
 	mu       sync.Mutex
 	blobs    map[string]*blob
@@ -262,6 +274,12 @@ func New(cfg Config) (*Swarm, error) {
 	case cfg.RampSegments < 0:
 		cfg.RampSegments = 0
 	}
+	switch {
+	case cfg.MinSegments == 0:
+		cfg.MinSegments = DefaultMinSegments
+	case cfg.MinSegments < 0:
+		cfg.MinSegments = 0
+	}
 	if cfg.UpstreamWindow <= 0 {
 		cfg.UpstreamWindow = DefaultUpstreamWindow
 	}
@@ -280,7 +298,7 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if _, err := newPlan(v1.Hash{Algorithm: "sha256"}, 1, cfg.SegmentSize, cfg.PieceLength, cfg.RampSegments); err != nil {
+	if _, err := newPlan(v1.Hash{Algorithm: "sha256"}, 1, cfg.SegmentSize, cfg.PieceLength, cfg.RampSegments, cfg.MinSegments); err != nil {
 		return nil, fmt.Errorf("swarm segmentation: %w", err)
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
@@ -465,6 +483,7 @@ type blob struct {
 	wholeHere    atomic.Bool // this node was chosen to fetch the whole blob
 	wholeMu      sync.Mutex
 	wholeRunning bool
+	silent       func(netip.Addr) bool // the swarm's isSilent
 
 	downloadOnce sync.Once
 	finishOnce   sync.Once
@@ -490,7 +509,7 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		b.touch()
 		return b, nil
 	}
-	p, err := newPlan(d, size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments)
+	p, err := newPlan(d, size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments, s.cfg.MinSegments)
 	if err != nil {
 		return nil, fmt.Errorf("blob %s: %w", d, err)
 	}
@@ -511,7 +530,10 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 	}
 	members := s.cfg.Membership.Members()
 	b := &blob{plan: p, registry: registry, repo: repo, file: newBlobFile(f, f, f), path: path, state: state,
-		members: members, assignment: assignSeeders(p, members)}
+		members: members, assignment: assignSeeders(p, members), silent: s.isSilent}
+	if _, ok := s.noRange.Load(registry); ok {
+		b.whole.Store(true)
+	}
 	for k := range p.segments() {
 		b.segs = append(b.segs, newSegment(k))
 	}
@@ -524,7 +546,9 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 }
 
 // Handler serves the control API that agents use with each other (the http side of Split).
-func (s *Swarm) Handler() http.Handler {
+func (s *Swarm) Handler() http.Handler { return s.controlMux() }
+
+func (s *Swarm) controlMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /swarm/v1/ping", func(w http.ResponseWriter, _ *http.Request) {
 		w.WriteHeader(http.StatusNoContent)

@@ -91,6 +91,7 @@ type testNode struct {
 	swarm   *Swarm
 	members *Static
 	server  *http.Server
+	handler atomic.Value // http.Handler the server serves: the swarm's, unless a test swaps it
 	bt      net.Listener
 	addr    netip.AddrPort
 }
@@ -147,9 +148,13 @@ func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLe
 		if err != nil {
 			t.Fatal(err)
 		}
-		server := &http.Server{Handler: sw.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		node := &testNode{swarm: sw, members: members, bt: bt, addr: addrs[i]}
+		node.handler.Store(sw.Handler())
+		node.server = &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			node.handler.Load().(http.Handler).ServeHTTP(w, r)
+		})}
+		server := node.server
 		go func() { _ = server.Serve(control) }()
-		node := &testNode{swarm: sw, members: members, server: server, bt: bt, addr: addrs[i]}
 		t.Cleanup(func() {
 			cancel()
 			_ = server.Close()

@@ -105,6 +105,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(quantities["max-download-rate"], "max-download-rate", "0", "cap on bytes per second received from peers; 0 = unlimited")
 	f.StringVar(quantities["swarm-segment-size"], "swarm-segment-size", "16Mi", "blobs are fetched from upstream and hashed in segments of this size, each by one seeder (the same on every node)")
 	f.StringVar(quantities["swarm-piece-length"], "swarm-piece-length", "1Mi", "piece length of blob torrents, a power of two (the same on every node)")
+	f.IntVar(&cfg.Swarm.MinSegments, "swarm-min-segments", swarm.DefaultMinSegments, "blobs under this many times --swarm-segment-size are cut into this many segments (of whole pieces), so that a seeder lost mid-fetch costs a small share of any blob; 0 = every blob in segments of --swarm-segment-size (the same on every node)")
 	f.IntVar(&rampSegments, "swarm-ramp-segments", swarm.DefaultRampSegments, "blobs start with this many segments a quarter of --swarm-segment-size long, published sooner at the start of a rollout; 0 = none (the same on every node)")
 	f.DurationVar(&cfg.Swarm.IdleTimeout, "swarm-idle-timeout", swarm.DefaultIdleTimeout, "a blob nobody reads stops seeding once its torrents have moved nothing for this long (a delivered blob stays in the content store); unused working files are removed at this age")
 	f.StringVar(&profile, "cpu-profile", "", "write a Go CPU profile of the whole run to this file (relative paths are under --data-dir), for performance work")

@@ -1,6 +1,7 @@
 package testbed
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -94,7 +95,7 @@ func (n *Node) StartAgent(ctx context.Context, args ...string) (*harness.Agent, 
 		LogDir:            agentDir,
 		HostsDir:          hostsDir,
 		MirrorRegistries:  []string{RegistryName},
-		RegistryEndpoints: map[string]string{RegistryName: n.tb.RegistryURL()},
+		RegistryEndpoints: map[string]string{RegistryName: cmp.Or(n.tb.agentUpstream, n.tb.RegistryURL())},
 		CacheSize:         "0",
 		MirrorAddr:        MirrorAddr,
 		MetricsAddr:       net.JoinHostPort(n.ip.String(), strconv.Itoa(MetricsPort)),

@@ -103,6 +103,8 @@ type Testbed struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	agentUpstream string // where agents find registry.test; "" = the registry itself
+
 	closeOnce sync.Once
 	closeErr  error
 	undo      []func() error // network and directory teardown, run last to first
@@ -262,6 +264,17 @@ func (tb *Testbed) RegistryHost() string {
 
 // RegistryURL is the registry's base URL, as agents are told it in --registry-endpoint.
 func (tb *Testbed) RegistryURL() string { return "http://" + tb.RegistryHost() }
+
+// SetAgentUpstream makes agents started from now on find registry.test at url instead of the
+// registry, e.g. at a front that misbehaves (see ListenOnSwitch).
+func (tb *Testbed) SetAgentUpstream(url string) { tb.agentUpstream = url }
+
+// ListenOnSwitch opens a TCP listener on this process's own address on the testbed's bridge,
+// which every node reaches (through its shaped link), e.g. for a registry front that
+// misbehaves. It stays inside the isolated namespace the testbed runs in.
+func (tb *Testbed) ListenOnSwitch() (net.Listener, error) {
+	return net.Listen("tcp", net.JoinHostPort(switchIP.String(), "0"))
+}
 
 // RegistryBlobURL is where a client inside a node GETs blob d of repo straight from the registry.
 func (tb *Testbed) RegistryBlobURL(repo string, d v1.Hash) string {

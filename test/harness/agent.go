@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -242,6 +243,26 @@ func (a *Agent) Kill() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.proc.kill()
+}
+
+// Freeze stops the agent with SIGSTOP: the kernel still completes TCP handshakes on its
+// ports, and nothing answers, as with a process that is wedged, swapped out or paused by a
+// debugger. Thaw (or Stop, Kill, Close) resumes it.
+func (a *Agent) Freeze() error { return a.signal(syscall.SIGSTOP) }
+
+// Thaw resumes a frozen agent with SIGCONT.
+func (a *Agent) Thaw() error { return a.signal(syscall.SIGCONT) }
+
+func (a *Agent) signal(sig syscall.Signal) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.proc.exited() {
+		return fmt.Errorf("signal %v to the agent: pid %d has exited", sig, a.proc.PID())
+	}
+	if err := a.proc.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("signal %v to the agent (pid %d): %w", sig, a.proc.PID(), err)
+	}
+	return nil
 }
 
 // Stop sends SIGTERM and waits for a clean exit (killing it after a grace period).

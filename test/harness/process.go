@@ -121,6 +121,7 @@ func (p *process) stop(ctx context.Context) error {
 	if p.exited() {
 		return nil
 	}
+	_ = p.cmd.Process.Signal(syscall.SIGCONT) // a frozen process would not handle SIGTERM
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return fmt.Errorf("terminate %s (pid %d): %w", p.name, p.PID(), err)
 	}
