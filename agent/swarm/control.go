@@ -444,7 +444,9 @@ func (s *Swarm) requestSegmentV1(ctx context.Context, seeder netip.AddrPort, req
 // showed it knows only an older one.
 func (s *Swarm) peerProtocol(peer netip.AddrPort) int {
 	if v, ok := s.protocols.Load(peer); ok {
-		return v.(int)
+		if version, ok := v.(int); ok {
+			return version
+		}
 	}
 	return protocolVersion
 }

@@ -585,7 +585,7 @@ func (s *Swarm) isSilent(addr netip.Addr) bool {
 	if !ok {
 		return false
 	}
-	if time.Now().After(v.(time.Time)) {
+	if until, ok := v.(time.Time); !ok || time.Now().After(until) {
 		s.silent.Delete(addr.Unmap())
 		return false
 	}

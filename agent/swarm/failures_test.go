@@ -3,6 +3,7 @@ package swarm
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -161,7 +162,8 @@ func TestSegmentRequestWithWrongSizeIsRefused(t *testing.T) {
 		req := segmentRequest{digest: d, k: 0, size: size, segmentSize: 1 << 20, pieceLength: 256 << 10,
 			rampSegments: DefaultRampSegments, registry: "registry.test", repo: "app", peer: asker.addr}
 		_, err := asker.swarm.requestSegmentV2(context.Background(), seeder.addr, req)
-		if se, ok := err.(*seederError); !ok || se.status != http.StatusConflict {
+		var se *seederError
+		if !errors.As(err, &se) || se.status != http.StatusConflict {
 			t.Errorf("size %d: got %v, want a 409 answer", size, err)
 		}
 	}

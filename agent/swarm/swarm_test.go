@@ -151,7 +151,9 @@ func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLe
 		node := &testNode{swarm: sw, members: members, bt: bt, addr: addrs[i]}
 		node.handler.Store(sw.Handler())
 		node.server = &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			node.handler.Load().(http.Handler).ServeHTTP(w, r)
+			if h, ok := node.handler.Load().(http.Handler); ok {
+				h.ServeHTTP(w, r)
+			}
 		})}
 		server := node.server
 		go func() { _ = server.Serve(control) }()
