@@ -27,8 +27,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
+	"github.com/shoal-dev/shoal/test/testbed"
 )
 
 // registryName is the made-up registry the demo image is pulled by.

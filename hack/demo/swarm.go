@@ -8,8 +8,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
+	"github.com/shoal-dev/shoal/test/testbed"
 )
 
 // swarmStory is the multi-node part of the demo: nodes on network namespaces behind a shaped

@@ -1,4 +1,4 @@
-// Command swarmbench runs the swarm benchmark of DESIGN.md §6 on hack/testbed: for each node
+// Command swarmbench runs the swarm benchmark of DESIGN.md §6 on test/testbed: for each node
 // count N it builds N shaped nodes and a registry in an isolated network namespace, pushes one
 // random blob, and measures three scenarios, each with fresh agents:
 //
@@ -31,8 +31,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
+	"github.com/shoal-dev/shoal/test/testbed"
 )
 
 const (

@@ -4,7 +4,7 @@ import (
 	"math"
 	"testing"
 
-	"github.com/shoal-dev/shoal/hack/testbed"
+	"github.com/shoal-dev/shoal/test/testbed"
 )
 
 // TestLinkShare: the share counts the asking nodes only, over the whole seconds up to the last

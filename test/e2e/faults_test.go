@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
+	"github.com/shoal-dev/shoal/test/testbed"
 )
 
 // startRangeStrippingFront puts a reverse proxy in front of the testbed's registry that drops

@@ -10,8 +10,8 @@ import (
 	"os"
 	"testing"
 
-	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
+	"github.com/shoal-dev/shoal/test/testbed"
 )
 
 func TestMain(m *testing.M) {

@@ -10,8 +10,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/shoal-dev/shoal/hack/testbed"
 	"github.com/shoal-dev/shoal/test/harness"
+	"github.com/shoal-dev/shoal/test/testbed"
 )
 
 // newSwarmTestbed builds n nodes (with containerd if asked) and starts a swarm agent on each.

@@ -7,5 +7,5 @@
 // tests (which hand Close to t.Cleanup) and programs such as hack/demo. Listeners are on
 // 127.0.0.1 by default, and the harness dials nothing but loopback unless it runs inside
 // RunIsolated's namespace, where the only other addresses are those of network namespaces the
-// process made itself (WithNetns and WithListenAddr place components there, for hack/testbed).
+// process made itself (WithNetns and WithListenAddr place components there, for test/testbed).
 package harness

@@ -316,7 +316,7 @@ func loopbackTransport() *http.Transport {
 
 // checkLoopback refuses addresses other than loopback IPs, except inside RunIsolated's
 // namespace: that one has no link to the machine's network, so the only other addresses it
-// can reach are those of namespaces the process built there itself (hack/testbed's nodes).
+// can reach are those of namespaces the process built there itself (test/testbed's nodes).
 func checkLoopback(addr string) error {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {

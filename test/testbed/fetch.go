@@ -17,11 +17,11 @@ import (
 	"github.com/shoal-dev/shoal/test/harness"
 )
 
-// FetchBinaryEnv names the variable that hands the fetch client (hack/testbed/fetch) to the
+// FetchBinaryEnv names the variable that hands the fetch client (hack/testbedfetch) to the
 // isolated child; BuildFetchFirst sets it.
 const FetchBinaryEnv = "SHOAL_FETCH_BINARY"
 
-// BuildFetchFirst is a harness.BeforeIsolation hook that builds ./hack/testbed/fetch of the
+// BuildFetchFirst is a harness.BeforeIsolation hook that builds ./hack/testbedfetch of the
 // module around the working directory and hands its path to the isolated child in
 // SHOAL_FETCH_BINARY, unless that is already set.
 func BuildFetchFirst() harness.IsolateOption {
@@ -34,11 +34,11 @@ func BuildFetchFirst() harness.IsolateOption {
 			return nil, err
 		}
 		bin := filepath.Join(tmpDir, "fetch")
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./hack/testbed/fetch")
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./hack/testbedfetch")
 		cmd.Dir = mod
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("go build ./hack/testbed/fetch: %w\n%s", err, out)
+			return nil, fmt.Errorf("go build ./hack/testbedfetch: %w\n%s", err, out)
 		}
 		return []string{FetchBinaryEnv + "=" + bin}, nil
 	})

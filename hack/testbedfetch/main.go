@@ -1,4 +1,4 @@
-// Command fetch is the testbed's load client: run inside a node's network namespace, it waits
+// Command testbedfetch is the testbed's load client: run inside a node's network namespace, it waits
 // until an absolute start time (so that every node starts together), GETs one blob URL, reads
 // the body with a 1 MiB buffer while hashing it, checks the sha256 against the digest, and
 // prints one JSON line: {"node","bytes","ttfb_s","seconds","ok","error","progress_bytes"},
@@ -23,7 +23,7 @@ import (
 	"time"
 )
 
-// report is the JSON line; hack/testbed.FetchResult reads it.
+// report is the JSON line; test/testbed.FetchResult reads it.
 type report struct {
 	Node    string  `json:"node"`
 	Bytes   int64   `json:"bytes"`

@@ -82,7 +82,7 @@ func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l }
 // harness.BuildShoalFirst). Only Node.StartAgent needs it.
 func WithShoalBinary(path string) Option { return func(c *config) { c.shoalBinary = path } }
 
-// WithFetchBinary sets the hack/testbed/fetch executable (default: $SHOAL_FETCH_BINARY, see
+// WithFetchBinary sets the hack/testbedfetch executable (default: $SHOAL_FETCH_BINARY, see
 // BuildFetchFirst). Only Node.Fetch needs it.
 func WithFetchBinary(path string) Option { return func(c *config) { c.fetchBinary = path } }
 
