@@ -23,7 +23,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/shoal-dev/shoal/agent/hostconfig"
+	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/mirror"
+	"github.com/shoal-dev/shoal/agent/peerport"
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/swarm"
 	"github.com/shoal-dev/shoal/agent/upstream"
@@ -261,15 +263,15 @@ func Run(ctx context.Context, cfg Config) error {
 // and the agents' control API, and starts the swarm and the membership probes.
 func startSwarm(ctx context.Context, cfg Config, blobs *store.Store, client *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*swarm.Swarm, *namedServer, error) {
 	log = log.With("component", "swarm")
-	members := swarm.NewStatic(cfg.Swarm.P2PAddr, cfg.Swarm.Peers,
-		swarm.WithStaticLogger(log), swarm.WithStaticRegisterer(reg))
+	members := membership.NewStatic(cfg.Swarm.P2PAddr, cfg.Swarm.Peers,
+		membership.WithStaticLogger(log), membership.WithStaticRegisterer(reg))
 	go members.Run(ctx)
 	l, err := net.Listen("tcp", cfg.Swarm.P2PAddr.String())
 	if err != nil {
 		return nil, nil, fmt.Errorf("listen for peers on %s: %w", cfg.Swarm.P2PAddr, err)
 	}
-	peerListener, controlListener := swarm.Split(l, members.Allowed,
-		swarm.WithSplitLogger(log), swarm.WithSplitRegisterer(reg))
+	peerListener, controlListener := peerport.Split(l, members.Allowed,
+		peerport.WithSplitLogger(log), peerport.WithSplitRegisterer(reg))
 	sw, err := swarm.New(swarm.Config{
 		Dir:             filepath.Join(cfg.DataDir, "swarm"),
 		Membership:      members,

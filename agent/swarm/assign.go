@@ -2,6 +2,8 @@ package swarm
 
 import (
 	"net/netip"
+
+	"github.com/shoal-dev/shoal/agent/rendezvous"
 )
 
 // seederOf returns the seeder of segment k: its seeder in the balanced assignment over all
@@ -11,7 +13,7 @@ func seederOf(p plan, k int, assignment, members []netip.AddrPort, alive func(ne
 	if k < len(assignment) && alive(assignment[k]) {
 		return assignment[k], true
 	}
-	for _, m := range Rank(p.key(k), members) {
+	for _, m := range rendezvous.Rank(p.key(k), members) {
 		if alive(m) {
 			return m, true
 		}
@@ -40,7 +42,7 @@ func assignSeeders(p plan, live []netip.AddrPort) []netip.AddrPort {
 	seeders := make([]netip.AddrPort, k)
 	for i := range k {
 		_, length := p.segment(i)
-		ranked := Rank(p.key(i), live)
+		ranked := rendezvous.Rank(p.key(i), live)
 		seeders[i] = ranked[0]
 		for _, m := range ranked[1:] {
 			if load[m] < load[seeders[i]] {

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/shoal-dev/shoal/agent/rendezvous"
 )
 
 func testPlan(t *testing.T, i int, segments int64) plan {
@@ -67,7 +68,7 @@ func TestSeederStability(t *testing.T) {
 				t.Fatalf("segment %d still seeded by the dead member", k)
 			case before == gone:
 				live := slices.DeleteFunc(slices.Clone(members), func(m netip.AddrPort) bool { return m == gone })
-				if want, _ := Owner(p.key(k), live); after != want {
+				if want, _ := rendezvous.Owner(p.key(k), live); after != want {
 					t.Fatalf("segment %d moved to %v, want its rendezvous owner among the living %v", k, after, want)
 				}
 			case after != before:
@@ -87,7 +88,7 @@ func TestAssignSeedersFollowsRendezvousWithoutContention(t *testing.T) {
 	members := testMembers(1)
 	p := testPlan(t, 1, 3)
 	for k, m := range assignSeeders(p, members) {
-		if owner, _ := Owner(p.key(k), members); m != owner {
+		if owner, _ := rendezvous.Owner(p.key(k), members); m != owner {
 			t.Errorf("segment %d: %v, rendezvous owner %v", k, m, owner)
 		}
 	}

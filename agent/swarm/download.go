@@ -18,6 +18,7 @@ import (
 	"github.com/anacrolix/torrent/metainfo"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/upstream"
 )
@@ -439,7 +440,7 @@ func (s *Swarm) rescue(b *blob, k int) {
 	}
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), rescuePingTimeout)
-		err := pingProbe(s.self)(ctx, source)
+		err := membership.NewPinger(s.self)(ctx, source)
 		cancel()
 		if err == nil {
 			seg.endRescue(false, netip.AddrPort{})

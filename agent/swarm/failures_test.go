@@ -15,6 +15,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/shoal-dev/shoal/agent/membership"
 )
 
 // fetchAll has nodes read blob d at once and fails the test unless each got content.
@@ -177,7 +178,7 @@ func TestSegmentRequestWithWrongSizeIsRefused(t *testing.T) {
 // Config must have MinSegments < 0).
 func actOld(node *testNode, peers []*testNode) {
 	mux := http.NewServeMux()
-	mux.Handle("GET /swarm/v1/ping", node.swarm.Handler())
+	mux.Handle("GET "+membership.PingPath, node.swarm.Handler())
 	mux.Handle("GET "+segmentPathV1, node.swarm.Handler())
 	node.handler.Store(http.Handler(mux))
 	for _, p := range peers {

@@ -13,6 +13,8 @@ import (
 
 	"github.com/anacrolix/torrent/bencode"
 	"github.com/anacrolix/torrent/metainfo"
+
+	"github.com/shoal-dev/shoal/agent/rendezvous"
 )
 
 // segment is this node's state for one segment of a blob: its info (the hashes of its pieces)
@@ -131,7 +133,7 @@ func (s *segment) addPeer(key string, self, p netip.AddrPort, now time.Time, deg
 	if p.IsValid() {
 		s.peers[p] = now
 	}
-	return neighbours(key, p, candidates, degree)
+	return rendezvous.Neighbours(key, p, candidates, degree)
 }
 
 // sha1Size is the length of a BitTorrent v1 piece hash.

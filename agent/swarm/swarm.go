@@ -38,6 +38,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 
+	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/store"
 )
 
@@ -94,7 +95,7 @@ type Config struct {
 	// Dir holds the swarm's working files (blobs being downloaded).
 	Dir string
 	// Membership is the set of agents this node swarms with.
-	Membership Membership
+	Membership membership.Membership
 	// PeerListener receives BitTorrent connections (the bt side of Split).
 	PeerListener net.Listener
 	// Upstream fetches byte ranges of blobs the cluster does not have yet.
@@ -311,13 +312,13 @@ func New(cfg Config) (*Swarm, error) {
 		blobs:       map[string]*blob{},
 		stopJanitor: make(chan struct{}),
 		control: &http.Client{Transport: &http.Transport{
-			DialContext:           (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: localTCPAddr(cfg.Membership.Self())}).DialContext,
+			DialContext:           (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: membership.LocalAddr(cfg.Membership.Self())}).DialContext,
 			MaxIdleConnsPerHost:   4,
 			IdleConnTimeout:       time.Minute,
 			ResponseHeaderTimeout: controlHeaderTimeout,
 		}},
 		controlV1: &http.Client{Transport: &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: localTCPAddr(cfg.Membership.Self())}).DialContext,
+			DialContext:         (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: membership.LocalAddr(cfg.Membership.Self())}).DialContext,
 			MaxIdleConnsPerHost: 1,
 			IdleConnTimeout:     time.Minute,
 		}},
@@ -396,7 +397,7 @@ func New(cfg Config) (*Swarm, error) {
 		return nil, fmt.Errorf("start torrent client: %w", err)
 	}
 	s.client = client
-	client.AddDialer(memberDialer{members: cfg.Membership, local: localTCPAddr(s.self)})
+	client.AddDialer(memberDialer{members: cfg.Membership, local: membership.LocalAddr(s.self)})
 	client.AddListener(cfg.PeerListener)
 	s.metrics = newMetrics(cfg.Registerer, s)
 	go s.janitor(s.stopJanitor, janitorInterval)
@@ -419,14 +420,8 @@ func (s *Swarm) Close() error {
 // memberDialer dials peers for the torrent client, refusing any address that is not a member
 // (peer exchange could otherwise name one) and failing fast on dead ones.
 type memberDialer struct {
-	members Membership
+	members membership.Membership
 	local   *net.TCPAddr
-}
-
-// localTCPAddr is the source address of connections to peers: the node's p2p IP, so that peers,
-// which admit members by IP, recognise the node on multi-homed hosts too.
-func localTCPAddr(self netip.AddrPort) *net.TCPAddr {
-	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(self.Addr(), 0))
 }
 
 func (d memberDialer) DialerNetwork() string { return "tcp" }
@@ -448,7 +443,7 @@ func (d memberDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
 
 // reportSenderAlive returns the torrent client callback that tells m a peer that sent data is
 // alive.
-func reportSenderAlive(m Membership) func(torrent.ReceivedUsefulDataEvent) {
+func reportSenderAlive(m membership.Membership) func(torrent.ReceivedUsefulDataEvent) {
 	return func(ev torrent.ReceivedUsefulDataEvent) {
 		if addr, ok := peerIP(ev.Peer.RemoteAddr); ok {
 			m.ReportAlive(addr)
@@ -550,7 +545,7 @@ func (s *Swarm) Handler() http.Handler { return s.controlMux() }
 
 func (s *Swarm) controlMux() *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /swarm/v1/ping", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET "+membership.PingPath, func(w http.ResponseWriter, _ *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	})
 	mux.HandleFunc("GET "+segmentPathV1, s.serveSegment)

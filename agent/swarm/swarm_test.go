@@ -21,6 +21,9 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/shoal-dev/shoal/agent/membership"
+	"github.com/shoal-dev/shoal/agent/peerport"
+	"github.com/shoal-dev/shoal/agent/rendezvous"
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/upstream"
 )
@@ -89,7 +92,7 @@ func (u *memUpstream) Blob(_ context.Context, _, _ string, d v1.Hash, offset, le
 // testNode is one agent's swarm on 127.0.0.1.
 type testNode struct {
 	swarm   *Swarm
-	members *Static
+	members *membership.Static
 	server  *http.Server
 	handler atomic.Value // http.Handler the server serves: the swarm's, unless a test swaps it
 	bt      net.Listener
@@ -128,9 +131,9 @@ func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLe
 	var nodes []*testNode
 	for i, l := range listeners {
 		ctx, cancel := context.WithCancel(context.Background())
-		members := NewStatic(addrs[i], addrs, WithProbeInterval(200*time.Millisecond))
+		members := membership.NewStatic(addrs[i], addrs, membership.WithProbeInterval(200*time.Millisecond))
 		go members.Run(ctx)
-		bt, control := Split(l, members.Allowed)
+		bt, control := peerport.Split(l, members.Allowed)
 		cfg := Config{
 			Dir:          t.TempDir(),
 			Membership:   members,
@@ -278,7 +281,7 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 	var bad *testNode
 	var good []*testNode
 	for _, node := range nodes {
-		if Rank(d.String()+"/segment/0", addrs)[0] == node.addr {
+		if rendezvous.Rank(d.String()+"/segment/0", addrs)[0] == node.addr {
 			bad = node
 		} else {
 			good = append(good, node)
@@ -293,7 +296,7 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 	}
 	var corrupted int
 	for k := range b.segs {
-		if Rank(b.plan.key(k), addrs)[0] != bad.addr {
+		if rendezvous.Rank(b.plan.key(k), addrs)[0] != bad.addr {
 			continue
 		}
 		if _, err := bad.swarm.ensureSegment(ctx, b, k); err != nil {

@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/shoal-dev/shoal/agent"
+	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/mirror"
 	"github.com/shoal-dev/shoal/agent/swarm"
 	"github.com/shoal-dev/shoal/agent/upstream"
@@ -157,7 +158,7 @@ func parseSwarmFlags(cfg *agent.SwarmConfig, p2pAddr, peers string, quantities m
 	}
 	cfg.P2PAddr = addr
 	if peers != "" {
-		if cfg.Peers, err = swarm.ParsePeers(peers); err != nil {
+		if cfg.Peers, err = membership.ParsePeers(peers); err != nil {
 			return fmt.Errorf("--peers: %w", err)
 		}
 	}

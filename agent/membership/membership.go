@@ -1,4 +1,7 @@
-package swarm
+// Package membership knows which agents a node swarms with and which of them are alive. Static
+// is the membership of a fixed list of peers (--peers), probed over the agents' control API; the
+// Kubernetes membership is its sibling.
+package membership
 
 import (
 	"context"
@@ -339,17 +342,37 @@ func (s *Static) updateLocked() {
 	}
 }
 
+// PingPath is the control API's liveness endpoint: every agent answers it with 204.
+const PingPath = "/swarm/v1/ping"
+
+// NewPinger returns a function that pings a member's control API from self's IP and fails unless
+// it answers 204 before the context ends: what a probe does, for callers that must decide at
+// once whether a member is stopped.
+func NewPinger(self netip.AddrPort) func(ctx context.Context, addr netip.AddrPort) error {
+	return pingProbe(self)
+}
+
+// LocalAddr is the source address of connections to other members: the node's p2p IP (any
+// port), so that members, which admit each other by IP, recognise the node on multi-homed
+// hosts too.
+func LocalAddr(self netip.AddrPort) *net.TCPAddr {
+	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(self.Addr(), 0))
+}
+
+// Unmap returns p with an IPv4-in-IPv6 address unmapped, as members are compared.
+func Unmap(p netip.AddrPort) netip.AddrPort { return unmapAddrPort(p) }
+
 // pingProbe returns the default probe: a member is alive if its control API answers
 // GET /swarm/v1/ping within the probe's deadline. A TCP connection alone proves nothing: the
 // kernel of a stopped or wedged process still completes handshakes. Connections come from
 // self's IP, by which members admit each other.
 func pingProbe(self netip.AddrPort) func(ctx context.Context, addr netip.AddrPort) error {
 	client := &http.Client{Transport: &http.Transport{
-		DialContext:       (&net.Dialer{LocalAddr: localTCPAddr(self)}).DialContext,
+		DialContext:       (&net.Dialer{LocalAddr: LocalAddr(self)}).DialContext,
 		DisableKeepAlives: true, // a probe must open a connection, as a peer would
 	}}
 	return func(ctx context.Context, addr netip.AddrPort) error {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+"/swarm/v1/ping", nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+PingPath, nil)
 		if err != nil {
 			return err
 		}
@@ -428,7 +451,7 @@ func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, c C) C {
 				return existing
 			}
 		}
-		panic(fmt.Sprintf("register swarm metrics: %v", err))
+		panic(fmt.Sprintf("register membership metrics: %v", err))
 	}
 	return c
 }

@@ -1,4 +1,4 @@
-package swarm
+package rendezvous
 
 import (
 	"fmt"
@@ -232,7 +232,7 @@ func TestNeighboursBoundDegreeAndConnectEveryone(t *testing.T) {
 			links[a][b] = true
 		}
 		for _, m := range members {
-			got := neighbours(key, m, members, degree)
+			got := Neighbours(key, m, members, degree)
 			if want := min(degree, n-1); len(got) != want {
 				t.Fatalf("n=%d: %s got %d neighbours, want %d", n, m, len(got), want)
 			}
@@ -277,8 +277,8 @@ func TestNeighboursStableAsOthersJoin(t *testing.T) {
 	members := testMembers(40)
 	const key = "sha256:0000000000000000000000000000000000000000000000000000000000000001/segment/0"
 	x := members[0]
-	before := neighbours(key, x, members[:39], 5)
-	after := neighbours(key, x, members, 5)
+	before := Neighbours(key, x, members[:39], 5)
+	after := Neighbours(key, x, members, 5)
 	kept := 0
 	for _, m := range before {
 		if slices.Contains(after, m) {
@@ -288,7 +288,7 @@ func TestNeighboursStableAsOthersJoin(t *testing.T) {
 	if newcomer := slices.Contains(after, members[39]); kept != 5 && (!newcomer || kept != 4) {
 		t.Errorf("after one join %d of 5 neighbours kept (newcomer chosen: %v), want all or all but the one it displaced", kept, newcomer)
 	}
-	if got := neighbours(key, x, slices.Concat(members[20:], members[:20]), 5); !slices.Equal(got, after) {
+	if got := Neighbours(key, x, slices.Concat(members[20:], members[:20]), 5); !slices.Equal(got, after) {
 		t.Errorf("neighbours depend on the order of the candidates: %v vs %v", got, after)
 	}
 	if pairWeight(key, members[1], members[2]) != pairWeight(key, members[2], members[1]) {

@@ -1,4 +1,4 @@
-package swarm
+package peerport
 
 import (
 	"bytes"
@@ -24,6 +24,9 @@ type splitTestbed struct {
 	reg      *prometheus.Registry
 	client   *http.Client
 }
+
+// testWait bounds waits that should end at once.
+const testWait = 10 * time.Second
 
 func newSplitTestbed(t *testing.T, allowed func(netip.Addr) bool, opts ...SplitOption) *splitTestbed {
 	t.Helper()

@@ -1,8 +1,7 @@
-package swarm
+package membership
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -14,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/anacrolix/torrent"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -416,7 +414,9 @@ func TestPingProbe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	server := &http.Server{Handler: (&Swarm{}).controlMux(), ReadHeaderTimeout: time.Second}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+PingPath, func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	server := &http.Server{Handler: mux, ReadHeaderTimeout: time.Second}
 	go func() { _ = server.Serve(answering) }()
 	defer server.Close()
 	silent, err := net.Listen("tcp", "127.0.0.1:0") // never accepts: the kernel still handshakes
@@ -465,31 +465,6 @@ func wantGauge(t *testing.T, reg *prometheus.Registry, live, dead int) {
 	}
 	if got["live"] != float64(live) || got["dead"] != float64(dead) {
 		t.Errorf("shoal_swarm_members = %v, want live %d, dead %d", got, live, dead)
-	}
-}
-
-// TestIsTimeout: only timeouts are left to the probes; a refused or reset connection counts as
-// a failure of the member at once.
-func TestIsTimeout(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	_ = l.Close()
-	_, refused := net.DialTimeout("tcp", addr, time.Second)
-	if refused == nil || isTimeout(refused) {
-		t.Errorf("refused connection: isTimeout(%v) = true or no error", refused)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Nanosecond)
-	defer cancel()
-	<-ctx.Done()
-	_, timedOut := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
-	if !isTimeout(timedOut) {
-		t.Errorf("isTimeout(%v) = false for a dial cut by its deadline", timedOut)
-	}
-	if isTimeout(nil) || isTimeout(errors.New("connection reset by peer")) {
-		t.Error("isTimeout is true for nil or a plain error")
 	}
 }
 
@@ -557,19 +532,11 @@ func TestStaticSkipsMembersHeardFrom(t *testing.T) {
 	}
 }
 
-// TestDataFromPeersCountsAsHeard: the torrent client's callback reports the sender of useful
-// data alive, whether the connection was accepted (a *net.TCPAddr from the socket) or dialled
-// (the netip.AddrPort the swarm gave the client).
-func TestDataFromPeersCountsAsHeard(t *testing.T) {
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC})
-	clock := &fakeNow{t: time.Unix(1000, 0)}
-	s.now = clock.now
-	report := reportSenderAlive(s)
-	report(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(peerB.Addr(), 51000))}})
-	report(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: peerC}})
-	for _, p := range []netip.AddrPort{peerB, peerC} {
-		if got := s.heard[p.Addr()].Load(); got != clock.t.UnixNano() {
-			t.Errorf("%v last heard at %d, want %d", p, got, clock.t.UnixNano())
-		}
+// testMembers returns n member addresses, 10.x.y.z:7070.
+func testMembers(n int) []netip.AddrPort {
+	ms := make([]netip.AddrPort, n)
+	for i := range ms {
+		ms[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 7070)
 	}
+	return ms
 }

@@ -1,7 +1,10 @@
-package swarm
+// Package peerport shares one TCP port between the BitTorrent peer protocol and the agents'
+// HTTP control API (Split), and refuses connections from addresses that are not members.
+package peerport
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -250,7 +253,7 @@ func remoteAddr(c net.Conn) (netip.AddrPort, bool) {
 			return ap, false
 		}
 	}
-	return unmapAddrPort(ap), ap.IsValid()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), ap.IsValid()
 }
 
 // sniffedConn is a connection whose first bytes were read to route it; Read returns them
@@ -280,4 +283,20 @@ func (c *sniffedConn) ReadFrom(r io.Reader) (int64, error) {
 		return rf.ReadFrom(r)
 	}
 	return io.Copy(struct{ io.Writer }{c.Conn}, r)
+}
+
+// registerOrReuse registers c with reg, or returns the identical collector registered before
+// (by another instance in the same process, as in tests). A conflicting metric of the same name
+// is a programming error and panics.
+func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, c C) C {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(C); ok {
+				return existing
+			}
+		}
+		panic(fmt.Sprintf("register peer port metrics: %v", err))
+	}
+	return c
 }

@@ -1,4 +1,7 @@
-package swarm
+// Package rendezvous ranks members for a key by rendezvous (highest-random-weight) hashing: pure
+// functions that every agent computes alike, so that agents agree on who seeds what, and whom
+// each node connects to, without talking.
+package rendezvous
 
 import (
 	"crypto/sha256"
@@ -8,9 +11,9 @@ import (
 )
 
 // Rank orders members by their rendezvous (highest-random-weight) weight for key, highest
-// first, in a new slice; members is not modified. The swarm ranks "sha256:<hex>" to find the
-// coordinator of a digest and "sha256:<hex>/segment/<i>" to find the seeder of a segment; the
-// runners-up are the fallbacks, in order, when the first choice is dead.
+// first, in a new slice; members is not modified. The swarm ranks "sha256:<hex>/segment/<i>"
+// to break ties between seeders of a segment; the runners-up are the fallbacks, in order, when
+// the first choice is dead.
 //
 // The ranking is part of the wire contract: every agent must compute the same one from the
 // same member set, whatever its version or the order it learnt the members in. A member's
@@ -78,18 +81,18 @@ func hashPrefix(key string) []byte {
 
 // weight hashes prefix (from hashPrefix) followed by m's address, reusing prefix's capacity.
 func weight(prefix []byte, m netip.AddrPort) uint64 {
-	sum := sha256.Sum256(unmapAddrPort(m).AppendTo(prefix))
+	sum := sha256.Sum256(unmap(m).AppendTo(prefix))
 	return binary.BigEndian.Uint64(sum[:8])
 }
 
-// neighbours returns the members of candidates (other than x) that x swarms with for key: the
+// Neighbours returns the members of candidates (other than x) that x swarms with for key: the
 // degree ones whose pair weight with x is highest. A pair's weight is the same from both ends,
 // so most choices are mutual and a node ends up with between degree and about twice that many
 // connections per torrent, whatever the number of nodes: the torrent client never has to drop
 // connections to make room for new ones, and a segment's data still reaches everyone through
 // a random graph of that degree. The choice is stable: x keeps its neighbours as others join,
 // unless a newcomer outranks one of them.
-func neighbours(key string, x netip.AddrPort, candidates []netip.AddrPort, degree int) []netip.AddrPort {
+func Neighbours(key string, x netip.AddrPort, candidates []netip.AddrPort, degree int) []netip.AddrPort {
 	ws := make([]weighted, 0, len(candidates))
 	for _, c := range candidates {
 		if c != x {
@@ -106,9 +109,11 @@ func neighbours(key string, x netip.AddrPort, candidates []netip.AddrPort, degre
 
 // pairWeight is the rendezvous weight of the unordered pair {a, b} for key.
 func pairWeight(key string, a, b netip.AddrPort) uint64 {
-	a, b = unmapAddrPort(a), unmapAddrPort(b)
+	a, b = unmap(a), unmap(b)
 	if b.Compare(a) < 0 {
 		a, b = b, a
 	}
 	return weight(append(a.AppendTo(hashPrefix(key)), 0), b)
 }
+
+func unmap(p netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(p.Addr().Unmap(), p.Port()) }
