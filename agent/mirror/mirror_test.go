@@ -224,13 +224,15 @@ type response struct {
 	ContentLength int64
 }
 
+// get sends one request to the mirror and reads the answer. It reports every failure as an
+// error, so tests may call it from goroutines of their own.
 func (tm *testMirror) get(t *testing.T, method, path string, header http.Header) (*response, []byte, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, method, tm.server.URL+path, nil)
 	if err != nil {
-		t.Fatal(err)
+		return nil, nil, fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	for k, v := range header {
 		req.Header[k] = v

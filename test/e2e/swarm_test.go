@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -115,6 +117,14 @@ func TestSwarmPullThroughCRI(t *testing.T) {
 // received the blob with the right digest.
 func fetchOn(t *testing.T, ctx context.Context, tb *testbed.Testbed, d v1.Hash, nodes ...int) {
 	t.Helper()
+	if err := fetchAll(ctx, tb, d, nodes...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fetchAll runs the fetch client on the given nodes at once and returns an error unless every
+// one received the blob with the right digest. Unlike fetchOn it may run in a goroutine.
+func fetchAll(ctx context.Context, tb *testbed.Testbed, d v1.Hash, nodes ...int) error {
 	want := map[int]bool{}
 	for _, i := range nodes {
 		want[i] = true
@@ -126,13 +136,15 @@ func fetchOn(t *testing.T, ctx context.Context, tb *testbed.Testbed, d v1.Hash, 
 		return &testbed.FetchSpec{URL: tb.Node(i).MirrorBlobURL("test/blob", d.String()), Digest: d, Timeout: 5 * time.Minute}
 	})
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
+	var failed []error
 	for _, i := range nodes {
 		if r := results[i]; !r.OK {
-			t.Errorf("node %d: fetch failed: %s", i, r.Error)
+			failed = append(failed, fmt.Errorf("node %d: fetch failed: %s", i, r.Error))
 		}
 	}
+	return errors.Join(failed...)
 }
 
 // TestSwarmSeederKilledMidTransfer kills an agent that is seeding while the others download:
@@ -145,11 +157,8 @@ func TestSwarmSeederKilledMidTransfer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		fetchOn(t, ctx, tb, d, 0, 1, 2)
-	}()
+	fetched := make(chan error, 1)
+	go func() { fetched <- fetchAll(ctx, tb, d, 0, 1, 2) }()
 	// Kill node 3 as soon as it has fetched something from upstream: it is seeding then.
 	victim := tb.Node(3).Agent()
 	deadline := time.Now().Add(time.Minute)
@@ -166,7 +175,9 @@ func TestSwarmSeederKilledMidTransfer(t *testing.T) {
 	if err := victim.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	<-done
+	if err := <-fetched; err != nil {
+		t.Errorf("with node 3 killed mid-transfer: %v", err)
+	}
 }
 
 // TestSwarmCorruptPeerNeverReachesClients makes one node's copy of a blob corrupt on disk
