@@ -99,6 +99,7 @@ func download(b *testing.B, url string, want int64) {
 // (it fetches upstream, verifies, stores and streams at once) with fetching it straight from
 // the registry. Agent start-up is not timed.
 func BenchmarkColdPull(b *testing.B) {
+	harness.RequireIsolation(b)
 	env := newBenchEnv(b, 256<<20)
 	b.Run("direct", func(b *testing.B) {
 		b.SetBytes(env.size)
@@ -125,6 +126,7 @@ func BenchmarkColdPull(b *testing.B) {
 // BenchmarkAgentRSS reports the agent's peak resident memory (VmHWM) after it served a 1 GiB
 // blob cold (streamed from upstream into its store) and then warm (from its store).
 func BenchmarkAgentRSS(b *testing.B) {
+	harness.RequireIsolation(b)
 	env := newBenchEnv(b, 1<<30)
 	var peak int64
 	run := 0

@@ -39,6 +39,7 @@ var conformanceGroups = []string{"ping", "read-only", "missing-manifest", "inval
 // suite as read-only data. Push, delete, tag listing and referrers are switched off: the mirror
 // answers them with 405 or 404 by design.
 func TestOCIConformancePull(t *testing.T) {
+	harness.RequireIsolation(t)
 	bin := conformanceBinary(t)
 	e := newEnv(t)
 	cfg := e.agentConfig()

@@ -80,6 +80,7 @@ func registrySent(t *testing.T, ctx context.Context, tb *testbed.Testbed, img *h
 // the agents' upstream ignores Range: every pull succeeds with the right content, the agents
 // fall back to fetching each blob whole once, and the registry sends about one copy.
 func TestSwarmPullsFromRegistryIgnoringRange(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb, err := testbed.New(ctx, 4, testbed.WithShoalBinary(shoalBinary(t)), testbed.WithContainerd())
@@ -118,6 +119,7 @@ func TestSwarmPullsFromRegistryIgnoringRange(t *testing.T) {
 // for ever on a mirror that never answers: the mirror's first-byte deadline answers 503 and
 // containerd fetches everything from the registry itself.
 func TestWedgedMirrorFallsBack(t *testing.T) {
+	harness.RequireIsolation(t)
 	e := newEnv(t)
 	cfg := e.agentConfig()
 	cfg.ExtraArgs = append(cfg.ExtraArgs, "--fault-injection")
@@ -167,6 +169,7 @@ func wedge(t *testing.T, ctx context.Context, a *harness.Agent, on bool) {
 // sends at most 1.2 copies. A rollout without the fault, of another image of the same shape,
 // is the baseline the delay is measured against (the figures are in docs/benchmarks.md).
 func TestFrozenPeer(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb := newSwarmTestbed(t, ctx, 4, testbed.WithContainerd(),

@@ -34,6 +34,7 @@ var (
 // agent); after the images are removed from containerd, pulling them again costs the
 // registry no blob request at all, everything coming from the agent's store.
 func TestPullThroughMirror(t *testing.T) {
+	harness.RequireIsolation(t)
 	e := newEnv(t)
 	agent := e.startAgent(e.agentConfig())
 	hosts := harness.HostsFile(e.hostsDir, registryName)
@@ -111,6 +112,7 @@ func TestPullThroughMirror(t *testing.T) {
 // TestFallbackWhenAgentKilled: with the agent dead (SIGKILL, so it could not tidy up),
 // containerd still pulls a new image, from the registry listed after the mirror in hosts.toml.
 func TestFallbackWhenAgentKilled(t *testing.T) {
+	harness.RequireIsolation(t)
 	e := newEnv(t)
 	agent := e.startAgent(e.agentConfig())
 	ctd := e.startContainerd("containerd")
@@ -137,6 +139,7 @@ func TestFallbackWhenAgentKilled(t *testing.T) {
 // stop or a crash, serves what it fetched before from its store: a fresh containerd pulls
 // the image without a single blob request reaching the registry.
 func TestRestartKeepsStoreWarm(t *testing.T) {
+	harness.RequireIsolation(t)
 	tests := []struct {
 		name string
 		down func(*testEnv, *harness.Agent) error
@@ -178,6 +181,7 @@ func TestRestartKeepsStoreWarm(t *testing.T) {
 // TestCleanup: `shoal cleanup` removes the hosts.toml the agent created and leaves a user's
 // hosts.toml for another registry byte for byte as it was.
 func TestCleanup(t *testing.T) {
+	harness.RequireIsolation(t)
 	e := newEnv(t)
 	userFile, err := harness.WriteDirectHosts(e.hostsDir, "other.test", e.reg.URL())
 	if err != nil {
@@ -211,6 +215,7 @@ func TestCleanup(t *testing.T) {
 // the mirror in front, pulls go through the mirror, and `shoal cleanup` restores the user's
 // file byte for byte, after which pulls go straight to the registry again.
 func TestUserHostsMergedAndRestored(t *testing.T) {
+	harness.RequireIsolation(t)
 	e := newEnv(t)
 	userFile, err := harness.WriteDirectHosts(e.hostsDir, registryName, e.reg.URL())
 	if err != nil {

@@ -72,6 +72,7 @@ func agentsMetric(t *testing.T, ctx context.Context, tb *testbed.Testbed, name s
 // new multi-layer image at once through CRI: every pull succeeds, the registry serves about one
 // copy of each layer, and most bytes travel between peers.
 func TestSwarmPullThroughCRI(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb := newSwarmTestbed(t, ctx, 4, testbed.WithContainerd())
@@ -150,6 +151,7 @@ func fetchAll(ctx context.Context, tb *testbed.Testbed, d v1.Hash, nodes ...int)
 // TestSwarmSeederKilledMidTransfer kills an agent that is seeding while the others download:
 // they all still complete, from the remaining peers or upstream.
 func TestSwarmSeederKilledMidTransfer(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb := newSwarmTestbed(t, ctx, 4, testbed.WithNodeRate(100*testbed.Mbit))
@@ -185,6 +187,7 @@ func TestSwarmSeederKilledMidTransfer(t *testing.T) {
 // serves fail their hash checks, it is banned, and the others still receive the exact blob
 // (reading that segment from upstream once the swarm stalls).
 func TestSwarmCorruptPeerNeverReachesClients(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb := newSwarmTestbed(t, ctx, 4)
@@ -261,6 +264,7 @@ func corruptEveryMiB(t *testing.T, path string) {
 // TestSwarmAgentRestartResumes kills a downloading agent halfway and restarts it on the same
 // data directory: the download completes without fetching everything again.
 func TestSwarmAgentRestartResumes(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb := newSwarmTestbed(t, ctx, 3, testbed.WithNodeRate(50*testbed.Mbit))
@@ -308,6 +312,7 @@ func TestSwarmAgentRestartResumes(t *testing.T) {
 
 // TestSwarmAllAgentsDownFallsBack kills every agent: containerd pulls from the registry itself.
 func TestSwarmAllAgentsDownFallsBack(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb := newSwarmTestbed(t, ctx, 2, testbed.WithContainerd())

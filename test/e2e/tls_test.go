@@ -27,6 +27,7 @@ import (
 // answers 502, and containerd pulls from the registry itself, with the CA; unless the agent
 // trusts the CA for every registry (--registry-ca-file).
 func TestPrivateCARegistry(t *testing.T) {
+	harness.RequireIsolation(t)
 	// Short names: containerd's socket paths, under the test's directory, must stay short.
 	tests := []struct {
 		name     string

@@ -19,6 +19,7 @@ func TestMain(m *testing.M) { os.Exit(IsolateNetwork(m)) }
 // TestIsolated checks that the tests really run in a namespace of their own: only lo
 // exists, and it is up.
 func TestIsolated(t *testing.T) {
+	RequireIsolation(t)
 	ifaces, err := net.Interfaces()
 	if err != nil {
 		t.Fatal(err)
@@ -42,6 +43,7 @@ func TestIsolated(t *testing.T) {
 // a multi-platform index through CRI from the registry named by a hosts.toml, the access log
 // shows every blob fetched once by containerd, and RemoveImage drops the content.
 func TestDirectPull(t *testing.T) {
+	RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dir := t.TempDir()

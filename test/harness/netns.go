@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"os/signal"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -152,20 +151,77 @@ func runChild(parentNetns string, main func() int) (int, error) {
 	return main(), nil
 }
 
+// M is the part of *testing.M that IsolateNetwork uses. The harness names it instead of
+// importing the testing package because commands (hack/demo, hack/swarmbench) link the harness,
+// and test-only code does not belong in them (internal/depcheck enforces it).
+type M interface {
+	Run() (code int)
+}
+
+// TB is the part of testing.TB that RequireIsolation uses; *testing.T and *testing.B have it.
+type TB interface {
+	Helper()
+	Skip(args ...any)
+	Fatal(args ...any)
+}
+
+// notIsolated is why IsolateNetwork ran the tests in this process's own network namespace;
+// empty when it did not. It is written before m.Run and only read after.
+var notIsolated string
+
 // IsolateNetwork is RunIsolated for TestMain: it runs m's tests in a fresh network namespace
-// and returns the exit code for os.Exit. When isolation is impossible here it skips every
-// test with a message, unless SHOAL_E2E=1 (CI), where that is a failure.
-func IsolateNetwork(m *testing.M, opts ...IsolateOption) int {
+// and returns the exit code for os.Exit.
+//
+// When isolation is impossible here (not root, or unshare or ip missing) and SHOAL_E2E is not
+// "1", it says why on stderr and runs the tests in this process all the same: each test that
+// needs the namespace calls RequireIsolation first and is skipped with that reason, and the
+// harness refuses to start registries, containerd or agents. With SHOAL_E2E=1 (CI, make e2e)
+// not being able to isolate fails the package with the reason instead.
+func IsolateNetwork(m M, opts ...IsolateOption) int {
 	code, err := RunIsolated(m.Run, opts...)
 	switch {
 	case err == nil:
 		return code
 	case errors.Is(err, ErrIsolationUnavailable) && os.Getenv(RequireIsolationEnv) != "1":
-		fmt.Fprintf(os.Stderr, "SKIP: end-to-end tests need their own network namespace: %v\n"+
-			"      (run as root with util-linux and iproute2; set %s=1 to make this a failure)\n", err, RequireIsolationEnv)
-		return 0
+		notIsolated = err.Error()
+		fmt.Fprintf(os.Stderr, "harness: %v; the tests that need their own network namespace skip "+
+			"(run as root with util-linux and iproute2; %s=1 makes this a failure)\n", err, RequireIsolationEnv)
+		return m.Run()
 	default:
 		fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
 		return 1
 	}
+}
+
+// RequireIsolation skips the test unless it runs in the network namespace of IsolateNetwork,
+// with the reason IsolateNetwork found; under SHOAL_E2E=1 it fails the test instead. Every
+// test of a package whose TestMain calls IsolateNetwork and that starts processes, listens
+// beyond loopback or builds a testbed calls it first thing.
+func RequireIsolation(t TB) {
+	t.Helper()
+	requireIsolation(t, InIsolatedNetwork(), notIsolated, os.Getenv(RequireIsolationEnv) == "1")
+}
+
+func requireIsolation(t TB, isolated bool, reason string, required bool) {
+	t.Helper()
+	if isolated {
+		return
+	}
+	if reason == "" {
+		reason = "the test binary did not run under harness.IsolateNetwork (call it from TestMain)"
+	}
+	msg := "needs its own network namespace: " + reason
+	if required {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// errNotIsolated is why the harness refuses to start a process: IsolateNetwork could not
+// isolate this test binary, so a test that got this far forgot RequireIsolation.
+func errNotIsolated() error {
+	if notIsolated == "" {
+		return nil
+	}
+	return fmt.Errorf("not in an isolated network namespace (%s): the test must call harness.RequireIsolation first", notIsolated)
 }

@@ -32,6 +32,9 @@ type process struct {
 // startProcess starts bin with args, appending stdout and stderr to logPath (and stdout
 // alone to stdoutPath when that is not empty).
 func startProcess(name, logPath, stdoutPath string, logger *slog.Logger, bin string, args ...string) (*process, error) {
+	if err := errNotIsolated(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
 	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("open log of %s: %w", name, err)

@@ -30,6 +30,7 @@ func TestMain(m *testing.M) {
 // TestTestbed builds three nodes on 10 Mbit/s links and checks the network the swarm tests rely
 // on: reachability, no way out, shaping, an agent mirroring the registry, and a clean teardown.
 func TestTestbed(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	stale := staleNamespace(t)
@@ -196,6 +197,7 @@ func TestTestbed(t *testing.T) {
 // TestContainerdPullsThroughAgent pulls an image through CRI on two nodes whose containerd
 // runs inside the node and is pointed at the node's own agent by the hosts.toml it writes.
 func TestContainerdPullsThroughAgent(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	tb, err := New(ctx, 2, WithContainerd())
@@ -241,6 +243,7 @@ func TestContainerdPullsThroughAgent(t *testing.T) {
 }
 
 func TestNewRefusesSecondTestbed(t *testing.T) {
+	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	tb, err := New(ctx, 1)
