@@ -20,15 +20,20 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
-const registryBinary = "/usr/bin/docker-registry"
+// debianRegistryBinary is where Debian installs docker-registry, tried when it is not in PATH.
+const debianRegistryBinary = "/usr/bin/docker-registry"
 
 // startRegistry runs Debian's docker-registry (distribution 2.8) on a free loopback port with its
 // storage in a temporary directory, waits until /v2/ answers, and returns its host:port. The
 // process is killed when the test ends.
 func startRegistry(t *testing.T) string {
 	t.Helper()
-	if _, err := os.Stat(registryBinary); err != nil {
-		t.Fatalf("%s is needed (apt-get install docker-registry, or hack/install-deps.sh): %v", registryBinary, err)
+	registryBinary, err := exec.LookPath("docker-registry")
+	if err != nil {
+		if _, statErr := os.Stat(debianRegistryBinary); statErr != nil {
+			t.Fatalf("docker-registry is needed, in PATH or at %s (apt-get install docker-registry, or make deps): %v", debianRegistryBinary, err)
+		}
+		registryBinary = debianRegistryBinary
 	}
 	dir := t.TempDir()
 	addr := freeAddr(t)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -20,8 +21,23 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
-// DefaultRegistryBinary is Debian's build of distribution 2.8.2.
+// DefaultRegistryBinary is where Debian installs its build of distribution 2.8.2
+// (docker-registry). StartRegistry looks the command up in PATH first.
 const DefaultRegistryBinary = "/usr/bin/docker-registry"
+
+// registryBinary returns the docker-registry executable StartRegistry runs by default: the one
+// in PATH, else DefaultRegistryBinary.
+func registryBinary() (string, error) {
+	path, lookErr := exec.LookPath("docker-registry")
+	if lookErr == nil {
+		return path, nil
+	}
+	if _, err := os.Stat(DefaultRegistryBinary); err != nil {
+		return "", fmt.Errorf("docker-registry is not in PATH (%w) nor at %s: install it "+
+			"(apt-get install docker-registry, or make deps) or pass WithBinary", lookErr, DefaultRegistryBinary)
+	}
+	return DefaultRegistryBinary, nil
+}
 
 // Registry is a docker-registry process on 127.0.0.1 (or the address WithListenAddr gives) with
 // filesystem storage in its own directory and an access log that tests read to count what
@@ -38,7 +54,13 @@ type Registry struct {
 // StartRegistry starts a registry whose config, storage and logs live under dir, and waits
 // until it answers GET /v2/.
 func StartRegistry(ctx context.Context, dir string, opts ...Option) (*Registry, error) {
-	o := newOptions(DefaultRegistryBinary, opts)
+	o := newOptions("", opts)
+	if o.binary == "" {
+		var err error
+		if o.binary, err = registryBinary(); err != nil {
+			return nil, fmt.Errorf("start registry: %w", err)
+		}
+	}
 	host := o.listenAddr
 	if host == "" {
 		ports, err := FreePorts(1)
