@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/anacrolix/torrent"
 	"github.com/anacrolix/torrent/iplist"
@@ -128,11 +129,11 @@ func peerIP(a torrent.PeerRemoteAddr) (netip.Addr, bool) {
 // ban stops all traffic with a peer that sent bad data: its connections close, and the torrent
 // client refuses new ones (see bannedIPs).
 func (s *Swarm) ban(addr netip.Addr) {
-	if _, loaded := s.banned.set.LoadOrStore(addr, true); loaded {
+	if !s.banned.add(addr, time.Now().Add(banDuration)) {
 		return
 	}
 	s.metrics.bans.Inc()
-	s.log.Warn("peer sent data that failed verification; banned", "peer", addr)
+	s.log.Warn("peer sent data that failed verification; banned", "peer", addr, "for", banDuration)
 	for _, t := range s.client.Torrents() {
 		for _, pc := range t.PeerConns() {
 			if ip, ok := peerIP(pc.RemoteAddr); ok && ip == addr {
@@ -142,8 +143,36 @@ func (s *Swarm) ban(addr netip.Addr) {
 	}
 }
 
-// bannedIPs is the torrent client's block list: the peers this node banned.
-type bannedIPs struct{ set sync.Map } // netip.Addr → true
+// banDuration is how long a ban lasts: a member whose disk or memory corrupted data may be
+// repaired (or replaced under the same address), and must then be able to take part again
+// without a restart of every other agent.
+const banDuration = 30 * time.Minute
+
+// bannedIPs is the torrent client's block list: the peers this node banned, until when.
+type bannedIPs struct{ set sync.Map } // netip.Addr → time.Time
+
+// add bans addr until the given time, and reports whether it was not banned already.
+func (b *bannedIPs) add(addr netip.Addr, until time.Time) bool {
+	prev, loaded := b.set.Swap(addr.Unmap(), until)
+	if !loaded {
+		return true
+	}
+	t, ok := prev.(time.Time)
+	return !ok || time.Now().After(t)
+}
+
+// banned reports whether addr is banned now, forgetting a ban that has expired.
+func (b *bannedIPs) banned(addr netip.Addr) bool {
+	v, ok := b.set.Load(addr.Unmap())
+	if !ok {
+		return false
+	}
+	if until, ok := v.(time.Time); ok && time.Now().Before(until) {
+		return true
+	}
+	b.set.CompareAndDelete(addr.Unmap(), v)
+	return false
+}
 
 var _ iplist.Ranger = (*bannedIPs)(nil)
 
@@ -153,7 +182,7 @@ func (b *bannedIPs) Lookup(ip net.IP) (iplist.Range, bool) {
 	if !ok {
 		return iplist.Range{}, false
 	}
-	if _, banned := b.set.Load(addr.Unmap()); !banned {
+	if !b.banned(addr) {
 		return iplist.Range{}, false
 	}
 	return iplist.Range{First: ip, Last: ip, Description: "sent bad data"}, true
@@ -166,7 +195,4 @@ func (b *bannedIPs) NumRanges() int {
 	return n
 }
 
-func (s *Swarm) isBanned(addr netip.Addr) bool {
-	_, banned := s.banned.set.Load(addr.Unmap())
-	return banned
-}
+func (s *Swarm) isBanned(addr netip.Addr) bool { return s.banned.banned(addr) }

@@ -76,3 +76,26 @@ func TestDataFromPeersCountsAsHeard(t *testing.T) {
 		t.Errorf("reported alive %v, want %v and %v", m.alive, peerB.Addr(), peerC.Addr())
 	}
 }
+
+// TestBansExpire: a banned peer is refused until its ban runs out, then admitted again (a
+// repaired member must not stay banned until every agent restarts).
+func TestBansExpire(t *testing.T) {
+	var b bannedIPs
+	peer := netip.MustParseAddr("10.0.0.9")
+	if !b.add(peer, time.Now().Add(time.Hour)) {
+		t.Fatal("first ban not reported as new")
+	}
+	if b.add(peer, time.Now().Add(time.Hour)) {
+		t.Error("a second ban while banned reported as new")
+	}
+	if _, blocked := b.Lookup(peer.AsSlice()); !blocked {
+		t.Error("a banned peer is not blocked")
+	}
+	b.add(peer, time.Now().Add(-time.Second)) // as if the ban had run out
+	if _, blocked := b.Lookup(peer.AsSlice()); blocked {
+		t.Error("a peer whose ban ran out is still blocked")
+	}
+	if !b.add(peer, time.Now().Add(time.Hour)) {
+		t.Error("banning again after expiry not reported as new")
+	}
+}
