@@ -1,0 +1,83 @@
+package depcheck_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/shoal-dev/shoal/internal/depcheck"
+)
+
+const module = "github.com/shoal-dev/shoal"
+
+// m turns a path inside the module into an import path pattern.
+func m(path string) string { return module + "/" + path }
+
+// rules is Shoal's package layering. Add a rule when a boundary is decided; a rule whose
+// package pattern matches nothing fails the test, so rules follow packages that move.
+var rules = []depcheck.Rule{
+	{
+		Why: "anacrolix/torrent is reached from one adapter package only, so that an upgrade " +
+			"touches one place (STYLE.md)",
+		Packages: []string{m("...")},
+		// agent/swarm is being split into packages; once that is done this list must shrink
+		// to the one package that adapts anacrolix/torrent.
+		Except:        []string{m("agent/swarm/..."), m("agent/torrent/...")},
+		MustNotImport: []string{"github.com/anacrolix/torrent/..."},
+		Tests:         true,
+	},
+	{
+		Why: "the mirror serves from the store, upstream and peers through interfaces that " +
+			"agent wires up: it knows nothing of the BitTorrent client or of hosts.toml",
+		Packages: []string{m("agent/mirror/...")},
+		MustNotDependOn: []string{
+			m("agent/swarm/..."), m("agent/torrent/..."), "github.com/anacrolix/torrent/...",
+			m("agent/hostconfig/..."),
+		},
+	},
+	{
+		Why:             "the store holds verified blobs and knows nothing of where they come from",
+		Packages:        []string{m("agent/store/...")},
+		MustNotDependOn: []string{m("agent/upstream/..."), m("agent/mirror/..."), m("agent/swarm/..."), m("agent/torrent/...")},
+	},
+	{
+		Why:             "internal/ holds helpers that the agent, the commands and the tests share: it depends on none of them",
+		Packages:        []string{m("internal/...")},
+		MustNotDependOn: []string{m("agent/..."), m("cmd/..."), m("test/..."), m("hack/...")},
+	},
+	{
+		Why:             "what ships (agent/, internal/, cmd/) does not depend on test or development tooling",
+		Packages:        []string{m("agent/..."), m("internal/..."), m("cmd/...")},
+		MustNotDependOn: []string{m("test/..."), m("hack/...")},
+	},
+	{
+		// Direct imports only: cmd/shoal links testing through anacrolix/torrent itself.
+		Why:           "the testing package belongs in _test.go files, not in what ships",
+		Packages:      []string{m("agent/..."), m("internal/..."), m("cmd/...")},
+		MustNotImport: []string{"testing"},
+	},
+	{
+		Why: "development commands do not link the testing package: the test libraries they use " +
+			"(test/harness, test/testbed) keep testing out of their non-test files",
+		Packages:        []string{m("hack/...")},
+		Commands:        true,
+		MustNotDependOn: []string{"testing"},
+	},
+}
+
+// TestModuleRules checks every package of the module against rules.
+func TestModuleRules(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	g, err := depcheck.Load(ctx, ".", m("..."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	violations, err := depcheck.Check(g, rules)
+	if err != nil {
+		t.Error(err)
+	}
+	for _, v := range violations {
+		t.Error(v)
+	}
+}
