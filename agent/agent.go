@@ -10,8 +10,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -53,7 +55,8 @@ type Config struct {
 	// RegistryCAFile is a PEM bundle of CAs trusted for every upstream registry besides the
 	// system roots. A registry's own TLS settings come from its existing hosts.toml.
 	RegistryCAFile string
-	// MetricsAddr serves /metrics, /healthz and /readyz; "" disables it.
+	// MetricsAddr serves /metrics, /healthz and /readyz (and /debug/pprof/ with Pprof); ""
+	// disables it.
 	MetricsAddr string
 	// DefaultRegistry serves requests that carry no ?ns= (clients other than containerd).
 	DefaultRegistry string
@@ -66,6 +69,8 @@ type Config struct {
 	FirstByteTimeout, BodyIdleTimeout time.Duration
 	// FaultInjection serves the fault hooks on the metrics address (see faults.go).
 	FaultInjection bool
+	// Pprof serves net/http/pprof's profiles under /debug/pprof/ on the metrics address.
+	Pprof bool
 	// UpstreamTimeouts bound the upstream client's connections and reads.
 	UpstreamTimeouts upstream.Timeouts
 	// Swarm configures peer-to-peer distribution; disabled when P2PAddr is not set.
@@ -95,47 +100,67 @@ type SwarmConfig struct {
 	IdleTimeout time.Duration
 }
 
-// Validate checks the configuration and says what to fix.
+// FieldError is a field of Config that the agent refuses, and why. Field is the field's Go
+// name ("MirrorAddr", "Swarm.Peers"), for a command to name its own option for it.
+type FieldError struct {
+	Field string
+	// Needs, when set, is another field that must be set for this one to mean anything.
+	Needs string
+	// Err says what is wrong with the field's value.
+	Err error
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+
+func (e *FieldError) Unwrap() error { return e.Err }
+
+func fieldError(field string, err error) *FieldError { return &FieldError{Field: field, Err: err} }
+
+// Validate checks the configuration and says what to fix. Its errors are *FieldError.
 func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.MirrorAddr); err != nil {
-		return fmt.Errorf("--mirror-addr %q: want IP:PORT: %w", c.MirrorAddr, err)
+		return fieldError("MirrorAddr", fmt.Errorf("%q is not IP:PORT: %w", c.MirrorAddr, err))
 	}
 	if c.DataDir == "" {
-		return errors.New("--data-dir must be set")
+		return fieldError("DataDir", errors.New("must be set"))
 	}
 	if c.CacheSize < 0 {
-		return errors.New("--cache-size must not be negative")
+		return fieldError("CacheSize", errors.New("must not be negative"))
 	}
 	if len(c.MirrorRegistries) == 0 {
-		return errors.New("--mirror-registries must name at least one registry, or \"*\"")
+		return fieldError("MirrorRegistries", errors.New(`must name at least one registry, or "*"`))
 	}
 	for _, r := range c.MirrorRegistries {
 		if r == "*" {
 			continue
 		}
 		if err := oci.ValidateRegistry(r); err != nil {
-			return fmt.Errorf("--mirror-registries: %w", err)
+			return fieldError("MirrorRegistries", err)
 		}
 	}
-	for registry, endpoint := range c.RegistryEndpoints {
+	for _, registry := range slices.Sorted(maps.Keys(c.RegistryEndpoints)) {
+		endpoint := c.RegistryEndpoints[registry]
 		if err := oci.ValidateRegistry(registry); err != nil {
-			return fmt.Errorf("--registry-endpoint: %w", err)
+			return fieldError("RegistryEndpoints", err)
 		}
 		if _, err := upstream.ParseEndpoint(endpoint); err != nil {
-			return fmt.Errorf("--registry-endpoint %s=%s: %w", registry, endpoint, err)
+			return fieldError("RegistryEndpoints", fmt.Errorf("%s=%s: %w", registry, endpoint, err))
 		}
 	}
 	if err := oci.ValidateRegistry(c.DefaultRegistry); err != nil {
-		return fmt.Errorf("--default-registry: %w", err)
+		return fieldError("DefaultRegistry", err)
 	}
 	if len(c.Swarm.Peers) > 0 && !c.Swarm.P2PAddr.IsValid() {
-		return errors.New("--peers needs --p2p-addr")
+		return &FieldError{Field: "Swarm.Peers", Needs: "Swarm.P2PAddr", Err: errors.New("needs Swarm.P2PAddr")}
 	}
 	if c.Swarm.MinSegments < 0 {
-		return errors.New("--swarm-min-segments must not be negative")
+		return fieldError("Swarm.MinSegments", errors.New("must not be negative"))
 	}
-	if c.Swarm.MaxUploadRate < 0 || c.Swarm.MaxDownloadRate < 0 {
-		return errors.New("--max-upload-rate and --max-download-rate must not be negative")
+	if c.Swarm.MaxUploadRate < 0 {
+		return fieldError("Swarm.MaxUploadRate", errors.New("must not be negative"))
+	}
+	if c.Swarm.MaxDownloadRate < 0 {
+		return fieldError("Swarm.MaxDownloadRate", errors.New("must not be negative"))
 	}
 	return nil
 }
@@ -243,7 +268,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return fmt.Errorf("listen for metrics on %s: %w", cfg.MetricsAddr, err)
 		}
 		servers = append(servers, &namedServer{name: "metrics", listener: metricsListener, server: &http.Server{
-			Handler:           opsHandler(reg, &ready, faults),
+			Handler:           opsHandler(reg, &ready, faults, cfg.Pprof),
 			ReadHeaderTimeout: 10 * time.Second,
 		}})
 	}
@@ -375,14 +400,14 @@ func (r *endpointResolver) tls(registry string, endpoint upstream.Endpoint) (ups
 	return s, nil
 }
 
-// readRootCAs reads --registry-ca-file, if given.
+// readRootCAs reads RegistryCAFile, if given.
 func readRootCAs(path string) ([]*x509.Certificate, error) {
 	if path == "" {
 		return nil, nil
 	}
 	certs, err := upstream.ReadCAFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("--registry-ca-file: %w", err)
+		return nil, fieldError("RegistryCAFile", err)
 	}
 	return certs, nil
 }
@@ -399,10 +424,18 @@ func (r *endpointResolver) server(registry string) string {
 	return endpoint.String()
 }
 
-func opsHandler(reg *prometheus.Registry, ready *atomic.Bool, faults *faultHooks) http.Handler {
+func opsHandler(reg *prometheus.Registry, ready *atomic.Bool, faults *faultHooks, profiles bool) http.Handler {
 	mux := http.NewServeMux()
 	if faults != nil {
 		mux.HandleFunc("POST /debug/faults/wedge", faults.serveWedge)
+	}
+	if profiles {
+		// What net/http/pprof registers on http.DefaultServeMux, which the agent does not serve.
+		mux.HandleFunc("/debug/pprof/", pprof.Index) // the named profiles: heap, goroutine, ...
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {

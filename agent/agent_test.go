@@ -3,16 +3,22 @@ package agent
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func validConfig(t *testing.T) Config {
@@ -27,36 +33,65 @@ func validConfig(t *testing.T) Config {
 
 func TestConfigValidate(t *testing.T) {
 	tests := []struct {
-		name    string
-		mutate  func(*Config)
-		wantErr string
+		name      string
+		mutate    func(*Config)
+		wantField string // "" = valid
 	}{
 		{"valid", func(*Config) {}, ""},
 		{"all registries", func(c *Config) { c.MirrorRegistries = []string{"*"} }, ""},
-		{"bad mirror addr", func(c *Config) { c.MirrorAddr = "5001" }, "--mirror-addr"},
-		{"no data dir", func(c *Config) { c.DataDir = "" }, "--data-dir"},
-		{"negative cache", func(c *Config) { c.CacheSize = -1 }, "--cache-size"},
-		{"no registries", func(c *Config) { c.MirrorRegistries = nil }, "--mirror-registries"},
-		{"path trick registry", func(c *Config) { c.MirrorRegistries = []string{"../etc"} }, "--mirror-registries"},
-		{"bad endpoint registry", func(c *Config) { c.RegistryEndpoints = map[string]string{"a/b": "http://x"} }, "--registry-endpoint"},
-		{"bad endpoint URL", func(c *Config) { c.RegistryEndpoints = map[string]string{"r.test": "ftp://x/y?z"} }, "--registry-endpoint"},
-		{"bad default registry", func(c *Config) { c.DefaultRegistry = "http://docker.io" }, "--default-registry"},
+		{"bad mirror addr", func(c *Config) { c.MirrorAddr = "5001" }, "MirrorAddr"},
+		{"no data dir", func(c *Config) { c.DataDir = "" }, "DataDir"},
+		{"negative cache", func(c *Config) { c.CacheSize = -1 }, "CacheSize"},
+		{"no registries", func(c *Config) { c.MirrorRegistries = nil }, "MirrorRegistries"},
+		{"path trick registry", func(c *Config) { c.MirrorRegistries = []string{"../etc"} }, "MirrorRegistries"},
+		{"bad endpoint registry", func(c *Config) { c.RegistryEndpoints = map[string]string{"a/b": "http://x"} }, "RegistryEndpoints"},
+		{"bad endpoint URL", func(c *Config) { c.RegistryEndpoints = map[string]string{"r.test": "ftp://x/y?z"} }, "RegistryEndpoints"},
+		{"bad default registry", func(c *Config) { c.DefaultRegistry = "http://docker.io" }, "DefaultRegistry"},
+		{"peers without own address", func(c *Config) { c.Swarm.Peers = []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:7070")} }, "Swarm.Peers"},
+		{"negative min segments", func(c *Config) { c.Swarm.MinSegments = -1 }, "Swarm.MinSegments"},
+		{"negative upload rate", func(c *Config) { c.Swarm.MaxUploadRate = -1 }, "Swarm.MaxUploadRate"},
+		{"negative download rate", func(c *Config) { c.Swarm.MaxDownloadRate = -1 }, "Swarm.MaxDownloadRate"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := validConfig(t)
 			tt.mutate(&cfg)
 			err := cfg.Validate()
-			if tt.wantErr == "" {
+			if tt.wantField == "" {
 				if err != nil {
 					t.Fatalf("Validate() = %v", err)
 				}
 				return
 			}
-			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Fatalf("Validate() = %v, want an error naming %s", err, tt.wantErr)
+			var field *FieldError
+			if !errors.As(err, &field) || field.Field != tt.wantField || !strings.HasPrefix(err.Error(), tt.wantField+": ") {
+				t.Fatalf("Validate() = %v, want a FieldError for %s", err, tt.wantField)
 			}
 		})
+	}
+}
+
+// TestPprofOnlyWhenAsked: the ops endpoint serves Go's profiles with Pprof and not without.
+func TestPprofOnlyWhenAsked(t *testing.T) {
+	var ready atomic.Bool
+	for _, profiles := range []bool{false, true} {
+		srv := httptest.NewServer(opsHandler(prometheus.NewRegistry(), &ready, nil, profiles))
+		want := http.StatusNotFound
+		if profiles {
+			want = http.StatusOK
+		}
+		for _, path := range []string{"/debug/pprof/", "/debug/pprof/goroutine?debug=1", "/debug/pprof/profile?seconds=1", "/debug/pprof/cmdline"} {
+			resp, err := http.Get(srv.URL + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			_ = resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Errorf("Pprof %v: GET %s = %d, want %d", profiles, path, resp.StatusCode, want)
+			}
+		}
+		srv.Close()
 	}
 }
 

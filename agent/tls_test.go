@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"os"
@@ -70,7 +71,7 @@ func TestEndpointTLSSettings(t *testing.T) {
 	}
 }
 
-// TestTLSConfigurationErrors: an unusable --registry-ca-file stops the agent before it starts
+// TestTLSConfigurationErrors: an unusable RegistryCAFile stops the agent before it starts
 // anything; a CA file a hosts.toml names but that is missing is reported at start, naming the
 // registry and the file.
 func TestTLSConfigurationErrors(t *testing.T) {
@@ -78,8 +79,9 @@ func TestTLSConfigurationErrors(t *testing.T) {
 	cfg := validConfig(t)
 	cfg.RegistryCAFile = missing
 	err := Run(context.Background(), cfg)
-	if err == nil || !strings.Contains(err.Error(), "--registry-ca-file") || !strings.Contains(err.Error(), missing) {
-		t.Errorf("Run with a missing --registry-ca-file = %v, want an error naming the flag and the file", err)
+	var field *FieldError
+	if !errors.As(err, &field) || field.Field != "RegistryCAFile" || !strings.Contains(err.Error(), missing) {
+		t.Errorf("Run with a missing RegistryCAFile = %v, want a FieldError naming the field and the file", err)
 	}
 	if entries, _ := os.ReadDir(cfg.DataDir); len(entries) != 0 {
 		t.Errorf("the agent touched its data directory before refusing to start")
