@@ -12,14 +12,14 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
-	"github.com/anacrolix/torrent"
-	"github.com/anacrolix/torrent/metainfo"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/torrent"
 	"github.com/shoal-dev/shoal/agent/upstream"
 )
 
@@ -144,7 +144,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			return err
 		}
 		seg.setSource(seeder)
-		s.addPeers(b.t, answer.Peers)
+		s.addPeers(b, answer.Peers)
 		go s.announce(b, k, seeder, whole, answer.Peers)
 		return nil
 	}
@@ -178,7 +178,7 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, whole bool, peer
 	}
 	for {
 		select {
-		case <-t.Complete().On(): // see handover
+		case <-t.Complete(): // see handover
 			return
 		case <-t.Closed():
 			return
@@ -201,7 +201,7 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, whole bool, peer
 		}
 		if fresh {
 			interval = announceInterval
-			s.addPeers(t, answer.Peers)
+			s.addPeers(b, answer.Peers)
 		} else {
 			interval = min(2*interval, maxAnnounceInterval)
 		}
@@ -214,24 +214,23 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, whole bool, peer
 func (b *blob) segmentDone(k int) bool {
 	first := b.plan.firstPiece(k)
 	for i := first; i < first+b.plan.pieces(k); i++ {
-		if !b.st.isFinal(i) && !b.t.Piece(i).State().Complete {
+		if !b.t.IsFrozen(i) && !b.t.PieceComplete(i) {
 			return false
 		}
 	}
 	return true
 }
 
-func (s *Swarm) addPeers(t *torrent.Torrent, peers []string) {
-	infos := make([]torrent.PeerInfo, 0, len(peers))
+func (s *Swarm) addPeers(b *blob, peers []string) {
+	addrs := make([]netip.AddrPort, 0, len(peers))
 	for _, p := range peers {
 		ap, err := netip.ParseAddrPort(p)
 		if err != nil || ap == s.self || !s.cfg.Membership.Allowed(ap.Addr()) {
 			continue
 		}
-		// Not Trusted: a member that sends bad pieces must be banned like anyone else.
-		infos = append(infos, torrent.PeerInfo{Addr: ap, Source: torrent.PeerSourceDirect})
+		addrs = append(addrs, ap)
 	}
-	t.AddPeers(infos)
+	b.t.AddPeers(addrs)
 }
 
 // ensureSegment returns segment k's info, seeding it here if nobody has published it yet: from
@@ -291,7 +290,7 @@ func (s *Swarm) seed(b *blob, k int) {
 	s.metrics.bytes.WithLabelValues(source).Add(float64(length))
 	info, err := buildInfo(b.plan, k, pieces)
 	if err == nil {
-		if err = s.publishSegment(b, k, info, allComplete); err == nil {
+		if err = s.publishSegment(b, k, info, torrent.AllComplete); err == nil {
 			s.log.Info("seeding segment", "digest", b.plan.digest, "segment", k, "from", source,
 				"bytes", length, "duration", time.Since(start))
 			return
@@ -313,7 +312,7 @@ func (s *Swarm) fetchSegment(ctx context.Context, b *blob, local store.Blob, off
 	nPieces := (length + pieceLength - 1) / pieceLength
 	streams := min(int64(upstreamStreams), nPieces)
 	perStream := (nPieces + streams - 1) / streams * pieceLength
-	pieces := make([]byte, nPieces*sha1Size)
+	pieces := make([]byte, nPieces*torrent.HashSize)
 	errs := make(chan error, streams)
 	for i := range streams {
 		start := i * perStream
@@ -331,7 +330,7 @@ func (s *Swarm) fetchSegment(ctx context.Context, b *blob, local store.Blob, off
 			defer rc.Close()
 			hashes, err := copyAndHash(ctx, rc, b.file, offset+start, n, pieceLength)
 			if err == nil {
-				copy(pieces[start/pieceLength*sha1Size:], hashes)
+				copy(pieces[start/pieceLength*torrent.HashSize:], hashes)
 			}
 			errs <- err
 		}()
@@ -405,7 +404,7 @@ func (s *Swarm) seedWhole(b *blob) {
 			continue
 		}
 		if info, err = buildInfo(b.plan, k, pieces); err == nil {
-			err = s.publishSegment(b, k, info, allComplete)
+			err = s.publishSegment(b, k, info, torrent.AllComplete)
 		}
 		if err != nil {
 			return
@@ -497,7 +496,7 @@ func (s *Swarm) reseed(b *blob, k int, stopped netip.AddrPort) {
 		req.reseed = true
 		answer, err := s.requestSegmentV2(ctx, seeder, req)
 		if err == nil && answer.Error == "" {
-			s.addPeers(b.t, answer.Peers)
+			s.addPeers(b, answer.Peers)
 			moved, next = true, seeder
 			return
 		}
@@ -520,7 +519,7 @@ func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
 	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
 	var runs [][2]int // [from, to) of pieces nobody can send
 	for i := first; i < first+n; i++ {
-		if b.st.isFinal(i) || b.t.Piece(i).State().Complete || b.holders(i) > 0 {
+		if b.t.IsFrozen(i) || b.t.PieceComplete(i) || b.holders(i) > 0 {
 			continue
 		}
 		if len(runs) > 0 && runs[len(runs)-1][1] == i {
@@ -566,9 +565,7 @@ func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
 		s.metrics.bytes.WithLabelValues(source).Add(float64(length))
 		fetched += length
 		for j := range run[1] - run[0] {
-			if b.st.completeIfHash(run[0]+j, pieces[j*sha1Size:(j+1)*sha1Size]) {
-				b.t.Piece(run[0] + j).UpdateCompletion()
-			}
+			b.t.CompleteIfHash(run[0]+j, pieces[j*torrent.HashSize:(j+1)*torrent.HashSize])
 		}
 	}
 	s.log.Info("seeded a segment again", "digest", b.plan.digest, "segment", k, "from", source, "bytes", fetched, "of", segLength)
@@ -638,45 +635,19 @@ func (s *Swarm) openLocal(d v1.Hash) store.Blob {
 // addTorrent adds b's torrent, stored in the blob's file. It trades no piece until the hashes
 // of the piece's segment are known here (see publishSegment).
 func (s *Swarm) addTorrent(b *blob) error {
-	info, err := blobInfo(b.plan)
+	t, err := s.client.AddBlob(b.plan.digest.Hex, b.plan.size, b.plan.pieceLength, b.file, func(err error) {
+		s.log.Error("cannot write blob data; dropping the blob's torrent", "digest", b.plan.digest, "error", err)
+	})
 	if err != nil {
 		return err
 	}
-	st := newBlobStorage(b.file, b.plan.numPieces())
-	st.onLiar = s.ban
-	t, isNew := s.client.AddTorrentOpt(torrent.AddTorrentOpts{
-		InfoHash:  metainfo.HashBytes(info),
-		InfoBytes: info,
-		Storage:   st,
-		ChunkSize: chunkSize,
-		// Nothing to check before hashes arrive; a resumed download is verified segment by
-		// segment as they do.
-		DisableInitialPieceCheck: true,
-	})
-	if !isNew {
-		return errors.New("its torrent is already open")
-	}
-	// Added while this node fetches from upstream: it downloads nothing until that is done.
-	s.seedingMu.Lock()
-	if s.seeding > 0 {
-		t.DisallowDataDownload()
-	}
-	s.seedingMu.Unlock()
-	t.SetOnWriteChunkError(func(err error) {
-		if errors.Is(err, errFrozen) {
-			return // a late chunk of a piece read from upstream instead
-		}
-		s.log.Error("cannot write blob data; dropping the blob's torrent", "digest", b.plan.digest, "error", err)
-		t.Drop()
-	})
-	b.t, b.st, b.prio = t, st, make([]torrent.PiecePriority, b.plan.numPieces())
-	s.torrents.Store(t, b)
+	b.t = t
 	return nil
 }
 
 // publishSegment records segment k's info, checked against the plan: its piece hashes go to the
 // blob's storage in the given state, and the torrent trades those pieces from then on.
-func (s *Swarm) publishSegment(b *blob, k int, info []byte, state completionState) error {
+func (s *Swarm) publishSegment(b *blob, k int, info []byte, state torrent.CompletionState) error {
 	if known, _, _ := b.segs[k].state(); known != nil {
 		// Published already, from another source: an answer that crossed this node's own
 		// publication, say. Its pieces stay as they are.
@@ -687,22 +658,9 @@ func (s *Swarm) publishSegment(b *blob, k int, info []byte, state completionStat
 		return fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, err)
 	}
 	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
-	b.st.setHashes(first, pieces, state)
-	for i := first; i < first+n; i++ {
-		b.t.Piece(i).UpdateCompletion()
-	}
-	if state != allComplete {
-		b.setPriority(first, first+n, torrent.PiecePriorityNormal)
-	}
-	if state == unknownCompletion {
-		// Resumed: what is on disk already counts once verified.
-		go func() {
-			for i := first; i < first+n; i++ {
-				if err := b.t.Piece(i).VerifyDataContext(context.Background()); err != nil {
-					return
-				}
-			}
-		}()
+	b.t.SetHashes(first, pieces, state)
+	if state != torrent.AllComplete {
+		b.t.SetPriority(first, first+n, torrent.PriorityNormal)
 	}
 	b.segs[k].publish(info)
 	return nil
@@ -713,19 +671,7 @@ func (s *Swarm) publishSegment(b *blob, k int, info []byte, state completionStat
 func (b *blob) completePieces(k int, pieces []byte) {
 	first := b.plan.firstPiece(k)
 	for j := range b.plan.pieces(k) {
-		if b.st.completeIfHash(first+j, pieces[j*sha1Size:(j+1)*sha1Size]) {
-			b.t.Piece(first + j).UpdateCompletion()
-		}
-	}
-}
-
-// setPriority sets the priority of pieces [from, to) and records it (see refreshPriorities).
-func (b *blob) setPriority(from, to int, prio torrent.PiecePriority) {
-	b.prioMu.Lock()
-	defer b.prioMu.Unlock()
-	for i := from; i < to; i++ {
-		b.prio[i] = prio
-		b.t.Piece(i).SetPriority(prio)
+		b.t.CompleteIfHash(first+j, pieces[j*torrent.HashSize:(j+1)*torrent.HashSize])
 	}
 }
 
@@ -734,88 +680,23 @@ func (b *blob) setPriority(from, to int, prio torrent.PiecePriority) {
 func (r *blobReader) raiseAhead() {
 	for k := r.k + 1; k <= r.k+prioritySegments && k < len(r.b.segs); k++ {
 		first := r.b.plan.firstPiece(k)
-		r.b.raisePriority(first, first+r.b.plan.pieces(k), torrent.PiecePriorityHigh)
+		r.b.t.RaisePriority(first, first+r.b.plan.pieces(k), torrent.PriorityHigh)
 	}
 }
 
-// raisePriority gives the pieces of [from, to) that have the normal priority (published, not
-// read from upstream, not already raised) priority prio.
-func (b *blob) raisePriority(from, to int, prio torrent.PiecePriority) {
-	b.prioMu.Lock()
-	defer b.prioMu.Unlock()
-	for i := from; i < to; i++ {
-		if b.prio[i] == torrent.PiecePriorityNormal {
-			b.prio[i] = prio
-			b.t.Piece(i).SetPriority(prio)
-		}
-	}
-}
-
-// refreshPriorities sets every piece's priority again, to what it is. It follows
-// DisallowDataDownload: the torrent client drops its pieces from its request order while
-// downloads are disallowed but keeps them pending, and it panics, at AllowDataDownload, if it
-// checks the two against each other before it has re-added them all (anacrolix/torrent v1.62.0,
-// assertPendingPiecesMatchRequestOrder). Setting a priority while downloads are disallowed
-// updates both.
-func (b *blob) refreshPriorities() {
-	b.prioMu.Lock()
-	defer b.prioMu.Unlock()
-	for i, prio := range b.prio {
-		b.t.Piece(i).SetPriority(prio)
-	}
-}
-
-// peerHas reports whether a connected peer has piece i.
+// peerHas reports whether a connected peer that is not silent has piece i.
 func (b *blob) peerHas(i int) bool { return b.holders(i) > 0 }
 
-// holders counts the connected peers that have piece i.
-func (b *blob) holders(i int) int {
-	n := 0
-	for _, pc := range b.t.PeerConns() {
-		if !pc.PeerPieces().Contains(uint32(i)) {
-			continue
-		}
-		if ip, ok := peerIP(pc.RemoteAddr); ok && b.silent != nil && b.silent(ip) {
-			continue // stopped, whatever it claims to have (see Swarm.rescue)
-		}
-		n++
-	}
-	return n
-}
+// holders counts the connected peers that have piece i, leaving out those that did not answer a
+// ping (stopped, whatever they claim to have: see Swarm.rescue).
+func (b *blob) holders(i int) int { return b.t.Holders(i, b.silent) }
 
-// pieceReport describes piece i for a log: what the torrent client knows of it, and how many
-// connected peers have it.
-func (b *blob) pieceReport(i int) slog.Attr {
-	st := b.t.Piece(i).State()
-	return slog.Group("piece", "index", i, "known", st.Ok, "complete", st.Complete, "partial", st.Partial,
-		"checking", st.Checking, "priority", int(st.Priority), "peers_with_it", b.holders(i))
-}
-
-// kick makes the torrent client look again at whom to ask for piece i. The client reconsiders a
-// connection's requests only on events (a chunk arriving on it, a "have", a piece changing
-// state, ...), and a reader alone in a blob's torrent sometimes waits for a piece that a
-// connected peer has while no connection has asked for it and none has an event to come (the
-// lone-reader test reproduces it in about one run of ten). A piece whose completion goes from
-// unknown to incomplete is such an event, on every connection whose peer has the piece: kick
-// makes the piece's completion unknown and then incomplete again. It reports whether it did (not
-// for a piece that is complete or whose completion is unknown).
-func (b *blob) kick(i int) bool {
-	if !b.st.forgetIncomplete(i) {
-		return false
-	}
-	p := b.t.Piece(i)
-	p.UpdateCompletion()
-	b.st.restoreIncomplete(i)
-	p.UpdateCompletion()
-	return true
-}
+// pieceReport describes piece i for a log.
+func (b *blob) pieceReport(i int) slog.Attr { return b.t.PieceReport(i, b.silent) }
 
 // takeOverPieces stops the blob's torrent from writing or requesting pieces [from, to) for good,
 // when this node reads their bytes from upstream instead: no chunk still in flight lands on them.
-func (b *blob) takeOverPieces(from, to int) {
-	b.st.freezePieces(from, to)
-	b.setPriority(from, to, torrent.PiecePriorityNone)
-}
+func (b *blob) takeOverPieces(from, to int) { b.t.Freeze(from, to) }
 
 // readaheadPieces is how many pieces from the reader's position are fetched with priority. With
 // the request window held (requestwindow.go) and pieces nobody asked for kicked (blob.kick), 0
@@ -854,12 +735,12 @@ type blobReader struct {
 	ctx  context.Context
 	path string // the blob's file
 
-	final  int64          // bytes from the blob's start that are final in the file
-	read   int64          // bytes Read has returned
-	k      int            // the segment holding byte final
-	open   bool           // segment k's info is known and reader is positioned in it
-	reader torrent.Reader // of the blob's torrent, while following the swarm
-	direct io.ReadCloser  // the rest of segment k from upstream, when the swarm could not deliver it
+	final  int64           // bytes from the blob's start that are final in the file
+	read   int64           // bytes Read has returned
+	k      int             // the segment holding byte final
+	open   bool            // segment k's info is known and reader is positioned in it
+	reader *torrent.Reader // of the blob's torrent, while following the swarm
+	direct io.ReadCloser   // the rest of segment k from upstream, when the swarm could not deliver it
 	probe  [1]byte
 	done   func() // tells the blob this reader is gone
 }
@@ -963,10 +844,10 @@ func (r *blobReader) step(ctx context.Context) error {
 		waited := now.Sub(blocked)
 		held := r.b.peerHas(piece)
 		r.raiseAhead()
-		if !seeding && held && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.Piece(piece).State().Partial {
+		if !seeding && held && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.PiecePartial(piece) {
 			// Not a byte of the piece in all that time although a connected peer has it: maybe
 			// nobody asked for it.
-			if r.b.kick(piece) {
+			if r.b.t.Kick(piece) {
 				r.s.metrics.kicks.Inc()
 				r.s.log.Debug("kicked a piece nobody sent", "digest", r.b.plan.digest, "segment", r.k, "waited", waited, r.b.pieceReport(piece))
 			}
@@ -984,7 +865,7 @@ func (r *blobReader) step(ctx context.Context) error {
 		// The piece at segPos is verified; so may be the ones after it.
 		pl := r.b.plan.pieceLength
 		end := min(((offset+segPos)/pl+1)*pl, offset+length)
-		for i := int(end / pl); end < offset+length && t.Piece(i).State().Complete; i++ {
+		for i := int(end / pl); end < offset+length && t.PieceComplete(i); i++ {
 			end = min(end+pl, offset+length)
 		}
 		r.final = end
@@ -1005,14 +886,14 @@ func (r *blobReader) step(ctx context.Context) error {
 		// The segment progresses but the piece the reader needs does not come: read that piece
 		// alone from upstream and go on with the swarm.
 		r.s.log.Info("piece late in the swarm; reading it from upstream",
-			"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()), r.b.pieceReport(piece))
+			"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", stats.PeerConns, r.b.pieceReport(piece))
 		return r.copyPiece(ctx, segPos)
 	}
 	// The swarm made no progress: read the rest of this segment from upstream.
 	r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
 		"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "error", err,
-		"peers_known", stats.TotalPeers, "peers_active", stats.ActivePeers, "seeders", stats.ConnectedSeeders,
-		"half_open", stats.HalfOpenPeers, "pieces_complete", stats.PiecesComplete, "peer_conns", len(t.PeerConns()), r.b.pieceReport(piece))
+		"peers_known", stats.PeersKnown, "peers_active", stats.PeersActive, "seeders", stats.Seeders,
+		"half_open", stats.HalfOpen, "pieces_complete", stats.PiecesComplete, "peer_conns", stats.PeerConns, r.b.pieceReport(piece))
 	return r.openDirect(ctx, segPos)
 }
 
@@ -1058,10 +939,8 @@ func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 			if r.reader == nil {
 				// Never SetResponsive: a responsive reader returns chunks before their piece is
 				// verified, and only verified bytes may leave the swarm.
-				r.reader = r.b.t.NewReader()
-				r.reader.SetContext(r.ctx)
 				// The piece the reader waits for comes first (see readaheadPieces).
-				r.reader.SetReadahead(readaheadPieces * r.b.plan.pieceLength)
+				r.reader = r.b.t.NewReader(r.ctx, readaheadPieces*r.b.plan.pieceLength)
 			}
 			r.raiseAhead()
 			offset, _ := r.b.plan.segment(r.k)
@@ -1107,8 +986,8 @@ func (r *blobReader) openDirect(ctx context.Context, segPos int64) error {
 // copyDirect copies the next block of segment k from upstream into the blob's file.
 func (r *blobReader) copyDirect(segPos int64) error {
 	offset, length := r.b.plan.segment(r.k)
-	bufp, _ := hashBuffers.Get().(*[]byte)
-	defer hashBuffers.Put(bufp)
+	bufp, _ := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bufp)
 	buf := (*bufp)[:min(int64(len(*bufp)), length-segPos)]
 	n, err := io.ReadAtLeast(r.direct, buf, 1)
 	if n > 0 {
@@ -1126,6 +1005,12 @@ func (r *blobReader) copyDirect(segPos int64) error {
 	}
 	return err
 }
+
+// copyBuffers are the buffers of copies from upstream into a blob's file.
+var copyBuffers = sync.Pool{New: func() any {
+	b := make([]byte, 256<<10)
+	return &b
+}}
 
 // closeSegment leaves segment k.
 func (r *blobReader) closeSegment() {
@@ -1159,7 +1044,7 @@ func (s *Swarm) finished(b *blob) {
 			s.metrics.completion.Observe(time.Since(b.started).Seconds())
 		}
 		st := b.t.Stats()
-		read, wasted, written := st.BytesReadUsefulData.Int64(), st.ChunksReadWasted.Int64(), st.BytesWrittenData.Int64()
+		read, wasted, written := st.PeerBytesRead, st.ChunksWasted, st.BytesWritten
 		s.log.Info("blob delivered", "digest", b.plan.digest, "duration", time.Since(b.started),
 			"peer_bytes", read, "wasted_chunks", wasted, "uploaded_bytes", written)
 		go s.handover(b)
@@ -1178,13 +1063,10 @@ func (s *Swarm) handover(b *blob) {
 	for {
 		local, err := s.cfg.Local.Get(b.plan.digest)
 		if err == nil {
-			b.file.swap(local, nil, local)
+			b.file.Swap(local, nil, local)
 			// Verified whole: pieces read from upstream are seeded too, and the torrent is
 			// complete, which ends the segments' announces.
-			b.st.markVerified()
-			for i := range b.plan.numPieces() {
-				b.t.Piece(i).UpdateCompletion()
-			}
+			b.t.MarkVerified()
 			s.mu.Lock()
 			path := b.path
 			b.path = ""
@@ -1218,9 +1100,8 @@ func (s *Swarm) drop(b *blob) {
 	path := b.path
 	b.path = ""
 	s.mu.Unlock()
-	s.torrents.Delete(b.t)
 	b.t.Drop()
-	b.file.close()
+	b.file.Close()
 	if path != "" {
 		_ = os.Remove(path)
 	}

@@ -95,7 +95,7 @@ func (b *blob) idleSince(now time.Time) time.Duration {
 // bytesMoved is the piece data b's torrent has received and sent.
 func (b *blob) bytesMoved() int64 {
 	st := b.t.Stats()
-	return st.BytesReadData.Int64() + st.BytesWrittenData.Int64()
+	return st.BytesReadData + st.BytesWritten
 }
 
 // stillQuiet reports whether b has had no reader or use since the last sweep found it quiet.

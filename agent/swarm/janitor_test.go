@@ -84,7 +84,7 @@ func TestJanitorRetiresIdleDeliveredBlob(t *testing.T) {
 	if blobOf(nodes[0], d) != nil {
 		t.Fatal("idle delivered blob not retired")
 	}
-	if n := len(s.client.Torrents()); n != 0 {
+	if n := s.client.Stats().Torrents; n != 0 {
 		t.Errorf("%d torrents left after retiring the only blob", n)
 	}
 	if got := testutil.ToFloat64(s.metrics.retired.WithLabelValues(retiredDelivered)); got != 1 {

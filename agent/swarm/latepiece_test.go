@@ -51,10 +51,8 @@ func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
 	// The seeder loses its first piece (as if its disk dropped it): the reader's handshake tells
 	// it that nobody has that piece, while the rest of the segment comes.
 	b := blobOf(seeder, d)
-	st, tor := b.st, b.t
-	st.setComplete(0, false)
-	tor.Piece(0).UpdateCompletion()
-	if tor.Piece(0).State().Complete {
+	b.t.Lose(0)
+	if b.t.PieceComplete(0) {
 		t.Fatal("the seeder still has its first piece")
 	}
 

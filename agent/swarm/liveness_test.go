@@ -5,11 +5,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
-
-	"github.com/anacrolix/torrent"
 )
 
 // testMembers returns n member addresses, 10.x.y.z:7070.
@@ -43,59 +40,5 @@ func TestIsTimeout(t *testing.T) {
 	}
 	if isTimeout(nil) || isTimeout(errors.New("connection reset by peer")) {
 		t.Error("isTimeout is true for nil or a plain error")
-	}
-}
-
-// recordingMembers is a Membership that records who was reported alive.
-type recordingMembers struct {
-	mu    sync.Mutex
-	alive []netip.Addr
-}
-
-func (m *recordingMembers) Self() netip.AddrPort         { return netip.AddrPort{} }
-func (m *recordingMembers) Members() []netip.AddrPort    { return nil }
-func (m *recordingMembers) Live() []netip.AddrPort       { return nil }
-func (m *recordingMembers) Allowed(netip.Addr) bool      { return true }
-func (m *recordingMembers) ReportFailure(netip.AddrPort) {}
-func (m *recordingMembers) ReportAlive(addr netip.Addr) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.alive = append(m.alive, addr)
-}
-
-// TestDataFromPeersCountsAsHeard: the torrent client's callback reports the sender of useful
-// data alive, whether the connection was accepted (a *net.TCPAddr from the socket) or dialled
-// (the netip.AddrPort the swarm gave the client).
-func TestDataFromPeersCountsAsHeard(t *testing.T) {
-	peerB, peerC := netip.MustParseAddrPort("10.0.0.2:7070"), netip.MustParseAddrPort("10.0.0.3:7070")
-	m := &recordingMembers{}
-	report := reportSenderAlive(m)
-	report(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(peerB.Addr(), 51000))}})
-	report(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: peerC}})
-	if len(m.alive) != 2 || m.alive[0] != peerB.Addr() || m.alive[1] != peerC.Addr() {
-		t.Errorf("reported alive %v, want %v and %v", m.alive, peerB.Addr(), peerC.Addr())
-	}
-}
-
-// TestBansExpire: a banned peer is refused until its ban runs out, then admitted again (a
-// repaired member must not stay banned until every agent restarts).
-func TestBansExpire(t *testing.T) {
-	var b bannedIPs
-	peer := netip.MustParseAddr("10.0.0.9")
-	if !b.add(peer, time.Now().Add(time.Hour)) {
-		t.Fatal("first ban not reported as new")
-	}
-	if b.add(peer, time.Now().Add(time.Hour)) {
-		t.Error("a second ban while banned reported as new")
-	}
-	if _, blocked := b.Lookup(peer.AsSlice()); !blocked {
-		t.Error("a banned peer is not blocked")
-	}
-	b.add(peer, time.Now().Add(-time.Second)) // as if the ban had run out
-	if _, blocked := b.Lookup(peer.AsSlice()); blocked {
-		t.Error("a peer whose ban ran out is still blocked")
-	}
-	if !b.add(peer, time.Now().Add(time.Hour)) {
-		t.Error("banning again after expiry not reported as new")
 	}
 }

@@ -121,15 +121,12 @@ type statsView struct {
 
 func (s *Swarm) stats() statsView {
 	cs := s.client.Stats()
-	v := statsView{
-		peerBytesRead: cs.BytesReadUsefulData.Int64(),
-		bytesWritten:  cs.BytesWrittenData.Int64(),
-		piecesGood:    cs.PiecesDirtiedGood.Int64(),
-		piecesBad:     cs.PiecesDirtiedBad.Int64(),
+	return statsView{
+		peerBytesRead: cs.PeerBytesRead,
+		bytesWritten:  cs.BytesWritten,
+		piecesGood:    cs.PiecesGood,
+		piecesBad:     cs.PiecesBad,
+		torrents:      cs.Torrents,
+		peers:         cs.Peers,
 	}
-	for _, t := range s.client.Torrents() {
-		v.torrents++
-		v.peers += len(t.PeerConns())
-	}
-	return v
 }

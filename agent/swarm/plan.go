@@ -114,9 +114,6 @@ func (p plan) pieces(k int) int {
 	return int((length + p.pieceLength - 1) / p.pieceLength)
 }
 
-// numPieces is how many pieces the blob's torrent has.
-func (p plan) numPieces() int { return int((p.size + p.pieceLength - 1) / p.pieceLength) }
-
 // firstPiece is the index, in the blob's torrent, of segment k's first piece.
 func (p plan) firstPiece(k int) int {
 	offset, _ := p.segment(k)

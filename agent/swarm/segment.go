@@ -1,7 +1,6 @@
 package swarm
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha1" //nolint:gosec // BitTorrent v1 piece hashes are SHA-1; blobs are verified by sha256 too
 	"errors"
@@ -11,10 +10,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/anacrolix/torrent/bencode"
-	"github.com/anacrolix/torrent/metainfo"
-
 	"github.com/shoal-dev/shoal/agent/rendezvous"
+	"github.com/shoal-dev/shoal/agent/torrent"
 )
 
 // segment is this node's state for one segment of a blob: its info (the hashes of its pieces)
@@ -136,9 +133,6 @@ func (s *segment) addPeer(key string, self, p netip.AddrPort, now time.Time, deg
 	return rendezvous.Neighbours(key, p, candidates, degree)
 }
 
-// sha1Size is the length of a BitTorrent v1 piece hash.
-const sha1Size = sha1.Size
-
 // peerTTL is how long a seeder remembers a peer that stopped asking.
 const peerTTL = 2 * time.Minute
 
@@ -146,7 +140,7 @@ const peerTTL = 2 * time.Minute
 // as a torrent info's "pieces". It holds one piece in memory.
 func copyAndHash(ctx context.Context, r io.Reader, w io.WriterAt, offset, length, pieceLength int64) ([]byte, error) {
 	buf := make([]byte, pieceLength)
-	pieces := make([]byte, 0, (length+pieceLength-1)/pieceLength*sha1.Size)
+	pieces := make([]byte, 0, (length+pieceLength-1)/pieceLength*torrent.HashSize)
 	for done := int64(0); done < length; {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -168,21 +162,7 @@ func copyAndHash(ctx context.Context, r io.Reader, w io.WriterAt, offset, length
 // buildInfo returns the bencoded info of segment k of p.
 func buildInfo(p plan, k int, pieces []byte) ([]byte, error) {
 	_, length := p.segment(k)
-	info := metainfo.Info{Name: p.segmentName(k), PieceLength: p.pieceLength, Pieces: pieces, Length: length}
-	return bencode.Marshal(info)
-}
-
-// blobInfo returns the bencoded info of p's blob torrent. Every node builds the same one, so it
-// needs no exchange: its piece hashes are placeholders, and the real ones come with the segments'
-// infos (see blobStorage).
-func blobInfo(p plan) ([]byte, error) {
-	n := p.numPieces()
-	pieces := make([]byte, 0, n*sha1Size)
-	for range n {
-		pieces = append(pieces, placeholderHash[:]...)
-	}
-	info := metainfo.Info{Name: p.digest.Hex, PieceLength: p.pieceLength, Pieces: pieces, Length: p.size}
-	return bencode.Marshal(info)
+	return torrent.EncodeInfo(torrent.Info{Name: p.segmentName(k), PieceLength: p.pieceLength, Pieces: pieces, Length: length})
 }
 
 // checkInfo verifies that info bytes learned from a peer describe segment k of p exactly, so a
@@ -191,25 +171,20 @@ func checkInfo(p plan, k int, infoBytes []byte) (pieces []byte, err error) {
 	if len(infoBytes) > 1<<20 {
 		return nil, errors.New("info too large")
 	}
-	var info metainfo.Info
-	if err := bencode.Unmarshal(infoBytes, &info); err != nil {
-		return nil, fmt.Errorf("decode info: %w", err)
+	info, err := torrent.DecodeInfo(infoBytes)
+	if err != nil {
+		return nil, err
 	}
 	_, length := p.segment(k)
 	switch {
 	case info.Name != p.segmentName(k):
 		return nil, fmt.Errorf("info names %q, want %q", info.Name, p.segmentName(k))
-	case info.Length != length || len(info.Files) != 0:
+	case info.Length != length || info.Files != 0:
 		return nil, fmt.Errorf("info describes %d bytes, want one file of %d", info.Length, length)
 	case info.PieceLength != p.pieceLength:
 		return nil, fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.pieceLength)
-	case len(info.Pieces) != p.pieces(k)*sha1.Size:
-		return nil, fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/sha1.Size, p.pieces(k))
-	}
-	// Re-encoding must give the same bytes, or the infohash would not be what every node computes.
-	again, err := bencode.Marshal(info)
-	if err != nil || !bytes.Equal(again, infoBytes) {
-		return nil, errors.New("info is not in canonical form")
+	case len(info.Pieces) != p.pieces(k)*torrent.HashSize:
+		return nil, fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/torrent.HashSize, p.pieces(k))
 	}
 	return info.Pieces, nil
 }

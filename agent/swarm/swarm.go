@@ -17,7 +17,6 @@ package swarm
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -31,15 +30,12 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/anacrolix/torrent"
-	"github.com/anacrolix/torrent/mse"
-	pp "github.com/anacrolix/torrent/peer_protocol"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/time/rate"
 
 	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/torrent"
 )
 
 // Upstream is what the swarm needs of the registry client: sizes and byte ranges of blobs.
@@ -151,10 +147,8 @@ type Swarm struct {
 	silent  sync.Map
 	metrics *metrics
 
-	mu       sync.Mutex
-	blobs    map[string]*blob
-	torrents sync.Map // *torrent.Torrent → its *blob
-	banned   bannedIPs
+	mu    sync.Mutex
+	blobs map[string]*blob
 
 	stopJanitor chan struct{}
 	closeOnce   sync.Once
@@ -230,18 +224,10 @@ func (s *Swarm) seedingLocked(delta int) {
 	s.seeding += delta
 	switch {
 	case s.seeding == 0:
-		for _, t := range s.client.Torrents() {
-			t.AllowDataDownload()
-		}
+		s.client.Resume()
 	case before == 0:
 		s.pauses++
-		for _, t := range s.client.Torrents() {
-			t.DisallowDataDownload()
-			v, _ := s.torrents.Load(t)
-			if b, ok := v.(*blob); ok {
-				b.refreshPriorities()
-			}
-		}
+		s.client.Pause()
 	}
 }
 
@@ -324,81 +310,28 @@ func New(cfg Config) (*Swarm, error) {
 		}},
 	}
 
-	cc := torrent.NewDefaultClientConfig()
-	cc.Slogger = slog.New(torrentLogHandler{cfg.Logger.Handler()}).With("component", "torrent")
-	cc.DataDir = cfg.Dir
-	cc.Seed = true
-	cc.NoDHT = true
-	cc.DisableUTP = true
-	cc.DisableTCP = true // the swarm hands the client its own listener and dialer
-	cc.DisableTrackers = true
-	cc.DisableWebtorrent = true
-	cc.DisableWebseeds = true
-	cc.DisablePEX = true // peers come from the segment's seeder only, bounded in number (see neighbours)
-	cc.NoDefaultPortForwarding = true
-	cc.DisableIPv6 = !s.self.Addr().Is6()
-	cc.HeaderObfuscationPolicy = torrent.HeaderObfuscationPolicy{Preferred: false, RequirePreferred: true}
-	cc.CryptoProvides = mse.CryptoMethodPlaintext
-	cc.NominalDialTimeout = time.Second
-	cc.MinDialTimeout = controlDialTimeout
-	cc.HandshakesTimeout = 2 * time.Second
-	cc.EstablishedConnsPerTorrent = cfg.ConnsPerTorrent
-	cc.HalfOpenConnsPerTorrent = cfg.ConnsPerTorrent / 2
-	cc.TotalHalfOpenConns = 128
-	cc.DialRateLimiter = rate.NewLimiter(200, 200)
-	// One connection per pair of nodes per torrent: duplicates waste sockets and make a bad piece
-	// look as if two peers sent it, which stops the client from banning its sender.
-	cc.DropDuplicatePeerIds = true
-	// A request younger than stealGrace stays with the peer it was sent to. The client otherwise
-	// moves requests between connections whenever another one looks better by one request, and a
-	// moved request that its first peer had already answered arrives twice (N = 32: 451 wasted
-	// 64 KiB chunks per node, 11 % of the blob; 265 with 1 s; 71 with 3 s).
-	cc.StealRequestGrace = stealGrace
-	// The client considers pieces for requests in its order (priority, then rarest first) only
-	// until 64 MiB of them by default. In a blob's torrent the rarest pieces are those of segments
-	// whose holders this node is not connected to, so those 64 MiB could be pieces no peer can
-	// send while every other piece waits: a node alone stopped dead after 80 MiB.
-	cc.MaxUnverifiedBytes = 0
-	// The client reserves buffer space for every request a peer makes and serves them in no
-	// particular order; a limit below what one peer can have outstanding deadlocks the connection
-	// (a request waits for space held by earlier ones it is itself blocking). So the limit is what
-	// a peer can ask for at once: the client's request queue times the chunk size.
-	cc.MaxAllocPeerRequestDataPerConn = maxPeerRequests * chunkSize
-	// Data from a peer shows it is alive: no need to probe it meanwhile (see Static). Every block
-	// is recorded until its piece verifies, to find who sent bad data (see ban.go).
-	cc.Callbacks.ReceivedUsefulData = append(cc.Callbacks.ReceivedUsefulData, reportSenderAlive(cfg.Membership), s.recordSentBlock)
-	cc.IPBlocklist = &s.banned
-	// A peer serves requests in the order they arrive, so the deeper the queue this node keeps at
-	// a peer, the longer the piece its reader waits for sits behind others: the client queues up
-	// to the peer's advertised "reqq" (1024 chunks, 64 MiB, between two of these clients). Cap it
-	// at half a piece per connection, which still covers the bandwidth-delay product of a node's
-	// link spread over its several connections, and bounds the buffers a peer allocates to serve
-	// this node (N = 32: 1 MiB gave p99 1.66-1.69 and peak RSS 176-196 MiB, 512 KiB 1.60 and
-	// 144 MiB, 256 KiB 1.67 with more stalls).
-	cc.Callbacks.ReadExtendedHandshake = func(_ *torrent.PeerConn, m *pp.ExtendedHandshakeMessage) {
-		m.Reqq = requestsPerConn
-	}
-	// Keep requestsPerConn outstanding on every connection (see requestwindow.go).
-	if canHoldRequestWindow() {
-		cc.Callbacks.ReadMessage = func(pc *torrent.PeerConn, _ *pp.Message) {
-			holdRequestWindow(pc, requestsPerConn)
-		}
-	} else {
-		s.log.Warn("cannot hold the torrent client's request window; connections may run with one or two requests outstanding")
-	}
-	if cfg.MaxUploadRate > 0 {
-		cc.UploadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), 256<<10)
-	}
-	if cfg.MaxDownloadRate > 0 {
-		cc.DownloadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxDownloadRate), 1<<20)
-	}
-	client, err := torrent.NewClient(cc)
+	client, err := torrent.NewClient(torrent.Config{
+		Dir:             cfg.Dir,
+		Self:            s.self,
+		Listener:        cfg.PeerListener,
+		Allowed:         cfg.Membership.Allowed,
+		OnDialFailure:   cfg.Membership.ReportFailure,
+		OnData:          cfg.Membership.ReportAlive, // data from a peer shows it is alive: no need to probe it
+		OnBan:           s.banned,
+		ChunkSize:       chunkSize,
+		RequestsPerConn: requestsPerConn,
+		MaxPeerRequests: maxPeerRequests,
+		ConnsPerTorrent: cfg.ConnsPerTorrent,
+		StealGrace:      stealGrace,
+		MaxUploadRate:   cfg.MaxUploadRate,
+		MaxDownloadRate: cfg.MaxDownloadRate,
+		DialTimeout:     time.Second,
+		Logger:          cfg.Logger,
+	})
 	if err != nil {
-		return nil, fmt.Errorf("start torrent client: %w", err)
+		return nil, err
 	}
 	s.client = client
-	client.AddDialer(memberDialer{members: cfg.Membership, local: membership.LocalAddr(s.self)})
-	client.AddListener(cfg.PeerListener)
 	s.metrics = newMetrics(cfg.Registerer, s)
 	go s.janitor(s.stopJanitor, janitorInterval)
 	return s, nil
@@ -407,68 +340,35 @@ func New(cfg Config) (*Swarm, error) {
 // Close stops the torrent client; downloads in flight fail and the mirror falls back.
 func (s *Swarm) Close() error {
 	s.closeOnce.Do(func() { close(s.stopJanitor) })
-	errs := s.client.Close()
+	err := s.client.Close()
 	s.mu.Lock()
 	for _, b := range s.blobs {
-		b.file.close()
+		b.file.Close()
 	}
 	s.blobs = map[string]*blob{}
 	s.mu.Unlock()
-	return errors.Join(errs...)
+	return err
 }
 
-// memberDialer dials peers for the torrent client, refusing any address that is not a member
-// (peer exchange could otherwise name one) and failing fast on dead ones.
-type memberDialer struct {
-	members membership.Membership
-	local   *net.TCPAddr
-}
-
-func (d memberDialer) DialerNetwork() string { return "tcp" }
-
-func (d memberDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
-	ap, err := netip.ParseAddrPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("dial peer %s: %w", addr, err)
-	}
-	if !d.members.Allowed(ap.Addr()) {
-		return nil, fmt.Errorf("dial peer %s: not a member", addr)
-	}
-	conn, err := (&net.Dialer{Timeout: time.Second, LocalAddr: d.local}).DialContext(ctx, "tcp", addr)
-	if err != nil && !isTimeout(err) {
-		d.members.ReportFailure(ap)
-	}
-	return conn, err
-}
-
-// reportSenderAlive returns the torrent client callback that tells m a peer that sent data is
-// alive.
-func reportSenderAlive(m membership.Membership) func(torrent.ReceivedUsefulDataEvent) {
-	return func(ev torrent.ReceivedUsefulDataEvent) {
-		if addr, ok := peerIP(ev.Peer.RemoteAddr); ok {
-			m.ReportAlive(addr)
-		}
-	}
+// banned is told of every peer the torrent client bans.
+func (s *Swarm) banned(addr netip.Addr, d time.Duration) {
+	s.metrics.bans.Inc()
+	s.log.Warn("peer sent data that failed verification; banned", "peer", addr, "for", d)
 }
 
 // isTimeout reports whether err is a timeout, which proves nothing about a peer: a saturated
 // link drops SYNs (Linux sends the next one a second later) and a busy node answers late. The
 // membership's probes decide about those; a refused or reset connection counts at once.
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
-		(errors.As(err, &ne) && ne.Timeout())
-}
+func isTimeout(err error) bool { return torrent.IsTimeout(err) }
 
 // blob is this node's swarm state for one blob.
 type blob struct {
 	plan           plan
 	registry, repo string
-	file           *blobFile
-	t              *torrent.Torrent // the blob's torrent (see blobStorage)
-	st             *blobStorage
-	path           string // the working file; "" once the data lives in the content store
-	state          completionState
+	file           *torrent.File
+	t              *torrent.Torrent // the blob's torrent: its pieces' hashes arrive by segment
+	path           string           // the working file; "" once the data lives in the content store
+	state          torrent.CompletionState
 	segs           []*segment
 	members        []netip.AddrPort // the member list the assignment was computed over
 	assignment     []netip.AddrPort // balanced seeder of every segment over members
@@ -483,9 +383,6 @@ type blob struct {
 	downloadOnce sync.Once
 	finishOnce   sync.Once
 	started      time.Time
-
-	prioMu sync.Mutex
-	prio   []torrent.PiecePriority // every piece's priority, as set by setPriority
 
 	activityMu sync.Mutex // guards the janitor's view of the blob's activity (see idleSince)
 	readers    int
@@ -510,9 +407,9 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 	}
 	path := filepath.Join(s.cfg.Dir, d.Hex)
 	// A working file left by an earlier run is resumed: its pieces are verified, not fetched again.
-	state := allIncomplete
+	state := torrent.AllIncomplete
 	if fi, err := os.Stat(path); err == nil && fi.Size() == size {
-		state = unknownCompletion
+		state = torrent.UnknownCompletion
 		s.log.Info("resuming an interrupted download", "digest", d)
 	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
@@ -524,7 +421,7 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		return nil, fmt.Errorf("blob %s: size working file: %w", d, err)
 	}
 	members := s.cfg.Membership.Members()
-	b := &blob{plan: p, registry: registry, repo: repo, file: newBlobFile(f, f, f), path: path, state: state,
+	b := &blob{plan: p, registry: registry, repo: repo, file: torrent.NewFile(f, f, f), path: path, state: state,
 		members: members, assignment: assignSeeders(p, members), silent: s.isSilent}
 	if _, ok := s.noRange.Load(registry); ok {
 		b.whole.Store(true)
@@ -533,7 +430,7 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		b.segs = append(b.segs, newSegment(k))
 	}
 	if err := s.addTorrent(b); err != nil {
-		b.file.close()
+		b.file.Close()
 		return nil, fmt.Errorf("blob %s: %w", d, err)
 	}
 	s.blobs[d.Hex] = b

@@ -389,11 +389,7 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 		failed += node.swarm.stats().piecesBad
 		// Banned by the torrent client (the bad node sent all of a failed piece) or by the swarm
 		// (it sent a block of a piece that later verified from other peers).
-		banned = banned || node.swarm.isBanned(bad.addr.Addr())
-		for _, ip := range node.swarm.client.BadPeerIPs() {
-			addr, err := netip.ParseAddr(ip)
-			banned = banned || (err == nil && addr.Unmap() == bad.addr.Addr())
-		}
+		banned = banned || node.swarm.client.IsBanned(bad.addr.Addr())
 	}
 	if failed == 0 {
 		t.Error("no piece failed its hash check, yet the bad node served corrupted data")

@@ -1,4 +1,4 @@
-package swarm
+package torrent
 
 import (
 	"bytes"
@@ -21,21 +21,24 @@ var (
 	errFileClosed = errors.New("blob file closed")
 )
 
-// blobFile is the data of one blob that its torrent reads and writes at offsets. While a blob
+// File is the data of one blob that its torrent reads and writes at offsets. While a blob
 // downloads it is the swarm's own sparse file; once the blob is complete in the content store it
 // can be switched to the store's file, so that seeding never keeps a second copy on disk.
-type blobFile struct {
+type File struct {
 	mu     sync.RWMutex
 	data   io.ReaderAt
 	writer io.WriterAt // nil when read-only
 	closer io.Closer
 }
 
-func newBlobFile(data io.ReaderAt, writer io.WriterAt, closer io.Closer) *blobFile {
-	return &blobFile{data: data, writer: writer, closer: closer}
+// NewFile returns a File over data, written through writer (nil: read-only) and closed by
+// closer.
+func NewFile(data io.ReaderAt, writer io.WriterAt, closer io.Closer) *File {
+	return &File{data: data, writer: writer, closer: closer}
 }
 
-func (f *blobFile) ReadAt(p []byte, off int64) (int, error) {
+// ReadAt reads the blob's bytes at off.
+func (f *File) ReadAt(p []byte, off int64) (int, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	if f.data == nil {
@@ -44,7 +47,8 @@ func (f *blobFile) ReadAt(p []byte, off int64) (int, error) {
 	return f.data.ReadAt(p, off)
 }
 
-func (f *blobFile) WriteAt(p []byte, off int64) (int, error) {
+// WriteAt writes bytes of the blob at off; a read-only File refuses.
+func (f *File) WriteAt(p []byte, off int64) (int, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	if f.writer == nil {
@@ -53,9 +57,9 @@ func (f *blobFile) WriteAt(p []byte, off int64) (int, error) {
 	return f.writer.WriteAt(p, off)
 }
 
-// swap replaces the backing data (e.g. the swarm's file by the store's complete blob) and closes
+// Swap replaces the backing data (e.g. the swarm's file by the store's complete blob) and closes
 // the previous one.
-func (f *blobFile) swap(data io.ReaderAt, writer io.WriterAt, closer io.Closer) {
+func (f *File) Swap(data io.ReaderAt, writer io.WriterAt, closer io.Closer) {
 	f.mu.Lock()
 	old := f.closer
 	f.data, f.writer, f.closer = data, writer, closer
@@ -65,8 +69,8 @@ func (f *blobFile) swap(data io.ReaderAt, writer io.WriterAt, closer io.Closer) 
 	}
 }
 
-// close releases the backing file; reads and writes fail afterwards. Closing twice is harmless.
-func (f *blobFile) close() {
+// Close releases the backing file; reads and writes fail afterwards. Closing twice is harmless.
+func (f *File) Close() {
 	f.mu.Lock()
 	c := f.closer
 	f.data, f.writer, f.closer = nil, nil, nil
@@ -85,7 +89,7 @@ func (f *blobFile) close() {
 // them incomplete (no pointless hashing of an empty file); a resumed download leaves them unknown
 // until they are verified against the hashes.
 type blobStorage struct {
-	file *blobFile
+	file *File
 
 	mu       sync.Mutex
 	hashes   []byte // SHA-1 of every piece, valid where hashed
@@ -100,9 +104,9 @@ type blobStorage struct {
 	onLiar func(peer netip.Addr) // called with every peer that sent a block of a piece that differs from it once verified
 }
 
-// errFrozen is returned by a piece that stopped taking writes (see freezePieces): its bytes came
+// ErrFrozen is returned by a piece that stopped taking writes (see freezePieces): its bytes came
 // from upstream instead.
-var errFrozen = errors.New("read from upstream instead")
+var ErrFrozen = errors.New("read from upstream instead")
 
 // errHashUnknown is returned when the torrent client hashes a piece whose hash has not arrived.
 var errHashUnknown = errors.New("piece hash not known yet")
@@ -147,21 +151,13 @@ func (s *blobStorage) markVerified() {
 	}
 }
 
-type completionState int
-
-const (
-	allIncomplete     completionState = iota // fresh download
-	allComplete                              // data written and hashed by us
-	unknownCompletion                        // resumed: to be verified
-)
-
-func newBlobStorage(file *blobFile, pieces int) *blobStorage {
+func newBlobStorage(file *File, pieces int) *blobStorage {
 	return &blobStorage{file: file, hashes: make([]byte, pieces*sha1Size), hashed: make([]bool, pieces),
 		known: make([]bool, pieces), complete: make([]bool, pieces)}
 }
 
 // setHashes records the hashes of the pieces from first on (a segment's "pieces") and their state.
-func (s *blobStorage) setHashes(first int, pieces []byte, state completionState) {
+func (s *blobStorage) setHashes(first int, pieces []byte, state CompletionState) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	copy(s.hashes[first*sha1Size:], pieces)
@@ -170,8 +166,8 @@ func (s *blobStorage) setHashes(first int, pieces []byte, state completionState)
 			continue // the same segment published twice (see publishSegment): never undo a piece
 		}
 		s.hashed[i] = true
-		s.known[i] = state != unknownCompletion
-		s.complete[i] = state == allComplete
+		s.known[i] = state != UnknownCompletion
+		s.complete[i] = state == AllComplete
 	}
 }
 
@@ -277,7 +273,7 @@ func (p *blobPiece) WriteAt(b []byte, off int64) (int, error) {
 	p.s.writeMu.RLock()
 	defer p.s.writeMu.RUnlock()
 	if p.s.frozenPieces[p.index] {
-		return 0, errFrozen
+		return 0, ErrFrozen
 	}
 	return p.s.file.WriteAt(b, p.off+off)
 }

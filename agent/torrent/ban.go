@@ -1,4 +1,4 @@
-package swarm
+package torrent
 
 import (
 	"hash/crc32"
@@ -14,7 +14,7 @@ import (
 
 // A blob's torrent checks its pieces itself (see blobStorage), which turns off the torrent
 // client's own way of finding which peer corrupted a piece that several peers sent blocks of (it
-// bans only a piece's single sender). So the swarm does that itself: it keeps a checksum of every
+// bans only a piece's single sender). So the adapter does that itself: it keeps a checksum of every
 // block a peer sends until the block's piece verifies, and then bans every peer whose block
 // differs from the verified bytes.
 
@@ -101,18 +101,17 @@ func (c *blockChecker) liars() []netip.Addr {
 }
 
 // recordSentBlock is the torrent client callback that records every block received for a blob.
-func (s *Swarm) recordSentBlock(ev torrent.ReceivedUsefulDataEvent) {
+func (c *Client) recordSentBlock(ev torrent.ReceivedUsefulDataEvent) {
 	addr, ok := peerIP(ev.Peer.RemoteAddr)
 	if !ok {
 		return
 	}
-	v, _ := s.torrents.Load(ev.Peer.Torrent())
-	b, ok := v.(*blob)
-	if !ok {
+	t := c.lookup(ev.Peer.Torrent())
+	if t == nil {
 		return
 	}
 	m := ev.Message
-	b.st.sent.record(int(m.Index), int64(m.Begin), m.Piece, addr)
+	t.st.sent.record(int(m.Index), int64(m.Begin), m.Piece, addr)
 }
 
 // peerIP returns the IP of a peer's address as the torrent client holds it.
@@ -128,13 +127,14 @@ func peerIP(a torrent.PeerRemoteAddr) (netip.Addr, bool) {
 
 // ban stops all traffic with a peer that sent bad data: its connections close, and the torrent
 // client refuses new ones (see bannedIPs).
-func (s *Swarm) ban(addr netip.Addr) {
-	if !s.banned.add(addr, time.Now().Add(banDuration)) {
+func (c *Client) ban(addr netip.Addr) {
+	if !c.banned.add(addr, time.Now().Add(banDuration)) {
 		return
 	}
-	s.metrics.bans.Inc()
-	s.log.Warn("peer sent data that failed verification; banned", "peer", addr, "for", banDuration)
-	for _, t := range s.client.Torrents() {
+	if c.cfg.OnBan != nil {
+		c.cfg.OnBan(addr, banDuration)
+	}
+	for _, t := range c.c.Torrents() {
 		for _, pc := range t.PeerConns() {
 			if ip, ok := peerIP(pc.RemoteAddr); ok && ip == addr {
 				_ = pc.Close()
@@ -195,4 +195,16 @@ func (b *bannedIPs) NumRanges() int {
 	return n
 }
 
-func (s *Swarm) isBanned(addr netip.Addr) bool { return s.banned.banned(addr) }
+// IsBanned reports whether this node bans addr now: by its own rule (a block that differed from
+// its verified piece) or the torrent client's (the only sender of a piece that failed).
+func (c *Client) IsBanned(addr netip.Addr) bool {
+	if c.banned.banned(addr) {
+		return true
+	}
+	for _, ip := range c.c.BadPeerIPs() {
+		if a, err := netip.ParseAddr(ip); err == nil && a.Unmap() == addr.Unmap() {
+			return true
+		}
+	}
+	return false
+}

@@ -1,4 +1,4 @@
-package swarm
+package torrent
 
 import (
 	"reflect"
@@ -15,7 +15,7 @@ func TestRequestWindowIsHeld(t *testing.T) {
 	}
 	var pc torrent.PeerConn
 	peak := reflect.ValueOf(&pc).Elem().FieldByName("Peer").FieldByName("peakRequests")
-	for _, n := range []int{requestsPerConn, 5, 1} {
+	for _, n := range []int{8, 5, 1} {
 		holdRequestWindow(&pc, n)
 		if got, want := 2*peak.Int(), int64(n); got < want || got > want+1 {
 			t.Errorf("holdRequestWindow(%d): window 2 × peak = %d, want %d or %d", n, got, want, want+1)

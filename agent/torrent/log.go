@@ -1,4 +1,4 @@
-package swarm
+package torrent
 
 import (
 	"context"
@@ -30,7 +30,7 @@ func (h torrentLogHandler) Enabled(ctx context.Context, level slog.Level) bool {
 }
 
 // frozenWrite ends the client's message for a chunk refused by a frozen piece.
-var frozenWrite = ": " + errFrozen.Error()
+var frozenWrite = ": " + ErrFrozen.Error()
 
 func (h torrentLogHandler) Handle(ctx context.Context, r slog.Record) error {
 	if r.Level >= slog.LevelWarn && (demotedMessages[r.Message] || strings.HasSuffix(r.Message, frozenWrite)) {

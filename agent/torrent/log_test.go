@@ -1,4 +1,4 @@
-package swarm
+package torrent
 
 import (
 	"bytes"
@@ -17,7 +17,7 @@ func TestTorrentLogHandlerDemotesReaderRetries(t *testing.T) {
 		log.Error("initial read failed", "err", "context deadline exceeded")
 		log.Error("read failed after reader reset", "err", "context deadline exceeded")
 		log.Warn("client unlock handlers took a long time", "duration", "25ms")
-		log.Error("a87d5398: *torrent.PeerConn 0x2055: writing received chunk 127: " + errFrozen.Error())
+		log.Error("a87d5398: *torrent.PeerConn 0x2055: writing received chunk 127: " + ErrFrozen.Error())
 		log.Error("disk on fire")
 		log.Warn("peer misbehaves")
 		log.Info("connected")

@@ -1,4 +1,4 @@
-package swarm
+package torrent
 
 import (
 	"bytes"
@@ -25,7 +25,7 @@ func newTestStorage(t *testing.T, data []byte, pieceLength int64) (*blobStorage,
 		t.Fatal(err)
 	}
 	n := int((int64(len(data)) + pieceLength - 1) / pieceLength)
-	st := newBlobStorage(newBlobFile(f, f, f), n)
+	st := newBlobStorage(NewFile(f, f, f), n)
 	info := metainfo.Info{PieceLength: pieceLength, Length: int64(len(data)), Pieces: make([]byte, n*sha1Size)}
 	impl, err := st.OpenTorrent(t.Context(), &info, metainfo.Hash{})
 	if err != nil {
@@ -71,7 +71,7 @@ func TestBlobStorageKnowsNothingBeforeHashes(t *testing.T) {
 	}
 
 	// The hashes of pieces 2 and 3 arrive (a segment).
-	st.setHashes(2, pieceHashes(data[2*pl:], pl), allIncomplete)
+	st.setHashes(2, pieceHashes(data[2*pl:], pl), AllIncomplete)
 	if c := piece(2).Completion(); !c.Ok || c.Complete {
 		t.Fatalf("completion of a fresh piece with hash = %+v, want known incomplete", c)
 	}
@@ -103,8 +103,8 @@ func TestKickLeavesVerdictsAlone(t *testing.T) {
 	if st.forgetIncomplete(0) {
 		t.Fatal("forgot the completion of a piece without hash")
 	}
-	st.setHashes(0, pieceHashes(data[:2*pl], pl), allIncomplete)
-	st.setHashes(2, pieceHashes(data[2*pl:], pl), allComplete)
+	st.setHashes(0, pieceHashes(data[:2*pl], pl), AllIncomplete)
+	st.setHashes(2, pieceHashes(data[2*pl:], pl), AllComplete)
 	if st.forgetIncomplete(2) {
 		t.Fatal("forgot the completion of a complete piece")
 	}
@@ -146,7 +146,7 @@ func TestLiarsAreFoundOnceThePieceVerifies(t *testing.T) {
 		data[i] = byte(i * 7)
 	}
 	st, piece := newTestStorage(t, data, pl)
-	st.setHashes(0, pieceHashes(data, pl), allIncomplete)
+	st.setHashes(0, pieceHashes(data, pl), AllIncomplete)
 	var liars []netip.Addr
 	st.onLiar = func(a netip.Addr) { liars = append(liars, a) }
 	honest, liar := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
