@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -16,11 +15,13 @@ func newCleanupCommand() *cobra.Command {
 		Short: "Remove the hosts.toml files Shoal wrote and restore the ones it merged into",
 		Long: `Remove what Shoal wrote under containerd's hosts directory: files Shoal created are
 deleted, files it merged its mirror into are restored byte for byte from their backup, and
-nothing Shoal did not write is touched. Run it when uninstalling; pulls then go straight upstream.`,
+nothing Shoal did not write is touched. Run it when uninstalling; pulls then go straight upstream.
+
+` + envHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if hostsDir == "" {
-				return errors.New("--containerd-hosts-dir must be set")
+				return fmt.Errorf("%s must be set", flagLabel(cmd.Flags(), "containerd-hosts-dir"))
 			}
 			if err := hostconfig.Remove(hostsDir); err != nil {
 				return fmt.Errorf("clean up %s: %w", hostsDir, err)
