@@ -20,9 +20,7 @@ var rules = []depcheck.Rule{
 		Why: "anacrolix/torrent is reached from one adapter package only, so that an upgrade " +
 			"touches one place (STYLE.md)",
 		Packages: []string{m("...")},
-		// agent/swarm is being split into packages; once that is done this list must shrink
-		// to the one package that adapts anacrolix/torrent.
-		Except:        []string{m("agent/swarm/..."), m("agent/torrent/...")},
+		Except:        []string{m("agent/torrent")},
 		MustNotImport: []string{"github.com/anacrolix/torrent/..."},
 		Tests:         true,
 	},
