@@ -8,10 +8,13 @@
 //   - warm: node 0 fetches the blob through its agent first, then the other N−1 ask at once.
 //
 // It prints a table, writes the section between <!-- BEGIN swarm --> and <!-- END swarm --> of
-// the Markdown file given by -doc, and the raw per-node results to -json. Run as root.
+// the Markdown file given by -doc, and the raw per-node results to -json. With
+// -cpu-profile-seconds it also fetches a CPU profile from every agent (shoal agent --pprof) during
+// each scenario that runs agents. Run as root.
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -20,12 +23,15 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -55,6 +61,7 @@ type config struct {
 	jsonOut        string
 	startDelay     time.Duration
 	keep           bool
+	profileSeconds int // CPU profile of every agent from the common start; 0 = none
 }
 
 func parseFlags(args []string) (config, error) {
@@ -70,6 +77,7 @@ func parseFlags(args []string) (config, error) {
 	jsonOut := fs.String("json", "", "also write every per-node result to this JSON file")
 	delay := fs.Duration("start-delay", 2*time.Second, "how far ahead the common start time is set (plus 20 ms per node)")
 	keep := fs.Bool("keep", false, "keep each testbed's directory (agent and registry logs, stores) for a post-mortem")
+	profileSeconds := fs.Int("cpu-profile-seconds", 0, "run the agents with --pprof and fetch an N-second CPU profile from each, from the common start of every scenario that runs agents, into the testbed directory as <scenario>-n<i>.pprof; implies -keep")
 	var agentArgs []string
 	fs.Func("agent-arg", "extra argument for every agent (repeatable), e.g. -agent-arg=--max-upload-rate=20M", func(s string) error {
 		agentArgs = append(agentArgs, s)
@@ -88,7 +96,11 @@ func parseFlags(args []string) (config, error) {
 		doc:            *doc,
 		jsonOut:        *jsonOut,
 		startDelay:     *delay,
-		keep:           *keep,
+		keep:           *keep || *profileSeconds > 0,
+		profileSeconds: *profileSeconds,
+	}
+	if cfg.profileSeconds > 0 {
+		cfg.agentArgs = append(cfg.agentArgs, "--pprof")
 	}
 	for f := range strings.SplitSeq(*nodes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
@@ -109,6 +121,8 @@ func parseFlags(args []string) (config, error) {
 		return config{}, errors.New("-size-mib must be positive")
 	case cfg.registryFactor <= 0:
 		return config{}, errors.New("-registry-factor must be positive")
+	case cfg.profileSeconds < 0:
+		return config{}, errors.New("-cpu-profile-seconds must not be negative")
 	case cfg.swarm != "auto" && cfg.swarm != "on" && cfg.swarm != "off":
 		return config{}, fmt.Errorf("-swarm %q: want auto, on or off", cfg.swarm)
 	}
@@ -378,6 +392,15 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	stopSampling := make(chan struct{})
 	sampled := make(chan []second, 1)
 	go func() { sampled <- sample(tb, start, stopSampling) }()
+	if cfg.profileSeconds > 0 && sc != scenarioDirect {
+		// Deferred after stopAgents, so it runs first: the profiles end before the agents do.
+		waitProfiles := profileAgents(ctx, tb, sc, start, cfg.profileSeconds)
+		defer func() {
+			if err := waitProfiles(); err != nil {
+				log.Warn("cpu profiles", "err", err)
+			}
+		}()
+	}
 	fetches, err := tb.FetchAll(ctx, func(i int) *testbed.FetchSpec {
 		if i < first {
 			return nil
@@ -453,6 +476,59 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 		return res, fmt.Errorf("%d of %d nodes failed, e.g. %s", res.Asked-res.OK, res.Asked, firstError(res.Fetches))
 	}
 	return res, nil
+}
+
+// profileAgents fetches a CPU profile of the given seconds from every node's agent from start
+// on, over its metrics address (the agents run with --pprof), into the testbed directory as
+// <scenario>-<node>.pprof. The returned function waits for them all. Merge them with
+// go tool pprof -proto <files> > all.pb.gz.
+func profileAgents(ctx context.Context, tb *testbed.Testbed, scenario string, start time.Time, seconds int) func() error {
+	var wg sync.WaitGroup
+	errs := make([]error, len(tb.Nodes()))
+	for i, node := range tb.Nodes() {
+		wg.Go(func() {
+			path := filepath.Join(tb.Dir(), scenario+"-"+node.Name()+".pprof")
+			if err := profileAgent(ctx, node, path, start, seconds); err != nil {
+				errs[i] = fmt.Errorf("node %s: %w", node.Name(), err)
+			}
+		})
+	}
+	return func() error {
+		wg.Wait()
+		return errors.Join(errs...)
+	}
+}
+
+func profileAgent(ctx context.Context, node *testbed.Node, path string, start time.Time, seconds int) error {
+	select {
+	case <-time.After(time.Until(start)):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	agent := node.Agent()
+	if agent == nil {
+		return errors.New("no agent")
+	}
+	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", agent.MetricsAddr(), seconds)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	client := &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: time.Duration(seconds)*time.Second + time.Minute}
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("fetch cpu profile: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, bytes.TrimSpace(msg))
+	}
+	profile, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("fetch cpu profile: %w", err)
+	}
+	return os.WriteFile(path, profile, 0o644)
 }
 
 // sample reads every node link's counters and the machine's CPU counters each second from

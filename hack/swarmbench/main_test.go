@@ -2,6 +2,7 @@ package main
 
 import (
 	"math"
+	"slices"
 	"testing"
 
 	"github.com/shoal-dev/shoal/test/testbed"
@@ -22,5 +23,22 @@ func TestLinkShare(t *testing.T) {
 	}
 	if got := linkShare(nil, 0, 10, b); got != (Traffic{}) {
 		t.Errorf("empty timeline: %+v, want zero", got)
+	}
+}
+
+// TestCPUProfileFlag: profiles need the agents' pprof endpoint and a kept testbed directory.
+func TestCPUProfileFlag(t *testing.T) {
+	cfg, err := parseFlags([]string{"-cpu-profile-seconds", "30", "-agent-arg=--max-upload-rate=20M"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.profileSeconds != 30 || !cfg.keep || !slices.Contains(cfg.agentArgs, "--pprof") || !slices.Contains(cfg.agentArgs, "--max-upload-rate=20M") {
+		t.Errorf("config = %+v; want 30 s of profile, -keep, and --pprof added to the agent arguments", cfg)
+	}
+	if cfg, err = parseFlags(nil); err != nil || cfg.keep || slices.Contains(cfg.agentArgs, "--pprof") {
+		t.Errorf("without -cpu-profile-seconds: %+v, %v; want no -keep and no --pprof", cfg, err)
+	}
+	if _, err := parseFlags([]string{"-cpu-profile-seconds", "-1"}); err == nil {
+		t.Error("a negative -cpu-profile-seconds was accepted")
 	}
 }
