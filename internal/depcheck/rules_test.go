@@ -19,7 +19,7 @@ var rules = []depcheck.Rule{
 	{
 		Why: "anacrolix/torrent is reached from one adapter package only, so that an upgrade " +
 			"touches one place (STYLE.md)",
-		Packages: []string{m("...")},
+		Packages:      []string{m("...")},
 		Except:        []string{m("agent/torrent")},
 		MustNotImport: []string{"github.com/anacrolix/torrent/..."},
 		Tests:         true,
