@@ -426,7 +426,8 @@ func retriesAfter(err error) int {
 }
 
 // rescue runs when a reader waits for a piece of segment k that does not come: if the member
-// the segment's info came from does not answer a ping, it is taken as stopped (its pieces stop
+// the segment's info came from is banned (it sent bad data), or does not answer a ping, it is
+// taken as stopped (its pieces stop
 // counting, see holders), and every segment of the blob that it published here is seeded again,
 // each by the next member by rank, from upstream, for everyone (this node included, when that
 // is it). Only the pieces that no live peer holds are fetched again: one copy of what the
@@ -438,12 +439,18 @@ func (s *Swarm) rescue(b *blob, k int) {
 		return
 	}
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), rescuePingTimeout)
-		err := membership.NewPinger(s.self)(ctx, source)
-		cancel()
-		if err == nil {
-			seg.endRescue(false, netip.AddrPort{})
-			return // alive: its pieces come, or the late-piece rule reads them
+		var err error
+		if s.client.IsBanned(source.Addr()) {
+			// It sent bad data: whatever it holds is of no use.
+			err = errors.New("banned for sending bad data")
+		} else {
+			ctx, cancel := context.WithTimeout(context.Background(), rescuePingTimeout)
+			err = membership.NewPinger(s.self)(ctx, source)
+			cancel()
+			if err == nil {
+				seg.endRescue(false, netip.AddrPort{})
+				return // alive: its pieces come, or the late-piece rule reads them
+			}
 		}
 		s.markSilent(source.Addr())
 		s.log.Warn("a seeder does not answer; the next members seed its segments again",

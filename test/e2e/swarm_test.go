@@ -184,14 +184,14 @@ func TestSwarmSeederKilledMidTransfer(t *testing.T) {
 
 // TestSwarmCorruptPeerNeverReachesClients makes one node's copy of a blob corrupt on disk
 // behind its agent's back. That node is the only holder of the segment it seeds: the pieces it
-// serves fail their hash checks, it is banned, and the others still receive the exact blob
-// (reading that segment from upstream once the swarm stalls).
+// serves fail their hash checks, it is banned, and the others still receive the exact blob (the
+// next member seeds its segments again from upstream).
 func TestSwarmCorruptPeerNeverReachesClients(t *testing.T) {
 	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	tb := newSwarmTestbed(t, ctx, 4)
-	// Four segments over four members: every member seeds exactly one.
+	// 19 segments over four members: every member seeds some of them.
 	d, err := tb.PushBlob(ctx, "test/blob", 64<<20, 2)
 	if err != nil {
 		t.Fatal(err)
