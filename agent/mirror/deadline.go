@@ -29,9 +29,9 @@ const (
 	deadlineBodyIdle  = "body_idle"
 )
 
-// WithFirstByteTimeout bounds the time to the first byte of every answer (headers are sent only
-// once the body's first bytes are at hand); a request that cannot start in time gets 503. 0 or
-// less disables the bound.
+// WithFirstByteTimeout bounds the time to the first byte of every answer (its headers): a request
+// the store, the swarm or upstream cannot start serving in time gets 503. 0 or less disables the
+// bound.
 func WithFirstByteTimeout(d time.Duration) Option { return func(m *Mirror) { m.firstByte = d } }
 
 // WithBodyIdleTimeout bounds the time a body may go without a byte before the connection is
