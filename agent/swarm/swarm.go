@@ -144,7 +144,9 @@ type Swarm struct {
 	// start out fetched whole, without a failed ranged request per seeder first.
 	noRange sync.Map
 	// silent holds peers that did not answer a ping, until when (see rescue).
-	silent  sync.Map
+	silent sync.Map
+	// heard holds, for every peer IP, when it last sent this node data (unix nanoseconds).
+	heard   sync.Map
 	metrics *metrics
 
 	mu    sync.Mutex
@@ -316,7 +318,7 @@ func New(cfg Config) (*Swarm, error) {
 		Listener:        cfg.PeerListener,
 		Allowed:         cfg.Membership.Allowed,
 		OnDialFailure:   cfg.Membership.ReportFailure,
-		OnData:          cfg.Membership.ReportAlive, // data from a peer shows it is alive: no need to probe it
+		OnData:          s.heardFrom, // data from a peer shows it is alive
 		OnBan:           s.banned,
 		ChunkSize:       chunkSize,
 		RequestsPerConn: requestsPerConn,
@@ -348,6 +350,23 @@ func (s *Swarm) Close() error {
 	s.blobs = map[string]*blob{}
 	s.mu.Unlock()
 	return err
+}
+
+// heardFrom records that peer sent data: it is alive, so the membership need not probe it and a
+// rescue need not suspect it.
+func (s *Swarm) heardFrom(peer netip.Addr) {
+	s.heard.Store(peer.Unmap(), time.Now().UnixNano())
+	s.cfg.Membership.ReportAlive(peer)
+}
+
+// heardWithin reports whether peer sent this node data within d.
+func (s *Swarm) heardWithin(peer netip.Addr, d time.Duration) bool {
+	v, ok := s.heard.Load(peer.Unmap())
+	if !ok {
+		return false
+	}
+	at, ok := v.(int64)
+	return ok && time.Since(time.Unix(0, at)) < d
 }
 
 // banned is told of every peer the torrent client bans.
