@@ -39,6 +39,14 @@ type FileSource interface {
 	Advance(ctx context.Context, have int64) (int64, error)
 }
 
+// Committer is implemented by a FileSource that must learn how its download ended: the store
+// calls Committed once, after it has moved the source's file into the store (err nil: the blob
+// is complete there, and Get finds it) or given the download up (err says why), and before it
+// closes the source. The swarm hands a delivered blob's seeding over to the store's file on it.
+type Committer interface {
+	Committed(err error)
+}
+
 // copyBufferSize bounds the bytes read from a source per write; each write releases bytes to readers.
 const copyBufferSize = 128 << 10
 
@@ -153,7 +161,8 @@ type download struct {
 
 	reserved int64 // bytes reserved in the store; guarded by Store.mu
 
-	closeSource func() // closes a FileSource after commit; nil otherwise
+	closeSource func()    // closes a FileSource after commit; nil otherwise
+	committer   Committer // the FileSource, told how the download ended; nil for other sources
 
 	mu      sync.Mutex
 	size    int64 // announced by src, -1 if unknown
@@ -207,6 +216,9 @@ func (s *Store) run(dl *download, src Source, f ingestFile) {
 	} else {
 		s.discard(dl, f)
 	}
+	if dl.committer != nil {
+		dl.committer.Committed(err)
+	}
 	if dl.closeSource != nil {
 		dl.closeSource()
 	}
@@ -241,6 +253,7 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 	fsrc, inPlace := rc.(FileSource)
 	if inPlace {
 		dl.closeSource = closeSource
+		dl.committer, _ = rc.(Committer)
 	} else {
 		defer closeSource()
 	}

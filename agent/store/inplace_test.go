@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
 // fileSource is a FileSource over a file it fills itself, in steps the test releases.
@@ -188,5 +190,62 @@ func TestFetchInPlaceFailuresLeaveTheSourcesFile(t *testing.T) {
 				t.Errorf("the source's file is gone: %v", err)
 			}
 		})
+	}
+}
+
+// committingSource is a fileSource that records what the store tells it as a store.Committer,
+// and whether the blob was in the store by then.
+type committingSource struct {
+	*fileSource
+	s       *Store
+	d       v1.Hash
+	told    chan error
+	present bool
+}
+
+func (c *committingSource) Committed(err error) {
+	_, statErr := c.s.Stat(c.d)
+	c.present = statErr == nil
+	c.told <- err
+}
+
+func (c *committingSource) open(context.Context) (io.ReadCloser, int64, error) {
+	return c, int64(len(c.data)), nil
+}
+
+// TestFetchInPlaceTellsTheSourceHowItEnded: a FileSource that is a Committer learns once that
+// its blob was committed, when Get already finds it there, or that the download failed.
+func TestFetchInPlaceTellsTheSourceHowItEnded(t *testing.T) {
+	for _, corrupt := range []bool{false, true} {
+		ts := openTestStore(t, "")
+		ctx := testContext(t)
+		data, d := randomBlob(9, 300<<10)
+		fs := newFileSource(t, ts.dir, data)
+		if corrupt {
+			_, d = randomBlob(10, 300<<10) // another digest: the bytes will not match
+		}
+		src := &committingSource{fileSource: fs, s: ts.Store, d: d, told: make(chan error, 2)}
+		b, err := ts.Fetch(ctx, d, src.open)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src.put(t, int64(len(data)))
+		_, _ = io.ReadAll(b)
+		_ = b.Close()
+		ts.wg.Wait()
+		select {
+		case err := <-src.told:
+			if corrupt && err == nil {
+				t.Error("a blob whose digest did not match was reported committed")
+			}
+			if !corrupt && (err != nil || !src.present) {
+				t.Errorf("committed blob: told %v, in the store then: %v; want nil and true", err, src.present)
+			}
+		default:
+			t.Errorf("corrupt=%v: the source was not told how its download ended", corrupt)
+		}
+		if len(src.told) != 0 {
+			t.Error("the source was told twice")
+		}
 	}
 }

@@ -1061,49 +1061,54 @@ func (s *Swarm) finished(b *blob) {
 		read, wasted, written := st.PeerBytesRead, st.ChunksWasted, st.BytesWritten
 		s.log.Info("blob delivered", "digest", b.plan.digest, "duration", time.Since(b.started),
 			"peer_bytes", read, "wasted_chunks", wasted, "uploaded_bytes", written)
-		go s.handover(b)
 	})
 }
 
-// handover waits for the content store to commit a blob the swarm delivered, then serves its
-// torrent from the store's file and deletes the working file, so a blob is kept on
-// disk once. If the store does not take the blob (its digest did not match, or the store is
-// full), the blob's swarm state is dropped altogether.
+// Committed implements store.Committer: the content store has moved the blob's working file
+// into itself (err nil), or given the download up. A download given up before its end (its
+// client went away, it stalled) keeps its swarm state: it may be resumed, and the janitor
+// retires it if nobody does.
+func (r *blobReader) Committed(err error) {
+	switch {
+	case err == nil:
+		r.s.handover(r.b)
+	case r.final >= r.b.plan.size:
+		// Delivered whole but not kept (its digest did not match, or the store could not
+		// write it): nothing of it can be trusted or kept.
+		r.s.log.Warn("the content store did not keep a blob the swarm delivered; dropping it from the swarm", "digest", r.b.plan.digest, "error", err)
+		r.s.drop(r.b)
+	}
+}
+
+var _ store.Committer = (*blobReader)(nil)
+
+// handover serves a blob's torrent from the content store's copy, which the store has just
+// committed, and deletes the working file if it is still there, so a blob is kept on disk once.
 func (s *Swarm) handover(b *blob) {
 	if s.cfg.Local == nil {
 		return
 	}
-	deadline := time.Now().Add(handoverTimeout)
-	for {
-		local, err := s.cfg.Local.Get(b.plan.digest)
-		if err == nil {
-			b.file.Swap(local, nil, local)
-			// Verified whole: pieces read from upstream are seeded too, and the torrent is
-			// complete, which ends the segments' announces.
-			b.t.MarkVerified()
-			s.mu.Lock()
-			path := b.path
-			b.path = ""
-			s.mu.Unlock()
-			if path != "" {
-				// The store normally moved the file into itself (see store.FileSource).
-				if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-					s.log.Warn("cannot remove a swarm working file", "path", path, "error", err)
-				}
-			}
-			return
+	local, err := s.cfg.Local.Get(b.plan.digest)
+	if err != nil {
+		s.log.Warn("a blob the content store committed is not there; dropping it from the swarm", "digest", b.plan.digest, "error", err)
+		s.drop(b)
+		return
+	}
+	b.file.Swap(local, nil, local)
+	// Verified whole: pieces read from upstream are seeded too, and the torrent is complete,
+	// which ends the segments' announces.
+	b.t.MarkVerified()
+	s.mu.Lock()
+	path := b.path
+	b.path = ""
+	s.mu.Unlock()
+	if path != "" {
+		// The store normally moved the file into itself (see store.FileSource).
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.log.Warn("cannot remove a swarm working file", "path", path, "error", err)
 		}
-		if time.Now().After(deadline) {
-			s.log.Warn("the content store did not keep a blob the swarm delivered; dropping it from the swarm", "digest", b.plan.digest)
-			s.drop(b)
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
-
-// handoverTimeout bounds waiting for the content store to commit a delivered blob.
-const handoverTimeout = 30 * time.Second
 
 // drop forgets a blob: its torrents stop and its working file is removed.
 func (s *Swarm) drop(b *blob) {

@@ -137,10 +137,15 @@ func TestAnnouncesEndWithTheirSegment(t *testing.T) {
 	nodes := startNodesWith(t, 3, up, 1<<20, 256<<10, func(i int) LocalBlobs { return stores[i] })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	fetchAll(t, ctx, nodes, d, content)
-	for _, st := range stores {
-		st.held.Store(true) // the content store committed the blob
+	var wg sync.WaitGroup
+	for i, node := range nodes {
+		wg.Go(func() {
+			if got, err := deliver(ctx, node.swarm.Source("registry.test", "app", d), stores[i]); err != nil || !bytes.Equal(got, content) {
+				t.Errorf("node %s: %d bytes, %v", node.addr, len(got), err)
+			}
+		})
 	}
+	wg.Wait()
 	deadline := time.Now().Add(time.Minute)
 	for _, node := range nodes {
 		for node.swarm.announcing.Load() > 0 {

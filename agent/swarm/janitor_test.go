@@ -36,6 +36,25 @@ type bytesBlob struct{ *bytes.Reader }
 
 func (b bytesBlob) Close() error { return nil }
 
+// deliver reads a source to its end as the content store would, then commits it to held and
+// tells the source (store.Committer), as the store does once the blob is verified.
+func deliver(ctx context.Context, src store.Source, held *heldBlobs) ([]byte, error) {
+	rc, _, err := src(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	got, err := io.ReadAll(rc)
+	if err != nil {
+		return got, err
+	}
+	held.held.Store(true)
+	if c, ok := rc.(store.Committer); ok {
+		c.Committed(nil)
+	}
+	return got, nil
+}
+
 // blobOf returns node's swarm state of d, or nil.
 func blobOf(node *testNode, d v1.Hash) *blob {
 	node.swarm.mu.Lock()
@@ -54,11 +73,10 @@ func TestJanitorRetiresIdleDeliveredBlob(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	for i, node := range nodes {
-		got, err := readSource(ctx, node.swarm.Source("registry.test", "app", d))
+		got, err := deliver(ctx, node.swarm.Source("registry.test", "app", d), locals[i])
 		if err != nil || !bytes.Equal(got, content) {
 			t.Fatalf("node %d: %d bytes, %v", i, len(got), err)
 		}
-		locals[i].held.Store(true) // the content store committed it
 	}
 	for i, node := range nodes {
 		b := blobOf(node, d)
