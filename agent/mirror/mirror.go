@@ -345,10 +345,8 @@ func singleRange(r *http.Request, size int64) (start, end int64, ok bool) {
 	if r.Method != http.MethodGet || rng == "" || len(r.Header.Values("Range")) != 1 {
 		return 0, 0, false
 	}
-	for _, h := range []string{"If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range"} {
-		if r.Header.Get(h) != "" {
-			return 0, 0, false
-		}
+	if conditional(r) {
+		return 0, 0, false
 	}
 	spec, found := strings.CutPrefix(rng, "bytes=")
 	if !found || strings.Contains(spec, ",") {
@@ -481,15 +479,17 @@ func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter 
 // plainGet reports whether r asks for a whole body with no condition: what containerd sends, and
 // what can be answered without http.ServeContent.
 func plainGet(r *http.Request) bool {
-	if r.Method != http.MethodGet {
-		return false
-	}
-	for _, h := range []string{"Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range"} {
+	return r.Method == http.MethodGet && r.Header.Get("Range") == "" && !conditional(r)
+}
+
+// conditional reports whether r carries a condition on the blob's version.
+func conditional(r *http.Request) bool {
+	for _, h := range []string{"If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range"} {
 		if r.Header.Get(h) != "" {
-			return false
+			return true
 		}
 	}
-	return true
+	return false
 }
 
 // streamBuffers are the copy buffers of blobs served while they download.
