@@ -88,12 +88,8 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			return nil
 		}
 		whole := b.whole.Load()
-		owner := k
-		if whole {
-			owner = 0
-		}
 		live := s.cfg.Membership.Live()
-		seeder, _ := seederOf(b.plan, owner, b.assignment, b.members, func(m netip.AddrPort) bool {
+		seeder, _ := seederOf(b.plan, ownerOf(k, whole), b.assignment, b.members, func(m netip.AddrPort) bool {
 			// A whole blob's seeder is left only once it failed this node: every member that
 			// takes it for the whole blob's seeder fetches the blob whole, so a momentary
 			// difference between nodes' views of who is alive would cost a copy of the blob.
@@ -148,6 +144,15 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 		go s.announce(b, k, seeder, whole, answer.Peers)
 		return nil
 	}
+}
+
+// ownerOf is the segment whose seeder seeds segment k: k itself, or segment 0 when the blob is
+// fetched whole (see seedWhole).
+func ownerOf(k int, whole bool) int {
+	if whole {
+		return 0
+	}
+	return k
 }
 
 // setWhole records that blob b's registry ignores Range (see seedWhole).
@@ -434,7 +439,7 @@ func retriesAfter(err error) int {
 // stopped member alone had, instead of one per reader that would read it directly.
 func (s *Swarm) rescue(b *blob, k int) {
 	seg := b.segs[k]
-	source, ok := seg.beginRescue(time.Now(), kickAfter(s.cfg.StallTimeout))
+	source, ok := seg.beginRescue(time.Now(), kickAfter(s.cfg.StallTimeout), netip.AddrPort{})
 	if !ok {
 		return
 	}
@@ -466,11 +471,7 @@ func (s *Swarm) rescue(b *blob, k int) {
 			if other == k || b.segmentDone(other) {
 				continue
 			}
-			if src, ok := os.beginRescue(time.Now(), 0); ok {
-				if src != source {
-					os.endRescue(false, netip.AddrPort{})
-					continue
-				}
+			if _, ok := os.beginRescue(time.Now(), 0, source); ok {
 				go s.reseed(b, other, source)
 			}
 		}
@@ -487,14 +488,10 @@ func (s *Swarm) reseed(b *blob, k int, stopped netip.AddrPort) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.InfoTimeout)
 	defer cancel()
 	whole := b.whole.Load()
-	owner := k
-	if whole {
-		owner = 0
-	}
 	failed := map[netip.AddrPort]bool{stopped: true}
 	for ctx.Err() == nil {
 		live := s.cfg.Membership.Live()
-		seeder, found := seederOf(b.plan, owner, b.assignment, b.members, func(m netip.AddrPort) bool {
+		seeder, found := seederOf(b.plan, ownerOf(k, whole), b.assignment, b.members, func(m netip.AddrPort) bool {
 			return !failed[m] && !s.isSilent(m.Addr()) && slices.Contains(live, m)
 		})
 		if !found || seeder == s.self {

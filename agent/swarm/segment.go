@@ -76,11 +76,12 @@ func (s *segment) setSource(seeder netip.AddrPort) {
 }
 
 // beginRescue returns the segment's seeder and true if a rescue may start: the info came from
-// another member, no rescue runs, and none began within every.
-func (s *segment) beginRescue(now time.Time, every time.Duration) (netip.AddrPort, bool) {
+// another member (from, when from is valid), no rescue runs, and none began within every.
+func (s *segment) beginRescue(now time.Time, every time.Duration, from netip.AddrPort) (netip.AddrPort, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.rescuing || s.info == nil || !s.source.IsValid() || now.Sub(s.rescued) < every {
+	if s.rescuing || s.info == nil || !s.source.IsValid() || now.Sub(s.rescued) < every ||
+		(from.IsValid() && from != s.source) {
 		return netip.AddrPort{}, false
 	}
 	s.rescuing, s.rescued = true, now
