@@ -17,7 +17,6 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/torrent"
 	"github.com/shoal-dev/shoal/agent/upstream"
@@ -456,7 +455,7 @@ func (s *Swarm) rescue(b *blob, k int) {
 			return
 		default:
 			ctx, cancel := context.WithTimeout(context.Background(), rescuePingTimeout)
-			err = membership.NewPinger(s.self)(ctx, source)
+			err = s.ping(ctx, source)
 			cancel()
 			if err == nil {
 				seg.endRescue(false, netip.AddrPort{})

@@ -138,6 +138,8 @@ type Swarm struct {
 	// segment is published.
 	controlV1 *http.Client
 	protocols sync.Map // netip.AddrPort → the older control protocol version a peer speaks
+	// ping asks a member's control API whether it is alive (see rescue).
+	ping func(ctx context.Context, addr netip.AddrPort) error
 	// announcing counts the announce loops running (see announce).
 	announcing atomic.Int64
 	// noRange holds the registries found to ignore Range (registry → true): their later blobs
@@ -298,6 +300,7 @@ func New(cfg Config) (*Swarm, error) {
 		self:        cfg.Membership.Self(),
 		log:         cfg.Logger,
 		blobs:       map[string]*blob{},
+		ping:        membership.NewPinger(cfg.Membership.Self()),
 		stopJanitor: make(chan struct{}),
 		control: &http.Client{Transport: &http.Transport{
 			DialContext:           (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: membership.LocalAddr(cfg.Membership.Self())}).DialContext,
