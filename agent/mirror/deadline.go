@@ -42,15 +42,24 @@ func WithBodyIdleTimeout(d time.Duration) Option { return func(m *Mirror) { m.bo
 // whoever commits first owns the response. The work commits by sending headers; the watch
 // commits by answering itself when the work has not started an answer in time, after which
 // everything the work writes is dropped (it may be stuck in a deadlock and write much later,
-// when the real writer is no longer valid).
+// when the real writer is no longer valid). It also records the answer, so that whichever of
+// the two ends the response counts it, once.
 type guardedWriter struct {
 	w      http.ResponseWriter
 	header http.Header // the work's headers, copied to w's when it commits
 
 	mu        sync.Mutex
 	state     guardState
+	answer    answer       // what the work sent, under mu
 	lastWrite atomic.Int64 // unix nanoseconds of the last body write (or of the headers)
 	inWrite   atomic.Int32 // writes in progress: a client that does not read is not our stall
+}
+
+// answer is what the work sent: the labels and byte count of the request's metrics.
+type answer struct {
+	source string // where the content came from or was sought; "" until the work knows
+	status int    // 0 until the work sent headers
+	bytes  int64  // body bytes
 }
 
 type guardState int
@@ -59,22 +68,24 @@ const (
 	guardPending   guardState = iota // nothing sent yet
 	guardCommitted                   // the work sent headers and owns the response
 	guardTakenOver                   // the watch answered or cut the response; the work's writes are dropped
+	guardSettled                     // the work finished its answer and counted it
 )
 
 // Header is the work's own map, so that it never races with the watch on the real one.
 func (g *guardedWriter) Header() http.Header { return g.header }
 
 // commit reports whether the work may write: it owns the response, or takes it now.
-func (g *guardedWriter) commit() bool {
+func (g *guardedWriter) commit(status int) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.commitLocked()
+	return g.commitLocked(status)
 }
 
-func (g *guardedWriter) commitLocked() bool {
+func (g *guardedWriter) commitLocked(status int) bool {
 	switch g.state {
 	case guardPending:
 		g.state = guardCommitted
+		g.answer.status = status
 		real := g.w.Header()
 		for k, v := range g.header {
 			real[k] = v
@@ -88,7 +99,7 @@ func (g *guardedWriter) commitLocked() bool {
 }
 
 func (g *guardedWriter) WriteHeader(status int) {
-	if g.commit() {
+	if g.commit(status) {
 		g.w.WriteHeader(status)
 	}
 }
@@ -98,12 +109,13 @@ func (g *guardedWriter) WriteHeader(status int) {
 func (g *guardedWriter) Write(p []byte) (int, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if !g.commitLocked() {
+	if !g.commitLocked(http.StatusOK) {
 		return 0, http.ErrHandlerTimeout
 	}
 	g.inWrite.Add(1)
 	defer g.inWrite.Add(-1)
 	n, err := g.w.Write(p)
+	g.answer.bytes += int64(n)
 	g.lastWrite.Store(time.Now().UnixNano())
 	return n, err
 }
@@ -113,38 +125,70 @@ func (g *guardedWriter) Write(p []byte) (int, error) {
 func (g *guardedWriter) ReadFrom(r io.Reader) (int64, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if !g.commitLocked() {
+	if !g.commitLocked(http.StatusOK) {
 		return 0, http.ErrHandlerTimeout
 	}
 	g.inWrite.Add(1)
 	defer g.inWrite.Add(-1)
-	defer func() { g.lastWrite.Store(time.Now().UnixNano()) }()
+	var n int64
+	var err error
 	if rf, ok := g.w.(io.ReaderFrom); ok {
-		return rf.ReadFrom(r)
+		n, err = rf.ReadFrom(r)
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{g.w}, r)
 	}
-	return io.Copy(struct{ io.Writer }{g.w}, r)
+	g.answer.bytes += n
+	g.lastWrite.Store(time.Now().UnixNano())
+	return n, err
 }
 
 // Flush passes on to the real writer, which net/http's always implements.
 func (g *guardedWriter) Flush() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.commitLocked() {
+	if g.commitLocked(http.StatusOK) {
 		if f, ok := g.w.(http.Flusher); ok {
 			f.Flush()
 		}
 	}
 }
 
-// takeOver gives the response to the watch if the work has not sent headers yet.
-func (g *guardedWriter) takeOver() bool {
+// from records where the answer's content comes from (or is sought), as soon as the work knows.
+func (g *guardedWriter) from(source string) {
+	g.mu.Lock()
+	g.answer.source = source
+	g.mu.Unlock()
+}
+
+// sent reports whether the work sent headers: after that, a failure can only cut the body short.
+func (g *guardedWriter) sent() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.answer.status != 0
+}
+
+// settle ends the work's answer. It returns the answer and true when the work still owned the
+// response, and so counts it; false when the watch took it over and counted it already.
+func (g *guardedWriter) settle() (answer, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.state == guardTakenOver {
+		return answer{}, false
+	}
+	g.state = guardSettled
+	return g.answer, true
+}
+
+// takeOver gives the response to the watch if the work has not sent headers yet, and returns
+// what the work knew of its answer so far.
+func (g *guardedWriter) takeOver() (answer, bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.state != guardPending {
-		return false
+		return answer{}, false
 	}
 	g.state = guardTakenOver
-	return true
+	return g.answer, true
 }
 
 // idle reports how long the body has gone without a byte, 0 while a write is in progress.
@@ -155,19 +199,25 @@ func (g *guardedWriter) idle(now time.Time) time.Duration {
 	return now.Sub(time.Unix(0, g.lastWrite.Load()))
 }
 
-// abandon drops the work's later writes once the watch cuts the connection.
-func (g *guardedWriter) abandon() {
+// abandon drops the work's later writes once the watch cuts the connection, and returns the
+// answer sent so far; false if the work settled its answer first (there is nothing to cut).
+func (g *guardedWriter) abandon() (answer, bool) {
 	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.state != guardCommitted {
+		return answer{}, false
+	}
 	g.state = guardTakenOver
-	g.mu.Unlock()
+	return g.answer, true
 }
 
 // serveGuarded runs serve on its own goroutine and answers in its place when it does not start
 // an answer within the first-byte timeout, or cuts the connection when a body it started goes
 // silent for the body-idle timeout. The work's context is cancelled either way, and the work
 // may go on in the background until it notices (or for ever if it is deadlocked): what matters
-// is that the runtime is not kept waiting.
-func (m *Mirror) serveGuarded(w http.ResponseWriter, r *http.Request, kind string, serve func(http.ResponseWriter, *http.Request)) {
+// is that the runtime is not kept waiting. Whichever of the work and the watch ends the response
+// counts it.
+func (m *Mirror) serveGuarded(w http.ResponseWriter, r *http.Request, kind string, serve func(*guardedWriter, *http.Request)) {
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	g := &guardedWriter{w: w, header: http.Header{}}
@@ -189,9 +239,10 @@ func (m *Mirror) serveGuarded(w http.ResponseWriter, r *http.Request, kind strin
 		return
 	case <-firstByte.C:
 	}
-	if g.takeOver() {
+	if a, ok := g.takeOver(); ok {
 		cancel()
 		m.metrics.deadlines.WithLabelValues(deadlineFirstByte).Inc()
+		m.metrics.count(kind, a, resultError)
 		m.log.Warn("no answer ready in time; the runtime falls back to its next host",
 			"method", r.Method, "path", r.URL.Path, "first_byte_timeout", m.firstByte)
 		m.writeError(w, r, nil, badRequest(http.StatusServiceUnavailable, "UNAVAILABLE",
@@ -213,9 +264,14 @@ func (m *Mirror) serveGuarded(w http.ResponseWriter, r *http.Request, kind strin
 			if g.idle(now) < m.bodyIdle {
 				continue
 			}
-			g.abandon()
+			a, ok := g.abandon()
+			if !ok {
+				finish(<-done) // the work has just finished its answer
+				return
+			}
 			cancel()
 			m.metrics.deadlines.WithLabelValues(deadlineBodyIdle).Inc()
+			m.metrics.count(kind, a, resultAborted)
 			m.log.Warn("body silent too long; cutting the connection so the runtime retries",
 				"method", r.Method, "path", r.URL.Path, "body_idle_timeout", m.bodyIdle)
 			panic(http.ErrAbortHandler)

@@ -79,6 +79,10 @@ func TestWedgedStoreIsAnsweredWith503(t *testing.T) {
 	if got := tm.deadlines(t, deadlineFirstByte); got != 2 {
 		t.Errorf("first-byte deadlines counted %v, want 2", got)
 	}
+	// Counted by the watch as it answers: the wedged work never will.
+	if got := tm.requests(t, "blob", sourceNone, resultError); got != 2 {
+		t.Errorf("requests{blob,none,error} = %v, want 2", got)
+	}
 	// Once the store is back, the same mirror serves again.
 	w.unwedge()
 	content := randomBytes(t, 32<<10)
@@ -105,6 +109,9 @@ func TestSlowFirstBytesStillServe(t *testing.T) {
 	if got := tm.deadlines(t, deadlineFirstByte); got != 0 {
 		t.Errorf("first-byte deadlines counted %v for a download that had started, want 0", got)
 	}
+	if got := tm.requests(t, "blob", sourceUpstream, resultOK); got != 1 {
+		t.Errorf("requests{blob,upstream,ok} = %v, want 1", got)
+	}
 }
 
 // TestSilentBodyIsCut has a download stop after half the blob: the mirror cuts the connection
@@ -129,6 +136,9 @@ func TestSilentBodyIsCut(t *testing.T) {
 	}
 	if got := tm.deadlines(t, deadlineBodyIdle); got != 1 {
 		t.Errorf("body-idle deadlines counted %v, want 1", got)
+	}
+	if got := tm.requests(t, "blob", sourceUpstream, resultAborted); got != 1 {
+		t.Errorf("requests{blob,upstream,aborted} = %v, want 1: the watch counts the body it cut", got)
 	}
 }
 

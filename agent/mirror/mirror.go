@@ -112,21 +112,13 @@ func New(s BlobStore, up Upstream, opts ...Option) *Mirror {
 	return m
 }
 
-// Sources of served bytes, used as metric labels.
-const (
-	sourceLocal    = "local"
-	sourceUpstream = "upstream"
-	sourceSwarm    = "swarm"
-	sourceError    = "error"
-)
-
 // ServeHTTP implements http.Handler.
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 	req, err := ParseRequest(r.Method, r.URL, m.defaultRegistry)
 	if err != nil {
-		m.metrics.requests.WithLabelValues("invalid", sourceError).Inc()
-		m.writeError(w, r, nil, err)
+		status := m.writeError(w, r, nil, err)
+		m.metrics.count("invalid", answer{}, resultOf(status))
 		return
 	}
 	if req.Kind == KindBase {
@@ -139,58 +131,65 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !m.allowed(req.Registry) {
-		m.metrics.requests.WithLabelValues(req.Kind.String(), sourceError).Inc()
-		m.writeError(w, r, req, badRequest(http.StatusNotFound, "NAME_UNKNOWN", "registry %s is not mirrored by this agent", req.Registry))
+		status := m.writeError(w, r, req, badRequest(http.StatusNotFound, "NAME_UNKNOWN", "registry %s is not mirrored by this agent", req.Registry))
+		m.metrics.count(req.Kind.String(), answer{}, resultOf(status))
 		return
 	}
-	m.serveGuarded(w, r, req.Kind.String(), func(w http.ResponseWriter, r *http.Request) { m.serveContent(w, r, req) })
+	m.serveGuarded(w, r, req.Kind.String(), func(g *guardedWriter, r *http.Request) { m.serveContent(g, r, req) })
 }
 
-// serveContent answers a manifest or blob request; it runs under serveGuarded's watch.
-func (m *Mirror) serveContent(w http.ResponseWriter, r *http.Request, req *Request) {
-	cw := &countingWriter{ResponseWriter: w}
+// serveContent answers a manifest or blob request and counts it; it runs under serveGuarded's
+// watch, which counts the request instead when it answers or cuts the response itself.
+func (m *Mirror) serveContent(g *guardedWriter, r *http.Request, req *Request) {
 	start := time.Now()
-	var source string
 	var err error
 	if req.Kind == KindManifest {
-		source, err = m.serveManifest(cw, r, req)
+		err = m.serveManifest(g, r, req)
 	} else {
-		source, err = m.serveBlob(cw, r, req)
+		err = m.serveBlob(g, r, req)
 	}
+	aborted := false
 	if err != nil {
-		source = sourceError
-		if !cw.wroteHeader {
-			m.writeError(cw, r, req, err)
+		if !g.sent() {
+			m.writeError(g, r, req, err)
 		} else {
 			// Headers are gone: the only honest signal left is to cut the connection short of
 			// Content-Length, so the client never takes a partial body for a complete one.
-			m.log.Warn("response aborted mid-body", "registry", req.Registry, "repository", req.Repository,
-				"reference", req.Reference, "sent", cw.bytes, "error", err)
+			aborted = true
 		}
 	}
-	m.metrics.requests.WithLabelValues(req.Kind.String(), source).Inc()
-	if source != sourceError {
-		m.metrics.bytes.WithLabelValues(source).Add(float64(cw.bytes))
+	a, owned := g.settle()
+	if !owned {
+		return // the watch answered or cut the response, and counted it
 	}
-	m.log.Debug("served", "method", r.Method, "kind", req.Kind, "registry", req.Registry,
-		"repository", req.Repository, "reference", req.Reference, "source", source,
-		"bytes", cw.bytes, "duration", time.Since(start))
+	result := resultOf(a.status)
+	if aborted {
+		result = resultAborted
+		m.log.Warn("response aborted mid-body", "registry", req.Registry, "repository", req.Repository,
+			"reference", req.Reference, "source", a.source, "bytes_sent", a.bytes, "error", err)
+	}
+	m.metrics.count(req.Kind.String(), a, result)
+	m.log.Debug("served", "method", r.Method, "kind", req.Kind.String(), "registry", req.Registry,
+		"repository", req.Repository, "reference", req.Reference, "source", a.source, "result", result,
+		"status", a.status, "bytes_sent", a.bytes, "duration", time.Since(start))
 }
 
-func (m *Mirror) serveManifest(w *countingWriter, r *http.Request, req *Request) (string, error) {
+func (m *Mirror) serveManifest(w *guardedWriter, r *http.Request, req *Request) error {
 	if req.HasDigest {
 		if blob, err := m.store.Get(req.Digest); err == nil {
 			defer blob.Close()
+			w.from(sourceLocal)
 			body, err := io.ReadAll(io.LimitReader(blob, oci.MaxManifestSize+1))
 			if err != nil {
-				return "", fmt.Errorf("read cached manifest %s: %w", req.Digest, err)
+				return fmt.Errorf("read cached manifest %s: %w", req.Digest, err)
 			}
 			if len(body) <= oci.MaxManifestSize {
 				writeManifest(w, r, body, oci.ManifestMediaType(body), req.Digest)
-				return sourceLocal, nil
+				return nil
 			}
 		}
 	}
+	w.from(sourceUpstream)
 	ctx, cancel := context.WithTimeout(r.Context(), m.manifestTimeout)
 	defer cancel()
 	accept := r.Header.Values("Accept")
@@ -200,17 +199,17 @@ func (m *Mirror) serveManifest(w *countingWriter, r *http.Request, req *Request)
 	if r.Method == http.MethodHead && !req.HasDigest {
 		desc, err := m.upstream.HeadManifest(ctx, req.Registry, req.Repository, req.Reference, accept)
 		if err != nil {
-			return "", err
+			return err
 		}
 		w.Header().Set("Content-Type", string(desc.MediaType))
 		w.Header().Set("Content-Length", strconv.FormatInt(desc.Size, 10))
 		w.Header().Set("Docker-Content-Digest", desc.Digest.String())
 		w.WriteHeader(http.StatusOK)
-		return sourceUpstream, nil
+		return nil
 	}
 	manifest, err := m.upstream.Manifest(ctx, req.Registry, req.Repository, req.Reference, accept)
 	if err != nil {
-		return "", err
+		return err
 	}
 	m.keepManifest(manifest)
 	mediaType := manifest.MediaType
@@ -218,7 +217,7 @@ func (m *Mirror) serveManifest(w *countingWriter, r *http.Request, req *Request)
 		mediaType = oci.ManifestMediaType(manifest.Body)
 	}
 	writeManifest(w, r, manifest.Body, mediaType, manifest.Digest)
-	return sourceUpstream, nil
+	return nil
 }
 
 // keepManifest stores a manifest by digest so that later pulls by digest (every pull after the
@@ -253,18 +252,19 @@ func writeManifest(w http.ResponseWriter, r *http.Request, body []byte, mediaTyp
 	}
 }
 
-func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (string, error) {
+func (m *Mirror) serveBlob(w *guardedWriter, r *http.Request, req *Request) error {
 	blob, err := m.store.Get(req.Digest)
-	source := sourceLocal
+	w.from(sourceLocal)
 	if errors.Is(err, store.ErrNotFound) {
 		if r.Method == http.MethodHead {
+			w.from(sourceUpstream)
 			return m.headBlobUpstream(w, r, req)
 		}
-		source = m.missSource
+		w.from(m.missSource)
 		blob, err = m.store.Fetch(r.Context(), req.Digest, m.blobSource(req.Registry, req.Repository, req.Digest))
 	}
 	if err != nil {
-		return "", err
+		return err
 	}
 	defer blob.Close()
 
@@ -274,7 +274,7 @@ func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (st
 	if _, onDisk := blob.(syscall.Conn); onDisk {
 		// A complete blob on disk: handing it to net/http unwrapped lets it use sendfile(2).
 		http.ServeContent(w, r, "", time.Time{}, blob)
-		return source, nil
+		return nil
 	}
 	// A blob still downloading: its download has started (the store has an answer from its
 	// source), so headers go at once and the bytes follow as they arrive, under the body-idle
@@ -285,24 +285,24 @@ func (m *Mirror) serveBlob(w *countingWriter, r *http.Request, req *Request) (st
 	switch {
 	case size < 0:
 		// Unknown length (an upstream without Content-Length): the whole body, no ranges.
-		return source, streamInflight(w, r, blob, http.StatusOK, 0, -1, -1)
+		return streamInflight(w, r, blob, http.StatusOK, 0, -1, -1)
 	case plainGet(r):
 		w.Header().Set("Accept-Ranges", "bytes")
-		return source, streamInflight(w, r, blob, http.StatusOK, 0, size, size)
+		return streamInflight(w, r, blob, http.StatusOK, 0, size, size)
 	}
 	if start, end, ok := singleRange(r, size); ok {
 		// How containerd resumes a partly fetched blob: served as the bytes arrive.
 		w.Header().Set("Accept-Ranges", "bytes")
 		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, end, size))
-		return source, streamInflight(w, r, blob, http.StatusPartialContent, start, end-start+1, size)
+		return streamInflight(w, r, blob, http.StatusPartialContent, start, end-start+1, size)
 	}
 	// HEAD, conditional and multi-range requests: net/http's implementation.
 	reader := &errorRecordingReadSeeker{rs: blob}
 	http.ServeContent(w, r, "", time.Time{}, reader)
 	if reader.err != nil {
-		return source, fmt.Errorf("stream blob %s: %w", req.Digest, reader.err)
+		return fmt.Errorf("stream blob %s: %w", req.Digest, reader.err)
 	}
-	return source, nil
+	return nil
 }
 
 // streamInflight answers with status and length bytes of blob from start (-1: to its end), as
@@ -370,19 +370,19 @@ func singleRange(r *http.Request, size int64) (start, end int64, ok bool) {
 	return start, end, true
 }
 
-func (m *Mirror) headBlobUpstream(w http.ResponseWriter, r *http.Request, req *Request) (string, error) {
+func (m *Mirror) headBlobUpstream(w http.ResponseWriter, r *http.Request, req *Request) error {
 	ctx, cancel := context.WithTimeout(r.Context(), m.manifestTimeout)
 	defer cancel()
 	size, err := m.upstream.HeadBlob(ctx, req.Registry, req.Repository, req.Digest)
 	if err != nil {
-		return "", err
+		return err
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
 	w.Header().Set("Docker-Content-Digest", req.Digest.String())
 	w.Header().Set("Accept-Ranges", "bytes")
 	w.WriteHeader(http.StatusOK)
-	return sourceUpstream, nil
+	return nil
 }
 
 // upstreamSource fetches a whole blob from its upstream registry into the store.
@@ -395,8 +395,8 @@ func (m *Mirror) upstreamSource(registry, repo string, d v1.Hash) store.Source {
 // writeError answers with an OCI error body and a status chosen so that containerd moves on to
 // its next host (upstream) whenever the mirror cannot serve: 404 for unknown content, 502/503
 // for upstream and local trouble. 401 is never sent: containerd would try to authenticate
-// against the mirror instead of falling back.
-func (m *Mirror) writeError(w http.ResponseWriter, r *http.Request, req *Request, err error) {
+// against the mirror instead of falling back. It returns the status sent.
+func (m *Mirror) writeError(w http.ResponseWriter, r *http.Request, req *Request, err error) int {
 	status, code := classify(err)
 	if req != nil && code == "" {
 		code = "BLOB_UNKNOWN"
@@ -420,6 +420,7 @@ func (m *Mirror) writeError(w http.ResponseWriter, r *http.Request, req *Request
 	if r.Method != http.MethodHead {
 		_, _ = w.Write(body)
 	}
+	return status
 }
 
 func classify(err error) (status int, code string) {
@@ -436,45 +437,10 @@ func classify(err error) (status int, code string) {
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, upstream.ErrUnavailable):
 		return http.StatusBadGateway, "UNAVAILABLE"
 	case errors.Is(err, context.Canceled):
-		return 499, "UNKNOWN"
+		return statusClientClosed, "UNKNOWN"
 	}
 	return http.StatusBadGateway, "UNKNOWN"
 }
-
-// countingWriter counts body bytes and whether headers were sent.
-type countingWriter struct {
-	http.ResponseWriter
-	bytes       int64
-	wroteHeader bool
-}
-
-func (c *countingWriter) WriteHeader(status int) {
-	c.wroteHeader = true
-	c.ResponseWriter.WriteHeader(status)
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	c.wroteHeader = true
-	n, err := c.ResponseWriter.Write(p)
-	c.bytes += int64(n)
-	return n, err
-}
-
-// ReadFrom keeps sendfile(2) for complete blobs on disk: net/http uses it when the body it copies
-// is an *os.File, which is what makes the warm path run at disk speed.
-func (c *countingWriter) ReadFrom(r io.Reader) (n int64, err error) {
-	c.wroteHeader = true
-	if rf, ok := c.ResponseWriter.(io.ReaderFrom); ok {
-		n, err = rf.ReadFrom(r)
-	} else {
-		n, err = io.Copy(struct{ io.Writer }{c.ResponseWriter}, r)
-	}
-	c.bytes += n
-	return n, err
-}
-
-// Unwrap lets http.ResponseController reach the underlying writer.
-func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 
 // plainGet reports whether r asks for a whole body with no condition: what containerd sends, and
 // what can be answered without http.ServeContent.

@@ -165,8 +165,8 @@ type testMirror struct {
 	metrics  *prometheus.Registry
 }
 
-// requests returns shoal_mirror_requests_total for kind and source.
-func (tm *testMirror) requests(t *testing.T, kind, source string) float64 {
+// requests returns shoal_mirror_requests_total{kind,source,result}.
+func (tm *testMirror) requests(t *testing.T, kind, source, result string) float64 {
 	t.Helper()
 	mfs, err := tm.metrics.Gather()
 	if err != nil {
@@ -181,7 +181,7 @@ func (tm *testMirror) requests(t *testing.T, kind, source string) float64 {
 			for _, l := range m.GetLabel() {
 				labels[l.GetName()] = l.GetValue()
 			}
-			if labels["kind"] == kind && labels["source"] == source {
+			if labels["kind"] == kind && labels["source"] == source && labels["result"] == result {
 				return m.GetCounter().GetValue()
 			}
 		}
@@ -387,8 +387,8 @@ func TestCorruptUpstreamBlobIsNeverServedComplete(t *testing.T) {
 	if _, err := tm.store.Stat(d); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("corrupted blob is in the store: %v", err)
 	}
-	if n := tm.requests(t, "blob", "error"); n != 1 {
-		t.Errorf("requests{kind=blob,source=error} = %v, want 1: the cut-short response must be counted as failed", n)
+	if n := tm.requests(t, "blob", sourceUpstream, resultAborted); n != 1 {
+		t.Errorf("requests{kind=blob,source=upstream,result=aborted} = %v, want 1: the cut-short response must be counted as failed", n)
 	}
 	// Once upstream is fixed, the next pull gets the right bytes.
 	tm.upstream.addBlob(content)

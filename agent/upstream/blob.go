@@ -109,7 +109,7 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 		body:      resp.Body,
 		remaining: limit,
 		idle:      c.timeouts.BlobIdle,
-		bytes:     c.metrics.bytes.WithLabelValues(t.registry),
+		bytes:     c.metrics.received(t.registry),
 		cancel:    cancel,
 		fail: func(err error) error {
 			return t.fail(op+": read body", resp.StatusCode, "", failureKind(err), err)

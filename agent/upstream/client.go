@@ -134,7 +134,8 @@ func WithAuthCacheTTL(d time.Duration) Option { return func(o *options) { o.auth
 
 // WithRegisterer registers the client's metrics (nil: not registered):
 // shoal_upstream_requests_total{registry,kind,code}, shoal_upstream_request_duration_seconds{registry,kind}
-// and shoal_upstream_bytes_total{registry}.
+// and shoal_upstream_bytes_total{registry}. The registry label names at most MaxRegistryLabels
+// registries.
 func WithRegisterer(reg prometheus.Registerer) Option { return func(o *options) { o.reg = reg } }
 
 // WithLogger sets the logger (default: discard).
@@ -190,6 +191,26 @@ func New(opts ...Option) *Client {
 	return c
 }
 
+// CloseIdleConnections closes the connections to registries that no request is using, on the
+// client's transport and on the transports of endpoints with TLS settings of their own, as
+// http.Client's method of the same name does. Requests in progress go on; later requests open
+// new connections.
+func (c *Client) CloseIdleConnections() {
+	type idleCloser interface{ CloseIdleConnections() }
+	if ic, ok := c.base.(idleCloser); ok {
+		ic.CloseIdleConnections()
+	}
+	c.mu.Lock()
+	own := make([]*http.Transport, 0, len(c.endpointTLS))
+	for _, e := range c.endpointTLS {
+		own = append(own, e.transport)
+	}
+	c.mu.Unlock()
+	for _, tr := range own {
+		tr.CloseIdleConnections()
+	}
+}
+
 // target is one repository of one registry, where it is served, and the transport that reaches
 // it (with the endpoint's TLS settings, identified by tlsID).
 type target struct {
@@ -228,12 +249,14 @@ func (c *Client) reach(registry string) (target, *Error) {
 
 // Check prepares requests to registry as every request does (resolving its endpoint, reading
 // the files of its TLS settings) without sending any, so that a configuration problem shows
-// before the first pull.
+// before the first pull. A registry checked is one the caller means to use: the metrics name
+// it (see MaxRegistryLabels) even while it cannot be reached.
 func (c *Client) Check(registry string) error {
 	op := "prepare to pull"
 	if err := oci.ValidateRegistry(registry); err != nil {
 		return &Error{Registry: registry, Op: op, Err: err, kind: ErrBadRequest}
 	}
+	c.metrics.registries.admit(registry)
 	if _, err := c.reach(registry); err != nil {
 		err.Op = op
 		return err
@@ -385,6 +408,7 @@ func (c *Client) handshake(ctx context.Context, t target, e *authEntry) {
 		e.err = t.fail(op, status, code, kind, err)
 		return
 	}
+	c.metrics.registries.admit(t.registry) // it speaks the Distribution API: a real registry
 	c.metrics.observe(t.registry, kindToken, http.StatusOK, time.Since(start))
 	e.client = &http.Client{Transport: rt}
 	e.expires = time.Now().Add(c.authTTL)

@@ -141,7 +141,7 @@ func (c *Client) getManifest(ctx context.Context, t target, op, reference string
 		return nil, invalid("manifest of %d bytes is over the %d byte limit", resp.ContentLength, oci.MaxManifestSize)
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, oci.MaxManifestSize+1))
-	c.metrics.bytes.WithLabelValues(t.registry).Add(float64(len(body)))
+	c.metrics.received(t.registry).Add(float64(len(body)))
 	if err != nil {
 		if cause := context.Cause(ctx); cause != nil {
 			err = cause
