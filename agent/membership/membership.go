@@ -245,10 +245,11 @@ func (s *Static) ReportAlive(addr netip.Addr) {
 	}
 }
 
-// Run probes every peer each probe interval, starting at once, until ctx ends. Call it once.
-// Probes run concurrently, each bounded by the probe timeout, so a peer that black-holes
-// packets delays nobody else; a round ends when all its probes have returned.
-func (s *Static) Run(ctx context.Context) {
+// Run probes every peer each probe interval, starting at once, until ctx ends, and returns nil
+// once its probes have returned. Call it once. Probes run concurrently, each bounded by the
+// probe timeout, so a peer that black-holes packets delays nobody else; a round ends when all
+// its probes have returned.
+func (s *Static) Run(ctx context.Context) error {
 	peers := make([]netip.AddrPort, 0, len(s.state))
 	for _, m := range s.members {
 		if m != s.self {
@@ -263,6 +264,7 @@ func (s *Static) Run(ctx context.Context) {
 		case <-next:
 		}
 	}
+	return nil
 }
 
 func (s *Static) probeRound(ctx context.Context, peers []netip.AddrPort) {

@@ -149,7 +149,7 @@ func startStatic(t *testing.T, s *Static) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		s.Run(ctx)
+		_ = s.Run(ctx)
 	}()
 	t.Cleanup(func() {
 		cancel()
@@ -349,7 +349,7 @@ func TestStaticRunStopsAndIgnoresProbesCutByShutdown(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		s.Run(ctx)
+		_ = s.Run(ctx)
 	}()
 	c := f.await(t, 1)[0]
 	cancel() // the probe returns ctx.Err(): that says nothing about peerB

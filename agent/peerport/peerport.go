@@ -68,7 +68,9 @@ func WithSplitRegisterer(reg prometheus.Registerer) SplitOption {
 // and connections routed to it afterwards are closed. Closing the second of the two closes l.
 // If l fails (with an error other than a temporary one, which is retried with a backoff), both
 // sides return that error from Accept; they must still be closed. anacrolix/torrent retries
-// failed Accepts until its client is closed, so close the torrent client before bt.
+// failed Accepts until its client is closed, so close the torrent client before bt. Closing the
+// second side returns once the goroutines Split started have ended: connections still being
+// sniffed are closed.
 func Split(l net.Listener, allowed func(netip.Addr) bool, opts ...SplitOption) (bt, http net.Listener) {
 	s := &splitter{
 		l:            l,
@@ -79,9 +81,10 @@ func Split(l net.Listener, allowed func(netip.Addr) bool, opts ...SplitOption) (
 			Namespace: "shoal", Subsystem: "swarm", Name: "rejected_connections_total",
 			Help: "Connections to the p2p port closed at once because their IP is not a member's.",
 		}),
-		open:   2,
-		done:   make(chan struct{}),
-		failed: make(chan struct{}),
+		open:     2,
+		done:     make(chan struct{}),
+		failed:   make(chan struct{}),
+		sniffing: map[net.Conn]struct{}{},
 	}
 	for _, opt := range opts {
 		opt(s)
@@ -90,7 +93,7 @@ func Split(l net.Listener, allowed func(netip.Addr) bool, opts ...SplitOption) (
 		s.rejected = registerOrReuse(s.reg, s.rejected)
 	}
 	s.bt, s.http = s.newSide(), s.newSide()
-	go s.acceptLoop()
+	s.wg.Go(s.acceptLoop)
 	return s.bt, s.http
 }
 
@@ -103,9 +106,11 @@ type splitter struct {
 	rejected     prometheus.Counter
 	bt, http     *splitSide
 
-	mu   sync.Mutex
-	open int           // sides not yet closed
-	done chan struct{} // closed when both sides are: l is closed, its Accept errors are expected
+	mu       sync.Mutex
+	open     int                   // sides not yet closed
+	done     chan struct{}         // closed when both sides are: l is closed, its Accept errors are expected
+	sniffing map[net.Conn]struct{} // connections whose first byte is awaited
+	wg       sync.WaitGroup        // the accept loop and the routing goroutines
 
 	failed chan struct{} // closed when l fails
 	err    error         // why l failed; written before failed is closed
@@ -147,17 +152,28 @@ func (s *splitter) acceptLoop() {
 			c.Close()
 			continue
 		}
-		go s.route(c)
+		s.wg.Go(func() { s.route(c) })
 	}
 }
 
 // route reads c's first byte and hands c to the side it belongs to.
 func (s *splitter) route(c net.Conn) {
+	s.mu.Lock()
+	if s.open == 0 {
+		s.mu.Unlock()
+		c.Close()
+		return
+	}
+	s.sniffing[c] = struct{}{}
+	s.mu.Unlock()
 	var first [1]byte
 	err := c.SetReadDeadline(time.Now().Add(s.sniffTimeout))
 	if err == nil {
 		_, err = io.ReadFull(c, first[:])
 	}
+	s.mu.Lock()
+	delete(s.sniffing, c)
+	s.mu.Unlock()
 	if err == nil {
 		err = c.SetReadDeadline(time.Time{})
 	}
@@ -184,6 +200,11 @@ type splitSide struct {
 	conns  chan net.Conn
 	closed chan struct{}
 	once   sync.Once
+	// accepting counts the Accept calls in progress: Close waits for them to return, so that
+	// an accept loop that is not the caller's (the torrent client's) has left this package's
+	// code when Close returns.
+	accepting sync.WaitGroup
+	acceptMu  sync.Mutex // orders accepting.Add before Close's Wait
 }
 
 func (sd *splitSide) deliver(c net.Conn) {
@@ -196,11 +217,16 @@ func (sd *splitSide) deliver(c net.Conn) {
 
 // Accept waits for the next connection routed to this side.
 func (sd *splitSide) Accept() (net.Conn, error) {
+	sd.acceptMu.Lock()
 	select {
 	case <-sd.closed: // a closed side accepts nothing, even a connection ready at the same time
+		sd.acceptMu.Unlock()
 		return nil, sd.opError(net.ErrClosed)
 	default:
 	}
+	sd.accepting.Add(1)
+	sd.acceptMu.Unlock()
+	defer sd.accepting.Done()
 	select {
 	case c := <-sd.conns:
 		return c, nil
@@ -211,22 +237,31 @@ func (sd *splitSide) Accept() (net.Conn, error) {
 	}
 }
 
-// Close stops this side; closing the second side closes the shared listener. Closing a side
-// again does nothing and returns nil.
+// Close stops this side and returns once no Accept call on it is in progress; closing the
+// second side closes the shared listener. Closing a side again does nothing and returns nil.
 func (sd *splitSide) Close() error {
 	var err error
 	sd.once.Do(func() {
+		sd.acceptMu.Lock()
 		close(sd.closed)
+		sd.acceptMu.Unlock()
+		defer sd.accepting.Wait()
 		s := sd.s
 		s.mu.Lock()
 		s.open--
 		last := s.open == 0
+		if last {
+			for c := range s.sniffing {
+				_ = c.SetReadDeadline(time.Now()) // route gives up on it and closes it
+			}
+		}
 		s.mu.Unlock()
 		if last {
 			close(s.done)
 			if cerr := s.l.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
 				err = cerr
 			}
+			s.wg.Wait()
 		}
 	})
 	return err

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-dev/shoal/internal/leakcheck"
 )
 
 const btHandshake = "\x13BitTorrent protocol\x00\x00\x00\x00\x00\x10\x00\x05"
@@ -447,4 +449,32 @@ func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	t.Fatalf("no metric %s", name)
 	return 0
+}
+
+// TestSplitCloseWaitsForItsGoroutines: once the second side is closed, no goroutine of the
+// split is left, not even one still waiting (for an hour) for a silent connection's first byte,
+// and that connection is closed.
+func TestSplitCloseWaitsForItsGoroutines(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb := &splitTestbed{addr: l.Addr().String()}
+	bt, httpL := Split(l, allowAll, WithSniffTimeout(time.Hour))
+	silent := tb.dial(t, "")
+	deadline := time.Now().Add(testWait)
+	for len(leakcheck.Running("agent/peerport.(*splitter).route")) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the silent connection was never accepted")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	_ = bt.Close()
+	if err := httpL.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if left := leakcheck.Running("agent/peerport.(*splitter)."); len(left) > 0 {
+		t.Errorf("%d goroutines of the split still running after both sides closed; the first:\n%s", len(left), left[0])
+	}
+	wantClosedByServer(t, silent)
 }

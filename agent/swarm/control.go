@@ -271,7 +271,9 @@ func (s *Swarm) serveSegmentV2(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.InfoTimeout)
 	defer cancel()
 	answered := make(chan segmentAnswer, 1)
-	go func() { answered <- s.answerSegment(ctx, call) }()
+	if !s.background(func() { answered <- s.answerSegment(ctx, call) }) {
+		answered <- segmentAnswer{Error: errSwarmClosed.Error()}
+	}
 	beat := time.NewTicker(controlHeartbeat)
 	defer beat.Stop()
 	for {

@@ -36,7 +36,7 @@ func (s *Swarm) Source(registry, repo string, d v1.Hash) store.Source {
 		}
 		b.downloadOnce.Do(func() {
 			b.started = time.Now()
-			go s.acquireAll(b)
+			s.background(func() { s.acquireAll(b) })
 		})
 		s.mu.Lock()
 		path := b.path
@@ -61,17 +61,26 @@ func (p plainReader) Close() error               { return p.r.Close() }
 // ahead so that early segments are fetched from upstream first.
 func (s *Swarm) acquireAll(b *blob) {
 	window := make(chan struct{}, s.cfg.UpstreamWindow)
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	for k := range b.segs {
-		window <- struct{}{}
-		go func() {
+		select {
+		case window <- struct{}{}:
+		case <-s.ctx.Done():
+			for _, seg := range b.segs[k:] {
+				seg.fail(fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, errSwarmClosed))
+			}
+			return
+		}
+		wg.Go(func() {
 			defer func() { <-window }()
-			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.InfoTimeout+time.Minute)
+			ctx, cancel := context.WithTimeout(s.ctx, s.cfg.InfoTimeout+time.Minute)
 			defer cancel()
 			if err := s.acquire(ctx, b, k); err != nil {
 				s.log.Warn("segment unavailable through the swarm; readers will fetch it directly", "digest", b.plan.digest, "segment", k, "error", err)
 				b.segs[k].fail(err)
 			}
-		}()
+		})
 	}
 }
 
@@ -140,7 +149,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 		}
 		seg.setSource(seeder)
 		s.addPeers(b, answer.Peers)
-		go s.announce(b, k, seeder, whole, answer.Peers)
+		s.background(func() { s.announce(b, k, seeder, whole, answer.Peers) })
 		return nil
 	}
 }
@@ -186,12 +195,14 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, whole bool, peer
 			return
 		case <-t.Closed():
 			return
+		case <-s.ctx.Done():
+			return
 		case <-timer.C:
 		}
 		if b.segmentDone(k) {
 			return
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
 		answer, err := s.requestSegment(ctx, seeder, b, k, whole)
 		cancel()
 		if err != nil {
@@ -252,8 +263,8 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 				return nil, fmt.Errorf("segment %d of %s: not the whole blob's seeder: %w", k, b.plan.digest, upstream.ErrRangeUnsupported)
 			}
 			s.startWhole(b)
-		} else if seg.startSeeding() {
-			go s.seed(b, k)
+		} else if seg.startSeeding() && !s.background(func() { s.seed(b, k) }) {
+			seg.fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, errSwarmClosed))
 		}
 		select {
 		case <-ready:
@@ -268,7 +279,7 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 
 // seed fetches segment k's bytes, hashes its pieces, and publishes its torrent.
 func (s *Swarm) seed(b *blob, k int) {
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.InfoTimeout+time.Minute)
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.InfoTimeout+time.Minute)
 	defer cancel()
 	offset, length := b.plan.segment(k)
 	start := time.Now()
@@ -358,8 +369,11 @@ func (s *Swarm) startWhole(b *blob) {
 	if b.wholeRunning {
 		return
 	}
-	b.wholeRunning = true
-	go s.seedWhole(b)
+	if b.wholeRunning = s.background(func() { s.seedWhole(b) }); !b.wholeRunning {
+		for _, seg := range b.segs {
+			seg.fail(fmt.Errorf("seed %s whole: %w", b.plan.digest, errSwarmClosed))
+		}
+	}
 }
 
 // seedWhole fetches a blob whose registry ignores Range in one request from its start and
@@ -384,7 +398,7 @@ func (s *Swarm) seedWhole(b *blob) {
 	var rc io.ReadCloser
 	if local := s.openLocal(b.plan.digest); local != nil {
 		rc = local
-	} else if rc, _, err = s.cfg.Upstream.Blob(context.Background(), b.registry, b.repo, b.plan.digest, 0, -1); err != nil {
+	} else if rc, _, err = s.cfg.Upstream.Blob(s.ctx, b.registry, b.repo, b.plan.digest, 0, -1); err != nil {
 		return
 	}
 	defer rc.Close()
@@ -395,7 +409,7 @@ func (s *Swarm) seedWhole(b *blob) {
 	for k, seg := range b.segs {
 		offset, length := b.plan.segment(k)
 		var pieces, info []byte
-		if pieces, err = copyAndHash(context.Background(), rc, b.file, offset, length, b.plan.pieceLength); err != nil {
+		if pieces, err = copyAndHash(s.ctx, rc, b.file, offset, length, b.plan.pieceLength); err != nil {
 			err = fmt.Errorf("segment %d: %w", k, err)
 			return
 		}
@@ -442,7 +456,7 @@ func (s *Swarm) rescue(b *blob, k int) {
 	if !ok {
 		return
 	}
-	go func() {
+	started := s.background(func() {
 		var err error
 		switch {
 		case s.client.IsBanned(source.Addr()):
@@ -454,7 +468,7 @@ func (s *Swarm) rescue(b *blob, k int) {
 			seg.endRescue(false, netip.AddrPort{})
 			return
 		default:
-			ctx, cancel := context.WithTimeout(context.Background(), rescuePingTimeout)
+			ctx, cancel := context.WithTimeout(s.ctx, rescuePingTimeout)
 			err = s.ping(ctx, source)
 			cancel()
 			if err == nil {
@@ -465,16 +479,22 @@ func (s *Swarm) rescue(b *blob, k int) {
 		s.markSilent(source.Addr())
 		s.log.Warn("a seeder does not answer; the next members seed its segments again",
 			"digest", b.plan.digest, "segment", k, "seeder", source, "error", err)
-		go s.reseed(b, k, source)
+		if !s.background(func() { s.reseed(b, k, source) }) {
+			seg.endRescue(false, netip.AddrPort{})
+			return
+		}
 		for other, os := range b.segs {
 			if other == k || b.segmentDone(other) {
 				continue
 			}
-			if _, ok := os.beginRescue(time.Now(), 0, source); ok {
-				go s.reseed(b, other, source)
+			if _, ok := os.beginRescue(time.Now(), 0, source); ok && !s.background(func() { s.reseed(b, other, source) }) {
+				os.endRescue(false, netip.AddrPort{})
 			}
 		}
-	}()
+	})
+	if !started {
+		seg.endRescue(false, netip.AddrPort{})
+	}
 }
 
 // reseed has segment k, published here by stopped, seeded again by the next member by rank, and
@@ -484,7 +504,7 @@ func (s *Swarm) reseed(b *blob, k int, stopped netip.AddrPort) {
 	moved, next := false, netip.AddrPort{}
 	defer func() { seg.endRescue(moved, next) }()
 	s.metrics.rescues.Inc()
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.InfoTimeout)
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.InfoTimeout)
 	defer cancel()
 	whole := b.whole.Load()
 	failed := map[netip.AddrPort]bool{stopped: true}

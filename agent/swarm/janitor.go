@@ -10,10 +10,10 @@ import (
 // without activity (see Config.IdleTimeout).
 const DefaultIdleTimeout = 10 * time.Minute
 
-// janitorInterval is how often the janitor sweeps.
+// janitorInterval is how often Run sweeps.
 const janitorInterval = time.Minute
 
-// The janitor retires what the swarm no longer needs. A node keeps the torrent of a blob it has
+// Run's sweeps retire what the swarm no longer needs. A node keeps the torrent of a blob it has
 // delivered so that it serves peers for the rest of a rollout; kept for ever, every blob ever
 // pulled would hold its torrent, its connections and an open file, which also keeps
 // the disk space of a blob the content store has evicted. A download whose reader went away
@@ -24,20 +24,6 @@ const janitorInterval = time.Minute
 // IdleTimeout: its torrent stops and its working file, if it still has one, is removed (a
 // delivered blob's data belongs to the content store and stays there). A file in Dir that no
 // blob uses is removed once it is IdleTimeout old.
-
-// janitor runs sweeps every interval until stop is closed.
-func (s *Swarm) janitor(stop <-chan struct{}, interval time.Duration) {
-	ticker := time.NewTicker(interval)
-	defer ticker.Stop()
-	for {
-		s.sweep(time.Now())
-		select {
-		case <-stop:
-			return
-		case <-ticker.C:
-		}
-	}
-}
 
 // sweep retires idle blobs and removes unused working files, judging idleness at now.
 func (s *Swarm) sweep(now time.Time) {

@@ -17,6 +17,7 @@ package swarm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -92,7 +93,7 @@ type Config struct {
 	Dir string
 	// Membership is the set of agents this node swarms with.
 	Membership membership.Membership
-	// PeerListener receives BitTorrent connections (the bt side of Split).
+	// PeerListener receives BitTorrent connections (the bt side of Split); Close closes it.
 	PeerListener net.Listener
 	// Upstream fetches byte ranges of blobs the cluster does not have yet.
 	Upstream Upstream
@@ -154,8 +155,16 @@ type Swarm struct {
 	mu    sync.Mutex
 	blobs map[string]*blob
 
-	stopJanitor chan struct{}
-	closeOnce   sync.Once
+	// ctx ends when the swarm closes; the swarm's own goroutines (see background) work under it,
+	// and Close waits for them.
+	ctx      context.Context
+	cancel   context.CancelFunc
+	lifeMu   sync.Mutex
+	closing  bool
+	workers  sync.WaitGroup
+	runOnce  sync.Once
+	closeErr error
+	closed   chan struct{} // closed once Close has returned
 
 	// While this node fetches segments from upstream for the cluster, it asks peers for nothing:
 	// the upstream fetch then has the node's downlink to itself, and every other node is waiting
@@ -296,12 +305,12 @@ func New(cfg Config) (*Swarm, error) {
 		return nil, fmt.Errorf("create swarm directory: %w", err)
 	}
 	s := &Swarm{
-		cfg:         cfg,
-		self:        cfg.Membership.Self(),
-		log:         cfg.Logger,
-		blobs:       map[string]*blob{},
-		ping:        membership.NewPinger(cfg.Membership.Self()),
-		stopJanitor: make(chan struct{}),
+		cfg:    cfg,
+		self:   cfg.Membership.Self(),
+		log:    cfg.Logger,
+		blobs:  map[string]*blob{},
+		ping:   membership.NewPinger(cfg.Membership.Self()),
+		closed: make(chan struct{}),
 		control: &http.Client{Transport: &http.Transport{
 			DialContext:           (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: membership.LocalAddr(cfg.Membership.Self())}).DialContext,
 			MaxIdleConnsPerHost:   4,
@@ -338,21 +347,83 @@ func New(cfg Config) (*Swarm, error) {
 	}
 	s.client = client
 	s.metrics = newMetrics(cfg.Registerer, s)
-	go s.janitor(s.stopJanitor, janitorInterval)
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
 
-// Close stops the torrent client; downloads in flight fail and the mirror falls back.
-func (s *Swarm) Close() error {
-	s.closeOnce.Do(func() { close(s.stopJanitor) })
-	err := s.client.Close()
-	s.mu.Lock()
-	for _, b := range s.blobs {
-		b.file.Close()
+// Run sweeps idle blobs (see janitor) until ctx ends, then closes the swarm and returns once
+// every goroutine it started has ended. The swarm serves from New on; Run only adds the
+// sweeps, so a swarm that is closed without ever running is fine too.
+func (s *Swarm) Run(ctx context.Context) error {
+	ticker := time.NewTicker(janitorInterval)
+	defer ticker.Stop()
+	for {
+		s.sweep(time.Now())
+		select {
+		case <-ctx.Done():
+			return s.Close()
+		case <-s.ctx.Done():
+			<-s.closed
+			return s.closeErr
+		case <-ticker.C:
+		}
 	}
-	s.blobs = map[string]*blob{}
-	s.mu.Unlock()
+}
+
+// Close stops the torrent client and the swarm's goroutines, and returns once they have ended:
+// downloads in flight fail and the mirror falls back to upstream.
+func (s *Swarm) Close() error {
+	s.runOnce.Do(func() {
+		s.lifeMu.Lock()
+		s.closing = true
+		s.lifeMu.Unlock()
+		s.cancel()
+		// The torrent client accepts until its listener fails; it does not close it itself.
+		s.closeErr = errors.Join(s.client.Close(), ignoreClosed(s.cfg.PeerListener.Close()))
+		s.workers.Wait()
+		s.mu.Lock()
+		for _, b := range s.blobs {
+			b.file.Close()
+		}
+		s.blobs = map[string]*blob{}
+		s.mu.Unlock()
+		close(s.closed)
+	})
+	<-s.closed
+	return s.closeErr
+}
+
+func ignoreClosed(err error) error {
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
 	return err
+}
+
+// errSwarmClosed fails work that the swarm is too late to start or finish: it is closing.
+var errSwarmClosed = errors.New("the swarm is closed")
+
+// background runs f in a goroutine that Close waits for, unless the swarm is closing; f must
+// return soon after s.ctx ends. It reports whether f was started.
+func (s *Swarm) background(f func()) bool {
+	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.workers.Go(f)
+	return true
+}
+
+// Check takes the swarm's locks and returns: a liveness check, which does not return while
+// one of them is held for good.
+func (s *Swarm) Check() {
+	s.mu.Lock()
+	//nolint:staticcheck // SA2001: taking the lock is the check.
+	s.mu.Unlock()
+	s.seedingMu.Lock()
+	//nolint:staticcheck // SA2001: taking the lock is the check.
+	s.seedingMu.Unlock()
 }
 
 // heardFrom records that peer sent data: it is alive, so the membership need not probe it and a

@@ -140,7 +140,8 @@ func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLe
 	for i, l := range listeners {
 		ctx, cancel := context.WithCancel(context.Background())
 		members := membership.NewStatic(addrs[i], addrs, membership.WithProbeInterval(200*time.Millisecond))
-		go members.Run(ctx)
+		var probes sync.WaitGroup
+		probes.Go(func() { _ = members.Run(ctx) })
 		bt, control := peerport.Split(l, members.Allowed)
 		cfg := Config{
 			Dir:          t.TempDir(),
@@ -170,9 +171,11 @@ func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLe
 		go func() { _ = server.Serve(control) }()
 		t.Cleanup(func() {
 			cancel()
+			probes.Wait()
 			_ = server.Close()
-			_ = bt.Close()
 			_ = sw.Close()
+			_ = bt.Close()
+			_ = control.Close()
 		})
 		nodes = append(nodes, node)
 	}
