@@ -17,12 +17,14 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/shoal-dev/shoal/agent/hostconfig"
 	"github.com/shoal-dev/shoal/agent/membership"
@@ -165,8 +167,12 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Run starts the agent and blocks until ctx is cancelled or a server fails.
-func Run(ctx context.Context, cfg Config) error {
+// Run starts the agent and blocks until ctx is cancelled or a part of it fails. Its parts run
+// as one errgroup: when one fails, or ctx ends, the HTTP servers drain their requests (for at
+// most shutdownGrace), then the swarm and the membership probes stop, and the content store is
+// closed last. Run returns once every goroutine it started has ended and every listener is
+// closed.
+func Run(ctx context.Context, cfg Config) (err error) {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
@@ -192,6 +198,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("open content store in %s: %w", cfg.DataDir, err)
 	}
+	defer func() {
+		if cerr := blobs.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("close content store: %w", cerr))
+		}
+	}()
 	usage, count := blobs.Usage()
 	log.Info("content store ready", "dir", cfg.DataDir, "blobs", count, "bytes", usage, "limit", cfg.CacheSize)
 
@@ -237,22 +248,36 @@ func Run(ctx context.Context, cfg Config) error {
 		mirrorStore = faults
 		log.Warn("fault injection is on: POST /debug/faults/wedge on the metrics address wedges the mirror's store")
 	}
+	health := newLiveness(log)
+	health.add("content store", func() {
+		if faults != nil {
+			faults.wait()
+		}
+		blobs.Usage() // takes the store's lock
+	})
+
 	var servers []*namedServer
+	defer func() {
+		for _, s := range servers {
+			_ = s.listener.Close() // those that never served; closing again does no harm
+		}
+	}()
+	var p2p *p2pParts
 	if cfg.Swarm.P2PAddr.IsValid() {
-		sw, p2pServer, err := startSwarm(ctx, cfg, blobs, client, reg, log)
-		if err != nil {
+		if p2p, err = startSwarm(cfg, blobs, client, reg, log); err != nil {
 			return err
 		}
-		defer sw.Close()
-		servers = append(servers, p2pServer)
-		mirrorOpts = append(mirrorOpts, mirror.WithBlobSource(sw.Source))
+		// Closes the torrent client and the peer side of the p2p port, unless Run did.
+		defer func() { _ = p2p.swarm.Close() }()
+		servers = append(servers, p2p.control)
+		mirrorOpts = append(mirrorOpts, mirror.WithBlobSource(p2p.swarm.Source))
+		health.add("swarm", p2p.swarm.Check)
 	}
 	handler := mirror.New(mirrorStore, client, mirrorOpts...)
 
 	// Listen before writing hosts.toml: containerd may read it the moment it appears.
 	mirrorListener, err := net.Listen("tcp", cfg.MirrorAddr)
 	if err != nil {
-		closeAll(servers)
 		return fmt.Errorf("listen for the mirror on %s: %w", cfg.MirrorAddr, err)
 	}
 	var ready atomic.Bool
@@ -264,36 +289,76 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.MetricsAddr != "" {
 		metricsListener, err := net.Listen("tcp", cfg.MetricsAddr)
 		if err != nil {
-			closeAll(servers)
 			return fmt.Errorf("listen for metrics on %s: %w", cfg.MetricsAddr, err)
 		}
 		servers = append(servers, &namedServer{name: "metrics", listener: metricsListener, server: &http.Server{
-			Handler:           opsHandler(reg, &ready, faults, cfg.Pprof),
+			Handler:           opsHandler(reg, &ready, health, faults, cfg.Pprof),
 			ReadHeaderTimeout: 10 * time.Second,
 		}})
 	}
 
 	if cfg.ContainerdHostsDir != "" {
 		if err := writeHostsConfig(cfg, endpoints, log); err != nil {
-			closeAll(servers)
 			return err
 		}
 	}
 	ready.Store(true)
 	log.Info("agent ready", "mirror", mirrorListener.Addr().String(), "registries", cfg.MirrorRegistries)
-	return serve(ctx, servers, log)
+	err = runParts(ctx, servers, p2p, log)
+	log.Info("agent stopped", "error", err)
+	return err
+}
+
+// shutdownGrace bounds how long the HTTP servers wait for requests in flight when the agent
+// stops; then their connections are cut, and containerd falls back to the registry.
+const shutdownGrace = 5 * time.Second
+
+// runParts runs the servers, the swarm and the membership probes until ctx ends or one of them
+// fails, and returns once all have stopped: the servers first, so that requests in flight can
+// still read from the swarm while they drain.
+func runParts(ctx context.Context, servers []*namedServer, p2p *p2pParts, log *slog.Logger) error {
+	g, gctx := errgroup.WithContext(ctx)
+	// The swarm and the probes stop once every server has drained (or failed).
+	drainedCtx, drained := context.WithCancel(context.WithoutCancel(ctx))
+	defer drained()
+	var serving sync.WaitGroup
+	for _, s := range servers {
+		serving.Add(1)
+		g.Go(func() error {
+			defer serving.Done()
+			return s.run(gctx)
+		})
+	}
+	g.Go(func() error {
+		serving.Wait()
+		log.Info("agent stopping")
+		drained()
+		return nil
+	})
+	if p2p != nil {
+		g.Go(func() error { return p2p.swarm.Run(drainedCtx) })
+		g.Go(func() error { return p2p.members.Run(drainedCtx) })
+	}
+	return g.Wait()
+}
+
+// p2pParts are the peer-to-peer parts of the agent: the membership probes, the swarm, and the
+// server of the agents' control API.
+type p2pParts struct {
+	members *membership.Static
+	swarm   *swarm.Swarm
+	control *namedServer
 }
 
 // startSwarm listens on the peer-to-peer address, splits it between the BitTorrent peer protocol
-// and the agents' control API, and starts the swarm and the membership probes.
-func startSwarm(ctx context.Context, cfg Config, blobs *store.Store, client *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*swarm.Swarm, *namedServer, error) {
+// and the agents' control API, and starts the swarm.
+func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*p2pParts, error) {
 	log = log.With("component", "swarm")
 	members := membership.NewStatic(cfg.Swarm.P2PAddr, cfg.Swarm.Peers,
 		membership.WithStaticLogger(log), membership.WithStaticRegisterer(reg))
-	go members.Run(ctx)
 	l, err := net.Listen("tcp", cfg.Swarm.P2PAddr.String())
 	if err != nil {
-		return nil, nil, fmt.Errorf("listen for peers on %s: %w", cfg.Swarm.P2PAddr, err)
+		return nil, fmt.Errorf("listen for peers on %s: %w", cfg.Swarm.P2PAddr, err)
 	}
 	peerListener, controlListener := peerport.Split(l, members.Allowed,
 		peerport.WithSplitLogger(log), peerport.WithSplitRegisterer(reg))
@@ -316,14 +381,14 @@ func startSwarm(ctx context.Context, cfg Config, blobs *store.Store, client *ups
 	if err != nil {
 		_ = peerListener.Close()
 		_ = controlListener.Close()
-		return nil, nil, err
+		return nil, err
 	}
 	log.Info("swarm ready", "p2p_addr", cfg.Swarm.P2PAddr, "members", len(cfg.Swarm.Peers))
-	return sw, &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
+	return &p2pParts{members: members, swarm: sw, control: &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
 		Handler:           sw.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}}, nil
+	}}}, nil
 }
 
 // mirrors reports whether the agent mirrors a registry.
@@ -424,7 +489,7 @@ func (r *endpointResolver) server(registry string) string {
 	return endpoint.String()
 }
 
-func opsHandler(reg *prometheus.Registry, ready *atomic.Bool, faults *faultHooks, profiles bool) http.Handler {
+func opsHandler(reg *prometheus.Registry, ready *atomic.Bool, health *liveness, faults *faultHooks, profiles bool) http.Handler {
 	mux := http.NewServeMux()
 	if faults != nil {
 		mux.HandleFunc("POST /debug/faults/wedge", faults.serveWedge)
@@ -438,9 +503,7 @@ func opsHandler(reg *prometheus.Registry, ready *atomic.Bool, faults *faultHooks
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte("ok\n"))
-	})
+	mux.HandleFunc("/healthz", health.serve)
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready.Load() {
 			http.Error(w, "starting", http.StatusServiceUnavailable)
@@ -457,31 +520,23 @@ type namedServer struct {
 	server   *http.Server
 }
 
-func serve(ctx context.Context, servers []*namedServer, log *slog.Logger) error {
-	errs := make(chan error, len(servers))
-	for _, s := range servers {
-		go func() {
-			if err := s.server.Serve(s.listener); !errors.Is(err, http.ErrServerClosed) {
-				errs <- fmt.Errorf("%s server: %w", s.name, err)
-			}
-		}()
-	}
-	var err error
+// run serves until ctx ends, then shuts the server down: requests in flight get shutdownGrace
+// to finish before their connections are cut. It returns an error only if serving failed.
+func (s *namedServer) run(ctx context.Context) error {
+	served := make(chan error, 1)
+	go func() { served <- s.server.Serve(s.listener) }()
 	select {
+	case err := <-served:
+		return fmt.Errorf("%s server: %w", s.name, err)
 	case <-ctx.Done():
-	case err = <-errs:
 	}
-	log.Info("agent stopping")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
 	defer cancel()
-	for _, s := range servers {
-		_ = s.server.Shutdown(shutdownCtx)
+	if err := s.server.Shutdown(shutdownCtx); err != nil {
+		_ = s.server.Close()
 	}
-	return err
-}
-
-func closeAll(servers []*namedServer) {
-	for _, s := range servers {
-		_ = s.listener.Close()
+	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("%s server: %w", s.name, err)
 	}
+	return nil
 }

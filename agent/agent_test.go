@@ -75,7 +75,7 @@ func TestConfigValidate(t *testing.T) {
 func TestPprofOnlyWhenAsked(t *testing.T) {
 	var ready atomic.Bool
 	for _, profiles := range []bool{false, true} {
-		srv := httptest.NewServer(opsHandler(prometheus.NewRegistry(), &ready, nil, profiles))
+		srv := httptest.NewServer(opsHandler(prometheus.NewRegistry(), &ready, newLiveness(slog.New(slog.DiscardHandler)), nil, profiles))
 		want := http.StatusNotFound
 		if profiles {
 			want = http.StatusOK
