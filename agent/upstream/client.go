@@ -295,8 +295,12 @@ func (c *Client) do(ctx context.Context, t target, kind, op, method, path string
 			status = resp.StatusCode
 		}
 		c.metrics.observe(t.registry, kind, status, time.Since(start))
-		c.log.Debug("upstream request", "registry", t.registry, "method", method, "url", req.URL.String(),
-			"status", status, "took", time.Since(start), "error", err)
+		attrs := []any{"registry", t.registry, "method", method, "url", req.URL.String(),
+			"status", status, "duration", time.Since(start)}
+		if err != nil {
+			attrs = append(attrs, "error", err)
+		}
+		c.log.Debug("upstream request", attrs...)
 	}
 	if !timer.Stop() && err == nil && aerr == nil {
 		// The headers arrived just as the timer fired: the body is already cut off.

@@ -280,7 +280,7 @@ func (c *Client) transportFor(registry string, endpoint Endpoint) (http.RoundTri
 	if current != nil {
 		current.transport.CloseIdleConnections()
 		c.log.Info("TLS settings changed, new connections use them", "registry", registry, "endpoint", endpoint.String(),
-			"source", settings.Source)
+			"settings_source", settings.Source)
 	}
 	return tr, id, nil
 }
