@@ -36,8 +36,10 @@ func TestNodeAloneGetsEverySegmentFromItsSeeders(t *testing.T) {
 		t.Fatalf("%d bytes, %v", len(got), err)
 	}
 	t.Logf("kicks: %v", testutil.ToFloat64(nodes[0].swarm.metrics.kicks))
-	if n := testutil.ToFloat64(nodes[0].swarm.metrics.stalls); n != 0 {
-		t.Errorf("stalls = %v, want 0", n)
+	for _, reason := range []string{stallNoProgress, stallLatePiece} {
+		if n := testutil.ToFloat64(nodes[0].swarm.metrics.stalls.WithLabelValues(reason)); n != 0 {
+			t.Errorf("%s stalls = %v, want 0", reason, n)
+		}
 	}
 	if sent := up.sent.Load(); sent != size {
 		t.Errorf("upstream sent %d bytes, want %d", sent, size)

@@ -911,8 +911,8 @@ func (r *blobReader) step(ctx context.Context) error {
 		return fmt.Errorf("segment %d of %s: torrent ended at %d of %d bytes: %w", r.k, r.b.plan.digest, segPos, length, io.ErrUnexpectedEOF)
 	}
 	stats := t.Stats()
-	r.s.metrics.stalls.Inc()
 	if !idle && errors.Is(err, context.DeadlineExceeded) {
+		r.s.metrics.stalls.WithLabelValues(stallLatePiece).Inc()
 		// The segment progresses but the piece the reader needs does not come: read that piece
 		// alone from upstream and go on with the swarm.
 		r.s.log.Info("piece late in the swarm; reading it from upstream",
@@ -920,6 +920,7 @@ func (r *blobReader) step(ctx context.Context) error {
 		return r.copyPiece(ctx, segPos)
 	}
 	// The swarm made no progress: read the rest of this segment from upstream.
+	r.s.metrics.stalls.WithLabelValues(stallNoProgress).Inc()
 	r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
 		"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "error", err,
 		"peers_known", stats.PeersKnown, "peers_active", stats.PeersActive, "seeders", stats.Seeders,

@@ -66,8 +66,8 @@ func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
 	if extra < pieceLength || extra > 2*pieceLength {
 		t.Errorf("upstream sent %d bytes beyond the seeder's copy, want the lost piece (%d), not the rest of the segment", extra, pieceLength)
 	}
-	if n := testutil.ToFloat64(reader.swarm.metrics.stalls); n < 1 {
-		t.Errorf("stalls = %v, want the late piece counted", n)
+	if n := testutil.ToFloat64(reader.swarm.metrics.stalls.WithLabelValues(stallLatePiece)); n < 1 {
+		t.Errorf("late-piece stalls = %v, want the late piece counted", n)
 	}
 	if n := reader.swarm.stats().peerBytesRead; n < size-2*pieceLength {
 		t.Errorf("peer bytes = %d, want the %d of the other pieces", n, size-pieceLength)

@@ -4,6 +4,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// Why a read went to upstream, as the reason label of shoal_swarm_stalls_total.
+const (
+	stallNoProgress = "no_progress"
+	stallLatePiece  = "late_piece"
+)
+
 // Where the bytes of a blob came from, as metric labels.
 const (
 	sourcePeer     = "peer"
@@ -14,7 +20,7 @@ const (
 type metrics struct {
 	bytes          *prometheus.CounterVec
 	seederFailures prometheus.Counter
-	stalls         prometheus.Counter
+	stalls         *prometheus.CounterVec
 	kicks          prometheus.Counter
 	bans           prometheus.Counter
 	retired        *prometheus.CounterVec
@@ -38,10 +44,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "seeder_failures_total",
 			Help: "Seeders that failed to answer for a segment; the next ranked member was asked.",
 		}),
-		stalls: prometheus.NewCounter(prometheus.CounterOpts{
+		stalls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
-			Help: "Reads the swarm could not serve in time and that went to upstream instead: the rest of a segment when the blob made no progress for the stall timeout, or a single late piece.",
-		}),
+			Help: "Reads the swarm could not serve in time and that went to upstream instead, by reason: no_progress (the blob's torrent moved no byte for the stall timeout: the rest of the segment is read from upstream) or late_piece (the torrent progresses but one piece does not come: that piece alone is read from upstream).",
+		}, []string{"reason"}),
 		kicks: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "piece_kicks_total",
 			Help: "Times a reader, waiting for a piece that a connected peer has and of which no byte had come, made the torrent client reconsider whom to ask for it.",
@@ -75,6 +81,9 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "segment_rescues_total",
 			Help: "Segments a reader waited for whose seeder did not answer a ping (stopped or wedged): the next member by rank seeded them again from upstream.",
 		}),
+	}
+	for _, reason := range []string{stallNoProgress, stallLatePiece} {
+		m.stalls.WithLabelValues(reason)
 	}
 	if reg == nil {
 		return m
