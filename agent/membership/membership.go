@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-dev/shoal/internal/promreg"
 )
 
 // Membership is the set of agents a node swarms with. Every agent must see the same members
@@ -170,11 +172,11 @@ func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption
 		opt(s)
 	}
 	if s.reg != nil {
-		s.gauge = registerOrReuse(s.reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		s.gauge = promreg.Shared(s.reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "members",
 			Help: "Swarm members (this node included) by whether they are believed alive.",
 		}, []string{"state"}))
-		s.probes = registerOrReuse(s.reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		s.probes = promreg.Shared(s.reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "member_probes_total",
 			Help: "Liveness checks of swarm members by result: ok, failed, or skipped because the member was heard from within the probe interval.",
 		}, []string{"result"}))
@@ -440,20 +442,4 @@ func plainAddr(a netip.Addr) netip.Addr { return a.Unmap().WithZone("") }
 
 func unmapAddrPort(p netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(p.Addr().Unmap(), p.Port())
-}
-
-// registerOrReuse registers c with reg, or returns the identical collector registered before
-// (by another instance in the same process). A conflicting metric of the same name is a
-// programming error and panics.
-func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, c C) C {
-	if err := reg.Register(c); err != nil {
-		var are prometheus.AlreadyRegisteredError
-		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(C); ok {
-				return existing
-			}
-		}
-		panic(fmt.Sprintf("register membership metrics: %v", err))
-	}
-	return c
 }

@@ -4,7 +4,6 @@ package peerport
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -13,6 +12,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-dev/shoal/internal/promreg"
 )
 
 // btHandshakeFirstByte starts every unobfuscated BitTorrent connection: the length of the
@@ -90,7 +91,7 @@ func Split(l net.Listener, allowed func(netip.Addr) bool, opts ...SplitOption) (
 		opt(s)
 	}
 	if s.reg != nil {
-		s.rejected = registerOrReuse(s.reg, s.rejected)
+		s.rejected = promreg.Shared(s.reg, s.rejected)
 	}
 	s.bt, s.http = s.newSide(), s.newSide()
 	s.wg.Go(s.acceptLoop)
@@ -318,20 +319,4 @@ func (c *sniffedConn) ReadFrom(r io.Reader) (int64, error) {
 		return rf.ReadFrom(r)
 	}
 	return io.Copy(struct{ io.Writer }{c.Conn}, r)
-}
-
-// registerOrReuse registers c with reg, or returns the identical collector registered before
-// (by another instance in the same process, as in tests). A conflicting metric of the same name
-// is a programming error and panics.
-func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, c C) C {
-	if err := reg.Register(c); err != nil {
-		var are prometheus.AlreadyRegisteredError
-		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(C); ok {
-				return existing
-			}
-		}
-		panic(fmt.Sprintf("register peer port metrics: %v", err))
-	}
-	return c
 }
