@@ -6,16 +6,9 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
-)
 
-// testMembers returns n distinct member addresses.
-func testMembers(n int) []netip.AddrPort {
-	ms := make([]netip.AddrPort, n)
-	for i := range ms {
-		ms[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 7070)
-	}
-	return ms
-}
+	"github.com/shoal-dev/shoal/agent/membership/membershiptest"
+)
 
 // testKeys returns n keys shaped like the swarm's: 8 segments of n/8 digests.
 func testKeys(n int) []string {
@@ -56,7 +49,7 @@ func TestRankGolden(t *testing.T) {
 }
 
 func TestRankIsAPermutationAndLeavesInputAlone(t *testing.T) {
-	members := testMembers(20)
+	members := membershiptest.Addrs(20)
 	orig := slices.Clone(members)
 	got := Rank("sha256:abc", members)
 	if !slices.Equal(members, orig) {
@@ -69,7 +62,7 @@ func TestRankIsAPermutationAndLeavesInputAlone(t *testing.T) {
 }
 
 func TestRankIndependentOfInputOrder(t *testing.T) {
-	members := testMembers(32)
+	members := membershiptest.Addrs(32)
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, key := range testKeys(200) {
 		want := Rank(key, members)
@@ -121,7 +114,7 @@ func TestOwnerEmpty(t *testing.T) {
 }
 
 func TestRankBalance(t *testing.T) {
-	members := testMembers(16)
+	members := membershiptest.Addrs(16)
 	keys := testKeys(10000)
 	count := map[netip.AddrPort]int{}
 	for _, key := range keys {
@@ -139,7 +132,7 @@ func TestRankBalance(t *testing.T) {
 // TestRankStableWhenMemberLeaves: only the leaving member's keys move, each to its second
 // choice; and the rest of every ranking keeps its order.
 func TestRankStableWhenMemberLeaves(t *testing.T) {
-	members := testMembers(16)
+	members := membershiptest.Addrs(16)
 	leaving := members[5]
 	remaining := slices.DeleteFunc(slices.Clone(members), func(m netip.AddrPort) bool { return m == leaving })
 	moved := 0
@@ -165,7 +158,7 @@ func TestRankStableWhenMemberLeaves(t *testing.T) {
 
 // TestRankStableWhenMemberJoins: only keys the newcomer now owns move.
 func TestRankStableWhenMemberJoins(t *testing.T) {
-	members := testMembers(17)
+	members := membershiptest.Addrs(17)
 	newcomer := members[16]
 	old := members[:16]
 	moved := 0
@@ -185,7 +178,7 @@ func TestRankStableWhenMemberJoins(t *testing.T) {
 
 func BenchmarkRank(b *testing.B) {
 	for _, n := range []int{64, 5000} {
-		members := testMembers(n)
+		members := membershiptest.Addrs(n)
 		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
 			b.ReportAllocs()
 			for i := 0; b.Loop(); i++ {
@@ -197,7 +190,7 @@ func BenchmarkRank(b *testing.B) {
 
 func BenchmarkOwner(b *testing.B) {
 	for _, n := range []int{64, 5000} {
-		members := testMembers(n)
+		members := membershiptest.Addrs(n)
 		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
 			b.ReportAllocs()
 			for i := 0; b.Loop(); i++ {
@@ -222,7 +215,7 @@ func addrStrings(as []netip.AddrPort) []string {
 func TestNeighboursBoundDegreeAndConnectEveryone(t *testing.T) {
 	const degree = 5
 	for _, n := range []int{2, 4, 8, 32, 128, 512} {
-		members := testMembers(n)
+		members := membershiptest.Addrs(n)
 		key := fmt.Sprintf("sha256:%064x/segment/3", n)
 		links := map[netip.AddrPort]map[netip.AddrPort]bool{}
 		link := func(a, b netip.AddrPort) {
@@ -274,7 +267,7 @@ func TestNeighboursBoundDegreeAndConnectEveryone(t *testing.T) {
 // TestNeighboursStableAsOthersJoin: a node keeps a neighbour when someone joins, unless the
 // newcomer outranks it, so connections already open stay useful.
 func TestNeighboursStableAsOthersJoin(t *testing.T) {
-	members := testMembers(40)
+	members := membershiptest.Addrs(40)
 	const key = "sha256:0000000000000000000000000000000000000000000000000000000000000001/segment/0"
 	x := members[0]
 	before := Neighbours(key, x, members[:39], 5)

@@ -8,6 +8,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/shoal-dev/shoal/agent/membership/membershiptest"
 	"github.com/shoal-dev/shoal/agent/rendezvous"
 )
 
@@ -23,7 +24,7 @@ func testPlan(t *testing.T, i int, segments int64) plan {
 
 func TestAssignSeedersIsBalancedAndDeterministic(t *testing.T) {
 	for _, tt := range []struct{ members, segments int }{{8, 16}, {8, 5}, {32, 16}, {3, 100}, {1, 7}} {
-		members := testMembers(tt.members)
+		members := membershiptest.Addrs(tt.members)
 		for blob := range 20 {
 			p := testPlan(t, blob, int64(tt.segments))
 			got := assignSeeders(p, members)
@@ -52,7 +53,7 @@ func TestAssignSeedersIsBalancedAndDeterministic(t *testing.T) {
 // TestSeederStability: when a member dies, exactly its segments move (each to the live member
 // ranking highest for it), and when it comes back they return.
 func TestSeederStability(t *testing.T) {
-	members := testMembers(16)
+	members := membershiptest.Addrs(16)
 	for blob := range 100 {
 		p := testPlan(t, blob, 32)
 		assignment := assignSeeders(p, members)
@@ -86,7 +87,7 @@ func TestSeederStability(t *testing.T) {
 // TestAssignSeedersFollowsRendezvousWithoutContention: with room for everyone, every segment goes
 // to its rendezvous owner.
 func TestAssignSeedersFollowsRendezvousWithoutContention(t *testing.T) {
-	members := testMembers(1)
+	members := membershiptest.Addrs(1)
 	p := testPlan(t, 1, 3)
 	for k, m := range assignSeeders(p, members) {
 		if owner, _ := rendezvous.Owner(p.key(k), members); m != owner {
@@ -107,7 +108,7 @@ func TestAssignSeedersBalancesBytes(t *testing.T) {
 		members int
 		worst   int64 // the most bytes any member may seed
 	}{{8, 36 * mib}, {16, 20 * mib}, {32, 16 * mib}} {
-		members := testMembers(tt.members)
+		members := membershiptest.Addrs(tt.members)
 		for blob := range 200 {
 			d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", blob)}
 			p, err := newPlan(d, 256*mib, 16*mib, mib, DefaultRampSegments, DefaultMinSegments)

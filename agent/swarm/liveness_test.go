@@ -4,19 +4,9 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"testing"
 	"time"
 )
-
-// testMembers returns n member addresses, 10.x.y.z:7070.
-func testMembers(n int) []netip.AddrPort {
-	ms := make([]netip.AddrPort, n)
-	for i := range ms {
-		ms[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 7070)
-	}
-	return ms
-}
 
 // TestIsTimeout: only timeouts are left to the probes; a refused or reset connection counts as
 // a failure of the member at once.

@@ -143,3 +143,13 @@ func Run(t *testing.T, newSubject New) {
 		}
 	})
 }
+
+// Addrs returns n distinct member addresses (10.x.y.z:7070, never dialled), sorted, for tests
+// of what is computed over a member list.
+func Addrs(n int) []netip.AddrPort {
+	ms := make([]netip.AddrPort, n)
+	for i := range ms {
+		ms[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 7070)
+	}
+	return ms
+}
