@@ -52,7 +52,14 @@ var rules = []depcheck.Rule{
 		// Direct imports only: cmd/shoal links testing through anacrolix/torrent itself.
 		Why:           "the testing package belongs in _test.go files, not in what ships",
 		Packages:      []string{m("agent/..."), m("internal/..."), m("cmd/...")},
+		Except:        conformanceSuites,
 		MustNotImport: []string{"testing"},
+	},
+	{
+		Why:             "conformance suites are for tests: nothing that ships links them",
+		Packages:        []string{m("agent/..."), m("internal/..."), m("cmd/...")},
+		Except:          conformanceSuites,
+		MustNotDependOn: conformanceSuites,
 	},
 	{
 		Why: "development commands do not link the testing package: the test libraries they use " +
@@ -61,6 +68,15 @@ var rules = []depcheck.Rule{
 		Commands:        true,
 		MustNotDependOn: []string{"testing"},
 	},
+}
+
+// conformanceSuites are the packages that check an interface's implementations and fakes
+// alike; they are test code in their own package so that every implementation's tests can
+// import them.
+var conformanceSuites = []string{
+	m("agent/membership/membershiptest"),
+	m("agent/store/storetest"),
+	m("agent/upstream/upstreamtest"),
 }
 
 // TestModuleRules checks every package of the module against rules.
