@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/upstream"
 )
 
 // benchBlobSize is the blob served by the warm-path benchmark: 1 GiB unless
@@ -101,7 +102,7 @@ func BenchmarkWarmBlob(b *testing.B) {
 			}
 		})
 		b.Run(cache.name+"/mirror", func(b *testing.B) {
-			server := httptest.NewServer(New(s, newFakeUpstream(), WithDefaultRegistry("registry.test")))
+			server := httptest.NewServer(New(s, upstream.NewMemory(), WithDefaultRegistry(testRegistry)))
 			defer server.Close()
 			url := server.URL + blobPath(d)
 			b.SetBytes(size)

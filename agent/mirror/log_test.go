@@ -40,7 +40,7 @@ func TestLogKeys(t *testing.T) {
 	corrupted := bytes.Clone(content)
 	corrupted[0] ^= 0xff
 	bad := digestOf(append(bytes.Clone(content), 1))
-	tm.upstream.blobs[bad.String()] = corrupted
+	tm.upstream.addBlobAs(bad, corrupted)
 	for _, path := range []string{
 		blobPath(d),                         // served
 		blobPath(digestOf([]byte("nope"))),  // not found upstream

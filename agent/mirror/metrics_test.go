@@ -126,7 +126,7 @@ func TestUpstreamFailuresByResult(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.result, func(t *testing.T) {
 			tm := newTestMirror(t)
-			tm.upstream.err = tt.err
+			tm.upstream.SetFailure(tt.err)
 			for _, path := range []string{blobPath(digestOf([]byte("x"))), "/v2/app/manifests/v1?ns=registry.test"} {
 				if _, _, err := tm.get(t, http.MethodGet, path, nil); err != nil {
 					t.Fatal(err)

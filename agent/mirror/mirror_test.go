@@ -18,7 +18,6 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,102 +29,52 @@ import (
 	"github.com/shoal-dev/shoal/internal/oci"
 )
 
-// fakeUpstream is an in-memory registry for the mirror's unit tests.
-type fakeUpstream struct {
-	mu        sync.Mutex
-	blobs     map[string][]byte // digest → bytes served (may be corrupted on purpose)
-	manifests map[string][]byte // tag or digest → body
-	err       error             // when set, every call fails with it
-	gate      chan struct{}     // when set, blob bodies pause after the first half until closed
+// The registry and repository of the mirror's tests.
+const (
+	testRegistry = "registry.test"
+	testRepo     = "app"
+)
+
+// testUpstream is upstream.Memory with a gate that can hold blob bodies: a download that has
+// started and waits for its bytes.
+type testUpstream struct {
+	*upstream.Memory
+	gate chan struct{} // when set, blob bodies pause after the first half until closed
 	// gateFromStart makes the gate hold bodies before their first byte.
 	gateFromStart bool
-
-	blobCalls     atomic.Int64
-	manifestCalls atomic.Int64
-	headCalls     atomic.Int64
 }
 
-func newFakeUpstream() *fakeUpstream {
-	return &fakeUpstream{blobs: map[string][]byte{}, manifests: map[string][]byte{}}
+func newTestUpstream() *testUpstream { return &testUpstream{Memory: upstream.NewMemory()} }
+
+func (u *testUpstream) addBlob(b []byte) v1.Hash { return u.AddBlob(testRegistry, testRepo, b) }
+
+// addBlobAs serves b as the blob d, whether or not it hashes to d.
+func (u *testUpstream) addBlobAs(d v1.Hash, b []byte) { u.AddBlobAs(testRegistry, testRepo, d, b) }
+
+func (u *testUpstream) addManifest(tag string, body []byte) v1.Hash {
+	return u.AddManifest(testRegistry, testRepo, tag, body, "")
 }
 
-func (f *fakeUpstream) addBlob(b []byte) v1.Hash {
-	d := digestOf(b)
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.blobs[d.String()] = b
-	return d
+// manifestCalls counts the manifest requests that reached upstream, GET and HEAD.
+func (u *testUpstream) manifestCalls() int64 {
+	s := u.Stats()
+	return s.Manifest + s.HeadManifest
 }
 
-func (f *fakeUpstream) addManifest(tag string, body []byte) v1.Hash {
-	d := digestOf(body)
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.manifests[tag] = body
-	f.manifests[d.String()] = body
-	return d
-}
-
-func (f *fakeUpstream) Manifest(_ context.Context, _, _, reference string, _ []string) (*upstream.Manifest, error) {
-	f.manifestCalls.Add(1)
-	if f.err != nil {
-		return nil, f.err
+func (u *testUpstream) Blob(ctx context.Context, registry, repo string, d v1.Hash, offset, length int64) (io.ReadCloser, int64, error) {
+	body, size, err := u.Memory.Blob(ctx, registry, repo, d, offset, length)
+	if err != nil || u.gate == nil {
+		return body, size, err
 	}
-	f.mu.Lock()
-	body, ok := f.manifests[reference]
-	f.mu.Unlock()
-	if !ok {
-		return nil, fmt.Errorf("manifest %s: %w", reference, upstream.ErrNotFound)
-	}
-	return &upstream.Manifest{Body: body, MediaType: oci.ManifestMediaType(body), Digest: digestOf(body)}, nil
-}
-
-func (f *fakeUpstream) HeadManifest(ctx context.Context, registry, repo, reference string, accept []string) (v1.Descriptor, error) {
-	m, err := f.Manifest(ctx, registry, repo, reference, accept)
-	if err != nil {
-		return v1.Descriptor{}, err
-	}
-	return v1.Descriptor{MediaType: "application/vnd.oci.image.manifest.v1+json", Size: int64(len(m.Body)), Digest: m.Digest}, nil
-}
-
-func (f *fakeUpstream) Blob(ctx context.Context, _, _ string, d v1.Hash, offset, length int64) (io.ReadCloser, int64, error) {
-	f.blobCalls.Add(1)
-	if f.err != nil {
-		return nil, 0, f.err
-	}
-	f.mu.Lock()
-	b, ok := f.blobs[d.String()]
-	gate := f.gate
-	f.mu.Unlock()
-	if !ok {
-		return nil, 0, fmt.Errorf("blob %s: %w", d, upstream.ErrNotFound)
-	}
-	if offset != 0 || length != -1 {
-		return nil, 0, errors.New("fake upstream: unexpected range")
-	}
-	if gate == nil {
-		return io.NopCloser(bytes.NewReader(b)), int64(len(b)), nil
-	}
-	half := len(b) / 2
-	if f.gateFromStart {
+	half := size / 2
+	if u.gateFromStart {
 		half = 0
 	}
-	r := io.MultiReader(bytes.NewReader(b[:half]), &gatedReader{ctx: ctx, gate: gate, r: bytes.NewReader(b[half:])})
-	return io.NopCloser(r), int64(len(b)), nil
-}
-
-func (f *fakeUpstream) HeadBlob(_ context.Context, _, _ string, d v1.Hash) (int64, error) {
-	f.headCalls.Add(1)
-	if f.err != nil {
-		return 0, f.err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	b, ok := f.blobs[d.String()]
-	if !ok {
-		return 0, fmt.Errorf("blob %s: %w", d, upstream.ErrNotFound)
-	}
-	return int64(len(b)), nil
+	gated := io.MultiReader(io.LimitReader(body, half), &gatedReader{ctx: ctx, gate: u.gate, r: body})
+	return struct {
+		io.Reader
+		io.Closer
+	}{gated, body}, size, nil
 }
 
 type gatedReader struct {
@@ -159,7 +108,7 @@ func randomBytes(t testing.TB, n int) []byte {
 
 type testMirror struct {
 	server   *httptest.Server
-	upstream *fakeUpstream
+	upstream *testUpstream
 	store    *store.Store
 	dir      string
 	metrics  *prometheus.Registry
@@ -204,14 +153,14 @@ func newTestMirrorWith(t *testing.T, storeOpts []store.Option, mirrorOpts []Opti
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close() })
-	up := newFakeUpstream()
+	up := newTestUpstream()
 	reg := prometheus.NewRegistry()
 	var bs BlobStore = s
 	for _, w := range wrap {
 		bs = w(bs)
 	}
-	m := New(bs, up, append([]Option{WithDefaultRegistry("registry.test"),
-		WithAllowedRegistries(func(r string) bool { return r == "registry.test" }), WithRegisterer(reg)}, mirrorOpts...)...)
+	m := New(bs, up, append([]Option{WithDefaultRegistry(testRegistry),
+		WithAllowedRegistries(func(r string) bool { return r == testRegistry }), WithRegisterer(reg)}, mirrorOpts...)...)
 	server := httptest.NewServer(m)
 	t.Cleanup(server.Close)
 	return &testMirror{server: server, upstream: up, store: s, dir: dir, metrics: reg}
@@ -291,7 +240,7 @@ func TestBlobPullThroughThenLocal(t *testing.T) {
 	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(body, content) {
 		t.Fatalf("warm GET: status %v err %v", statusOf(resp), err)
 	}
-	if n := tm.upstream.blobCalls.Load(); n != 1 {
+	if n := tm.upstream.Stats().Blob; n != 1 {
 		t.Errorf("upstream blob calls = %d, want 1 (second GET must be local)", n)
 	}
 
@@ -367,7 +316,7 @@ func TestConcurrentColdPullsShareOneUpstreamFetch(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	if n := tm.upstream.blobCalls.Load(); n != 1 {
+	if n := tm.upstream.Stats().Blob; n != 1 {
 		t.Errorf("upstream blob calls = %d, want 1", n)
 	}
 }
@@ -378,7 +327,7 @@ func TestCorruptUpstreamBlobIsNeverServedComplete(t *testing.T) {
 	d := digestOf(content)
 	corrupted := bytes.Clone(content)
 	corrupted[len(corrupted)/2] ^= 0xff
-	tm.upstream.blobs[d.String()] = corrupted
+	tm.upstream.addBlobAs(d, corrupted)
 
 	resp, body, err := tm.get(t, http.MethodGet, blobPath(d), nil)
 	if err == nil && resp.StatusCode == http.StatusOK && len(body) == len(content) {
@@ -415,7 +364,7 @@ func TestManifests(t *testing.T) {
 			t.Errorf("Docker-Content-Digest = %q, want %s", got, d)
 		}
 	}
-	if n := tm.upstream.manifestCalls.Load(); n != 2 {
+	if n := tm.upstream.manifestCalls(); n != 2 {
 		t.Errorf("tags must be resolved upstream every time: %d upstream calls, want 2", n)
 	}
 	tm.waitStored(t, d)
@@ -423,7 +372,7 @@ func TestManifests(t *testing.T) {
 	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(body, manifest) {
 		t.Fatalf("GET by digest: status %v err %v", statusOf(resp), err)
 	}
-	if n := tm.upstream.manifestCalls.Load(); n != 2 {
+	if n := tm.upstream.manifestCalls(); n != 2 {
 		t.Errorf("manifest by digest went upstream (%d calls), want it served from the store", n)
 	}
 	resp, _, err = tm.get(t, http.MethodHead, "/v2/app/manifests/v1?ns=registry.test", nil)
@@ -446,7 +395,7 @@ func TestFailFastStatuses(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tm := newTestMirror(t)
-			tm.upstream.err = tt.err
+			tm.upstream.SetFailure(tt.err)
 			d := digestOf([]byte(tt.name))
 			for _, path := range []string{blobPath(d), "/v2/app/manifests/latest?ns=registry.test"} {
 				resp, body, err := tm.get(t, http.MethodGet, path, nil)
@@ -486,7 +435,7 @@ func TestRegistryNotMirrored(t *testing.T) {
 		t.Fatalf("status %v err %v, want 404", statusOf(resp), err)
 	}
 	assertOCIError(t, body)
-	if n := tm.upstream.blobCalls.Load(); n != 0 {
+	if n := tm.upstream.Stats().Blob; n != 0 {
 		t.Errorf("an unmirrored registry was contacted %d times", n)
 	}
 }
@@ -522,7 +471,7 @@ func TestBadInputTouchesNothing(t *testing.T) {
 			t.Errorf("%s = %v %v, want 405", method, statusOf(resp), err)
 		}
 	}
-	if n := tm.upstream.blobCalls.Load() + tm.upstream.manifestCalls.Load(); n != 0 {
+	if n := tm.upstream.Stats().Blob + tm.upstream.manifestCalls(); n != 0 {
 		t.Errorf("bad requests reached upstream %d times", n)
 	}
 	if after := listFiles(t, tm.dir); strings.Join(after, ",") != strings.Join(before, ",") {
@@ -563,7 +512,7 @@ func TestMalformedTagIsUnknown(t *testing.T) {
 			t.Errorf("%s %s: body %q, want one %s error", tt.method, tt.path, body, tt.code)
 		}
 	}
-	if n := tm.upstream.manifestCalls.Load(); n != 0 {
+	if n := tm.upstream.manifestCalls(); n != 0 {
 		t.Errorf("malformed references reached upstream %d times", n)
 	}
 }

@@ -49,12 +49,8 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 	header := http.Header{}
 	ranged := offset > 0 || length > 0
 	if ranged {
-		end := ""
-		if length > 0 {
-			end = strconv.FormatInt(offset+length-1, 10)
-		}
-		header.Set("Range", fmt.Sprintf("bytes=%d-%s", offset, end))
-		op = fmt.Sprintf("%s (bytes %d-%s)", op, offset, end)
+		header.Set("Range", "bytes="+byteRange(offset, length))
+		op = rangeOp(op, offset, length)
 	}
 
 	// The request context lives as long as the body: cancelling it is how a stalled body is cut.
@@ -153,6 +149,21 @@ func (c *Client) blobTarget(verb, registry, repo string, d v1.Hash) (target, str
 		return t, op, t.fail(op, 0, "", ErrBadRequest, err)
 	}
 	return t, op, nil
+}
+
+// byteRange writes bytes [offset, offset+length) as in a Range header, "START-END" or "START-"
+// for length -1.
+func byteRange(offset, length int64) string {
+	end := ""
+	if length > 0 {
+		end = strconv.FormatInt(offset+length-1, 10)
+	}
+	return strconv.FormatInt(offset, 10) + "-" + end
+}
+
+// rangeOp is the Op of a ranged blob request.
+func rangeOp(op string, offset, length int64) string {
+	return op + " (bytes " + byteRange(offset, length) + ")"
 }
 
 func blobPath(repo string, d v1.Hash) string { return "/v2/" + repo + "/blobs/" + d.String() }
