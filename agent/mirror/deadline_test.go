@@ -109,9 +109,7 @@ func TestSlowFirstBytesStillServe(t *testing.T) {
 	if got := tm.deadlines(t, deadlineFirstByte); got != 0 {
 		t.Errorf("first-byte deadlines counted %v for a download that had started, want 0", got)
 	}
-	if got := tm.requests(t, "blob", sourceUpstream, resultOK); got != 1 {
-		t.Errorf("requests{blob,upstream,ok} = %v, want 1", got)
-	}
+	tm.waitRequests(t, "after a slow download", map[[3]string]float64{{"blob", sourceUpstream, resultOK}: 1})
 }
 
 // TestSilentBodyIsCut has a download stop after half the blob: the mirror cuts the connection

@@ -69,10 +69,11 @@ func (m *metrics) count(kind string, a answer, result string) {
 	if source == "" {
 		source = sourceNone
 	}
-	m.requests.WithLabelValues(kind, source, result).Inc()
+	// Bytes first: whoever sees the request counted sees its bytes too.
 	if source != sourceNone && (result == resultOK || result == resultAborted) {
 		m.bytes.WithLabelValues(source).Add(float64(a.bytes))
 	}
+	m.requests.WithLabelValues(kind, source, result).Inc()
 }
 
 // resultOf is the result label of a complete answer with the given status; 0 is the 200 that

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
@@ -37,6 +38,23 @@ func (tm *testMirror) requestSeries(t *testing.T) map[[3]string]float64 {
 		}
 	}
 	return series
+}
+
+// waitRequests waits until shoal_mirror_requests_total is want. A request is counted once its
+// answer is complete, which may be just after the client has read the last byte.
+func (tm *testMirror) waitRequests(t *testing.T, what string, want map[[3]string]float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := tm.requestSeries(t)
+		if fmt.Sprint(got) == fmt.Sprint(want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: requests_total = %v, want %v", what, got, want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // bytesFrom returns shoal_mirror_bytes_total{source}.
@@ -99,9 +117,7 @@ func TestRequestsBySourceAndResult(t *testing.T) {
 			tm.waitStored(t, d)
 		}
 		want[st.want]++
-		if got := tm.requestSeries(t); fmt.Sprint(got) != fmt.Sprint(want) {
-			t.Fatalf("after %s: requests_total = %v, want %v", st.name, got, want)
-		}
+		tm.waitRequests(t, "after "+st.name, want)
 	}
 	if got := tm.bytesFrom(t, sourceUpstream); got != float64(len(content)+len(manifest)) {
 		t.Errorf("bytes_total{source=upstream} = %v, want %d (the cold blob and the manifest)", got, len(content)+len(manifest))
@@ -132,13 +148,10 @@ func TestUpstreamFailuresByResult(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			want := map[[3]string]float64{
+			tm.waitRequests(t, "after a blob and a manifest", map[[3]string]float64{
 				{"blob", sourceUpstream, tt.result}:     1,
 				{"manifest", sourceUpstream, tt.result}: 1,
-			}
-			if got := tm.requestSeries(t); fmt.Sprint(got) != fmt.Sprint(want) {
-				t.Errorf("requests_total = %v, want %v", got, want)
-			}
+			})
 		})
 	}
 }
@@ -157,10 +170,7 @@ func TestSwarmSource(t *testing.T) {
 	if resp, _, err := tm.get(t, http.MethodGet, blobPath(d), nil); err != nil || resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET: status %v err %v", statusOf(resp), err)
 	}
-	want := map[[3]string]float64{{"blob", sourceSwarm, resultOK}: 1}
-	if got := tm.requestSeries(t); fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Errorf("requests_total = %v, want %v", got, want)
-	}
+	tm.waitRequests(t, "after a blob from peers", map[[3]string]float64{{"blob", sourceSwarm, resultOK}: 1})
 	if got := tm.bytesFrom(t, sourceSwarm); got != float64(len(content)) {
 		t.Errorf("bytes_total{source=swarm} = %v, want %d", got, len(content))
 	}
