@@ -1,12 +1,26 @@
 // Package torrent is Shoal's only door to github.com/anacrolix/torrent: it runs the BitTorrent
 // client of a node's swarm with the settings a datacenter swarm needs, stores each blob's
 // torrent in one file whose piece hashes arrive segment by segment (see storage.go), and holds
-// every dependency on the client's internals: the request window written through its
-// unexported field (requestwindow.go), the completion "kick", the priority refresh that avoids a
-// panic of the client, the demotion of some of its log records by message text (log.go),
-// pausing through DisallowDataDownload, and the bans of peers that send bad data (ban.go). Each
-// has a test of the behaviour relied on, and TestClientVersionIsTheVerifiedOne fails when the
-// client's version in go.mod changes, so that an upgrade re-verifies them all.
+// every dependency on how the client behaves beyond its documented API. Each has a test of the
+// behaviour relied on, through real transfers between clients on loopback addresses:
+//
+//   - the request window written through an unexported field (requestwindow.go) and the queue
+//     depth rewritten in each peer's extended handshake: TestRequestWindowIsHeldDuringATransfer;
+//   - pausing through DisallowDataDownload, and the priority refresh that avoids a panic of the
+//     client on resume (Client.Pause): TestPauseStopsDownloadsUntilResume;
+//   - pieces completed by another path (CompleteIfHash, MarkVerified, Lose) and the completion
+//     "kick" (Torrent.Kick), which rely on the client re-reading a piece's completion from the
+//     storage: TestPieceCompletedByAnotherPathIsSeen, TestKickMakesPeersSendAPiece,
+//     TestLostPieceIsFetchedAgain;
+//   - the demotion of some of its log records by message text (log.go), and the chunk writes
+//     refused by frozen pieces, which must not drop the torrent:
+//     TestLateChunksOfAFrozenPieceAreDemoted, TestReaderTimeoutsAreNotLogged;
+//   - the types of a peer's address the client hands its callbacks (peerIP):
+//     TestDataFromPeersIsReported;
+//   - the bans of peers that send bad data (ban.go).
+//
+// TestClientVersionIsTheVerifiedOne fails when the client's version in go.mod changes, so that
+// an upgrade re-verifies them all.
 package torrent
 
 import (
@@ -63,6 +77,10 @@ type Config struct {
 	// DialTimeout bounds dialling a peer.
 	DialTimeout time.Duration
 	Logger      *slog.Logger
+
+	// tune, if set, changes the torrent client's configuration last; tests use it to watch the
+	// client through its callbacks.
+	tune func(*torrent.ClientConfig)
 }
 
 // Client is a node's BitTorrent client.
@@ -152,6 +170,9 @@ func NewClient(cfg Config) (*Client, error) {
 	}
 	if cfg.MaxDownloadRate > 0 {
 		cc.DownloadRateLimiter = rate.NewLimiter(rate.Limit(cfg.MaxDownloadRate), 1<<20)
+	}
+	if cfg.tune != nil {
+		cfg.tune(cc)
 	}
 	client, err := torrent.NewClient(cc)
 	if err != nil {

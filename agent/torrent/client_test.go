@@ -1,15 +1,12 @@
 package torrent
 
 import (
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"testing"
 	"time"
-
-	"github.com/anacrolix/torrent"
 )
 
 // verifiedVersion is the version of github.com/anacrolix/torrent whose internals this package
@@ -34,17 +31,29 @@ func TestClientVersionIsTheVerifiedOne(t *testing.T) {
 	}
 }
 
-// TestDataFromPeersIsReported: the client's callback reports the sender of useful data,
-// whether the connection was accepted (a *net.TCPAddr from the socket) or dialled (the
-// netip.AddrPort the swarm gave the client).
+// TestDataFromPeersIsReported: two nodes trade the halves of a blob over one connection, which
+// one of them dialled and the other accepted (the client holds the peer's address as a
+// different type in each case, see peerIP). Each node reports data from the other's IP.
 func TestDataFromPeersIsReported(t *testing.T) {
-	peerB, peerC := netip.MustParseAddrPort("10.0.0.2:7070"), netip.MustParseAddrPort("10.0.0.3:7070")
-	var got []netip.Addr
-	c := &Client{cfg: Config{OnData: func(a netip.Addr) { got = append(got, a) }}}
-	c.reportData(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(peerB.Addr(), 51000))}})
-	c.reportData(torrent.ReceivedUsefulDataEvent{Peer: &torrent.Peer{RemoteAddr: peerC}})
-	if len(got) != 2 || got[0] != peerB.Addr() || got[1] != peerC.Addr() {
-		t.Errorf("reported %v, want %v and %v", got, peerB.Addr(), peerC.Addr())
+	a, b := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3")
+	blob := newTestBlob(8, 1<<20, 64<<10)
+	half := blob.pieces() / 2
+	split := int64(half) * blob.pieceLength
+	fileA, fa := testFile(t, len(blob.data), blob.data[:split])
+	fileB, fb := testFile(t, len(blob.data), nil)
+	if _, err := fb.WriteAt(blob.data[split:], split); err != nil {
+		t.Fatal(err)
+	}
+	ta := a.add(t, blob, fileA, AllIncomplete)
+	ta.SetHashes(0, blob.hashes(0, half), AllComplete)
+	tb := b.add(t, blob, fileB, AllIncomplete)
+	tb.SetHashes(half, blob.hashes(half, blob.pieces()), AllComplete)
+	ta.AddPeers([]netip.AddrPort{b.addr}) // a dials, b accepts
+	waitComplete(t, ta, fa, blob.data)
+	waitComplete(t, tb, fb, blob.data)
+	if a.heardFrom(b.addr.Addr()) == 0 || b.heardFrom(a.addr.Addr()) == 0 {
+		t.Errorf("data reported from the peer it dialled: %d times, from the peer it accepted: %d times; want both",
+			a.heardFrom(b.addr.Addr()), b.heardFrom(a.addr.Addr()))
 	}
 }
 
@@ -68,5 +77,75 @@ func TestBansExpire(t *testing.T) {
 	}
 	if !b.add(peer, time.Now().Add(time.Hour)) {
 		t.Error("banning again after expiry not reported as new")
+	}
+}
+
+// TestPauseStopsDownloadsUntilResume pauses and resumes a node three times while it downloads
+// a blob from a slow seeder, with a reader following the blob and pieces arriving by another
+// path while it is paused (as when the swarm fetches a segment from upstream). While paused
+// the node sends no request and receives at most the chunks it had asked for before, while a
+// second node, not paused, keeps receiving from the same seeder (so the pause lasted while data
+// flowed). The client does not panic on Resume (see Client.Pause), and the blob completes with
+// the seeder's bytes, which the reader read.
+func TestPauseStopsDownloadsUntilResume(t *testing.T) {
+	const window = 8
+	blob := newTestBlob(2, 4<<20, 64<<10)
+	seeder := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 1 << 20 })
+	node := newTestNode(t, "127.0.0.3", func(c *Config) { c.RequestsPerConn = window })
+	witness := newTestNode(t, "127.0.0.4")
+	seeder.seed(t, blob)
+	tn, fn := node.leech(t, blob)
+	tw, _ := witness.leech(t, blob)
+	tn.AddPeers([]netip.AddrPort{seeder.addr})
+	tw.AddPeers([]netip.AddrPort{seeder.addr})
+
+	read := make(chan []byte, 1)
+	go func() {
+		r := tn.NewReader(t.Context(), 4*blob.pieceLength)
+		defer r.Close()
+		got := make([]byte, 0, len(blob.data))
+		buf := make([]byte, 32<<10)
+		for len(got) < len(blob.data) && t.Context().Err() == nil {
+			n, err := r.ReadContext(t.Context(), buf)
+			got = append(got, buf[:n]...)
+			if err != nil && n == 0 {
+				time.Sleep(10 * time.Millisecond) // paused: the torrent reader fails at once
+			}
+		}
+		read <- got
+	}()
+
+	received := func(n *testNode) int64 { return n.Stats().PeerBytesRead }
+	otherPath := blob.pieces() - 1 // pieces from the end arrive by another path
+	for cycle := range 3 {
+		before := received(node)
+		waitFor(t, "the node to receive 256 KiB", func() bool { return received(node) >= before+256<<10 })
+		node.Pause()
+		sent, got, witnessGot := node.reqs.sentSoFar(), received(node), received(witness)
+		for range 2 {
+			if _, err := fn.WriteAt(blob.piece(otherPath), int64(otherPath)*blob.pieceLength); err != nil {
+				t.Fatal(err)
+			}
+			if !tn.CompleteIfHash(otherPath, blob.hashes(otherPath, otherPath+1)) {
+				t.Fatalf("piece %d written with its bytes not completed", otherPath)
+			}
+			otherPath--
+		}
+		waitFor(t, "the witness to receive 256 KiB", func() bool { return received(witness) >= witnessGot+256<<10 })
+		t.Logf("pause %d: the node received %d bytes, the witness %d", cycle, received(node)-got, received(witness)-witnessGot)
+		if n := node.reqs.sentSoFar() - sent; n != 0 {
+			t.Errorf("pause %d: %d requests sent while paused", cycle, n)
+		}
+		if n := received(node) - got; n > window*testChunkSize {
+			t.Errorf("pause %d: %d bytes received while paused, more than the %d requests outstanding at most when it began", cycle, n, window)
+		}
+		node.Resume()
+	}
+	waitComplete(t, tn, fn, blob.data)
+	if got := <-read; string(got) != string(blob.data) {
+		t.Errorf("the reader read %d bytes that differ from the blob's %d", len(got), len(blob.data))
+	}
+	if got := tw.Stats().PeerBytesRead; got == 0 {
+		t.Error("the witness received nothing")
 	}
 }

@@ -8,19 +8,18 @@ import (
 
 // torrentLogHandler passes the torrent client's records on, except that it turns a few that
 // are routine here into debug records:
-//   - the errors its readers log on every failed read: the swarm's reader makes reads time out on
-//     purpose (to notice stalls) and handles every failure itself, so at error level they would
-//     bury real problems (hundreds per rollout at 32 nodes);
 //   - its warning that a pass over its torrents took over 20 ms, which on a node busy with a
 //     rollout happens about three times a minute and says nothing an operator can act on;
 //   - its error for a chunk that arrives for a piece the swarm's reader has meanwhile read from
-//     upstream (the write is refused on purpose, see blobStorage.freezePieces).
+//     upstream (the write is refused on purpose, see blobStorage.freezePieces;
+//     TestLateChunksOfAFrozenPieceAreDemoted).
+//
+// The swarm's reader makes reads time out on purpose (to notice stalls); the client logs
+// nothing for those (TestReaderTimeoutsAreNotLogged), and its records of failed reads, which
+// now mean that reading the blob's file failed, pass unchanged.
 type torrentLogHandler struct{ slog.Handler }
 
 var demotedMessages = map[string]bool{
-	"initial read failed":                     true,
-	"read failed after reader reset":          true,
-	"read failed after completion resync":     true,
 	"client unlock handlers took a long time": true,
 }
 

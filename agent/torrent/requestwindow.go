@@ -26,8 +26,9 @@ import (
 // The window has no setting, so the swarm holds peak at the window it wants before the client
 // handles each message a peer sends (the ReadMessage callback, called with the client's lock
 // held, as every use of peak is). That writes an unexported field of the client, found once by
-// reflection: the client's version is pinned in go.mod, and TestRequestWindowIsHeld fails if an
-// upgrade renames or retypes the field. If it is ever missing at run time, the swarm logs a
+// reflection: the client's version is pinned in go.mod, TestRequestWindowIsHeld fails if an
+// upgrade renames or retypes the field, and TestRequestWindowIsHeldDuringATransfer if the field
+// no longer sets the window. If it is ever missing at run time, the swarm logs a
 // warning and runs with the client's own window.
 
 // peakRequestsOffset is the offset of the request window's peak in torrent.PeerConn, or
