@@ -1,0 +1,13 @@
+package mirror
+
+import (
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+// TestMain fails the package's tests if any goroutine is still running once they have ended:
+// a request's work, its watch and every connection must end with the test that started them.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
