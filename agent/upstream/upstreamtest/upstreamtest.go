@@ -2,10 +2,8 @@
 // mirror and the swarm rely on of their upstream (manifests by tag and digest, HEAD agreeing with
 // GET, whole and ranged blobs, and the upstream package's kinds of error). The real
 // upstream.Client, talking to a real registry, and the in-memory upstream.Memory both run it,
-// so that tests written against the fake hold against the real thing.
-//
-// The package does not import testing: the package layering (internal/depcheck) keeps it out
-// of every non-test file under agent/. Run takes *testing.T through the T constraint instead.
+// so that tests written against the fake hold against the real thing. It is test code: nothing
+// that ships imports it (internal/depcheck).
 package upstreamtest
 
 import (
@@ -18,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -60,16 +59,6 @@ type Manifest struct {
 	Digest v1.Hash
 }
 
-// T is the part of *testing.T the suite uses; Self is the type itself (*testing.T), whose Run
-// takes a func(*testing.T).
-type T[Self any] interface {
-	Helper()
-	Errorf(format string, args ...any)
-	Fatalf(format string, args ...any)
-	Context() context.Context
-	Run(name string, f func(Self)) bool
-}
-
 // Registry and Repository of the suite's fixtures.
 const (
 	Registry   = "registry.test"
@@ -78,13 +67,13 @@ const (
 
 // Run runs the suite as subtests of t. newUpstream returns an upstream that serves f as f says;
 // it is called once for a fixture whose registry honours Range and once for one that does not.
-func Run[TT T[TT]](t TT, newUpstream func(t TT, f Fixture) Upstream) {
+func Run(t *testing.T, newUpstream func(t *testing.T, f Fixture) Upstream) {
 	t.Helper()
 	f := NewFixture()
-	t.Run("Ranges", func(t TT) { runContract(t, f, newUpstream(t, f)) })
+	t.Run("Ranges", func(t *testing.T) { runContract(t, f, newUpstream(t, f)) })
 	ignoring := NewFixture()
 	ignoring.IgnoreRange = true
-	t.Run("RangeIgnored", func(t TT) { runIgnoredRange(t, ignoring, newUpstream(t, ignoring)) })
+	t.Run("RangeIgnored", func(t *testing.T) { runIgnoredRange(t, ignoring, newUpstream(t, ignoring)) })
 }
 
 // NewFixture returns the suite's content: a layer of 300 KiB and 7 bytes (not a multiple of any
@@ -150,7 +139,7 @@ var kinds = []error{
 
 // wantKind reports an error unless err is an *upstream.Error for registry matching kind and no
 // other kind (kind nil: none of them).
-func wantKind[TT T[TT]](t TT, what string, err, kind error) {
+func wantKind(t *testing.T, what string, err, kind error) {
 	t.Helper()
 	if err == nil {
 		t.Errorf("%s: no error, want %v", what, kind)
@@ -173,7 +162,7 @@ func wantKind[TT T[TT]](t TT, what string, err, kind error) {
 }
 
 // readBlob reads a whole Blob answer.
-func readBlob[TT T[TT]](t TT, up Upstream, d v1.Hash, offset, length int64) (body []byte, size int64, err error) {
+func readBlob(t *testing.T, up Upstream, d v1.Hash, offset, length int64) (body []byte, size int64, err error) {
 	t.Helper()
 	rc, size, err := up.Blob(t.Context(), Registry, Repository, d, offset, length)
 	if err != nil {
@@ -188,8 +177,8 @@ func readBlob[TT T[TT]](t TT, up Upstream, d v1.Hash, offset, length int64) (bod
 }
 
 // runContract checks everything but an ignored Range on an upstream serving f.
-func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
-	t.Run("ManifestByTagAndDigest", func(t TT) {
+func runContract(t *testing.T, f Fixture, up Upstream) {
+	t.Run("ManifestByTagAndDigest", func(t *testing.T) {
 		for _, want := range f.Manifests {
 			for _, ref := range []string{want.Tag, want.Digest.String()} {
 				m, err := up.Manifest(t.Context(), Registry, Repository, ref, nil)
@@ -204,7 +193,7 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 			}
 		}
 	})
-	t.Run("HeadManifestEqualsGet", func(t TT) {
+	t.Run("HeadManifestEqualsGet", func(t *testing.T) {
 		for _, want := range f.Manifests {
 			for _, ref := range []string{want.Tag, want.Digest.String()} {
 				m, err := up.Manifest(t.Context(), Registry, Repository, ref, nil)
@@ -225,7 +214,7 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 			}
 		}
 	})
-	t.Run("Accept", func(t TT) {
+	t.Run("Accept", func(t *testing.T) {
 		for _, want := range f.Manifests {
 			m, err := up.Manifest(t.Context(), Registry, Repository, want.Tag, []string{string(want.MediaType)})
 			if err != nil || m.Digest != want.Digest {
@@ -240,7 +229,7 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 			wantKind(t, fmt.Sprintf("HeadManifest %s (%s) accepting only %v", want.Tag, want.MediaType, dockerOnly), err, upstream.ErrNotFound)
 		}
 	})
-	t.Run("UnknownManifest", func(t TT) {
+	t.Run("UnknownManifest", func(t *testing.T) {
 		missing := digest([]byte("no such manifest")).String()
 		for _, c := range []struct{ repo, ref string }{
 			{Repository, "nope"}, {Repository, missing}, {Repository + "-nothing", "v1"},
@@ -251,11 +240,11 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 			wantKind(t, "HeadManifest "+c.repo+" "+c.ref, err, upstream.ErrNotFound)
 		}
 	})
-	t.Run("TamperedManifest", func(t TT) {
+	t.Run("TamperedManifest", func(t *testing.T) {
 		_, err := up.Manifest(t.Context(), Registry, Repository, f.Tampered.Digest.String(), nil)
 		wantKind(t, "Manifest by a digest its body does not hash to", err, upstream.ErrInvalid)
 	})
-	t.Run("WholeBlob", func(t TT) {
+	t.Run("WholeBlob", func(t *testing.T) {
 		for _, want := range f.Blobs {
 			d := digest(want)
 			got, size, err := readBlob(t, up, d, 0, -1)
@@ -270,7 +259,7 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 	})
 	layer := f.Blobs[0]
 	d, size := digest(layer), int64(len(layer))
-	t.Run("BlobRanges", func(t TT) {
+	t.Run("BlobRanges", func(t *testing.T) {
 		for _, c := range []struct {
 			name           string
 			offset, length int64
@@ -292,13 +281,13 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 			}
 		}
 	})
-	t.Run("RangeStartingPastTheEnd", func(t TT) {
+	t.Run("RangeStartingPastTheEnd", func(t *testing.T) {
 		for _, offset := range []int64{size, size + 10} {
 			_, _, err := up.Blob(t.Context(), Registry, Repository, d, offset, 5)
 			wantKind(t, fmt.Sprintf("Blob from %d of a blob of %d", offset, size), err, upstream.ErrBadRequest)
 		}
 	})
-	t.Run("UnknownBlob", func(t TT) {
+	t.Run("UnknownBlob", func(t *testing.T) {
 		missing := digest([]byte("no such blob"))
 		for _, c := range []struct {
 			repo string
@@ -312,7 +301,7 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 			wantKind(t, "HeadBlob "+c.repo+"@"+c.d.String(), err, upstream.ErrNotFound)
 		}
 	})
-	t.Run("BadRequests", func(t TT) {
+	t.Run("BadRequests", func(t *testing.T) {
 		calls := map[string]func() error{
 			"dot-dot repository": func() error {
 				_, err := up.Manifest(t.Context(), Registry, "../etc", "v1", nil)
@@ -343,7 +332,7 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 			wantKind(t, name, call(), upstream.ErrBadRequest)
 		}
 	})
-	t.Run("CanceledContext", func(t TT) {
+	t.Run("CanceledContext", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
 		cancel()
 		_, err := up.Manifest(ctx, Registry, Repository, f.Manifests[0].Tag, nil)
@@ -362,7 +351,7 @@ func runContract[TT T[TT]](t TT, f Fixture, up Upstream) {
 // runIgnoredRange checks an upstream serving f from a registry that ignores Range: a whole blob
 // is still served, and every ranged request fails at once with ErrRangeUnsupported so that the
 // caller falls back to one whole download.
-func runIgnoredRange[TT T[TT]](t TT, f Fixture, up Upstream) {
+func runIgnoredRange(t *testing.T, f Fixture, up Upstream) {
 	layer := f.Blobs[0]
 	d, size := digest(layer), int64(len(layer))
 	got, gotSize, err := readBlob(t, up, d, 0, -1)
