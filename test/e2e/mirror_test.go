@@ -23,8 +23,8 @@ const (
 )
 
 var (
-	blobFromUpstream = map[string]string{"kind": "blob", "source": "upstream"}
-	blobFromLocal    = map[string]string{"kind": "blob", "source": "local"}
+	blobFromUpstream = map[string]string{"kind": "blob", "source": "upstream", "result": "ok"}
+	blobFromLocal    = map[string]string{"kind": "blob", "source": "local", "result": "ok"}
 	bytesUpstream    = map[string]string{"source": "upstream"}
 	bytesLocal       = map[string]string{"source": "local"}
 )

@@ -98,7 +98,7 @@ func TestPrivateCARegistry(t *testing.T) {
 					t.Errorf("blob %s: %d GETs by containerd and %d by the agent, want 1 and 0", b, direct[b], viaAgent[b])
 				}
 			}
-			failed := map[string]string{"source": "error"}
+			failed := map[string]string{"result": "error"}
 			if got := m.Value(mirrorRequests, failed); got == 0 {
 				t.Errorf("%s = 0: the agent did not refuse a single request", series(mirrorRequests, failed))
 			}

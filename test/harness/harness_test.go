@@ -132,9 +132,9 @@ func TestDirectPull(t *testing.T) {
 
 func TestMetricsValue(t *testing.T) {
 	const scrape = `# TYPE shoal_mirror_requests_total counter
-shoal_mirror_requests_total{kind="blob",source="local"} 4
-shoal_mirror_requests_total{kind="blob",source="upstream"} 3
-shoal_mirror_requests_total{kind="manifest",source="upstream"} 2
+shoal_mirror_requests_total{kind="blob",result="ok",source="local"} 4
+shoal_mirror_requests_total{kind="blob",result="ok",source="upstream"} 3
+shoal_mirror_requests_total{kind="manifest",result="ok",source="upstream"} 2
 # TYPE shoal_store_bytes gauge
 shoal_store_bytes 1024
 `
@@ -152,7 +152,7 @@ shoal_store_bytes 1024
 		{"shoal_mirror_requests_total", nil, 9},
 		{"shoal_mirror_requests_total", map[string]string{"kind": "blob"}, 7},
 		{"shoal_mirror_requests_total", map[string]string{"kind": "blob", "source": "local"}, 4},
-		{"shoal_mirror_requests_total", map[string]string{"source": "error"}, 0},
+		{"shoal_mirror_requests_total", map[string]string{"result": "error"}, 0},
 		{"shoal_store_bytes", nil, 1024},
 		{"shoal_absent_total", nil, 0},
 	}
