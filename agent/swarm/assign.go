@@ -3,17 +3,18 @@ package swarm
 import (
 	"net/netip"
 
+	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/rendezvous"
 )
 
 // seederOf returns the seeder of segment k: its seeder in the balanced assignment over all
 // members if that one is alive, else the live member that ranks highest for the segment by
 // rendezvous hashing. Members dying or coming back thus move only their own segments.
-func seederOf(p plan, k int, assignment, members []netip.AddrPort, alive func(netip.AddrPort) bool) (netip.AddrPort, bool) {
+func seederOf(p plan.Plan, k int, assignment, members []netip.AddrPort, alive func(netip.AddrPort) bool) (netip.AddrPort, bool) {
 	if k < len(assignment) && alive(assignment[k]) {
 		return assignment[k], true
 	}
-	for _, m := range rendezvous.Rank(p.key(k), members) {
+	for _, m := range rendezvous.Rank(p.Key(k), members) {
 		if alive(m) {
 			return m, true
 		}
@@ -33,16 +34,16 @@ func seederOf(p plan, k int, assignment, members []netip.AddrPort, alive func(ne
 // members when there are enough). Liveness is applied on top by seederOf, so that the
 // assignment changes only when the member list does. Every node computes the same assignment
 // from the same member list.
-func assignSeeders(p plan, live []netip.AddrPort) []netip.AddrPort {
-	k := p.segments()
+func assignSeeders(p plan.Plan, live []netip.AddrPort) []netip.AddrPort {
+	k := p.Segments()
 	if len(live) == 0 {
 		return make([]netip.AddrPort, k)
 	}
 	load := make(map[netip.AddrPort]int64, len(live))
 	seeders := make([]netip.AddrPort, k)
 	for i := range k {
-		_, length := p.segment(i)
-		ranked := rendezvous.Rank(p.key(i), live)
+		_, length := p.Segment(i)
+		ranked := rendezvous.Rank(p.Key(i), live)
 		seeders[i] = ranked[0]
 		for _, m := range ranked[1:] {
 			if load[m] < load[seeders[i]] {

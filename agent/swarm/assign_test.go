@@ -9,13 +9,14 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/shoal-dev/shoal/agent/membership/membershiptest"
+	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/rendezvous"
 )
 
-func testPlan(t *testing.T, i int, segments int64) plan {
+func testPlan(t *testing.T, i int, segments int64) plan.Plan {
 	t.Helper()
 	d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", i)}
-	p, err := newPlan(d, segments*DefaultSegmentSize, DefaultSegmentSize, DefaultPieceLength, 0, 0)
+	p, err := plan.New(d, segments*DefaultSegmentSize, DefaultSegmentSize, DefaultPieceLength, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,7 +29,7 @@ func TestAssignSeedersIsBalancedAndDeterministic(t *testing.T) {
 		for blob := range 20 {
 			p := testPlan(t, blob, int64(tt.segments))
 			got := assignSeeders(p, members)
-			share := (p.segments() + tt.members - 1) / tt.members
+			share := (p.Segments() + tt.members - 1) / tt.members
 			load := map[netip.AddrPort]int{}
 			for k, m := range got {
 				if !slices.Contains(members, m) {
@@ -60,7 +61,7 @@ func TestSeederStability(t *testing.T) {
 		gone := members[blob%len(members)]
 		all := func(netip.AddrPort) bool { return true }
 		withoutGone := func(m netip.AddrPort) bool { return m != gone }
-		for k := range p.segments() {
+		for k := range p.Segments() {
 			before, _ := seederOf(p, k, assignment, members, all)
 			after, _ := seederOf(p, k, assignment, members, withoutGone)
 			switch {
@@ -70,7 +71,7 @@ func TestSeederStability(t *testing.T) {
 				t.Fatalf("segment %d still seeded by the dead member", k)
 			case before == gone:
 				live := slices.DeleteFunc(slices.Clone(members), func(m netip.AddrPort) bool { return m == gone })
-				if want, _ := rendezvous.Owner(p.key(k), live); after != want {
+				if want, _ := rendezvous.Owner(p.Key(k), live); after != want {
 					t.Fatalf("segment %d moved to %v, want its rendezvous owner among the living %v", k, after, want)
 				}
 			case after != before:
@@ -90,7 +91,7 @@ func TestAssignSeedersFollowsRendezvousWithoutContention(t *testing.T) {
 	members := membershiptest.Addrs(1)
 	p := testPlan(t, 1, 3)
 	for k, m := range assignSeeders(p, members) {
-		if owner, _ := rendezvous.Owner(p.key(k), members); m != owner {
+		if owner, _ := rendezvous.Owner(p.Key(k), members); m != owner {
 			t.Errorf("segment %d: %v, rendezvous owner %v", k, m, owner)
 		}
 	}
@@ -111,7 +112,7 @@ func TestAssignSeedersBalancesBytes(t *testing.T) {
 		members := membershiptest.Addrs(tt.members)
 		for blob := range 200 {
 			d := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", blob)}
-			p, err := newPlan(d, 256*mib, 16*mib, mib, DefaultRampSegments, DefaultMinSegments)
+			p, err := plan.New(d, 256*mib, 16*mib, mib, DefaultRampSegments, DefaultMinSegments)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -119,9 +120,9 @@ func TestAssignSeedersBalancesBytes(t *testing.T) {
 			load := map[netip.AddrPort]int64{}
 			shortSeeders := map[netip.AddrPort]bool{}
 			for k, m := range got {
-				_, length := p.segment(k)
+				_, length := p.Segment(k)
 				load[m] += length
-				if k < p.rampSegments {
+				if k < p.RampSegments {
 					shortSeeders[m] = true
 				}
 			}
@@ -130,8 +131,8 @@ func TestAssignSeedersBalancesBytes(t *testing.T) {
 					t.Fatalf("%d members, blob %d: %v seeds %d MiB, want at most %d", tt.members, blob, m, n/mib, tt.worst/mib)
 				}
 			}
-			if tt.members >= p.rampSegments && len(shortSeeders) < p.rampSegments {
-				t.Errorf("%d members, blob %d: the %d short segments went to %d members", tt.members, blob, p.rampSegments, len(shortSeeders))
+			if tt.members >= p.RampSegments && len(shortSeeders) < p.RampSegments {
+				t.Errorf("%d members, blob %d: the %d short segments went to %d members", tt.members, blob, p.RampSegments, len(shortSeeders))
 			}
 		}
 	}

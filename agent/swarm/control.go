@@ -14,178 +14,46 @@ import (
 	"strconv"
 	"time"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-
+	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/upstream"
-	"github.com/shoal-dev/shoal/internal/oci"
 )
 
-// segmentRequest is what a node asks a segment's seeder: which segment of which blob, how the
-// blob is cut, where upstream it lives, and the asker's own peer address.
-type segmentRequest struct {
-	digest         v1.Hash
-	k              int
-	size           int64
-	segmentSize    int64
-	pieceLength    int64
-	rampSegments   int
-	minSegments    int // absent (0) in requests of agents of the previous release
-	registry, repo string
-	peer           netip.AddrPort
-	// whole: the asker found that upstream ignores Range, and asks the blob's whole seeder (see
-	// seedWhole). Protocol 2 only.
-	whole bool
-	// reseed: the segment's seeder stopped answering, and this member is asked to fetch the
-	// segment's bytes again (see Swarm.rescue). Protocol 2 only.
-	reseed bool
-}
-
-func (r segmentRequest) query() url.Values {
-	q := url.Values{
-		"digest":       {r.digest.String()},
-		"segment":      {strconv.Itoa(r.k)},
-		"size":         {strconv.FormatInt(r.size, 10)},
-		"segment_size": {strconv.FormatInt(r.segmentSize, 10)},
-		"piece_length": {strconv.FormatInt(r.pieceLength, 10)},
-		"ramp":         {strconv.Itoa(r.rampSegments)},
-		"registry":     {r.registry},
-		"repository":   {r.repo},
-		"peer":         {r.peer.String()},
-	}
-	if r.minSegments != 0 {
-		q.Set("min_segments", strconv.Itoa(r.minSegments))
-	}
-	if r.whole {
-		q.Set("whole", "1")
-	}
-	if r.reseed {
-		q.Set("reseed", "1")
-	}
-	return q
-}
-
-func parseSegmentRequest(q url.Values) (segmentRequest, plan, error) {
-	var r segmentRequest
-	var err error
-	if r.digest, err = oci.ParseDigest(q.Get("digest")); err != nil {
-		return r, plan{}, err
-	}
-	ints := map[string]*int64{"size": &r.size, "segment_size": &r.segmentSize, "piece_length": &r.pieceLength}
-	for name, dst := range ints {
-		if *dst, err = strconv.ParseInt(q.Get(name), 10, 64); err != nil {
-			return r, plan{}, fmt.Errorf("%s: %w", name, err)
-		}
-	}
-	if r.rampSegments, err = strconv.Atoi(q.Get("ramp")); err != nil {
-		return r, plan{}, fmt.Errorf("ramp: %w", err)
-	}
-	if v := q.Get("min_segments"); v != "" {
-		if r.minSegments, err = strconv.Atoi(v); err != nil {
-			return r, plan{}, fmt.Errorf("min_segments: %w", err)
-		}
-	}
-	p, err := newPlan(r.digest, r.size, r.segmentSize, r.pieceLength, r.rampSegments, r.minSegments)
-	if err != nil {
-		return r, plan{}, err
-	}
-	if r.k, err = strconv.Atoi(q.Get("segment")); err != nil || r.k < 0 || r.k >= p.segments() {
-		return r, plan{}, fmt.Errorf("segment %q not in 0..%d", q.Get("segment"), p.segments()-1)
-	}
-	r.registry, r.repo = q.Get("registry"), q.Get("repository")
-	if err := oci.ValidateRegistry(r.registry); err != nil {
-		return r, plan{}, err
-	}
-	if err := oci.ValidateRepository(r.repo); err != nil {
-		return r, plan{}, err
-	}
-	if r.peer, err = netip.ParseAddrPort(q.Get("peer")); err != nil {
-		return r, plan{}, fmt.Errorf("peer: %w", err)
-	}
-	for name, dst := range map[string]*bool{"whole": &r.whole, "reseed": &r.reseed} {
-		switch q.Get(name) {
-		case "", "0":
-		case "1":
-			*dst = true
-		default:
-			return r, plan{}, fmt.Errorf("%s %q: want 0 or 1", name, q.Get(name))
-		}
-	}
-	return r, p, nil
-}
-
-// The control API's protocol versions. A node asks with the newest; an agent of the previous
-// release answers it 404 (no such route), and the asker then falls back to the version that
-// agent speaks, counted in shoal_swarm_protocol_fallbacks_total.
-//
-//   - 1: GET /swarm/v1/segment answers when the segment is published (or with an error status),
-//     and says nothing meanwhile; a seeder that is stopped but whose kernel still completes TCP
-//     handshakes cannot be told from one that is fetching.
-//   - 2: GET /swarm/v2/segment answers 200 at once, then sends a space every controlHeartbeat
-//     while it waits, then the answer as JSON (with "error" set when it failed). A seeder silent
-//     for controlSilence is taken as dead. Adds whole-blob seeding for registries that ignore
-//     Range (the "whole" parameter and the range_unsupported error code).
-const (
-	protocolVersion = 2
-	protocolHeader  = "Shoal-Swarm-Protocol"
-	segmentPathV1   = "/swarm/v1/segment"
-	segmentPathV2   = "/swarm/v2/segment"
-)
-
-// Timing of the control API (protocol 2).
+// Timing of this node's requests to seeders; the timing both sides share is in package plan.
 const (
 	// controlHeaderTimeout bounds the wait for a seeder's response headers, which a live
-	// seeder sends as soon as it has read the request.
+	// seeder of protocol 2 sends as soon as it has read the request.
 	controlHeaderTimeout = time.Second
-	// controlHeartbeat is how often a seeder that is still waiting for a segment says so.
-	controlHeartbeat = 500 * time.Millisecond
-	// controlSilence is how long an asker waits for a byte from a seeder before taking it as
-	// stopped: five heartbeats.
-	controlSilence = 5 * controlHeartbeat
 	// v1AnswerTimeout bounds a protocol 1 request, which says nothing until it answers.
 	v1AnswerTimeout = 15 * time.Second
 )
 
-// Error codes of a protocol 2 answer.
-const (
-	codeRangeUnsupported = "range_unsupported"
-	codeSeedFailed       = "seed_failed"
-)
-
-// segmentAnswer is a seeder's answer: the segment's bencoded info and peers to swarm with, or
-// why it could not publish the segment.
-type segmentAnswer struct {
-	Info  []byte   `json:"info,omitempty"`
-	Peers []string `json:"peers,omitempty"`
-	Error string   `json:"error,omitempty"`
-	Code  string   `json:"code,omitempty"`
-}
-
 // segmentCall is a checked segment request on its way to being answered.
 type segmentCall struct {
-	req segmentRequest
+	req plan.Request
 	b   *blob
 }
 
 // admitSegmentRequest checks a segment request and returns the blob it is about, or answers the
 // request with an error status and returns nil.
 func (s *Swarm) admitSegmentRequest(w http.ResponseWriter, r *http.Request) *segmentCall {
-	req, p, err := parseSegmentRequest(r.URL.Query())
+	req, err := plan.ParseRequest(r.URL.Query())
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return nil
 	}
 	// The asker must be who it says it is: its peer address is where others will connect.
-	if host, _, err := net.SplitHostPort(r.RemoteAddr); err != nil || host != req.peer.Addr().String() {
+	if host, _, err := net.SplitHostPort(r.RemoteAddr); err != nil || host != req.Peer.Addr().String() {
 		http.Error(w, "peer address does not match the connection", http.StatusForbidden)
 		return nil
 	}
-	s.cfg.Membership.ReportAlive(req.peer.Addr())
-	ours, err := newPlan(req.digest, req.size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments, s.cfg.MinSegments)
-	if err != nil || !p.sameCut(ours) {
+	s.cfg.Membership.ReportAlive(req.Peer.Addr())
+	p := req.Plan
+	ours, err := plan.New(p.Digest, p.Size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments, s.cfg.MinSegments)
+	if err != nil || !p.SameCut(ours) {
 		// Agents of the previous release cut blobs under 16 segments differently; other flags
 		// differ by mistake.
 		s.log.Warn("a peer cuts this blob into other segments; all agents should share --swarm-segment-size, --swarm-piece-length, --swarm-ramp-segments and --swarm-min-segments",
-			"peer", req.peer, "digest", req.digest, "segment_size", p.segmentSize, "piece_length", p.pieceLength, "ramp_segments", p.rampSegments, "min_segments", p.minSegments)
+			"peer", req.Peer, "digest", p.Digest, "segment_size", p.SegmentSize, "piece_length", p.PieceLength, "ramp_segments", p.RampSegments, "min_segments", p.MinSegments)
 		http.Error(w, "this agent cuts the blob into other segments", http.StatusConflict)
 		return nil
 	}
@@ -196,7 +64,7 @@ func (s *Swarm) admitSegmentRequest(w http.ResponseWriter, r *http.Request) *seg
 		http.Error(w, err.Error(), http.StatusConflict)
 		return nil
 	}
-	b, err := s.blobFor(req.digest, req.size, req.registry, req.repo)
+	b, err := s.blobFor(p.Digest, p.Size, req.Registry, req.Repository)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusConflict)
 		return nil
@@ -206,27 +74,28 @@ func (s *Swarm) admitSegmentRequest(w http.ResponseWriter, r *http.Request) *seg
 
 // checkBlobSize verifies the size a segment request gives for a blob this node has no state for:
 // against the content store's copy, else the registry's.
-func (s *Swarm) checkBlobSize(ctx context.Context, req segmentRequest) error {
+func (s *Swarm) checkBlobSize(ctx context.Context, req plan.Request) error {
+	d := req.Plan.Digest
 	s.mu.Lock()
-	_, known := s.blobs[req.digest.Hex]
+	_, known := s.blobs[d.Hex]
 	s.mu.Unlock()
 	if known {
 		return nil // blobFor compares with the size already known
 	}
 	var size int64
-	if local := s.openLocal(req.digest); local != nil {
+	if local := s.openLocal(d); local != nil {
 		size = local.Size()
 		_ = local.Close()
 	} else {
 		ctx, cancel := context.WithTimeout(ctx, s.cfg.InfoTimeout)
 		defer cancel()
 		var err error
-		if size, err = s.cfg.Upstream.HeadBlob(ctx, req.registry, req.repo, req.digest); err != nil {
-			return fmt.Errorf("size of %s upstream: %w", req.digest, err)
+		if size, err = s.cfg.Upstream.HeadBlob(ctx, req.Registry, req.Repository, d); err != nil {
+			return fmt.Errorf("size of %s upstream: %w", d, err)
 		}
 	}
-	if size != req.size {
-		return fmt.Errorf("blob %s has %d bytes, the request says %d", req.digest, size, req.size)
+	if size != req.Plan.Size {
+		return fmt.Errorf("blob %s has %d bytes, the request says %d", d, size, req.Plan.Size)
 	}
 	return nil
 }
@@ -259,22 +128,22 @@ func (s *Swarm) serveSegmentV2(w http.ResponseWriter, r *http.Request) {
 	if call == nil {
 		return
 	}
-	if call.req.whole {
-		s.setWhole(call.b, "asked by "+call.req.peer.String())
+	if call.req.Whole {
+		s.setWhole(call.b, "asked by "+call.req.Peer.String())
 		call.b.wholeHere.Store(true)
 	}
 	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set(protocolHeader, strconv.Itoa(protocolVersion))
+	w.Header().Set(plan.ProtocolHeader, strconv.Itoa(plan.ProtocolVersion))
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	_ = rc.Flush()
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.InfoTimeout)
 	defer cancel()
-	answered := make(chan segmentAnswer, 1)
+	answered := make(chan plan.Answer, 1)
 	if !s.background(func() { answered <- s.answerSegment(ctx, call) }) {
-		answered <- segmentAnswer{Error: errSwarmClosed.Error()}
+		answered <- plan.Answer{Error: errSwarmClosed.Error()}
 	}
-	beat := time.NewTicker(controlHeartbeat)
+	beat := time.NewTicker(plan.Heartbeat)
 	defer beat.Stop()
 	for {
 		select {
@@ -292,22 +161,23 @@ func (s *Swarm) serveSegmentV2(w http.ResponseWriter, r *http.Request) {
 
 // answerSegment waits for the call's segment to be published and answers with its info and the
 // asker's neighbours, or with why it failed.
-func (s *Swarm) answerSegment(ctx context.Context, call *segmentCall) segmentAnswer {
+func (s *Swarm) answerSegment(ctx context.Context, call *segmentCall) plan.Answer {
 	req, b := call.req, call.b
-	info, err := s.ensureSegment(ctx, b, req.k)
-	if err == nil && req.reseed {
-		err = s.refetchSegment(ctx, b, req.k)
+	k := req.Segment
+	info, err := s.ensureSegment(ctx, b, k)
+	if err == nil && req.Reseed {
+		err = s.refetchSegment(ctx, b, k)
 	}
 	if err != nil {
-		s.log.Warn("cannot seed segment", "digest", req.digest, "segment", req.k, "error", err)
-		code := codeSeedFailed
+		s.log.Warn("cannot seed segment", "digest", req.Plan.Digest, "segment", k, "error", err)
+		code := plan.CodeSeedFailed
 		if errors.Is(err, upstream.ErrRangeUnsupported) {
-			code = codeRangeUnsupported
+			code = plan.CodeRangeUnsupported
 		}
-		return segmentAnswer{Error: err.Error(), Code: code}
+		return plan.Answer{Error: err.Error(), Code: code}
 	}
-	peers := b.segs[req.k].addPeer(b.plan.key(req.k), s.self, req.peer, time.Now(), peersPerAnswer)
-	answer := segmentAnswer{Info: info}
+	peers := b.segs[k].addPeer(b.plan.Key(k), s.self, req.Peer, time.Now(), peersPerAnswer)
+	answer := plan.Answer{Info: info}
 	for _, p := range peers {
 		answer.Peers = append(answer.Peers, p.String())
 	}
@@ -318,9 +188,9 @@ func (s *Swarm) answerSegment(ctx context.Context, call *segmentCall) segmentAns
 // protocol the seeder speaks. whole says that seeder was chosen as the whole blob's seeder (see
 // seedWhole); it must be what the choice was made on, never read again from the blob, which
 // may have changed since: a member asked for the whole blob fetches it.
-func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *blob, k int, whole bool) (*segmentAnswer, error) {
+func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *blob, k int, whole bool) (*plan.Answer, error) {
 	req := s.segmentRequestFor(b, k, whole)
-	var answer *segmentAnswer
+	var answer *plan.Answer
 	var err error
 	if s.peerProtocol(seeder) >= 2 {
 		answer, err = s.requestSegmentV2(ctx, seeder, req)
@@ -329,7 +199,7 @@ func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *bl
 		}
 	}
 	if s.peerProtocol(seeder) < 2 {
-		answer, err = s.requestSegmentV1(ctx, seeder, req, b.plan)
+		answer, err = s.requestSegmentV1(ctx, seeder, req)
 	}
 	if err != nil {
 		return nil, err
@@ -345,12 +215,8 @@ func (s *Swarm) requestSegment(ctx context.Context, seeder netip.AddrPort, b *bl
 }
 
 // segmentRequestFor is this node's request for segment k of b.
-func (s *Swarm) segmentRequestFor(b *blob, k int, whole bool) segmentRequest {
-	return segmentRequest{
-		digest: b.plan.digest, k: k, size: b.plan.size,
-		segmentSize: b.plan.segmentSize, pieceLength: b.plan.pieceLength, rampSegments: b.plan.rampSegments,
-		minSegments: b.plan.minSegments, registry: b.registry, repo: b.repo, peer: s.self, whole: whole,
-	}
+func (s *Swarm) segmentRequestFor(b *blob, k int, whole bool) plan.Request {
+	return plan.Request{Plan: b.plan, Segment: k, Registry: b.registry, Repository: b.repo, Peer: s.self, Whole: whole}
 }
 
 // errOldProtocol: the seeder does not know protocol 2.
@@ -358,38 +224,38 @@ var errOldProtocol = errors.New("seeder speaks an older control protocol")
 
 // errSeederSilent: the seeder stopped sending heartbeats. It counts as a timeout (see
 // isTimeout): the seeder may be stopped or only overloaded, and the probes decide which.
-var errSeederSilent = fmt.Errorf("seeder sent nothing for %s: %w", controlSilence, os.ErrDeadlineExceeded)
+var errSeederSilent = fmt.Errorf("seeder sent nothing for %s: %w", plan.SilenceTimeout, os.ErrDeadlineExceeded)
 
-func (s *Swarm) requestSegmentV2(ctx context.Context, seeder netip.AddrPort, req segmentRequest) (*segmentAnswer, error) {
+func (s *Swarm) requestSegmentV2(ctx context.Context, seeder netip.AddrPort, req plan.Request) (*plan.Answer, error) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	u := url.URL{Scheme: "http", Host: seeder.String(), Path: segmentPathV2, RawQuery: req.query().Encode()}
+	u := url.URL{Scheme: "http", Host: seeder.String(), Path: plan.SegmentPathV2, RawQuery: req.Query().Encode()}
 	httpReq, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
 		return nil, err
 	}
-	httpReq.Header.Set(protocolHeader, strconv.Itoa(protocolVersion))
+	httpReq.Header.Set(plan.ProtocolHeader, strconv.Itoa(plan.ProtocolVersion))
 	resp, err := s.control.Do(httpReq)
 	if err != nil {
-		return nil, fmt.Errorf("ask %s for segment %d: %w", seeder, req.k, err)
+		return nil, fmt.Errorf("ask %s for segment %d: %w", seeder, req.Segment, err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusNotFound && resp.Header.Get(protocolHeader) == "" {
+	if resp.StatusCode == http.StatusNotFound && resp.Header.Get(plan.ProtocolHeader) == "" {
 		return nil, errOldProtocol
 	}
 	if resp.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		return nil, &seederError{status: resp.StatusCode, msg: string(body)}
 	}
-	silence := time.AfterFunc(controlSilence, func() { cancel(errSeederSilent) })
+	silence := time.AfterFunc(plan.SilenceTimeout, func() { cancel(errSeederSilent) })
 	defer silence.Stop()
 	body := &heartbeatReader{r: io.LimitReader(resp.Body, 4<<20), silence: silence}
-	var answer segmentAnswer
+	var answer plan.Answer
 	if err := json.NewDecoder(body).Decode(&answer); err != nil {
 		if cause := context.Cause(ctx); errors.Is(cause, errSeederSilent) {
 			err = cause
 		}
-		return nil, fmt.Errorf("answer of %s for segment %d: %w", seeder, req.k, err)
+		return nil, fmt.Errorf("answer of %s for segment %d: %w", seeder, req.Segment, err)
 	}
 	return &answer, nil
 }
@@ -403,41 +269,41 @@ type heartbeatReader struct {
 func (h *heartbeatReader) Read(p []byte) (int, error) {
 	n, err := h.r.Read(p)
 	if n > 0 {
-		h.silence.Reset(controlSilence)
+		h.silence.Reset(plan.SilenceTimeout)
 	}
 	return n, err
 }
 
-func (s *Swarm) requestSegmentV1(ctx context.Context, seeder netip.AddrPort, req segmentRequest, p plan) (*segmentAnswer, error) {
+func (s *Swarm) requestSegmentV1(ctx context.Context, seeder netip.AddrPort, req plan.Request) (*plan.Answer, error) {
 	switch {
-	case req.whole, req.reseed:
-		return nil, &seederError{status: http.StatusNotImplemented, msg: "an agent of the previous release cannot seed a whole blob or seed a segment again", code: codeSeedFailed}
-	case !p.legacyCut():
-		return nil, &seederError{status: http.StatusConflict, msg: "an agent of the previous release cuts this blob into other segments", code: codeSeedFailed}
+	case req.Whole, req.Reseed:
+		return nil, &seederError{status: http.StatusNotImplemented, msg: "an agent of the previous release cannot seed a whole blob or seed a segment again", code: plan.CodeSeedFailed}
+	case !req.Plan.LegacyCut():
+		return nil, &seederError{status: http.StatusConflict, msg: "an agent of the previous release cuts this blob into other segments", code: plan.CodeSeedFailed}
 	}
-	req.minSegments = 0 // unknown to protocol 1
+	req.Plan.MinSegments = 0 // unknown to protocol 1
 	ctx, cancel := context.WithTimeout(ctx, v1AnswerTimeout)
 	defer cancel()
-	u := url.URL{Scheme: "http", Host: seeder.String(), Path: segmentPathV1, RawQuery: req.query().Encode()}
+	u := url.URL{Scheme: "http", Host: seeder.String(), Path: plan.SegmentPathV1, RawQuery: req.Query().Encode()}
 	httpReq, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := s.controlV1.Do(httpReq)
 	if err != nil {
-		return nil, fmt.Errorf("ask %s for segment %d: %w", seeder, req.k, err)
+		return nil, fmt.Errorf("ask %s for segment %d: %w", seeder, req.Segment, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	if err != nil {
-		return nil, fmt.Errorf("ask %s for segment %d: %w", seeder, req.k, err)
+		return nil, fmt.Errorf("ask %s for segment %d: %w", seeder, req.Segment, err)
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, &seederError{status: resp.StatusCode, msg: string(body)}
 	}
-	var answer segmentAnswer
+	var answer plan.Answer
 	if err := json.Unmarshal(body, &answer); err != nil {
-		return nil, fmt.Errorf("answer of %s for segment %d: %w", seeder, req.k, err)
+		return nil, fmt.Errorf("answer of %s for segment %d: %w", seeder, req.Segment, err)
 	}
 	return &answer, nil
 }
@@ -450,7 +316,7 @@ func (s *Swarm) peerProtocol(peer netip.AddrPort) int {
 			return version
 		}
 	}
-	return protocolVersion
+	return plan.ProtocolVersion
 }
 
 // protocolFallback records that peer speaks only version v, once per peer, visibly.
@@ -460,7 +326,7 @@ func (s *Swarm) protocolFallback(peer netip.AddrPort, v int) {
 	}
 	s.metrics.protocolFallbacks.Inc()
 	s.log.Warn("a peer speaks an older control protocol (an agent of the previous release?); falling back to it until the rollout of the new release reaches it",
-		"peer", peer, "protocol", v, "ours", protocolVersion)
+		"peer", peer, "protocol", v, "ours", plan.ProtocolVersion)
 }
 
 // seederError is a seeder that answered but could not serve the segment (its upstream failed,
@@ -482,5 +348,5 @@ func isSeederError(err error) bool {
 // own fetch, or a seeder's answer.
 func isRangeUnsupported(err error) bool {
 	var se *seederError
-	return errors.Is(err, upstream.ErrRangeUnsupported) || (errors.As(err, &se) && se.code == codeRangeUnsupported)
+	return errors.Is(err, upstream.ErrRangeUnsupported) || (errors.As(err, &se) && se.code == plan.CodeRangeUnsupported)
 }

@@ -68,7 +68,7 @@ func (s *Swarm) acquireAll(b *blob) {
 		case window <- struct{}{}:
 		case <-s.ctx.Done():
 			for _, seg := range b.segs[k:] {
-				seg.fail(fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, errSwarmClosed))
+				seg.fail(fmt.Errorf("segment %d of %s: %w", k, b.plan.Digest, errSwarmClosed))
 			}
 			return
 		}
@@ -77,7 +77,7 @@ func (s *Swarm) acquireAll(b *blob) {
 			ctx, cancel := context.WithTimeout(s.ctx, s.cfg.InfoTimeout+time.Minute)
 			defer cancel()
 			if err := s.acquire(ctx, b, k); err != nil {
-				s.log.Warn("segment unavailable through the swarm; readers will fetch it directly", "digest", b.plan.digest, "segment", k, "error", err)
+				s.log.Warn("segment unavailable through the swarm; readers will fetch it directly", "digest", b.plan.Digest, "segment", k, "error", err)
 				b.segs[k].fail(err)
 			}
 		})
@@ -132,7 +132,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 				// A timeout: a congested link drops SYNs (the retry comes a second later) and a busy
 				// node answers late. Moving on would fetch the segment from upstream a second time, so
 				// ask again a few times, unless the probes have found it dead meanwhile.
-				s.log.Debug("seeder slow to answer, asking again", "digest", b.plan.digest, "segment", k, "seeder", seeder, "error", err)
+				s.log.Debug("seeder slow to answer, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
 				select {
 				case <-time.After(seederRetryPause):
 				case <-ctx.Done():
@@ -141,7 +141,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 				continue
 			}
 			failed[seeder], timeouts = true, 0
-			s.log.Info("seeder failed, trying the next one", "digest", b.plan.digest, "segment", k, "seeder", seeder, "error", err)
+			s.log.Info("seeder failed, trying the next one", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
 			continue
 		}
 		if err := s.publishSegment(b, k, answer.Info, b.state); err != nil {
@@ -169,7 +169,7 @@ func (s *Swarm) setWhole(b *blob, why string) {
 	if b.whole.CompareAndSwap(false, true) {
 		s.metrics.wholeBlobs.Inc()
 		s.log.Warn("the registry ignores Range requests; one member fetches the whole blob for the swarm",
-			"digest", b.plan.digest, "registry", b.registry, "reason", why)
+			"digest", b.plan.Digest, "registry", b.registry, "reason", why)
 	}
 }
 
@@ -227,8 +227,8 @@ func (s *Swarm) announce(b *blob, k int, seeder netip.AddrPort, whole bool, peer
 // segmentDone reports whether every piece of segment k is final here: verified, or read from
 // upstream instead.
 func (b *blob) segmentDone(k int) bool {
-	first := b.plan.firstPiece(k)
-	for i := first; i < first+b.plan.pieces(k); i++ {
+	first := b.plan.FirstPiece(k)
+	for i := first; i < first+b.plan.Pieces(k); i++ {
 		if !b.t.IsFrozen(i) && !b.t.PieceComplete(i) {
 			return false
 		}
@@ -260,11 +260,11 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 		if b.whole.Load() {
 			if !b.wholeHere.Load() {
 				// Not this node's to fetch: the asker goes to the whole blob's seeder.
-				return nil, fmt.Errorf("segment %d of %s: not the whole blob's seeder: %w", k, b.plan.digest, upstream.ErrRangeUnsupported)
+				return nil, fmt.Errorf("segment %d of %s: not the whole blob's seeder: %w", k, b.plan.Digest, upstream.ErrRangeUnsupported)
 			}
 			s.startWhole(b)
 		} else if seg.startSeeding() && !s.background(func() { s.seed(b, k) }) {
-			seg.fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, errSwarmClosed))
+			seg.fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.Digest, errSwarmClosed))
 		}
 		select {
 		case <-ready:
@@ -272,7 +272,7 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 				return nil, err
 			}
 		case <-ctx.Done():
-			return nil, fmt.Errorf("wait for segment %d of %s: %w", k, b.plan.digest, ctx.Err())
+			return nil, fmt.Errorf("wait for segment %d of %s: %w", k, b.plan.Digest, ctx.Err())
 		}
 	}
 }
@@ -281,15 +281,15 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 func (s *Swarm) seed(b *blob, k int) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.InfoTimeout+time.Minute)
 	defer cancel()
-	offset, length := b.plan.segment(k)
+	offset, length := b.plan.Segment(k)
 	start := time.Now()
-	local := s.openLocal(b.plan.digest)
+	local := s.openLocal(b.plan.Digest)
 	if local != nil {
 		defer local.Close()
 	} else {
 		release, err := s.seedSlot(ctx, k)
 		if err != nil {
-			b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
+			b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.Digest, err))
 			return
 		}
 		defer release()
@@ -299,19 +299,19 @@ func (s *Swarm) seed(b *blob, k int) {
 		if errors.Is(err, upstream.ErrRangeUnsupported) {
 			s.setWhole(b, "a ranged fetch of segment "+strconv.Itoa(k)+" got the whole blob")
 		}
-		b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
+		b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.Digest, err))
 		return
 	}
 	s.metrics.bytes.WithLabelValues(source).Add(float64(length))
 	info, err := buildInfo(b.plan, k, pieces)
 	if err == nil {
 		if err = s.publishSegment(b, k, info, torrent.AllComplete); err == nil {
-			s.log.Info("seeding segment", "digest", b.plan.digest, "segment", k, "from", source,
+			s.log.Info("seeding segment", "digest", b.plan.Digest, "segment", k, "from", source,
 				"bytes", length, "duration", time.Since(start))
 			return
 		}
 	}
-	b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.digest, err))
+	b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.Digest, err))
 }
 
 // fetchSegment copies a segment into the blob's file and returns its piece hashes: from local,
@@ -320,10 +320,10 @@ func (s *Swarm) seed(b *blob, k int) {
 // and each flow's round trips overlap.
 func (s *Swarm) fetchSegment(ctx context.Context, b *blob, local store.Blob, offset, length int64) ([]byte, string, error) {
 	if local != nil {
-		pieces, err := copyAndHash(ctx, io.NewSectionReader(local, offset, length), b.file, offset, length, b.plan.pieceLength)
+		pieces, err := copyAndHash(ctx, io.NewSectionReader(local, offset, length), b.file, offset, length, b.plan.PieceLength)
 		return pieces, sourceLocal, err
 	}
-	pieceLength := b.plan.pieceLength
+	pieceLength := b.plan.PieceLength
 	nPieces := (length + pieceLength - 1) / pieceLength
 	streams := min(int64(upstreamStreams), nPieces)
 	perStream := (nPieces + streams - 1) / streams * pieceLength
@@ -337,7 +337,7 @@ func (s *Swarm) fetchSegment(ctx context.Context, b *blob, local store.Blob, off
 		}
 		n := min(perStream, length-start)
 		go func() {
-			rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.digest, offset+start, n)
+			rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.Digest, offset+start, n)
 			if err != nil {
 				errs <- err
 				return
@@ -371,7 +371,7 @@ func (s *Swarm) startWhole(b *blob) {
 	}
 	if b.wholeRunning = s.background(func() { s.seedWhole(b) }); !b.wholeRunning {
 		for _, seg := range b.segs {
-			seg.fail(fmt.Errorf("seed %s whole: %w", b.plan.digest, errSwarmClosed))
+			seg.fail(fmt.Errorf("seed %s whole: %w", b.plan.Digest, errSwarmClosed))
 		}
 	}
 }
@@ -392,13 +392,13 @@ func (s *Swarm) seedWhole(b *blob) {
 			return
 		}
 		for _, seg := range b.segs {
-			seg.fail(fmt.Errorf("seed %s whole: %w", b.plan.digest, err))
+			seg.fail(fmt.Errorf("seed %s whole: %w", b.plan.Digest, err))
 		}
 	}()
 	var rc io.ReadCloser
-	if local := s.openLocal(b.plan.digest); local != nil {
+	if local := s.openLocal(b.plan.Digest); local != nil {
 		rc = local
-	} else if rc, _, err = s.cfg.Upstream.Blob(s.ctx, b.registry, b.repo, b.plan.digest, 0, -1); err != nil {
+	} else if rc, _, err = s.cfg.Upstream.Blob(s.ctx, b.registry, b.repo, b.plan.Digest, 0, -1); err != nil {
 		return
 	}
 	defer rc.Close()
@@ -407,9 +407,9 @@ func (s *Swarm) seedWhole(b *blob) {
 		source = sourceLocal
 	}
 	for k, seg := range b.segs {
-		offset, length := b.plan.segment(k)
+		offset, length := b.plan.Segment(k)
 		var pieces, info []byte
-		if pieces, err = copyAndHash(s.ctx, rc, b.file, offset, length, b.plan.pieceLength); err != nil {
+		if pieces, err = copyAndHash(s.ctx, rc, b.file, offset, length, b.plan.PieceLength); err != nil {
 			err = fmt.Errorf("segment %d: %w", k, err)
 			return
 		}
@@ -428,7 +428,7 @@ func (s *Swarm) seedWhole(b *blob) {
 			return
 		}
 	}
-	s.log.Info("seeding whole blob", "digest", b.plan.digest, "from", source, "bytes", b.plan.size, "duration", time.Since(start))
+	s.log.Info("seeding whole blob", "digest", b.plan.Digest, "from", source, "bytes", b.plan.Size, "duration", time.Since(start))
 }
 
 // retriesAfter is how many times in a row a seeder that timed out is asked again before the
@@ -478,7 +478,7 @@ func (s *Swarm) rescue(b *blob, k int) {
 		}
 		s.markSilent(source.Addr())
 		s.log.Warn("a seeder does not answer; the next members seed its segments again",
-			"digest", b.plan.digest, "segment", k, "seeder", source, "error", err)
+			"digest", b.plan.Digest, "segment", k, "seeder", source, "error", err)
 		if !s.background(func() { s.reseed(b, k, source) }) {
 			seg.endRescue(false, netip.AddrPort{})
 			return
@@ -515,14 +515,14 @@ func (s *Swarm) reseed(b *blob, k int, stopped netip.AddrPort) {
 		})
 		if !found || seeder == s.self {
 			if err := s.refetchSegment(ctx, b, k); err != nil {
-				s.log.Warn("cannot seed a segment again", "digest", b.plan.digest, "segment", k, "error", err)
+				s.log.Warn("cannot seed a segment again", "digest", b.plan.Digest, "segment", k, "error", err)
 				return
 			}
 			moved = true
 			return
 		}
 		req := s.segmentRequestFor(b, k, whole)
-		req.reseed = true
+		req.Reseed = true
 		answer, err := s.requestSegmentV2(ctx, seeder, req)
 		if err == nil && answer.Error == "" {
 			s.addPeers(b, answer.Peers)
@@ -546,7 +546,7 @@ func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
 	seg := b.segs[k]
 	seg.refetchMu.Lock()
 	defer seg.refetchMu.Unlock()
-	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
+	first, n := b.plan.FirstPiece(k), b.plan.Pieces(k)
 	var runs [][2]int // [from, to) of pieces nobody can send
 	for i := first; i < first+n; i++ {
 		if b.t.IsFrozen(i) || b.t.PieceComplete(i) || b.holders(i) > 0 {
@@ -561,7 +561,7 @@ func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
 	if len(runs) == 0 {
 		return nil
 	}
-	local := s.openLocal(b.plan.digest)
+	local := s.openLocal(b.plan.Digest)
 	if local != nil {
 		defer local.Close()
 	} else {
@@ -571,8 +571,8 @@ func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
 		}
 		defer release()
 	}
-	segOffset, segLength := b.plan.segment(k)
-	pl := b.plan.pieceLength
+	segOffset, segLength := b.plan.Segment(k)
+	pl := b.plan.PieceLength
 	var fetched int64
 	source := sourceUpstream
 	for _, run := range runs {
@@ -590,7 +590,7 @@ func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
 			}
 		}
 		if err != nil {
-			return fmt.Errorf("fetch pieces %d-%d of %s again: %w", run[0], run[1]-1, b.plan.digest, err)
+			return fmt.Errorf("fetch pieces %d-%d of %s again: %w", run[0], run[1]-1, b.plan.Digest, err)
 		}
 		s.metrics.bytes.WithLabelValues(source).Add(float64(length))
 		fetched += length
@@ -598,7 +598,7 @@ func (s *Swarm) refetchSegment(ctx context.Context, b *blob, k int) error {
 			b.t.CompleteIfHash(run[0]+j, pieces[j*torrent.HashSize:(j+1)*torrent.HashSize])
 		}
 	}
-	s.log.Info("seeded a segment again", "digest", b.plan.digest, "segment", k, "from", source, "bytes", fetched, "of", segLength)
+	s.log.Info("seeded a segment again", "digest", b.plan.Digest, "segment", k, "from", source, "bytes", fetched, "of", segLength)
 	return nil
 }
 
@@ -628,15 +628,15 @@ const silentFor = 30 * time.Second
 // bytes: costly, but only readers that the swarm could not serve get there.
 func (s *Swarm) openUpstream(ctx context.Context, b *blob, offset, length int64) (io.ReadCloser, error) {
 	if !b.whole.Load() {
-		rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.digest, offset, length)
+		rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.Digest, offset, length)
 		if !errors.Is(err, upstream.ErrRangeUnsupported) {
 			return rc, err
 		}
 		s.setWhole(b, "a direct read got the whole blob")
 	}
 	s.log.Info("reading from upstream past the start of a blob whose registry ignores Range",
-		"digest", b.plan.digest, "offset", offset, "length", length)
-	rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.digest, 0, -1)
+		"digest", b.plan.Digest, "offset", offset, "length", length)
+	rc, _, err := s.cfg.Upstream.Blob(ctx, b.registry, b.repo, b.plan.Digest, 0, -1)
 	if err != nil {
 		return nil, err
 	}
@@ -665,8 +665,8 @@ func (s *Swarm) openLocal(d v1.Hash) store.Blob {
 // addTorrent adds b's torrent, stored in the blob's file. It trades no piece until the hashes
 // of the piece's segment are known here (see publishSegment).
 func (s *Swarm) addTorrent(b *blob) error {
-	t, err := s.client.AddBlob(b.plan.digest.Hex, b.plan.size, b.plan.pieceLength, b.file, func(err error) {
-		s.log.Error("cannot write blob data; dropping the blob's torrent", "digest", b.plan.digest, "error", err)
+	t, err := s.client.AddBlob(b.plan.Digest.Hex, b.plan.Size, b.plan.PieceLength, b.file, func(err error) {
+		s.log.Error("cannot write blob data; dropping the blob's torrent", "digest", b.plan.Digest, "error", err)
 	})
 	if err != nil {
 		return err
@@ -685,9 +685,9 @@ func (s *Swarm) publishSegment(b *blob, k int, info []byte, state torrent.Comple
 	}
 	pieces, err := checkInfo(b.plan, k, info)
 	if err != nil {
-		return fmt.Errorf("segment %d of %s: %w", k, b.plan.digest, err)
+		return fmt.Errorf("segment %d of %s: %w", k, b.plan.Digest, err)
 	}
-	first, n := b.plan.firstPiece(k), b.plan.pieces(k)
+	first, n := b.plan.FirstPiece(k), b.plan.Pieces(k)
 	b.t.SetHashes(first, pieces, state)
 	if state != torrent.AllComplete {
 		b.t.SetPriority(first, first+n, torrent.PriorityNormal)
@@ -699,8 +699,8 @@ func (s *Swarm) publishSegment(b *blob, k int, info []byte, state torrent.Comple
 // completePieces marks the pieces of segment k complete whose bytes, now in the blob's file,
 // have the hashes the segment's published info gives them.
 func (b *blob) completePieces(k int, pieces []byte) {
-	first := b.plan.firstPiece(k)
-	for j := range b.plan.pieces(k) {
+	first := b.plan.FirstPiece(k)
+	for j := range b.plan.Pieces(k) {
 		b.t.CompleteIfHash(first+j, pieces[j*torrent.HashSize:(j+1)*torrent.HashSize])
 	}
 }
@@ -709,8 +709,8 @@ func (b *blob) completePieces(k int, pieces []byte) {
 // priority, so that the reader finds them there when it gets to them (see prioritySegments).
 func (r *blobReader) raiseAhead() {
 	for k := r.k + 1; k <= r.k+prioritySegments && k < len(r.b.segs); k++ {
-		first := r.b.plan.firstPiece(k)
-		r.b.t.RaisePriority(first, first+r.b.plan.pieces(k), torrent.PriorityHigh)
+		first := r.b.plan.FirstPiece(k)
+		r.b.t.RaisePriority(first, first+r.b.plan.Pieces(k), torrent.PriorityHigh)
 	}
 }
 
@@ -782,12 +782,12 @@ func (r *blobReader) FilePath() string { return r.path }
 
 // Advance implements store.FileSource: it blocks until more than have bytes are final.
 func (r *blobReader) Advance(ctx context.Context, have int64) (int64, error) {
-	for r.final <= have && r.final < r.b.plan.size {
+	for r.final <= have && r.final < r.b.plan.Size {
 		if err := r.step(ctx); err != nil {
 			return r.final, err
 		}
 	}
-	if r.final >= r.b.plan.size {
+	if r.final >= r.b.plan.Size {
 		r.s.finished(r.b)
 	}
 	return r.final, nil
@@ -796,7 +796,7 @@ func (r *blobReader) Advance(ctx context.Context, have int64) (int64, error) {
 // Read implements io.Reader for callers other than the content store: it reads the file as
 // Advance makes it final.
 func (r *blobReader) Read(p []byte) (int, error) {
-	if r.read >= r.b.plan.size {
+	if r.read >= r.b.plan.Size {
 		r.s.finished(r.b)
 		return 0, io.EOF
 	}
@@ -816,7 +816,7 @@ func (r *blobReader) Read(p []byte) (int, error) {
 // step makes at least one more byte final: the run of verified pieces starting at final, or a
 // block read from upstream.
 func (r *blobReader) step(ctx context.Context) error {
-	offset, length := r.b.plan.segment(r.k)
+	offset, length := r.b.plan.Segment(r.k)
 	segPos := r.final - offset
 	if segPos >= length {
 		r.closeSegment()
@@ -838,7 +838,7 @@ func (r *blobReader) step(ctx context.Context) error {
 	blocked := time.Now()
 	progressed, completed := blocked, t.BytesCompleted() // the blob's last verified piece
 	kicked := blocked
-	piece := int((offset + segPos) / r.b.plan.pieceLength)
+	piece := int((offset + segPos) / r.b.plan.PieceLength)
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
 		// the pieces just ahead of it urgent. The swarm is stalled when the blob completes no
@@ -879,7 +879,7 @@ func (r *blobReader) step(ctx context.Context) error {
 			// nobody asked for it.
 			if r.b.t.Kick(piece) {
 				r.s.metrics.kicks.Inc()
-				r.s.log.Debug("kicked a piece nobody sent", "digest", r.b.plan.digest, "segment", r.k, "waited", waited, r.b.pieceReport(piece))
+				r.s.log.Debug("kicked a piece nobody sent", "digest", r.b.plan.Digest, "segment", r.k, "waited", waited, r.b.pieceReport(piece))
 			}
 			kicked = now
 		}
@@ -893,7 +893,7 @@ func (r *blobReader) step(ctx context.Context) error {
 	}
 	if n > 0 {
 		// The piece at segPos is verified; so may be the ones after it.
-		pl := r.b.plan.pieceLength
+		pl := r.b.plan.PieceLength
 		end := min(((offset+segPos)/pl+1)*pl, offset+length)
 		for i := int(end / pl); end < offset+length && t.PieceComplete(i); i++ {
 			end = min(end+pl, offset+length)
@@ -908,7 +908,7 @@ func (r *blobReader) step(ctx context.Context) error {
 		return ctx.Err()
 	}
 	if errors.Is(err, io.EOF) {
-		return fmt.Errorf("segment %d of %s: torrent ended at %d of %d bytes: %w", r.k, r.b.plan.digest, segPos, length, io.ErrUnexpectedEOF)
+		return fmt.Errorf("segment %d of %s: torrent ended at %d of %d bytes: %w", r.k, r.b.plan.Digest, segPos, length, io.ErrUnexpectedEOF)
 	}
 	stats := t.Stats()
 	if !idle && errors.Is(err, context.DeadlineExceeded) {
@@ -916,13 +916,13 @@ func (r *blobReader) step(ctx context.Context) error {
 		// The segment progresses but the piece the reader needs does not come: read that piece
 		// alone from upstream and go on with the swarm.
 		r.s.log.Info("piece late in the swarm; reading it from upstream",
-			"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", stats.PeerConns, r.b.pieceReport(piece))
+			"digest", r.b.plan.Digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", stats.PeerConns, r.b.pieceReport(piece))
 		return r.copyPiece(ctx, segPos)
 	}
 	// The swarm made no progress: read the rest of this segment from upstream.
 	r.s.metrics.stalls.WithLabelValues(stallNoProgress).Inc()
 	r.s.log.Warn("segment stalled in the swarm; reading the rest from upstream",
-		"digest", r.b.plan.digest, "segment", r.k, "at", segPos, "error", err,
+		"digest", r.b.plan.Digest, "segment", r.k, "at", segPos, "error", err,
 		"peers_known", stats.PeersKnown, "peers_active", stats.PeersActive, "seeders", stats.Seeders,
 		"half_open", stats.HalfOpen, "pieces_complete", stats.PiecesComplete, "peer_conns", stats.PeerConns, r.b.pieceReport(piece))
 	return r.openDirect(ctx, segPos)
@@ -932,14 +932,14 @@ func (r *blobReader) step(ctx context.Context) error {
 // stopping the segment's torrent from writing or requesting that piece, and moves the torrent
 // reader past it.
 func (r *blobReader) copyPiece(ctx context.Context, segPos int64) error {
-	offset, length := r.b.plan.segment(r.k)
-	pl := r.b.plan.pieceLength
+	offset, length := r.b.plan.Segment(r.k)
+	pl := r.b.plan.PieceLength
 	i := int((offset + segPos) / pl)
 	end := min(int64(i+1)*pl-offset, length)
 	r.b.takeOverPieces(i, i+1)
 	rc, err := r.s.openUpstream(ctx, r.b, offset+segPos, end-segPos)
 	if err != nil {
-		return fmt.Errorf("read piece %d of segment %d of %s from upstream: %w", i, r.k, r.b.plan.digest, err)
+		return fmt.Errorf("read piece %d of segment %d of %s from upstream: %w", i, r.k, r.b.plan.Digest, err)
 	}
 	r.direct = rc
 	defer func() {
@@ -971,10 +971,10 @@ func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 				// Never SetResponsive: a responsive reader returns chunks before their piece is
 				// verified, and only verified bytes may leave the swarm.
 				// The piece the reader waits for comes first (see readaheadPieces).
-				r.reader = r.b.t.NewReader(r.ctx, readaheadPieces*r.b.plan.pieceLength)
+				r.reader = r.b.t.NewReader(r.ctx, readaheadPieces*r.b.plan.PieceLength)
 			}
 			r.raiseAhead()
-			offset, _ := r.b.plan.segment(r.k)
+			offset, _ := r.b.plan.Segment(r.k)
 			if _, err := r.reader.Seek(offset+segPos, io.SeekStart); err != nil {
 				return fmt.Errorf("seek segment %d: %w", r.k, err)
 			}
@@ -1003,12 +1003,12 @@ func (r *blobReader) openSegment(ctx context.Context, segPos int64) error {
 func (r *blobReader) openDirect(ctx context.Context, segPos int64) error {
 	r.closeSegment()
 	r.closeReader()
-	first := r.b.plan.firstPiece(r.k)
-	r.b.takeOverPieces(first, first+r.b.plan.pieces(r.k))
-	offset, length := r.b.plan.segment(r.k)
+	first := r.b.plan.FirstPiece(r.k)
+	r.b.takeOverPieces(first, first+r.b.plan.Pieces(r.k))
+	offset, length := r.b.plan.Segment(r.k)
 	rc, err := r.s.openUpstream(ctx, r.b, offset+segPos, length-segPos)
 	if err != nil {
-		return fmt.Errorf("read segment %d of %s from upstream: %w", r.k, r.b.plan.digest, err)
+		return fmt.Errorf("read segment %d of %s from upstream: %w", r.k, r.b.plan.Digest, err)
 	}
 	r.direct = rc
 	return nil
@@ -1016,21 +1016,21 @@ func (r *blobReader) openDirect(ctx context.Context, segPos int64) error {
 
 // copyDirect copies the next block of segment k from upstream into the blob's file.
 func (r *blobReader) copyDirect(segPos int64) error {
-	offset, length := r.b.plan.segment(r.k)
+	offset, length := r.b.plan.Segment(r.k)
 	bufp, _ := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bufp)
 	buf := (*bufp)[:min(int64(len(*bufp)), length-segPos)]
 	n, err := io.ReadAtLeast(r.direct, buf, 1)
 	if n > 0 {
 		if _, werr := r.b.file.WriteAt(buf[:n], offset+segPos); werr != nil {
-			return fmt.Errorf("segment %d of %s: write bytes from upstream: %w", r.k, r.b.plan.digest, werr)
+			return fmt.Errorf("segment %d of %s: write bytes from upstream: %w", r.k, r.b.plan.Digest, werr)
 		}
 		r.final += int64(n)
 		r.s.metrics.bytes.WithLabelValues(sourceUpstream).Add(float64(n))
 	}
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		if segPos+int64(n) < length {
-			return fmt.Errorf("segment %d of %s: upstream ended early: %w", r.k, r.b.plan.digest, io.ErrUnexpectedEOF)
+			return fmt.Errorf("segment %d of %s: upstream ended early: %w", r.k, r.b.plan.Digest, io.ErrUnexpectedEOF)
 		}
 		err = nil
 	}
@@ -1076,7 +1076,7 @@ func (s *Swarm) finished(b *blob) {
 		}
 		st := b.t.Stats()
 		read, wasted, written := st.PeerBytesRead, st.ChunksWasted, st.BytesWritten
-		s.log.Info("blob delivered", "digest", b.plan.digest, "duration", time.Since(b.started),
+		s.log.Info("blob delivered", "digest", b.plan.Digest, "duration", time.Since(b.started),
 			"peer_bytes", read, "wasted_chunks", wasted, "uploaded_bytes", written)
 	})
 }
@@ -1089,10 +1089,10 @@ func (r *blobReader) Committed(err error) {
 	switch {
 	case err == nil:
 		r.s.handover(r.b)
-	case r.final >= r.b.plan.size:
+	case r.final >= r.b.plan.Size:
 		// Delivered whole but not kept (its digest did not match, or the store could not
 		// write it): nothing of it can be trusted or kept.
-		r.s.log.Warn("the content store did not keep a blob the swarm delivered; dropping it from the swarm", "digest", r.b.plan.digest, "error", err)
+		r.s.log.Warn("the content store did not keep a blob the swarm delivered; dropping it from the swarm", "digest", r.b.plan.Digest, "error", err)
 		r.s.drop(r.b)
 	}
 }
@@ -1105,9 +1105,9 @@ func (s *Swarm) handover(b *blob) {
 	if s.cfg.Local == nil {
 		return
 	}
-	local, err := s.cfg.Local.Get(b.plan.digest)
+	local, err := s.cfg.Local.Get(b.plan.Digest)
 	if err != nil {
-		s.log.Warn("a blob the content store committed is not there; dropping it from the swarm", "digest", b.plan.digest, "error", err)
+		s.log.Warn("a blob the content store committed is not there; dropping it from the swarm", "digest", b.plan.Digest, "error", err)
 		s.drop(b)
 		return
 	}
@@ -1130,8 +1130,8 @@ func (s *Swarm) handover(b *blob) {
 // drop forgets a blob: its torrents stop and its working file is removed.
 func (s *Swarm) drop(b *blob) {
 	s.mu.Lock()
-	if s.blobs[b.plan.digest.Hex] == b {
-		delete(s.blobs, b.plan.digest.Hex)
+	if s.blobs[b.plan.Digest.Hex] == b {
+		delete(s.blobs, b.plan.Digest.Hex)
 	}
 	path := b.path
 	b.path = ""

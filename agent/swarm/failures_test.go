@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/shoal-dev/shoal/agent/membership"
+	"github.com/shoal-dev/shoal/agent/plan"
 )
 
 // fetchAll has nodes read blob d at once and fails the test unless each got content.
@@ -166,8 +167,8 @@ func TestSegmentRequestWithWrongSizeIsRefused(t *testing.T) {
 	nodes := startNodes(t, 2, up)
 	asker, seeder := nodes[0], nodes[1]
 	for _, size := range []int64{int64(len(content)) + 1, 1 << 40} {
-		req := segmentRequest{digest: d, k: 0, size: size, segmentSize: 1 << 20, pieceLength: 256 << 10,
-			rampSegments: DefaultRampSegments, registry: "registry.test", repo: "app", peer: asker.addr}
+		req := plan.Request{Plan: plan.Plan{Digest: d, Size: size, SegmentSize: 1 << 20, PieceLength: 256 << 10,
+			RampSegments: DefaultRampSegments}, Registry: "registry.test", Repository: "app", Peer: asker.addr}
 		_, err := asker.swarm.requestSegmentV2(context.Background(), seeder.addr, req)
 		var se *seederError
 		if !errors.As(err, &se) || se.status != http.StatusConflict {
@@ -185,7 +186,7 @@ func TestSegmentRequestWithWrongSizeIsRefused(t *testing.T) {
 func actOld(node *testNode, peers []*testNode) {
 	mux := http.NewServeMux()
 	mux.Handle("GET "+membership.PingPath, node.swarm.Handler())
-	mux.Handle("GET "+segmentPathV1, node.swarm.Handler())
+	mux.Handle("GET "+plan.SegmentPathV1, node.swarm.Handler())
 	node.handler.Store(http.Handler(mux))
 	for _, p := range peers {
 		if p != node {

@@ -40,17 +40,17 @@ func (s *Swarm) sweep(now time.Time) {
 		// Decided under the lock that blobFor holds while it hands the blob out (and marks it
 		// used), so that a blob is never retired under a reader or peer that just asked for it.
 		s.mu.Lock()
-		retire := s.blobs[b.plan.digest.Hex] == b && b.stillQuiet()
+		retire := s.blobs[b.plan.Digest.Hex] == b && b.stillQuiet()
 		reason := retiredDelivered
 		if b.path != "" {
 			reason = retiredUndelivered
 		}
 		if retire {
-			delete(s.blobs, b.plan.digest.Hex)
+			delete(s.blobs, b.plan.Digest.Hex)
 		}
 		s.mu.Unlock()
 		if retire {
-			s.log.Info("retiring an idle blob from the swarm", "digest", b.plan.digest, "reason", reason,
+			s.log.Info("retiring an idle blob from the swarm", "digest", b.plan.Digest, "reason", reason,
 				"idle", s.cfg.IdleTimeout)
 			s.drop(b)
 			s.metrics.retired.WithLabelValues(reason).Inc()

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/shoal-dev/shoal/agent/plan"
 )
 
 // A piece the reader waits for that never comes while the rest of its segment does is read
@@ -30,7 +32,7 @@ func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
 		cfg.RampSegments = -1 // one segment of eight pieces
 		cfg.MinSegments = -1
 	})
-	p, err := newPlan(d, size, size, pieceLength, 0, 0)
+	p, err := plan.New(d, size, size, pieceLength, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/rendezvous"
 	"github.com/shoal-dev/shoal/agent/torrent"
 )
@@ -161,14 +162,14 @@ func copyAndHash(ctx context.Context, r io.Reader, w io.WriterAt, offset, length
 }
 
 // buildInfo returns the bencoded info of segment k of p.
-func buildInfo(p plan, k int, pieces []byte) ([]byte, error) {
-	_, length := p.segment(k)
-	return torrent.EncodeInfo(torrent.Info{Name: p.segmentName(k), PieceLength: p.pieceLength, Pieces: pieces, Length: length})
+func buildInfo(p plan.Plan, k int, pieces []byte) ([]byte, error) {
+	_, length := p.Segment(k)
+	return torrent.EncodeInfo(torrent.Info{Name: p.InfoName(k), PieceLength: p.PieceLength, Pieces: pieces, Length: length})
 }
 
 // checkInfo verifies that info bytes learned from a peer describe segment k of p exactly, so a
 // confused or malicious peer cannot make this node download something else.
-func checkInfo(p plan, k int, infoBytes []byte) (pieces []byte, err error) {
+func checkInfo(p plan.Plan, k int, infoBytes []byte) (pieces []byte, err error) {
 	if len(infoBytes) > 1<<20 {
 		return nil, errors.New("info too large")
 	}
@@ -176,16 +177,16 @@ func checkInfo(p plan, k int, infoBytes []byte) (pieces []byte, err error) {
 	if err != nil {
 		return nil, err
 	}
-	_, length := p.segment(k)
+	_, length := p.Segment(k)
 	switch {
-	case info.Name != p.segmentName(k):
-		return nil, fmt.Errorf("info names %q, want %q", info.Name, p.segmentName(k))
+	case info.Name != p.InfoName(k):
+		return nil, fmt.Errorf("info names %q, want %q", info.Name, p.InfoName(k))
 	case info.Length != length || info.Files != 0:
 		return nil, fmt.Errorf("info describes %d bytes, want one file of %d", info.Length, length)
-	case info.PieceLength != p.pieceLength:
-		return nil, fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.pieceLength)
-	case len(info.Pieces) != p.pieces(k)*torrent.HashSize:
-		return nil, fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/torrent.HashSize, p.pieces(k))
+	case info.PieceLength != p.PieceLength:
+		return nil, fmt.Errorf("info has pieces of %d, want %d", info.PieceLength, p.PieceLength)
+	case len(info.Pieces) != p.Pieces(k)*torrent.HashSize:
+		return nil, fmt.Errorf("info has %d piece hashes, want %d", len(info.Pieces)/torrent.HashSize, p.Pieces(k))
 	}
 	return info.Pieces, nil
 }

@@ -35,6 +35,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-dev/shoal/agent/membership"
+	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/torrent"
 )
@@ -55,10 +56,10 @@ type LocalBlobs interface {
 const (
 	DefaultSegmentSize = 16 << 20
 	DefaultPieceLength = 1 << 20
-	// DefaultRampSegments is how many short segments start a blob (see plan).
+	// DefaultRampSegments is how many short segments start a blob (see plan.Plan).
 	DefaultRampSegments = 4
 	// DefaultMinSegments is how many segments a blob is cut into at least, when its pieces
-	// allow (see plan.segmentLength).
+	// allow (see plan.Plan.SegmentLength).
 	DefaultMinSegments = 16
 	// DefaultUpstreamWindow: with 8 segments fetched at once, every node waited for all 8 to be
 	// published together, at 16 MiB / (R/8) after the start (N = 32: 5.4 s, links 12 % busy until
@@ -106,7 +107,7 @@ type Config struct {
 	// DefaultRampSegments, a negative value none.
 	RampSegments int
 	// MinSegments is how many segments a blob is cut into at least (shorter segments for small
-	// blobs, see plan); the same on every node. 0 means DefaultMinSegments, a negative value
+	// blobs, see plan.Plan); the same on every node. 0 means DefaultMinSegments, a negative value
 	// segments of SegmentSize for every blob.
 	MinSegments int
 	// UpstreamWindow is how many segments a node asks seeders for ahead of the first one not yet
@@ -298,7 +299,7 @@ func New(cfg Config) (*Swarm, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if _, err := newPlan(v1.Hash{Algorithm: "sha256"}, 1, cfg.SegmentSize, cfg.PieceLength, cfg.RampSegments, cfg.MinSegments); err != nil {
+	if _, err := plan.New(v1.Hash{Algorithm: "sha256"}, 1, cfg.SegmentSize, cfg.PieceLength, cfg.RampSegments, cfg.MinSegments); err != nil {
 		return nil, fmt.Errorf("swarm segmentation: %w", err)
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
@@ -456,7 +457,7 @@ func isTimeout(err error) bool { return torrent.IsTimeout(err) }
 
 // blob is this node's swarm state for one blob.
 type blob struct {
-	plan           plan
+	plan           plan.Plan
 	registry, repo string
 	file           *torrent.File
 	t              *torrent.Torrent // the blob's torrent: its pieces' hashes arrive by segment
@@ -488,13 +489,13 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if b, ok := s.blobs[d.Hex]; ok {
-		if b.plan.size != size {
-			return nil, fmt.Errorf("blob %s: size %d disagrees with the %d already known", d, size, b.plan.size)
+		if b.plan.Size != size {
+			return nil, fmt.Errorf("blob %s: size %d disagrees with the %d already known", d, size, b.plan.Size)
 		}
 		b.touch()
 		return b, nil
 	}
-	p, err := newPlan(d, size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments, s.cfg.MinSegments)
+	p, err := plan.New(d, size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments, s.cfg.MinSegments)
 	if err != nil {
 		return nil, fmt.Errorf("blob %s: %w", d, err)
 	}
@@ -519,7 +520,7 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 	if _, ok := s.noRange.Load(registry); ok {
 		b.whole.Store(true)
 	}
-	for k := range p.segments() {
+	for k := range p.Segments() {
 		b.segs = append(b.segs, newSegment(k))
 	}
 	if err := s.addTorrent(b); err != nil {
@@ -538,7 +539,7 @@ func (s *Swarm) controlMux() *http.ServeMux {
 	mux.HandleFunc("GET "+membership.PingPath, func(w http.ResponseWriter, _ *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	})
-	mux.HandleFunc("GET "+segmentPathV1, s.serveSegment)
-	mux.HandleFunc("GET "+segmentPathV2, s.serveSegmentV2)
+	mux.HandleFunc("GET "+plan.SegmentPathV1, s.serveSegment)
+	mux.HandleFunc("GET "+plan.SegmentPathV2, s.serveSegmentV2)
 	return mux
 }

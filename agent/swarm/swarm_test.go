@@ -23,6 +23,7 @@ import (
 
 	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/agent/peerport"
+	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/upstream"
 )
@@ -235,12 +236,12 @@ func TestConcurrentColdFetchCostsOneUpstreamCopy(t *testing.T) {
 	}
 	// One copy, give or take a piece or segment read again by a reader that lost patience on a
 	// machine loaded by the race detector: never one copy per node.
-	p, err := newPlan(d, int64(len(content)), 1<<20, 256<<10, DefaultRampSegments, DefaultMinSegments)
+	p, err := plan.New(d, int64(len(content)), 1<<20, 256<<10, DefaultRampSegments, DefaultMinSegments)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if sent := up.sent.Load(); sent > int64(len(content))+p.segmentLength() {
-		t.Errorf("upstream sent %d bytes for a %d byte blob fetched by %d nodes, want one copy and at most one segment (%d) more", sent, len(content), len(nodes), p.segmentLength())
+	if sent := up.sent.Load(); sent > int64(len(content))+p.SegmentLength() {
+		t.Errorf("upstream sent %d bytes for a %d byte blob fetched by %d nodes, want one copy and at most one segment (%d) more", sent, len(content), len(nodes), p.SegmentLength())
 	}
 	var fromPeers int64
 	for _, node := range nodes {
@@ -319,7 +320,7 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 	d := up.add(content)
 	nodes := startNodes(t, 3, up)
 	// The bad node is the seeder of segment 0; the two others fetch.
-	p, err := newPlan(d, int64(len(content)), 1<<20, 256<<10, DefaultRampSegments, DefaultMinSegments)
+	p, err := plan.New(d, int64(len(content)), 1<<20, 256<<10, DefaultRampSegments, DefaultMinSegments)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +342,7 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 		t.Fatal(err)
 	}
 	var corrupted int
-	if !b.plan.sameCut(p) {
+	if !b.plan.SameCut(p) {
 		t.Fatalf("test setup: the node cuts the blob as %v, the test as %v", b.plan, p)
 	}
 	for k := range b.segs {
@@ -352,8 +353,8 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Flip a byte in every piece of the seeded segment, behind the torrent's back.
-		offset, length := b.plan.segment(k)
-		for off := offset; off < offset+length; off += b.plan.pieceLength {
+		offset, length := b.plan.Segment(k)
+		for off := offset; off < offset+length; off += b.plan.PieceLength {
 			one := make([]byte, 1)
 			if _, err := b.file.ReadAt(one, off); err != nil {
 				t.Fatal(err)
