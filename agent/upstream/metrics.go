@@ -1,13 +1,14 @@
 package upstream
 
 import (
-	"errors"
 	"net/http"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-dev/shoal/internal/promreg"
 )
 
 // Request kinds, the "kind" label of the metrics.
@@ -77,25 +78,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		registries: registryLabels{max: MaxRegistryLabels, named: map[string]bool{}},
 	}
 	if reg != nil {
-		m.requests = register(reg, m.requests)
-		m.duration = register(reg, m.duration)
-		m.bytes = register(reg, m.bytes)
+		m.requests = promreg.Shared(reg, m.requests)
+		m.duration = promreg.Shared(reg, m.duration)
+		m.bytes = promreg.Shared(reg, m.bytes)
 	}
 	return m
-}
-
-// register registers c, or reuses the identical collector a previous Client registered.
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
-	if err := reg.Register(c); err != nil {
-		var are prometheus.AlreadyRegisteredError
-		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(C); ok {
-				return existing
-			}
-		}
-		panic(err) // a conflicting metric of the same name: a programming error
-	}
-	return c
 }
 
 func (m *metrics) observe(registry, kind string, status int, took time.Duration) {
