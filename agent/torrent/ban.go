@@ -1,6 +1,8 @@
 package torrent
 
 import (
+	"cmp"
+	"errors"
 	"hash/crc32"
 	"net"
 	"net/netip"
@@ -12,11 +14,23 @@ import (
 	"github.com/anacrolix/torrent/iplist"
 )
 
-// A blob's torrent checks its pieces itself (see blobStorage), which turns off the torrent
-// client's own way of finding which peer corrupted a piece that several peers sent blocks of (it
-// bans only a piece's single sender). So the adapter does that itself: it keeps a checksum of every
+// Every ban is the adapter's own, and expires (banDuration). A blob's torrent checks its pieces
+// itself (see blobStorage), which turns off the torrent client's own way of finding which peer
+// corrupted a piece that several peers sent blocks of. So the adapter keeps a checksum of every
 // block a peer sends until the block's piece verifies, and then bans every peer whose block
 // differs from the verified bytes.
+//
+// The client also bans, for the rest of its life, the only sender of a piece that fails its
+// check (v1.62.0, Torrent.pieceHashed: "piece failed hash. banning peer"), and has no setting
+// to stop it nor any way to lift a ban: a repaired member would stay banned until the agent
+// restarts. It leaves alone the senders of a piece whose check fails with an error (the fault
+// may be the storage's), so a blob piece reports a mismatch as an error (errPieceCorrupt), and
+// the adapter applies the client's rule itself, with expiry: when a failed piece's bytes are
+// exactly what one peer sent for the whole of it, that peer is banned at once.
+// TestCorruptPieceBanExpires fails if the client bans a peer itself.
+
+// errPieceCorrupt is what a blob piece's check returns when the piece does not match its hash.
+var errPieceCorrupt = errors.New("piece does not match its hash")
 
 // sentBlock is a block a peer sent for a piece.
 type sentBlock struct {
@@ -65,6 +79,13 @@ func (s *sentBlocks) forget(piece int) {
 	delete(s.pieces, piece)
 }
 
+// forgetPeers forgets the blocks of piece that peers sent.
+func (s *sentBlocks) forgetPeers(piece int, peers []netip.Addr) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pieces[piece] = slices.DeleteFunc(s.pieces[piece], func(b sentBlock) bool { return slices.Contains(peers, b.peer) })
+}
+
 // blockChecker is an io.Writer that takes a piece's bytes in order and computes the checksums
 // of the recorded blocks over them.
 type blockChecker struct {
@@ -100,6 +121,33 @@ func (c *blockChecker) liars() []netip.Addr {
 	return bad
 }
 
+// wholeSenders returns the peers whose blocks, as written, hold every byte of a piece of length
+// bytes: the bytes written are exactly what such a peer sent.
+func (c *blockChecker) wholeSenders(length int64) []netip.Addr {
+	type span struct{ from, to int64 }
+	byPeer := map[netip.Addr][]span{}
+	for j, b := range c.blocks {
+		if c.sums[j] == b.sum {
+			byPeer[b.peer] = append(byPeer[b.peer], span{b.offset, b.offset + b.length})
+		}
+	}
+	var whole []netip.Addr
+	for peer, spans := range byPeer {
+		slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.from, b.from) })
+		covered := int64(0)
+		for _, sp := range spans {
+			if sp.from > covered {
+				break
+			}
+			covered = max(covered, sp.to)
+		}
+		if covered >= length {
+			whole = append(whole, peer)
+		}
+	}
+	return whole
+}
+
 // recordSentBlock is the torrent client callback that records every block received for a blob.
 func (c *Client) recordSentBlock(ev torrent.ReceivedUsefulDataEvent) {
 	addr, ok := peerIP(ev.Peer.RemoteAddr)
@@ -125,10 +173,10 @@ func peerIP(a torrent.PeerRemoteAddr) (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
-// ban stops all traffic with a peer that sent bad data: its connections close, and the torrent
-// client refuses new ones (see bannedIPs).
+// ban stops all traffic with a peer that sent bad data for banDuration: its connections close,
+// and the torrent client refuses new ones (see bannedIPs).
 func (c *Client) ban(addr netip.Addr) {
-	if !c.banned.add(addr, time.Now().Add(banDuration)) {
+	if !c.banned.add(addr, c.banned.now().Add(banDuration)) {
 		return
 	}
 	if c.cfg.OnBan != nil {
@@ -149,7 +197,17 @@ func (c *Client) ban(addr netip.Addr) {
 const banDuration = 30 * time.Minute
 
 // bannedIPs is the torrent client's block list: the peers this node banned, until when.
-type bannedIPs struct{ set sync.Map } // netip.Addr → time.Time
+type bannedIPs struct {
+	set   sync.Map         // netip.Addr → time.Time
+	clock func() time.Time // time.Now if nil
+}
+
+func (b *bannedIPs) now() time.Time {
+	if b.clock != nil {
+		return b.clock()
+	}
+	return time.Now()
+}
 
 // add bans addr until the given time, and reports whether it was not banned already.
 func (b *bannedIPs) add(addr netip.Addr, until time.Time) bool {
@@ -158,7 +216,7 @@ func (b *bannedIPs) add(addr netip.Addr, until time.Time) bool {
 		return true
 	}
 	t, ok := prev.(time.Time)
-	return !ok || time.Now().After(t)
+	return !ok || b.now().After(t)
 }
 
 // banned reports whether addr is banned now, forgetting a ban that has expired.
@@ -167,7 +225,7 @@ func (b *bannedIPs) banned(addr netip.Addr) bool {
 	if !ok {
 		return false
 	}
-	if until, ok := v.(time.Time); ok && time.Now().Before(until) {
+	if until, ok := v.(time.Time); ok && b.now().Before(until) {
 		return true
 	}
 	b.set.CompareAndDelete(addr.Unmap(), v)
@@ -195,16 +253,6 @@ func (b *bannedIPs) NumRanges() int {
 	return n
 }
 
-// IsBanned reports whether this node bans addr now: by its own rule (a block that differed from
-// its verified piece) or the torrent client's (the only sender of a piece that failed).
-func (c *Client) IsBanned(addr netip.Addr) bool {
-	if c.banned.banned(addr) {
-		return true
-	}
-	for _, ip := range c.c.BadPeerIPs() {
-		if a, err := netip.ParseAddr(ip); err == nil && a.Unmap() == addr.Unmap() {
-			return true
-		}
-	}
-	return false
-}
+// IsBanned reports whether this node bans addr now, because it sent data that differed from
+// its verified piece or sent the whole of a piece that failed.
+func (c *Client) IsBanned(addr netip.Addr) bool { return c.banned.banned(addr) }

@@ -17,7 +17,9 @@
 //     TestLateChunksOfAFrozenPieceAreDemoted, TestReaderTimeoutsAreNotLogged;
 //   - the types of a peer's address the client hands its callbacks (peerIP):
 //     TestDataFromPeersIsReported;
-//   - the bans of peers that send bad data (ban.go).
+//   - the bans of peers that send bad data, all the adapter's own and expiring, which relies on
+//     the client banning nobody for a piece whose check fails with an error (ban.go):
+//     TestCorruptPieceBanExpires.
 //
 // TestClientVersionIsTheVerifiedOne fails when the client's version in go.mod changes, so that
 // an upgrade re-verifies them all.
@@ -33,6 +35,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/anacrolix/torrent"
@@ -78,6 +81,8 @@ type Config struct {
 	DialTimeout time.Duration
 	Logger      *slog.Logger
 
+	// now is the clock of bans (time.Now if nil); tests set it.
+	now func() time.Time
 	// tune, if set, changes the torrent client's configuration last; tests use it to watch the
 	// client through its callbacks.
 	tune func(*torrent.ClientConfig)
@@ -85,10 +90,11 @@ type Config struct {
 
 // Client is a node's BitTorrent client.
 type Client struct {
-	cfg    Config
-	c      *torrent.Client
-	banned bannedIPs
-	log    *slog.Logger
+	cfg       Config
+	c         *torrent.Client
+	banned    bannedIPs
+	piecesBad atomic.Int64 // see Stats
+	log       *slog.Logger
 
 	torrents sync.Map // *torrent.Torrent → *Torrent
 
@@ -102,6 +108,7 @@ func NewClient(cfg Config) (*Client, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	c := &Client{cfg: cfg, log: cfg.Logger}
+	c.banned.clock = cfg.now
 	cc := torrent.NewDefaultClientConfig()
 	cc.Slogger = slog.New(torrentLogHandler{cfg.Logger.Handler()}).With("component", "torrent")
 	cc.DataDir = cfg.Dir
@@ -124,8 +131,7 @@ func NewClient(cfg Config) (*Client, error) {
 	cc.HalfOpenConnsPerTorrent = cfg.ConnsPerTorrent / 2
 	cc.TotalHalfOpenConns = 128
 	cc.DialRateLimiter = rate.NewLimiter(200, 200)
-	// One connection per pair of nodes per torrent: duplicates waste sockets and make a bad piece
-	// look as if two peers sent it, which stops the client from banning its sender.
+	// One connection per pair of nodes per torrent: duplicates waste sockets.
 	cc.DropDuplicatePeerIds = true
 	// A request younger than StealGrace stays with the peer it was sent to. The client otherwise
 	// moves requests between connections whenever another one looks better by one request, and a
@@ -273,7 +279,9 @@ func (c *Client) Stats() Stats {
 		PeerBytesRead: cs.BytesReadUsefulData.Int64(),
 		BytesWritten:  cs.BytesWrittenData.Int64(),
 		PiecesGood:    cs.PiecesDirtiedGood.Int64(),
-		PiecesBad:     cs.PiecesDirtiedBad.Int64(),
+		// The client counts no bad piece of a blob: a blob piece's failed check is an error to
+		// it (see ban.go), and the adapter counts them.
+		PiecesBad: c.piecesBad.Load(),
 	}
 	for _, t := range c.c.Torrents() {
 		v.Torrents++

@@ -100,8 +100,9 @@ type blobStorage struct {
 	writeMu      sync.RWMutex // held for reading by writes, for writing by freezePieces
 	frozenPieces map[int]bool
 
-	sent   sentBlocks            // blocks peers sent, until their piece verifies (see ban.go)
-	onLiar func(peer netip.Addr) // called with every peer that sent a block of a piece that differs from it once verified
+	sent       sentBlocks            // blocks peers sent, until their piece verifies (see ban.go)
+	onLiar     func(peer netip.Addr) // called with every peer found to have sent bad data (see ban.go)
+	onBadPiece func()                // called for every piece with bytes from peers that fails its check
 }
 
 // ErrFrozen is returned by a piece that stopped taking writes (see freezePieces): its bytes came
@@ -288,7 +289,9 @@ func (p *blobPiece) MarkNotComplete() error {
 	return nil
 }
 
-// SelfHash implements storage.SelfHashing: it checks the piece against its real hash.
+// SelfHash implements storage.SelfHashing: it checks the piece against its real hash. A
+// mismatch is an error (errPieceCorrupt), so that the torrent client does not ban the piece's
+// sender itself (see ban.go).
 func (p *blobPiece) SelfHash() (metainfo.Hash, error) {
 	p.s.mu.Lock()
 	hashed := p.s.hashed[p.index]
@@ -306,15 +309,36 @@ func (p *blobPiece) SelfHash() (metainfo.Hash, error) {
 	var got metainfo.Hash
 	h.Sum(got[:0])
 	if got != want {
-		return got, nil // the blocks stay recorded: the next verified copy tells who lied
+		p.s.pieceFailed(p.index, p.length, check)
+		return metainfo.Hash{}, fmt.Errorf("piece %d: %w", p.index, errPieceCorrupt)
 	}
 	p.s.sent.forget(p.index)
-	if p.s.onLiar != nil {
-		for _, peer := range check.liars() {
-			p.s.onLiar(peer)
-		}
-	}
+	p.s.blame(check.liars())
 	return placeholderHash, nil
+}
+
+// pieceFailed judges piece i, of length bytes, which failed its check with the recorded blocks
+// in check: a peer that sent every byte of it sent it corrupt. The blocks of other peers stay
+// recorded: the next verified copy tells whether they lied.
+func (s *blobStorage) pieceFailed(i int, length int64, check *blockChecker) {
+	if len(check.blocks) == 0 {
+		return // no byte of it from a peer
+	}
+	if s.onBadPiece != nil {
+		s.onBadPiece()
+	}
+	liars := check.wholeSenders(length)
+	s.sent.forgetPeers(i, liars)
+	s.blame(liars)
+}
+
+func (s *blobStorage) blame(peers []netip.Addr) {
+	if s.onLiar == nil {
+		return
+	}
+	for _, peer := range peers {
+		s.onLiar(peer)
+	}
 }
 
 func (p *blobPiece) Completion() storage.Completion {

@@ -88,8 +88,8 @@ func TestBlobStorageKnowsNothingBeforeHashes(t *testing.T) {
 	if _, err := st.file.WriteAt([]byte{data[3*pl] ^ 1}, 3*pl); err != nil {
 		t.Fatal(err)
 	}
-	if sum, err := hasher(3).SelfHash(); err != nil || sum == placeholderHash {
-		t.Fatalf("SelfHash of a corrupted piece = %x, %v; want a mismatch", sum, err)
+	if sum, err := hasher(3).SelfHash(); !errors.Is(err, errPieceCorrupt) || sum == placeholderHash {
+		t.Fatalf("SelfHash of a corrupted piece = %x, %v; want errPieceCorrupt", sum, err)
 	}
 }
 
@@ -165,8 +165,8 @@ func TestLiarsAreFoundOnceThePieceVerifies(t *testing.T) {
 	if !ok {
 		t.Fatal("a blob piece does not hash itself")
 	}
-	if sum, err := hasher.SelfHash(); err != nil || sum == placeholderHash {
-		t.Fatalf("corrupted piece verified: %x, %v", sum, err)
+	if sum, err := hasher.SelfHash(); !errors.Is(err, errPieceCorrupt) || sum == placeholderHash {
+		t.Fatalf("corrupted piece: %x, %v; want errPieceCorrupt", sum, err)
 	}
 	if len(liars) != 0 {
 		t.Fatalf("blamed %v before any copy of the piece verified", liars)
@@ -185,6 +185,77 @@ func TestLiarsAreFoundOnceThePieceVerifies(t *testing.T) {
 	}
 	if n := len(st.sent.of(1)); n != 0 {
 		t.Errorf("%d blocks still recorded for a verified piece", n)
+	}
+}
+
+// TestSoleSenderOfACorruptPieceIsBlamedAtOnce: a piece that fails its check, every byte of
+// which one peer sent, names that peer at once, and only once; a failed piece whose bytes came
+// from two peers names nobody, and neither does a failed piece that one peer sent only part of
+// (the rest came by another path).
+func TestSoleSenderOfACorruptPieceIsBlamedAtOnce(t *testing.T) {
+	const pl, block = 64 << 10, 16 << 10
+	data := make([]byte, 3*pl)
+	for i := range data {
+		data[i] = byte(i * 11)
+	}
+	st, piece := newTestStorage(t, data, pl)
+	st.setHashes(0, pieceHashes(data, pl), AllIncomplete)
+	var liars []netip.Addr
+	bad := 0
+	st.onLiar = func(a netip.Addr) { liars = append(liars, a) }
+	st.onBadPiece = func() { bad++ }
+	honest, liar := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+	corrupt := func(i int) []byte {
+		b := bytes.Clone(data[i*pl : (i+1)*pl])
+		b[pl-1] ^= 0xff
+		if _, err := st.file.WriteAt(b, int64(i*pl)); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	check := func(i int) {
+		t.Helper()
+		h, ok := piece(i).(storage.SelfHashing)
+		if !ok {
+			t.Fatal("a blob piece does not hash itself")
+		}
+		if _, err := h.SelfHash(); !errors.Is(err, errPieceCorrupt) {
+			t.Fatalf("piece %d: %v, want errPieceCorrupt", i, err)
+		}
+	}
+
+	// Piece 0: every block from the liar, the first one twice (once with other bytes, since
+	// overwritten).
+	b := corrupt(0)
+	st.sent.record(0, 0, make([]byte, block), liar)
+	for k := range pl / block {
+		st.sent.record(0, int64(k*block), b[k*block:(k+1)*block], liar)
+	}
+	check(0)
+	if len(liars) != 1 || liars[0] != liar || bad != 1 {
+		t.Fatalf("blamed %v for a piece only %v sent, %d bad pieces counted", liars, liar, bad)
+	}
+	check(0) // its blocks are forgotten: blamed once
+	if len(liars) != 1 {
+		t.Fatalf("blamed %v for the same blocks twice", liars)
+	}
+
+	// Piece 1: blocks from both peers.
+	b = corrupt(1)
+	for k := range pl / block {
+		from := honest
+		if k == pl/block-1 {
+			from = liar
+		}
+		st.sent.record(1, int64(k*block), b[k*block:(k+1)*block], from)
+	}
+	check(1)
+	// Piece 2: the liar sent its first block only.
+	b = corrupt(2)
+	st.sent.record(2, 0, b[:block], liar)
+	check(2)
+	if len(liars) != 1 {
+		t.Fatalf("blamed %v, though no peer sent all of pieces 1 or 2", liars)
 	}
 }
 

@@ -56,6 +56,7 @@ func (c *Client) AddBlob(name string, length, pieceLength int64, file *File, onW
 	n := int((length + pieceLength - 1) / pieceLength)
 	st := newBlobStorage(file, n)
 	st.onLiar = c.ban
+	st.onBadPiece = func() { c.piecesBad.Add(1) }
 	t, isNew := c.c.AddTorrentOpt(torrent.AddTorrentOpts{
 		InfoHash:  metainfo.HashBytes(info),
 		InfoBytes: info,

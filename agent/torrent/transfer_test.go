@@ -122,6 +122,13 @@ func (n *testNode) heardFrom(addr netip.Addr) int {
 	return n.heard[addr]
 }
 
+// banned returns the peers OnBan reported.
+func (n *testNode) banned() []netip.Addr {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Clone(n.bans)
+}
+
 // testBlob is a blob's bytes and its torrent's geometry.
 type testBlob struct {
 	name        string
