@@ -2,17 +2,19 @@ package store
 
 import "fmt"
 
-// evictLocked makes room for need more bytes under the size limit by evicting least-recently-used
-// unpinned blobs. Blobs in flight are not in the index, so they are never evicted. If evicting
-// every unpinned blob would not be enough, it evicts nothing and returns an error wrapping ErrFull:
-// emptying the cache for a download that cannot fit anyway would only cost future hits.
-func (s *Store) evictLocked(need int64) error {
+// evictLocked makes room for need more bytes under the size limit by forgetting
+// least-recently-used unpinned blobs; the caller removes their files with removeEvicted once it
+// has released the lock. Blobs in flight are not in the index, so they are never evicted. If
+// evicting every unpinned blob would not be enough, it evicts nothing and returns an error
+// wrapping ErrFull: emptying the cache for a download that cannot fit anyway would only cost
+// future hits.
+func (s *Store) evictLocked(need int64) ([]*entry, error) {
 	if s.maxBytes == 0 {
-		return nil
+		return nil, nil
 	}
 	over := s.used + s.reserved + need - s.maxBytes
 	if over <= 0 {
-		return nil
+		return nil, nil
 	}
 	var victims []*entry
 	var freed int64
@@ -25,22 +27,25 @@ func (s *Store) evictLocked(need int64) error {
 		freed += e.size
 	}
 	if freed < over {
-		err := fmt.Errorf("%w: need %d bytes; limit %d, %d used by blobs, %d reserved by downloads, %d evictable",
+		return nil, fmt.Errorf("%w: need %d bytes; limit %d, %d used by blobs, %d reserved by downloads, %d evictable",
 			ErrFull, need, s.maxBytes, s.used, s.reserved, freed)
-		if need == 0 {
-			s.log.Warn("store is over its size limit and pinned blobs prevent eviction", "err", err)
-		}
-		return err
 	}
 	for _, e := range victims {
-		if err := s.unlinkLocked(e); err != nil {
-			// Keep the index honest: the blob is no longer served. Open re-indexes it if it survived.
+		s.forgetLocked(e)
+	}
+	return victims, nil
+}
+
+// removeEvicted removes the files of the blobs evictLocked forgot. Until the file is gone the
+// disk may hold more than the limit; readers that have a blob open keep it on disk anyway.
+func (s *Store) removeEvicted(victims []*entry) {
+	for _, e := range victims {
+		if err := s.unlink(e.hex); err != nil {
+			// No longer served either way; the next Open indexes the file again if it survived.
 			s.log.Error("cannot remove evicted blob", "digest", "sha256:"+e.hex, "err", err)
-			s.removeEntryLocked(e)
 		}
 		s.metrics.evictions.Inc()
 		s.metrics.evictedBytes.Add(float64(e.size))
 		s.log.Debug("evicted blob", "digest", "sha256:"+e.hex, "bytes", e.size, "lastAccess", e.lastAccess)
 	}
-	return nil
 }

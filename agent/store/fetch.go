@@ -9,7 +9,6 @@ import (
 	"hash"
 	"io"
 	"io/fs"
-	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -23,6 +22,8 @@ import (
 // a reader of the whole blob from offset 0 and its expected size, -1 if unknown. The store cancels
 // ctx when the transfer stalls or the store closes, and may then Close rc while a Read is blocked
 // in it (as net/http response bodies allow), so that a source ignoring ctx cannot hang a download.
+// The call itself must return once ctx is done: the download gives up waiting for it at once, but
+// the store's Close waits for it.
 type Source func(ctx context.Context) (rc io.ReadCloser, size int64, err error)
 
 // FileSource is implemented by a reader a Source returns when the source writes the blob into a
@@ -88,42 +89,65 @@ func createTempFile(dir, pattern string) (ingestFile, error) {
 // otherwise readers get an error (ErrDigestMismatch, ErrSizeMismatch, ErrStalled, ErrFull, a
 // write error) before they have received the last byte.
 func (s *Store) Fetch(ctx context.Context, d v1.Hash, src Source) (Blob, error) {
-	return s.fetch(ctx, d, src, false)
-}
-
-func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) (Blob, error) {
 	if err := checkDigest(d); err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", d, err)
 	}
-	s.mu.Lock()
-	fb, err := s.openCompleteLocked(d)
-	if err == nil {
-		s.mu.Unlock()
-		if !retried { // a retry was counted as a miss already
-			s.metrics.hits.Inc()
+	missed := false
+	for {
+		fb, err := s.openComplete(d)
+		if err == nil {
+			if !missed { // a Fetch counts one hit or one miss
+				s.metrics.hits.Inc()
+			}
+			s.persistAccess(d, fb.accessed)
+			return fb, nil
 		}
-		s.persistAccess(d, fb.accessed)
-		return fb, nil
-	}
-	if !errors.Is(err, ErrNotFound) {
-		s.mu.Unlock()
-		return nil, fmt.Errorf("fetch %s: %w", d, err)
-	}
-	if !retried {
-		s.metrics.misses.Inc()
-	}
-	dl := s.inflight[d.Hex]
-	if dl == nil {
-		if dl, err = s.startLocked(ctx, d, src); err != nil {
-			s.mu.Unlock()
+		if !errors.Is(err, ErrNotFound) {
+			return nil, fmt.Errorf("fetch %s: %w", d, err)
+		}
+		if !missed {
+			s.metrics.misses.Inc()
+			missed = true
+		}
+		dl, err := s.join(ctx, d, src)
+		if err != nil {
 			return nil, err
 		}
+		if dl == nil {
+			continue // complete since openComplete looked
+		}
+		b, err := s.openDownload(ctx, dl)
+		if errors.Is(err, errCommitted) {
+			continue // open it as a complete blob
+		}
+		return b, err
 	}
-	s.mu.Unlock()
+}
+
+// errCommitted: the download's file has been moved into the store.
+var errCommitted = errors.New("download committed")
+
+// join returns the download of d in flight, starting one if there is none, or nil if d has
+// become complete.
+func (s *Store) join(ctx context.Context, d v1.Hash, src Source) (*download, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.index[d.Hex] != nil {
+		return nil, nil
+	}
+	if dl := s.inflight[d.Hex]; dl != nil {
+		return dl, nil
+	}
+	return s.startLocked(ctx, d, src)
+}
+
+// openDownload opens a reader of dl once its source has answered. It returns errCommitted if dl
+// has moved its file into the store meanwhile.
+func (s *Store) openDownload(ctx context.Context, dl *download) (Blob, error) {
 	select {
 	case <-dl.opened:
 	case <-ctx.Done():
-		return nil, fmt.Errorf("fetch %s: %w", d, ctx.Err())
+		return nil, fmt.Errorf("fetch %s: %w", dl.digest, ctx.Err())
 	}
 	if err := dl.failure(); err != nil {
 		return nil, err
@@ -133,17 +157,19 @@ func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) 
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		// The file moved away: the download either committed or failed and was discarded just
-		// now. Its outcome is set right after either, so wait for it rather than guess.
-		if _, err := dl.wait(ctx, nil, math.MaxInt64); err != nil {
+		// now. Wait for its outcome rather than guess.
+		select {
+		case <-dl.finished:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("fetch %s: %w", dl.digest, ctx.Err())
+		}
+		if err := dl.outcome(); err != nil {
 			return nil, err
 		}
-		if !retried {
-			// Committed (moved into the store) since: open it as a complete blob.
-			return s.fetch(ctx, d, src, true)
-		}
+		return nil, errCommitted
 	}
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: open download: %w", d, err)
+		return nil, fmt.Errorf("fetch %s: open download: %w", dl.digest, err)
 	}
 	return &inflightBlob{dl: dl, f: f, ctx: ctx, closed: make(chan struct{})}, nil
 }
@@ -152,12 +178,13 @@ func (s *Store) fetch(ctx context.Context, d v1.Hash, src Source, retried bool) 
 type download struct {
 	digest v1.Hash
 	path   string          // the file being filled: the store's temporary file, or a FileSource's; guarded by mu
-	own    bool            // path is the store's temporary file (not a FileSource's)
+	own    bool            // path is the store's temporary file (not a FileSource's); guarded by mu
 	ctx    context.Context // detached from the starting caller; cancelled on stall or Close
 	cancel context.CancelCauseFunc
 
 	opened   chan struct{} // closed once src answered and space is reserved, or the download failed
 	openOnce sync.Once
+	finished chan struct{} // closed once the blob is committed into the store, or the download failed
 
 	reserved int64 // bytes reserved in the store; guarded by Store.mu
 
@@ -165,13 +192,16 @@ type download struct {
 	committer   Committer // the FileSource, told how the download ended; nil for other sources
 
 	mu      sync.Mutex
-	size    int64 // announced by src, -1 if unknown
-	visible int64 // bytes readers may read
-	done    bool  // verified: visible is the whole blob
-	err     error
+	size    int64         // announced by src, -1 if unknown
+	visible int64         // bytes readers may read
+	done    bool          // verified: visible is the whole blob
+	err     error         // why readers cannot have the blob
+	ended   error         // set before finished is closed: nil if committed, else why the store does not keep it
 	changed chan struct{} // closed and replaced whenever visible, done or err change
 }
 
+// startLocked starts a download of d from src. Its temporary file is created by the download, not
+// here: no file operation runs under the store's lock.
 func (s *Store) startLocked(ctx context.Context, d v1.Hash, src Source) (*download, error) {
 	if s.closed {
 		return nil, fmt.Errorf("fetch %s: %w", d, ErrClosed)
@@ -179,36 +209,28 @@ func (s *Store) startLocked(ctx context.Context, d v1.Hash, src Source) (*downlo
 	if src == nil {
 		return nil, fmt.Errorf("fetch %s: no source for a blob not in the store", d)
 	}
-	f, err := s.createIngest(s.ingestDir, d.Hex+".*")
-	if err != nil {
-		s.metrics.fetches.WithLabelValues(resultWriteError).Inc()
-		return nil, fmt.Errorf("fetch %s: create temporary file: %w", d, err)
-	}
 	// Detached so the download outlives the request that started it (other readers and the cache
 	// need it), but keeping ctx's values for the source.
 	dctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	dl := &download{
-		digest:  d,
-		path:    f.Name(),
-		own:     true,
-		ctx:     dctx,
-		cancel:  cancel,
-		opened:  make(chan struct{}),
-		size:    -1,
-		changed: make(chan struct{}),
+		digest:   d,
+		ctx:      dctx,
+		cancel:   cancel,
+		opened:   make(chan struct{}),
+		finished: make(chan struct{}),
+		size:     -1,
+		changed:  make(chan struct{}),
 	}
 	s.inflight[d.Hex] = dl
-	s.wg.Add(1)
-	go s.run(dl, src, f)
+	s.wg.Go(func() { s.run(dl, src) })
 	return dl, nil
 }
 
-func (s *Store) run(dl *download, src Source, f ingestFile) {
-	defer s.wg.Done()
+func (s *Store) run(dl *download, src Source) {
 	defer dl.cancel(nil)
 	start := time.Now()
 	s.log.Debug("download started", "digest", dl.digest)
-	n, result, err := s.transfer(dl, src, f)
+	n, f, result, err := s.transfer(dl, src)
 	if err == nil {
 		if err = s.commit(dl, f, n); err != nil {
 			result = resultWriteError
@@ -223,26 +245,27 @@ func (s *Store) run(dl *download, src Source, f ingestFile) {
 		dl.closeSource()
 	}
 	s.metrics.fetches.WithLabelValues(result).Inc()
+	dl.finish(err)
 	if err != nil {
-		dl.fail(err)
 		s.log.Warn("download failed", "digest", dl.digest, "bytes", n, "result", result, "err", err)
 		return
 	}
 	s.log.Info("blob stored", "digest", dl.digest, "bytes", n, "duration", time.Since(start))
 }
 
-// transfer copies src into f while hashing, releasing bytes to readers as they are written, and
-// releases the last byte only once the digest and size are verified.
-func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, result string, err error) {
+// transfer copies src into a temporary file f in ingest/ while hashing, releasing bytes to readers
+// as they are written, and releases the last byte only once the digest and size are verified. f is
+// nil when no file was created: when transfer failed before, or src is a FileSource.
+func (s *Store) transfer(dl *download, src Source) (n int64, f ingestFile, result string, err error) {
 	d := dl.digest
 	stall := time.AfterFunc(s.stall, func() {
 		dl.cancel(fmt.Errorf("fetch %s: %w: no data for %s", d, ErrStalled, s.stall))
 	})
 	defer stall.Stop()
 
-	rc, size, err := openSource(dl.ctx, src)
+	rc, size, err := s.openSource(dl.ctx, src)
 	if err != nil {
-		return 0, dl.classify(resultError), dl.cause(fmt.Errorf("fetch %s: open source: %w", d, err))
+		return 0, nil, dl.classify(resultError), dl.cause(fmt.Errorf("fetch %s: open source: %w", d, err))
 	}
 	var closeOnce sync.Once
 	closeSource := func() { closeOnce.Do(func() { rc.Close() }) }
@@ -259,21 +282,24 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 	}
 
 	if inPlace && size < 0 {
-		return 0, resultError, fmt.Errorf("fetch %s: a source writing its own file must know the blob's size", d)
+		return 0, nil, resultError, fmt.Errorf("fetch %s: a source writing its own file must know the blob's size", d)
 	}
 	if size >= 0 {
 		if err := s.reserve(dl, size); err != nil {
-			return 0, resultFull, err
+			return 0, nil, resultFull, err
 		}
 	}
 	if inPlace {
-		// The store's own temporary file is not needed; readers open the source's file.
-		_ = f.Close()
-		s.removeTemp(f.Name())
-		dl.adopt(fsrc.FilePath())
+		// Readers open the source's file; the store needs no file of its own.
+		dl.setFile(fsrc.FilePath(), false)
 		dl.markOpened(size)
-		return s.hashInPlace(dl, fsrc, size, stall)
+		n, result, err := s.hashInPlace(dl, fsrc, size, stall)
+		return n, nil, result, err
 	}
+	if f, err = s.createIngest(s.ingestDir, d.Hex+".*"); err != nil {
+		return 0, nil, resultWriteError, fmt.Errorf("fetch %s: create temporary file: %w", d, err)
+	}
+	dl.setFile(f.Name(), true)
 	dl.markOpened(size)
 
 	h := sha256.New()
@@ -283,15 +309,15 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 		if m > 0 {
 			stall.Reset(s.stall)
 			if size >= 0 && n+int64(m) > size {
-				return n, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent more than the %d bytes it announced", d, ErrSizeMismatch, size)
+				return n, f, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent more than the %d bytes it announced", d, ErrSizeMismatch, size)
 			}
 			if size < 0 {
 				if err := s.reserve(dl, int64(m)); err != nil {
-					return n, resultFull, err
+					return n, f, resultFull, err
 				}
 			}
 			if _, err := f.Write(buf[:m]); err != nil {
-				return n, resultWriteError, fmt.Errorf("fetch %s: write temporary file: %w", d, err)
+				return n, f, resultWriteError, fmt.Errorf("fetch %s: write temporary file: %w", d, err)
 			}
 			h.Write(buf[:m])
 			n += int64(m)
@@ -302,13 +328,14 @@ func (s *Store) transfer(dl *download, src Source, f ingestFile) (n int64, resul
 			break
 		}
 		if rerr != nil {
-			return n, dl.classify(resultError), dl.cause(fmt.Errorf("fetch %s: read source after %d bytes: %w", d, n, rerr))
+			return n, f, dl.classify(resultError), dl.cause(fmt.Errorf("fetch %s: read source after %d bytes: %w", d, n, rerr))
 		}
 	}
 	if size >= 0 && n != size {
-		return n, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent %d of the %d bytes it announced", d, ErrSizeMismatch, n, size)
+		return n, f, resultSizeMismatch, fmt.Errorf("fetch %s: %w: source sent %d of the %d bytes it announced", d, ErrSizeMismatch, n, size)
 	}
-	return dl.verify(h, n)
+	n, result, err = dl.verify(h, n)
+	return n, f, result, err
 }
 
 // verify completes a download of n bytes whose sha256 state is h, or fails it if the digest
@@ -357,30 +384,31 @@ func (s *Store) hashInPlace(dl *download, src FileSource, size int64, stall *tim
 }
 
 // openSource calls src, but gives up when ctx ends even if src ignores ctx: a download must
-// never hang. A reader src returns after that is closed.
-func openSource(ctx context.Context, src Source) (io.ReadCloser, int64, error) {
+// never hang. A reader src returns after that is closed. The call runs on a goroutine of the
+// store's: Close waits for src to return.
+func (s *Store) openSource(ctx context.Context, src Source) (io.ReadCloser, int64, error) {
 	type opened struct {
 		rc   io.ReadCloser
 		size int64
 		err  error
 	}
 	ch := make(chan opened, 1)
-	go func() {
+	s.wg.Go(func() {
 		rc, size, err := src(ctx)
 		if err == nil && rc == nil {
 			err = errors.New("source returned no reader")
 		}
 		ch <- opened{rc, size, err}
-	}()
+	})
 	select {
 	case o := <-ch:
 		return o.rc, o.size, o.err
 	case <-ctx.Done():
-		go func() {
+		s.wg.Go(func() {
 			if o := <-ch; o.err == nil {
 				o.rc.Close()
 			}
-		}()
+		})
 		return nil, 0, ctx.Err()
 	}
 }
@@ -388,17 +416,26 @@ func openSource(ctx context.Context, src Source) (io.ReadCloser, int64, error) {
 // reserve sets aside n bytes for dl, evicting blobs if needed.
 func (s *Store) reserve(dl *download, n int64) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if err := s.evictLocked(n); err != nil {
+	victims, err := s.evictLocked(n)
+	if err == nil {
+		s.reserved += n
+		dl.reserved += n
+	}
+	s.mu.Unlock()
+	s.removeEvicted(victims)
+	if err != nil {
 		return fmt.Errorf("fetch %s: %w", dl.digest, err)
 	}
-	s.reserved += n
-	dl.reserved += n
 	return nil
 }
 
 // commit makes a verified download a complete blob. Readers already have every byte; a failure
 // here only means the store does not keep it.
+//
+// The file is renamed into blobs/ outside the store's lock and the blob published under it
+// afterwards. In between, no other file of the digest can appear or be removed there: a new
+// download of the digest starts only while none is in flight, and a removal needs an entry in the
+// index, which only this commit can add; one still removing an older file was awaited before.
 func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 	source, own := dl.file()
 	path := source
@@ -412,12 +449,16 @@ func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 	} else if path, err = s.adoptFile(source); err != nil {
 		err = fmt.Errorf("adopt %s: %w", source, err)
 	}
+	if err == nil {
+		s.awaitRemoval(dl.digest.Hex)
+		err = os.Rename(path, s.blobPath(dl.digest.Hex))
+	}
+	if err != nil && path != "" && (own || path != source) {
+		s.removeTemp(path) // the store's temporary file, or its copy of a FileSource's
+	}
 	s.mu.Lock()
 	delete(s.inflight, dl.digest.Hex)
 	s.reserved -= dl.reserved
-	if err == nil {
-		err = os.Rename(path, s.blobPath(dl.digest.Hex))
-	}
 	var accessed time.Time
 	if err == nil {
 		e := &entry{hex: dl.digest.Hex, size: n, lastAccess: s.now()}
@@ -425,8 +466,6 @@ func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 		s.index[e.hex] = e
 		s.used += n
 		accessed = e.lastAccess
-	} else if own || (path != "" && path != source) {
-		s.removeTemp(path) // the store's temporary file, or its copy of a FileSource's
 	}
 	s.mu.Unlock()
 	if err != nil {
@@ -439,16 +478,16 @@ func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 	return nil
 }
 
-// discard forgets a failed download and removes its temporary file before readers learn of the
-// failure, so that a Fetch after the failure starts afresh.
+// discard forgets a failed download and removes its temporary file f (nil if it has none) before
+// readers learn of the failure, so that a Fetch after the failure starts afresh.
 func (s *Store) discard(dl *download, f ingestFile) {
-	f.Close()
+	if f != nil {
+		_ = f.Close() // removed next: a close error loses nothing
+		s.removeTemp(f.Name())
+	}
 	s.mu.Lock()
 	delete(s.inflight, dl.digest.Hex)
 	s.reserved -= dl.reserved
-	if path, own := dl.file(); own {
-		s.removeTemp(path)
-	}
 	s.mu.Unlock()
 }
 
@@ -558,11 +597,11 @@ func (dl *download) file() (path string, own bool) {
 	return dl.path, dl.own
 }
 
-// adopt makes a FileSource's file the one readers open.
-func (dl *download) adopt(path string) {
+// setFile names the file readers open: the store's temporary file (own) or a FileSource's.
+func (dl *download) setFile(path string, own bool) {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
-	dl.path, dl.own = path, false
+	dl.path, dl.own = path, own
 }
 
 func (dl *download) markOpened(size int64) {
@@ -588,21 +627,31 @@ func (dl *download) complete(n int64) {
 	dl.broadcastLocked()
 }
 
-// fail ends the download with err, unless readers already have the whole verified blob.
-func (dl *download) fail(err error) {
+// finish records how the download ended: err nil if the blob was committed into the store. A
+// failure reaches readers unless they already have the whole verified blob.
+func (dl *download) finish(err error) {
 	dl.mu.Lock()
-	if !dl.done {
+	dl.ended = err
+	if err != nil && !dl.done {
 		dl.err = err
 		dl.broadcastLocked()
 	}
 	dl.mu.Unlock()
 	dl.openOnce.Do(func() { close(dl.opened) })
+	close(dl.finished)
 }
 
 func (dl *download) failure() error {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
 	return dl.err
+}
+
+// outcome is how the download ended, once finished is closed: nil if it was committed.
+func (dl *download) outcome() error {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	return dl.ended
 }
 
 func (dl *download) currentSize() int64 {

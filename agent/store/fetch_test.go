@@ -3,13 +3,16 @@ package store
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -222,60 +225,62 @@ func TestFetchFailures(t *testing.T) {
 	data, d := randomBlob(3, 200<<10)
 	chunks := split(data, 50<<10)
 	errBoom := errors.New("boom")
-	never := make(chan struct{}) // a gate that opens only at the end of the test
-	t.Cleanup(func() { close(never) })
 
 	for _, tc := range []struct {
-		name   string
-		src    func() Source
+		name string
+		// src builds the source; never is a gate that opens only at the end of the subtest,
+		// before the store closes (Close waits for a source call to return).
+		src    func(never <-chan struct{}) Source
 		want   error
 		result string
 	}{{
 		name:   "short stream",
-		src:    func() Source { return (&fakeSource{chunks: chunks[:3], size: int64(len(data))}).open },
+		src:    func(<-chan struct{}) Source { return (&fakeSource{chunks: chunks[:3], size: int64(len(data))}).open },
 		want:   ErrSizeMismatch,
 		result: resultSizeMismatch,
 	}, {
 		name: "long stream",
-		src: func() Source {
+		src: func(<-chan struct{}) Source {
 			return (&fakeSource{chunks: append(chunks[:len(chunks):len(chunks)], []byte("extra")), size: int64(len(data))}).open
 		},
 		want:   ErrSizeMismatch,
 		result: resultSizeMismatch,
 	}, {
 		name:   "announced size too small",
-		src:    func() Source { return (&fakeSource{chunks: chunks, size: int64(len(data)) - 1}).open },
+		src:    func(<-chan struct{}) Source { return (&fakeSource{chunks: chunks, size: int64(len(data)) - 1}).open },
 		want:   ErrSizeMismatch,
 		result: resultSizeMismatch,
 	}, {
 		name: "open error",
-		src: func() Source {
+		src: func(<-chan struct{}) Source {
 			return func(context.Context) (io.ReadCloser, int64, error) { return nil, 0, errBoom }
 		},
 		want:   errBoom,
 		result: resultError,
 	}, {
-		name:   "read error mid-way",
-		src:    func() Source { return (&fakeSource{chunks: chunks[:2], size: int64(len(data)), err: errBoom}).open },
+		name: "read error mid-way",
+		src: func(<-chan struct{}) Source {
+			return (&fakeSource{chunks: chunks[:2], size: int64(len(data)), err: errBoom}).open
+		},
 		want:   errBoom,
 		result: resultError,
 	}, {
 		name: "stall mid-way, source honours ctx",
-		src: func() Source {
+		src: func(never <-chan struct{}) Source {
 			return (&fakeSource{chunks: chunks, size: int64(len(data)), gates: map[int]<-chan struct{}{2: never}}).open
 		},
 		want:   ErrStalled,
 		result: resultStalled,
 	}, {
 		name: "stall mid-way, source ignores ctx",
-		src: func() Source {
+		src: func(never <-chan struct{}) Source {
 			return (&fakeSource{chunks: chunks, size: -1, ignore: true, gates: map[int]<-chan struct{}{2: never}}).open
 		},
 		want:   ErrStalled,
 		result: resultStalled,
 	}, {
 		name: "stall before the source answers, source ignores ctx",
-		src: func() Source {
+		src: func(never <-chan struct{}) Source {
 			return func(context.Context) (io.ReadCloser, int64, error) {
 				<-never
 				return nil, 0, errBoom
@@ -286,8 +291,10 @@ func TestFetchFailures(t *testing.T) {
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
 			ts := openTestStore(t, "", WithStallTimeout(50*time.Millisecond))
+			never := make(chan struct{})
+			t.Cleanup(func() { close(never) }) // runs before the store's Close
 			ctx := testContext(t)
-			got, err := fetchAll(ctx, ts.Store, d, tc.src())
+			got, err := fetchAll(ctx, ts.Store, d, tc.src(never))
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("error %v, want %v", err, tc.want)
 			}
@@ -607,3 +614,48 @@ func TestCloseStopsDownloads(t *testing.T) {
 		t.Errorf("Fetch after Close: %v, want ErrClosed", err)
 	}
 }
+
+// Small blobs fetched by pairs of goroutines into a store with room for few of them: one of a
+// pair starts each download and the other joins it. The download can commit, and the blob be
+// evicted again, before the joiner opens the download's file; the joiner must still get the blob
+// (fetched again if need be), not an error. ErrFull is the one other outcome allowed: downloads
+// that are still committing hold their room.
+func TestFetchJoinsADownloadThatCommitsAndIsEvicted(t *testing.T) {
+	const size, room, pairs, each = 4 << 10, 6, 4, 150
+	ts := openTestStore(t, "", WithMaxBytes(room*size), WithLogger(slog.New(slog.DiscardHandler)))
+	// Without fsync a commit is quick, so that few downloads hold room while committing.
+	ts.createIngest = func(dir, pattern string) (ingestFile, error) {
+		f, err := os.CreateTemp(dir, pattern)
+		return noSyncFile{f}, err
+	}
+	ctx := testContext(t)
+	tail, _ := randomBlob(12, size)
+	var wg sync.WaitGroup
+	var ok, full atomic.Int32
+	for w := range 2 * pairs {
+		wg.Go(func() {
+			for i := range each {
+				data := bytes.Clone(tail)
+				binary.LittleEndian.PutUint64(data, uint64(w/2*each+i))
+				d := digestOf(data)
+				got, err := fetchAll(ctx, ts.Store, d, wholeSource(data).open)
+				if errors.Is(err, ErrFull) {
+					full.Add(1)
+					continue
+				}
+				if err != nil || !bytes.Equal(got, data) {
+					t.Errorf("fetch %s: %d bytes, %v", d, len(got), err)
+					return
+				}
+				ok.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d fetches returned the blob, %d found the store full", ok.Load(), full.Load())
+}
+
+// noSyncFile is a temporary file whose Sync does nothing.
+type noSyncFile struct{ *os.File }
+
+func (noSyncFile) Sync() error { return nil }

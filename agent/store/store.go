@@ -90,6 +90,11 @@ func WithClock(now func() time.Time) Option { return func(c *config) { c.clock =
 func WithStallTimeout(d time.Duration) Option { return func(c *config) { c.stall = d } }
 
 // Store is a content-addressed blob store rooted at a directory. It is safe for concurrent use.
+//
+// Its lock (mu) guards only memory: files are opened, created, renamed and removed outside it, so
+// that a slow disk delays the operation that needs it and not every Get. Where the order of file
+// operations on one digest matters, the entry is claimed under the lock first (see forgetLocked
+// and commit).
 type Store struct {
 	dir, blobsDir, ingestDir string
 
@@ -102,8 +107,14 @@ type Store struct {
 
 	// createIngest creates a download's temporary file; tests replace it to inject write errors.
 	createIngest func(dir, pattern string) (ingestFile, error)
+	// removeBlob removes a blob's file (os.Remove); tests replace it to hold a removal.
+	removeBlob func(path string) error
 
-	wg sync.WaitGroup // running downloads
+	wg sync.WaitGroup // running downloads and the source calls they made
+
+	// pinsMu serialises Pin and Unpin, so that pins.json is written in the order of the calls;
+	// it is held while the file is written, but only Pin and Unpin take it. Taken before mu.
+	pinsMu sync.Mutex
 
 	mu       sync.Mutex
 	closed   bool
@@ -113,6 +124,9 @@ type Store struct {
 	reserved int64             // bytes set aside for downloads in flight
 	inflight map[string]*download
 	pins     map[string]map[string]struct{} // hex digest → owners
+	// removing holds the blobs forgotten by eviction or Delete whose file is still being
+	// removed: hex digest → closed once it is gone. A commit of the same digest waits for it.
+	removing map[string]chan struct{}
 }
 
 type entry struct {
@@ -142,10 +156,12 @@ func Open(dir string, opts ...Option) (*Store, error) {
 		now:          cfg.clock,
 		stall:        cfg.stall,
 		createIngest: createTempFile,
+		removeBlob:   os.Remove,
 		index:        make(map[string]*entry),
 		lru:          list.New(),
 		inflight:     make(map[string]*download),
 		pins:         make(map[string]map[string]struct{}),
+		removing:     make(map[string]chan struct{}),
 	}
 	for _, d := range []string{s.blobsDir, s.ingestDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
@@ -164,10 +180,14 @@ func Open(dir string, opts ...Option) (*Store, error) {
 		return nil, err
 	}
 	s.mu.Lock()
-	// Fails only if pinned blobs alone exceed the limit: logged there, and the store still serves.
-	_ = s.evictLocked(0)
+	victims, err := s.evictLocked(0)
 	bytes, blobs := s.used, len(s.index)
 	s.mu.Unlock()
+	s.removeEvicted(victims)
+	if err != nil {
+		// The pinned blobs alone exceed the limit: the store still serves, downloads get ErrFull.
+		s.log.Warn("store is over its size limit and pinned blobs prevent eviction", "err", err)
+	}
 	s.log.Info("store opened", "dir", dir, "bytes", bytes, "blobs", blobs, "maxBytes", s.maxBytes)
 	return s, nil
 }
@@ -257,9 +277,7 @@ func (s *Store) Get(d v1.Hash) (Blob, error) {
 	if err := checkDigest(d); err != nil {
 		return nil, fmt.Errorf("get %s: %w", d, err)
 	}
-	s.mu.Lock()
-	b, err := s.openCompleteLocked(d)
-	s.mu.Unlock()
+	b, err := s.openComplete(d)
 	if err != nil {
 		return nil, fmt.Errorf("get %s: %w", d, err)
 	}
@@ -268,25 +286,46 @@ func (s *Store) Get(d v1.Hash) (Blob, error) {
 	return b, nil
 }
 
-// openCompleteLocked opens d if it is complete and marks it used.
-func (s *Store) openCompleteLocked(d v1.Hash) (*fileBlob, error) {
-	e := s.index[d.Hex]
-	if e == nil {
-		return nil, ErrNotFound
+// openComplete opens d if it is complete and marks it used. The file is opened after the lock is
+// released: if an eviction or Delete forgets d and removes its file in between, d is not found,
+// as if they had come first; if d was also stored again meanwhile, the new file is opened.
+func (s *Store) openComplete(d v1.Hash) (*fileBlob, error) {
+	for {
+		s.mu.Lock()
+		e := s.index[d.Hex]
+		if e == nil {
+			s.mu.Unlock()
+			return nil, ErrNotFound
+		}
+		e.lastAccess = s.now()
+		s.lru.MoveToFront(e.elem)
+		size, accessed := e.size, e.lastAccess
+		s.mu.Unlock()
+
+		f, err := os.Open(s.blobPath(d.Hex))
+		if err == nil {
+			return &fileBlob{f: f, size: size, accessed: accessed}, nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		s.mu.Lock()
+		current := s.index[d.Hex]
+		// The store removes a blob's file only after forgetting its entry, and publishes an
+		// entry only after its file is in place: an entry still indexed without its file was
+		// removed behind the store's back.
+		vanished := current == e
+		if vanished {
+			s.removeEntryLocked(e)
+		}
+		s.mu.Unlock()
+		if vanished {
+			s.log.Warn("blob vanished from disk; forgetting it so that a fetch downloads it again", "digest", d)
+		}
+		if current == nil || vanished {
+			return nil, ErrNotFound
+		}
 	}
-	f, err := os.Open(s.blobPath(d.Hex))
-	if errors.Is(err, fs.ErrNotExist) {
-		// Removed behind the store's back: forget it so a Fetch downloads it again.
-		s.log.Warn("blob vanished from disk", "digest", d)
-		s.removeEntryLocked(e)
-		return nil, ErrNotFound
-	}
-	if err != nil {
-		return nil, err
-	}
-	e.lastAccess = s.now()
-	s.lru.MoveToFront(e.elem)
-	return &fileBlob{f: f, size: e.size, accessed: e.lastAccess}, nil
 }
 
 // persistAccess records the access time as the file's mtime, so the LRU order survives a restart.
@@ -319,12 +358,16 @@ func (s *Store) Delete(d v1.Hash) error {
 		return fmt.Errorf("delete %s: %w", d, err)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	e := s.index[d.Hex]
+	if e != nil {
+		s.forgetLocked(e)
+	}
+	s.mu.Unlock()
 	if e == nil {
 		return fmt.Errorf("delete %s: %w", d, ErrNotFound)
 	}
-	if err := s.unlinkLocked(e); err != nil {
+	if err := s.unlink(e.hex); err != nil {
+		// No longer served either way; the next Open indexes the file again if it survived.
 		return fmt.Errorf("delete %s: %w", d, err)
 	}
 	return nil
@@ -362,14 +405,41 @@ func entryOf(el *list.Element) *entry {
 
 func (s *Store) blobPath(hex string) string { return filepath.Join(s.blobsDir, hex) }
 
-// unlinkLocked removes a blob's file and forgets it. The file is removed while holding the lock so
-// that a concurrent download of the same digest cannot commit between forgetting and unlinking.
-func (s *Store) unlinkLocked(e *entry) error {
-	if err := os.Remove(s.blobPath(e.hex)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return err
-	}
+// forgetLocked forgets a complete blob whose file the caller then removes with unlink, after
+// releasing the lock. Until unlink has returned, a download of the same digest does not move its
+// file into place (commit waits), so the removal cannot take the new file instead of the old.
+func (s *Store) forgetLocked(e *entry) {
 	s.removeEntryLocked(e)
-	return nil
+	// No removal of hex can be running already: that would have needed an entry for hex, and a
+	// new entry is published only once the running removal is done.
+	s.removing[e.hex] = make(chan struct{})
+}
+
+// unlink removes the file of a blob forgotten by forgetLocked. Readers that have it open keep
+// reading.
+func (s *Store) unlink(hex string) error {
+	err := s.removeBlob(s.blobPath(hex))
+	if errors.Is(err, fs.ErrNotExist) {
+		err = nil
+	}
+	s.mu.Lock()
+	close(s.removing[hex])
+	delete(s.removing, hex)
+	s.mu.Unlock()
+	return err
+}
+
+// awaitRemoval returns once no file of hex is being removed.
+func (s *Store) awaitRemoval(hex string) {
+	for {
+		s.mu.Lock()
+		done := s.removing[hex]
+		s.mu.Unlock()
+		if done == nil {
+			return
+		}
+		<-done
+	}
 }
 
 func (s *Store) removeEntryLocked(e *entry) {

@@ -3,12 +3,17 @@ package store
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -399,5 +404,124 @@ func TestFetchAfterBlobVanished(t *testing.T) {
 	}
 	if src.calls.Load() != 1 {
 		t.Error("a vanished blob was not downloaded again")
+	}
+}
+
+// warnings records the messages the store logs at Warn and above.
+type warnings struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (w *warnings) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (w *warnings) Handle(_ context.Context, r slog.Record) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.msgs = append(w.msgs, r.Message)
+	return nil
+}
+func (w *warnings) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w *warnings) WithGroup(string) slog.Handler      { return w }
+
+// A blob deleted while a new download of it commits: the store removes files outside its lock,
+// and the removal of the old file, held back here until the new download has verified its bytes,
+// must not remove the new file that the commit moves into place. Had it done so, the store would
+// find its blob vanished from disk.
+func TestDeleteWhileTheBlobIsStoredAgain(t *testing.T) {
+	var logged warnings
+	ts := openTestStore(t, "", WithLogger(slog.New(&logged)))
+	ctx := testContext(t)
+	data, d := randomBlob(60, 8<<10)
+	mustFetch(t, ts.Store, data)
+
+	removing, release := make(chan struct{}), make(chan struct{})
+	ts.removeBlob = func(path string) error {
+		close(removing)
+		<-release
+		return os.Remove(path)
+	}
+	deleted := make(chan error, 1)
+	go func() { deleted <- ts.Delete(d) }()
+	<-removing
+	// The old blob is forgotten but its file is still there: a Fetch downloads it again.
+	src := wholeSource(data)
+	if got, err := fetchAll(ctx, ts.Store, d, src.open); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("fetch while the old file is being removed: %d bytes, %v", len(got), err)
+	}
+	if src.calls.Load() != 1 {
+		t.Fatalf("source called %d times, want 1", src.calls.Load())
+	}
+	// The readers have the bytes; the commit follows. A store that did not wait for the removal
+	// would publish the blob now: give it the time to, then let the removal go on.
+	for deadline := time.Now().Add(500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if _, err := ts.Stat(d); err == nil {
+			break
+		}
+	}
+	close(release)
+	if err := <-deleted; err != nil {
+		t.Fatalf("delete: %v", err)
+	}
+	ts.wg.Wait() // committed
+	b, err := ts.Get(d)
+	if err != nil {
+		t.Fatalf("get after the new download committed: %v", err)
+	}
+	got, err := io.ReadAll(b)
+	b.Close()
+	if err != nil || !bytes.Equal(got, data) {
+		t.Errorf("read: %d bytes, %v", len(got), err)
+	}
+	logged.mu.Lock()
+	defer logged.mu.Unlock()
+	for _, m := range logged.msgs {
+		t.Errorf("logged: %s", m)
+	}
+}
+
+// Concurrent Pin and Unpin calls leave pins.json as the store holds the pins in memory: the
+// file is written outside the store's lock, in the order of the calls.
+func TestConcurrentPinsAreSavedInOrder(t *testing.T) {
+	dir := t.TempDir()
+	ts := openTestStore(t, dir)
+	_, d := randomBlob(61, 10)
+	const owners, rounds = 6, 10
+	var wg sync.WaitGroup
+	for o := range owners {
+		wg.Go(func() {
+			owner := fmt.Sprintf("owner-%d", o)
+			for r := range rounds {
+				err := ts.Pin(d, owner)
+				if err == nil && (r < rounds-1 || o%2 == 0) {
+					err = ts.Unpin(d, owner)
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	data, err := os.ReadFile(filepath.Join(dir, pinsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc pinsDoc
+	if err := json.Unmarshal(data, &doc); err != nil {
+		t.Fatalf("pins.json: %v", err)
+	}
+	var want []string
+	for o := 1; o < owners; o += 2 { // the odd owners end pinned
+		want = append(want, fmt.Sprintf("owner-%d", o))
+	}
+	if got := doc.Pins[d.String()]; !slices.Equal(got, want) {
+		t.Errorf("pins.json holds owners %v of %s, want %v", got, d, want)
+	}
+	ts.mu.Lock()
+	inMemory := slices.Sorted(maps.Keys(ts.pins[d.Hex]))
+	ts.mu.Unlock()
+	if !slices.Equal(inMemory, want) {
+		t.Errorf("store holds owners %v of %s, want %v", inMemory, d, want)
 	}
 }
