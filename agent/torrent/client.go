@@ -100,6 +100,10 @@ type Client struct {
 
 	pauseMu sync.Mutex
 	paused  bool
+
+	bgMu       sync.Mutex
+	closing    bool
+	background sync.WaitGroup // the adapter's own goroutines (goBackground)
 }
 
 // NewClient starts a client on cfg.Listener.
@@ -190,8 +194,27 @@ func NewClient(cfg Config) (*Client, error) {
 	return c, nil
 }
 
-// Close stops the client; its torrents stop.
-func (c *Client) Close() error { return errors.Join(c.c.Close()...) }
+// Close stops the client; its torrents stop. It returns once the adapter's goroutines have
+// ended. The torrent client's accept loop ends when Config.Listener is closed, which must
+// happen after Close: the loop spins on a closed listener while the client is open.
+func (c *Client) Close() error {
+	c.bgMu.Lock()
+	c.closing = true
+	c.bgMu.Unlock()
+	err := errors.Join(c.c.Close()...)
+	c.background.Wait()
+	return err
+}
+
+// goBackground runs f in a goroutine that Close waits for (f must end once the torrent client
+// is closed), unless the client is closing.
+func (c *Client) goBackground(f func()) {
+	c.bgMu.Lock()
+	defer c.bgMu.Unlock()
+	if !c.closing {
+		c.background.Go(f)
+	}
+}
 
 func (c *Client) reportData(ev torrent.ReceivedUsefulDataEvent) {
 	if addr, ok := peerIP(ev.Peer.RemoteAddr); ok && c.cfg.OnData != nil {

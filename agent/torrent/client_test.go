@@ -1,10 +1,14 @@
 package torrent
 
 import (
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -147,5 +151,46 @@ func TestPauseStopsDownloadsUntilResume(t *testing.T) {
 	}
 	if got := tw.Stats().PeerBytesRead; got == 0 {
 		t.Error("the witness received nothing")
+	}
+}
+
+// TestCloseEndsItsGoroutines: a resumed download verifies its pieces in the background (see
+// SetHashes); Close returns only once that goroutine, and any the adapter runs until the
+// torrent client closes, have ended.
+func TestCloseEndsItsGoroutines(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := NewClient(Config{Dir: t.TempDir(), Self: netip.MustParseAddrPort("127.0.0.2:0"), Listener: l,
+		ChunkSize: testChunkSize, RequestsPerConn: 8, MaxPeerRequests: 1024, ConnsPerTorrent: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := newTestBlob(10, 8<<20, 16<<10)
+	file, _ := testFile(t, len(blob.data), blob.data)
+	tt, err := c.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, file, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tt.SetHashes(0, blob.hashes(0, blob.pieces()), UnknownCompletion)
+	// A goroutine that is slow to end after the torrent closes: were Close not to wait for it,
+	// Close would return first.
+	var ended atomic.Bool
+	c.goBackground(func() {
+		<-tt.Closed()
+		time.Sleep(50 * time.Millisecond)
+		ended.Store(true)
+	})
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !ended.Load() {
+		t.Error("Close returned before a goroutine of the adapter ended")
+	}
+	buf := make([]byte, 1<<20)
+	if stacks := string(buf[:runtime.Stack(buf, true)]); strings.Contains(stacks, "agent/torrent.(*Torrent).SetHashes") {
+		t.Errorf("a verification goroutine is still running after Close:\n%s", stacks)
 	}
 }

@@ -109,13 +109,14 @@ func (t *Torrent) SetHashes(first int, pieces []byte, state CompletionState) {
 		t.t.Piece(i).UpdateCompletion()
 	}
 	if state == UnknownCompletion {
-		go func() {
+		// Verification ends when the torrent closes; Client.Close waits for it.
+		t.c.goBackground(func() {
 			for i := first; i < first+n; i++ {
 				if err := t.t.Piece(i).VerifyDataContext(context.Background()); err != nil {
 					return
 				}
 			}
-		}()
+		})
 	}
 }
 
