@@ -1,6 +1,7 @@
-// Package rendezvous ranks members for a key by rendezvous (highest-random-weight) hashing: pure
-// functions that every agent computes alike, so that agents agree on who seeds what, and whom
-// each node connects to, without talking.
+// Package rendezvous ranks members for a key by rendezvous (highest-random-weight) hashing, and
+// assigns keys to members by that ranking, balanced by load: pure functions that every agent
+// computes alike, so that agents agree on who seeds what, and whom each node connects to,
+// without talking.
 package rendezvous
 
 import (
