@@ -2,6 +2,8 @@ package depcheck_test
 
 import (
 	"context"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -23,6 +25,12 @@ var rules = []depcheck.Rule{
 		Except:        []string{m("agent/torrent")},
 		MustNotImport: []string{"github.com/anacrolix/torrent/..."},
 		Tests:         true,
+	},
+	{
+		Why: "the segment plan is a wire contract of its own: the BitTorrent client's encoding " +
+			"of a segment's info is swarm's business, and a torrent upgrade must not change how blobs are cut",
+		Packages:        []string{m("agent/plan")},
+		MustNotDependOn: []string{m("agent/torrent/..."), "github.com/anacrolix/torrent/..."},
 	},
 	{
 		Why: "the mirror serves from the store, upstream and peers through interfaces that " +
@@ -70,6 +78,32 @@ var rules = []depcheck.Rule{
 	},
 }
 
+// pure are the packages that hold what every agent must compute alike, across nodes and adjacent
+// releases: the segment plan and the control protocol's messages, rendezvous hashing. They
+// import nothing of the module but mayImport, so that no change elsewhere can change what goes
+// on the wire.
+var pure = struct{ packages, mayImport []string }{
+	packages:  []string{m("agent/plan"), m("agent/rendezvous")},
+	mayImport: []string{m("internal/oci")},
+}
+
+// pureRule is the rule for pure: its forbidden imports are every package of the module in g
+// but pure.mayImport, so that a package added later is forbidden too.
+func pureRule(g depcheck.Graph) depcheck.Rule {
+	r := depcheck.Rule{
+		Why: "the plan, the control messages and rendezvous hashing are wire contracts: " +
+			"they import nothing of the module but " + strings.Join(pure.mayImport, ", "),
+		Packages: pure.packages,
+	}
+	for path := range g {
+		if depcheck.Match(m("..."), path) && !slices.Contains(pure.mayImport, path) {
+			r.MustNotImport = append(r.MustNotImport, path)
+		}
+	}
+	slices.Sort(r.MustNotImport)
+	return r
+}
+
 // conformanceSuites are the packages that check an interface's implementations and fakes
 // alike; they are test code in their own package so that every implementation's tests can
 // import them.
@@ -87,7 +121,7 @@ func TestModuleRules(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	violations, err := depcheck.Check(g, rules)
+	violations, err := depcheck.Check(g, append(slices.Clone(rules), pureRule(g)))
 	if err != nil {
 		t.Error(err)
 	}
