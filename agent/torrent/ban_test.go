@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/anacrolix/torrent"
 )
 
 // testClock is a clock that moves only when told.
@@ -55,6 +57,9 @@ func TestCorruptPieceBanExpires(t *testing.T) {
 		t.Fatalf("the torrent client banned %v itself, for the rest of its life", ips)
 	}
 	waitFor(t, "the banned peer's connection to close", func() bool { return tn.Stats().PeerConns == 0 })
+	if n := tn.t.AddPeers([]torrent.PeerInfo{{Addr: liar.addr, Source: torrent.PeerSourceDirect}}); n != 0 {
+		t.Error("the torrent client takes a banned peer's address (the block list is not consulted)")
+	}
 	if tn.PieceComplete(piece) {
 		t.Fatal("the corrupt piece is complete")
 	}

@@ -260,6 +260,10 @@ func IsTimeout(err error) bool {
 // pending, and panics, at AllowDataDownload, if it checks the two against each other before it
 // has re-added them all (v1.62.0, assertPendingPiecesMatchRequestOrder); setting every piece's
 // priority again right after pausing updates both (refreshPriorities).
+//
+// A Resume that comes before a peer has rejected every request cancelled here leaves that
+// connection without requests until another event on it: the client's update on the last
+// rejection issues none (TestPauseStopsDownloadsUntilResume pauses for longer).
 func (c *Client) Pause() {
 	c.pauseMu.Lock()
 	defer c.pauseMu.Unlock()
