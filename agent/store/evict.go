@@ -42,7 +42,7 @@ func (s *Store) removeEvicted(victims []*entry) {
 	for _, e := range victims {
 		if err := s.unlink(e.hex); err != nil {
 			// No longer served either way; the next Open indexes the file again if it survived.
-			s.log.Error("cannot remove evicted blob", "digest", "sha256:"+e.hex, "err", err)
+			s.log.Error("cannot remove evicted blob", "digest", "sha256:"+e.hex, "error", err)
 		}
 		s.metrics.evictions.Inc()
 		s.metrics.evictedBytes.Add(float64(e.size))

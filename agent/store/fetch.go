@@ -247,7 +247,7 @@ func (s *Store) run(dl *download, src Source) {
 	s.metrics.fetches.WithLabelValues(result).Inc()
 	dl.finish(err)
 	if err != nil {
-		s.log.Warn("download failed", "digest", dl.digest, "bytes", n, "result", result, "err", err)
+		s.log.Warn("download failed", "digest", dl.digest, "bytes", n, "result", result, "error", err)
 		return
 	}
 	s.log.Info("blob stored", "digest", dl.digest, "bytes", n, "duration", time.Since(start))
@@ -473,7 +473,7 @@ func (s *Store) commit(dl *download, f ingestFile, n int64) error {
 	}
 	s.persistAccess(dl.digest, accessed)
 	if err := syncDir(s.blobsDir); err != nil {
-		s.log.Warn("cannot sync blob directory", "err", err)
+		s.log.Warn("cannot sync blob directory", "error", err)
 	}
 	return nil
 }
@@ -540,7 +540,7 @@ func sameDevice(f *os.File, dir string) bool {
 
 func (s *Store) removeTemp(path string) {
 	if err := os.Remove(path); err != nil {
-		s.log.Error("cannot remove temporary file", "path", path, "err", err)
+		s.log.Error("cannot remove temporary file", "path", path, "error", err)
 	}
 }
 

@@ -186,7 +186,7 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	s.removeEvicted(victims)
 	if err != nil {
 		// The pinned blobs alone exceed the limit: the store still serves, downloads get ErrFull.
-		s.log.Warn("store is over its size limit and pinned blobs prevent eviction", "err", err)
+		s.log.Warn("store is over its size limit and pinned blobs prevent eviction", "error", err)
 	}
 	s.log.Info("store opened", "dir", dir, "bytes", bytes, "blobs", blobs, "maxBytes", s.maxBytes)
 	return s, nil
@@ -332,7 +332,7 @@ func (s *Store) openComplete(d v1.Hash) (*fileBlob, error) {
 // Best effort: the blob may have been evicted meanwhile.
 func (s *Store) persistAccess(d v1.Hash, t time.Time) {
 	if err := os.Chtimes(s.blobPath(d.Hex), time.Time{}, t); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.log.Debug("cannot record access time", "digest", d, "err", err)
+		s.log.Debug("cannot record access time", "digest", d, "error", err)
 	}
 }
 
