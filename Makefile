@@ -68,10 +68,14 @@ unit: ## Unit and integration tests of every package (race detector on).
 
 .PHONY: fuzz
 fuzz: ## Run each fuzz target for a fixed number of executions (FUZZ_SCALE=k for k times more).
+	hack/check-fuzz.sh
 	go test -run='^$$' -fuzz='^FuzzParseRequest$$' -fuzztime=$(call fuzz_execs,100000) ./agent/mirror
 	go test -run='^$$' -fuzz='^FuzzParseDigest$$' -fuzztime=$(call fuzz_execs,400000) ./internal/oci
 	go test -run='^$$' -fuzz='^FuzzRenderMerged$$' -fuzztime=$(call fuzz_execs,80000) ./agent/hostconfig
-	go test -run='^$$' -fuzz='^FuzzParseSegmentRequest$$' -fuzztime=$(call fuzz_execs,45000) ./agent/swarm
+	go test -run='^$$' -fuzz='^FuzzParseRequest$$' -fuzztime=$(call fuzz_execs,45000) ./agent/plan
+	go test -run='^$$' -fuzz='^FuzzParseContentRange$$' -fuzztime=$(call fuzz_execs,40000) ./agent/upstream
+	go test -run='^$$' -fuzz='^FuzzParseEndpoint$$' -fuzztime=$(call fuzz_execs,40000) ./agent/upstream
+	go test -run='^$$' -fuzz='^FuzzParsePeers$$' -fuzztime=$(call fuzz_execs,40000) ./agent/membership
 
 .PHONY: e2e
 e2e: ## End-to-end tests: real registry, containerd through CRI, agents (root; isolated network namespace).

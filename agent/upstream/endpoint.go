@@ -16,8 +16,9 @@ type Endpoint struct {
 	Host string
 }
 
-// String returns the endpoint as a URL, e.g. "https://registry-1.docker.io".
-func (e Endpoint) String() string { return e.Scheme + "://" + e.Host }
+// String returns the endpoint as a URL, e.g. "https://registry-1.docker.io", with the host
+// escaped where it needs to be (the zone of a link-local IPv6 address: "%25eth0").
+func (e Endpoint) String() string { return (&url.URL{Scheme: e.Scheme, Host: e.Host}).String() }
 
 // url returns the absolute URL of path (which starts with "/v2/") on the endpoint.
 func (e Endpoint) url(path string) string { return e.String() + path }

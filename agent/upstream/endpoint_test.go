@@ -1,6 +1,7 @@
 package upstream_test
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/shoal-dev/shoal/agent/upstream"
@@ -41,4 +42,30 @@ func TestDefaultEndpoint(t *testing.T) {
 			t.Errorf("DefaultEndpoint(%q) = %s, want %s", registry, got, want)
 		}
 	}
+}
+
+// FuzzParseEndpoint checks that an accepted --registry-endpoint or hosts.toml server is a bare
+// http or https origin (nothing but the Distribution API paths is ever requested from it), and
+// that its String form parses back to it.
+func FuzzParseEndpoint(f *testing.F) {
+	for _, s := range []string{
+		"http://127.0.0.1:5000", "registry.test", "https://registry.test/v2/", "https://u:p@h",
+		"https://h/x", "https://h?q", "ftp://h", "https://[::1]:5000", "https://:80", "//h",
+		"https://[fe80::1%25eth0]:5000",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		e, err := upstream.ParseEndpoint(s)
+		if err != nil {
+			return
+		}
+		if (e.Scheme != "http" && e.Scheme != "https") || e.Host == "" || strings.ContainsAny(e.Host, "/?#@ ") {
+			t.Fatalf("ParseEndpoint(%q) = %+v: not a bare http(s) origin", s, e)
+		}
+		again, err := upstream.ParseEndpoint(e.String())
+		if err != nil || again != e {
+			t.Fatalf("ParseEndpoint(%q) = %+v, whose String parses as %+v, %v", s, e, again, err)
+		}
+	})
 }
