@@ -147,6 +147,13 @@ func NewClient(cfg Config) (*Client, error) {
 	// whose holders this node is not connected to, so those 64 MiB could be pieces no peer can
 	// send while every other piece waits: a node alone stopped dead after 80 MiB.
 	cc.MaxUnverifiedBytes = 0
+	// No fast extension (BEP 6). With it, a cancelled request stays pending until the peer
+	// rejects it, the client re-requests nothing on a rejection, and the 3 s request timer skips
+	// a connection without requests: a Resume that comes less than a round trip after Pause (a
+	// short segment from the registry) left the connection idle until some other event on it,
+	// 30 s in TestQuickPauseResumeKeepsTransferring. Between agents the extension brings nothing
+	// else the swarm uses (every peer is unchoked; there is no allowed-fast set to speak of).
+	cc.Extensions.SetBit(pp.ExtensionBitFast, false)
 	// The client reserves buffer space for every request a peer makes and serves them in no
 	// particular order; a limit below what one peer can have outstanding deadlocks the connection
 	// (a request waits for space held by earlier ones it is itself blocking). So the limit is what
@@ -261,9 +268,8 @@ func IsTimeout(err error) bool {
 // has re-added them all (v1.62.0, assertPendingPiecesMatchRequestOrder); setting every piece's
 // priority again right after pausing updates both (refreshPriorities).
 //
-// A Resume that comes before a peer has rejected every request cancelled here leaves that
-// connection without requests until another event on it: the client's update on the last
-// rejection issues none (TestPauseStopsDownloadsUntilResume pauses for longer).
+// Pause and Resume may follow each other within a round trip: the client runs without the fast
+// extension, whose pending cancels would hold a quickly resumed connection idle (NewClient).
 func (c *Client) Pause() {
 	c.pauseMu.Lock()
 	defer c.pauseMu.Unlock()

@@ -3,6 +3,7 @@ package torrent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -174,6 +175,28 @@ func TestPauseStopsDownloadsUntilResume(t *testing.T) {
 	if got := tw.Stats().PeerBytesRead; got == 0 {
 		t.Error("the witness received nothing")
 	}
+}
+
+// TestQuickPauseResumeKeepsTransferring: a swarm node pauses for each segment it fetches from
+// the registry, which on a fast link lasts well under a round trip. A Resume that comes before
+// the peer has answered the cancels of Pause must leave the connection requesting: with the
+// fast extension the client waited for the peer's rejections, then asked for nothing more.
+func TestQuickPauseResumeKeepsTransferring(t *testing.T) {
+	blob := newTestBlob(2, 4<<20, 64<<10)
+	seeder := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 1 << 20 })
+	node := newTestNode(t, "127.0.0.3")
+	seeder.seed(t, blob)
+	tn, fn := node.leech(t, blob)
+	tn.AddPeers([]netip.AddrPort{seeder.addr})
+	for cycle := range 5 {
+		before := node.Stats().PeerBytesRead
+		waitFor(t, fmt.Sprintf("256 KiB more after %d quick pauses", cycle), func() bool {
+			return node.Stats().PeerBytesRead >= before+256<<10
+		})
+		node.Pause()
+		node.Resume()
+	}
+	waitComplete(t, tn, fn, blob.data)
 }
 
 // TestCloseEndsItsGoroutines: a resumed download verifies its pieces in the background (see
