@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
 // Blob is an open blob: complete on disk, or in flight (reads block until the bytes arrive).
@@ -108,24 +110,33 @@ func (b *inflightBlob) read(p []byte, off int64, full bool) (int, error) {
 // Seek sets the offset for Read without blocking. Seeking relative to the end needs the size, so it
 // fails while a blob of unknown size is still in flight.
 func (b *inflightBlob) Seek(offset int64, whence int) (int64, error) {
+	pos, err := seekPosition(b.dl.digest, b.off, b.Size(), offset, whence)
+	if err != nil {
+		return 0, err
+	}
+	b.off = pos
+	return pos, nil
+}
+
+// seekPosition is where a Seek of blob d lands from the current offset cur, for a blob of size
+// bytes (-1 while unknown).
+func seekPosition(d v1.Hash, cur, size, offset int64, whence int) (int64, error) {
 	var base int64
 	switch whence {
 	case io.SeekStart:
 	case io.SeekCurrent:
-		base = b.off
+		base = cur
 	case io.SeekEnd:
-		base = b.Size()
-		if base < 0 {
-			return 0, fmt.Errorf("seek %s from end: size not known yet", b.dl.digest)
+		if base = size; base < 0 {
+			return 0, fmt.Errorf("seek %s from end: size not known yet", d)
 		}
 	default:
-		return 0, fmt.Errorf("seek %s: invalid whence %d", b.dl.digest, whence)
+		return 0, fmt.Errorf("seek %s: invalid whence %d", d, whence)
 	}
 	if base+offset < 0 {
-		return 0, fmt.Errorf("seek %s: negative position", b.dl.digest)
+		return 0, fmt.Errorf("seek %s: negative position", d)
 	}
-	b.off = base + offset
-	return b.off, nil
+	return base + offset, nil
 }
 
 func (b *inflightBlob) Size() int64 { return b.dl.currentSize() }

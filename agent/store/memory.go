@@ -338,23 +338,12 @@ func (b *memInflight) ReadAt(p []byte, off int64) (int, error) {
 
 // Seek sets the offset for Read; relative to the end it needs the size.
 func (b *memInflight) Seek(offset int64, whence int) (int64, error) {
-	var base int64
-	switch whence {
-	case io.SeekStart:
-	case io.SeekCurrent:
-		base = b.off
-	case io.SeekEnd:
-		if base = b.Size(); base < 0 {
-			return 0, fmt.Errorf("seek %s from end: size not known yet", b.dl.digest)
-		}
-	default:
-		return 0, fmt.Errorf("seek %s: invalid whence %d", b.dl.digest, whence)
+	pos, err := seekPosition(b.dl.digest, b.off, b.Size(), offset, whence)
+	if err != nil {
+		return 0, err
 	}
-	if base+offset < 0 {
-		return 0, fmt.Errorf("seek %s: negative position", b.dl.digest)
-	}
-	b.off = base + offset
-	return b.off, nil
+	b.off = pos
+	return pos, nil
 }
 
 // Size is the announced size, or once the blob is complete its length.
