@@ -42,6 +42,22 @@ var rules = []depcheck.Rule{
 		},
 	},
 	{
+		Why: "the API types are imported by clients of Shoal's API: they need apimachinery and " +
+			"k8s.io/api, never a client library or the rest of Shoal",
+		Packages: []string{m("api/...")},
+		MustNotDependOn: []string{
+			"k8s.io/client-go/...", "sigs.k8s.io/controller-runtime/...",
+			m("agent/..."), m("internal/..."), m("cmd/..."), m("controllers/..."),
+		},
+	},
+	{
+		Why: "the data path (mirror, store, swarm, upstream) works without the API server: " +
+			"Kubernetes clients live in the packages that talk to it",
+		Packages:        []string{m("agent/...")},
+		Except:          []string{m("agent/kubemembers")},
+		MustNotDependOn: []string{"k8s.io/client-go/...", "sigs.k8s.io/controller-runtime/..."},
+	},
+	{
 		Why:             "the store holds verified blobs and knows nothing of where they come from",
 		Packages:        []string{m("agent/store/...")},
 		MustNotDependOn: []string{m("agent/upstream/..."), m("agent/mirror/..."), m("agent/swarm/..."), m("agent/torrent/...")},

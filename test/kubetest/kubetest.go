@@ -1,0 +1,110 @@
+// Package kubetest starts a real kube-apiserver and etcd for a test (controller-runtime's envtest)
+// with Shoal's CRDs installed, and stops them when the test ends.
+//
+// The binaries come from KUBEBUILDER_ASSETS, which the Makefile sets to the directory that
+// hack/install-deps.sh fills (kube-apiserver built from the Go module proxy, etcd from Debian);
+// without it, from that directory's default place under ~/.cache/shoal. Both listen on loopback
+// only.
+package kubetest
+
+import (
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	shoalv1alpha1 "github.com/shoal-dev/shoal/api/v1alpha1"
+)
+
+// DefaultK8sVersion is the Kubernetes release whose kube-apiserver hack/install-deps.sh builds.
+const DefaultK8sVersion = "1.37.1"
+
+// Env is a running API server with Shoal's CRDs.
+type Env struct {
+	// Config reaches the API server as a cluster admin.
+	Config *rest.Config
+	// Client is a client for Config that knows Shoal's and Kubernetes' built-in types.
+	Client client.Client
+	// Scheme holds Shoal's and Kubernetes' built-in types.
+	Scheme *k8sruntime.Scheme
+	// CRDs are the CustomResourceDefinitions that were installed.
+	CRDs []*apiextensionsv1.CustomResourceDefinition
+
+	env *envtest.Environment
+}
+
+// Scheme returns a scheme with Kubernetes' built-in types and Shoal's.
+func Scheme() (*k8sruntime.Scheme, error) {
+	s := k8sruntime.NewScheme()
+	if err := clientgoscheme.AddToScheme(s); err != nil {
+		return nil, err
+	}
+	if err := shoalv1alpha1.AddToScheme(s); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// AssetsDir is where the kube-apiserver and etcd binaries are: KUBEBUILDER_ASSETS, or the place
+// hack/install-deps.sh puts them.
+func AssetsDir() string {
+	if dir := os.Getenv("KUBEBUILDER_ASSETS"); dir != "" {
+		return dir
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(home, ".cache", "shoal", "k8s", DefaultK8sVersion)
+}
+
+// CRDDir is the directory of the generated CRDs (config/crd/bases).
+func CRDDir() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..", "config", "crd", "bases")
+}
+
+// Start starts etcd and kube-apiserver, installs Shoal's CRDs and stops both when the test ends.
+// A test that cannot run them fails, with one exception that is reported as a skip: go test run
+// by hand, outside make, on a machine where `make deps` never ran.
+func Start(t testing.TB) *Env {
+	t.Helper()
+	assets := AssetsDir()
+	if _, err := os.Stat(filepath.Join(assets, "kube-apiserver")); err != nil {
+		if os.Getenv("KUBEBUILDER_ASSETS") == "" {
+			t.Skipf("no kube-apiserver in %s (run make deps, or the tests through make): %v", assets, err)
+		}
+		t.Fatalf("KUBEBUILDER_ASSETS=%s has no kube-apiserver: %v", assets, err)
+	}
+	scheme, err := Scheme()
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := &envtest.Environment{
+		BinaryAssetsDirectory: assets,
+		CRDDirectoryPaths:     []string{CRDDir()},
+		ErrorIfCRDPathMissing: true,
+		Scheme:                scheme,
+	}
+	cfg, err := env.Start()
+	if err != nil {
+		t.Fatalf("start kube-apiserver and etcd from %s: %v", assets, err)
+	}
+	t.Cleanup(func() {
+		if err := env.Stop(); err != nil {
+			t.Errorf("stop kube-apiserver and etcd: %v", err)
+		}
+	})
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Env{Config: cfg, Client: c, Scheme: scheme, CRDs: env.CRDs, env: env}
+}
