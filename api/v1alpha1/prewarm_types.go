@@ -196,6 +196,16 @@ type PlatformManifest struct {
 type ResolvedReference struct {
 	// Reference is the reference as written in the spec.
 	Reference string `json:"reference"`
+	// Artifact is true for a reference of spec.artifacts, false for an image.
+	// +optional
+	Artifact bool `json:"artifact,omitempty"`
+	// Repository is the reference's repository in full: registry.example/team/app, or
+	// index.docker.io/library/nginx for nginx.
+	// +optional
+	Repository string `json:"repository,omitempty"`
+	// Tag is the reference's tag, if it has one.
+	// +optional
+	Tag string `json:"tag,omitempty"`
 	// Digest is the digest the reference resolved to (an index or a manifest).
 	// +optional
 	Digest string `json:"digest,omitempty"`

@@ -1,0 +1,179 @@
+package controllers_test
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/controllers"
+	"github.com/shoal-dev/shoal/test/kubetest"
+)
+
+// waitFor bounds how long a test waits for the controller to converge; it only bounds a failure.
+const waitFor = 30 * time.Second
+
+const (
+	digestAmd64 = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+	digestIndex = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
+)
+
+// startManager runs a controller manager with setup's reconcilers until the test ends.
+func startManager(t *testing.T, env *kubetest.Env, setup func(ctrl.Manager) error) {
+	t.Helper()
+	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
+		Scheme:                 env.Scheme,
+		Metrics:                metricsserver.Options{BindAddress: "0"},
+		HealthProbeBindAddress: "0",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := setup(mgr); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("manager: %v", err)
+		}
+	})
+}
+
+// eventually polls cond until it holds or waitFor passes, and then fails with what it says.
+func eventually(t *testing.T, what string, cond func() (bool, string)) {
+	t.Helper()
+	var last string
+	for deadline := time.Now().Add(waitFor); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		var ok bool
+		if ok, last = cond(); ok {
+			return
+		}
+	}
+	t.Fatalf("%s: not within %v: %s", what, waitFor, last)
+}
+
+func nodeCacheItems(t *testing.T, c client.Client, node string) ([]string, *v1.NodeCache) {
+	var nc v1.NodeCache
+	if err := c.Get(t.Context(), client.ObjectKey{Name: node}, &nc); err != nil {
+		return nil, nil
+	}
+	var out []string
+	for _, it := range nc.Spec.Items {
+		out = append(out, it.Reference)
+	}
+	return out, &nc
+}
+
+func waitItems(t *testing.T, c client.Client, node string, want ...string) {
+	t.Helper()
+	eventually(t, "NodeCache "+node, func() (bool, string) {
+		got, nc := nodeCacheItems(t, c, node)
+		if nc == nil {
+			return false, "no NodeCache"
+		}
+		return slices.Equal(got, want), fmt.Sprintf("items %v, want %v", got, want)
+	})
+}
+
+func TestNodeCachesFollowNodesAndPrewarms(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	startManager(t, env, func(mgr ctrl.Manager) error {
+		return (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr)
+	})
+
+	mkNode := func(name string, gpu bool) *corev1.Node {
+		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
+			corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64",
+		}}}
+		if gpu {
+			n.Labels["gpu"] = "true"
+		}
+		if err := c.Create(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	nodeA, nodeB := mkNode("node-a", true), mkNode("node-b", false)
+
+	t.Run("every node gets a NodeCache it owns", func(t *testing.T) {
+		for _, n := range []*corev1.Node{nodeA, nodeB} {
+			waitItems(t, c, n.Name)
+			_, nc := nodeCacheItems(t, c, n.Name)
+			if len(nc.OwnerReferences) != 1 || nc.OwnerReferences[0].UID != n.UID || nc.OwnerReferences[0].Kind != "Node" {
+				t.Errorf("%s: owners %+v", n.Name, nc.OwnerReferences)
+			}
+		}
+	})
+
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &v1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec: v1.PrewarmSpec{
+			Images:       []string{"registry.test/app:1"},
+			NodeSelector: &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}},
+		},
+	}
+	if err := c.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	p.Status.References = []v1.ResolvedReference{{
+		Reference: "registry.test/app:1", Repository: "registry.test/app", Tag: "1", Digest: digestIndex,
+		Platforms: []v1.PlatformManifest{{Platform: "linux/amd64", Digest: digestAmd64}},
+	}}
+	if err := c.Status().Update(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	item := "registry.test/app:1@" + digestAmd64
+
+	t.Run("a resolved Prewarm reaches the nodes it selects only", func(t *testing.T) {
+		waitItems(t, c, "node-a", item)
+		waitItems(t, c, "node-b")
+	})
+
+	t.Run("a node that starts to match gets the content", func(t *testing.T) {
+		nodeB.Labels["gpu"] = "true"
+		if err := c.Update(ctx, nodeB); err != nil {
+			t.Fatal(err)
+		}
+		waitItems(t, c, "node-b", item)
+	})
+
+	t.Run("a node that stops matching releases it", func(t *testing.T) {
+		delete(nodeA.Labels, "gpu")
+		if err := c.Update(ctx, nodeA); err != nil {
+			t.Fatal(err)
+		}
+		waitItems(t, c, "node-a")
+		waitItems(t, c, "node-b", item)
+	})
+
+	t.Run("a node added later gets its NodeCache", func(t *testing.T) {
+		mkNode("node-c", true)
+		waitItems(t, c, "node-c", item)
+	})
+
+	t.Run("a deleted Prewarm is released everywhere", func(t *testing.T) {
+		if err := c.Delete(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []string{"node-a", "node-b", "node-c"} {
+			waitItems(t, c, n)
+		}
+	})
+}

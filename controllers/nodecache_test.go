@@ -1,0 +1,187 @@
+package controllers
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
+)
+
+const (
+	dIndex = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
+	dAmd64 = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+	dArm64 = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+	dModel = "sha256:4444444444444444444444444444444444444444444444444444444444444444"
+	dNew   = "sha256:5555555555555555555555555555555555555555555555555555555555555555"
+)
+
+func testNode(name string, lbls map[string]string) *corev1.Node {
+	l := map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}
+	for k, v := range lbls {
+		l[k] = v
+	}
+	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: l}}
+}
+
+// appIndex is an image resolved to an index of two platforms.
+func appIndex(tag string) v1.ResolvedReference {
+	return v1.ResolvedReference{
+		Reference: "registry.test/app:" + tag, Repository: "registry.test/app", Tag: tag, Digest: dIndex,
+		Platforms: []v1.PlatformManifest{{Platform: "linux/amd64", Digest: dAmd64}, {Platform: "linux/arm64/v8", Digest: dArm64}},
+	}
+}
+
+func model() v1.ResolvedReference {
+	return v1.ResolvedReference{Reference: "registry.test/models/m@" + dModel, Artifact: true, Repository: "registry.test/models/m", Digest: dModel}
+}
+
+func pw(name string, sel *v1.NodeSelector, edit func(*v1.Prewarm), refs ...v1.ResolvedReference) v1.Prewarm {
+	p := v1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "team"},
+		Spec:       v1.PrewarmSpec{NodeSelector: sel, Store: v1.StorePinned, RuntimeImport: v1.RuntimeImportNone},
+		Status:     v1.PrewarmStatus{References: refs},
+	}
+	if edit != nil {
+		edit(&p)
+	}
+	return p
+}
+
+func refs(items []v1.NodeCacheItem) []string {
+	var out []string
+	for _, it := range items {
+		out = append(out, it.Reference)
+	}
+	return out
+}
+
+func TestDesiredItems(t *testing.T) {
+	gpu := &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}}
+	tests := []struct {
+		name     string
+		node     *corev1.Node
+		prewarms []v1.Prewarm
+		want     []v1.NodeCacheItem
+	}{{
+		name:     "the node's own platform of an index, and an artifact",
+		node:     testNode("a", nil),
+		prewarms: []v1.Prewarm{pw("p", nil, nil, appIndex("1"), model())},
+		want: []v1.NodeCacheItem{
+			{Reference: "registry.test/app:1@" + dAmd64, Pin: true},
+			{Reference: "registry.test/models/m@" + dModel, Pin: true},
+		},
+	}, {
+		name:     "an arm64 node gets the arm64/v8 manifest",
+		node:     testNode("a", map[string]string{corev1.LabelArchStable: "arm64"}),
+		prewarms: []v1.Prewarm{pw("p", nil, nil, appIndex("1"))},
+		want:     []v1.NodeCacheItem{{Reference: "registry.test/app:1@" + dArm64, Pin: true}},
+	}, {
+		name: "platforms listed in the Prewarm, on any node",
+		node: testNode("a", nil),
+		prewarms: []v1.Prewarm{pw("p", nil, func(p *v1.Prewarm) { p.Spec.Platforms = []string{"linux/arm64", "linux/amd64"} },
+			appIndex("1"))},
+		want: []v1.NodeCacheItem{
+			{Reference: "registry.test/app:1@" + dAmd64, Pin: true},
+			{Reference: "registry.test/app:1@" + dArm64, Pin: true},
+		},
+	}, {
+		name:     "a node the selector does not match gets nothing",
+		node:     testNode("a", nil),
+		prewarms: []v1.Prewarm{pw("p", gpu, nil, appIndex("1"))},
+		want:     []v1.NodeCacheItem{},
+	}, {
+		name: "a Prewarm being deleted selects no node",
+		node: testNode("a", nil),
+		prewarms: []v1.Prewarm{pw("p", nil, func(p *v1.Prewarm) {
+			p.DeletionTimestamp = &metav1.Time{Time: time.Unix(1, 0)}
+		}, appIndex("1"))},
+		want: []v1.NodeCacheItem{},
+	}, {
+		name: "two Prewarms: pinned wins over cached, runtime import only for images",
+		node: testNode("a", map[string]string{"gpu": "true"}),
+		prewarms: []v1.Prewarm{
+			pw("cached", nil, func(p *v1.Prewarm) { p.Spec.Store = v1.StoreCached }, appIndex("1"), model()),
+			pw("pinned", gpu, func(p *v1.Prewarm) { p.Spec.RuntimeImport = v1.RuntimeImportPinned }, appIndex("1"), model()),
+		},
+		want: []v1.NodeCacheItem{
+			{Reference: "registry.test/app:1@" + dAmd64, Pin: true, RuntimeImport: true},
+			{Reference: "registry.test/models/m@" + dModel, Pin: true},
+		},
+	}, {
+		name:     "unresolved references are left out",
+		node:     testNode("a", nil),
+		prewarms: []v1.Prewarm{pw("p", nil, nil, v1.ResolvedReference{Reference: "registry.test/app:1", Error: "boom"})},
+		want:     []v1.NodeCacheItem{},
+	}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, dropped := DesiredItems(tt.node, tt.prewarms, nil)
+			if dropped != 0 {
+				t.Errorf("dropped %d", dropped)
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("items\n%v\nwant\n%v", got, tt.want)
+			}
+		})
+	}
+}
+
+// A tag that moves keeps the old digest on the node until the new one is ready there.
+func TestDesiredItemsTagMoved(t *testing.T) {
+	node := testNode("a", nil)
+	moved := appIndex("1")
+	moved.Platforms = []v1.PlatformManifest{{Platform: "linux/amd64", Digest: dNew}}
+	prewarms := []v1.Prewarm{pw("p", nil, nil, moved)}
+	oldRef, newRef := "registry.test/app:1@"+dAmd64, "registry.test/app:1@"+dNew
+	current := &v1.NodeCache{Spec: v1.NodeCacheSpec{Items: []v1.NodeCacheItem{
+		{Reference: oldRef, Pin: true},
+		{Reference: "registry.test/gone:2@" + dModel, Pin: true}, // no Prewarm wants it any more
+	}}}
+
+	got, _ := DesiredItems(node, prewarms, current)
+	if want := []string{oldRef, newRef}; !slices.Equal(refs(got), want) {
+		t.Errorf("new digest not ready: items %v, want %v (old kept, released one gone)", refs(got), want)
+	}
+
+	current.Status.Items = []v1.NodeCacheItemStatus{{Reference: newRef, State: v1.ItemFetching}}
+	got, _ = DesiredItems(node, prewarms, current)
+	if want := []string{oldRef, newRef}; !slices.Equal(refs(got), want) {
+		t.Errorf("new digest fetching: items %v, want %v", refs(got), want)
+	}
+
+	current.Status.Items = []v1.NodeCacheItemStatus{{Reference: newRef, State: v1.ItemReady}}
+	got, _ = DesiredItems(node, prewarms, current)
+	if want := []string{newRef}; !slices.Equal(refs(got), want) {
+		t.Errorf("new digest ready: items %v, want %v", refs(got), want)
+	}
+}
+
+func TestDesiredItemsBounded(t *testing.T) {
+	var many []v1.ResolvedReference
+	for i := range v1.MaxNodeCacheItems + 3 {
+		r := model()
+		r.Repository = "registry.test/models/m" + string(rune('a'+i%26)) + string(rune('a'+i/26%26))
+		many = append(many, r)
+	}
+	got, dropped := DesiredItems(testNode("a", nil), []v1.Prewarm{pw("p", nil, nil, many...)}, nil)
+	if len(got) != v1.MaxNodeCacheItems || dropped != 3 {
+		t.Errorf("%d items, %d dropped; want %d and 3", len(got), dropped, v1.MaxNodeCacheItems)
+	}
+}
+
+func TestHasTag(t *testing.T) {
+	for name, want := range map[string]bool{
+		"registry.test/app:1":      true,
+		"registry.test:5000/app":   false,
+		"registry.test:5000/app:1": true,
+		"app":                      false,
+	} {
+		if got := hasTag(name); got != want {
+			t.Errorf("hasTag(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
