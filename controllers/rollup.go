@@ -1,0 +1,169 @@
+package controllers
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
+)
+
+// maxFailingNodes bounds Prewarm.status.failingNodes (the CRD's limit).
+const maxFailingNodes = 10
+
+// Condition types and reasons of a Prewarm.
+const (
+	ConditionReady       = "Ready"
+	ConditionProgressing = "Progressing"
+	ConditionDegraded    = "Degraded"
+)
+
+// Rollup computes the node part of a Prewarm's status from the nodes it selects and their
+// NodeCaches (by node name; a node without one counts as pending): the counts, the bytes held,
+// up to ten failing nodes, the Ready string and the three conditions. It changes status in
+// place and keeps the conditions' transition times when their status did not change.
+func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache, now metav1.Time) {
+	st := &p.Status
+	st.Nodes = v1.NodeCounts{}
+	st.BytesReady = 0
+	st.FailingNodes = nil
+	var failing []v1.NodeFailure
+	for _, node := range nodes {
+		if !Selects(p, node) {
+			continue
+		}
+		st.Nodes.Desired++
+		state := nodeState(p, node, caches[node.Name])
+		st.BytesReady += state.bytesReady
+		switch {
+		case state.failure != nil:
+			st.Nodes.Failed++
+			failing = append(failing, *state.failure)
+		case state.ready:
+			st.Nodes.Ready++
+		}
+	}
+	slices.SortFunc(failing, func(a, b v1.NodeFailure) int { return cmp.Compare(a.Node, b.Node) })
+	if len(failing) > maxFailingNodes {
+		failing = failing[:maxFailingNodes]
+	}
+	st.FailingNodes = failing
+	st.Ready = fmt.Sprintf("%d/%d", st.Nodes.Ready, st.Nodes.Desired)
+
+	var unresolved []string
+	for _, r := range st.References {
+		if r.Digest == "" {
+			unresolved = append(unresolved, r.Reference)
+		}
+	}
+	if len(st.References) < len(p.Spec.Images)+len(p.Spec.Artifacts) {
+		unresolved = append(unresolved, "(not resolved yet)")
+	}
+	pending := st.Nodes.Desired - st.Nodes.Ready - st.Nodes.Failed
+	set := func(typ string, ok bool, reason, msg string) {
+		status := metav1.ConditionFalse
+		if ok {
+			status = metav1.ConditionTrue
+		}
+		meta.SetStatusCondition(&st.Conditions, metav1.Condition{
+			Type: typ, Status: status, Reason: reason, Message: msg,
+			ObservedGeneration: p.Generation, LastTransitionTime: now,
+		})
+	}
+	switch {
+	case len(unresolved) > 0:
+		set(ConditionReady, false, "Unresolved", fmt.Sprintf("%d of the references are not resolved", len(unresolved)))
+	case st.Nodes.Desired == 0:
+		set(ConditionReady, false, "NoNodes", "the node selector matches no node")
+	case st.Nodes.Ready == st.Nodes.Desired:
+		set(ConditionReady, true, "AllNodesReady", fmt.Sprintf("%d nodes hold the content", st.Nodes.Ready))
+	default:
+		set(ConditionReady, false, "NodesNotReady", fmt.Sprintf("%d of %d nodes hold the content", st.Nodes.Ready, st.Nodes.Desired))
+	}
+	if pending > 0 || len(unresolved) > 0 {
+		set(ConditionProgressing, true, "Fetching", fmt.Sprintf("%d nodes are fetching", pending))
+	} else {
+		set(ConditionProgressing, false, "Done", "no node is fetching")
+	}
+	switch {
+	case st.Nodes.Failed > 0:
+		set(ConditionDegraded, true, "NodesFailed", fmt.Sprintf("%d nodes failed; first: %s: %s", st.Nodes.Failed, failing[0].Node, failing[0].Reason))
+	case resolveErrors(st.References) > 0:
+		set(ConditionDegraded, true, "ResolveFailed", fmt.Sprintf("%d references cannot be resolved", resolveErrors(st.References)))
+	default:
+		set(ConditionDegraded, false, "NoFailures", "no node and no reference failed")
+	}
+}
+
+func resolveErrors(refs []v1.ResolvedReference) int {
+	n := 0
+	for _, r := range refs {
+		if r.Error != "" {
+			n++
+		}
+	}
+	return n
+}
+
+type nodeRollup struct {
+	ready      bool
+	bytesReady int64
+	failure    *v1.NodeFailure
+}
+
+// nodeState is how far one selected node is with a Prewarm's content: ready when every item
+// the Prewarm asks of it is Ready there (and, with runtime import, in the runtime), failed
+// when one of them failed.
+func nodeState(p *v1.Prewarm, node *corev1.Node, nc *v1.NodeCache) nodeRollup {
+	status := map[string]*v1.NodeCacheItemStatus{}
+	if nc != nil {
+		for i := range nc.Status.Items {
+			status[nc.Status.Items[i].Reference] = &nc.Status.Items[i]
+		}
+	}
+	out := nodeRollup{ready: true}
+	platform := NodePlatform(node)
+	wanted := 0
+	for _, ref := range p.Status.References {
+		if ref.Digest == "" {
+			out.ready = false
+			continue
+		}
+		digests := manifestsFor(&ref, p.Spec.Platforms, platform)
+		if len(digests) == 0 && len(ref.Platforms) > 0 {
+			out.failure = &v1.NodeFailure{Node: node.Name, Reason: v1.ReasonPlatformUnavailable,
+				Message: fmt.Sprintf("%s has no manifest for %q", ref.Reference, platform)}
+			out.ready = false
+			continue
+		}
+		for _, d := range digests {
+			wanted++
+			st := status[itemReference(ref.Repository, ref.Tag, d)]
+			switch {
+			case st == nil:
+				out.ready = false
+			case st.State == v1.ItemFailed:
+				out.ready = false
+				if out.failure == nil {
+					out.failure = &v1.NodeFailure{Node: node.Name, Reason: cmp.Or(st.Reason, v1.ReasonFetchStalled), Message: st.Message}
+				}
+			case st.State == v1.ItemReady:
+				if !ref.Artifact && p.Spec.RuntimeImport == v1.RuntimeImportPinned &&
+					st.Runtime != v1.RuntimeImported && st.Runtime != v1.RuntimePinned {
+					out.ready = false
+				}
+				out.bytesReady += st.TotalBytes
+			default:
+				out.ready = false
+			}
+		}
+	}
+	if wanted == 0 {
+		out.ready = false
+	}
+	return out
+}

@@ -1,0 +1,103 @@
+package controllers
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
+)
+
+func cacheWith(items ...v1.NodeCacheItemStatus) *v1.NodeCache {
+	return &v1.NodeCache{Status: v1.NodeCacheStatus{Items: items}}
+}
+
+func TestRollup(t *testing.T) {
+	now := metav1.NewTime(time.Unix(1000, 0))
+	app := "registry.test/app:1@" + dAmd64
+	nodes := []*corev1.Node{
+		testNode("ready", nil), testNode("fetching", nil), testNode("failed", nil), testNode("nocache", nil),
+		testNode("riscv", map[string]string{corev1.LabelArchStable: "riscv64"}),
+		testNode("other", map[string]string{"pool": "b"}),
+	}
+	p := pw("p", &v1.NodeSelector{MatchExpressions: []v1.NodeSelectorRequirement{
+		{Key: "pool", Operator: metav1.LabelSelectorOpDoesNotExist},
+	}}, nil, appIndex("1"))
+	p.Spec.Images = []string{"registry.test/app:1"}
+	caches := map[string]*v1.NodeCache{
+		"ready":    cacheWith(v1.NodeCacheItemStatus{Reference: app, State: v1.ItemReady, Bytes: 100, TotalBytes: 100}),
+		"fetching": cacheWith(v1.NodeCacheItemStatus{Reference: app, State: v1.ItemFetching, Bytes: 40, TotalBytes: 100}),
+		"failed":   cacheWith(v1.NodeCacheItemStatus{Reference: app, State: v1.ItemFailed, Reason: v1.ReasonStoreFull, Message: "disk full"}),
+	}
+	Rollup(&p, nodes, caches, now)
+
+	st := p.Status
+	if want := (v1.NodeCounts{Desired: 5, Ready: 1, Failed: 2}); st.Nodes != want {
+		t.Errorf("nodes %+v, want %+v", st.Nodes, want)
+	}
+	if st.Ready != "1/5" || st.BytesReady != 100 {
+		t.Errorf("ready %q, bytes %d; want 1/5, 100", st.Ready, st.BytesReady)
+	}
+	want := []v1.NodeFailure{
+		{Node: "failed", Reason: v1.ReasonStoreFull, Message: "disk full"},
+		{Node: "riscv", Reason: v1.ReasonPlatformUnavailable, Message: `registry.test/app:1 has no manifest for "linux/riscv64"`},
+	}
+	if fmt.Sprint(st.FailingNodes) != fmt.Sprint(want) {
+		t.Errorf("failing nodes %+v\nwant %+v", st.FailingNodes, want)
+	}
+	for typ, status := range map[string]metav1.ConditionStatus{
+		ConditionReady: metav1.ConditionFalse, ConditionProgressing: metav1.ConditionTrue, ConditionDegraded: metav1.ConditionTrue,
+	} {
+		if c := meta.FindStatusCondition(st.Conditions, typ); c == nil || c.Status != status {
+			t.Errorf("condition %s = %+v, want %s", typ, c, status)
+		}
+	}
+
+	// Everyone ready: Ready, not progressing, not degraded; the transition time moves only
+	// for the conditions that changed.
+	for _, n := range []string{"fetching", "failed", "nocache"} {
+		caches[n] = caches["ready"]
+	}
+	later := metav1.NewTime(now.Add(time.Minute))
+	Rollup(&p, nodes[:4], caches, later)
+	if p.Status.Ready != "4/4" || p.Status.Nodes.Failed != 0 || len(p.Status.FailingNodes) != 0 {
+		t.Errorf("all ready: %q, %+v, failing %v", p.Status.Ready, p.Status.Nodes, p.Status.FailingNodes)
+	}
+	if c := meta.FindStatusCondition(p.Status.Conditions, ConditionReady); c.Status != metav1.ConditionTrue || !c.LastTransitionTime.Equal(&later) {
+		t.Errorf("Ready %+v, want True since %v", c, later)
+	}
+	if c := meta.FindStatusCondition(p.Status.Conditions, ConditionDegraded); c.Status != metav1.ConditionFalse {
+		t.Errorf("Degraded %+v, want False", c)
+	}
+}
+
+func TestRollupRuntimeImport(t *testing.T) {
+	app := "registry.test/app:1@" + dAmd64
+	p := pw("p", nil, func(p *v1.Prewarm) { p.Spec.RuntimeImport = v1.RuntimeImportPinned }, appIndex("1"))
+	p.Spec.Images = []string{"registry.test/app:1"}
+	nodes := []*corev1.Node{testNode("a", nil)}
+	for runtime, ready := range map[v1.RuntimeState]bool{"": false, v1.RuntimeNotImported: false, v1.RuntimeImported: true, v1.RuntimePinned: true} {
+		caches := map[string]*v1.NodeCache{"a": cacheWith(v1.NodeCacheItemStatus{Reference: app, State: v1.ItemReady, Runtime: runtime})}
+		Rollup(&p, nodes, caches, metav1.Now())
+		if got := p.Status.Nodes.Ready == 1; got != ready {
+			t.Errorf("runtime %q: ready %v, want %v", runtime, got, ready)
+		}
+	}
+}
+
+func TestRollupUnresolved(t *testing.T) {
+	p := pw("p", nil, nil)
+	p.Spec.Images = []string{"registry.test/app:1"}
+	Rollup(&p, []*corev1.Node{testNode("a", nil)}, nil, metav1.Now())
+	c := meta.FindStatusCondition(p.Status.Conditions, ConditionReady)
+	if c == nil || c.Status != metav1.ConditionFalse || c.Reason != "Unresolved" {
+		t.Errorf("Ready %+v, want False/Unresolved", c)
+	}
+	if p.Status.Ready != "0/1" {
+		t.Errorf("ready %q", p.Status.Ready)
+	}
+}
