@@ -1,5 +1,5 @@
-// Command shoal is the single binary of Shoal: the node agent (`shoal agent`), the uninstall
-// helper (`shoal cleanup`) and, in later releases, the controller.
+// Command shoal is the single binary of Shoal: the node agent (`shoal agent`), the controller
+// (`shoal controller`) and the uninstall helper (`shoal cleanup`).
 package main
 
 import (
@@ -41,7 +41,7 @@ func newRootCommand() *cobra.Command {
 			return applyEnv(cmd, os.Environ())
 		},
 	}
-	root.AddCommand(newAgentCommand(), newCleanupCommand(), newVersionCommand())
+	root.AddCommand(newAgentCommand(), newControllerCommand(), newCleanupCommand(), newVersionCommand())
 	return root
 }
 

@@ -16,13 +16,12 @@ import (
 	"github.com/go-logr/logr"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
-	shoalv1alpha1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/controllers"
 )
 
 // DefaultK8sVersion is the Kubernetes release whose kube-apiserver hack/install-deps.sh builds.
@@ -36,22 +35,12 @@ type Env struct {
 	Client client.Client
 	// Scheme holds Shoal's and Kubernetes' built-in types.
 	Scheme *k8sruntime.Scheme
+	// KubeConfig is a kubeconfig file's content for Config, for commands under test.
+	KubeConfig []byte
 	// CRDs are the CustomResourceDefinitions that were installed.
 	CRDs []*apiextensionsv1.CustomResourceDefinition
 
 	env *envtest.Environment
-}
-
-// Scheme returns a scheme with Kubernetes' built-in types and Shoal's.
-func Scheme() (*k8sruntime.Scheme, error) {
-	s := k8sruntime.NewScheme()
-	if err := clientgoscheme.AddToScheme(s); err != nil {
-		return nil, err
-	}
-	if err := shoalv1alpha1.AddToScheme(s); err != nil {
-		return nil, err
-	}
-	return s, nil
 }
 
 // AssetsDir is where the kube-apiserver and etcd binaries are: KUBEBUILDER_ASSETS, or the place
@@ -85,7 +74,7 @@ func Start(t testing.TB) *Env {
 		}
 		t.Fatalf("KUBEBUILDER_ASSETS=%s has no kube-apiserver: %v", assets, err)
 	}
-	scheme, err := Scheme()
+	scheme, err := controllers.Scheme()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,5 +100,5 @@ func Start(t testing.TB) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Env{Config: cfg, Client: c, Scheme: scheme, CRDs: env.CRDs, env: env}
+	return &Env{Config: cfg, Client: c, Scheme: scheme, KubeConfig: env.KubeConfig, CRDs: env.CRDs, env: env}
 }

@@ -1,0 +1,131 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"github.com/shoal-dev/shoal/controllers"
+)
+
+// controllerConfig is what `shoal controller` takes from its flags.
+type controllerConfig struct {
+	kubeconfig       string
+	metricsAddr      string
+	healthAddr       string
+	leaderElect      bool
+	leaderNamespace  string
+	leaseDuration    time.Duration
+	gracefulShutdown time.Duration
+}
+
+func newControllerCommand() *cobra.Command {
+	var cfg controllerConfig
+	cmd := &cobra.Command{
+		Use:   "controller",
+		Short: "Run the controller: NodeCaches for Nodes, Prewarms resolved and rolled up",
+		Long: "Run Shoal's controller. It keeps one NodeCache per Node with the content that the Prewarms\n" +
+			"selecting the node ask for, and reports their progress in the Prewarms' status. Several\n" +
+			"replicas may run: one leads (a Lease), the others wait.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := commandLogger(cmd)
+			if err != nil {
+				return err
+			}
+			ctrl.SetLogger(logr.FromSlogHandler(log.Handler()))
+			restCfg, err := loadRESTConfig(cfg.kubeconfig)
+			if err != nil {
+				return err
+			}
+			scheme, err := controllers.Scheme()
+			if err != nil {
+				return err
+			}
+			mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
+				Scheme:                  scheme,
+				Metrics:                 metricsserver.Options{BindAddress: cfg.metricsAddr},
+				HealthProbeBindAddress:  cfg.healthAddr,
+				LeaderElection:          cfg.leaderElect,
+				LeaderElectionID:        "shoal-controller.shoal.dev",
+				LeaderElectionNamespace: cfg.leaderNamespace,
+				LeaseDuration:           &cfg.leaseDuration,
+				// A leader that stops gives the Lease up at once: the next replica need not wait
+				// for it to expire.
+				LeaderElectionReleaseOnCancel: true,
+				GracefulShutdownTimeout:       &cfg.gracefulShutdown,
+			})
+			if err != nil {
+				return fmt.Errorf("controller manager: %w", err)
+			}
+			if err := (&controllers.NodeCacheReconciler{
+				Client:   mgr.GetClient(),
+				Recorder: mgr.GetEventRecorder("shoal-controller"),
+			}).SetupWithManager(mgr); err != nil {
+				return err
+			}
+			if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
+				return err
+			}
+			// Ready once the caches have synced: a replica that cannot reach the API server is
+			// not ready.
+			if err := mgr.AddReadyzCheck("informers", func(req *http.Request) error {
+				if !mgr.GetCache().WaitForCacheSync(req.Context()) {
+					return errors.New("informer caches not synced")
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+			log.Info("controller starting", "version", version, "leader_election", cfg.leaderElect,
+				"metrics_addr", cfg.metricsAddr, "health_addr", cfg.healthAddr)
+			if err := mgr.Start(cmd.Context()); err != nil {
+				return fmt.Errorf("controller: %w", err)
+			}
+			log.Info("controller stopped")
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig file; \"\" = $KUBECONFIG, or the pod's service account in a cluster")
+	f.StringVar(&cfg.metricsAddr, "metrics-addr", ":8080", `address of /metrics; "0" = off`)
+	f.StringVar(&cfg.healthAddr, "health-addr", ":8081", `address of /healthz and /readyz; "0" = off`)
+	f.BoolVar(&cfg.leaderElect, "leader-elect", true, "elect one active replica through a Lease")
+	f.StringVar(&cfg.leaderNamespace, "leader-election-namespace", "", `namespace of the Lease; "" = the pod's own`)
+	f.DurationVar(&cfg.leaseDuration, "lease-duration", 15*time.Second, "how long a replica waits for a silent leader's Lease to expire")
+	f.DurationVar(&cfg.gracefulShutdown, "graceful-shutdown", 30*time.Second, "how long reconciles in flight may take to finish on shutdown")
+	f.String("log-level", "info", "debug, info, warn or error")
+	f.String("log-format", "text", "text or json")
+	return cmd
+}
+
+// loadRESTConfig reads the kubeconfig file given, else $KUBECONFIG, else the in-cluster
+// service account.
+func loadRESTConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		path = strings.TrimSpace(os.Getenv("KUBECONFIG"))
+	}
+	if path != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", path)
+		if err != nil {
+			return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
+		}
+		return cfg, nil
+	}
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("no --kubeconfig, no $KUBECONFIG, and not in a cluster: %w", err)
+	}
+	return cfg, nil
+}

@@ -1,0 +1,116 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/test/kubetest"
+)
+
+// freeAddr is a loopback address with a port that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// TestControllerCommand runs `shoal controller` against a real API server: it becomes ready,
+// leads through its Lease, creates NodeCaches for Nodes, and stops when its context ends.
+func TestControllerCommand(t *testing.T) {
+	env := kubetest.Start(t)
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(kubeconfig, env.KubeConfig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	health := freeAddr(t)
+	root := newRootCommand()
+	var stderr bytes.Buffer
+	root.SetOut(&bytes.Buffer{})
+	root.SetErr(&stderr)
+	root.SetArgs([]string{"controller", "--kubeconfig", kubeconfig, "--metrics-addr", "0", "--health-addr", health,
+		"--leader-election-namespace", "default", "--log-level", "debug"})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- root.ExecuteContext(ctx) }()
+	stopped := false
+	stop := func() error {
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(time.Minute):
+			t.Fatal("shoal controller did not stop a minute after its context ended")
+			return nil
+		}
+	}
+	t.Cleanup(func() {
+		if !stopped {
+			_ = stop()
+		}
+		if t.Failed() {
+			t.Logf("shoal controller's log:\n%s", stderr.String())
+		}
+	})
+
+	waitUntil := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); !cond(); time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within 30 s", what)
+			}
+			select {
+			case err := <-done:
+				t.Fatalf("shoal controller exited: %v", err)
+			default:
+			}
+		}
+	}
+	waitUntil("/readyz answers 200", func() bool {
+		resp, err := http.Get("http://" + health + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	waitUntil("the Lease names a holder", func() bool {
+		var lease coordinationv1.Lease
+		err := env.Client.Get(t.Context(), client.ObjectKey{Namespace: "default", Name: "shoal-controller.shoal.dev"}, &lease)
+		return err == nil && lease.Spec.HolderIdentity != nil && *lease.Spec.HolderIdentity != ""
+	})
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}
+	if err := env.Client.Create(t.Context(), node); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil("a NodeCache for the new Node", func() bool {
+		return env.Client.Get(t.Context(), client.ObjectKey{Name: "node-a"}, &v1.NodeCache{}) == nil
+	})
+	if err := stop(); err != nil {
+		t.Errorf("shoal controller: %v", err)
+	}
+	// Released on the way out: the next replica need not wait for the Lease to expire.
+	var lease coordinationv1.Lease
+	if err := env.Client.Get(t.Context(), client.ObjectKey{Namespace: "default", Name: "shoal-controller.shoal.dev"}, &lease); err != nil {
+		t.Fatal(err)
+	}
+	if lease.Spec.HolderIdentity != nil && *lease.Spec.HolderIdentity != "" {
+		t.Errorf("Lease still held by %q after the controller stopped", *lease.Spec.HolderIdentity)
+	}
+}
