@@ -76,6 +76,7 @@ fuzz: ## Run each fuzz target for a fixed number of executions (FUZZ_SCALE=k for
 	go test -run='^$$' -fuzz='^FuzzParseContentRange$$' -fuzztime=$(call fuzz_execs,40000) ./agent/upstream
 	go test -run='^$$' -fuzz='^FuzzParseEndpoint$$' -fuzztime=$(call fuzz_execs,40000) ./agent/upstream
 	go test -run='^$$' -fuzz='^FuzzParsePeers$$' -fuzztime=$(call fuzz_execs,40000) ./agent/membership
+	go test -run='^$$' -fuzz='^FuzzParseReference$$' -fuzztime=$(call fuzz_execs,40000) ./controllers/resolve
 
 .PHONY: e2e
 e2e: ## End-to-end tests: real registry, containerd through CRI, agents (root; isolated network namespace).

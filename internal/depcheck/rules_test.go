@@ -58,6 +58,11 @@ var rules = []depcheck.Rule{
 		MustNotDependOn: []string{"k8s.io/client-go/...", "sigs.k8s.io/controller-runtime/..."},
 	},
 	{
+		Why:             "the controller talks to agents only through the API server: it links none of their code",
+		Packages:        []string{m("controllers/...")},
+		MustNotDependOn: []string{m("agent/...")},
+	},
+	{
 		Why:             "the store holds verified blobs and knows nothing of where they come from",
 		Packages:        []string{m("agent/store/...")},
 		MustNotDependOn: []string{m("agent/upstream/..."), m("agent/mirror/..."), m("agent/swarm/..."), m("agent/torrent/...")},
