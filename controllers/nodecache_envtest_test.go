@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
@@ -26,6 +27,8 @@ const (
 	digestIndex = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
 )
 
+var skipNameValidation = true
+
 // startManager runs a controller manager with setup's reconcilers until the test ends.
 func startManager(t *testing.T, env *kubetest.Env, setup func(ctrl.Manager) error) {
 	t.Helper()
@@ -33,6 +36,8 @@ func startManager(t *testing.T, env *kubetest.Env, setup func(ctrl.Manager) erro
 		Scheme:                 env.Scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
+		// Each test runs its own manager in one process: the same controller names again.
+		Controller: config.Controller{SkipNameValidation: &skipNameValidation},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -76,8 +81,11 @@ func nodeCacheItems(t *testing.T, c client.Client, node string) ([]string, *v1.N
 	return out, &nc
 }
 
+// waitItems waits until node's NodeCache holds exactly the items want (in any order; the spec
+// keeps them sorted).
 func waitItems(t *testing.T, c client.Client, node string, want ...string) {
 	t.Helper()
+	want = slices.Sorted(slices.Values(want))
 	eventually(t, "NodeCache "+node, func() (bool, string) {
 		got, nc := nodeCacheItems(t, c, node)
 		if nc == nil {

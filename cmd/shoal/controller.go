@@ -14,9 +14,11 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/shoal-dev/shoal/controllers"
+	"github.com/shoal-dev/shoal/controllers/resolve"
 )
 
 // controllerConfig is what `shoal controller` takes from its flags.
@@ -28,6 +30,8 @@ type controllerConfig struct {
 	leaderNamespace  string
 	leaseDuration    time.Duration
 	gracefulShutdown time.Duration
+	endpoints        map[string]string
+	resolveTimeout   time.Duration
 }
 
 func newControllerCommand() *cobra.Command {
@@ -75,6 +79,25 @@ func newControllerCommand() *cobra.Command {
 			}).SetupWithManager(mgr); err != nil {
 				return err
 			}
+			// Registries served over plain HTTP are the ones given an http:// endpoint.
+			var insecure []string
+			for registry, url := range cfg.endpoints {
+				if strings.HasPrefix(url, "http://") {
+					insecure = append(insecure, registry)
+				}
+			}
+			resolver, err := resolve.New(resolve.WithEndpoints(cfg.endpoints), resolve.WithInsecure(insecure...),
+				resolve.WithTimeout(cfg.resolveTimeout), resolve.WithRegisterer(metrics.Registry))
+			if err != nil {
+				return fmt.Errorf("--registry-endpoint: %w", err)
+			}
+			if err := (&controllers.PrewarmReconciler{
+				Client:   mgr.GetClient(),
+				Resolver: controllers.RegistryResolver{R: resolver},
+				Recorder: mgr.GetEventRecorder("shoal-controller"),
+			}).SetupWithManager(mgr); err != nil {
+				return err
+			}
 			if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
 				return err
 			}
@@ -105,6 +128,8 @@ func newControllerCommand() *cobra.Command {
 	f.StringVar(&cfg.leaderNamespace, "leader-election-namespace", "", `namespace of the Lease; "" = the pod's own`)
 	f.DurationVar(&cfg.leaseDuration, "lease-duration", 15*time.Second, "how long a replica waits for a silent leader's Lease to expire")
 	f.DurationVar(&cfg.gracefulShutdown, "graceful-shutdown", 30*time.Second, "how long reconciles in flight may take to finish on shutdown")
+	f.Var(newEndpointsValue(&cfg.endpoints), "registry-endpoint", "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable; http:// allows plain HTTP for it)")
+	f.DurationVar(&cfg.resolveTimeout, "resolve-timeout", resolve.DefaultTimeout, "bound on each registry call made to resolve a reference")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "text", "text or json")
 	return cmd

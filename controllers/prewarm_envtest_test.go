@@ -1,0 +1,274 @@
+package controllers_test
+
+import (
+	"fmt"
+	"io"
+	"log"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	shoalv1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/controllers"
+	"github.com/shoal-dev/shoal/controllers/resolve"
+	"github.com/shoal-dev/shoal/test/kubetest"
+)
+
+// clock is a time the test moves forward.
+type clock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *clock) Now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *clock) Add(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
+
+// testRegistry is go-containerregistry's in-process registry on loopback, reached as
+// registry.test.
+type testRegistry struct{ host string }
+
+func startRegistry(t *testing.T) *testRegistry {
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	t.Cleanup(srv.Close)
+	return &testRegistry{host: strings.TrimPrefix(srv.URL, "http://")}
+}
+
+func (tr *testRegistry) push(t *testing.T, repoTag string, img remote.Taggable) string {
+	t.Helper()
+	ref, err := name.ParseReference(tr.host + "/" + repoTag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch x := img.(type) {
+	case v1.ImageIndex:
+		err = remote.WriteIndex(ref, x)
+	case v1.Image:
+		err = remote.Write(ref, x)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	digester, ok := img.(interface{ Digest() (v1.Hash, error) })
+	if !ok {
+		t.Fatalf("%T has no digest", img)
+	}
+	d, err := digester.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d.String()
+}
+
+// platformImage is a random image whose config says its platform.
+func platformImage(t *testing.T, arch string) v1.Image {
+	img, err := random.Image(1024, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", arch
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// multiArch is an index of a linux/amd64 and a linux/arm64 image; it returns the index and
+// both manifests' digests.
+func multiArch(t *testing.T) (v1.ImageIndex, string, string) {
+	amd, arm := platformImage(t, "amd64"), platformImage(t, "arm64")
+	idx := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: amd, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
+		mutate.IndexAddendum{Add: arm, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "arm64"}}},
+	)
+	da, _ := amd.Digest()
+	dr, _ := arm.Digest()
+	return idx, da.String(), dr.String()
+}
+
+// setItemsState plays the node's agent: every spec item of its NodeCache gets state.
+func setItemsState(t *testing.T, c client.Client, node string, state shoalv1.ItemState, only ...string) {
+	t.Helper()
+	var nc shoalv1.NodeCache
+	if err := c.Get(t.Context(), client.ObjectKey{Name: node}, &nc); err != nil {
+		t.Fatal(err)
+	}
+	nc.Status.Items = nil
+	for _, it := range nc.Spec.Items {
+		st := shoalv1.ItemPending
+		if len(only) == 0 || slices.Contains(only, it.Reference) {
+			st = state
+		}
+		nc.Status.Items = append(nc.Status.Items, shoalv1.NodeCacheItemStatus{Reference: it.Reference, State: st, Bytes: 10, TotalBytes: 10})
+	}
+	if err := c.Status().Update(t.Context(), &nc); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func getPrewarm(t *testing.T, c client.Client, key client.ObjectKey) *shoalv1.Prewarm {
+	var p shoalv1.Prewarm
+	if err := c.Get(t.Context(), key, &p); err != nil {
+		return nil
+	}
+	return &p
+}
+
+func TestPrewarmLifecycle(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	reg := startRegistry(t)
+	idx, amd1, arm1 := multiArch(t)
+	reg.push(t, "team/app:1", idx)
+	model, err := random.Image(4096, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	modelDigest := reg.push(t, "models/m:v1", model)
+
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}),
+		resolve.WithInsecure("registry.test"), resolve.WithClock(clk.Now))
+	if err != nil {
+		t.Fatal(err)
+	}
+	startManager(t, env, func(mgr ctrl.Manager) error {
+		if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
+			return err
+		}
+		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r},
+			Recorder: mgr.GetEventRecorder("test"), Now: clk.Now}).SetupWithManager(mgr)
+	})
+
+	for _, n := range []struct {
+		name, arch string
+		gpu        bool
+	}{{"node-a", "amd64", true}, {"node-b", "arm64", true}, {"node-c", "amd64", false}} {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.name, Labels: map[string]string{
+			corev1.LabelOSStable: "linux", corev1.LabelArchStable: n.arch,
+		}}}
+		if n.gpu {
+			node.Labels["gpu"] = "true"
+		}
+		if err := c.Create(ctx, node); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &shoalv1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec: shoalv1.PrewarmSpec{
+			Images:       []string{"registry.test/team/app:1"},
+			Artifacts:    []string{"registry.test/models/m:v1"},
+			NodeSelector: &shoalv1.NodeSelector{MatchLabels: map[string]shoalv1.LabelValue{"gpu": "true"}},
+		},
+	}
+	if err := c.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	key := client.ObjectKeyFromObject(p)
+	appA, appB := "registry.test/team/app:1@"+amd1, "registry.test/team/app:1@"+arm1
+	modelItem := "registry.test/models/m:v1@" + modelDigest
+
+	t.Run("resolved and fanned out to the selected nodes, each its own platform", func(t *testing.T) {
+		waitItems(t, c, "node-a", appA, modelItem)
+		waitItems(t, c, "node-b", appB, modelItem)
+		waitItems(t, c, "node-c")
+		eventually(t, "status", func() (bool, string) {
+			p := getPrewarm(t, c, key)
+			ok := p != nil && p.Status.Ready == "0/2" && len(p.Status.References) == 2 &&
+				meta.IsStatusConditionTrue(p.Status.Conditions, controllers.ConditionProgressing) &&
+				p.Status.ObservedGeneration == p.Generation && slices.Contains(p.Finalizers, controllers.Finalizer)
+			return ok, fmt.Sprintf("%+v", p)
+		})
+	})
+
+	t.Run("READY 2/2 once the agents hold it", func(t *testing.T) {
+		setItemsState(t, c, "node-a", shoalv1.ItemReady)
+		setItemsState(t, c, "node-b", shoalv1.ItemReady)
+		eventually(t, "Ready", func() (bool, string) {
+			p := getPrewarm(t, c, key)
+			return p.Status.Ready == "2/2" && meta.IsStatusConditionTrue(p.Status.Conditions, controllers.ConditionReady) &&
+				!meta.IsStatusConditionTrue(p.Status.Conditions, controllers.ConditionProgressing) &&
+				p.Status.BytesReady == 40, fmt.Sprintf("%+v", p.Status)
+		})
+	})
+
+	t.Run("a failing node is reported with its reason", func(t *testing.T) {
+		var nc shoalv1.NodeCache
+		if err := c.Get(ctx, client.ObjectKey{Name: "node-b"}, &nc); err != nil {
+			t.Fatal(err)
+		}
+		nc.Status.Items[0].State, nc.Status.Items[0].Reason, nc.Status.Items[0].Message = shoalv1.ItemFailed, shoalv1.ReasonStoreFull, "no space"
+		if err := c.Status().Update(ctx, &nc); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "Degraded", func() (bool, string) {
+			p := getPrewarm(t, c, key)
+			return p.Status.Nodes.Failed == 1 && len(p.Status.FailingNodes) == 1 &&
+				p.Status.FailingNodes[0] == shoalv1.NodeFailure{Node: "node-b", Reason: shoalv1.ReasonStoreFull, Message: "no space"} &&
+				meta.IsStatusConditionTrue(p.Status.Conditions, controllers.ConditionDegraded), fmt.Sprintf("%+v", p.Status)
+		})
+		setItemsState(t, c, "node-b", shoalv1.ItemReady)
+	})
+
+	_, amd2, arm2 := func() (v1.ImageIndex, string, string) {
+		idx2, a, b := multiArch(t)
+		reg.push(t, "team/app:1", idx2)
+		return idx2, a, b
+	}()
+	appA2, appB2 := "registry.test/team/app:1@"+amd2, "registry.test/team/app:1@"+arm2
+
+	t.Run("a moved tag: the old digest stays until the new one is ready", func(t *testing.T) {
+		clk.Add(11 * time.Minute) // past the default refreshInterval and the resolver's tag TTL
+		// Nudge a reconcile now rather than when the real-time requeue falls due.
+		p := getPrewarm(t, c, key)
+		p.Annotations = map[string]string{"test/nudge": "1"}
+		if err := c.Update(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		waitItems(t, c, "node-a", appA, appA2, modelItem)
+		waitItems(t, c, "node-b", appB, appB2, modelItem)
+		setItemsState(t, c, "node-a", shoalv1.ItemReady, appA2, modelItem)
+		waitItems(t, c, "node-a", appA2, modelItem)
+		waitItems(t, c, "node-b", appB, appB2, modelItem) // not ready there yet
+		setItemsState(t, c, "node-b", shoalv1.ItemReady, appB2, modelItem)
+		waitItems(t, c, "node-b", appB2, modelItem)
+	})
+
+	t.Run("deleted: held by the finalizer until every node released it", func(t *testing.T) {
+		if err := c.Delete(ctx, getPrewarm(t, c, key)); err != nil {
+			t.Fatal(err)
+		}
+		waitItems(t, c, "node-a")
+		waitItems(t, c, "node-b")
+		eventually(t, "Prewarm gone", func() (bool, string) {
+			p := getPrewarm(t, c, key)
+			return p == nil, fmt.Sprintf("%+v", p)
+		})
+	})
+}
