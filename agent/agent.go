@@ -345,7 +345,7 @@ func runParts(ctx context.Context, servers []*namedServer, p2p *p2pParts, log *s
 // p2pParts are the peer-to-peer parts of the agent: the membership probes, the swarm, and the
 // server of the agents' control API.
 type p2pParts struct {
-	members *membership.Static
+	members *membership.Probed
 	swarm   *swarm.Swarm
 	control *namedServer
 }
@@ -354,8 +354,8 @@ type p2pParts struct {
 // and the agents' control API, and starts the swarm.
 func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*p2pParts, error) {
 	log = log.With("component", "swarm")
-	members := membership.NewStatic(cfg.Swarm.P2PAddr, cfg.Swarm.Peers,
-		membership.WithStaticLogger(log), membership.WithStaticRegisterer(reg))
+	members := membership.NewProbed(cfg.Swarm.P2PAddr, cfg.Swarm.Peers,
+		membership.WithLogger(log), membership.WithRegisterer(reg))
 	l, err := net.Listen("tcp", cfg.Swarm.P2PAddr.String())
 	if err != nil {
 		return nil, fmt.Errorf("listen for peers on %s: %w", cfg.Swarm.P2PAddr, err)
@@ -383,7 +383,7 @@ func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg pro
 		_ = controlListener.Close()
 		return nil, err
 	}
-	log.Info("swarm ready", "p2p_addr", cfg.Swarm.P2PAddr, "members", len(cfg.Swarm.Peers))
+	log.Info("swarm ready", "p2p_addr", cfg.Swarm.P2PAddr, "members", len(members.Members()))
 	return &p2pParts{members: members, swarm: sw, control: &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
 		Handler:           sw.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,

@@ -14,18 +14,19 @@ import (
 func TestMemoryConformance(t *testing.T) {
 	membershiptest.Run(t, func(_ *testing.T, self netip.AddrPort, peers []netip.AddrPort) membershiptest.Subject {
 		m := membership.NewMemory(self, peers)
-		return membershiptest.Subject{Membership: m, Revive: func(_ *testing.T, addr netip.AddrPort) { m.SetAlive(addr, true) }}
+		return membershiptest.Subject{Membership: m, SetPeers: m.SetPeers,
+			Revive: func(_ *testing.T, addr netip.AddrPort) { m.SetAlive(addr, true) }}
 	})
 }
 
-// TestStaticConformance runs the suite against Static with a fake probe that every member
+// TestProbedConformance runs the suite against Probed with a fake probe that every member
 // answers. Run starts only when the suite revives a member: its first round probes at once.
-func TestStaticConformance(t *testing.T) {
+func TestProbedConformance(t *testing.T) {
 	membershiptest.Run(t, func(t *testing.T, self netip.AddrPort, peers []netip.AddrPort) membershiptest.Subject {
-		s := membership.NewStatic(self, peers,
+		s := membership.NewProbed(self, peers,
 			membership.WithProbe(func(context.Context, netip.AddrPort) error { return nil }),
-			membership.WithStaticClock(func(time.Duration) <-chan time.Time { return nil })) // one round only
-		return membershiptest.Subject{Membership: s, Revive: func(t *testing.T, addr netip.AddrPort) {
+			membership.WithClock(func(time.Duration) <-chan time.Time { return nil })) // one round only
+		return membershiptest.Subject{Membership: s, SetPeers: s.SetPeers, Revive: func(t *testing.T, addr netip.AddrPort) {
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- s.Run(ctx) }()

@@ -1,6 +1,5 @@
-// Package membership knows which agents a node swarms with and which of them are alive. Static
-// is the membership of a fixed list of peers (--peers), probed over the agents' control API; the
-// Kubernetes membership is its sibling.
+// Package membership keeps the set of agents a node swarms with, as it changes, and which of them
+// are alive.
 package membership
 
 import (
@@ -12,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,10 +23,12 @@ import (
 )
 
 // Membership is the set of agents a node swarms with. Every agent must see the same members
-// (up to liveness) for rendezvous hashing to agree on owners. Implementations are safe for
+// (up to liveness) for rendezvous hashing to agree on owners. The set may change while the
+// agent runs (nodes join and leave); Changes tells when. Implementations are safe for
 // concurrent use.
 type Membership interface {
-	// Self is this node's --p2p-addr, the address the other members reach it at.
+	// Self is this node's --p2p-addr, the address the other members reach it at. It is always a
+	// member.
 	Self() netip.AddrPort
 	// Members returns every member, alive or not, self included, sorted by address, in a slice
 	// the caller may keep and modify. Work is shared out over it, so that a member that dies
@@ -36,7 +38,7 @@ type Membership interface {
 	// the caller may keep and modify.
 	Live() []netip.AddrPort
 	// Allowed reports whether addr may connect to this node: whether it is the IP of any
-	// configured member, alive or not.
+	// current member, alive or not. A member that has left is refused from then on.
 	Allowed(addr netip.Addr) bool
 	// ReportFailure says that a request to addr just failed, so that addr is treated as dead
 	// at once and a dead member costs one failed request rather than one per request until
@@ -46,9 +48,14 @@ type Membership interface {
 	// data, so that checking its liveness separately can wait. It does not revive a member taken
 	// for dead.
 	ReportAlive(addr netip.Addr)
+	// Changes returns a channel that is closed when the member set next changes: a member joins
+	// or leaves (liveness does not count). A consumer that keeps something computed from Members
+	// takes the channel before it reads Members, and knows its result stale once the channel is
+	// closed; one that must act on a change waits on it, then takes the next one.
+	Changes() <-chan struct{}
 }
 
-var _ Membership = (*Static)(nil)
+var _ Membership = (*Probed)(nil)
 
 // Probe defaults; see WithProbeInterval and WithProbeTimeout.
 const (
@@ -63,18 +70,15 @@ const (
 	DefaultProbeTimeout = 1500 * time.Millisecond
 )
 
-// Static is the Membership of a fixed peer list (--peers), the same list on every node. Peers
-// start alive, so that a cold start does not wait for probes, and Run keeps their liveness up
-// to date by probing them.
-type Static struct {
-	self    netip.AddrPort
-	members []netip.AddrPort // sorted, self included
-	ips     map[netip.Addr]struct{}
-	// heard holds, for the IP of every other member, when it was last heard from (ReportAlive,
-	// in Unix nanoseconds): a live member heard from within the probe interval is not probed.
-	// The map is built once; ReportAlive is called for every chunk a peer sends, so it takes
-	// no lock.
-	heard    map[netip.Addr]*atomic.Int64
+// Probed is the Membership the agent runs: its peers are given (the --peers list at start, then
+// SetPeers whenever the source of the list changes it), the same on every node, and Run keeps
+// their liveness up to date by probing them. Peers start alive, so that a cold start or a join
+// does not wait for probes.
+type Probed struct {
+	self netip.AddrPort
+	// set is the current member set, replaced whole by SetPeers: Members, Allowed and
+	// ReportAlive, called for every connection and every chunk a peer sends, take no lock.
+	set      atomic.Pointer[memberSet]
 	probe    func(ctx context.Context, addr netip.AddrPort) error
 	interval time.Duration
 	timeout  time.Duration
@@ -85,9 +89,54 @@ type Static struct {
 	probes   *prometheus.CounterVec // nil: no metrics
 	now      func() time.Time
 
-	mu    sync.Mutex
+	mu    sync.Mutex                      // also orders the replacements of set
 	state map[netip.AddrPort]*memberState // every member but self
 	live  []netip.AddrPort                // sorted, rebuilt on every change
+}
+
+// memberSet is one version of the member set. It does not change once published.
+type memberSet struct {
+	members []netip.AddrPort // sorted, self included
+	ips     map[netip.Addr]struct{}
+	// heard holds, for the IP of every other member, when it was last heard from (ReportAlive,
+	// in Unix nanoseconds): a live member heard from within the probe interval is not probed.
+	// A member that stays in the set keeps its entry.
+	heard   map[netip.Addr]*atomic.Int64
+	changed chan struct{} // closed when the set is replaced
+}
+
+// newMemberSet returns the set of members (from memberList), keeping prev's heard entries
+// for the IPs still in it.
+func newMemberSet(self netip.AddrPort, members []netip.AddrPort, prev *memberSet) *memberSet {
+	set := &memberSet{members: members, ips: make(map[netip.Addr]struct{}, len(members)),
+		heard: make(map[netip.Addr]*atomic.Int64, len(members)), changed: make(chan struct{})}
+	for _, m := range members {
+		ip := plainAddr(m.Addr())
+		set.ips[ip] = struct{}{}
+		if m == self || set.heard[ip] != nil {
+			continue
+		}
+		if prev != nil && prev.heard[ip] != nil {
+			set.heard[ip] = prev.heard[ip]
+		} else {
+			set.heard[ip] = new(atomic.Int64)
+		}
+	}
+	return set
+}
+
+// memberList returns self and peers as members are kept: unmapped, sorted, each once, self
+// included whether or not peers lists it. Invalid addresses are left out.
+func memberList(self netip.AddrPort, peers []netip.AddrPort) []netip.AddrPort {
+	members := make([]netip.AddrPort, 0, len(peers)+1)
+	members = append(members, self)
+	for _, p := range peers {
+		if p.IsValid() {
+			members = append(members, unmapAddrPort(p))
+		}
+	}
+	slices.SortFunc(members, netip.AddrPort.Compare)
+	return slices.Compact(members)
 }
 
 type memberState struct {
@@ -102,20 +151,20 @@ type memberState struct {
 // probeFailuresToDie is how many probes in a row must fail before a member is taken for dead.
 const probeFailuresToDie = 2
 
-// StaticOption configures a Static.
-type StaticOption func(*Static)
+// ProbedOption configures a Probed.
+type ProbedOption func(*Probed)
 
 // WithProbe sets how a peer is probed (default: a TCP connection to its address, closed at
 // once). probe must return when ctx ends: a probe round waits for all its probes.
-func WithProbe(probe func(ctx context.Context, addr netip.AddrPort) error) StaticOption {
-	return func(s *Static) { s.probe = probe }
+func WithProbe(probe func(ctx context.Context, addr netip.AddrPort) error) ProbedOption {
+	return func(s *Probed) { s.probe = probe }
 }
 
 // WithProbeInterval sets the time between the starts of two probe rounds (default
 // DefaultProbeInterval; zero or less keeps it). A round that takes longer delays the next
 // one: rounds never overlap.
-func WithProbeInterval(d time.Duration) StaticOption {
-	return func(s *Static) {
+func WithProbeInterval(d time.Duration) ProbedOption {
+	return func(s *Probed) {
 		if d > 0 {
 			s.interval = d
 		}
@@ -124,40 +173,40 @@ func WithProbeInterval(d time.Duration) StaticOption {
 
 // WithProbeTimeout bounds each probe (default DefaultProbeTimeout; zero or less keeps it). A
 // peer that does not answer within it counts as dead.
-func WithProbeTimeout(d time.Duration) StaticOption {
-	return func(s *Static) {
+func WithProbeTimeout(d time.Duration) ProbedOption {
+	return func(s *Probed) {
 		if d > 0 {
 			s.timeout = d
 		}
 	}
 }
 
-// WithStaticClock sets how Run waits between probe rounds (default time.After); tests pass a
+// WithClock sets how Run waits between probe rounds (default time.After); tests pass a
 // function returning a channel they control.
-func WithStaticClock(after func(time.Duration) <-chan time.Time) StaticOption {
-	return func(s *Static) { s.after = after }
+func WithClock(after func(time.Duration) <-chan time.Time) ProbedOption {
+	return func(s *Probed) { s.after = after }
 }
 
-// WithStaticLogger sets the logger for liveness changes (default: discard).
-func WithStaticLogger(l *slog.Logger) StaticOption {
-	return func(s *Static) {
+// WithLogger sets the logger for liveness and member changes (default: discard).
+func WithLogger(l *slog.Logger) ProbedOption {
+	return func(s *Probed) {
 		if l != nil {
 			s.log = l
 		}
 	}
 }
 
-// WithStaticRegisterer registers the gauge shoal_swarm_members{state="live"|"dead"} with reg
-// (nil: not registered). A process has one membership; a second Static given the same
+// WithRegisterer registers the gauge shoal_swarm_members{state="live"|"dead"} with reg
+// (nil: not registered). A process has one membership; a second Probed given the same
 // registerer shares the gauge.
-func WithStaticRegisterer(reg prometheus.Registerer) StaticOption {
-	return func(s *Static) { s.reg = reg }
+func WithRegisterer(reg prometheus.Registerer) ProbedOption {
+	return func(s *Probed) { s.reg = reg }
 }
 
-// NewStatic returns the membership of self and peers; peers may include self, as when every
+// NewProbed returns the membership of self and peers; peers may include self, as when every
 // node is given the same list. Call Run to probe the peers.
-func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption) *Static {
-	s := &Static{
+func NewProbed(self netip.AddrPort, peers []netip.AddrPort, opts ...ProbedOption) *Probed {
+	s := &Probed{
 		self:     unmapAddrPort(self),
 		probe:    pingProbe(self),
 		interval: DefaultProbeInterval,
@@ -165,7 +214,6 @@ func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption
 		after:    time.After,
 		now:      time.Now,
 		log:      slog.New(slog.DiscardHandler),
-		ips:      map[netip.Addr]struct{}{},
 		state:    map[netip.AddrPort]*memberState{},
 	}
 	for _, opt := range opts {
@@ -181,50 +229,95 @@ func NewStatic(self netip.AddrPort, peers []netip.AddrPort, opts ...StaticOption
 			Help: "Liveness checks of swarm members by result: ok, failed, or skipped because the member was heard from within the probe interval.",
 		}, []string{"result"}))
 	}
-	s.members = append(s.members, s.self)
-	for _, p := range peers {
-		p = unmapAddrPort(p)
-		if p == s.self || s.state[p] != nil {
-			continue
-		}
-		s.state[p] = &memberState{}
-		s.members = append(s.members, p)
-	}
-	slices.SortFunc(s.members, netip.AddrPort.Compare)
-	s.heard = map[netip.Addr]*atomic.Int64{}
-	for _, m := range s.members {
-		s.ips[plainAddr(m.Addr())] = struct{}{}
+	set := newMemberSet(s.self, memberList(s.self, peers), nil)
+	for _, m := range set.members {
 		if m != s.self {
-			s.heard[plainAddr(m.Addr())] = new(atomic.Int64)
+			s.state[m] = &memberState{}
 		}
 	}
+	s.set.Store(set)
 	s.mu.Lock()
 	s.updateLocked()
 	s.mu.Unlock()
 	return s
 }
 
+// SetPeers makes self and peers the members, normalised as NewProbed does them: self stays
+// a member whether or not peers lists it. Members that stay keep their liveness (a dead one
+// stays dead until a probe reaches it); members that join start alive; members that leave are
+// gone from Members, Live and Allowed when SetPeers returns, and Changes' channel is closed.
+// The same set again changes nothing.
+func (s *Probed) SetPeers(peers []netip.AddrPort) {
+	members := memberList(s.self, peers)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	prev := s.set.Load()
+	if slices.Equal(members, prev.members) {
+		return
+	}
+	var joined, left []netip.AddrPort
+	for _, m := range members {
+		if _, found := slices.BinarySearchFunc(prev.members, m, netip.AddrPort.Compare); !found {
+			joined = append(joined, m)
+			s.state[m] = &memberState{}
+		}
+	}
+	for _, m := range prev.members {
+		if _, found := slices.BinarySearchFunc(members, m, netip.AddrPort.Compare); !found {
+			left = append(left, m)
+			delete(s.state, m)
+		}
+	}
+	s.set.Store(newMemberSet(s.self, members, prev))
+	close(prev.changed)
+	s.updateLocked()
+	s.log.Info("swarm members changed", "members", len(members), "live", len(s.live),
+		"joined", len(joined), "left", len(left), "joined_members", listAddrs(joined), "left_members", listAddrs(left))
+}
+
+// maxListed bounds the addresses a log record of a member change lists: a cluster created or
+// torn down at once changes hundreds.
+const maxListed = 10
+
+// listAddrs formats addrs for a log record, listing at most maxListed of them.
+func listAddrs(addrs []netip.AddrPort) string {
+	var b strings.Builder
+	for i, a := range addrs[:min(len(addrs), maxListed)] {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(a.String())
+	}
+	if len(addrs) > maxListed {
+		b.WriteString(" and " + strconv.Itoa(len(addrs)-maxListed) + " more")
+	}
+	return b.String()
+}
+
 // Self implements Membership.
-func (s *Static) Self() netip.AddrPort { return s.self }
+func (s *Probed) Self() netip.AddrPort { return s.self }
 
 // Live implements Membership.
-func (s *Static) Live() []netip.AddrPort {
+func (s *Probed) Live() []netip.AddrPort {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return slices.Clone(s.live)
 }
 
 // Members implements Membership.
-func (s *Static) Members() []netip.AddrPort { return slices.Clone(s.members) }
+func (s *Probed) Members() []netip.AddrPort { return slices.Clone(s.set.Load().members) }
 
 // Allowed implements Membership.
-func (s *Static) Allowed(addr netip.Addr) bool {
-	_, ok := s.ips[plainAddr(addr)]
+func (s *Probed) Allowed(addr netip.Addr) bool {
+	_, ok := s.set.Load().ips[plainAddr(addr)]
 	return ok
 }
 
+// Changes implements Membership.
+func (s *Probed) Changes() <-chan struct{} { return s.set.Load().changed }
+
 // ReportFailure implements Membership. Reports about self or about non-members are ignored.
-func (s *Static) ReportFailure(addr netip.AddrPort) {
+func (s *Probed) ReportFailure(addr netip.AddrPort) {
 	addr = unmapAddrPort(addr)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -241,26 +334,20 @@ func (s *Static) ReportFailure(addr netip.AddrPort) {
 }
 
 // ReportAlive implements Membership: every member at that IP counts as heard from (self aside).
-func (s *Static) ReportAlive(addr netip.Addr) {
-	if h := s.heard[plainAddr(addr)]; h != nil {
+func (s *Probed) ReportAlive(addr netip.Addr) {
+	if h := s.set.Load().heard[plainAddr(addr)]; h != nil {
 		h.Store(s.now().UnixNano())
 	}
 }
 
 // Run probes every peer each probe interval, starting at once, until ctx ends, and returns nil
-// once its probes have returned. Call it once. Probes run concurrently, each bounded by the
-// probe timeout, so a peer that black-holes packets delays nobody else; a round ends when all
-// its probes have returned.
-func (s *Static) Run(ctx context.Context) error {
-	peers := make([]netip.AddrPort, 0, len(s.state))
-	for _, m := range s.members {
-		if m != s.self {
-			peers = append(peers, m)
-		}
-	}
+// once its probes have returned. Call it once. Each round probes the members of that moment.
+// Probes run concurrently, each bounded by the probe timeout, so a peer that black-holes
+// packets delays nobody else; a round ends when all its probes have returned.
+func (s *Probed) Run(ctx context.Context) error {
 	for ctx.Err() == nil {
 		next := s.after(s.interval)
-		s.probeRound(ctx, peers)
+		s.probeRound(ctx)
 		select {
 		case <-ctx.Done():
 		case <-next:
@@ -269,17 +356,25 @@ func (s *Static) Run(ctx context.Context) error {
 	return nil
 }
 
-func (s *Static) probeRound(ctx context.Context, peers []netip.AddrPort) {
+func (s *Probed) probeRound(ctx context.Context) {
 	var wg sync.WaitGroup
+	set := s.set.Load()
 	now := s.now()
-	for _, p := range peers {
+	for _, p := range set.members {
+		if p == s.self {
+			continue
+		}
 		s.mu.Lock()
 		m := s.state[p]
+		if m == nil { // left since set was loaded
+			s.mu.Unlock()
+			continue
+		}
 		reports := m.reports
 		// A live member that sent data, or made or answered a request, within the interval needs
 		// no probe: in a rollout, members talk to each other constantly. A dead one is always
 		// probed, the only way back to life.
-		skip := !m.dead && now.UnixNano()-s.heard[plainAddr(p.Addr())].Load() < s.interval.Nanoseconds()
+		skip := !m.dead && now.UnixNano()-set.heard[plainAddr(p.Addr())].Load() < s.interval.Nanoseconds()
 		s.mu.Unlock()
 		if skip {
 			s.countProbe("skipped")
@@ -292,23 +387,30 @@ func (s *Static) probeRound(ctx context.Context, peers []netip.AddrPort) {
 			if ctx.Err() != nil {
 				return // shutting down: the probe failed because of that, not because of p
 			}
-			s.setProbed(p, reports, err)
+			s.setProbed(p, m, reports, err)
 		})
 	}
 	wg.Wait()
 }
 
-// setProbed records the result of a probe of p started when p's report count was reports.
-func (s *Static) setProbed(p netip.AddrPort, reports uint64, err error) {
+// setProbed records the result of a probe of member p, whose state was m and its report count
+// reports when the probe started. A member that left meanwhile (even if it is back) is not
+// concerned: the probe was about its earlier membership.
+func (s *Probed) setProbed(p netip.AddrPort, m *memberState, reports uint64, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m := s.state[p]
 	if err != nil {
-		m.failedProbes++
 		s.countProbe("failed")
 	} else {
-		m.failedProbes = 0
 		s.countProbe("ok")
+	}
+	if s.state[p] != m {
+		return
+	}
+	if err != nil {
+		m.failedProbes++
+	} else {
+		m.failedProbes = 0
 	}
 	switch {
 	case err != nil && !m.dead && m.failedProbes >= probeFailuresToDie:
@@ -326,23 +428,24 @@ func (s *Static) setProbed(p netip.AddrPort, reports uint64, err error) {
 	s.updateLocked()
 }
 
-func (s *Static) countProbe(result string) {
+func (s *Probed) countProbe(result string) {
 	if s.probes != nil {
 		s.probes.WithLabelValues(result).Inc()
 	}
 }
 
-// updateLocked rebuilds the live list and the gauge from the member states.
-func (s *Static) updateLocked() {
+// updateLocked rebuilds the live list and the gauge from the member set and states.
+func (s *Probed) updateLocked() {
+	members := s.set.Load().members
 	s.live = s.live[:0:0] // a new array: Live's callers may hold the old one
-	for _, m := range s.members {
+	for _, m := range members {
 		if st := s.state[m]; st == nil || !st.dead {
 			s.live = append(s.live, m)
 		}
 	}
 	if s.gauge != nil {
 		s.gauge.WithLabelValues("live").Set(float64(len(s.live)))
-		s.gauge.WithLabelValues("dead").Set(float64(len(s.members) - len(s.live)))
+		s.gauge.WithLabelValues("dead").Set(float64(len(members) - len(s.live)))
 	}
 }
 

@@ -3,6 +3,7 @@ package membership
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -82,8 +83,8 @@ func newFakeProbes() *fakeProbes {
 	return &fakeProbes{calls: make(chan probeCall), ticks: make(chan time.Time)}
 }
 
-func (f *fakeProbes) options() []StaticOption {
-	return []StaticOption{
+func (f *fakeProbes) options() []ProbedOption {
+	return []ProbedOption{
 		WithProbe(func(ctx context.Context, addr netip.AddrPort) error {
 			reply := make(chan error, 1)
 			select {
@@ -98,7 +99,7 @@ func (f *fakeProbes) options() []StaticOption {
 				return ctx.Err()
 			}
 		}),
-		WithStaticClock(func(time.Duration) <-chan time.Time { return f.ticks }),
+		WithClock(func(time.Duration) <-chan time.Time { return f.ticks }),
 		WithProbeTimeout(time.Hour), // only the test ends a probe
 	}
 }
@@ -143,8 +144,8 @@ func (f *fakeProbes) tick(t *testing.T) {
 	}
 }
 
-// startStatic runs s until the test ends.
-func startStatic(t *testing.T, s *Static) {
+// startProbed runs s until the test ends.
+func startProbed(t *testing.T, s *Probed) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -168,16 +169,16 @@ var (
 	errDown  = fmt.Errorf("%s: %w", "connection refused", syscall.ECONNREFUSED)
 )
 
-func TestStaticMembers(t *testing.T) {
+func TestProbedMembers(t *testing.T) {
 	// The same list on every node, in any order, self included or not.
 	for _, peers := range [][]netip.AddrPort{
 		{peerC, selfAddr, peerB},
 		{peerB, peerC},
 		{peerC, peerB, peerC, netip.AddrPortFrom(netip.AddrFrom16(selfAddr.Addr().As16()), selfAddr.Port())},
 	} {
-		s := NewStatic(selfAddr, peers)
+		s := NewProbed(selfAddr, peers)
 		if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB, peerC}; !slices.Equal(got, want) {
-			t.Errorf("NewStatic(%v).Live() = %v, want %v", peers, got, want)
+			t.Errorf("NewProbed(%v).Live() = %v, want %v", peers, got, want)
 		}
 		if s.Self() != selfAddr {
 			t.Errorf("Self() = %v", s.Self())
@@ -185,8 +186,8 @@ func TestStaticMembers(t *testing.T) {
 	}
 }
 
-func TestStaticLiveIsACopy(t *testing.T) {
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC})
+func TestProbedLiveIsACopy(t *testing.T) {
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB, peerC})
 	live := s.Live()
 	live[0] = netip.MustParseAddrPort("192.0.2.1:1")
 	if got := s.Live(); got[0] != selfAddr {
@@ -194,9 +195,9 @@ func TestStaticLiveIsACopy(t *testing.T) {
 	}
 }
 
-func TestStaticAllowed(t *testing.T) {
+func TestProbedAllowed(t *testing.T) {
 	other := netip.MustParseAddrPort("[fd00::9]:7070")
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC, other})
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB, peerC, other})
 	s.ReportFailure(peerB) // dead members may still connect: they may be coming back
 	tests := []struct {
 		addr string
@@ -218,16 +219,16 @@ func TestStaticAllowed(t *testing.T) {
 	}
 }
 
-func TestStaticLiveness(t *testing.T) {
+func TestProbedLiveness(t *testing.T) {
 	f := newFakeProbes()
 	reg := prometheus.NewRegistry()
-	s := NewStatic(selfAddr, []netip.AddrPort{selfAddr, peerB, peerC}, append(f.options(), WithStaticRegisterer(reg))...)
+	s := NewProbed(selfAddr, []netip.AddrPort{selfAddr, peerB, peerC}, append(f.options(), WithRegisterer(reg))...)
 	all := []netip.AddrPort{selfAddr, peerB, peerC}
 	if got := s.Live(); !slices.Equal(got, all) {
 		t.Fatalf("before any probe Live() = %v, want everyone %v", got, all)
 	}
 	wantGauge(t, reg, 3, 0)
-	startStatic(t, s)
+	startProbed(t, s)
 
 	steps := []struct {
 		name    string
@@ -252,10 +253,10 @@ func TestStaticLiveness(t *testing.T) {
 	}
 }
 
-func TestStaticReportFailure(t *testing.T) {
+func TestProbedReportFailure(t *testing.T) {
 	f := newFakeProbes()
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC}, f.options()...)
-	startStatic(t, s)
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB, peerC}, f.options()...)
+	startProbed(t, s)
 	f.round(t, 2, nil)
 
 	s.ReportFailure(peerB)
@@ -285,12 +286,12 @@ func TestStaticReportFailure(t *testing.T) {
 	}
 }
 
-// TestStaticSlowProbe: a probe that hangs holds up neither the other probes of its round nor,
+// TestProbedSlowProbe: a probe that hangs holds up neither the other probes of its round nor,
 // once its timeout passes, the membership; the next round waits for it.
-func TestStaticSlowProbe(t *testing.T) {
+func TestProbedSlowProbe(t *testing.T) {
 	f := newFakeProbes()
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC}, f.options()...)
-	startStatic(t, s)
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB, peerC}, f.options()...)
+	startProbed(t, s)
 
 	calls := f.await(t, 2) // both probes are running at once
 	calls[1].reply <- nil  // peerC answers; peerB hangs
@@ -307,11 +308,11 @@ func TestStaticSlowProbe(t *testing.T) {
 	}
 }
 
-// TestStaticProbeTimeout: a probe that ignores everything but its context is cut off by the
+// TestProbedProbeTimeout: a probe that ignores everything but its context is cut off by the
 // probe timeout and its peer counts as dead.
-func TestStaticProbeTimeout(t *testing.T) {
+func TestProbedProbeTimeout(t *testing.T) {
 	ticks := make(chan time.Time)
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC},
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB, peerC},
 		WithProbe(func(ctx context.Context, addr netip.AddrPort) error {
 			if addr == peerB {
 				<-ctx.Done() // black-holed
@@ -320,9 +321,9 @@ func TestStaticProbeTimeout(t *testing.T) {
 			return nil
 		}),
 		WithProbeTimeout(time.Millisecond),
-		WithStaticClock(func(time.Duration) <-chan time.Time { return ticks }),
+		WithClock(func(time.Duration) <-chan time.Time { return ticks }),
 	)
-	startStatic(t, s)
+	startProbed(t, s)
 	nextRound := func() {
 		t.Helper()
 		select {
@@ -342,9 +343,9 @@ func TestStaticProbeTimeout(t *testing.T) {
 	}
 }
 
-func TestStaticRunStopsAndIgnoresProbesCutByShutdown(t *testing.T) {
+func TestProbedRunStopsAndIgnoresProbesCutByShutdown(t *testing.T) {
 	f := newFakeProbes()
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB}, f.options()...)
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB}, f.options()...)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -366,12 +367,12 @@ func TestStaticRunStopsAndIgnoresProbesCutByShutdown(t *testing.T) {
 	}
 }
 
-// TestStaticConcurrentUse is for -race: readers and reporters while probes flip states.
-func TestStaticConcurrentUse(t *testing.T) {
+// TestProbedConcurrentUse is for -race: readers and reporters while probes flip states.
+func TestProbedConcurrentUse(t *testing.T) {
 	f := newFakeProbes()
 	peers := testMembers(8)
-	s := NewStatic(peers[0], peers, append(f.options(), WithStaticRegisterer(prometheus.NewRegistry()))...)
-	startStatic(t, s)
+	s := NewProbed(peers[0], peers, append(f.options(), WithRegisterer(prometheus.NewRegistry()))...)
+	startProbed(t, s)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for i := range 4 {
@@ -486,20 +487,20 @@ func (c *fakeNow) set(t time.Time) {
 	c.mu.Unlock()
 }
 
-// TestStaticSkipsMembersHeardFrom: a live member that answered or made a request within the
+// TestProbedSkipsMembersHeardFrom: a live member that answered or made a request within the
 // probe interval is not probed (a round that probed it anyway would not end: nobody answers
 // that probe); one heard from longer ago is, and so is a dead one, whatever was heard.
-func TestStaticSkipsMembersHeardFrom(t *testing.T) {
+func TestProbedSkipsMembersHeardFrom(t *testing.T) {
 	f := newFakeProbes()
 	reg := prometheus.NewRegistry()
-	s := NewStatic(selfAddr, []netip.AddrPort{peerB, peerC}, append(f.options(), WithStaticRegisterer(reg))...)
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB, peerC}, append(f.options(), WithRegisterer(reg))...)
 	t0 := time.Unix(1000, 0)
 	clock := &fakeNow{t: t0}
 	s.now = clock.now
 	s.ReportAlive(peerB.Addr())
 	s.ReportAlive(selfAddr.Addr())                 // self: ignored
 	s.ReportAlive(netip.MustParseAddr("10.0.0.9")) // not a member: ignored
-	startStatic(t, s)
+	startProbed(t, s)
 
 	for i, at := range []time.Duration{2 * time.Second, DefaultProbeInterval} {
 		calls := f.await(t, 1)
@@ -539,4 +540,222 @@ func testMembers(n int) []netip.AddrPort {
 		ms[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 7070)
 	}
 	return ms
+}
+
+// logRecords is a slog.Handler that keeps every record.
+type logRecords struct {
+	mu   sync.Mutex
+	recs []slog.Record
+}
+
+func (l *logRecords) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logRecords) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *logRecords) WithGroup(string) slog.Handler            { return l }
+
+func (l *logRecords) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.recs = append(l.recs, r.Clone())
+	return nil
+}
+
+// withMessage returns the attributes, as strings, of the records with message msg.
+func (l *logRecords) withMessage(level slog.Level, msg string) []map[string]string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []map[string]string
+	for _, r := range l.recs {
+		if r.Message != msg || r.Level != level {
+			continue
+		}
+		attrs := map[string]string{}
+		r.Attrs(func(a slog.Attr) bool {
+			attrs[a.Key] = a.Value.String()
+			return true
+		})
+		out = append(out, attrs)
+	}
+	return out
+}
+
+const membersChanged = "swarm members changed"
+
+// TestProbedSetPeersLogsEachChangeOnce: a change is logged once, its addresses bounded, and the
+// gauge follows; the same set again is not a change (no record, no new member set).
+func TestProbedSetPeersLogsEachChangeOnce(t *testing.T) {
+	logs := &logRecords{}
+	reg := prometheus.NewRegistry()
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB}, WithLogger(slog.New(logs)), WithRegisterer(reg))
+	s.ReportFailure(peerB)
+	var joining []netip.AddrPort
+	for i := range maxListed + 2 {
+		joining = append(joining, netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 1, byte(i)}), 7070))
+	}
+	s.SetPeers(append(slices.Clone(joining), peerB, selfAddr))
+	recs := logs.withMessage(slog.LevelInfo, membersChanged)
+	if len(recs) != 1 {
+		t.Fatalf("%d records %q after one change, want 1", len(recs), membersChanged)
+	}
+	want := map[string]string{"members": "14", "live": "13", "joined": "12", "left": "0", "left_members": ""}
+	for k, v := range want {
+		if recs[0][k] != v {
+			t.Errorf("%s = %q, want %q (record %v)", k, recs[0][k], v, recs[0])
+		}
+	}
+	if got, suffix := recs[0]["joined_members"], " and 2 more"; !strings.HasPrefix(got, "10.0.1.0:7070, 10.0.1.1:7070") ||
+		!strings.HasSuffix(got, suffix) || strings.Count(got, ":7070") != maxListed {
+		t.Errorf("joined_members = %q, want %d addresses then %q", got, maxListed, suffix)
+	}
+	wantGauge(t, reg, 13, 1)
+
+	set := s.set.Load()
+	s.SetPeers(append([]netip.AddrPort{peerB}, joining...)) // the same set, self left out
+	if s.set.Load() != set {
+		t.Error("SetPeers with the same set replaced the member set")
+	}
+	if n := len(logs.withMessage(slog.LevelInfo, membersChanged)); n != 1 {
+		t.Errorf("%d records %q after the same set again, want still 1", n, membersChanged)
+	}
+
+	s.SetPeers([]netip.AddrPort{peerC})
+	recs = logs.withMessage(slog.LevelInfo, membersChanged)
+	if len(recs) != 2 {
+		t.Fatalf("%d records %q after two changes, want 2", len(recs), membersChanged)
+	}
+	if got := recs[1]; got["joined"] != "1" || got["left"] != "13" || got["members"] != "2" {
+		t.Errorf("second change logged %v, want 1 joined, 13 left, 2 members", got)
+	}
+	wantGauge(t, reg, 2, 0)
+}
+
+// TestProbedRunProbesTheMembersOfEachRound: a member that joins after Run started is probed
+// from the next round on; one that leaves is not probed again.
+func TestProbedRunProbesTheMembersOfEachRound(t *testing.T) {
+	f := newFakeProbes()
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB}, f.options()...)
+	startProbed(t, s)
+
+	calls := f.await(t, 1)
+	s.SetPeers([]netip.AddrPort{peerB, peerC}) // while the first round runs
+	calls[0].reply <- nil
+	f.tick(t)
+
+	calls = f.await(t, 2)
+	if calls[0].addr != peerB || calls[1].addr != peerC {
+		t.Fatalf("the round after %v joined probed %v and %v, want %v and %v", peerC, calls[0].addr, calls[1].addr, peerB, peerC)
+	}
+	s.SetPeers([]netip.AddrPort{peerC})
+	for _, c := range calls {
+		c.reply <- nil
+	}
+	f.tick(t)
+
+	// A round that probed peerB too would not end: nobody answers that probe.
+	calls = f.await(t, 1)
+	if calls[0].addr != peerC {
+		t.Fatalf("the round after %v left probed %v, want %v", peerB, calls[0].addr, peerC)
+	}
+	calls[0].reply <- nil
+	f.tick(t)
+}
+
+// TestProbedSetPeersKeepsWhatWasHeard: a member that stays keeps the time it was last heard
+// from, so the round after a change does not probe it (a round that did would not end).
+func TestProbedSetPeersKeepsWhatWasHeard(t *testing.T) {
+	f := newFakeProbes()
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB}, f.options()...)
+	clock := &fakeNow{t: time.Unix(1000, 0)}
+	s.now = clock.now
+	s.ReportAlive(peerB.Addr())
+	s.SetPeers([]netip.AddrPort{peerB, peerC})
+	startProbed(t, s)
+	calls := f.await(t, 1)
+	if calls[0].addr != peerC {
+		t.Fatalf("probed %v, want only %v: %v was heard from just before the change", calls[0].addr, peerC, peerB)
+	}
+	calls[0].reply <- nil
+	f.tick(t)
+}
+
+// TestProbedProbeOfAMemberThatLeftIsDropped: the result of a probe that began before its member
+// left counts neither for the member (nor for the same address come back as a new member).
+func TestProbedProbeOfAMemberThatLeftIsDropped(t *testing.T) {
+	f := newFakeProbes()
+	s := NewProbed(selfAddr, []netip.AddrPort{peerB}, f.options()...)
+	startProbed(t, s)
+
+	calls := f.await(t, 1)
+	s.SetPeers(nil)
+	s.SetPeers([]netip.AddrPort{peerB}) // back, as a new member
+	calls[0].reply <- errDown
+	f.tick(t)
+	// Had the first failure counted, this second one would make it dead.
+	f.round(t, 1, map[netip.AddrPort]error{peerB: errDown})
+	if got, want := s.Live(), []netip.AddrPort{selfAddr, peerB}; !slices.Equal(got, want) {
+		t.Fatalf("Live() = %v after one failed probe since %v came back, want %v", got, peerB, want)
+	}
+
+	calls = f.await(t, 1)
+	s.SetPeers(nil)
+	calls[0].reply <- errDown // about a member that is gone
+	f.tick(t)
+	if got, want := s.Live(), []netip.AddrPort{selfAddr}; !slices.Equal(got, want) {
+		t.Fatalf("Live() = %v, want %v", got, want)
+	}
+}
+
+// TestProbedSetPeersConcurrentUse is for -race: the member set changes while probe rounds run
+// back to back and readers and reporters use it.
+func TestProbedSetPeersConcurrentUse(t *testing.T) {
+	peers := testMembers(8)
+	self := peers[0]
+	s := NewProbed(self, peers,
+		WithProbe(func(_ context.Context, addr netip.AddrPort) error {
+			if addr.Addr().As4()[3]%3 == 0 {
+				return errDown
+			}
+			return nil
+		}),
+		WithClock(func(time.Duration) <-chan time.Time {
+			now := make(chan time.Time, 1)
+			now <- time.Time{}
+			return now
+		}),
+		WithRegisterer(prometheus.NewRegistry()))
+	startProbed(t, s)
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Go(func() {
+			for j := range 500 {
+				p := peers[(i+j)%len(peers)]
+				switch i {
+				case 0:
+					s.SetPeers(peers[:len(peers)-j%4])
+				case 1:
+					s.ReportAlive(p.Addr())
+					s.ReportFailure(p)
+				case 2:
+					if live := s.Live(); !slices.Contains(live, self) || !slices.IsSortedFunc(live, netip.AddrPort.Compare) {
+						t.Errorf("Live() = %v, want it sorted and with self", live)
+						return
+					}
+				case 3:
+					if members := s.Members(); !slices.Contains(members, self) || !slices.IsSortedFunc(members, netip.AddrPort.Compare) {
+						t.Errorf("Members() = %v, want it sorted and with self", members)
+						return
+					}
+				case 4:
+					_ = s.Changes()
+					if !s.Allowed(self.Addr()) {
+						t.Errorf("Allowed(self) = false")
+						return
+					}
+					s.Allowed(p.Addr())
+				default:
+					s.SetPeers(peers)
+				}
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/shoal-dev/shoal/agent/membership"
 	"github.com/shoal-dev/shoal/internal/leakcheck"
 )
 
@@ -266,6 +267,39 @@ func TestSplitAllowsMemberFromOtherLoopbackIP(t *testing.T) {
 	}
 	if got := counterValue(t, tb.reg, "shoal_swarm_rejected_connections_total"); got != 1 {
 		t.Errorf("rejected connections = %v, want 1", got)
+	}
+}
+
+// TestSplitFollowsMembershipChanges: a member that joins after Split started is admitted, and
+// one that leaves is refused from then on: Split asks the membership about every connection.
+func TestSplitFollowsMembershipChanges(t *testing.T) {
+	self := netip.MustParseAddrPort("127.0.0.1:7070")
+	early, late := netip.MustParseAddrPort("127.0.0.2:7070"), netip.MustParseAddrPort("127.0.0.3:7070")
+	members := membership.NewMemory(self, []netip.AddrPort{early})
+	tb := newSplitTestbed(t, members.Allowed)
+	send := func(from netip.AddrPort) net.Conn {
+		c := tb.dial(t, from.Addr().String())
+		if _, err := io.WriteString(c, btHandshake+"from "+from.Addr().String()); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	wantAccepted := func(from netip.AddrPort) {
+		t.Helper()
+		send(from)
+		sc := accept(t, tb.bt)
+		if got := sc.RemoteAddr().String(); !strings.HasPrefix(got, from.Addr().String()+":") {
+			t.Fatalf("accepted a connection from %s, want one from %v", got, from.Addr())
+		}
+	}
+	wantAccepted(early)
+	wantClosedByServer(t, send(late)) // not a member yet
+
+	members.SetPeers([]netip.AddrPort{late}) // late joins, early leaves
+	wantAccepted(late)
+	wantClosedByServer(t, send(early))
+	if got := counterValue(t, tb.reg, "shoal_swarm_rejected_connections_total"); got != 2 {
+		t.Errorf("rejected connections = %v, want 2", got)
 	}
 }
 

@@ -30,3 +30,35 @@ func assignSeeders(p plan.Plan, members []netip.AddrPort) []netip.AddrPort {
 	}
 	return rendezvous.Assign(keys, lengths, members)
 }
+
+// assignment is a blob's seeders over one version of the member set.
+type assignment struct {
+	members []netip.AddrPort // the member set it was computed over
+	seeders []netip.AddrPort // balanced seeder of every segment over members (assignSeeders)
+	stale   <-chan struct{}  // closed once the member set has changed
+}
+
+// seedersOf returns b's seeder assignment over the current members, computed again when members
+// have joined or left since it was last: every node computes the same one from the same
+// members, and a join or a leave moves a bounded share of a blob's segments, including those of
+// a blob being fetched (its segments already published stay where they are).
+func (s *Swarm) seedersOf(b *blob) *assignment {
+	b.assignMu.Lock()
+	defer b.assignMu.Unlock()
+	if a := b.assigned; a != nil && !closed(a.stale) {
+		return a
+	}
+	stale := s.cfg.Membership.Changes() // before Members: a change in between makes it stale
+	members := s.cfg.Membership.Members()
+	b.assigned = &assignment{members: members, seeders: assignSeeders(b.plan, members), stale: stale}
+	return b.assigned
+}
+
+func closed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}

@@ -46,6 +46,11 @@ func (s *Swarm) admitSegmentRequest(w http.ResponseWriter, r *http.Request) *seg
 		http.Error(w, "peer address does not match the connection", http.StatusForbidden)
 		return nil
 	}
+	// Split admitted the connection, but a member may have left since it was made.
+	if !s.cfg.Membership.Allowed(req.Peer.Addr()) {
+		http.Error(w, "not a member of this node's swarm", http.StatusForbidden)
+		return nil
+	}
 	s.cfg.Membership.ReportAlive(req.Peer.Addr())
 	p := req.Plan
 	ours, err := plan.New(p.Digest, p.Size, s.cfg.SegmentSize, s.cfg.PieceLength, s.cfg.RampSegments, s.cfg.MinSegments)
@@ -176,7 +181,7 @@ func (s *Swarm) answerSegment(ctx context.Context, call *segmentCall) plan.Answe
 		}
 		return plan.Answer{Error: err.Error(), Code: code}
 	}
-	peers := b.segs[k].addPeer(b.plan.Key(k), s.self, req.Peer, time.Now(), peersPerAnswer)
+	peers := b.segs[k].addPeer(b.plan.Key(k), s.self, req.Peer, time.Now(), peersPerAnswer, s.cfg.Membership.Allowed)
 	answer := plan.Answer{Info: info}
 	for _, p := range peers {
 		answer.Peers = append(answer.Peers, p.String())

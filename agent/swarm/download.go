@@ -97,7 +97,8 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 		}
 		whole := b.whole.Load()
 		live := s.cfg.Membership.Live()
-		seeder, _ := seederOf(b.plan, ownerOf(k, whole), b.assignment, b.members, func(m netip.AddrPort) bool {
+		assigned := s.seedersOf(b)
+		seeder, _ := seederOf(b.plan, ownerOf(k, whole), assigned.seeders, assigned.members, func(m netip.AddrPort) bool {
 			// A whole blob's seeder is left only once it failed this node: every member that
 			// takes it for the whole blob's seeder fetches the blob whole, so a momentary
 			// difference between nodes' views of who is alive would cost a copy of the blob.
@@ -510,7 +511,8 @@ func (s *Swarm) reseed(b *blob, k int, stopped netip.AddrPort) {
 	failed := map[netip.AddrPort]bool{stopped: true}
 	for ctx.Err() == nil {
 		live := s.cfg.Membership.Live()
-		seeder, found := seederOf(b.plan, ownerOf(k, whole), b.assignment, b.members, func(m netip.AddrPort) bool {
+		assigned := s.seedersOf(b)
+		seeder, found := seederOf(b.plan, ownerOf(k, whole), assigned.seeders, assigned.members, func(m netip.AddrPort) bool {
 			return !failed[m] && !s.isSilent(m.Addr()) && slices.Contains(live, m)
 		})
 		if !found || seeder == s.self {

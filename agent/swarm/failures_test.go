@@ -102,7 +102,7 @@ func TestFrozenSeederIsPassedOver(t *testing.T) {
 		t.Fatal(err)
 	}
 	seeds := 0
-	for _, a := range b.assignment {
+	for _, a := range nodes[0].swarm.seedersOf(b).seeders {
 		if a == frozen.addr {
 			seeds++
 		}

@@ -113,12 +113,13 @@ func (s *segment) startSeeding() bool {
 
 // addPeer records a peer that asked for this segment and returns the peers it should swarm
 // with: its neighbours (see neighbours) among the others that asked within peerTTL and self, the
-// seeder. Peers not heard from for peerTTL are forgotten.
-func (s *segment) addPeer(key string, self, p netip.AddrPort, now time.Time, degree int) []netip.AddrPort {
+// seeder. Peers not heard from for peerTTL are forgotten, and so are those whose IP member
+// refuses (they left the swarm).
+func (s *segment) addPeer(key string, self, p netip.AddrPort, now time.Time, degree int, member func(netip.Addr) bool) []netip.AddrPort {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for addr, seen := range s.peers {
-		if now.Sub(seen) > peerTTL {
+		if now.Sub(seen) > peerTTL || !member(addr.Addr()) {
 			delete(s.peers, addr)
 		}
 	}

@@ -1,7 +1,10 @@
 package swarm
 
 import (
+	"net/netip"
+	"slices"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
@@ -34,5 +37,27 @@ func TestInfoOfAnotherCutIsRefused(t *testing.T) {
 	}
 	if _, err := checkInfo(ramp, k, info); err == nil {
 		t.Fatal("segment 4 of a blob cut without short segments passed for segment 4 of one cut with them")
+	}
+}
+
+// TestSegmentForgetsPeersThatLeft: a seeder hands out, as neighbours, only peers that are still
+// members.
+func TestSegmentForgetsPeersThatLeft(t *testing.T) {
+	self := netip.MustParseAddrPort("10.0.0.1:7070")
+	gone := netip.MustParseAddrPort("10.0.0.2:7070")
+	stays := netip.MustParseAddrPort("10.0.0.3:7070")
+	asker := netip.MustParseAddrPort("10.0.0.4:7070")
+	everyone := func(netip.Addr) bool { return true }
+	seg := newSegment(0)
+	now := time.Now()
+	seg.addPeer("key", self, gone, now, 8, everyone)
+	seg.addPeer("key", self, stays, now, 8, everyone)
+	member := func(a netip.Addr) bool { return a != gone.Addr() }
+	got := seg.addPeer("key", self, asker, now, 8, member)
+	if slices.Contains(got, gone) || !slices.Contains(got, stays) || !slices.Contains(got, self) {
+		t.Errorf("neighbours %v, want %v and %v but not %v, which left", got, self, stays, gone)
+	}
+	if _, kept := seg.peers[gone]; kept {
+		t.Errorf("the segment still remembers %v, which left", gone)
 	}
 }

@@ -352,14 +352,17 @@ func New(cfg Config) (*Swarm, error) {
 	return s, nil
 }
 
-// Run sweeps idle blobs (see janitor) until ctx ends, then closes the swarm and returns once
-// every goroutine it started has ended. The swarm serves from New on; Run only adds the
-// sweeps, so a swarm that is closed without ever running is fine too.
+// Run sweeps idle blobs (see janitor) and, whenever members leave, closes the peer connections
+// of those that left (new ones are refused anyway), until ctx ends; then it closes the swarm and
+// returns once every goroutine it started has ended. The swarm serves from New on; Run only
+// adds that upkeep, so a swarm that is closed without ever running is fine too.
 func (s *Swarm) Run(ctx context.Context) error {
 	ticker := time.NewTicker(janitorInterval)
 	defer ticker.Stop()
+	changed := s.cfg.Membership.Changes()
+	s.client.CloseDisallowed() // of members that left before Run began
+	s.sweep(time.Now())
 	for {
-		s.sweep(time.Now())
 		select {
 		case <-ctx.Done():
 			return s.Close()
@@ -367,6 +370,10 @@ func (s *Swarm) Run(ctx context.Context) error {
 			<-s.closed
 			return s.closeErr
 		case <-ticker.C:
+			s.sweep(time.Now())
+		case <-changed:
+			changed = s.cfg.Membership.Changes() // before closing: a later change is seen
+			s.client.CloseDisallowed()
 		}
 	}
 }
@@ -464,8 +471,8 @@ type blob struct {
 	path           string           // the working file; "" once the data lives in the content store
 	state          torrent.CompletionState
 	segs           []*segment
-	members        []netip.AddrPort // the member list the assignment was computed over
-	assignment     []netip.AddrPort // balanced seeder of every segment over members
+	assignMu       sync.Mutex  // guards assigned
+	assigned       *assignment // see Swarm.seedersOf
 	// whole: upstream ignores Range, so one member, segment 0's seeder, fetches the whole blob
 	// and publishes every segment (see seedWhole).
 	whole        atomic.Bool
@@ -514,9 +521,8 @@ func (s *Swarm) blobFor(d v1.Hash, size int64, registry, repo string) (*blob, er
 		_ = f.Close()
 		return nil, fmt.Errorf("blob %s: size working file: %w", d, err)
 	}
-	members := s.cfg.Membership.Members()
 	b := &blob{plan: p, registry: registry, repo: repo, file: torrent.NewFile(f, f, f), path: path, state: state,
-		members: members, assignment: assignSeeders(p, members), silent: s.isSilent}
+		silent: s.isSilent}
 	if _, ok := s.noRange.Load(registry); ok {
 		b.whole.Store(true)
 	}

@@ -101,7 +101,7 @@ func (u *memUpstream) Blob(_ context.Context, _, _ string, d v1.Hash, offset, le
 // testNode is one agent's swarm on 127.0.0.1.
 type testNode struct {
 	swarm   *Swarm
-	members *membership.Static
+	members *membership.Probed
 	server  *http.Server
 	handler atomic.Value // http.Handler the server serves: the swarm's, unless a test swaps it
 	bt      net.Listener
@@ -140,7 +140,7 @@ func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLe
 	var nodes []*testNode
 	for i, l := range listeners {
 		ctx, cancel := context.WithCancel(context.Background())
-		members := membership.NewStatic(addrs[i], addrs, membership.WithProbeInterval(200*time.Millisecond))
+		members := membership.NewProbed(addrs[i], addrs, membership.WithProbeInterval(200*time.Millisecond))
 		var probes sync.WaitGroup
 		probes.Go(func() { _ = members.Run(ctx) })
 		bt, control := peerport.Split(l, members.Allowed)
@@ -278,7 +278,7 @@ func TestDeadSeederFallsBack(t *testing.T) {
 	}
 	b := blobOf(nodes[0], d)
 	deadSeeds := 0
-	for _, m := range b.assignment {
+	for _, m := range nodes[0].swarm.seedersOf(b).seeders {
 		if m == dead.addr {
 			deadSeeds++
 		}
@@ -346,7 +346,7 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 		t.Fatalf("test setup: the node cuts the blob as %v, the test as %v", b.plan, p)
 	}
 	for k := range b.segs {
-		if b.assignment[k] != bad.addr {
+		if bad.swarm.seedersOf(b).seeders[k] != bad.addr {
 			continue
 		}
 		if _, err := bad.swarm.ensureSegment(ctx, b, k); err != nil {

@@ -253,6 +253,26 @@ func (b *bannedIPs) NumRanges() int {
 	return n
 }
 
+// blocklist is the torrent client's IP block list: the peers this node banned, and the IPs that
+// are not members' (see Config.Allowed).
+type blocklist struct {
+	banned  *bannedIPs
+	allowed func(netip.Addr) bool // nil allows every IP
+}
+
+var _ iplist.Ranger = blocklist{}
+
+// Lookup implements iplist.Ranger.
+func (b blocklist) Lookup(ip net.IP) (iplist.Range, bool) {
+	if addr, ok := netip.AddrFromSlice(ip); ok && b.allowed != nil && !b.allowed(addr.Unmap()) {
+		return iplist.Range{First: ip, Last: ip, Description: "not a member"}, true
+	}
+	return b.banned.Lookup(ip)
+}
+
+// NumRanges implements iplist.Ranger: the bans (non-members are not counted).
+func (b blocklist) NumRanges() int { return b.banned.NumRanges() }
+
 // IsBanned reports whether this node bans addr now, because it sent data that differed from
 // its verified piece or sent the whole of a piece that failed.
 func (c *Client) IsBanned(addr netip.Addr) bool { return c.banned.banned(addr) }

@@ -19,7 +19,11 @@
 //     TestDataFromPeersIsReported;
 //   - the bans of peers that send bad data, all the adapter's own and expiring, which relies on
 //     the client banning nobody for a piece whose check fails with an error (ban.go):
-//     TestCorruptPieceBanExpires.
+//     TestCorruptPieceBanExpires;
+//   - the refusal of peers that are not members, through the client's IP block list, and the
+//     closing of their connections under the client, which drops a connection whose socket
+//     fails whether or not its handshakes are over (conns.go): TestNonMembersAreBlocked,
+//     TestPeersNoLongerAllowedAreDisconnected.
 //
 // TestClientVersionIsTheVerifiedOne fails when the client's version in go.mod changes, so that
 // an upgrade re-verifies them all.
@@ -60,7 +64,9 @@ type Config struct {
 	Self netip.AddrPort
 	// Listener receives BitTorrent connections; the client does not listen itself.
 	Listener net.Listener
-	// Allowed reports whether a peer address may be dialled (members only).
+	// Allowed reports whether a peer IP may be connected with (members only; nil allows every
+	// peer): the client neither dials nor accepts the others, and CloseDisallowed drops those
+	// already connected once Allowed refuses them.
 	Allowed func(netip.Addr) bool
 	// OnDialFailure is told of a peer whose dial failed for another reason than a timeout.
 	OnDialFailure func(netip.AddrPort)
@@ -93,6 +99,7 @@ type Client struct {
 	cfg       Config
 	c         *torrent.Client
 	banned    bannedIPs
+	conns     connSet      // see CloseDisallowed
 	piecesBad atomic.Int64 // see Stats
 	log       *slog.Logger
 
@@ -162,7 +169,7 @@ func NewClient(cfg Config) (*Client, error) {
 	// Data from a peer shows it is alive. Every block is recorded until its piece verifies, to
 	// find who sent bad data (see ban.go).
 	cc.Callbacks.ReceivedUsefulData = append(cc.Callbacks.ReceivedUsefulData, c.reportData, c.recordSentBlock)
-	cc.IPBlocklist = &c.banned
+	cc.IPBlocklist = blocklist{banned: &c.banned, allowed: cfg.Allowed}
 	// A peer serves requests in the order they arrive, so the deeper the queue this node keeps at
 	// a peer, the longer the piece its reader waits for sits behind others: the client queues up
 	// to the peer's advertised "reqq" (1024 chunks, 64 MiB, between two of these clients). Capped
@@ -196,19 +203,22 @@ func NewClient(cfg Config) (*Client, error) {
 		return nil, fmt.Errorf("start torrent client: %w", err)
 	}
 	c.c = client
-	client.AddDialer(peerDialer{cfg: cfg, local: net.TCPAddrFromAddrPort(netip.AddrPortFrom(cfg.Self.Addr(), 0))})
-	client.AddListener(cfg.Listener)
+	client.AddDialer(peerDialer{cfg: cfg, local: net.TCPAddrFromAddrPort(netip.AddrPortFrom(cfg.Self.Addr(), 0)), conns: &c.conns})
+	client.AddListener(trackingListener{Listener: cfg.Listener, conns: &c.conns})
 	return c, nil
 }
 
-// Close stops the client; its torrents stop. It returns once the adapter's goroutines have
-// ended. The torrent client's accept loop ends when Config.Listener is closed, which must
-// happen after Close: the loop spins on a closed listener while the client is open.
+// Close stops the client; its torrents stop, and its connections close, those still in their
+// handshakes too (the torrent client leaves them to their deadline). It returns once the
+// adapter's goroutines have ended. The torrent client's accept loop ends when Config.Listener
+// is closed, which must happen after Close: the loop spins on a closed listener while the
+// client is open.
 func (c *Client) Close() error {
 	c.bgMu.Lock()
 	c.closing = true
 	c.bgMu.Unlock()
 	err := errors.Join(c.c.Close()...)
+	c.conns.closeIf(func(netip.Addr) bool { return true })
 	c.background.Wait()
 	return err
 }
@@ -223,6 +233,15 @@ func (c *Client) goBackground(f func()) {
 	}
 }
 
+// CloseDisallowed closes the connections of peers that Config.Allowed refuses now, those still in
+// their handshakes included: call it when its answers change (a member left the swarm). New
+// connections are refused anyway.
+func (c *Client) CloseDisallowed() {
+	if c.cfg.Allowed != nil {
+		c.conns.closeIf(func(ip netip.Addr) bool { return !c.cfg.Allowed(ip) })
+	}
+}
+
 func (c *Client) reportData(ev torrent.ReceivedUsefulDataEvent) {
 	if addr, ok := peerIP(ev.Peer.RemoteAddr); ok && c.cfg.OnData != nil {
 		c.cfg.OnData(addr)
@@ -234,6 +253,7 @@ func (c *Client) reportData(ev torrent.ReceivedUsefulDataEvent) {
 type peerDialer struct {
 	cfg   Config
 	local *net.TCPAddr
+	conns *connSet
 }
 
 func (d peerDialer) DialerNetwork() string { return "tcp" }
@@ -247,10 +267,22 @@ func (d peerDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
 		return nil, fmt.Errorf("dial peer %s: not a member", addr)
 	}
 	conn, err := (&net.Dialer{Timeout: max(d.cfg.DialTimeout, time.Second), LocalAddr: d.local}).DialContext(ctx, "tcp", addr)
-	if err != nil && !IsTimeout(err) && d.cfg.OnDialFailure != nil {
-		d.cfg.OnDialFailure(ap)
+	if err != nil {
+		if !IsTimeout(err) && d.cfg.OnDialFailure != nil {
+			d.cfg.OnDialFailure(ap)
+		}
+		return nil, err
 	}
-	return conn, err
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		_ = tcp.SetLinger(0) // as the torrent client does to the TCP connections it sees
+	}
+	tracked := d.conns.add(conn, ap.Addr())
+	// Checked again once tracked: a CloseDisallowed during the dial did not see the connection.
+	if d.cfg.Allowed != nil && !d.cfg.Allowed(ap.Addr()) {
+		_ = tracked.Close()
+		return nil, fmt.Errorf("dial peer %s: not a member any more", addr)
+	}
+	return tracked, nil
 }
 
 // IsTimeout reports whether err is a timeout, which proves nothing about a peer: a saturated

@@ -88,6 +88,69 @@ func TestBansExpire(t *testing.T) {
 	}
 }
 
+// TestNonMembersAreBlocked: the client's block list refuses the IPs Allowed refuses (in the
+// IPv4-in-IPv6 form the client hands it, too) as well as banned peers, and nobody else.
+func TestNonMembersAreBlocked(t *testing.T) {
+	member, stranger := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+	banned := &bannedIPs{}
+	list := blocklist{banned: banned, allowed: func(a netip.Addr) bool { return a == member }}
+	for _, tt := range []struct {
+		ip   net.IP
+		want bool
+	}{
+		{net.IP(member.AsSlice()), false},
+		{net.ParseIP(member.String()), false}, // 16 bytes, as the client holds IPv4 addresses
+		{net.IP(stranger.AsSlice()), true},
+		{net.ParseIP(stranger.String()), true},
+	} {
+		if _, blocked := list.Lookup(tt.ip); blocked != tt.want {
+			t.Errorf("Lookup(%v) blocked = %v, want %v", tt.ip, blocked, tt.want)
+		}
+	}
+	banned.add(member, time.Now().Add(time.Hour))
+	if _, blocked := list.Lookup(member.AsSlice()); !blocked {
+		t.Error("a banned member is not blocked")
+	}
+	if _, blocked := (blocklist{banned: &bannedIPs{}}).Lookup(stranger.AsSlice()); blocked {
+		t.Error("without Allowed, an IP nobody banned is blocked")
+	}
+}
+
+// TestPeersNoLongerAllowedAreDisconnected: CloseDisallowed drops the connection of a peer that
+// Allowed refuses from then on (a member that left), in the middle of a transfer, and a peer
+// allowed again can connect again.
+func TestPeersNoLongerAllowedAreDisconnected(t *testing.T) {
+	blob := newTestBlob(11, 2<<20, 64<<10)
+	leecherIP := netip.MustParseAddr("127.0.0.3")
+	var left atomic.Bool
+	seeder := newTestNode(t, "127.0.0.2", func(c *Config) {
+		c.MaxUploadRate = 256 << 10 // the transfer lasts seconds
+		c.Allowed = func(a netip.Addr) bool { return !left.Load() || a != leecherIP }
+	})
+	leecher := newTestNode(t, leecherIP.String())
+	ts := seeder.seed(t, blob)
+	tl, fl := leecher.leech(t, blob)
+	tl.AddPeers([]netip.AddrPort{seeder.addr})
+	waitFor(t, "data from the seeder", func() bool { return leecher.heardFrom(seeder.addr.Addr()) > 0 })
+
+	left.Store(true)
+	seeder.CloseDisallowed()
+	var complete bool
+	waitFor(t, "the seeder to drop its connection to the peer that left", func() bool {
+		complete = tl.BytesCompleted() == int64(len(blob.data)) // the client drops connections between complete peers
+		return ts.Stats().PeerConns == 0
+	})
+	if complete {
+		t.Fatal("the peer that left had the whole blob when its connection was dropped: the test shows nothing")
+	}
+
+	left.Store(false)
+	// The client ignores a peer it is connected to: the leecher must have seen the drop first.
+	waitFor(t, "the leecher to see its connection dropped", func() bool { return tl.Stats().PeerConns == 0 })
+	tl.AddPeers([]netip.AddrPort{seeder.addr}) // as the swarm's announces would
+	waitComplete(t, tl, fl, blob.data)
+}
+
 // TestPauseStopsDownloadsUntilResume pauses and resumes a node three times while it downloads
 // a blob from a slow seeder, with a reader following the blob and pieces arriving by another
 // path while it is paused (as when the swarm fetches a segment from upstream). While paused

@@ -67,7 +67,10 @@ func TestRequestWindowIsHeldDuringATransfer(t *testing.T) {
 	if len(counts) < 16 {
 		t.Fatalf("only %d chunks arrived while the peer downloaded: the test observed too little", len(counts))
 	}
-	if held < len(counts)*3/4 {
+	// Held, 73-82 % of the chunks arrive with the window full (the rest at the ends of pieces
+	// and of the transfer); without it the window is one or two requests and almost none do.
+	// Half keeps that difference without failing on a busy machine.
+	if held < len(counts)/2 {
 		t.Errorf("only %d of %d chunks arrived with at least %d requests outstanding: the request window is not held", held, len(counts), window-1)
 	}
 }

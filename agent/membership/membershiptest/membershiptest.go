@@ -18,6 +18,9 @@ type Subject struct {
 	// Revive makes the implementation learn, its own way, that a member it took for dead is
 	// reachable again, and returns once Live includes it (or fails t).
 	Revive func(t *testing.T, addr netip.AddrPort)
+	// SetPeers replaces the peers, as the implementation's owner does when members join or
+	// leave (the implementations' SetPeers method).
+	SetPeers func(peers []netip.AddrPort)
 }
 
 // New builds a Subject of self and peers, every member alive, for one test.
@@ -118,21 +121,114 @@ func Run(t *testing.T, newSubject New) {
 		}
 	})
 
+	c := netip.MustParseAddrPort("127.0.0.4:7070") // not in peers
+
+	t.Run("JoinStartsAlive", func(t *testing.T) {
+		m := newSubject(t, self, peers)
+		changes := m.Changes()
+		m.SetPeers(append(slices.Clone(peers), c))
+		wantAll := []netip.AddrPort{b, self, a, c}
+		if got := m.Members(); !slices.Equal(got, wantAll) {
+			t.Errorf("Members() = %v after %v joined, want %v", got, c, wantAll)
+		}
+		if got := m.Live(); !slices.Equal(got, wantAll) {
+			t.Errorf("Live() = %v after %v joined, want %v: a member that joins starts alive", got, c, wantAll)
+		}
+		if !m.Allowed(c.Addr()) {
+			t.Errorf("Allowed(%v) = false after it joined", c.Addr())
+		}
+		wantClosed(t, changes, "a member joined")
+	})
+
+	t.Run("LeaveRemovesAtOnce", func(t *testing.T) {
+		m := newSubject(t, self, peers)
+		changes := m.Changes()
+		m.SetPeers([]netip.AddrPort{self, a})
+		wantLeft := []netip.AddrPort{self, a}
+		if got := m.Members(); !slices.Equal(got, wantLeft) {
+			t.Errorf("Members() = %v after %v left, want %v", got, b, wantLeft)
+		}
+		if got := m.Live(); !slices.Equal(got, wantLeft) {
+			t.Errorf("Live() = %v after %v left, want %v", got, b, wantLeft)
+		}
+		if m.Allowed(b.Addr()) {
+			t.Errorf("Allowed(%v) = true after it left", b.Addr())
+		}
+		wantClosed(t, changes, "a member left")
+		m.ReportFailure(b) // about a member that left: ignored
+		if got := m.Live(); !slices.Equal(got, wantLeft) {
+			t.Errorf("Live() = %v after a report about a member that left, want %v", got, wantLeft)
+		}
+		m.SetPeers(peers) // back: a new member, alive
+		if got := m.Live(); !slices.Equal(got, want) {
+			t.Errorf("Live() = %v after %v came back, want %v", got, b, want)
+		}
+	})
+
+	t.Run("MemberThatStaysKeepsItsLiveness", func(t *testing.T) {
+		m := newSubject(t, self, peers)
+		m.ReportFailure(a)
+		m.SetPeers([]netip.AddrPort{a, b, c})
+		if got, wantLive := m.Live(), []netip.AddrPort{b, self, c}; !slices.Equal(got, wantLive) {
+			t.Errorf("Live() = %v, want %v: %v was dead before the change and is still a member", got, wantLive, a)
+		}
+	})
+
+	t.Run("SelfCannotLeave", func(t *testing.T) {
+		m := newSubject(t, self, peers)
+		m.SetPeers(nil)
+		only := []netip.AddrPort{self}
+		if got := m.Members(); !slices.Equal(got, only) {
+			t.Errorf("Members() = %v after SetPeers(nil), want %v", got, only)
+		}
+		if got := m.Live(); !slices.Equal(got, only) {
+			t.Errorf("Live() = %v after SetPeers(nil), want %v", got, only)
+		}
+		if !m.Allowed(self.Addr()) || m.Allowed(a.Addr()) {
+			t.Errorf("Allowed(self) = %v, Allowed(%v) = %v after SetPeers(nil), want true, false", m.Allowed(self.Addr()), a.Addr(), m.Allowed(a.Addr()))
+		}
+	})
+
+	t.Run("SameSetChangesNothing", func(t *testing.T) {
+		m := newSubject(t, self, peers)
+		changes := m.Changes()
+		m.ReportFailure(a) // liveness is not the member set
+		m.SetPeers([]netip.AddrPort{mappedA, b})
+		m.SetPeers([]netip.AddrPort{b, self, a})
+		select {
+		case <-changes:
+			t.Error("Changes' channel closed although the member set stayed the same")
+		default:
+		}
+		if got := m.Members(); !slices.Equal(got, want) {
+			t.Errorf("Members() = %v, want %v", got, want)
+		}
+	})
+
 	t.Run("ConcurrentUse", func(t *testing.T) {
 		m := newSubject(t, self, peers)
+		withC := append(slices.Clone(peers), c)
 		var wg sync.WaitGroup
-		for i := range 8 {
+		for i := range 10 {
 			wg.Go(func() {
-				for range 100 {
-					switch i % 4 {
+				for j := range 100 {
+					switch i % 5 {
 					case 0:
 						m.ReportFailure(b)
 					case 1:
 						m.ReportAlive(a.Addr())
 					case 2:
 						_ = m.Live()
-					default:
+						_ = m.Members()
+					case 3:
 						_ = m.Allowed(b.Addr())
+						_ = m.Changes()
+					default:
+						if j%2 == 0 {
+							m.SetPeers(withC)
+						} else {
+							m.SetPeers(peers)
+						}
 					}
 				}
 			})
@@ -142,6 +238,16 @@ func Run(t *testing.T, newSubject New) {
 			t.Errorf("Live() = %v, want every member but %v", live, b)
 		}
 	})
+}
+
+// wantClosed fails t unless ch is closed.
+func wantClosed(t *testing.T, ch <-chan struct{}, why string) {
+	t.Helper()
+	select {
+	case <-ch:
+	default:
+		t.Errorf("Changes' channel is still open although %s", why)
+	}
 }
 
 // Addrs returns n distinct member addresses (10.x.y.z:7070, never dialled), sorted, for tests
