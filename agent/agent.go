@@ -85,8 +85,14 @@ type Config struct {
 type SwarmConfig struct {
 	// P2PAddr is where peers reach this node, and where it listens; invalid = no swarm.
 	P2PAddr netip.AddrPort
-	// Peers is the static member list (the same on every node; may include this node).
+	// Peers is the static member list (the same on every node; may include this node). With
+	// Discovery, it is only where the members start.
 	Peers []netip.AddrPort
+	// Discovery, when set, keeps the member list up to date while the agent runs (in
+	// Kubernetes: the SwarmMembers, agent/kubemembers): it calls set with every new list and
+	// returns when ctx ends. It runs beside the swarm and stops with it; an error stops the
+	// agent.
+	Discovery func(ctx context.Context, set func([]netip.AddrPort)) error
 	// SegmentSize and PieceLength cut blobs into torrents; the same on every node.
 	SegmentSize, PieceLength int64
 	// RampSegments is how many short segments start a blob; the same on every node. 0 =
@@ -154,6 +160,9 @@ func (c *Config) Validate() error {
 	}
 	if len(c.Swarm.Peers) > 0 && !c.Swarm.P2PAddr.IsValid() {
 		return &FieldError{Field: "Swarm.Peers", Needs: "Swarm.P2PAddr", Err: errors.New("needs Swarm.P2PAddr")}
+	}
+	if c.Swarm.Discovery != nil && !c.Swarm.P2PAddr.IsValid() {
+		return &FieldError{Field: "Swarm.Discovery", Needs: "Swarm.P2PAddr", Err: errors.New("needs Swarm.P2PAddr")}
 	}
 	if c.Swarm.MinSegments < 0 {
 		return fieldError("Swarm.MinSegments", errors.New("must not be negative"))
@@ -313,7 +322,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 // stops; then their connections are cut, and containerd falls back to the registry.
 const shutdownGrace = 5 * time.Second
 
-// runParts runs the servers, the swarm and the membership probes until ctx ends or one of them
+// runParts runs the servers, the swarm, the membership probes and discovery until ctx ends or one of them
 // fails, and returns once all have stopped: the servers first, so that requests in flight can
 // still read from the swarm while they drain.
 func runParts(ctx context.Context, servers []*namedServer, p2p *p2pParts, log *slog.Logger) error {
@@ -338,6 +347,9 @@ func runParts(ctx context.Context, servers []*namedServer, p2p *p2pParts, log *s
 	if p2p != nil {
 		g.Go(func() error { return p2p.swarm.Run(drainedCtx) })
 		g.Go(func() error { return p2p.members.Run(drainedCtx) })
+		if p2p.discovery != nil {
+			g.Go(func() error { return p2p.discovery(drainedCtx, p2p.members.SetPeers) })
+		}
 	}
 	return g.Wait()
 }
@@ -345,9 +357,10 @@ func runParts(ctx context.Context, servers []*namedServer, p2p *p2pParts, log *s
 // p2pParts are the peer-to-peer parts of the agent: the membership probes, the swarm, and the
 // server of the agents' control API.
 type p2pParts struct {
-	members *membership.Probed
-	swarm   *swarm.Swarm
-	control *namedServer
+	members   *membership.Probed
+	discovery func(ctx context.Context, set func([]netip.AddrPort)) error
+	swarm     *swarm.Swarm
+	control   *namedServer
 }
 
 // startSwarm listens on the peer-to-peer address, splits it between the BitTorrent peer protocol
@@ -384,7 +397,7 @@ func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg pro
 		return nil, err
 	}
 	log.Info("swarm ready", "p2p_addr", cfg.Swarm.P2PAddr, "members", len(members.Members()))
-	return &p2pParts{members: members, swarm: sw, control: &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
+	return &p2pParts{members: members, discovery: cfg.Swarm.Discovery, swarm: sw, control: &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
 		Handler:           sw.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),

@@ -7,9 +7,9 @@ import (
 // SwarmMemberSpec is where an agent's peers reach it.
 type SwarmMemberSpec struct {
 	// IP is the address peers reach the agent at (the node's address: agents use the host
-	// network).
+	// network). Loopback addresses are allowed for clusters on one machine.
 	// +kubebuilder:validation:MaxLength=45
-	// +kubebuilder:validation:XValidation:rule="isIP(self) && ip(self).family() in [4, 6] && !ip(self).isUnspecified() && !ip(self).isLoopback()",message="ip must be a node's IPv4 or IPv6 address, not unspecified or loopback"
+	// +kubebuilder:validation:XValidation:rule="isIP(self) && !ip(self).isUnspecified()",message="ip must be an IPv4 or IPv6 address, not unspecified"
 	IP string `json:"ip"`
 
 	// Port is the agents' peer port (BitTorrent and the control API share it).

@@ -3,13 +3,16 @@ package main
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/shoal-dev/shoal/agent"
+	"github.com/shoal-dev/shoal/agent/kubemembers"
 	"github.com/shoal-dev/shoal/agent/mirror"
+	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/swarm"
 )
 
@@ -18,6 +21,7 @@ func newAgentCommand() *cobra.Command {
 		cfg          agent.Config
 		rampSegments int
 	)
+	var kube kubeFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the node agent: the registry mirror containerd pulls through",
@@ -40,6 +44,9 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 				cfg.Swarm.RampSegments = -1 // none
 			default:
 				cfg.Swarm.RampSegments = rampSegments
+			}
+			if err := kube.apply(cmd, &cfg); err != nil {
+				return err
 			}
 			return flagError(cmd.Flags(), agent.Run(cmd.Context(), cfg))
 		},
@@ -75,6 +82,9 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.IntVar(&cfg.Swarm.MinSegments, "swarm-min-segments", swarm.DefaultMinSegments, "blobs under this many times --swarm-segment-size are cut into this many segments (of whole pieces), so that a seeder lost mid-fetch costs a small share of any blob; 0 = every blob in segments of --swarm-segment-size (the same on every node)")
 	f.IntVar(&rampSegments, "swarm-ramp-segments", swarm.DefaultRampSegments, "blobs start with this many segments a quarter of --swarm-segment-size long, published sooner at the start of a rollout; 0 = none (the same on every node)")
 	f.DurationVar(&cfg.Swarm.IdleTimeout, "swarm-idle-timeout", swarm.DefaultIdleTimeout, "a blob nobody reads stops seeding once its torrents have moved nothing for this long (a delivered blob stays in the content store); unused working files are removed at this age")
+	f.StringVar(&kube.membership, "membership", "static", `how agents find each other: "static" (--peers) or "kubernetes" (SwarmMember objects; needs --node-name and --p2p-addr; --peers, if given, is where members start while the API server is unreachable)`)
+	f.StringVar(&kube.nodeName, "node-name", "", "this node's name in Kubernetes (set it from the downward API: spec.nodeName)")
+	f.StringVar(&kube.kubeconfig, "kubeconfig", "", `kubeconfig file for --membership kubernetes; "" = $KUBECONFIG, or the pod's service account`)
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "json", "json or text")
 	cfg.UpstreamTimeouts.Manifest = 0 // bounded by --manifest-timeout in the mirror
@@ -115,4 +125,45 @@ func flagError(fs *pflag.FlagSet, err error) error {
 		}
 	}
 	return fmt.Errorf("%s: %w", flagLabel(fs, name), field.Err)
+}
+
+// kubeFlags are the agent's flags for running in Kubernetes.
+type kubeFlags struct {
+	membership, nodeName, kubeconfig string
+}
+
+// apply sets up the Kubernetes membership when --membership kubernetes asks for it.
+func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
+	fs := cmd.Flags()
+	switch k.membership {
+	case "static":
+		return nil
+	case "kubernetes":
+	default:
+		return fmt.Errorf("%s %q: want static or kubernetes", flagLabel(fs, "membership"), k.membership)
+	}
+	if k.nodeName == "" {
+		return fmt.Errorf("%s kubernetes needs %s", flagLabel(fs, "membership"), flagLabel(fs, "node-name"))
+	}
+	if !cfg.Swarm.P2PAddr.IsValid() {
+		return fmt.Errorf("%s kubernetes needs %s", flagLabel(fs, "membership"), flagLabel(fs, "p2p-addr"))
+	}
+	restCfg, err := loadRESTConfig(k.kubeconfig)
+	if err != nil {
+		return fmt.Errorf("%s kubernetes: %w", flagLabel(fs, "membership"), err)
+	}
+	src, err := kubemembers.New(restCfg, kubemembers.Config{
+		NodeName:        k.nodeName,
+		Self:            cfg.Swarm.P2PAddr,
+		ProtocolVersion: plan.ProtocolVersion,
+		AgentVersion:    version,
+		StateFile:       filepath.Join(cfg.DataDir, "members.json"),
+		Bootstrap:       cfg.Swarm.Peers,
+		Logger:          cfg.Logger.With("component", "kubemembers"),
+	})
+	if err != nil {
+		return err
+	}
+	cfg.Swarm.Discovery = src.Run
+	return nil
 }

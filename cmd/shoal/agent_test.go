@@ -41,6 +41,9 @@ func TestAgentErrorsNameFlags(t *testing.T) {
 		{"ramp segments", []string{"--swarm-ramp-segments", "-1"}, nil, "--swarm-ramp-segments -1: want 0 or more"},
 		{"log level from env", nil, map[string]string{"SHOAL_LOG_LEVEL": "loud"}, `SHOAL_LOG_LEVEL (--log-level) "loud": want debug`},
 		{"CA file", []string{"--registry-ca-file", "/nonexistent/ca.pem"}, nil, "--registry-ca-file: "},
+		{"membership", []string{"--membership", "gossip"}, nil, `--membership "gossip": want static or kubernetes`},
+		{"kubernetes without node name", []string{"--membership", "kubernetes", "--p2p-addr", "127.0.0.2:7070"}, nil, "--membership kubernetes needs --node-name"},
+		{"kubernetes without p2p addr", nil, map[string]string{"SHOAL_MEMBERSHIP": "kubernetes", "SHOAL_NODE_NAME": "a"}, "SHOAL_MEMBERSHIP (--membership) kubernetes needs --p2p-addr"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
