@@ -8,10 +8,14 @@
 package kubetest
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/go-logr/logr"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
@@ -40,7 +44,9 @@ type Env struct {
 	// CRDs are the CustomResourceDefinitions that were installed.
 	CRDs []*apiextensionsv1.CustomResourceDefinition
 
-	env *envtest.Environment
+	env      *envtest.Environment
+	stopOnce sync.Once
+	stopErr  error
 }
 
 // AssetsDir is where the kube-apiserver and etcd binaries are: KUBEBUILDER_ASSETS, or the place
@@ -62,10 +68,23 @@ func CRDDir() string {
 	return filepath.Join(filepath.Dir(file), "..", "..", "config", "crd", "bases")
 }
 
+// Options change where the API server listens.
+type Options struct {
+	// ListenAddress is the IP the API server serves on (default 127.0.0.1), e.g. the testbed's
+	// bridge address, which agents in node namespaces reach. Its serving certificate names it.
+	ListenAddress string
+}
+
 // Start starts etcd and kube-apiserver, installs Shoal's CRDs and stops both when the test ends.
 // A test that cannot run them fails, with one exception that is reported as a skip: go test run
 // by hand, outside make, on a machine where `make deps` never ran.
 func Start(t testing.TB) *Env {
+	t.Helper()
+	return StartWith(t, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, opts Options) *Env {
 	t.Helper()
 	assets := AssetsDir()
 	if _, err := os.Stat(filepath.Join(assets, "kube-apiserver")); err != nil {
@@ -87,18 +106,42 @@ func Start(t testing.TB) *Env {
 		ErrorIfCRDPathMissing: true,
 		Scheme:                scheme,
 	}
+	if opts.ListenAddress != "" {
+		// envtest picks a loopback address unless given a port too.
+		l, err := net.Listen("tcp", net.JoinHostPort(opts.ListenAddress, "0"))
+		if err != nil {
+			t.Fatalf("a port on %s for the API server: %v", opts.ListenAddress, err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		_ = l.Close()
+		api := &envtest.APIServer{}
+		api.SecureServing.ListenAddr.Address = opts.ListenAddress
+		api.SecureServing.ListenAddr.Port = strconv.Itoa(port)
+		api.Configure().Set("advertise-address", opts.ListenAddress)
+		env.ControlPlane.APIServer = api
+		// Clients in other namespaces hold watches open; the API server drains them on the way
+		// out, longer than envtest's default 20 s.
+		env.ControlPlaneStopTimeout = 2 * time.Minute
+	}
 	cfg, err := env.Start()
 	if err != nil {
 		t.Fatalf("start kube-apiserver and etcd from %s: %v", assets, err)
 	}
+	e := &Env{Config: cfg, Scheme: scheme, KubeConfig: env.KubeConfig, CRDs: env.CRDs, env: env}
 	t.Cleanup(func() {
-		if err := env.Stop(); err != nil {
+		if err := e.Stop(); err != nil {
 			t.Errorf("stop kube-apiserver and etcd: %v", err)
 		}
 	})
-	c, err := client.New(cfg, client.Options{Scheme: scheme})
-	if err != nil {
+	if e.Client, err = client.New(cfg, client.Options{Scheme: scheme}); err != nil {
 		t.Fatal(err)
 	}
-	return &Env{Config: cfg, Client: c, Scheme: scheme, KubeConfig: env.KubeConfig, CRDs: env.CRDs, env: env}
+	return e
+}
+
+// Stop stops the API server and etcd before the test ends, e.g. to show that agents keep
+// working without them; stopping again does nothing.
+func (e *Env) Stop() error {
+	e.stopOnce.Do(func() { e.stopErr = e.env.Stop() })
+	return e.stopErr
 }

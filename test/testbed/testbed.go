@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -268,6 +269,10 @@ func (tb *Testbed) RegistryURL() string { return "http://" + tb.RegistryHost() }
 // SetAgentUpstream makes agents started from now on find registry.test at url instead of the
 // registry, e.g. at a front that misbehaves (see ListenOnSwitch).
 func (tb *Testbed) SetAgentUpstream(url string) { tb.agentUpstream = url }
+
+// SwitchAddr is this process's own address on the testbed's bridge, which every node reaches:
+// where a server the test runs for the nodes (an API server, a registry front) listens.
+func (tb *Testbed) SwitchAddr() netip.Addr { return switchIP }
 
 // ListenOnSwitch opens a TCP listener on this process's own address on the testbed's bridge,
 // which every node reaches (through its shaped link), e.g. for a registry front that
