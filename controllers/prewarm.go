@@ -42,6 +42,9 @@ type PrewarmReconciler struct {
 	Client   client.Client
 	Resolver Resolver
 	Recorder events.EventRecorder
+	// APIReader reads pull Secrets from the API server itself (default: the manager's), so
+	// that the controller keeps no cache of Secrets and needs only get on them.
+	APIReader client.Reader
 	// Now returns the time (default time.Now); tests move it.
 	Now func() time.Time
 }
@@ -202,7 +205,7 @@ func (r *PrewarmReconciler) pullSecrets(ctx context.Context, p *v1.Prewarm) [][]
 	var out [][]byte
 	for _, ref := range p.Spec.ImagePullSecrets {
 		var s corev1.Secret
-		err := r.Client.Get(ctx, types.NamespacedName{Namespace: p.Namespace, Name: ref.Name}, &s)
+		err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: p.Namespace, Name: ref.Name}, &s)
 		if err == nil && s.Type != corev1.SecretTypeDockerConfigJson {
 			err = fmt.Errorf("type %s, want %s", s.Type, corev1.SecretTypeDockerConfigJson)
 		}
@@ -283,6 +286,9 @@ func (r *PrewarmReconciler) eventOnChange(p *v1.Prewarm, before *v1.PrewarmStatu
 func (r *PrewarmReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if r.Resolver == nil {
 		return errors.New("PrewarmReconciler needs a Resolver")
+	}
+	if r.APIReader == nil {
+		r.APIReader = mgr.GetAPIReader()
 	}
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("prewarm").

@@ -1,6 +1,7 @@
 package controllers_test
 
 import (
+	"encoding/base64"
 	"fmt"
 	"io"
 	"log"
@@ -270,5 +271,60 @@ func TestPrewarmLifecycle(t *testing.T) {
 			p := getPrewarm(t, c, key)
 			return p == nil, fmt.Sprintf("%+v", p)
 		})
+	})
+}
+
+// TestPrewarmPullSecrets: a Prewarm of a private image resolves with its imagePullSecret, read
+// from its namespace, and says Unauthorized without one.
+func TestPrewarmPullSecrets(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	priv := startPrivateRegistry(t, "puller", "s3cret")
+	img, err := random.Image(1024, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := priv.push(t, "secret/app:1", img)
+	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"private.test": "http://" + priv.host}),
+		resolve.WithInsecure("private.test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	startManager(t, env, func(mgr ctrl.Manager) error {
+		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r}}).SetupWithManager(mgr)
+	})
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	auth := base64.StdEncoding.EncodeToString([]byte(priv.user + ":" + priv.password))
+	if err := c.Create(ctx, &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
+		Type:       corev1.SecretTypeDockerConfigJson,
+		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{"private.test":{"auth":%q}}}`, auth)},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		secrets []corev1.LocalObjectReference
+	}{{"with", []corev1.LocalObjectReference{{Name: "pull"}}}, {"without", nil}} {
+		p := &shoalv1.Prewarm{
+			ObjectMeta: metav1.ObjectMeta{Name: tc.name, Namespace: "team"},
+			Spec:       shoalv1.PrewarmSpec{Images: []string{"private.test/secret/app:1"}, ImagePullSecrets: tc.secrets},
+		}
+		if err := c.Create(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "resolved with the secret", func() (bool, string) {
+		p := getPrewarm(t, c, client.ObjectKey{Namespace: "team", Name: "with"})
+		return p != nil && len(p.Status.References) == 1 && p.Status.References[0].Digest == digest, fmt.Sprintf("%+v", p)
+	})
+	eventually(t, "unauthorized without it", func() (bool, string) {
+		p := getPrewarm(t, c, client.ObjectKey{Namespace: "team", Name: "without"})
+		return p != nil && len(p.Status.References) == 1 && p.Status.References[0].Digest == "" &&
+			strings.Contains(strings.ToLower(p.Status.References[0].Error), "unauthorized") &&
+			meta.IsStatusConditionTrue(p.Status.Conditions, controllers.ConditionDegraded), fmt.Sprintf("%+v", p)
 	})
 }

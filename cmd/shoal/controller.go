@@ -10,9 +10,12 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -32,6 +35,8 @@ type controllerConfig struct {
 	gracefulShutdown time.Duration
 	endpoints        map[string]string
 	resolveTimeout   time.Duration
+	seedPods         bool
+	seedTTL          time.Duration
 }
 
 func newControllerCommand() *cobra.Command {
@@ -40,8 +45,9 @@ func newControllerCommand() *cobra.Command {
 		Use:   "controller",
 		Short: "Run the controller: NodeCaches for Nodes, Prewarms resolved and rolled up",
 		Long: "Run Shoal's controller. It keeps one NodeCache per Node with the content that the Prewarms\n" +
-			"selecting the node ask for, and reports their progress in the Prewarms' status. Several\n" +
-			"replicas may run: one leads (a Lease), the others wait.",
+			"selecting the node ask for, and reports their progress in the Prewarms' status. It writes a\n" +
+			"SwarmSeed for each image manifest that pending pods are about to pull, so that the agents\n" +
+			"fetch it before the kubelets ask. Several replicas may run: one leads (a Lease), the others wait.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := commandLogger(cmd)
@@ -49,6 +55,9 @@ func newControllerCommand() *cobra.Command {
 				return err
 			}
 			ctrl.SetLogger(logr.FromSlogHandler(log.Handler()))
+			if cfg.seedTTL <= 0 {
+				return fmt.Errorf("--seed-ttl %v: must be positive", cfg.seedTTL)
+			}
 			restCfg, err := loadRESTConfig(cfg.kubeconfig)
 			if err != nil {
 				return err
@@ -69,6 +78,10 @@ func newControllerCommand() *cobra.Command {
 				// for it to expire.
 				LeaderElectionReleaseOnCancel: true,
 				GracefulShutdownTimeout:       &cfg.gracefulShutdown,
+				// Pods are read by the pod seeding only: cached with just what it reads.
+				Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+					&corev1.Pod{}: {Transform: controllers.PodCacheTransform},
+				}},
 			})
 			if err != nil {
 				return fmt.Errorf("controller manager: %w", err)
@@ -97,6 +110,24 @@ func newControllerCommand() *cobra.Command {
 				Recorder: mgr.GetEventRecorder("shoal-controller"),
 			}).SetupWithManager(mgr); err != nil {
 				return err
+			}
+			if err := (&controllers.SwarmSeedTTLReconciler{
+				Client:     mgr.GetClient(),
+				TTL:        cfg.seedTTL,
+				Registerer: metrics.Registry,
+			}).SetupWithManager(mgr); err != nil {
+				return err
+			}
+			if cfg.seedPods {
+				if err := (&controllers.PodSeedReconciler{
+					Client:     mgr.GetClient(),
+					APIReader:  mgr.GetAPIReader(),
+					Resolver:   resolver,
+					TTL:        cfg.seedTTL,
+					Registerer: metrics.Registry,
+				}).SetupWithManager(mgr); err != nil {
+					return err
+				}
 			}
 			if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
 				return err
@@ -130,6 +161,8 @@ func newControllerCommand() *cobra.Command {
 	f.DurationVar(&cfg.gracefulShutdown, "graceful-shutdown", 30*time.Second, "how long reconciles in flight may take to finish on shutdown")
 	f.Var(newEndpointsValue(&cfg.endpoints), "registry-endpoint", "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable; http:// allows plain HTTP for it)")
 	f.DurationVar(&cfg.resolveTimeout, "resolve-timeout", resolve.DefaultTimeout, "bound on each registry call made to resolve a reference")
+	f.BoolVar(&cfg.seedPods, "seed-pods", true, "write a SwarmSeed for each image manifest that pending pods are about to pull")
+	f.DurationVar(&cfg.seedTTL, "seed-ttl", controllers.DefaultSeedTTL, "how long a SwarmSeed lives before the controller deletes it; a manifest is not seeded again within it")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "text", "text or json")
 	return cmd

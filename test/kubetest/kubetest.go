@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -112,11 +111,14 @@ func StartWith(t testing.TB, opts Options) *Env {
 		if err != nil {
 			t.Fatalf("a port on %s for the API server: %v", opts.ListenAddress, err)
 		}
-		port := l.Addr().(*net.TCPAddr).Port
+		_, port, err := net.SplitHostPort(l.Addr().String())
 		_ = l.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
 		api := &envtest.APIServer{}
-		api.SecureServing.ListenAddr.Address = opts.ListenAddress
-		api.SecureServing.ListenAddr.Port = strconv.Itoa(port)
+		api.Address = opts.ListenAddress
+		api.Port = port
 		api.Configure().Set("advertise-address", opts.ListenAddress)
 		env.ControlPlane.APIServer = api
 		// Clients in other namespaces hold watches open; the API server drains them on the way
