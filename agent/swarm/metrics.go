@@ -32,6 +32,8 @@ type metrics struct {
 	wholeBlobs prometheus.Counter
 	// rescues counts segments whose seeder stopped answering and that another member seeded again.
 	rescues prometheus.Counter
+	// prefetched counts segments this node started to seed ahead of readers (Prefetch).
+	prefetched prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
@@ -81,6 +83,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "segment_rescues_total",
 			Help: "Segments a reader waited for whose seeder did not answer a ping (stopped or wedged): the next member by rank seeded them again from upstream.",
 		}),
+		prefetched: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "prefetched_segments_total",
+			Help: "Segments this node began to seed ahead of any reader, because pods were about to pull their blob (SwarmSeed).",
+		}),
 	}
 	for _, reason := range []string{stallNoProgress, stallLatePiece} {
 		m.stalls.WithLabelValues(reason)
@@ -92,7 +98,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		return func() float64 { return f(s.stats()) }
 	}
 	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.kicks, m.bans, m.retired, m.filesRemoved, m.completion,
-		m.protocolFallbacks, m.wholeBlobs, m.rescues,
+		m.protocolFallbacks, m.wholeBlobs, m.rescues, m.prefetched,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
 			Help: "Useful blob bytes received from peers.",
