@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
@@ -21,6 +22,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -77,6 +79,11 @@ type Config struct {
 	UpstreamTimeouts upstream.Timeouts
 	// Swarm configures peer-to-peer distribution; disabled when P2PAddr is not set.
 	Swarm SwarmConfig
+	// NodeCache, when set, makes the store hold what this node is asked to hold (in
+	// Kubernetes: its NodeCache object, agent/nodecache). It is called once the agent's parts
+	// are up, with the parts through which a pull's bytes come, and returns when ctx ends. It
+	// runs beside the mirror and stops before the swarm and the store; an error stops the agent.
+	NodeCache func(ctx context.Context, content Content) error
 	// Logger receives structured logs.
 	Logger *slog.Logger
 }
@@ -106,6 +113,24 @@ type SwarmConfig struct {
 	// IdleTimeout is how long a blob without readers keeps seeding after its last transfer, and
 	// how long an unused working file is kept; 0 = swarm.DefaultIdleTimeout.
 	IdleTimeout time.Duration
+}
+
+// Content is what the agent gives its NodeCache hook: the parts through which the bytes of a
+// pull come, so that content fetched ahead of pulls comes exactly as a pull's would.
+type Content struct {
+	// Store is the content store, which verifies every blob it keeps.
+	Store *store.Store
+	// Upstream fetches manifests from registries, with the agent's endpoints, TLS settings and
+	// credentials.
+	Upstream *upstream.Client
+	// BlobSource is where a blob missing from the store comes from, as for the mirror's
+	// misses: the swarm with Swarm.P2PAddr, else the registry, whole.
+	BlobSource func(registry, repo string, d v1.Hash) store.Source
+	// Mirrors reports whether the agent mirrors a registry (MirrorRegistries): content of
+	// another registry reaches the node's runtime without the agent.
+	Mirrors func(registry string) bool
+	// Registerer registers metrics on the agent's /metrics.
+	Registerer prometheus.Registerer
 }
 
 // FieldError is a field of Config that the agent refuses, and why. Field is the field's Go
@@ -178,8 +203,8 @@ func (c *Config) Validate() error {
 
 // Run starts the agent and blocks until ctx is cancelled or a part of it fails. Its parts run
 // as one errgroup: when one fails, or ctx ends, the HTTP servers drain their requests (for at
-// most shutdownGrace), then the swarm and the membership probes stop, and the content store is
-// closed last. Run returns once every goroutine it started has ended and every listener is
+// most shutdownGrace) and the NodeCache hook returns, then the swarm and the membership probes
+// stop, and the content store is closed last. Run returns once every goroutine it started has ended and every listener is
 // closed.
 func Run(ctx context.Context, cfg Config) (err error) {
 	if err := cfg.Validate(); err != nil {
@@ -282,6 +307,14 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		mirrorOpts = append(mirrorOpts, mirror.WithBlobSource(p2p.swarm.Source))
 		health.add("swarm", p2p.swarm.Check)
 	}
+	var nodeCache func(context.Context) error
+	if cfg.NodeCache != nil {
+		content := Content{Store: blobs, Upstream: client, BlobSource: upstreamSource(client), Mirrors: cfg.mirrors, Registerer: reg}
+		if p2p != nil {
+			content.BlobSource = p2p.swarm.Source
+		}
+		nodeCache = func(ctx context.Context) error { return cfg.NodeCache(ctx, content) }
+	}
 	handler := mirror.New(mirrorStore, client, mirrorOpts...)
 
 	// Listen before writing hosts.toml: containerd may read it the moment it appears.
@@ -313,7 +346,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	ready.Store(true)
 	log.Info("agent ready", "mirror", mirrorListener.Addr().String(), "registries", cfg.MirrorRegistries)
-	err = runParts(ctx, servers, p2p, log)
+	err = runParts(ctx, servers, nodeCache, p2p, log)
 	log.Info("agent stopped", "error", err)
 	return err
 }
@@ -322,10 +355,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 // stops; then their connections are cut, and containerd falls back to the registry.
 const shutdownGrace = 5 * time.Second
 
-// runParts runs the servers, the swarm, the membership probes and discovery until ctx ends or one of them
-// fails, and returns once all have stopped: the servers first, so that requests in flight can
-// still read from the swarm while they drain.
-func runParts(ctx context.Context, servers []*namedServer, p2p *p2pParts, log *slog.Logger) error {
+// runParts runs the servers, the NodeCache hook, the swarm, the membership probes and discovery
+// until ctx ends or one of them fails, and returns once all have stopped: the servers and the
+// NodeCache hook first, so that requests in flight can still read from the swarm while they
+// drain.
+func runParts(ctx context.Context, servers []*namedServer, nodeCache func(context.Context) error, p2p *p2pParts, log *slog.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	// The swarm and the probes stop once every server has drained (or failed).
 	drainedCtx, drained := context.WithCancel(context.WithoutCancel(ctx))
@@ -336,6 +370,16 @@ func runParts(ctx context.Context, servers []*namedServer, p2p *p2pParts, log *s
 		g.Go(func() error {
 			defer serving.Done()
 			return s.run(gctx)
+		})
+	}
+	if nodeCache != nil {
+		serving.Add(1)
+		g.Go(func() error {
+			defer serving.Done()
+			if err := nodeCache(gctx); err != nil {
+				return fmt.Errorf("node cache: %w", err)
+			}
+			return nil
 		})
 	}
 	g.Go(func() error {
@@ -402,6 +446,15 @@ func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg pro
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}}}, nil
+}
+
+// upstreamSource fetches a whole blob from its registry, as the mirror does without the swarm.
+func upstreamSource(client *upstream.Client) func(registry, repo string, d v1.Hash) store.Source {
+	return func(registry, repo string, d v1.Hash) store.Source {
+		return func(ctx context.Context) (io.ReadCloser, int64, error) {
+			return client.Blob(ctx, registry, repo, d, 0, -1)
+		}
+	}
 }
 
 // mirrors reports whether the agent mirrors a registry.

@@ -1,13 +1,18 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"go.uber.org/goleak"
 
 	"github.com/shoal-dev/shoal/agent/store"
@@ -109,5 +114,46 @@ func wedge(t *testing.T, metricsAddr string, on bool) {
 	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusNoContent {
 		t.Fatalf("POST %s: %s", url, resp.Status)
+	}
+}
+
+// TestNodeCacheHookStopsBeforeTheStore: the NodeCache hook gets the agent's parts, runs until
+// the agent stops, and can still use the store once told to stop (the store closes after it);
+// its error stops the agent.
+func TestNodeCacheHookStopsBeforeTheStore(t *testing.T) {
+	cfg := fullConfig(t)
+	afterStop := make(chan error, 1)
+	cfg.NodeCache = func(ctx context.Context, c Content) error {
+		if c.Store == nil || c.Upstream == nil || c.BlobSource == nil || c.Mirrors == nil || c.Registerer == nil {
+			return errors.New("a part is missing")
+		}
+		if !c.Mirrors("registry.test") || c.Mirrors("elsewhere.test") {
+			return errors.New("Mirrors does not follow MirrorRegistries")
+		}
+		<-ctx.Done()
+		data := []byte("written while stopping")
+		d, _, _ := v1.SHA256(bytes.NewReader(data))
+		b, err := c.Store.Fetch(context.Background(), d, func(context.Context) (io.ReadCloser, int64, error) {
+			return io.NopCloser(bytes.NewReader(data)), int64(len(data)), nil
+		})
+		if err == nil {
+			_, err = io.Copy(io.Discard, b)
+			_ = b.Close()
+		}
+		afterStop <- err
+		return nil
+	}
+	stop := startAgent(t, cfg)
+	if err := stop(); err != nil {
+		t.Fatalf("Run returned %v after cancel", err)
+	}
+	if err := <-afterStop; err != nil {
+		t.Errorf("the store refused the hook while it stopped: %v", err)
+	}
+
+	cfg = fullConfig(t)
+	cfg.NodeCache = func(context.Context, Content) error { return errors.New("no API server config") }
+	if err := Run(t.Context(), cfg); err == nil || !strings.Contains(err.Error(), "node cache: no API server config") {
+		t.Errorf("Run with a failing NodeCache hook = %v, want its error", err)
 	}
 }

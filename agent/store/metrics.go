@@ -41,6 +41,10 @@ func newMetrics(reg prometheus.Registerer, s *Store) (*metrics, error) {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "shoal", Subsystem: "store", Name: "blobs", Help: "Complete blobs in the store.",
 		}, func() float64 { _, n := s.Usage(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "shoal", Subsystem: "store", Name: "pinned_bytes",
+			Help: "Bytes of complete blobs that some owner pins (never evicted).",
+		}, func() float64 { return float64(s.PinnedBytes()) }),
 	}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {

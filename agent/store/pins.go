@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
@@ -25,7 +26,7 @@ type pinsDoc struct {
 // it arrives. Pins are saved in the store's directory and survive a restart; the pin takes effect
 // once it is saved, when Pin returns.
 func (s *Store) Pin(d v1.Hash, owner string) error {
-	if err := s.changePin(d, owner, true); err != nil {
+	if err := s.changePins([]v1.Hash{d}, owner, true); err != nil {
 		return fmt.Errorf("pin %s for %q: %w", d, owner, err)
 	}
 	return nil
@@ -34,39 +35,100 @@ func (s *Store) Pin(d v1.Hash, owner string) error {
 // Unpin removes owner's pin on d. Removing a pin that does not exist is not an error. The blob
 // stays protected until the change is saved.
 func (s *Store) Unpin(d v1.Hash, owner string) error {
-	if err := s.changePin(d, owner, false); err != nil {
+	if err := s.changePins([]v1.Hash{d}, owner, false); err != nil {
 		return fmt.Errorf("unpin %s for %q: %w", d, owner, err)
 	}
 	return nil
 }
 
-// changePin adds (pin) or removes owner's pin on d: it saves pins.json with the change outside
-// the store's lock, so that Gets do not wait for the disk, then applies it in memory.
-func (s *Store) changePin(d v1.Hash, owner string, pin bool) error {
+// PinAll pins every digest of ds for owner, as Pin does, saving the pins once: an image's
+// manifest and blobs are pinned with one write of pins.json rather than one per blob. If a
+// digest is invalid nothing is pinned.
+func (s *Store) PinAll(ds []v1.Hash, owner string) error {
+	if err := s.changePins(ds, owner, true); err != nil {
+		return fmt.Errorf("pin %d blobs for %q: %w", len(ds), owner, err)
+	}
+	return nil
+}
+
+// UnpinAll removes owner's pins on every digest of ds, as Unpin does, saving the pins once.
+func (s *Store) UnpinAll(ds []v1.Hash, owner string) error {
+	if err := s.changePins(ds, owner, false); err != nil {
+		return fmt.Errorf("unpin %d blobs for %q: %w", len(ds), owner, err)
+	}
+	return nil
+}
+
+// PinnedBy returns the digests owner pins, sorted, whether or not their blobs are in the store:
+// what a component pinned before a restart, for it to reconcile with what it wants now.
+func (s *Store) PinnedBy(owner string) []v1.Hash {
+	s.mu.Lock()
+	var ds []v1.Hash
+	for hex, owners := range s.pins {
+		if _, ok := owners[owner]; ok {
+			ds = append(ds, v1.Hash{Algorithm: "sha256", Hex: hex})
+		}
+	}
+	s.mu.Unlock()
+	slices.SortFunc(ds, func(a, b v1.Hash) int { return strings.Compare(a.Hex, b.Hex) })
+	return ds
+}
+
+// PinnedBytes returns the size of the complete blobs that at least one owner pins: the part of
+// the store that eviction cannot free.
+func (s *Store) PinnedBytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var n int64
+	for hex := range s.pins {
+		if e := s.index[hex]; e != nil {
+			n += e.size
+		}
+	}
+	return n
+}
+
+// changePins adds (pin) or removes owner's pins on ds: it saves pins.json with the change
+// outside the store's lock, so that Gets do not wait for the disk, then applies it in memory.
+// Nothing is written when no pin changes.
+func (s *Store) changePins(ds []v1.Hash, owner string, pin bool) error {
 	if owner == "" {
 		return errors.New("empty owner")
 	}
-	if err := checkDigest(d); err != nil {
-		return err
+	for _, d := range ds {
+		if err := checkDigest(d); err != nil {
+			if len(ds) > 1 {
+				err = fmt.Errorf("%s: %w", d, err)
+			}
+			return err
+		}
 	}
 	s.pinsMu.Lock()
 	defer s.pinsMu.Unlock()
 	s.mu.Lock()
-	if _, pinned := s.pins[d.Hex][owner]; pinned == pin {
+	var change []string // hex digests whose pin changes
+	for _, d := range ds {
+		if _, pinned := s.pins[d.Hex][owner]; pinned != pin && !slices.Contains(change, d.Hex) {
+			change = append(change, d.Hex)
+		}
+	}
+	if len(change) == 0 {
 		s.mu.Unlock()
 		return nil
 	}
-	doc := s.pinsDocLocked(d.Hex, owner, pin)
+	doc := s.pinsDocLocked(change, owner, pin)
 	s.mu.Unlock()
 	// pinsMu keeps other changes out until this one is applied, so doc stays current.
 	if err := s.savePins(doc); err != nil {
 		return err
 	}
 	s.mu.Lock()
-	if pin {
-		s.addPinLocked(d.Hex, owner)
-	} else {
-		s.dropPinLocked(d.Hex, owner)
+	for _, hex := range change {
+		if pin {
+			s.addPinLocked(hex, owner)
+		} else {
+			s.dropPinLocked(hex, owner)
+		}
 	}
 	s.mu.Unlock()
 	return nil
@@ -86,24 +148,26 @@ func (s *Store) dropPinLocked(hex, owner string) {
 	}
 }
 
-// pinsDocLocked returns the pins with owner's pin on hex added (pin) or removed, as pins.json
-// holds them.
-func (s *Store) pinsDocLocked(hex, owner string, pin bool) pinsDoc {
-	doc := pinsDoc{Pins: make(map[string][]string, len(s.pins)+1)}
+// pinsDocLocked returns the pins with owner's pins on hexes added (pin) or removed, as
+// pins.json holds them.
+func (s *Store) pinsDocLocked(hexes []string, owner string, pin bool) pinsDoc {
+	doc := pinsDoc{Pins: make(map[string][]string, len(s.pins)+len(hexes))}
 	for h, owners := range s.pins {
-		if h != hex {
-			doc.Pins["sha256:"+h] = slices.Sorted(maps.Keys(owners))
+		doc.Pins["sha256:"+h] = slices.Sorted(maps.Keys(owners))
+	}
+	for _, hex := range hexes {
+		owners := doc.Pins["sha256:"+hex]
+		if pin {
+			owners = append(owners, owner)
+			slices.Sort(owners)
+		} else {
+			owners = slices.DeleteFunc(owners, func(o string) bool { return o == owner })
 		}
-	}
-	owners := make(map[string]struct{}, len(s.pins[hex])+1)
-	maps.Copy(owners, s.pins[hex])
-	if pin {
-		owners[owner] = struct{}{}
-	} else {
-		delete(owners, owner)
-	}
-	if len(owners) > 0 {
-		doc.Pins["sha256:"+hex] = slices.Sorted(maps.Keys(owners))
+		if len(owners) > 0 {
+			doc.Pins["sha256:"+hex] = owners
+		} else {
+			delete(doc.Pins, "sha256:"+hex)
+		}
 	}
 	return doc
 }

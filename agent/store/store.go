@@ -380,6 +380,9 @@ func (s *Store) Usage() (bytes int64, blobs int) {
 	return s.used, len(s.index)
 }
 
+// MaxBytes returns the store's size limit (WithMaxBytes); 0 means unlimited.
+func (s *Store) MaxBytes() int64 { return s.maxBytes }
+
 // List describes every complete blob, most recently used first.
 func (s *Store) List() []Info {
 	s.mu.Lock()

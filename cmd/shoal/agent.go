@@ -1,17 +1,21 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/rest"
 
 	"github.com/shoal-dev/shoal/agent"
 	"github.com/shoal-dev/shoal/agent/kubemembers"
 	"github.com/shoal-dev/shoal/agent/mirror"
+	"github.com/shoal-dev/shoal/agent/nodecache"
 	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/swarm"
 )
@@ -85,6 +89,9 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(&kube.membership, "membership", "static", `how agents find each other: "static" (--peers) or "kubernetes" (SwarmMember objects; needs --node-name and --p2p-addr; --peers, if given, is where members start while the API server is unreachable)`)
 	f.StringVar(&kube.nodeName, "node-name", "", "this node's name in Kubernetes (set it from the downward API: spec.nodeName)")
 	f.StringVar(&kube.kubeconfig, "kubeconfig", "", `kubeconfig file for --membership kubernetes; "" = $KUBECONFIG, or the pod's service account`)
+	f.BoolVar(&kube.nodeCache, "node-cache", true, "with --membership kubernetes, make the store hold what this node's NodeCache asks for: fetch each item through the swarm, pin what it pins, release what leaves it, and report in its status (runtime import and pull tokens are not done yet); false = ignore the NodeCache")
+	f.DurationVar(&kube.nodeCacheStatusInterval, "node-cache-status-interval", nodecache.DefaultStatusInterval, "the NodeCache status is written at most this often while only bytes move; state changes are written at once")
+	f.DurationVar(&kube.nodeCacheStallTimeout, "node-cache-stall-timeout", nodecache.DefaultStallTimeout, "a NodeCache download that moves no byte for this long is retried (with backoff); one that keeps moving is never cut")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "json", "json or text")
 	cfg.UpstreamTimeouts.Manifest = 0 // bounded by --manifest-timeout in the mirror
@@ -130,9 +137,13 @@ func flagError(fs *pflag.FlagSet, err error) error {
 // kubeFlags are the agent's flags for running in Kubernetes.
 type kubeFlags struct {
 	membership, nodeName, kubeconfig string
+	nodeCache                        bool
+	nodeCacheStatusInterval          time.Duration
+	nodeCacheStallTimeout            time.Duration
 }
 
-// apply sets up the Kubernetes membership when --membership kubernetes asks for it.
+// apply sets up the Kubernetes membership, and the NodeCache worker unless --node-cache=false,
+// when --membership kubernetes asks for it.
 func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 	fs := cmd.Flags()
 	switch k.membership {
@@ -147,6 +158,12 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 	}
 	if !cfg.Swarm.P2PAddr.IsValid() {
 		return fmt.Errorf("%s kubernetes needs %s", flagLabel(fs, "membership"), flagLabel(fs, "p2p-addr"))
+	}
+	if k.nodeCacheStatusInterval <= 0 {
+		return fmt.Errorf("%s %s: want more than 0", flagLabel(fs, "node-cache-status-interval"), k.nodeCacheStatusInterval)
+	}
+	if k.nodeCacheStallTimeout <= 0 {
+		return fmt.Errorf("%s %s: want more than 0", flagLabel(fs, "node-cache-stall-timeout"), k.nodeCacheStallTimeout)
 	}
 	restCfg, err := loadRESTConfig(k.kubeconfig)
 	if err != nil {
@@ -165,5 +182,31 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 		return err
 	}
 	cfg.Swarm.Discovery = src.Run
+	if k.nodeCache {
+		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), cfg.Logger.With("component", "nodecache"))
+	}
 	return nil
+}
+
+// nodeCacheHook runs the NodeCache worker on the agent's content parts.
+func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, log *slog.Logger) func(context.Context, agent.Content) error {
+	return func(ctx context.Context, content agent.Content) error {
+		w, err := nodecache.New(restCfg, nodecache.Config{
+			NodeName:       k.nodeName,
+			AgentVersion:   version,
+			PeerAddress:    peerAddress,
+			Store:          content.Store,
+			Manifests:      content.Upstream,
+			BlobSource:     content.BlobSource,
+			Mirrors:        content.Mirrors,
+			StatusInterval: k.nodeCacheStatusInterval,
+			StallTimeout:   k.nodeCacheStallTimeout,
+			Registerer:     content.Registerer,
+			Logger:         log,
+		})
+		if err != nil {
+			return err
+		}
+		return w.Run(ctx)
+	}
 }

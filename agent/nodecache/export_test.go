@@ -1,0 +1,6 @@
+package nodecache
+
+import "time"
+
+// SetRetry sets the first and the longest wait before an item that failed is tried again.
+func (w *Worker) SetRetry(first, longest time.Duration) { w.retry, w.maxRetry = first, longest }

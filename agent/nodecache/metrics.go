@@ -1,0 +1,55 @@
+package nodecache
+
+import (
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	v1alpha1 "github.com/shoal-dev/shoal/api/v1alpha1"
+)
+
+// itemStates are the states items are counted by.
+var itemStates = []v1alpha1.ItemState{v1alpha1.ItemPending, v1alpha1.ItemFetching, v1alpha1.ItemReady, v1alpha1.ItemFailed}
+
+// Results of a status write, the result label of shoal_nodecache_status_writes_total.
+const (
+	writeOK       = "ok"
+	writeConflict = "conflict" // another write came first: the object is read again
+	writeError    = "error"
+)
+
+type metrics struct {
+	items  *prometheus.GaugeVec
+	writes *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		items: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "shoal", Subsystem: "nodecache", Name: "items",
+			Help: "Items of this node's NodeCache, by state.",
+		}, []string{"state"}),
+		writes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "nodecache", Name: "status_writes_total",
+			Help: "Writes of the NodeCache's status, by result.",
+		}, []string{"result"}),
+	}
+	for _, s := range itemStates {
+		m.items.WithLabelValues(string(s))
+	}
+	for _, r := range []string{writeOK, writeConflict, writeError} {
+		m.writes.WithLabelValues(r) // export zeros, so rates work before the first failure
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for i, c := range []prometheus.Collector{m.items, m.writes} {
+		if err := reg.Register(c); err != nil {
+			if i == 1 {
+				reg.Unregister(m.items)
+			}
+			return nil, fmt.Errorf("register nodecache metrics: %w", err)
+		}
+	}
+	return m, nil
+}

@@ -1,0 +1,548 @@
+// Package nodecache makes the node's content store hold what the node's NodeCache object asks
+// for (docs/kubernetes.md): it watches that one object, fetches each item's manifests and blobs
+// into the store by the path a pull's bytes take, pins the items the spec pins under one owner,
+// releases the pins of items that leave the spec, and reports each item's progress in the
+// object's status.
+//
+// Not done yet, and reported as such rather than pretended:
+//   - runtime import (an item's runtimeImport): the content is fetched and pinned in the store,
+//     its status says runtime NotImported, and it never counts as held as asked;
+//   - pull tokens (an item's pullSecretName): content is fetched with the agent's own
+//     credentials, so an item that needs the token fails Unauthorized.
+package nodecache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/rest"
+	toolscache "k8s.io/client-go/tools/cache"
+
+	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/agent/upstream"
+	v1alpha1 "github.com/shoal-dev/shoal/api/v1alpha1"
+)
+
+// Owner owns every pin this package makes in the store; it removes only pins of its own, so
+// other owners' pins on the same blobs stay.
+const Owner = "nodecache"
+
+// Defaults of Config.
+const (
+	// DefaultStatusInterval is how often, at most, the status is written while only bytes
+	// move: a 40 GiB download costs a write every 5 s, not one per block.
+	DefaultStatusInterval = 5 * time.Second
+	// DefaultStallTimeout is how long a transfer may move no byte before it is given up and
+	// retried; longer than the store's own 30 s bound on its source, so that the store's
+	// error, which says more, comes first whenever it applies.
+	DefaultStallTimeout = time.Minute
+	// DefaultParallel is how many items are fetched at once, and how many blobs.
+	DefaultParallel = 3
+)
+
+// Store is the part of the content store the worker uses; *store.Store implements it.
+type Store interface {
+	Get(d v1.Hash) (store.Blob, error)
+	Fetch(ctx context.Context, d v1.Hash, src store.Source) (store.Blob, error)
+	Stat(d v1.Hash) (int64, error)
+	PinAll(ds []v1.Hash, owner string) error
+	UnpinAll(ds []v1.Hash, owner string) error
+	PinnedBy(owner string) []v1.Hash
+	Usage() (bytes int64, blobs int)
+	PinnedBytes() int64
+	MaxBytes() int64
+}
+
+// Manifests fetches manifests from their registry; *upstream.Client implements it.
+type Manifests interface {
+	Manifest(ctx context.Context, registry, repo, reference string, accept []string) (*upstream.Manifest, error)
+}
+
+// Config says which node the worker acts for and through what.
+type Config struct {
+	// NodeName is the node's name: the NodeCache's name.
+	NodeName string
+	// AgentVersion and PeerAddress (host:port, "" if none) are reported in the status.
+	AgentVersion, PeerAddress string
+	// Store is the node's content store, which verifies what it keeps and holds the pins.
+	Store Store
+	// Manifests fetches a manifest missing from the store, as the mirror does.
+	Manifests Manifests
+	// BlobSource is where a blob missing from the store comes from: the mirror's source for a
+	// miss (the swarm, else the registry).
+	BlobSource func(registry, repo string, d v1.Hash) store.Source
+	// Mirrors reports whether the agent mirrors a registry; content of one it does not is
+	// refused, as pulls of it bypass the agent. nil: every registry.
+	Mirrors func(registry string) bool
+	// StatusInterval bounds how often the status is written while only bytes move (state
+	// changes are written at once); 0 = DefaultStatusInterval.
+	StatusInterval time.Duration
+	// StallTimeout is how long a transfer may move no byte before it is retried; there is no
+	// bound on a transfer that keeps moving. 0 = DefaultStallTimeout.
+	StallTimeout time.Duration
+	// Parallel is how many items, and how many blobs, are fetched at once; 0 = DefaultParallel.
+	Parallel int
+	// Registerer registers the worker's metrics; nil registers none.
+	Registerer prometheus.Registerer
+	// Logger receives the worker's logs (default: discard).
+	Logger *slog.Logger
+}
+
+// Worker makes the store hold what the node's NodeCache asks for.
+type Worker struct {
+	cfg     Config
+	rest    *rest.Config
+	scheme  *runtime.Scheme
+	log     *slog.Logger
+	metrics *metrics
+	// retry is the first wait after an item failed; it doubles up to maxRetry. writeRetry and
+	// maxWriteRetry are the same for status writes.
+	retry, maxRetry           time.Duration
+	writeRetry, maxWriteRetry time.Duration
+	// usageInterval bounds how often a change of the store's usage alone is written: it
+	// changes with every pull, and the API server need not hear of each.
+	usageInterval time.Duration
+	// minWriteGap spaces even urgent writes, so that a burst of state changes (items found
+	// complete after a restart) costs a write, not one per item.
+	minWriteGap time.Duration
+
+	itemSlots, manifestSlots, blobSlots chan struct{}
+	kick                                chan struct{} // the status writer looks again
+	items                               sync.WaitGroup
+
+	// pinMu serialises pin reconciliation. Taken before mu.
+	pinMu sync.Mutex
+
+	mu         sync.Mutex
+	synced     bool                // the watch has listed the NodeCache once
+	latest     *v1alpha1.NodeCache // as last seen by the watch; nil if there is none
+	uid        types.UID
+	generation int64
+	byRef      map[string]*item
+	order      []string // the spec's references, in its order
+}
+
+// item is one spec item and how far the worker is with it.
+type item struct {
+	ref      reference
+	parseErr error
+	// bytes are the item's bytes held by the store in the current attempt, in flight included;
+	// peak is the most they have been in the attempt.
+	bytes, peak atomic.Int64
+
+	// Guarded by Worker.mu.
+	spec     v1alpha1.NodeCacheItem
+	stop     context.CancelFunc // ends the item's goroutine
+	done     chan struct{}      // closed when it has ended
+	state    v1alpha1.ItemState
+	reason   v1alpha1.FailureReason
+	message  string
+	failedAt int64     // peak of the attempt that failed last: a retry is progress only past it
+	total    int64     // manifests and blobs, once known
+	digests  []v1.Hash // manifests and blobs, once resolved
+	resolved bool      // digests are known
+	settled  bool      // a resolution has ended, with or without success
+}
+
+// New returns a worker for cfg that reaches the API server with restCfg. Nothing is contacted
+// before Run.
+func New(restCfg *rest.Config, cfg Config) (*Worker, error) {
+	switch {
+	case cfg.NodeName == "":
+		return nil, errors.New("nodecache: no node name (set it from the downward API: spec.nodeName)")
+	case cfg.Store == nil || cfg.Manifests == nil || cfg.BlobSource == nil:
+		return nil, errors.New("nodecache: a store, a manifest source and a blob source are needed")
+	case cfg.StatusInterval < 0, cfg.StallTimeout < 0, cfg.Parallel < 0:
+		return nil, errors.New("nodecache: the status interval, stall timeout and parallelism must not be negative")
+	}
+	if cfg.StatusInterval == 0 {
+		cfg.StatusInterval = DefaultStatusInterval
+	}
+	if cfg.StallTimeout == 0 {
+		cfg.StallTimeout = DefaultStallTimeout
+	}
+	if cfg.Parallel == 0 {
+		cfg.Parallel = DefaultParallel
+	}
+	if cfg.Mirrors == nil {
+		cfg.Mirrors = func(string) bool { return true }
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	scheme := runtime.NewScheme()
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	return &Worker{
+		cfg: cfg, rest: restCfg, scheme: scheme, log: log, metrics: m,
+		retry: 10 * time.Second, maxRetry: 5 * time.Minute,
+		writeRetry: time.Second, maxWriteRetry: time.Minute,
+		usageInterval: max(cfg.StatusInterval, 5*time.Minute),
+		minWriteGap:   min(cfg.StatusInterval, 200*time.Millisecond),
+		itemSlots:     make(chan struct{}, cfg.Parallel),
+		manifestSlots: make(chan struct{}, cfg.Parallel),
+		blobSlots:     make(chan struct{}, cfg.Parallel),
+		kick:          make(chan struct{}, 1),
+		byRef:         map[string]*item{},
+	}, nil
+}
+
+// Run watches the node's NodeCache and acts on it until ctx ends; it returns nil then, once
+// every goroutine it started has ended, and an error only for a configuration it cannot use.
+// While the API server does not answer, it keeps acting on the last spec it saw (the pins are
+// in the store anyway), and before it has seen one it changes no pin.
+func (w *Worker) Run(ctx context.Context) error {
+	client, err := w.client()
+	if err != nil {
+		return err
+	}
+	inf := toolscache.NewSharedIndexInformer(
+		toolscache.NewListWatchFromClient(client, "nodecaches", "", fields.OneTermEqualSelector("metadata.name", w.cfg.NodeName)),
+		&v1alpha1.NodeCache{}, 0, toolscache.Indexers{})
+	if err := inf.SetTransform(func(o any) (any, error) {
+		if nc, ok := o.(*v1alpha1.NodeCache); ok {
+			nc.ManagedFields = nil
+		}
+		return o, nil
+	}); err != nil {
+		return fmt.Errorf("nodecache: informer: %w", err)
+	}
+	changed := make(chan struct{}, 1)
+	notify := func() {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { notify() },
+		UpdateFunc: func(any, any) { notify() },
+		DeleteFunc: func(any) { notify() },
+	}); err != nil {
+		return fmt.Errorf("nodecache: informer: %w", err)
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		w.items.Wait()
+		wg.Wait()
+	}()
+	wg.Go(func() { inf.RunWithContext(ctx) })
+	wg.Go(func() { w.writeStatuses(ctx, client) })
+	if !toolscache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return nil // ctx ended before the API server answered
+	}
+	w.log.Info("watching this node's NodeCache", "node", w.cfg.NodeName)
+	for {
+		obj, _, _ := inf.GetStore().GetByKey(w.cfg.NodeName)
+		nc, _ := obj.(*v1alpha1.NodeCache)
+		w.apply(ctx, nc)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
+
+// client returns a REST client for NodeCaches; it reaches the API server only when used.
+func (w *Worker) client() (rest.Interface, error) {
+	cfg := rest.CopyConfig(w.rest)
+	cfg.GroupVersion = &v1alpha1.GroupVersion
+	cfg.APIPath = "/apis"
+	cfg.NegotiatedSerializer = serializer.NewCodecFactory(w.scheme).WithoutConversion()
+	if cfg.UserAgent == "" {
+		cfg.UserAgent = "shoal-agent"
+	}
+	c, err := rest.RESTClientFor(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("nodecache: client: %w", err)
+	}
+	return c, nil
+}
+
+// apply makes the items follow nc's spec (nil: there is no NodeCache, so nothing is wanted):
+// it starts the new items, stops those that left, restarts those whose spec changed, then
+// reconciles the pins.
+func (w *Worker) apply(ctx context.Context, nc *v1alpha1.NodeCache) {
+	var (
+		spec       []v1alpha1.NodeCacheItem
+		uid        types.UID
+		generation int64
+	)
+	if nc != nil {
+		spec, uid, generation = nc.Spec.Items, nc.UID, nc.Generation
+		if len(spec) > v1alpha1.MaxNodeCacheItems {
+			spec = spec[:v1alpha1.MaxNodeCacheItems]
+		}
+	}
+	w.mu.Lock()
+	w.latest = nc
+	if w.synced && uid == w.uid && generation == w.generation {
+		w.mu.Unlock()
+		w.poke() // our own status write, most likely
+		return
+	}
+	w.synced, w.uid, w.generation = true, uid, generation
+	wanted := make(map[string]bool, len(spec))
+	w.order = w.order[:0]
+	for _, s := range spec {
+		if wanted[s.Reference] {
+			continue
+		}
+		wanted[s.Reference] = true
+		w.order = append(w.order, s.Reference)
+		it := w.byRef[s.Reference]
+		switch {
+		case it == nil:
+			it = &item{spec: s, state: v1alpha1.ItemPending}
+			it.ref, it.parseErr = parseReference(s.Reference)
+			w.byRef[s.Reference] = it
+			w.startLocked(ctx, it)
+		case it.spec != s:
+			it.spec = s
+			w.startLocked(ctx, it) // pin or import changed: look at the content again
+		}
+	}
+	for ref, it := range w.byRef {
+		if !wanted[ref] {
+			it.stop()
+			delete(w.byRef, ref)
+		}
+	}
+	w.updateGaugesLocked()
+	w.mu.Unlock()
+	w.log.Info("NodeCache spec", "generation", generation, "items", len(spec))
+	w.poke()
+	if err := w.reconcilePins(); err != nil {
+		w.log.Warn("reconcile pins; trying again at the next change", "error", err)
+	}
+}
+
+// startLocked starts the item's goroutine, once the one it had, if any, has ended.
+func (w *Worker) startLocked(ctx context.Context, it *item) {
+	previous := it.done
+	if it.stop != nil {
+		it.stop()
+	}
+	ictx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	it.stop, it.done = stop, done
+	w.items.Go(func() {
+		defer close(done)
+		if previous != nil {
+			<-previous
+		}
+		w.runItem(ictx, it)
+	})
+}
+
+// runItem fetches the item until it is held, retrying with backoff and jitter after a failure,
+// or until ctx ends.
+func (w *Worker) runItem(ctx context.Context, it *item) {
+	wait := w.retry
+	for {
+		start := time.Now()
+		err := w.attempt(ctx, it)
+		if ctx.Err() != nil {
+			return
+		}
+		w.mu.Lock()
+		moved := it.peak.Load() > it.failedAt
+		w.mu.Unlock()
+		if err == nil {
+			w.finish(it, nil)
+			w.log.Info("item held", "reference", it.spec.Reference, "bytes", it.bytes.Load(), "duration", time.Since(start))
+			return
+		}
+		w.finish(it, err)
+		if errors.Is(err, errPermanent) {
+			w.log.Warn("item failed; a new spec item is needed", "reference", it.spec.Reference, "reason", reasonOf(err), "error", err)
+			return
+		}
+		if moved {
+			wait = w.retry
+		}
+		pause := wait/2 + rand.N(wait/2+1)
+		w.log.Warn("item failed; retrying", "reference", it.spec.Reference, "reason", reasonOf(err), "retry_in", pause, "error", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(pause):
+		}
+		wait = min(2*wait, w.maxRetry)
+	}
+}
+
+// attempt makes one pass at the item: resolve its manifests, pin, fetch the blobs missing.
+func (w *Worker) attempt(ctx context.Context, it *item) error {
+	it.bytes.Store(0)
+	it.peak.Store(0)
+	if it.parseErr != nil {
+		w.settle(it, nil, 0, it.parseErr)
+		return it.parseErr
+	}
+	if !w.cfg.Mirrors(it.ref.registry) {
+		err := fmt.Errorf("%w: registry %s is not mirrored by this agent, so pulls from it bypass the store (add it to --mirror-registries)", errPermanent, it.ref.registry)
+		w.settle(it, nil, 0, err)
+		return err
+	}
+	manifests, blobs, total, err := w.resolve(ctx, it)
+	digests := slices.Clone(manifests)
+	for _, b := range blobs {
+		digests = append(digests, b.Digest)
+	}
+	w.settle(it, digests, total, err)
+	if perr := w.reconcilePins(); perr != nil && err == nil {
+		err = fmt.Errorf("pin: %w", perr)
+	}
+	if err != nil {
+		return err
+	}
+	select {
+	case w.itemSlots <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-w.itemSlots }()
+	return w.fetchBlobs(ctx, it, blobs)
+}
+
+// settle records the end of a resolution: the item's digests and size, or that it failed.
+func (w *Worker) settle(it *item, digests []v1.Hash, total int64, err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	it.settled = true
+	if err == nil {
+		it.digests, it.total, it.resolved = digests, total, true
+	}
+}
+
+// add counts n more bytes held for the item (negative: bytes of a download that failed).
+func (it *item) add(n int64) {
+	v := it.bytes.Add(n)
+	for p := it.peak.Load(); v > p && !it.peak.CompareAndSwap(p, v); p = it.peak.Load() {
+	}
+}
+
+// progressed marks the item Fetching once bytes move for it, and reports whether it is. A
+// failed item is Fetching again only once its retry gets further than the attempt that failed,
+// so that a retry reading again what the store already had does not look like progress.
+func (w *Worker) progressed(it *item) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case it.state == v1alpha1.ItemFetching:
+		return true
+	case it.state == v1alpha1.ItemFailed && it.peak.Load() <= it.failedAt:
+		return false
+	}
+	it.state, it.reason, it.message = v1alpha1.ItemFetching, "", ""
+	w.updateGaugesLocked()
+	w.poke()
+	return true
+}
+
+// finish marks the item Ready (err nil) or Failed.
+func (w *Worker) finish(it *item, err error) {
+	w.mu.Lock()
+	if err == nil {
+		it.state, it.reason, it.message = v1alpha1.ItemReady, "", ""
+	} else {
+		it.state, it.reason, it.message = v1alpha1.ItemFailed, reasonOf(err), truncate(err.Error(), maxMessage)
+		it.failedAt = it.peak.Load()
+	}
+	w.updateGaugesLocked()
+	w.mu.Unlock()
+	w.poke()
+}
+
+// reconcilePins pins every digest of the resolved items that the spec pins, and, once every
+// pinned item has been resolved or has failed to be, unpins the digests this package pinned
+// that none of them needs. Items still resolving might need a digest pinned before, so nothing
+// is unpinned until they are done. Nothing is unpinned before the spec is known.
+func (w *Worker) reconcilePins() error {
+	w.pinMu.Lock()
+	defer w.pinMu.Unlock()
+	w.mu.Lock()
+	if !w.synced {
+		w.mu.Unlock()
+		return nil
+	}
+	want := map[v1.Hash]bool{}
+	complete := true
+	for _, it := range w.byRef {
+		if !it.spec.Pin {
+			continue
+		}
+		for _, d := range it.digests {
+			want[d] = true
+		}
+		complete = complete && it.settled
+	}
+	w.mu.Unlock()
+	pins := make([]v1.Hash, 0, len(want))
+	for d := range want {
+		pins = append(pins, d)
+	}
+	if err := w.cfg.Store.PinAll(pins, Owner); err != nil {
+		return err
+	}
+	if !complete {
+		return nil
+	}
+	var unpin []v1.Hash
+	for _, d := range w.cfg.Store.PinnedBy(Owner) {
+		if !want[d] {
+			unpin = append(unpin, d)
+		}
+	}
+	if len(unpin) == 0 {
+		return nil
+	}
+	if err := w.cfg.Store.UnpinAll(unpin, Owner); err != nil {
+		return err
+	}
+	w.log.Info("unpinned what no item pins any more", "blobs", len(unpin))
+	return nil
+}
+
+// poke makes the status writer look again.
+func (w *Worker) poke() {
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+// updateGaugesLocked sets the items-by-state gauge.
+func (w *Worker) updateGaugesLocked() {
+	counts := map[v1alpha1.ItemState]int{}
+	for _, it := range w.byRef {
+		counts[it.state]++
+	}
+	for _, s := range itemStates {
+		w.metrics.items.WithLabelValues(string(s)).Set(float64(counts[s]))
+	}
+}
