@@ -100,6 +100,11 @@ type SwarmConfig struct {
 	// returns when ctx ends. It runs beside the swarm and stops with it; an error stops the
 	// agent.
 	Discovery func(ctx context.Context, set func([]netip.AddrPort)) error
+	// Seeds, when set, learns which blobs pods are about to pull (in Kubernetes: SwarmSeeds,
+	// agent/kubeseeds) and calls prefetch for each, which fetches the segments this node seeds
+	// of a blob of a mirrored registry (swarm.Swarm.Prefetch). It runs beside the swarm and stops
+	// with it; an error stops the agent. Its metrics go to reg, the agent's registry.
+	Seeds func(ctx context.Context, prefetch Prefetch, reg prometheus.Registerer) error
 	// SegmentSize and PieceLength cut blobs into torrents; the same on every node.
 	SegmentSize, PieceLength int64
 	// RampSegments is how many short segments start a blob; the same on every node. 0 =
@@ -114,6 +119,10 @@ type SwarmConfig struct {
 	// how long an unused working file is kept; 0 = swarm.DefaultIdleTimeout.
 	IdleTimeout time.Duration
 }
+
+// Prefetch fetches ahead of readers the segments of blob d (size bytes, in repo of registry)
+// that this node seeds, and returns how many it seeds.
+type Prefetch func(ctx context.Context, registry, repo string, d v1.Hash, size int64) (int, error)
 
 // Content is what the agent gives its NodeCache hook: the parts through which the bytes of a
 // pull come, so that content fetched ahead of pulls comes exactly as a pull's would.
@@ -185,6 +194,9 @@ func (c *Config) Validate() error {
 	}
 	if len(c.Swarm.Peers) > 0 && !c.Swarm.P2PAddr.IsValid() {
 		return &FieldError{Field: "Swarm.Peers", Needs: "Swarm.P2PAddr", Err: errors.New("needs Swarm.P2PAddr")}
+	}
+	if c.Swarm.Seeds != nil && !c.Swarm.P2PAddr.IsValid() {
+		return &FieldError{Field: "Swarm.Seeds", Needs: "Swarm.P2PAddr", Err: errors.New("needs Swarm.P2PAddr")}
 	}
 	if c.Swarm.Discovery != nil && !c.Swarm.P2PAddr.IsValid() {
 		return &FieldError{Field: "Swarm.Discovery", Needs: "Swarm.P2PAddr", Err: errors.New("needs Swarm.P2PAddr")}
@@ -355,10 +367,10 @@ func Run(ctx context.Context, cfg Config) (err error) {
 // stops; then their connections are cut, and containerd falls back to the registry.
 const shutdownGrace = 5 * time.Second
 
-// runParts runs the servers, the NodeCache hook, the swarm, the membership probes and discovery
-// until ctx ends or one of them fails, and returns once all have stopped: the servers and the
-// NodeCache hook first, so that requests in flight can still read from the swarm while they
-// drain.
+// runParts runs the servers, the NodeCache hook, the swarm, the membership probes, discovery
+// and the seeds hook until ctx ends or one of them fails, and returns once all have stopped:
+// the servers and the NodeCache hook first, so that requests in flight can still read from the
+// swarm while they drain.
 func runParts(ctx context.Context, servers []*namedServer, nodeCache func(context.Context) error, p2p *p2pParts, log *slog.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	// The swarm and the probes stop once every server has drained (or failed).
@@ -394,6 +406,9 @@ func runParts(ctx context.Context, servers []*namedServer, nodeCache func(contex
 		if p2p.discovery != nil {
 			g.Go(func() error { return p2p.discovery(drainedCtx, p2p.members.SetPeers) })
 		}
+		if p2p.seeds != nil {
+			g.Go(func() error { return p2p.seeds(drainedCtx, p2p.prefetch, p2p.reg) })
+		}
 	}
 	return g.Wait()
 }
@@ -403,6 +418,9 @@ func runParts(ctx context.Context, servers []*namedServer, nodeCache func(contex
 type p2pParts struct {
 	members   *membership.Probed
 	discovery func(ctx context.Context, set func([]netip.AddrPort)) error
+	seeds     func(ctx context.Context, prefetch Prefetch, reg prometheus.Registerer) error
+	prefetch  Prefetch
+	reg       prometheus.Registerer
 	swarm     *swarm.Swarm
 	control   *namedServer
 }
@@ -441,7 +459,13 @@ func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg pro
 		return nil, err
 	}
 	log.Info("swarm ready", "p2p_addr", cfg.Swarm.P2PAddr, "members", len(members.Members()))
-	return &p2pParts{members: members, discovery: cfg.Swarm.Discovery, swarm: sw, control: &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
+	prefetch := func(ctx context.Context, registry, repo string, d v1.Hash, size int64) (int, error) {
+		if !cfg.mirrors(registry) {
+			return 0, fmt.Errorf("prefetch %s: registry %s is not mirrored", d, registry)
+		}
+		return sw.Prefetch(ctx, registry, repo, d, size)
+	}
+	return &p2pParts{members: members, discovery: cfg.Swarm.Discovery, seeds: cfg.Swarm.Seeds, prefetch: prefetch, reg: reg, swarm: sw, control: &namedServer{name: "p2p control", listener: controlListener, server: &http.Server{
 		Handler:           sw.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),

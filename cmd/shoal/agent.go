@@ -8,12 +8,14 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"k8s.io/client-go/rest"
 
 	"github.com/shoal-dev/shoal/agent"
 	"github.com/shoal-dev/shoal/agent/kubemembers"
+	"github.com/shoal-dev/shoal/agent/kubeseeds"
 	"github.com/shoal-dev/shoal/agent/mirror"
 	"github.com/shoal-dev/shoal/agent/nodecache"
 	"github.com/shoal-dev/shoal/agent/plan"
@@ -90,6 +92,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(&kube.nodeName, "node-name", "", "this node's name in Kubernetes (set it from the downward API: spec.nodeName)")
 	f.StringVar(&kube.kubeconfig, "kubeconfig", "", `kubeconfig file for --membership kubernetes; "" = $KUBECONFIG, or the pod's service account`)
 	f.BoolVar(&kube.nodeCache, "node-cache", true, "with --membership kubernetes, make the store hold what this node's NodeCache asks for: fetch each item through the swarm, pin what it pins, release what leaves it, and report in its status (runtime import and pull tokens are not done yet); false = ignore the NodeCache")
+	f.BoolVar(&kube.prefetchSeeds, "prefetch-seeds", true, "with --membership kubernetes, watch SwarmSeeds (images pending pods are about to pull) and fetch from upstream at once the segments this node seeds of their blobs; false = wait for the pulls")
 	f.DurationVar(&kube.nodeCacheStatusInterval, "node-cache-status-interval", nodecache.DefaultStatusInterval, "the NodeCache status is written at most this often while only bytes move; state changes are written at once")
 	f.DurationVar(&kube.nodeCacheStallTimeout, "node-cache-stall-timeout", nodecache.DefaultStallTimeout, "a NodeCache download that moves no byte for this long is retried (with backoff); one that keeps moving is never cut")
 	f.String("log-level", "info", "debug, info, warn or error")
@@ -138,6 +141,7 @@ func flagError(fs *pflag.FlagSet, err error) error {
 type kubeFlags struct {
 	membership, nodeName, kubeconfig string
 	nodeCache                        bool
+	prefetchSeeds                    bool
 	nodeCacheStatusInterval          time.Duration
 	nodeCacheStallTimeout            time.Duration
 }
@@ -182,6 +186,13 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 		return err
 	}
 	cfg.Swarm.Discovery = src.Run
+	if k.prefetchSeeds {
+		seedLog := cfg.Logger.With("component", "kubeseeds")
+		cfg.Swarm.Seeds = func(ctx context.Context, prefetch agent.Prefetch, reg prometheus.Registerer) error {
+			return kubeseeds.New(restCfg, kubeseeds.Prefetch(prefetch),
+				kubeseeds.WithLogger(seedLog), kubeseeds.WithRegisterer(reg)).Run(ctx)
+		}
+	}
 	if k.nodeCache {
 		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), cfg.Logger.With("component", "nodecache"))
 	}
