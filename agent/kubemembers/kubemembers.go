@@ -20,13 +20,12 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/serializer"
 	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 	toolscache "k8s.io/client-go/tools/cache"
 
 	v1alpha1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/internal/kubeclient"
 )
 
 // Config says who this agent is and where it keeps the last member list.
@@ -49,10 +48,9 @@ type Config struct {
 
 // Source keeps a membership in step with the cluster's SwarmMembers.
 type Source struct {
-	cfg    Config
-	rest   *rest.Config
-	scheme *runtime.Scheme
-	log    *slog.Logger
+	cfg  Config
+	rest *rest.Config
+	log  *slog.Logger
 	// retry is the first wait after a failed announcement; it doubles up to maxRetry.
 	retry, maxRetry time.Duration
 	// announced, when set (tests), is called with the result of every announcement attempt.
@@ -67,15 +65,11 @@ func New(restCfg *rest.Config, cfg Config) (*Source, error) {
 	if !cfg.Self.IsValid() || cfg.Self.Port() == 0 {
 		return nil, fmt.Errorf("kubemembers: invalid peer address %v", cfg.Self)
 	}
-	scheme := runtime.NewScheme()
-	if err := v1alpha1.AddToScheme(scheme); err != nil {
-		return nil, err
-	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Source{cfg: cfg, rest: restCfg, scheme: scheme, log: log, retry: time.Second, maxRetry: time.Minute}, nil
+	return &Source{cfg: cfg, rest: restCfg, log: log, retry: time.Second, maxRetry: time.Minute}, nil
 }
 
 // Run sets the members to the last saved list (or the bootstrap list) at once, then to the
@@ -96,31 +90,9 @@ func (s *Source) Run(ctx context.Context, set func([]netip.AddrPort)) error {
 	if err != nil {
 		return err
 	}
-	inf := toolscache.NewSharedIndexInformer(
-		toolscache.NewListWatchFromClient(members, "swarmmembers", "", fields.Everything()),
-		&v1alpha1.SwarmMember{}, 0, toolscache.Indexers{})
-	// Only the spec matters here: drop the managed fields of every object kept.
-	if err := inf.SetTransform(func(o any) (any, error) {
-		if m, ok := o.(*v1alpha1.SwarmMember); ok {
-			m.ManagedFields = nil
-		}
-		return o, nil
-	}); err != nil {
-		return fmt.Errorf("kubemembers: informer: %w", err)
-	}
-	changed := make(chan struct{}, 1)
-	notify := func() {
-		select {
-		case changed <- struct{}{}:
-		default:
-		}
-	}
-	if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { notify() },
-		UpdateFunc: func(any, any) { notify() },
-		DeleteFunc: func(any) { notify() },
-	}); err != nil {
-		return fmt.Errorf("kubemembers: informer: %w", err)
+	inf, changed, err := kubeclient.Informer(members, "swarmmembers", &v1alpha1.SwarmMember{}, fields.Everything())
+	if err != nil {
+		return fmt.Errorf("kubemembers: %w", err)
 	}
 
 	// Run returns only once the watch and the announcement have stopped. While the API server
@@ -154,16 +126,9 @@ func (s *Source) Run(ctx context.Context, set func([]netip.AddrPort)) error {
 // clients returns a REST client for SwarmMembers and one for Nodes. Neither reaches the API
 // server before it is used: an agent starts while the API server is down.
 func (s *Source) clients() (rest.Interface, corev1client.NodeInterface, error) {
-	cfg := rest.CopyConfig(s.rest)
-	cfg.GroupVersion = &v1alpha1.GroupVersion
-	cfg.APIPath = "/apis"
-	cfg.NegotiatedSerializer = serializer.NewCodecFactory(s.scheme).WithoutConversion()
-	if cfg.UserAgent == "" {
-		cfg.UserAgent = "shoal-agent"
-	}
-	members, err := rest.RESTClientFor(cfg)
+	members, err := kubeclient.Shoal(s.rest)
 	if err != nil {
-		return nil, nil, fmt.Errorf("kubemembers: client: %w", err)
+		return nil, nil, fmt.Errorf("kubemembers: %w", err)
 	}
 	core, err := corev1client.NewForConfig(s.rest)
 	if err != nil {

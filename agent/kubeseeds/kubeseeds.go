@@ -13,13 +13,12 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/rest"
 	toolscache "k8s.io/client-go/tools/cache"
 
 	"github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/internal/kubeclient"
 	"github.com/shoal-dev/shoal/internal/promreg"
 )
 
@@ -80,20 +79,9 @@ func New(restCfg *rest.Config, prefetch Prefetch, opts ...Option) *Watcher {
 // Run watches SwarmSeeds until ctx ends and returns nil then, once every prefetch it started
 // has returned. While the API server does not answer, it keeps trying; pulls never wait for it.
 func (w *Watcher) Run(ctx context.Context) error {
-	scheme := runtime.NewScheme()
-	if err := v1alpha1.AddToScheme(scheme); err != nil {
-		return err
-	}
-	cfg := rest.CopyConfig(w.rest)
-	cfg.GroupVersion = &v1alpha1.GroupVersion
-	cfg.APIPath = "/apis"
-	cfg.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
-	if cfg.UserAgent == "" {
-		cfg.UserAgent = "shoal-agent"
-	}
-	client, err := rest.RESTClientFor(cfg)
+	client, err := kubeclient.Shoal(w.rest)
 	if err != nil {
-		return fmt.Errorf("kubeseeds: client: %w", err)
+		return fmt.Errorf("kubeseeds: %w", err)
 	}
 	queue := make(chan *v1alpha1.SwarmSeed, 256)
 	inf := toolscache.NewSharedIndexInformer(

@@ -25,8 +25,6 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/rest"
 	toolscache "k8s.io/client-go/tools/cache"
@@ -34,6 +32,7 @@ import (
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/upstream"
 	v1alpha1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/internal/kubeclient"
 )
 
 // Owner owns every pin this package makes in the store; it removes only pins of its own, so
@@ -105,7 +104,6 @@ type Config struct {
 type Worker struct {
 	cfg     Config
 	rest    *rest.Config
-	scheme  *runtime.Scheme
 	log     *slog.Logger
 	metrics *metrics
 	// retry is the first wait after an item failed; it doubles up to maxRetry. writeRetry and
@@ -184,16 +182,12 @@ func New(restCfg *rest.Config, cfg Config) (*Worker, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	scheme := runtime.NewScheme()
-	if err := v1alpha1.AddToScheme(scheme); err != nil {
-		return nil, err
-	}
 	m, err := newMetrics(cfg.Registerer)
 	if err != nil {
 		return nil, err
 	}
 	return &Worker{
-		cfg: cfg, rest: restCfg, scheme: scheme, log: log, metrics: m,
+		cfg: cfg, rest: restCfg, log: log, metrics: m,
 		retry: 10 * time.Second, maxRetry: 5 * time.Minute,
 		writeRetry: time.Second, maxWriteRetry: time.Minute,
 		usageInterval: max(cfg.StatusInterval, 5*time.Minute),
@@ -215,30 +209,10 @@ func (w *Worker) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	inf := toolscache.NewSharedIndexInformer(
-		toolscache.NewListWatchFromClient(client, "nodecaches", "", fields.OneTermEqualSelector("metadata.name", w.cfg.NodeName)),
-		&v1alpha1.NodeCache{}, 0, toolscache.Indexers{})
-	if err := inf.SetTransform(func(o any) (any, error) {
-		if nc, ok := o.(*v1alpha1.NodeCache); ok {
-			nc.ManagedFields = nil
-		}
-		return o, nil
-	}); err != nil {
-		return fmt.Errorf("nodecache: informer: %w", err)
-	}
-	changed := make(chan struct{}, 1)
-	notify := func() {
-		select {
-		case changed <- struct{}{}:
-		default:
-		}
-	}
-	if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { notify() },
-		UpdateFunc: func(any, any) { notify() },
-		DeleteFunc: func(any) { notify() },
-	}); err != nil {
-		return fmt.Errorf("nodecache: informer: %w", err)
+	inf, changed, err := kubeclient.Informer(client, "nodecaches", &v1alpha1.NodeCache{},
+		fields.OneTermEqualSelector("metadata.name", w.cfg.NodeName))
+	if err != nil {
+		return fmt.Errorf("nodecache: %w", err)
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -268,16 +242,9 @@ func (w *Worker) Run(ctx context.Context) error {
 
 // client returns a REST client for NodeCaches; it reaches the API server only when used.
 func (w *Worker) client() (rest.Interface, error) {
-	cfg := rest.CopyConfig(w.rest)
-	cfg.GroupVersion = &v1alpha1.GroupVersion
-	cfg.APIPath = "/apis"
-	cfg.NegotiatedSerializer = serializer.NewCodecFactory(w.scheme).WithoutConversion()
-	if cfg.UserAgent == "" {
-		cfg.UserAgent = "shoal-agent"
-	}
-	c, err := rest.RESTClientFor(cfg)
+	c, err := kubeclient.Shoal(w.rest)
 	if err != nil {
-		return nil, fmt.Errorf("nodecache: client: %w", err)
+		return nil, fmt.Errorf("nodecache: %w", err)
 	}
 	return c, nil
 }
