@@ -39,9 +39,10 @@ generate: deps ## Generate deepcopy code for the API types.
 	@if compgen -G 'api/*/*.go' >/dev/null; then $(CONTROLLER_GEN) object paths=./api/...; fi
 
 .PHONY: manifests
-manifests: deps ## Generate CRDs and RBAC into config/.
-	@if compgen -G 'api/*/*.go' >/dev/null; then \
-		$(CONTROLLER_GEN) rbac:roleName=shoal-controller crd paths=./... output:crd:artifacts:config=config/crd/bases; fi
+manifests: deps ## Generate CRDs and RBAC (the controller's and the agent's roles) into config/.
+	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
+	$(CONTROLLER_GEN) rbac:roleName=shoal-controller paths=./controllers/... output:rbac:artifacts:config=config/rbac/controller
+	$(CONTROLLER_GEN) rbac:roleName=shoal-agent paths=./agent/... output:rbac:artifacts:config=config/rbac/agent
 
 ##@ Verify
 

@@ -46,6 +46,11 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// The agent's rights for its membership (generated into config/rbac/agent). It may write only
+// its own SwarmMember: the admission policy in config/policy holds it to that.
+// +kubebuilder:rbac:groups=shoal.dev,resources=swarmmembers,verbs=get;list;watch;create;update
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get
+
 // Source keeps a membership in step with the cluster's SwarmMembers.
 type Source struct {
 	cfg  Config

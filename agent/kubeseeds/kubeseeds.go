@@ -26,6 +26,9 @@ import (
 // returns how many it seeds.
 type Prefetch func(ctx context.Context, registry, repo string, d v1.Hash, size int64) (int, error)
 
+// The agent's rights for SwarmSeeds (generated into config/rbac/agent): read only.
+// +kubebuilder:rbac:groups=shoal.dev,resources=swarmseeds,verbs=get;list;watch
+
 // Watcher watches SwarmSeeds and prefetches their blobs.
 type Watcher struct {
 	rest     *rest.Config

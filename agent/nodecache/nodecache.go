@@ -100,6 +100,11 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// The agent's rights for its NodeCache (generated into config/rbac/agent): it reads NodeCaches
+// and writes their status; the admission policy in config/policy holds it to its own node's.
+// +kubebuilder:rbac:groups=shoal.dev,resources=nodecaches,verbs=get;list;watch
+// +kubebuilder:rbac:groups=shoal.dev,resources=nodecaches/status,verbs=get;update;patch
+
 // Worker makes the store hold what the node's NodeCache asks for.
 type Worker struct {
 	cfg     Config
