@@ -30,6 +30,8 @@ import (
 type NodeCacheReconciler struct {
 	Client   client.Client
 	Recorder events.EventRecorder
+	// Policy says which Prewarms may reach nodes (default: all).
+	Policy Policy
 }
 
 // +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
@@ -55,7 +57,7 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req reconcile.Reque
 	}
 	exists := err == nil
 
-	items, dropped := DesiredItems(&node, prewarms.Items, &nc)
+	items, dropped := DesiredItems(&node, r.Policy.allowed(prewarms.Items), &nc)
 	if dropped > 0 && r.Recorder != nil {
 		r.Recorder.Eventf(&node, nil, corev1.EventTypeWarning, "TooManyItems", "Reconcile",
 			"the Prewarms selecting this node ask for more than %d manifests; %d left out", v1.MaxNodeCacheItems, dropped)

@@ -45,6 +45,9 @@ type PrewarmReconciler struct {
 	// APIReader reads pull Secrets from the API server itself (default: the manager's), so
 	// that the controller keeps no cache of Secrets and needs only get on them.
 	APIReader client.Reader
+	// Policy says which Prewarms may reach nodes (default: all); it must be the NodeCache
+	// reconciler's.
+	Policy Policy
 	// Now returns the time (default time.Now); tests move it.
 	Now func() time.Time
 }
@@ -89,6 +92,10 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 
 	before := p.Status.DeepCopy()
 	now := r.now()
+	if !r.Policy.Allows(&p) {
+		// No registry traffic and no node for a Prewarm the admins do not allow.
+		return reconcile.Result{}, r.refuse(ctx, &p, before, now)
+	}
 	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), now)
 	Rollup(&p, ptrs, byName, metav1.NewTime(now))
 	p.Status.ObservedGeneration = p.Generation
@@ -103,6 +110,32 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 		return reconcile.Result{RequeueAfter: next}, nil
 	}
 	return reconcile.Result{}, nil
+}
+
+// refuse writes the status of a Prewarm the policy does not allow.
+func (r *PrewarmReconciler) refuse(ctx context.Context, p *v1.Prewarm, before *v1.PrewarmStatus, now time.Time) error {
+	st := &p.Status
+	st.ObservedGeneration = p.Generation
+	st.Nodes, st.BytesReady, st.FailingNodes, st.Ready = v1.NodeCounts{}, 0, nil, "0/0"
+	msg := "Prewarms in namespace " + p.Namespace + " are not allowed by the cluster's Shoal policy (the controller's --prewarm-namespaces)"
+	for _, c := range []metav1.Condition{
+		{Type: ConditionReady, Status: metav1.ConditionFalse, Reason: "NamespaceNotAllowed", Message: msg},
+		{Type: ConditionProgressing, Status: metav1.ConditionFalse, Reason: "NamespaceNotAllowed", Message: msg},
+		{Type: ConditionDegraded, Status: metav1.ConditionTrue, Reason: "NamespaceNotAllowed", Message: msg},
+	} {
+		c.ObservedGeneration, c.LastTransitionTime = p.Generation, metav1.NewTime(now)
+		meta.SetStatusCondition(&st.Conditions, c)
+	}
+	if equality.Semantic.DeepEqual(before, st) {
+		return nil
+	}
+	if err := r.Client.Status().Update(ctx, p); err != nil {
+		return err
+	}
+	if r.Recorder != nil && !meta.IsStatusConditionTrue(before.Conditions, ConditionDegraded) {
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "NamespaceNotAllowed", "Reconcile", "%s", msg)
+	}
+	return nil
 }
 
 func (r *PrewarmReconciler) now() time.Time {

@@ -328,3 +328,56 @@ func TestPrewarmPullSecrets(t *testing.T) {
 			meta.IsStatusConditionTrue(p.Status.Conditions, controllers.ConditionDegraded), fmt.Sprintf("%+v", p)
 	})
 }
+
+// TestPrewarmOutsideTheAllowedNamespaces: a Prewarm in a namespace the policy does not list
+// reaches no node, touches no registry, and says why; one in an allowed namespace proceeds.
+func TestPrewarmOutsideTheAllowedNamespaces(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	reg := startRegistry(t)
+	img, err := random.Image(1024, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := reg.push(t, "team/app:1", img)
+	other, err := random.Image(1024, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg.push(t, "team/other:1", other)
+	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}), resolve.WithInsecure("registry.test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy := controllers.Policy{Namespaces: []string{"allowed"}}
+	startManager(t, env, func(mgr ctrl.Manager) error {
+		if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient(), Policy: policy}).SetupWithManager(mgr); err != nil {
+			return err
+		}
+		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r}, Policy: policy}).SetupWithManager(mgr)
+	})
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range []string{"allowed", "other"} {
+		if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+			t.Fatal(err)
+		}
+		ref := map[string]string{"allowed": "registry.test/team/app:1", "other": "registry.test/team/other:1"}[ns]
+		if err := c.Create(ctx, &shoalv1.Prewarm{
+			ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: ns},
+			Spec:       shoalv1.PrewarmSpec{Artifacts: []string{ref}},
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "refused", func() (bool, string) {
+		p := getPrewarm(t, c, client.ObjectKey{Namespace: "other", Name: "app"})
+		cond := meta.FindStatusCondition(p.Status.Conditions, controllers.ConditionDegraded)
+		return cond != nil && cond.Status == metav1.ConditionTrue && cond.Reason == "NamespaceNotAllowed" &&
+			len(p.Status.References) == 0, fmt.Sprintf("%+v", p.Status)
+	})
+	// Only the allowed one's content reaches the node.
+	waitItems(t, c, "node-a", "registry.test/team/app:1@"+digest)
+}

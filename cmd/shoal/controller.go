@@ -37,6 +37,7 @@ type controllerConfig struct {
 	resolveTimeout   time.Duration
 	seedPods         bool
 	seedTTL          time.Duration
+	namespaces       []string
 }
 
 func newControllerCommand() *cobra.Command {
@@ -86,7 +87,9 @@ func newControllerCommand() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("controller manager: %w", err)
 			}
+			policy := controllers.Policy{Namespaces: cfg.namespaces}
 			if err := (&controllers.NodeCacheReconciler{
+				Policy:   policy,
 				Client:   mgr.GetClient(),
 				Recorder: mgr.GetEventRecorder("shoal-controller"),
 			}).SetupWithManager(mgr); err != nil {
@@ -105,6 +108,7 @@ func newControllerCommand() *cobra.Command {
 				return fmt.Errorf("--registry-endpoint: %w", err)
 			}
 			if err := (&controllers.PrewarmReconciler{
+				Policy:   policy,
 				Client:   mgr.GetClient(),
 				Resolver: controllers.RegistryResolver{R: resolver},
 				Recorder: mgr.GetEventRecorder("shoal-controller"),
@@ -162,6 +166,7 @@ func newControllerCommand() *cobra.Command {
 	f.Var(newEndpointsValue(&cfg.endpoints), "registry-endpoint", "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable; http:// allows plain HTTP for it)")
 	f.DurationVar(&cfg.resolveTimeout, "resolve-timeout", resolve.DefaultTimeout, "bound on each registry call made to resolve a reference")
 	f.BoolVar(&cfg.seedPods, "seed-pods", true, "write a SwarmSeed for each image manifest that pending pods are about to pull")
+	f.StringSliceVar(&cfg.namespaces, "prewarm-namespaces", nil, "namespaces whose Prewarms reach nodes, comma-separated; empty = every namespace (a Prewarm elsewhere is reported NamespaceNotAllowed and fetches nothing)")
 	f.DurationVar(&cfg.seedTTL, "seed-ttl", controllers.DefaultSeedTTL, "how long a SwarmSeed lives before the controller deletes it; a manifest is not seeded again within it")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "text", "text or json")
