@@ -8,8 +8,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -22,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/internal/promreg"
 )
 
 // Finalizer holds a deleted Prewarm until no node's NodeCache holds content that only it
@@ -48,8 +51,12 @@ type PrewarmReconciler struct {
 	// Policy says which Prewarms may reach nodes (default: all); it must be the NodeCache
 	// reconciler's.
 	Policy Policy
+	// Registerer registers the reconciler's metrics (nil: none).
+	Registerer prometheus.Registerer
 	// Now returns the time (default time.Now); tests move it.
 	Now func() time.Time
+
+	nodes *prometheus.GaugeVec // nil: no metrics
 }
 
 // +kubebuilder:rbac:groups=shoal.dev,resources=prewarms,verbs=get;list;watch;update;patch
@@ -62,6 +69,9 @@ type PrewarmReconciler struct {
 func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	var p v1.Prewarm
 	if err := r.Client.Get(ctx, req.NamespacedName, &p); err != nil {
+		if apierrors.IsNotFound(err) && r.nodes != nil {
+			r.nodes.DeletePartialMatch(prometheus.Labels{"namespace": req.Namespace, "name": req.Name})
+		}
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
 	if p.DeletionTimestamp != nil {
@@ -99,6 +109,11 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), now)
 	Rollup(&p, ptrs, byName, metav1.NewTime(now))
 	p.Status.ObservedGeneration = p.Generation
+	if r.nodes != nil {
+		for state, n := range map[string]int32{"desired": p.Status.Nodes.Desired, "ready": p.Status.Nodes.Ready, "failed": p.Status.Nodes.Failed} {
+			r.nodes.WithLabelValues(p.Namespace, p.Name, state).Set(float64(n))
+		}
+	}
 
 	if !equality.Semantic.DeepEqual(before, &p.Status) {
 		if err := r.Client.Status().Update(ctx, &p); err != nil {
@@ -322,6 +337,12 @@ func (r *PrewarmReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	}
 	if r.APIReader == nil {
 		r.APIReader = mgr.GetAPIReader()
+	}
+	if r.Registerer != nil {
+		r.nodes = promreg.Shared(r.Registerer, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "shoal", Subsystem: "controller", Name: "prewarm_nodes",
+			Help: "Nodes a Prewarm selects (desired), that hold its content as asked (ready), and that failed.",
+		}, []string{"namespace", "name", "state"}))
 	}
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("prewarm").

@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -150,6 +151,7 @@ func TestPrewarmLifecycle(t *testing.T) {
 	modelDigest := reg.push(t, "models/m:v1", model)
 
 	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	promReg := prometheus.NewRegistry()
 	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}),
 		resolve.WithInsecure("registry.test"), resolve.WithClock(clk.Now))
 	if err != nil {
@@ -160,7 +162,7 @@ func TestPrewarmLifecycle(t *testing.T) {
 			return err
 		}
 		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r},
-			Recorder: mgr.GetEventRecorder("test"), Now: clk.Now}).SetupWithManager(mgr)
+			Recorder: mgr.GetEventRecorder("test"), Now: clk.Now, Registerer: promReg}).SetupWithManager(mgr)
 	})
 
 	for _, n := range []struct {
@@ -217,6 +219,9 @@ func TestPrewarmLifecycle(t *testing.T) {
 				!meta.IsStatusConditionTrue(p.Status.Conditions, controllers.ConditionProgressing) &&
 				p.Status.BytesReady == 40, fmt.Sprintf("%+v", p.Status)
 		})
+		if n := gaugeValue(t, promReg, "shoal_controller_prewarm_nodes", "ready"); n != 2 {
+			t.Errorf("shoal_controller_prewarm_nodes{state=ready} = %v, want 2", n)
+		}
 	})
 
 	t.Run("a failing node is reported with its reason", func(t *testing.T) {
@@ -380,4 +385,27 @@ func TestPrewarmOutsideTheAllowedNamespaces(t *testing.T) {
 	})
 	// Only the allowed one's content reaches the node.
 	waitItems(t, c, "node-a", "registry.test/team/app:1@"+digest)
+}
+
+// gaugeValue is the value of the series of gauge name whose state label is state in reg.
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name, state string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "state" && l.GetValue() == state {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no series of %s with state %s", name, state)
+	return 0
 }

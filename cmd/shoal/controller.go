@@ -108,10 +108,11 @@ func newControllerCommand() *cobra.Command {
 				return fmt.Errorf("--registry-endpoint: %w", err)
 			}
 			if err := (&controllers.PrewarmReconciler{
-				Policy:   policy,
-				Client:   mgr.GetClient(),
-				Resolver: controllers.RegistryResolver{R: resolver},
-				Recorder: mgr.GetEventRecorder("shoal-controller"),
+				Policy:     policy,
+				Client:     mgr.GetClient(),
+				Resolver:   controllers.RegistryResolver{R: resolver},
+				Recorder:   mgr.GetEventRecorder("shoal-controller"),
+				Registerer: metrics.Registry,
 			}).SetupWithManager(mgr); err != nil {
 				return err
 			}
