@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -94,6 +95,11 @@ type Config struct {
 	StallTimeout time.Duration
 	// Parallel is how many items, and how many blobs, are fetched at once; 0 = DefaultParallel.
 	Parallel int
+	// MaxPinnedShare bounds what pinned items may take of the store (its MaxBytes, when it has
+	// one): an item whose pinning would pass the bound is neither pinned nor fetched, and fails
+	// with PinLimitExceeded until room is made. Items held already come first, then by
+	// reference. 0 = no bound.
+	MaxPinnedShare float64
 	// Registerer registers the worker's metrics; nil registers none.
 	Registerer prometheus.Registerer
 	// Logger receives the worker's logs (default: discard).
@@ -158,6 +164,9 @@ type item struct {
 	digests  []v1.Hash // manifests and blobs, once resolved
 	resolved bool      // digests are known
 	settled  bool      // a resolution has ended, with or without success
+	// overBudget: pinning the item would pass Config.MaxPinnedShare, so it is left alone;
+	// granted: it got its share of the budget once, and keeps it ahead of items that did not.
+	overBudget, granted bool
 }
 
 // New returns a worker for cfg that reaches the API server with restCfg. Nothing is contacted
@@ -170,6 +179,8 @@ func New(restCfg *rest.Config, cfg Config) (*Worker, error) {
 		return nil, errors.New("nodecache: a store, a manifest source and a blob source are needed")
 	case cfg.StatusInterval < 0, cfg.StallTimeout < 0, cfg.Parallel < 0:
 		return nil, errors.New("nodecache: the status interval, stall timeout and parallelism must not be negative")
+	case cfg.MaxPinnedShare < 0 || cfg.MaxPinnedShare > 1:
+		return nil, fmt.Errorf("nodecache: the pinned share %v is not between 0 and 1", cfg.MaxPinnedShare)
 	}
 	if cfg.StatusInterval == 0 {
 		cfg.StatusInterval = DefaultStatusInterval
@@ -392,6 +403,13 @@ func (w *Worker) attempt(ctx context.Context, it *item) error {
 	if err != nil {
 		return err
 	}
+	w.mu.Lock()
+	over := it.overBudget
+	w.mu.Unlock()
+	if over {
+		return fmt.Errorf("%w: pinning its %d bytes would take the node's pinned content past %.0f %% of the store (%d bytes)",
+			errPinLimit, total, 100*w.cfg.MaxPinnedShare, w.pinBudget())
+	}
 	select {
 	case w.itemSlots <- struct{}{}:
 	case <-ctx.Done():
@@ -439,6 +457,10 @@ func (w *Worker) progressed(it *item) bool {
 // finish marks the item Ready (err nil) or Failed.
 func (w *Worker) finish(it *item, err error) {
 	w.mu.Lock()
+	if err == nil && it.overBudget {
+		// Another item took the budget while this one was fetched: it is held, not pinned.
+		err = fmt.Errorf("%w: another pinned item took the room first", errPinLimit)
+	}
 	if err == nil {
 		it.state, it.reason, it.message = v1alpha1.ItemReady, "", ""
 	} else {
@@ -464,14 +486,20 @@ func (w *Worker) reconcilePins() error {
 	}
 	want := map[v1.Hash]bool{}
 	complete := true
-	for _, it := range w.byRef {
-		if !it.spec.Pin {
+	budget, used := w.pinBudget(), int64(0)
+	for _, it := range w.pinOrderLocked() {
+		complete = complete && it.settled
+		// An item's total counts layers it shares with others again: the bound errs on the
+		// side of pinning less.
+		it.overBudget = budget > 0 && it.resolved && used+it.total > budget
+		if it.overBudget {
 			continue
 		}
+		it.granted = it.granted || it.resolved
+		used += it.total
 		for _, d := range it.digests {
 			want[d] = true
 		}
-		complete = complete && it.settled
 	}
 	w.mu.Unlock()
 	pins := make([]v1.Hash, 0, len(want))
@@ -498,6 +526,45 @@ func (w *Worker) reconcilePins() error {
 	}
 	w.log.Info("unpinned what no item pins any more", "blobs", len(unpin))
 	return nil
+}
+
+// pinBudget is the most pinned items may take of the store, in bytes; 0 = no bound.
+func (w *Worker) pinBudget() int64 {
+	if w.cfg.MaxPinnedShare == 0 || w.cfg.Store.MaxBytes() <= 0 {
+		return 0
+	}
+	return int64(w.cfg.MaxPinnedShare * float64(w.cfg.Store.MaxBytes()))
+}
+
+// pinOrderLocked returns the pinned items in the order they get the pin budget: items that got
+// it before, then items held already, so that a new item never pushes out one the node holds
+// or fetches, then by reference.
+func (w *Worker) pinOrderLocked() []*item {
+	var out []*item
+	for _, it := range w.byRef {
+		if it.spec.Pin {
+			out = append(out, it)
+		}
+	}
+	first := func(a, b bool) int {
+		switch {
+		case a == b:
+			return 0
+		case a:
+			return -1
+		}
+		return 1
+	}
+	slices.SortFunc(out, func(a, b *item) int {
+		if c := first(a.granted, b.granted); c != 0 {
+			return c
+		}
+		if c := first(a.state == v1alpha1.ItemReady, b.state == v1alpha1.ItemReady); c != 0 {
+			return c
+		}
+		return strings.Compare(a.spec.Reference, b.spec.Reference)
+	})
+	return out
 }
 
 // poke makes the status writer look again.

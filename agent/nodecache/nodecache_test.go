@@ -233,6 +233,14 @@ func withParallel(n int) option {
 	return func(c *nodecache.Config, _ *nodeOptions) { c.Parallel = n }
 }
 
+// withPinnedShare bounds pinned items to share of a store of maxBytes.
+func withPinnedShare(share float64, maxBytes int64) option {
+	return func(c *nodecache.Config, o *nodeOptions) {
+		c.MaxPinnedShare = share
+		o.storeOpts = append(o.storeOpts, store.WithMaxBytes(maxBytes))
+	}
+}
+
 func withStall(worker, storeStall time.Duration) option {
 	return func(c *nodecache.Config, o *nodeOptions) {
 		c.StallTimeout = worker
@@ -755,6 +763,47 @@ func TestNodeCache(t *testing.T) {
 		// wait for the hour-long interval.
 		if writes > 3 {
 			t.Errorf("%d status writes for one item of 20 layers, want at most 3", writes)
+		}
+	})
+
+	t.Run("pinned items stay within their share of the store", func(t *testing.T) {
+		first, second := randomImage(t, 4096, 2), randomImage(t, 4096, 2)
+		firstRef, secondRef := h.reg.push(t, "team/pin-a:1", first), h.reg.push(t, "team/pin-b:1", second)
+		size := imageContent(t, first).size
+		// Room for one of the two (they are about the same size), not both.
+		n := h.start(t, "node-g", "", withPinnedShare(0.5, 3*size))
+		h.create(t, "node-g",
+			v1alpha1.NodeCacheItem{Reference: firstRef, Pin: true},
+			v1alpha1.NodeCacheItem{Reference: secondRef, Pin: true})
+		// Whichever resolves first gets the room; the other is refused and not fetched.
+		var held, refused string
+		nc := h.waitStatus(t, "node-g", "one item Ready, the other refused", func(nc *v1alpha1.NodeCache) bool {
+			a, b := itemStatus(nc, firstRef), itemStatus(nc, secondRef)
+			if a == nil || b == nil {
+				return false
+			}
+			for _, pair := range [][2]*v1alpha1.NodeCacheItemStatus{{a, b}, {b, a}} {
+				if pair[0].State == v1alpha1.ItemReady && pair[1].State == v1alpha1.ItemFailed && pair[1].Reason == v1alpha1.ReasonPinLimitExceeded {
+					held, refused = pair[0].Reference, pair[1].Reference
+					return true
+				}
+			}
+			return false
+		})
+		if msg := itemStatus(nc, refused).Message; !strings.Contains(msg, "50 % of the store") {
+			t.Errorf("message %q does not name the bound", msg)
+		}
+		contentOf := map[string]content{firstRef: imageContent(t, first), secondRef: imageContent(t, second)}
+		for _, d := range contentOf[refused].blobs {
+			if _, err := n.store.Stat(d); err == nil {
+				t.Errorf("%s of the refused item was fetched", d)
+			}
+		}
+		// Once the held one leaves the spec, the other fits.
+		h.setItems(t, "node-g", v1alpha1.NodeCacheItem{Reference: refused, Pin: true})
+		h.waitStatus(t, "node-g", "the other Ready", allReady)
+		if got, want := sorted(n.store.PinnedBy(nodecache.Owner)), sorted(contentOf[refused].all()); !slices.Equal(got, want) {
+			t.Errorf("pinned %v, want the refused item's %v (%s released)", got, want, held)
 		}
 	})
 

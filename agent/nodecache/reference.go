@@ -31,6 +31,10 @@ var dockerHubAliases = map[string]bool{name.DefaultRegistry: true, "registry-1.d
 // errPermanent marks a failure that retrying cannot mend: only a new spec item can.
 var errPermanent = errors.New("permanent")
 
+// errPinLimit marks an item left alone because pinning it would pass the pinned share of the
+// store; it is tried again, since other items may leave the spec.
+var errPinLimit = errors.New("pin limit exceeded")
+
 // parseReference parses an item's reference: registry/repository[:tag]@sha256:<hex>.
 func parseReference(s string) (reference, error) {
 	ref, err := name.NewDigest(s)
@@ -77,6 +81,8 @@ func reasonOf(err error) v1alpha1.FailureReason {
 		return v1alpha1.ReasonVerifyFailed
 	case errors.Is(err, store.ErrFull):
 		return v1alpha1.ReasonStoreFull
+	case errors.Is(err, errPinLimit):
+		return v1alpha1.ReasonPinLimitExceeded
 	case errors.Is(err, store.ErrStalled), errors.Is(err, errNoProgress):
 		return v1alpha1.ReasonFetchStalled
 	}

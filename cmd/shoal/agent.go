@@ -94,6 +94,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.BoolVar(&kube.nodeCache, "node-cache", true, "with --membership kubernetes, make the store hold what this node's NodeCache asks for: fetch each item through the swarm, pin what it pins, release what leaves it, and report in its status (runtime import and pull tokens are not done yet); false = ignore the NodeCache")
 	f.BoolVar(&kube.prefetchSeeds, "prefetch-seeds", true, "with --membership kubernetes, watch SwarmSeeds (images pending pods are about to pull) and fetch from upstream at once the segments this node seeds of their blobs; false = wait for the pulls")
 	f.DurationVar(&kube.nodeCacheStatusInterval, "node-cache-status-interval", nodecache.DefaultStatusInterval, "the NodeCache status is written at most this often while only bytes move; state changes are written at once")
+	f.Float64Var(&kube.maxPinnedShare, "max-pinned-share", 0.5, "the most NodeCache items may pin of the store (--cache-size), 0-1: an item that would pass it is neither pinned nor fetched, and reported PinLimitExceeded; 0 = no bound")
 	f.DurationVar(&kube.nodeCacheStallTimeout, "node-cache-stall-timeout", nodecache.DefaultStallTimeout, "a NodeCache download that moves no byte for this long is retried (with backoff); one that keeps moving is never cut")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "json", "json or text")
@@ -144,6 +145,7 @@ type kubeFlags struct {
 	prefetchSeeds                    bool
 	nodeCacheStatusInterval          time.Duration
 	nodeCacheStallTimeout            time.Duration
+	maxPinnedShare                   float64
 }
 
 // apply sets up the Kubernetes membership, and the NodeCache worker unless --node-cache=false,
@@ -165,6 +167,9 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 	}
 	if k.nodeCacheStatusInterval <= 0 {
 		return fmt.Errorf("%s %s: want more than 0", flagLabel(fs, "node-cache-status-interval"), k.nodeCacheStatusInterval)
+	}
+	if k.maxPinnedShare < 0 || k.maxPinnedShare > 1 {
+		return fmt.Errorf("%s %v: want a share between 0 and 1", flagLabel(fs, "max-pinned-share"), k.maxPinnedShare)
 	}
 	if k.nodeCacheStallTimeout <= 0 {
 		return fmt.Errorf("%s %s: want more than 0", flagLabel(fs, "node-cache-stall-timeout"), k.nodeCacheStallTimeout)
@@ -212,6 +217,7 @@ func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, log 
 			Mirrors:        content.Mirrors,
 			StatusInterval: k.nodeCacheStatusInterval,
 			StallTimeout:   k.nodeCacheStallTimeout,
+			MaxPinnedShare: k.maxPinnedShare,
 			Registerer:     content.Registerer,
 			Logger:         log,
 		})

@@ -42,6 +42,7 @@ func TestAgentErrorsNameFlags(t *testing.T) {
 		{"log level from env", nil, map[string]string{"SHOAL_LOG_LEVEL": "loud"}, `SHOAL_LOG_LEVEL (--log-level) "loud": want debug`},
 		{"CA file", []string{"--registry-ca-file", "/nonexistent/ca.pem"}, nil, "--registry-ca-file: "},
 		{"membership", []string{"--membership", "gossip"}, nil, `--membership "gossip": want static or kubernetes`},
+		{"pinned share", []string{"--membership", "kubernetes", "--node-name", "a", "--p2p-addr", "127.0.0.2:7070", "--max-pinned-share", "1.5"}, nil, "--max-pinned-share 1.5: want a share between 0 and 1"},
 		{"kubernetes without node name", []string{"--membership", "kubernetes", "--p2p-addr", "127.0.0.2:7070"}, nil, "--membership kubernetes needs --node-name"},
 		{"kubernetes without p2p addr", nil, map[string]string{"SHOAL_MEMBERSHIP": "kubernetes", "SHOAL_NODE_NAME": "a"}, "SHOAL_MEMBERSHIP (--membership) kubernetes needs --p2p-addr"},
 		{"node cache status interval", []string{"--membership", "kubernetes", "--node-name", "a", "--p2p-addr", "127.0.0.2:7070", "--node-cache-status-interval", "0s"}, nil, "--node-cache-status-interval 0s: want more than 0"},
