@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -29,8 +30,9 @@ const (
 
 var skipNameValidation = true
 
-// startManager runs a controller manager with setup's reconcilers until the test ends.
-func startManager(t *testing.T, env *kubetest.Env, setup func(ctrl.Manager) error) {
+// startManager runs a controller manager with setup's reconcilers until the test ends or the
+// returned function stops it.
+func startManager(t *testing.T, env *kubetest.Env, setup func(ctrl.Manager) error) (stop func()) {
 	t.Helper()
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
 		Scheme:                 env.Scheme,
@@ -48,12 +50,17 @@ func startManager(t *testing.T, env *kubetest.Env, setup func(ctrl.Manager) erro
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("manager: %v", err)
-		}
-	})
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("manager: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
 }
 
 // eventually polls cond until it holds or waitFor passes, and then fails with what it says.
@@ -184,4 +191,76 @@ func TestNodeCachesFollowNodesAndPrewarms(t *testing.T) {
 			waitItems(t, c, n)
 		}
 	})
+}
+
+// TestControllerRestartLosesNothing stops the controller, changes what it must act on while it
+// is down, and starts another: the new one converges from the objects alone (the reconcilers
+// keep no state that matters), and nothing is duplicated.
+func TestControllerRestartLosesNothing(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	setup := func(mgr ctrl.Manager) error {
+		return (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr)
+	}
+	stop := startManager(t, env, setup)
+	gpu := map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64", "gpu": "true"}
+	for _, n := range []string{"node-a", "node-b"} {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n, Labels: map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}}}
+		if n == "node-a" {
+			node.Labels = gpu
+		}
+		if err := c.Create(ctx, node); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &v1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec:       v1.PrewarmSpec{Images: []string{"registry.test/app:1"}, NodeSelector: &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}}},
+	}
+	if err := c.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	p.Status.References = []v1.ResolvedReference{{Reference: "registry.test/app:1", Repository: "registry.test/app", Tag: "1", Digest: digestAmd64}}
+	if err := c.Status().Update(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	item := "registry.test/app:1@" + digestAmd64
+	waitItems(t, c, "node-a", item)
+	waitItems(t, c, "node-b")
+
+	stop()
+	// While no controller runs: node-b starts to match, node-a stops, a node joins.
+	var nodeA, nodeB corev1.Node
+	if err := c.Get(ctx, client.ObjectKey{Name: "node-a"}, &nodeA); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Get(ctx, client.ObjectKey{Name: "node-b"}, &nodeB); err != nil {
+		t.Fatal(err)
+	}
+	delete(nodeA.Labels, "gpu")
+	nodeB.Labels["gpu"] = "true"
+	for _, n := range []*corev1.Node{&nodeA, &nodeB} {
+		if err := c.Update(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-c", Labels: gpu}}); err != nil {
+		t.Fatal(err)
+	}
+
+	startManager(t, env, setup)
+	waitItems(t, c, "node-a")
+	waitItems(t, c, "node-b", item)
+	waitItems(t, c, "node-c", item)
+	var list v1.NodeCacheList
+	if err := c.List(ctx, &list); err != nil {
+		t.Fatal(err)
+	}
+	if len(list.Items) != 3 {
+		t.Errorf("%d NodeCaches for 3 nodes", len(list.Items))
+	}
 }
