@@ -89,6 +89,10 @@ e2e: ## End-to-end tests: real registry, containerd through CRI, agents (root; i
 bench: deps ## Benchmarks; writes docs/benchmarks.md.
 	hack/bench.sh
 
+.PHONY: bench-scale
+bench-scale: deps ## The controller's scale benchmark alone (envtest, about 6 minutes); writes its section of docs/benchmarks.md.
+	hack/bench.sh scale
+
 .PHONY: demo
 demo: deps ## Local cluster story on network namespaces: registry, containerd, agent.
 	go run ./hack/demo
