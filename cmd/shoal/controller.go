@@ -38,6 +38,8 @@ type controllerConfig struct {
 	seedPods         bool
 	seedTTL          time.Duration
 	namespaces       []string
+	apiQPS           float32
+	apiBurst         int
 }
 
 func newControllerCommand() *cobra.Command {
@@ -63,6 +65,11 @@ func newControllerCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// client-go's default of 5 requests a second (burst 10) made the first start at
+			// 1,000 nodes take 200 s to write their NodeCaches, and queued SwarmSeeds behind
+			// them (docs/benchmarks.md, "Controller at scale"). The API server's priority and
+			// fairness protects it; --kube-api-qps sets a client-side limit where wanted.
+			restCfg.QPS, restCfg.Burst = cfg.apiQPS, cfg.apiBurst
 			scheme, err := controllers.Scheme()
 			if err != nil {
 				return err
@@ -167,6 +174,8 @@ func newControllerCommand() *cobra.Command {
 	f.Var(newEndpointsValue(&cfg.endpoints), "registry-endpoint", "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable; http:// allows plain HTTP for it)")
 	f.DurationVar(&cfg.resolveTimeout, "resolve-timeout", resolve.DefaultTimeout, "bound on each registry call made to resolve a reference")
 	f.BoolVar(&cfg.seedPods, "seed-pods", true, "write a SwarmSeed for each image manifest that pending pods are about to pull")
+	f.Float32Var(&cfg.apiQPS, "kube-api-qps", -1, "client-side limit on requests a second to the API server; -1 = none (the API server's priority and fairness applies)")
+	f.IntVar(&cfg.apiBurst, "kube-api-burst", 100, "requests above --kube-api-qps allowed in a burst")
 	f.StringSliceVar(&cfg.namespaces, "prewarm-namespaces", nil, "namespaces whose Prewarms reach nodes, comma-separated; empty = every namespace (a Prewarm elsewhere is reported NamespaceNotAllowed and fetches nothing)")
 	f.DurationVar(&cfg.seedTTL, "seed-ttl", controllers.DefaultSeedTTL, "how long a SwarmSeed lives before the controller deletes it; a manifest is not seeded again within it")
 	f.String("log-level", "info", "debug, info, warn or error")
