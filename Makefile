@@ -90,7 +90,7 @@ bench: deps ## Benchmarks; writes docs/benchmarks.md.
 	hack/bench.sh
 
 .PHONY: bench-scale
-bench-scale: deps ## The controller's scale benchmark alone (envtest, about 6 minutes); writes its section of docs/benchmarks.md.
+bench-scale: deps ## The controller's scale benchmark alone (envtest, about 3 minutes); writes its section of docs/benchmarks.md.
 	hack/bench.sh scale
 
 .PHONY: demo
