@@ -1,0 +1,128 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	shoalv1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/controllers"
+	"github.com/shoal-dev/shoal/test/harness"
+	"github.com/shoal-dev/shoal/test/kubetest"
+	"github.com/shoal-dev/shoal/test/testbed"
+)
+
+// TestPrewarmOnSelectedNodes: a Prewarm of an image and a 100 MiB OCI artifact for 3 of 4
+// testbed nodes (by label) goes Ready 3/3; the 3 agents hold the content pinned, the 4th pins
+// nothing, and the registry sent about one copy of each blob in all.
+func TestPrewarmOnSelectedNodes(t *testing.T) {
+	harness.RequireIsolation(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	tb, err := testbed.New(ctx, 4, testbed.WithShoalBinary(shoalBinary(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tb.Close() })
+	env := kubetest.StartWith(t, kubetest.Options{ListenAddress: tb.SwitchAddr().String()})
+	// Agents stop before the API server, which then has no watches to drain.
+	t.Cleanup(func() {
+		for _, node := range tb.Nodes() {
+			_ = node.StopAgent(context.Background())
+		}
+	})
+	kubeconfig := filepath.Join(tb.Dir(), "kubeconfig")
+	if err := os.WriteFile(kubeconfig, env.KubeConfig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	arch := harness.HostPlatform().Architecture
+	for i, node := range tb.Nodes() {
+		labels := map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: arch}
+		if i < 3 {
+			labels["pool"] = "gpu"
+		}
+		if err := env.Client.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name(), Labels: labels}}); err != nil {
+			t.Fatal(err)
+		}
+		// A store large enough that the default share leaves room for the content pinned.
+		if _, err := node.StartAgent(ctx, "--p2p-addr", node.P2PAddr(), "--membership", "kubernetes",
+			"--node-name", node.Name(), "--kubeconfig", kubeconfig, "--cache-size", "1Gi"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tb.WaitForSwarm(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	startController(t, tb, kubeconfig)
+
+	img, err := harness.PushImage(ctx, tb.RegistryHost(), "test/prewarm:v1", harness.ImageSpec{Layers: 3, LayerSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model, err := harness.PushImage(ctx, tb.RegistryHost(), "models/big:v1", harness.ImageSpec{Layers: 1, LayerSize: 100 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ml"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &shoalv1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "warm", Namespace: "ml"},
+		Spec: shoalv1.PrewarmSpec{
+			Images:       []string{img.Name(testbed.RegistryName)},
+			Artifacts:    []string{model.Name(testbed.RegistryName)},
+			NodeSelector: &shoalv1.NodeSelector{MatchLabels: map[string]shoalv1.LabelValue{"pool": "gpu"}},
+		},
+	}
+	if err := env.Client.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	var last shoalv1.PrewarmStatus
+	for deadline := time.Now().Add(4 * time.Minute); ; time.Sleep(500 * time.Millisecond) {
+		var got shoalv1.Prewarm
+		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(p), &got); err != nil {
+			t.Fatal(err)
+		}
+		last = got.Status
+		if last.Ready == "3/3" && meta.IsStatusConditionTrue(last.Conditions, controllers.ConditionReady) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Prewarm not Ready 3/3 within 4 minutes: %+v", last)
+		}
+	}
+
+	var content int64
+	for _, im := range []*harness.Image{img, model} {
+		for _, size := range im.Sizes {
+			content += size
+		}
+	}
+	for i, node := range tb.Nodes() {
+		pinned, err := node.Agent().Metric(ctx, "shoal_store_pinned_bytes", nil)
+		if err != nil {
+			t.Fatalf("node %s: %v", node.Name(), err)
+		}
+		switch {
+		case i < 3 && pinned < float64(content):
+			t.Errorf("node %s (selected): %.0f bytes pinned, want the content's %d at least", node.Name(), pinned, content)
+		case i == 3 && pinned != 0:
+			t.Errorf("node %s (not selected): %.0f bytes pinned, want none", node.Name(), pinned)
+		}
+	}
+	sent := upstreamBytes(t, ctx, tb)
+	for _, im := range []*harness.Image{img, model} {
+		for _, l := range im.Layers {
+			if got, size := sent[l], im.Sizes[l]; float64(got) > 1.1*float64(size) {
+				t.Errorf("layer %s (%d bytes): the registry sent %d bytes for 3 nodes, want about one copy", l, size, got)
+			}
+		}
+	}
+}
