@@ -19,6 +19,7 @@ import (
 
 	"github.com/shoal-dev/shoal/api/v1alpha1"
 	"github.com/shoal-dev/shoal/internal/kubeclient"
+	"github.com/shoal-dev/shoal/internal/oci"
 	"github.com/shoal-dev/shoal/internal/promreg"
 )
 
@@ -185,9 +186,5 @@ func SplitRepository(full string) (registry, repo string, err error) {
 	if !ok || registry == "" || repo == "" {
 		return "", "", fmt.Errorf("repository %q: want registry/name", full)
 	}
-	switch registry {
-	case "index.docker.io", "registry-1.docker.io":
-		registry = "docker.io"
-	}
-	return registry, repo, nil
+	return oci.MirrorRegistry(registry), repo, nil
 }

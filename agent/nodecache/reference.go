@@ -24,10 +24,6 @@ type reference struct {
 	digest         v1.Hash
 }
 
-// dockerHubAliases are the names the controller may write for Docker Hub (go-containerregistry
-// calls it index.docker.io); containerd and the agent call it docker.io.
-var dockerHubAliases = map[string]bool{name.DefaultRegistry: true, "registry-1.docker.io": true}
-
 // errPermanent marks a failure that retrying cannot mend: only a new spec item can.
 var errPermanent = errors.New("permanent")
 
@@ -45,10 +41,7 @@ func parseReference(s string) (reference, error) {
 	if err != nil {
 		return reference{}, fmt.Errorf("%w: reference %q: %w", errPermanent, s, err)
 	}
-	registry := ref.Context().RegistryStr()
-	if dockerHubAliases[registry] {
-		registry = "docker.io"
-	}
+	registry := oci.MirrorRegistry(ref.Context().RegistryStr())
 	repo := ref.Context().RepositoryStr()
 	if err := oci.ValidateRegistry(registry); err != nil {
 		return reference{}, fmt.Errorf("%w: reference %q: %w", errPermanent, s, err)

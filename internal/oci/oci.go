@@ -96,6 +96,19 @@ func ParseDigest(s string) (v1.Hash, error) {
 // IsDigest reports whether a manifest reference is a digest rather than a tag.
 func IsDigest(reference string) bool { return strings.Contains(reference, ":") }
 
+// MirrorRegistry is the name containerd gives the mirror (in ?ns=) for registry host: docker.io
+// for the names Docker Hub also goes by (index.docker.io, as go-containerregistry and the
+// controller write it, and registry-1.docker.io), host itself otherwise. The store, the swarm
+// and the upstream client key blobs by that name, so anything the agent fetches on its own
+// must use it too.
+func MirrorRegistry(host string) string {
+	switch host {
+	case "index.docker.io", "registry-1.docker.io":
+		return "docker.io"
+	}
+	return host
+}
+
 // ValidateRegistry checks a registry host as containerd passes it in ?ns= ("docker.io",
 // "registry.test:5000", "[::1]:5000"). It rejects anything that could smuggle a path or scheme.
 func ValidateRegistry(registry string) error {

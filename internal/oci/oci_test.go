@@ -106,3 +106,16 @@ func FuzzParseDigest(f *testing.F) {
 		}
 	})
 }
+
+func TestMirrorRegistry(t *testing.T) {
+	for host, want := range map[string]string{
+		"index.docker.io":      "docker.io",
+		"registry-1.docker.io": "docker.io",
+		"docker.io":            "docker.io",
+		"registry.test:5000":   "registry.test:5000",
+	} {
+		if got := MirrorRegistry(host); got != want {
+			t.Errorf("MirrorRegistry(%q) = %q, want %q", host, got, want)
+		}
+	}
+}
