@@ -10,8 +10,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -91,21 +93,31 @@ func (r *NodeCacheReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Named("nodecache").
 		For(&corev1.Node{}).
 		Owns(&v1.NodeCache{}).
-		Watches(&v1.Prewarm{}, handler.EnqueueRequestsFromMapFunc(r.allNodes)).
+		Watches(&v1.Prewarm{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &corev1.NodeList{}))).
 		Complete(r)
 }
 
-func (r *NodeCacheReconciler) allNodes(ctx context.Context, _ client.Object) []reconcile.Request {
-	var nodes corev1.NodeList
-	if err := r.Client.List(ctx, &nodes); err != nil {
-		log.FromContext(ctx).Error(err, "list nodes")
-		return nil
+// enqueueAll returns a map function that reconciles every object of list's kind, for a change
+// that may concern any of them.
+func enqueueAll(c client.Client, list client.ObjectList) handler.MapFunc {
+	return func(ctx context.Context, _ client.Object) []reconcile.Request {
+		l, ok := list.DeepCopyObject().(client.ObjectList)
+		if !ok {
+			return nil
+		}
+		if err := c.List(ctx, l); err != nil {
+			log.FromContext(ctx).Error(err, "list", "kind", fmt.Sprintf("%T", list))
+			return nil
+		}
+		var reqs []reconcile.Request
+		_ = meta.EachListItem(l, func(o runtime.Object) error {
+			if obj, ok := o.(client.Object); ok {
+				reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(obj)})
+			}
+			return nil
+		})
+		return reqs
 	}
-	reqs := make([]reconcile.Request, 0, len(nodes.Items))
-	for i := range nodes.Items {
-		reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Name: nodes.Items[i].Name}})
-	}
-	return reqs
 }
 
 // Selects reports whether a Prewarm selects a node (a Prewarm being deleted selects none).

@@ -347,22 +347,9 @@ func (r *PrewarmReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("prewarm").
 		For(&v1.Prewarm{}).
-		Watches(&v1.NodeCache{}, handler.EnqueueRequestsFromMapFunc(r.allPrewarms)).
-		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.allPrewarms)).
+		Watches(&v1.NodeCache{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &v1.PrewarmList{}))).
+		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &v1.PrewarmList{}))).
 		Complete(r)
-}
-
-func (r *PrewarmReconciler) allPrewarms(ctx context.Context, _ client.Object) []reconcile.Request {
-	var list v1.PrewarmList
-	if err := r.Client.List(ctx, &list); err != nil {
-		log.FromContext(ctx).Error(err, "list prewarms")
-		return nil
-	}
-	reqs := make([]reconcile.Request, 0, len(list.Items))
-	for i := range list.Items {
-		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&list.Items[i])})
-	}
-	return reqs
 }
 
 // hasDigest reports whether a reference names its content by digest (never moves).
