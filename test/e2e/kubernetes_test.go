@@ -22,46 +22,59 @@ import (
 // other through their SwarmMembers and share a new blob with about one upstream copy. Then the
 // API server goes away and an agent restarts: it swarms again with the members it saved, and
 // the blob still reaches a node that lacked it without a second upstream copy.
-func TestSwarmMembersFromKubernetes(t *testing.T) {
-	harness.RequireIsolation(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	tb, err := testbed.New(ctx, 4, testbed.WithShoalBinary(shoalBinary(t)))
+// kubeTestbed builds n testbed nodes, a real API server on the testbed's bridge with a Node
+// object for each (labels(i) as its labels; labels may be nil), and on each node an agent with
+// --membership kubernetes and args, and waits until they swarm. It returns the testbed, the API
+// server and the kubeconfig file that agents (and a controller) use. When the test ends, the
+// agents stop before the API server, which then has no watches to drain (a minute otherwise),
+// and a failed test logs their output.
+func kubeTestbed(t *testing.T, ctx context.Context, n int, labels func(i int) map[string]string, args []string, opts ...testbed.Option) (*testbed.Testbed, *kubetest.Env, string) {
+	t.Helper()
+	tb, err := testbed.New(ctx, n, append([]testbed.Option{testbed.WithShoalBinary(shoalBinary(t))}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = tb.Close() })
 	env := kubetest.StartWith(t, kubetest.Options{ListenAddress: tb.SwitchAddr().String()})
+	t.Cleanup(func() {
+		for _, node := range tb.Nodes() {
+			if a := node.Agent(); a != nil && t.Failed() {
+				if b, err := os.ReadFile(a.LogPath()); err == nil {
+					t.Logf("agent of %s:\n%s", node.Name(), b)
+				}
+			}
+			_ = node.StopAgent(context.Background())
+		}
+	})
 	kubeconfig := filepath.Join(tb.Dir(), "kubeconfig")
 	if err := os.WriteFile(kubeconfig, env.KubeConfig, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	agentArgs := func(node *testbed.Node) []string {
-		return []string{"--p2p-addr", node.P2PAddr(), "--membership", "kubernetes",
-			"--node-name", node.Name(), "--kubeconfig", kubeconfig}
-	}
-	for _, node := range tb.Nodes() {
-		if err := env.Client.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name()}}); err != nil {
+	for i, node := range tb.Nodes() {
+		obj := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name()}}
+		if labels != nil {
+			obj.Labels = labels(i)
+		}
+		if err := env.Client.Create(ctx, obj); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := node.StartAgent(ctx, agentArgs(node)...); err != nil {
+		nodeArgs := append([]string{"--p2p-addr", node.P2PAddr(), "--membership", "kubernetes",
+			"--node-name", node.Name(), "--kubeconfig", kubeconfig}, args...)
+		if _, err := node.StartAgent(ctx, nodeArgs...); err != nil {
 			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, node := range tb.Nodes() {
-				if a := node.Agent(); a != nil {
-					if b, err := os.ReadFile(a.LogPath()); err == nil {
-						t.Logf("agent of %s:\n%s", node.Name(), b)
-					}
-				}
-			}
-		}
-	})
 	if err := tb.WaitForSwarm(ctx, time.Minute); err != nil {
 		t.Fatal(err)
 	}
+	return tb, env, kubeconfig
+}
+
+func TestSwarmMembersFromKubernetes(t *testing.T) {
+	harness.RequireIsolation(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	tb, env, _ := kubeTestbed(t, ctx, 4, nil, nil)
 	for _, node := range tb.Nodes() {
 		var m shoalv1.SwarmMember
 		if err := env.Client.Get(ctx, client.ObjectKey{Name: node.Name()}, &m); err != nil {

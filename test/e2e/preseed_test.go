@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -15,7 +13,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/shoal-dev/shoal/test/harness"
-	"github.com/shoal-dev/shoal/test/kubetest"
 	"github.com/shoal-dev/shoal/test/testbed"
 )
 
@@ -48,38 +45,10 @@ func TestPodsPreSeedTheSwarm(t *testing.T) {
 	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	tb, err := testbed.New(ctx, 4, testbed.WithShoalBinary(shoalBinary(t)), testbed.WithContainerd())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tb.Close() })
-	env := kubetest.StartWith(t, kubetest.Options{ListenAddress: tb.SwitchAddr().String()})
-	// Agents stop before the API server (cleanups run last first): it then has no watches to
-	// drain, which otherwise takes it a minute.
-	t.Cleanup(func() {
-		for _, node := range tb.Nodes() {
-			_ = node.StopAgent(context.Background())
-		}
-	})
-	kubeconfig := filepath.Join(tb.Dir(), "kubeconfig")
-	if err := os.WriteFile(kubeconfig, env.KubeConfig, 0o600); err != nil {
-		t.Fatal(err)
-	}
 	arch := harness.HostPlatform().Architecture
-	for _, node := range tb.Nodes() {
-		if err := env.Client.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name(), Labels: map[string]string{
-			corev1.LabelOSStable: "linux", corev1.LabelArchStable: arch,
-		}}}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := node.StartAgent(ctx, "--p2p-addr", node.P2PAddr(), "--membership", "kubernetes",
-			"--node-name", node.Name(), "--kubeconfig", kubeconfig); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tb.WaitForSwarm(ctx, time.Minute); err != nil {
-		t.Fatal(err)
-	}
+	tb, env, kubeconfig := kubeTestbed(t, ctx, 4, func(int) map[string]string {
+		return map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: arch}
+	}, nil, testbed.WithContainerd())
 	startController(t, tb, kubeconfig)
 
 	img, err := harness.PushImage(ctx, tb.RegistryHost(), "test/preseed:v1", harness.ImageSpec{Layers: 3, LayerSize: 16 << 20})

@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -15,7 +13,6 @@ import (
 	shoalv1 "github.com/shoal-dev/shoal/api/v1alpha1"
 	"github.com/shoal-dev/shoal/controllers"
 	"github.com/shoal-dev/shoal/test/harness"
-	"github.com/shoal-dev/shoal/test/kubetest"
 	"github.com/shoal-dev/shoal/test/testbed"
 )
 
@@ -26,40 +23,15 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	tb, err := testbed.New(ctx, 4, testbed.WithShoalBinary(shoalBinary(t)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tb.Close() })
-	env := kubetest.StartWith(t, kubetest.Options{ListenAddress: tb.SwitchAddr().String()})
-	// Agents stop before the API server, which then has no watches to drain.
-	t.Cleanup(func() {
-		for _, node := range tb.Nodes() {
-			_ = node.StopAgent(context.Background())
-		}
-	})
-	kubeconfig := filepath.Join(tb.Dir(), "kubeconfig")
-	if err := os.WriteFile(kubeconfig, env.KubeConfig, 0o600); err != nil {
-		t.Fatal(err)
-	}
 	arch := harness.HostPlatform().Architecture
-	for i, node := range tb.Nodes() {
+	// A store large enough that the default share leaves room for the content pinned.
+	tb, env, kubeconfig := kubeTestbed(t, ctx, 4, func(i int) map[string]string {
 		labels := map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: arch}
 		if i < 3 {
 			labels["pool"] = "gpu"
 		}
-		if err := env.Client.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name(), Labels: labels}}); err != nil {
-			t.Fatal(err)
-		}
-		// A store large enough that the default share leaves room for the content pinned.
-		if _, err := node.StartAgent(ctx, "--p2p-addr", node.P2PAddr(), "--membership", "kubernetes",
-			"--node-name", node.Name(), "--kubeconfig", kubeconfig, "--cache-size", "1Gi"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tb.WaitForSwarm(ctx, time.Minute); err != nil {
-		t.Fatal(err)
-	}
+		return labels
+	}, []string{"--cache-size", "1Gi"})
 	startController(t, tb, kubeconfig)
 
 	img, err := harness.PushImage(ctx, tb.RegistryHost(), "test/prewarm:v1", harness.ImageSpec{Layers: 3, LayerSize: 8 << 20})
