@@ -59,30 +59,36 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req reconcile.Reque
 	}
 	exists := err == nil
 
-	items, dropped := DesiredItems(&node, r.Policy.allowed(prewarms.Items), &nc)
-	if dropped > 0 && r.Recorder != nil {
+	want := DesiredItems(&node, r.Policy.allowed(prewarms.Items), &nc, r.Policy.MaxPinnedBytesPerNode)
+	if want.Dropped > 0 && r.Recorder != nil {
 		r.Recorder.Eventf(&node, nil, corev1.EventTypeWarning, "TooManyItems", "Reconcile",
-			"the Prewarms selecting this node ask for more than %d manifests; %d left out", v1.MaxNodeCacheItems, dropped)
+			"the Prewarms selecting this node ask for more than %d manifests; %d left out", v1.MaxNodeCacheItems, want.Dropped)
 	}
+	spec := v1.NodeCacheSpec{Items: want.Items, Refused: want.Refused}
 	if !exists {
-		nc = v1.NodeCache{ObjectMeta: metav1.ObjectMeta{Name: node.Name}, Spec: v1.NodeCacheSpec{Items: items}}
+		nc = v1.NodeCache{ObjectMeta: metav1.ObjectMeta{Name: node.Name}, Spec: spec}
 		if err := controllerutil.SetControllerReference(&node, &nc, r.Client.Scheme()); err != nil {
 			return reconcile.Result{}, err
 		}
 		if err := r.Client.Create(ctx, &nc); err != nil {
 			return reconcile.Result{}, err
 		}
-		log.FromContext(ctx).V(1).Info("NodeCache created", "items", len(items))
+		log.FromContext(ctx).V(1).Info("NodeCache created", "items", len(spec.Items), "refused", len(spec.Refused))
 		return reconcile.Result{}, nil
 	}
-	if equality.Semantic.DeepEqual(nc.Spec.Items, items) {
+	if equality.Semantic.DeepEqual(nc.Spec, spec) {
 		return reconcile.Result{}, nil
 	}
-	nc.Spec.Items = items
+	if len(spec.Refused) > len(nc.Spec.Refused) && r.Recorder != nil {
+		r.Recorder.Eventf(&node, nil, corev1.EventTypeWarning, "PinBudgetExceeded", "Reconcile",
+			"the Prewarms selecting this node ask it to pin more than the %d bytes allowed per node; %d items left out (see its NodeCache's spec.refused)",
+			r.Policy.MaxPinnedBytesPerNode, len(spec.Refused))
+	}
+	nc.Spec = spec
 	if err := r.Client.Update(ctx, &nc); err != nil {
 		return reconcile.Result{}, err
 	}
-	log.FromContext(ctx).V(1).Info("NodeCache updated", "items", len(items))
+	log.FromContext(ctx).V(1).Info("NodeCache updated", "items", len(spec.Items), "refused", len(spec.Refused))
 	return reconcile.Result{}, nil
 }
 
@@ -141,21 +147,34 @@ func NodePlatform(node *corev1.Node) string {
 	return os + "/" + arch
 }
 
+// Desired is what a node's NodeCache should say.
+type Desired struct {
+	// Items is the content the node must hold.
+	Items []v1.NodeCacheItem
+	// Refused is pinned content left out by the per-node budget.
+	Refused []v1.RefusedItem
+	// Dropped counts the items left out past MaxNodeCacheItems.
+	Dropped int
+}
+
 // DesiredItems is the spec of a node's NodeCache: one item per manifest that a Prewarm
 // selecting the node has resolved for it, sorted by reference, merged (pinned if any Prewarm
-// pins it), and at most MaxNodeCacheItems of them (dropped counts the rest). An item of
+// pins it), and at most MaxNodeCacheItems of them (Dropped counts the rest). An item of
 // current whose tag moved stays until the node holds the new digest, so that a node never
 // goes without the content in between.
-func DesiredItems(node *corev1.Node, prewarms []v1.Prewarm, current *v1.NodeCache) (items []v1.NodeCacheItem, dropped int) {
-	byRef := map[string]*v1.NodeCacheItem{}
-	add := func(it v1.NodeCacheItem) {
-		if have := byRef[it.Reference]; have != nil {
-			have.Pin = have.Pin || it.Pin
-			have.RuntimeImport = have.RuntimeImport || it.RuntimeImport
-			return
-		}
-		byRef[it.Reference] = &it
+//
+// budget (0 = none) bounds the bytes of the pinned items: they get it in a stable order, so
+// that a new Prewarm never pushes out content a node was given before: first the items current
+// has, then by the age of the oldest Prewarm asking for them, then by reference. Pinned items
+// past the budget are Refused. Items kept while their tag moves, and items not pinned, are
+// not counted.
+func DesiredItems(node *corev1.Node, prewarms []v1.Prewarm, current *v1.NodeCache, budget int64) Desired {
+	type wanted struct {
+		item   v1.NodeCacheItem
+		bytes  int64
+		oldest *v1.Prewarm
 	}
+	byRef := map[string]*wanted{}
 	platform := NodePlatform(node)
 	for i := range prewarms {
 		p := &prewarms[i]
@@ -166,27 +185,96 @@ func DesiredItems(node *corev1.Node, prewarms []v1.Prewarm, current *v1.NodeCach
 			if ref.Digest == "" || ref.Repository == "" {
 				continue // not resolved (yet)
 			}
-			for _, digest := range manifestsFor(&ref, p.Spec.Platforms, platform) {
-				add(v1.NodeCacheItem{
-					Reference:     itemReference(ref.Repository, ref.Tag, digest),
+			for _, m := range manifestsOf(&ref, p.Spec.Platforms, platform) {
+				it := v1.NodeCacheItem{
+					Reference:     itemReference(ref.Repository, ref.Tag, m.Digest),
 					Pin:           p.Spec.Store != v1.StoreCached,
 					RuntimeImport: !ref.Artifact && p.Spec.RuntimeImport == v1.RuntimeImportPinned,
-				})
+				}
+				have := byRef[it.Reference]
+				if have == nil {
+					byRef[it.Reference] = &wanted{item: it, bytes: m.Size, oldest: p}
+					continue
+				}
+				have.item.Pin = have.item.Pin || it.Pin
+				have.item.RuntimeImport = have.item.RuntimeImport || it.RuntimeImport
+				if olderPrewarm(p, have.oldest) {
+					have.oldest = p
+				}
 			}
 		}
 	}
-	keepSuperseded(byRef, current)
 
-	items = make([]v1.NodeCacheItem, 0, len(byRef))
-	for _, it := range byRef {
-		items = append(items, *it)
+	var out Desired
+	if budget > 0 {
+		given := map[string]bool{}
+		if current != nil {
+			for _, it := range current.Spec.Items {
+				given[it.Reference] = true
+			}
+		}
+		var pinned []*wanted
+		for _, w := range byRef {
+			if w.item.Pin {
+				pinned = append(pinned, w)
+			}
+		}
+		slices.SortFunc(pinned, func(a, b *wanted) int {
+			if ga, gb := given[a.item.Reference], given[b.item.Reference]; ga != gb {
+				if ga {
+					return -1
+				}
+				return 1
+			}
+			if olderPrewarm(a.oldest, b.oldest) {
+				return -1
+			}
+			if olderPrewarm(b.oldest, a.oldest) {
+				return 1
+			}
+			return cmp.Compare(a.item.Reference, b.item.Reference)
+		})
+		var used int64
+		for _, w := range pinned {
+			if used+w.bytes > budget {
+				out.Refused = append(out.Refused, v1.RefusedItem{Reference: w.item.Reference, Bytes: w.bytes, BudgetBytes: budget})
+				delete(byRef, w.item.Reference)
+				continue
+			}
+			used += w.bytes
+		}
+		slices.SortFunc(out.Refused, func(a, b v1.RefusedItem) int { return cmp.Compare(a.Reference, b.Reference) })
+		if len(out.Refused) > v1.MaxNodeCacheItems {
+			out.Refused = out.Refused[:v1.MaxNodeCacheItems]
+		}
 	}
-	slices.SortFunc(items, func(a, b v1.NodeCacheItem) int { return cmp.Compare(a.Reference, b.Reference) })
-	if len(items) > v1.MaxNodeCacheItems {
-		dropped = len(items) - v1.MaxNodeCacheItems
-		items = items[:v1.MaxNodeCacheItems]
+
+	items := make(map[string]*v1.NodeCacheItem, len(byRef))
+	for ref, w := range byRef {
+		items[ref] = &w.item
 	}
-	return items, dropped
+	keepSuperseded(items, current)
+	out.Items = make([]v1.NodeCacheItem, 0, len(items))
+	for _, it := range items {
+		out.Items = append(out.Items, *it)
+	}
+	slices.SortFunc(out.Items, func(a, b v1.NodeCacheItem) int { return cmp.Compare(a.Reference, b.Reference) })
+	if len(out.Items) > v1.MaxNodeCacheItems {
+		out.Dropped = len(out.Items) - v1.MaxNodeCacheItems
+		out.Items = out.Items[:v1.MaxNodeCacheItems]
+	}
+	return out
+}
+
+// olderPrewarm reports whether a was created before b (by name when created together).
+func olderPrewarm(a, b *v1.Prewarm) bool {
+	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
+		return a.CreationTimestamp.Before(&b.CreationTimestamp)
+	}
+	if a.Namespace != b.Namespace {
+		return a.Namespace < b.Namespace
+	}
+	return a.Name < b.Name
 }
 
 // keepSuperseded adds to byRef each item of current whose repository and tag are still wanted
@@ -225,6 +313,28 @@ func keepSuperseded(byRef map[string]*v1.NodeCacheItem, current *v1.NodeCache) {
 // slash: a registry's port comes before it).
 func hasTag(name string) bool {
 	return strings.Contains(name[strings.LastIndex(name, "/")+1:], ":")
+}
+
+// manifest is one manifest a node must hold and the bytes it stands for (itself and its blobs).
+type manifest struct {
+	Digest string
+	Size   int64
+}
+
+// manifestsOf is manifestsFor with each manifest's size.
+func manifestsOf(ref *v1.ResolvedReference, want []string, platform string) []manifest {
+	var out []manifest
+	for _, d := range manifestsFor(ref, want, platform) {
+		size := ref.Size
+		for _, m := range ref.Platforms {
+			if m.Digest == d {
+				size = m.Size
+				break
+			}
+		}
+		out = append(out, manifest{Digest: d, Size: size})
+	}
+	return out
 }
 
 // manifestsFor returns the manifest digests of ref that a node of platform must hold: the

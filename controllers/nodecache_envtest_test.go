@@ -10,6 +10,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
@@ -21,7 +22,12 @@ import (
 )
 
 // waitFor bounds how long a test waits for the controller to converge; it only bounds a failure.
-const waitFor = 30 * time.Second
+// It is longer than the controller's backoff after an API server outage (its watches retry with
+// a backoff capped at 30 s).
+const waitFor = 60 * time.Second
+
+// outageFor is how long TestControllerRecoversFromAPIServerOutage keeps the API server away.
+const outageFor = 15 * time.Second
 
 const (
 	digestAmd64 = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
@@ -34,7 +40,13 @@ var skipNameValidation = true
 // returned function stops it.
 func startManager(t *testing.T, env *kubetest.Env, setup func(ctrl.Manager) error) (stop func()) {
 	t.Helper()
-	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
+	return startManagerAt(t, env.Config, env, setup)
+}
+
+// startManagerAt is startManager reaching the API server with cfg.
+func startManagerAt(t *testing.T, cfg *rest.Config, env *kubetest.Env, setup func(ctrl.Manager) error) (stop func()) {
+	t.Helper()
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 env.Scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
@@ -263,4 +275,66 @@ func TestControllerRestartLosesNothing(t *testing.T) {
 	if len(list.Items) != 3 {
 		t.Errorf("%d NodeCaches for 3 nodes", len(list.Items))
 	}
+}
+
+// TestControllerRecoversFromAPIServerOutage cuts the controller off the API server (its
+// connections closed, new ones refused) while the objects it acts on change, then lets it
+// back: it catches up with every change from the
+// objects alone, without a restart.
+func TestControllerRecoversFromAPIServerOutage(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	outage, cfg := kubetest.NewOutage(t, env)
+	startManagerAt(t, cfg, env, func(mgr ctrl.Manager) error {
+		return (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr)
+	})
+	labels := func(gpu bool) map[string]string {
+		l := map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}
+		if gpu {
+			l["gpu"] = "true"
+		}
+		return l
+	}
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: labels(true)}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &v1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec:       v1.PrewarmSpec{Images: []string{"registry.test/app:1"}, NodeSelector: &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}}},
+	}
+	if err := c.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	p.Status.References = []v1.ResolvedReference{{Reference: "registry.test/app:1", Repository: "registry.test/app", Tag: "1", Digest: digestAmd64}}
+	if err := c.Status().Update(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	item := "registry.test/app:1@" + digestAmd64
+	waitItems(t, c, "node-a", item)
+
+	outage.Down()
+	// While the controller cannot reach the API server: a node joins and node-a leaves the
+	// selection.
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b", Labels: labels(true)}}); err != nil {
+		t.Fatal(err)
+	}
+	var nodeA corev1.Node
+	if err := c.Get(ctx, client.ObjectKey{Name: "node-a"}, &nodeA); err != nil {
+		t.Fatal(err)
+	}
+	nodeA.Labels = labels(false)
+	if err := c.Update(ctx, &nodeA); err != nil {
+		t.Fatal(err)
+	}
+	// Long enough for the informers' re-lists to fail several times and back off.
+	time.Sleep(outageFor)
+	if err := outage.Up(); err != nil {
+		t.Fatal(err)
+	}
+	waitItems(t, c, "node-a")
+	waitItems(t, c, "node-b", item)
 }

@@ -119,11 +119,11 @@ func TestDesiredItems(t *testing.T) {
 	}}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, dropped := DesiredItems(tt.node, tt.prewarms, nil)
-			if dropped != 0 {
-				t.Errorf("dropped %d", dropped)
+			d := DesiredItems(tt.node, tt.prewarms, nil, 0)
+			if d.Dropped != 0 || len(d.Refused) != 0 {
+				t.Errorf("dropped %d, refused %v", d.Dropped, d.Refused)
 			}
-			if !slices.Equal(got, tt.want) {
+			if got := d.Items; !slices.Equal(got, tt.want) {
 				t.Errorf("items\n%v\nwant\n%v", got, tt.want)
 			}
 		})
@@ -142,19 +142,19 @@ func TestDesiredItemsTagMoved(t *testing.T) {
 		{Reference: "registry.test/gone:2@" + dModel, Pin: true}, // no Prewarm wants it any more
 	}}}
 
-	got, _ := DesiredItems(node, prewarms, current)
+	got := DesiredItems(node, prewarms, current, 0).Items
 	if want := []string{oldRef, newRef}; !slices.Equal(refs(got), want) {
 		t.Errorf("new digest not ready: items %v, want %v (old kept, released one gone)", refs(got), want)
 	}
 
 	current.Status.Items = []v1.NodeCacheItemStatus{{Reference: newRef, State: v1.ItemFetching}}
-	got, _ = DesiredItems(node, prewarms, current)
+	got = DesiredItems(node, prewarms, current, 0).Items
 	if want := []string{oldRef, newRef}; !slices.Equal(refs(got), want) {
 		t.Errorf("new digest fetching: items %v, want %v", refs(got), want)
 	}
 
 	current.Status.Items = []v1.NodeCacheItemStatus{{Reference: newRef, State: v1.ItemReady}}
-	got, _ = DesiredItems(node, prewarms, current)
+	got = DesiredItems(node, prewarms, current, 0).Items
 	if want := []string{newRef}; !slices.Equal(refs(got), want) {
 		t.Errorf("new digest ready: items %v, want %v", refs(got), want)
 	}
@@ -167,9 +167,54 @@ func TestDesiredItemsBounded(t *testing.T) {
 		r.Repository = "registry.test/models/m" + string(rune('a'+i%26)) + string(rune('a'+i/26%26))
 		many = append(many, r)
 	}
-	got, dropped := DesiredItems(testNode("a", nil), []v1.Prewarm{pw("p", nil, nil, many...)}, nil)
-	if len(got) != v1.MaxNodeCacheItems || dropped != 3 {
-		t.Errorf("%d items, %d dropped; want %d and 3", len(got), dropped, v1.MaxNodeCacheItems)
+	d := DesiredItems(testNode("a", nil), []v1.Prewarm{pw("p", nil, nil, many...)}, nil, 0)
+	if len(d.Items) != v1.MaxNodeCacheItems || d.Dropped != 3 {
+		t.Errorf("%d items, %d dropped; want %d and 3", len(d.Items), d.Dropped, v1.MaxNodeCacheItems)
+	}
+}
+
+// The per-node budget bounds pinned bytes: older Prewarms first, content the node was given
+// before never pushed out by a newer Prewarm, cached content not counted.
+func TestDesiredItemsBudget(t *testing.T) {
+	sized := func(repo, digest string, size int64) v1.ResolvedReference {
+		return v1.ResolvedReference{Reference: repo + "@" + digest, Repository: repo, Digest: digest, Size: size}
+	}
+	at := func(sec int64) func(*v1.Prewarm) {
+		return func(p *v1.Prewarm) { p.CreationTimestamp = metav1.Time{Time: time.Unix(sec, 0)} }
+	}
+	big, small := sized("registry.test/big", dModel, 600), sized("registry.test/small", dNew, 300)
+	indexed := appIndex("1")
+	indexed.Platforms[0].Size = 200 // the amd64 manifest this node takes
+	indexed.Platforms[1].Size = 5000
+	older := pw("older", nil, at(1), big)
+	newer := pw("newer", nil, at(2), small, indexed)
+	node := testNode("a", nil)
+
+	d := DesiredItems(node, []v1.Prewarm{newer, older}, nil, 1000)
+	// older's 600 first, then newer's by reference: app (200) fits, small (300) does not.
+	if want := []string{"registry.test/app:1@" + dAmd64, "registry.test/big@" + dModel}; !slices.Equal(refs(d.Items), want) {
+		t.Errorf("items %v, want %v", refs(d.Items), want)
+	}
+	if want := []v1.RefusedItem{{Reference: "registry.test/small@" + dNew, Bytes: 300, BudgetBytes: 1000}}; !slices.Equal(d.Refused, want) {
+		t.Errorf("refused %v, want %v", d.Refused, want)
+	}
+
+	// The node was given small before: small keeps its room, then the older Prewarm's big
+	// one fits, and app no longer does.
+	current := &v1.NodeCache{Spec: v1.NodeCacheSpec{Items: []v1.NodeCacheItem{{Reference: "registry.test/small@" + dNew, Pin: true}}}}
+	d = DesiredItems(node, []v1.Prewarm{newer, older}, current, 1000)
+	if want := []string{"registry.test/big@" + dModel, "registry.test/small@" + dNew}; !slices.Equal(refs(d.Items), want) {
+		t.Errorf("with small given before: items %v, want %v", refs(d.Items), want)
+	}
+	if len(d.Refused) != 1 || d.Refused[0].Reference != "registry.test/app:1@"+dAmd64 {
+		t.Errorf("with small given before: refused %v, want app", d.Refused)
+	}
+
+	// Cached content costs no pinned bytes.
+	cached := pw("cached", nil, func(p *v1.Prewarm) { at(0)(p); p.Spec.Store = v1.StoreCached }, sized("registry.test/huge", dIndex, 1<<40))
+	d = DesiredItems(node, []v1.Prewarm{cached, older}, nil, 1000)
+	if len(d.Items) != 2 || len(d.Refused) != 0 {
+		t.Errorf("a cached item and one within the budget: items %v, refused %v", refs(d.Items), d.Refused)
 	}
 }
 

@@ -12,6 +12,11 @@ type Policy struct {
 	// Namespaces are the namespaces whose Prewarms are acted on; empty allows every namespace.
 	// A Prewarm in any namespace must not be a way to fill every node's disk.
 	Namespaces []string
+	// MaxPinnedBytesPerNode bounds the bytes that Prewarms may pin on one node, whatever
+	// their namespaces; 0 = no bound (the agents' own --max-pinned-share still holds). Content
+	// past it is left out of the node's NodeCache, listed in its spec.refused, and reported
+	// PinLimitExceeded in the Prewarms that ask for it.
+	MaxPinnedBytesPerNode int64
 }
 
 // Allows reports whether the policy lets Prewarm p reach nodes.

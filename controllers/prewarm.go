@@ -294,8 +294,8 @@ func (r *PrewarmReconciler) release(ctx context.Context, p *v1.Prewarm) (reconci
 			}
 			continue
 		}
-		mine, _ := DesiredItems(node, []v1.Prewarm{alone}, nil)
-		theirs, _ := DesiredItems(node, others, nil)
+		mine := DesiredItems(node, []v1.Prewarm{alone}, nil, 0).Items
+		theirs := DesiredItems(node, others, nil, 0).Items
 		for _, it := range mine {
 			if containsRef(nc.Spec.Items, it.Reference) && !containsRef(theirs, it.Reference) {
 				log.FromContext(ctx).V(1).Info("waiting for the node to release the content", "node", node.Name, "reference", it.Reference)

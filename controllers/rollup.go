@@ -120,9 +120,13 @@ type nodeRollup struct {
 // when one of them failed.
 func nodeState(p *v1.Prewarm, node *corev1.Node, nc *v1.NodeCache) nodeRollup {
 	status := map[string]*v1.NodeCacheItemStatus{}
+	refused := map[string]*v1.RefusedItem{}
 	if nc != nil {
 		for i := range nc.Status.Items {
 			status[nc.Status.Items[i].Reference] = &nc.Status.Items[i]
+		}
+		for i := range nc.Spec.Refused {
+			refused[nc.Spec.Refused[i].Reference] = &nc.Spec.Refused[i]
 		}
 	}
 	out := nodeRollup{ready: true}
@@ -142,8 +146,15 @@ func nodeState(p *v1.Prewarm, node *corev1.Node, nc *v1.NodeCache) nodeRollup {
 		}
 		for _, d := range digests {
 			wanted++
-			st := status[itemReference(ref.Repository, ref.Tag, d)]
+			item := itemReference(ref.Repository, ref.Tag, d)
+			st := status[item]
 			switch {
+			case st == nil && refused[item] != nil:
+				out.ready = false
+				if out.failure == nil {
+					out.failure = &v1.NodeFailure{Node: node.Name, Reason: v1.ReasonPinLimitExceeded, Message: fmt.Sprintf(
+						"%s (%d bytes) would take the node past the %d bytes that Prewarms may pin per node", item, refused[item].Bytes, refused[item].BudgetBytes)}
+				}
 			case st == nil:
 				out.ready = false
 			case st.State == v1.ItemFailed:

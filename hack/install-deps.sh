@@ -11,6 +11,7 @@ CONTROLLER_GEN_VERSION=v0.23.0
 GOLANGCI_LINT_VERSION=v2.15.0
 HELM_VERSION=v3.22.0
 OCI_CONFORMANCE_VERSION=v0.0.0-20260831232431-97274622c111
+CONTAINERD2_VERSION=${CONTAINERD2_VERSION:-v2.4.2}
 BIN="$CACHE/bin"
 ENVTEST_DIR="$CACHE/k8s/$K8S_VERSION"
 
@@ -58,6 +59,23 @@ if [ ! -x "$BIN/oci-conformance" ] || [ ! -f "$oci_conformance_stamp" ]; then
   touch "$oci_conformance_stamp"
 fi
 
+# containerd 2.x, the runtime of current Kubernetes releases, next to Debian's 1.6: the tests that
+# need its CRI behaviour (pinned images) run their nodes on it. Static, without the snapshotters
+# that need cgo or kernel features this machine lacks.
+CONTAINERD2_DIR="$CACHE/containerd/$CONTAINERD2_VERSION"
+if [ ! -x "$CONTAINERD2_DIR/containerd" ] || [ ! -x "$CONTAINERD2_DIR/containerd-shim-runc-v2" ]; then
+  log "building containerd $CONTAINERD2_VERSION (a few minutes, once)"
+  mkdir -p "$CONTAINERD2_DIR"
+  containerd_out=$(mktemp -d)
+  for cmd in containerd containerd-shim-runc-v2; do
+    GOBIN="$containerd_out" CGO_ENABLED=0 GOFLAGS=-mod=mod go install -tags no_btrfs,no_devmapper,no_zfs \
+      -ldflags "-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD2_VERSION" \
+      "github.com/containerd/containerd/v2/cmd/$cmd@$CONTAINERD2_VERSION"
+  done
+  mv "$containerd_out"/* "$CONTAINERD2_DIR/"
+  rm -rf "$containerd_out"
+fi
+
 # kube-apiserver has no Debian package: build it from the module proxy in a throwaway module that
 # requires k8s.io/kubernetes and points every staging module at its published v0 twin.
 if [ ! -x "$ENVTEST_DIR/kube-apiserver" ]; then
@@ -78,12 +96,12 @@ if [ ! -x "$ENVTEST_DIR/kube-apiserver" ]; then
     go mod edit -require "k8s.io/kubernetes@v$K8S_VERSION"
     printf 'package main\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver/app"\nfunc main() {}\n' > keep.go
     go mod tidy
-    CGO_ENABLED=0 go build -o "$ENVTEST_DIR/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
+    CGO_ENABLED=0 go build -o "$ENVTEST_DIR/kube-apiserver.tmp.$$" k8s.io/kubernetes/cmd/kube-apiserver
   ) >"$work/build.log" 2>&1; then
     grep -v '^go: downloading' "$work/build.log" | tail -30 >&2
     log "kube-apiserver build failed (full log above)"
     exit 1
   fi
-  mv "$ENVTEST_DIR/kube-apiserver.tmp" "$ENVTEST_DIR/kube-apiserver"
+  mv "$ENVTEST_DIR/kube-apiserver.tmp.$$" "$ENVTEST_DIR/kube-apiserver" # unique: two runs at once do not collide
 fi
 ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$ENVTEST_DIR/etcd"

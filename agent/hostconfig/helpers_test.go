@@ -17,8 +17,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd/containerd/remotes/docker"
-	"github.com/containerd/containerd/remotes/docker/config"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	"github.com/containerd/containerd/v2/core/remotes/docker/config"
 )
 
 const testMirror = "http://127.0.0.1:5001"

@@ -19,8 +19,9 @@ const (
 )
 
 type metrics struct {
-	items  *prometheus.GaugeVec
-	writes *prometheus.CounterVec
+	items   *prometheus.GaugeVec
+	writes  *prometheus.CounterVec
+	imports prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -33,6 +34,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "shoal", Subsystem: "nodecache", Name: "status_writes_total",
 			Help: "Writes of the NodeCache's status, by result.",
 		}, []string{"result"}),
+		imports: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "nodecache", Name: "runtime_imports_total",
+			Help: "Images pulled into the container runtime for NodeCache items (again after a removal out of band included).",
+		}),
 	}
 	for _, s := range itemStates {
 		m.items.WithLabelValues(string(s))
@@ -43,10 +48,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for i, c := range []prometheus.Collector{m.items, m.writes} {
+	cs := []prometheus.Collector{m.items, m.writes, m.imports}
+	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
-			if i == 1 {
-				reg.Unregister(m.items)
+			for _, done := range cs[:i] {
+				reg.Unregister(done)
 			}
 			return nil, fmt.Errorf("register nodecache metrics: %w", err)
 		}

@@ -4,9 +4,13 @@
 // releases the pins of items that leave the spec, and reports each item's progress in the
 // object's status.
 //
+// An item with runtimeImport is, once its content is in the store, pulled into the node's
+// container runtime through CRI (so through this agent's mirror) and pinned there; a runtime
+// that cannot pin (containerd 1.6) leaves it Imported, which the status says. The runtime's
+// copy is checked every Config.RuntimeRecheck and imported again when it was removed or
+// unpinned out of band; the runtime pins of items that leave the spec are released.
+//
 // Not done yet, and reported as such rather than pretended:
-//   - runtime import (an item's runtimeImport): the content is fetched and pinned in the store,
-//     its status says runtime NotImported, and it never counts as held as asked;
 //   - pull tokens (an item's pullSecretName): content is fetched with the agent's own
 //     credentials, so an item that needs the token fails Unauthorized.
 package nodecache
@@ -51,6 +55,9 @@ const (
 	DefaultStallTimeout = time.Minute
 	// DefaultParallel is how many items are fetched at once, and how many blobs.
 	DefaultParallel = 3
+	// DefaultRuntimeRecheck is how often an imported item is checked in the runtime: one CRI
+	// image status call per item, a few hundred a minute at most.
+	DefaultRuntimeRecheck = time.Minute
 )
 
 // Store is the part of the content store the worker uses; *store.Store implements it.
@@ -84,6 +91,12 @@ type Config struct {
 	// BlobSource is where a blob missing from the store comes from: the mirror's source for a
 	// miss (the swarm, else the registry).
 	BlobSource func(registry, repo string, d v1.Hash) store.Source
+	// Runtime is the node's container runtime, for items with runtimeImport; nil: such items
+	// fail with ImportFailed once their content is in the store.
+	Runtime Runtime
+	// RuntimeRecheck is how often the runtime's copy of an imported item is checked, to import
+	// it again if it was removed or unpinned; 0 = DefaultRuntimeRecheck.
+	RuntimeRecheck time.Duration
 	// Mirrors reports whether the agent mirrors a registry; content of one it does not is
 	// refused, as pulls of it bypass the agent. nil: every registry.
 	Mirrors func(registry string) bool
@@ -167,6 +180,10 @@ type item struct {
 	// overBudget: pinning the item would pass Config.MaxPinnedShare, so it is left alone;
 	// granted: it got its share of the budget once, and keeps it ahead of items that did not.
 	overBudget, granted bool
+	// runtime is where the item's image stands in the container runtime after its last
+	// import; runtimeNote says more when it is not what was asked (imported, not pinned).
+	runtime     v1alpha1.RuntimeState
+	runtimeNote string
 }
 
 // New returns a worker for cfg that reaches the API server with restCfg. Nothing is contacted
@@ -177,8 +194,8 @@ func New(restCfg *rest.Config, cfg Config) (*Worker, error) {
 		return nil, errors.New("nodecache: no node name (set it from the downward API: spec.nodeName)")
 	case cfg.Store == nil || cfg.Manifests == nil || cfg.BlobSource == nil:
 		return nil, errors.New("nodecache: a store, a manifest source and a blob source are needed")
-	case cfg.StatusInterval < 0, cfg.StallTimeout < 0, cfg.Parallel < 0:
-		return nil, errors.New("nodecache: the status interval, stall timeout and parallelism must not be negative")
+	case cfg.StatusInterval < 0, cfg.StallTimeout < 0, cfg.Parallel < 0, cfg.RuntimeRecheck < 0:
+		return nil, errors.New("nodecache: the status interval, stall timeout, runtime recheck and parallelism must not be negative")
 	case cfg.MaxPinnedShare < 0 || cfg.MaxPinnedShare > 1:
 		return nil, fmt.Errorf("nodecache: the pinned share %v is not between 0 and 1", cfg.MaxPinnedShare)
 	}
@@ -190,6 +207,9 @@ func New(restCfg *rest.Config, cfg Config) (*Worker, error) {
 	}
 	if cfg.Parallel == 0 {
 		cfg.Parallel = DefaultParallel
+	}
+	if cfg.RuntimeRecheck == 0 {
+		cfg.RuntimeRecheck = DefaultRuntimeRecheck
 	}
 	if cfg.Mirrors == nil {
 		cfg.Mirrors = func(string) bool { return true }
@@ -321,6 +341,9 @@ func (w *Worker) apply(ctx context.Context, nc *v1alpha1.NodeCache) {
 	if err := w.reconcilePins(); err != nil {
 		w.log.Warn("reconcile pins; trying again at the next change", "error", err)
 	}
+	if err := w.reconcileRuntimePins(ctx); err != nil {
+		w.log.Warn("release runtime pins; trying again at the next change", "error", err)
+	}
 }
 
 // startLocked starts the item's goroutine, once the one it had, if any, has ended.
@@ -344,10 +367,13 @@ func (w *Worker) startLocked(ctx context.Context, it *item) {
 // runItem fetches the item until it is held, retrying with backoff and jitter after a failure,
 // or until ctx ends.
 func (w *Worker) runItem(ctx context.Context, it *item) {
+	w.mu.Lock()
+	imports := it.spec.RuntimeImport // the spec is fixed for this goroutine: a change restarts it
+	w.mu.Unlock()
 	wait := w.retry
 	for {
 		start := time.Now()
-		err := w.attempt(ctx, it)
+		err := w.attempt(ctx, it, imports)
 		if ctx.Err() != nil {
 			return
 		}
@@ -357,7 +383,11 @@ func (w *Worker) runItem(ctx context.Context, it *item) {
 		if err == nil {
 			w.finish(it, nil)
 			w.log.Info("item held", "reference", it.spec.Reference, "bytes", it.bytes.Load(), "duration", time.Since(start))
-			return
+			if !imports || !w.watchRuntime(ctx, it) {
+				return
+			}
+			wait = w.retry
+			continue
 		}
 		w.finish(it, err)
 		if errors.Is(err, errPermanent) {
@@ -378,8 +408,28 @@ func (w *Worker) runItem(ctx context.Context, it *item) {
 	}
 }
 
-// attempt makes one pass at the item: resolve its manifests, pin, fetch the blobs missing.
-func (w *Worker) attempt(ctx context.Context, it *item) error {
+// watchRuntime checks the runtime's copy of the item's image every RuntimeRecheck; it returns
+// true when the copy was removed or unpinned out of band, so that the item is imported again,
+// and false when ctx ends.
+func (w *Worker) watchRuntime(ctx context.Context, it *item) bool {
+	t := time.NewTicker(w.cfg.RuntimeRecheck)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+		if w.runtimeChanged(ctx, it) {
+			w.log.Warn("the item's image was removed or unpinned in the container runtime; importing it again", "reference", it.spec.Reference)
+			return true
+		}
+	}
+}
+
+// attempt makes one pass at the item: resolve its manifests, pin, fetch the blobs missing,
+// then import the image into the container runtime when the item asks for it.
+func (w *Worker) attempt(ctx context.Context, it *item, imports bool) error {
 	it.bytes.Store(0)
 	it.peak.Store(0)
 	if it.parseErr != nil {
@@ -415,8 +465,16 @@ func (w *Worker) attempt(ctx context.Context, it *item) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	defer func() { <-w.itemSlots }()
-	return w.fetchBlobs(ctx, it, blobs)
+	err = w.fetchBlobs(ctx, it, blobs)
+	<-w.itemSlots
+	if err != nil || !imports {
+		return err
+	}
+	state, note, err := w.importRuntime(ctx, it)
+	w.mu.Lock()
+	it.runtime, it.runtimeNote = state, note
+	w.mu.Unlock()
+	return err
 }
 
 // settle records the end of a resolution: the item's digests and size, or that it failed.

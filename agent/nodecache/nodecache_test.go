@@ -241,6 +241,10 @@ func withPinnedShare(share float64, maxBytes int64) option {
 	}
 }
 
+func withRuntime(r nodecache.Runtime, recheck time.Duration) option {
+	return func(c *nodecache.Config, _ *nodeOptions) { c.Runtime, c.RuntimeRecheck = r, recheck }
+}
+
 func withStall(worker, storeStall time.Duration) option {
 	return func(c *nodecache.Config, o *nodeOptions) {
 		c.StallTimeout = worker
@@ -807,18 +811,21 @@ func TestNodeCache(t *testing.T) {
 		}
 	})
 
-	t.Run("runtime import is reported as not done", func(t *testing.T) {
+	t.Run("runtime import without a runtime fails ImportFailed", func(t *testing.T) {
 		img := randomImage(t, 256, 1)
 		ref := h.reg.push(t, "team/runtime:1", img)
 		h.start(t, "node-f", "")
 		h.create(t, "node-f", v1alpha1.NodeCacheItem{Reference: ref, Pin: true, RuntimeImport: true})
-		nc := h.waitStatus(t, "node-f", "the item in the store", allReady)
-		if st := nc.Status.Items[0]; st.Runtime != v1alpha1.RuntimeNotImported {
-			t.Errorf("runtime %q, want NotImported", st.Runtime)
+		nc := h.waitStatus(t, "node-f", "the item failed", func(nc *v1alpha1.NodeCache) bool {
+			st := itemStatus(nc, ref)
+			return st != nil && st.State == v1alpha1.ItemFailed
+		})
+		st := itemStatus(nc, ref)
+		if st.Reason != v1alpha1.ReasonImportFailed || st.Runtime != v1alpha1.RuntimeNotImported || !strings.Contains(st.Message, "--runtime-endpoint") {
+			t.Errorf("item %+v; want ImportFailed, NotImported and a message naming --runtime-endpoint", st)
 		}
-		ready := apimeta.FindStatusCondition(nc.Status.Conditions, nodecache.ConditionReady)
-		if nc.Status.Ready != "0/1" || ready == nil || ready.Status != metav1.ConditionFalse || ready.Reason != "RuntimeImportNotSupported" {
-			t.Errorf("ready %q, Ready condition %+v; want 0/1 and RuntimeImportNotSupported", nc.Status.Ready, ready)
+		if nc.Status.Ready != "0/1" {
+			t.Errorf("ready %q, want 0/1", nc.Status.Ready)
 		}
 	})
 }

@@ -78,6 +78,8 @@ func reasonOf(err error) v1alpha1.FailureReason {
 		return v1alpha1.ReasonPinLimitExceeded
 	case errors.Is(err, store.ErrStalled), errors.Is(err, errNoProgress):
 		return v1alpha1.ReasonFetchStalled
+	case errors.Is(err, errImport):
+		return v1alpha1.ReasonImportFailed
 	}
 	return v1alpha1.ReasonResolveFailed
 }

@@ -36,7 +36,7 @@ func (w *Worker) status(prev *v1alpha1.NodeCacheStatus) (st v1alpha1.NodeCacheSt
 		PeerAddress:        w.cfg.PeerAddress,
 		Items:              make([]v1alpha1.NodeCacheItemStatus, 0, len(w.order)),
 	}
-	var held, failed, importPending int
+	var held, failed int
 	var firstFailure *v1alpha1.NodeCacheItemStatus
 	for _, ref := range w.order {
 		it := w.byRef[ref]
@@ -51,15 +51,17 @@ func (w *Worker) status(prev *v1alpha1.NodeCacheStatus) (st v1alpha1.NodeCacheSt
 			is.Bytes = it.total
 		}
 		if it.spec.RuntimeImport {
-			is.Runtime = v1alpha1.RuntimeNotImported // runtime import is not done yet
+			is.Runtime = v1alpha1.RuntimeNotImported
+			if it.runtime != "" {
+				is.Runtime = it.runtime
+			}
+			if it.state == v1alpha1.ItemReady {
+				is.Message = it.runtimeNote
+			}
 		}
 		switch it.state {
 		case v1alpha1.ItemReady:
-			if it.spec.RuntimeImport {
-				importPending++
-			} else {
-				held++
-			}
+			held++
 		case v1alpha1.ItemFailed:
 			failed++
 			active = true
@@ -86,13 +88,9 @@ func (w *Worker) status(prev *v1alpha1.NodeCacheStatus) (st v1alpha1.NodeCacheSt
 		apimeta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: typ, Status: status,
 			ObservedGeneration: st.ObservedGeneration, Reason: reason, Message: message})
 	}
-	switch {
-	case held == n:
+	if held == n {
 		set(ConditionReady, true, "AllItemsHeld", fmt.Sprintf("%d items held as asked", n))
-	case importPending > 0:
-		set(ConditionReady, false, "RuntimeImportNotSupported", fmt.Sprintf(
-			"%d of %d items held as asked; %d are in the store but wait for runtime import, which this agent does not do yet", held, n, importPending))
-	default:
+	} else {
 		set(ConditionReady, false, "ItemsNotHeld", fmt.Sprintf("%d of %d items held as asked", held, n))
 	}
 	if firstFailure != nil {

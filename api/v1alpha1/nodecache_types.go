@@ -45,6 +45,29 @@ type NodeCacheSpec struct {
 	// +listMapKey=reference
 	// +kubebuilder:validation:MaxItems=512
 	Items []NodeCacheItem `json:"items,omitempty"`
+
+	// Refused is content that the Prewarms selecting the node ask for and that the cluster's
+	// per-node budget for pinned content leaves out (the controller's
+	// --max-pinned-bytes-per-node): the node neither fetches nor pins it. The controller writes
+	// it so that the Prewarms can say why; the agent ignores it.
+	// +optional
+	// +listType=map
+	// +listMapKey=reference
+	// +kubebuilder:validation:MaxItems=512
+	Refused []RefusedItem `json:"refused,omitempty"`
+}
+
+// RefusedItem is content left out of a node by the per-node budget.
+type RefusedItem struct {
+	// Reference names the content as a NodeCacheItem would.
+	// +kubebuilder:validation:MaxLength=512
+	Reference string `json:"reference"`
+	// Bytes is the content's size.
+	// +kubebuilder:validation:Minimum=0
+	Bytes int64 `json:"bytes"`
+	// BudgetBytes is the per-node budget that it would pass.
+	// +kubebuilder:validation:Minimum=0
+	BudgetBytes int64 `json:"budgetBytes"`
 }
 
 // ItemState is how far a node is with one item.

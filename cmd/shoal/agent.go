@@ -14,6 +14,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/shoal-dev/shoal/agent"
+	"github.com/shoal-dev/shoal/agent/criruntime"
 	"github.com/shoal-dev/shoal/agent/kubemembers"
 	"github.com/shoal-dev/shoal/agent/kubeseeds"
 	"github.com/shoal-dev/shoal/agent/mirror"
@@ -91,7 +92,9 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(&kube.membership, "membership", "static", `how agents find each other: "static" (--peers) or "kubernetes" (SwarmMember objects; needs --node-name and --p2p-addr; --peers, if given, is where members start while the API server is unreachable)`)
 	f.StringVar(&kube.nodeName, "node-name", "", "this node's name in Kubernetes (set it from the downward API: spec.nodeName)")
 	f.StringVar(&kube.kubeconfig, "kubeconfig", "", `kubeconfig file for --membership kubernetes; "" = $KUBECONFIG, or the pod's service account`)
-	f.BoolVar(&kube.nodeCache, "node-cache", true, "with --membership kubernetes, make the store hold what this node's NodeCache asks for: fetch each item through the swarm, pin what it pins, release what leaves it, and report in its status (runtime import and pull tokens are not done yet); false = ignore the NodeCache")
+	f.BoolVar(&kube.nodeCache, "node-cache", true, "with --membership kubernetes, make the store hold what this node's NodeCache asks for: fetch each item through the swarm, pin what it pins, release what leaves it, and report in its status (pull tokens are not done yet); false = ignore the NodeCache")
+	f.StringVar(&kube.runtimeEndpoint, "runtime-endpoint", "", `containerd's socket (unix:///run/containerd/containerd.sock), for NodeCache items that import images into the container runtime (a Prewarm's runtimeImport: Pinned): pulled through CRI, so through this mirror, and pinned with containerd's io.cri-containerd.pinned label; "" = such items fail ImportFailed`)
+	f.StringVar(&kube.runtimeNamespace, "runtime-namespace", criruntime.DefaultNamespace, "containerd namespace of the CRI plugin's images")
 	f.BoolVar(&kube.prefetchSeeds, "prefetch-seeds", true, "with --membership kubernetes, watch SwarmSeeds (images pending pods are about to pull) and fetch from upstream at once the segments this node seeds of their blobs; false = wait for the pulls")
 	f.DurationVar(&kube.nodeCacheStatusInterval, "node-cache-status-interval", nodecache.DefaultStatusInterval, "the NodeCache status is written at most this often while only bytes move; state changes are written at once")
 	f.Float64Var(&kube.maxPinnedShare, "max-pinned-share", 0.5, "the most NodeCache items may pin of the store (--cache-size), 0-1: an item that would pass it is neither pinned nor fetched, and reported PinLimitExceeded; 0 = no bound")
@@ -140,12 +143,13 @@ func flagError(fs *pflag.FlagSet, err error) error {
 
 // kubeFlags are the agent's flags for running in Kubernetes.
 type kubeFlags struct {
-	membership, nodeName, kubeconfig string
-	nodeCache                        bool
-	prefetchSeeds                    bool
-	nodeCacheStatusInterval          time.Duration
-	nodeCacheStallTimeout            time.Duration
-	maxPinnedShare                   float64
+	membership, nodeName, kubeconfig  string
+	runtimeEndpoint, runtimeNamespace string
+	nodeCache                         bool
+	prefetchSeeds                     bool
+	nodeCacheStatusInterval           time.Duration
+	nodeCacheStallTimeout             time.Duration
+	maxPinnedShare                    float64
 }
 
 // apply sets up the Kubernetes membership, and the NodeCache worker unless --node-cache=false,
@@ -173,6 +177,11 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 	}
 	if k.nodeCacheStallTimeout <= 0 {
 		return fmt.Errorf("%s %s: want more than 0", flagLabel(fs, "node-cache-stall-timeout"), k.nodeCacheStallTimeout)
+	}
+	if k.runtimeEndpoint != "" {
+		if _, err := criruntime.SocketPath(k.runtimeEndpoint); err != nil {
+			return fmt.Errorf("%s: %w", flagLabel(fs, "runtime-endpoint"), err)
+		}
 	}
 	restCfg, err := loadRESTConfig(k.kubeconfig)
 	if err != nil {
@@ -207,7 +216,17 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 // nodeCacheHook runs the NodeCache worker on the agent's content parts.
 func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, log *slog.Logger) func(context.Context, agent.Content) error {
 	return func(ctx context.Context, content agent.Content) error {
+		var runtime nodecache.Runtime
+		if k.runtimeEndpoint != "" {
+			rt, err := criruntime.Dial(k.runtimeEndpoint, k.runtimeNamespace)
+			if err != nil {
+				return err
+			}
+			defer rt.Close()
+			runtime = rt
+		}
 		w, err := nodecache.New(restCfg, nodecache.Config{
+			Runtime:        runtime,
 			NodeName:       k.nodeName,
 			AgentVersion:   version,
 			PeerAddress:    peerAddress,

@@ -38,6 +38,7 @@ type controllerConfig struct {
 	seedPods         bool
 	seedTTL          time.Duration
 	namespaces       []string
+	maxPinnedBytes   int64
 	apiQPS           float32
 	apiBurst         int
 }
@@ -94,7 +95,7 @@ func newControllerCommand() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("controller manager: %w", err)
 			}
-			policy := controllers.Policy{Namespaces: cfg.namespaces}
+			policy := controllers.Policy{Namespaces: cfg.namespaces, MaxPinnedBytesPerNode: cfg.maxPinnedBytes}
 			if err := (&controllers.NodeCacheReconciler{
 				Policy:   policy,
 				Client:   mgr.GetClient(),
@@ -177,6 +178,7 @@ func newControllerCommand() *cobra.Command {
 	f.Float32Var(&cfg.apiQPS, "kube-api-qps", -1, "client-side limit on requests a second to the API server; -1 = none (the API server's priority and fairness applies)")
 	f.IntVar(&cfg.apiBurst, "kube-api-burst", 100, "requests above --kube-api-qps allowed in a burst")
 	f.StringSliceVar(&cfg.namespaces, "prewarm-namespaces", nil, "namespaces whose Prewarms reach nodes, comma-separated; empty = every namespace (a Prewarm elsewhere is reported NamespaceNotAllowed and fetches nothing)")
+	f.Var(newQuantityValue(&cfg.maxPinnedBytes, 0), "max-pinned-bytes-per-node", "the most bytes that Prewarms, all namespaces together, may pin on one node (Kubernetes quantity, e.g. 200Gi): content past it is left out of the node's NodeCache (spec.refused, an event on the Node) and reported PinLimitExceeded in the Prewarms asking for it, older Prewarms first; 0 = no bound (each agent's --max-pinned-share still holds)")
 	f.DurationVar(&cfg.seedTTL, "seed-ttl", controllers.DefaultSeedTTL, "how long a SwarmSeed lives before the controller deletes it; a manifest is not seeded again within it")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "text", "text or json")

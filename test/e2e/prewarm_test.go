@@ -17,12 +17,17 @@ import (
 )
 
 // TestPrewarmOnSelectedNodes: a Prewarm of an image and a 100 MiB OCI artifact for 3 of 4
-// testbed nodes (by label) goes Ready 3/3; the 3 agents hold the content pinned, the 4th pins
-// nothing, and the registry sent about one copy of each blob in all.
+// testbed nodes (by label), with runtime import, goes Ready 3/3; the 3 agents hold the content
+// pinned and their containerd 2.x has the image pinned (CRI), the 4th has nothing, and the
+// registry sent about one copy of each blob in all.
 func TestPrewarmOnSelectedNodes(t *testing.T) {
 	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
+	containerd2, err := harness.Containerd2Binary()
+	if err != nil {
+		t.Fatal(err)
+	}
 	arch := harness.HostPlatform().Architecture
 	// A store large enough that the default share leaves room for the content pinned.
 	tb, env, kubeconfig := kubeTestbed(t, ctx, 4, func(i int) map[string]string {
@@ -31,7 +36,7 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 			labels["pool"] = "gpu"
 		}
 		return labels
-	}, []string{"--cache-size", "1Gi"})
+	}, []string{"--cache-size", "1Gi"}, testbed.WithContainerdBinary(containerd2))
 	startController(t, tb, kubeconfig)
 
 	img, err := harness.PushImage(ctx, tb.RegistryHost(), "test/prewarm:v1", harness.ImageSpec{Layers: 3, LayerSize: 8 << 20})
@@ -48,9 +53,10 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 	p := &shoalv1.Prewarm{
 		ObjectMeta: metav1.ObjectMeta{Name: "warm", Namespace: "ml"},
 		Spec: shoalv1.PrewarmSpec{
-			Images:       []string{img.Name(testbed.RegistryName)},
-			Artifacts:    []string{model.Name(testbed.RegistryName)},
-			NodeSelector: &shoalv1.NodeSelector{MatchLabels: map[string]shoalv1.LabelValue{"pool": "gpu"}},
+			Images:        []string{img.Name(testbed.RegistryName)},
+			Artifacts:     []string{model.Name(testbed.RegistryName)},
+			NodeSelector:  &shoalv1.NodeSelector{MatchLabels: map[string]shoalv1.LabelValue{"pool": "gpu"}},
+			RuntimeImport: shoalv1.RuntimeImportPinned,
 		},
 	}
 	if err := env.Client.Create(ctx, p); err != nil {
@@ -87,6 +93,21 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 			t.Errorf("node %s (selected): %.0f bytes pinned, want the content's %d at least", node.Name(), pinned, content)
 		case i == 3 && pinned != 0:
 			t.Errorf("node %s (not selected): %.0f bytes pinned, want none", node.Name(), pinned)
+		}
+	}
+	// In the runtime: the image by digest, pinned, on the selected nodes only; the artifact is
+	// not an image and stays in the store.
+	imageRef := testbed.RegistryName + "/" + img.Repo + "@" + img.Digest.String()
+	for i, node := range tb.Nodes() {
+		st, err := node.Containerd().CRI().ImageStatus(ctx, imageRef)
+		if err != nil {
+			t.Fatalf("node %s: %v", node.Name(), err)
+		}
+		switch {
+		case i < 3 && (st == nil || !st.GetPinned()):
+			t.Errorf("node %s (selected): CRI image status %v, want the image pinned", node.Name(), st)
+		case i == 3 && st != nil:
+			t.Errorf("node %s (not selected): the runtime has %s", node.Name(), imageRef)
 		}
 	}
 	sent := upstreamBytes(t, ctx, tb)

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -18,12 +20,30 @@ import (
 // DefaultContainerdBinary is Debian's containerd 1.6.
 const DefaultContainerdBinary = "/usr/bin/containerd"
 
+// Containerd2Version is the containerd 2.x that hack/install-deps.sh builds.
+const Containerd2Version = "v2.4.2"
+
+// Containerd2Binary is the path of the containerd 2.x that hack/install-deps.sh builds into
+// the cache, with its runc shim beside it; an error says how to get it when it is missing.
+func Containerd2Binary() (string, error) {
+	dir, err := CacheDir()
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "containerd", Containerd2Version, "containerd")
+	if _, err := os.Stat(bin); err != nil {
+		return "", fmt.Errorf("containerd %s: %w (run hack/install-deps.sh)", Containerd2Version, err)
+	}
+	return bin, nil
+}
+
 // Containerd is a containerd daemon with the CRI plugin whose root, state, sockets and runc
 // root are under one directory, and whose registry hosts come from a certs.d directory
 // (config_path), the way kubelet's pulls are configured on a node. Several can run side by
 // side; they may share one hosts directory.
 type Containerd struct {
 	dir         string
+	major       int // containerd's major version: 1 or 2
 	root        string
 	socket      string
 	hostsDir    string
@@ -53,11 +73,18 @@ func StartContainerd(ctx context.Context, dir, hostsDir string, opts ...Option) 
 	if c.snapshotter == "" {
 		c.snapshotter = detectSnapshotter(dir)
 	}
+	var err error
+	if c.major, err = majorVersion(ctx, o.binary); err != nil {
+		return nil, err
+	}
+	config := c.config()
+	if c.major >= 2 {
+		config = c.configV3()
+	}
 	configPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(configPath, []byte(c.config()), 0o644); err != nil {
+	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		return nil, fmt.Errorf("write containerd config: %w", err)
 	}
-	var err error
 	bin, args := inNetns(o.netns, o.binary, []string{"--config", configPath})
 	c.proc, err = startProcess("containerd", filepath.Join(dir, "containerd.log"), "", o.logger, bin, args...)
 	if err != nil {
@@ -131,6 +158,85 @@ disabled_plugins = [
 		filepath.Join(c.dir, "runc"), filepath.Join(c.dir, "cni", "bin"), filepath.Join(c.dir, "cni", "net.d"),
 		c.hostsDir)
 }
+
+// configV3 is config() in containerd 2.x's format, whose CRI plugin is split in an image and a
+// runtime part.
+func (c *Containerd) configV3() string {
+	return fmt.Sprintf(`version = 3
+root = %[1]q
+state = %[2]q
+disabled_plugins = [
+  "io.containerd.internal.v1.opt",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+  "io.containerd.nri.v1.nri",
+]
+
+[grpc]
+  address = %[3]q
+
+[ttrpc]
+  address = "%[3]s.ttrpc"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = %[4]q
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "registry.test/pause:3.9"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = %[8]q
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        Root = %[5]q
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = [%[6]q]
+    conf_dir = %[7]q
+
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+`,
+		c.root, filepath.Join(c.dir, "state"), c.socket, c.snapshotter,
+		filepath.Join(c.dir, "runc"), filepath.Join(c.dir, "cni", "bin"), filepath.Join(c.dir, "cni", "net.d"),
+		c.hostsDir)
+}
+
+// majorVersion asks the containerd binary for its version and returns the major number.
+func majorVersion(ctx context.Context, bin string) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "--version").Output()
+	if err != nil {
+		return 0, fmt.Errorf("containerd version (%s --version): %w", bin, err)
+	}
+	// "containerd github.com/containerd/containerd/v2 v2.4.2 <commit>", or 1.6.20~ds1 on Debian
+	for _, f := range strings.Fields(string(out)) {
+		v := strings.TrimPrefix(f, "v")
+		if major, _, ok := strings.Cut(v, "."); ok {
+			if n, err := strconv.Atoi(major); err == nil && n > 0 {
+				return n, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("containerd version: no version in %q", strings.TrimSpace(string(out)))
+}
+
+// Major is containerd's major version: 1 or 2.
+func (c *Containerd) Major() int { return c.major }
 
 // detectSnapshotter returns "overlayfs" when an overlay mount works in dir, else "native".
 // containerd would skip its overlayfs plugin on such a file system and every pull would fail.

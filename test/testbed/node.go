@@ -83,12 +83,14 @@ func (n *Node) StartAgent(ctx context.Context, args ...string) (*harness.Agent, 
 		return nil, fmt.Errorf("node %s: no shoal binary: set %s (harness.BuildShoalFirst) or use WithShoalBinary", n.name, harness.ShoalBinaryEnv)
 	}
 	hostsDir := ""
+	extra := []string{"--containerd-config", "", "--log-level", "info", "--log-format", "json"}
 	if n.containerd != nil {
 		hostsDir = n.HostsDir()
+		extra = append(extra, "--runtime-endpoint", "unix://"+n.containerd.Socket())
 	}
+	extra = append(extra, args...)
 	n.stores++
 	agentDir := filepath.Join(n.dir, "agent-"+strconv.Itoa(n.stores))
-	extra := append([]string{"--containerd-config", "", "--log-level", "info", "--log-format", "json"}, args...)
 	a, err := harness.StartAgent(ctx, harness.AgentConfig{
 		Binary:            bin,
 		DataDir:           filepath.Join(agentDir, "data"),
@@ -182,8 +184,11 @@ func (n *Node) Listen(network, addr string) (net.Listener, error) {
 }
 
 func (n *Node) startContainerd(ctx context.Context) error {
-	c, err := harness.StartContainerd(ctx, filepath.Join(n.dir, "containerd"), n.HostsDir(),
-		harness.WithNetns(n.netns), harness.WithLogger(n.tb.cfg.logger.With("node", n.name)))
+	opts := []harness.Option{harness.WithNetns(n.netns), harness.WithLogger(n.tb.cfg.logger.With("node", n.name))}
+	if bin := n.tb.cfg.containerdBinary; bin != "" {
+		opts = append(opts, harness.WithBinary(bin))
+	}
+	c, err := harness.StartContainerd(ctx, filepath.Join(n.dir, "containerd"), n.HostsDir(), opts...)
 	if err != nil {
 		return err
 	}

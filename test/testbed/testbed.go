@@ -57,13 +57,14 @@ func (r Rate) String() string {
 type Option func(*config)
 
 type config struct {
-	nodeRate     Rate
-	registryRate Rate
-	containerd   bool
-	logger       *slog.Logger
-	shoalBinary  string
-	fetchBinary  string
-	keepDir      bool
+	nodeRate         Rate
+	registryRate     Rate
+	containerd       bool
+	containerdBinary string
+	logger           *slog.Logger
+	shoalBinary      string
+	fetchBinary      string
+	keepDir          bool
 }
 
 // WithNodeRate shapes every node's link to rate in each direction (default: unshaped).
@@ -75,6 +76,12 @@ func WithRegistryRate(rate Rate) Option { return func(c *config) { c.registryRat
 // WithContainerd starts a containerd with the CRI plugin in every node; its config_path is the
 // node's hosts directory, which the node's agent writes hosts.toml into.
 func WithContainerd() Option { return func(c *config) { c.containerd = true } }
+
+// WithContainerdBinary is WithContainerd with the containerd executable at path (default:
+// Debian's 1.6), e.g. harness.Containerd2Binary().
+func WithContainerdBinary(path string) Option {
+	return func(c *config) { c.containerd, c.containerdBinary = true, path }
+}
 
 // WithLogger reports what the testbed does (namespaces, processes) to l.
 func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
