@@ -338,3 +338,45 @@ func TestControllerRecoversFromAPIServerOutage(t *testing.T) {
 	waitItems(t, c, "node-a")
 	waitItems(t, c, "node-b", item)
 }
+
+// TestNodeCacheBudget: with a per-node budget, the reconciler writes what fits into the
+// NodeCache and the rest into its spec.refused.
+func TestNodeCacheBudget(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	startManager(t, env, func(mgr ctrl.Manager) error {
+		return (&controllers.NodeCacheReconciler{Client: mgr.GetClient(), Policy: controllers.Policy{MaxPinnedBytesPerNode: 1000}}).SetupWithManager(mgr)
+	})
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range []struct {
+		name, digest string
+		size         int64
+	}{{"small", digestAmd64, 400}, {"big", digestIndex, 800}} {
+		p := &v1.Prewarm{ObjectMeta: metav1.ObjectMeta{Name: x.name, Namespace: "team"}, Spec: v1.PrewarmSpec{Images: []string{"registry.test/" + x.name + ":1"}}}
+		if err := c.Create(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		p.Status.References = []v1.ResolvedReference{{Reference: "registry.test/" + x.name + ":1", Repository: "registry.test/" + x.name, Tag: "1", Digest: x.digest, Size: x.size}}
+		if err := c.Status().Update(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		if x.name == "small" {
+			waitItems(t, c, "node-a", "registry.test/small:1@"+digestAmd64)
+		}
+	}
+	eventually(t, "big refused", func() (bool, string) {
+		items, nc := nodeCacheItems(t, c, "node-a")
+		if nc == nil {
+			return false, "no NodeCache"
+		}
+		want := []v1.RefusedItem{{Reference: "registry.test/big:1@" + digestIndex, Bytes: 800, BudgetBytes: 1000}}
+		return slices.Equal(items, []string{"registry.test/small:1@" + digestAmd64}) && slices.Equal(nc.Spec.Refused, want),
+			fmt.Sprintf("items %v, refused %+v", items, nc.Spec.Refused)
+	})
+}

@@ -101,3 +101,17 @@ func TestRollupUnresolved(t *testing.T) {
 		t.Errorf("ready %q", p.Status.Ready)
 	}
 }
+
+// Content the per-node budget refused makes the node fail PinLimitExceeded, saying how much.
+func TestRollupRefusedByBudget(t *testing.T) {
+	app := "registry.test/app:1@" + dAmd64
+	p := pw("p", nil, nil, appIndex("1"))
+	nc := cacheWith()
+	nc.Spec.Refused = []v1.RefusedItem{{Reference: app, Bytes: 300, BudgetBytes: 1000}}
+	Rollup(&p, []*corev1.Node{testNode("a", nil)}, map[string]*v1.NodeCache{"a": nc}, metav1.NewTime(time.Unix(1000, 0)))
+	want := []v1.NodeFailure{{Node: "a", Reason: v1.ReasonPinLimitExceeded,
+		Message: app + " (300 bytes) would take the node past the 1000 bytes that Prewarms may pin per node"}}
+	if fmt.Sprint(p.Status.FailingNodes) != fmt.Sprint(want) || p.Status.Nodes.Failed != 1 {
+		t.Errorf("failing nodes %+v (failed %d)\nwant %+v", p.Status.FailingNodes, p.Status.Nodes.Failed, want)
+	}
+}
