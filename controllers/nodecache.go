@@ -187,9 +187,10 @@ func DesiredItems(node *corev1.Node, prewarms []v1.Prewarm, current *v1.NodeCach
 			}
 			for _, m := range manifestsOf(&ref, p.Spec.Platforms, platform) {
 				it := v1.NodeCacheItem{
-					Reference:     itemReference(ref.Repository, ref.Tag, m.Digest),
-					Pin:           p.Spec.Store != v1.StoreCached,
-					RuntimeImport: !ref.Artifact && p.Spec.RuntimeImport == v1.RuntimeImportPinned,
+					Reference:      itemReference(ref.Repository, ref.Tag, m.Digest),
+					Pin:            p.Spec.Store != v1.StoreCached,
+					RuntimeImport:  !ref.Artifact && p.Spec.RuntimeImport == v1.RuntimeImportPinned,
+					PullSecretName: ref.PullSecretName,
 				}
 				have := byRef[it.Reference]
 				if have == nil {
@@ -197,6 +198,7 @@ func DesiredItems(node *corev1.Node, prewarms []v1.Prewarm, current *v1.NodeCach
 					continue
 				}
 				have.item.Pin = have.item.Pin || it.Pin
+				have.item.PullSecretName = cmp.Or(have.item.PullSecretName, it.PullSecretName)
 				have.item.RuntimeImport = have.item.RuntimeImport || it.RuntimeImport
 				if olderPrewarm(p, have.oldest) {
 					have.oldest = p

@@ -55,6 +55,9 @@ type PrewarmReconciler struct {
 	Registerer prometheus.Registerer
 	// Now returns the time (default time.Now); tests move it.
 	Now func() time.Time
+	// Tokens exchanges the imagePullSecrets of Prewarms for the pull tokens agents use; nil:
+	// agents pull with their own credentials only.
+	Tokens *PullTokens
 
 	nodes *prometheus.GaugeVec // nil: no metrics
 }
@@ -107,6 +110,7 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 		return reconcile.Result{}, r.refuse(ctx, &p, before, now)
 	}
 	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), now)
+	next = minPositive(next, r.ensureTokens(ctx, &p))
 	Rollup(&p, ptrs, byName, metav1.NewTime(now))
 	p.Status.ObservedGeneration = p.Generation
 	if r.nodes != nil {
@@ -217,6 +221,46 @@ func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platform
 		want(ref, true)
 	}
 	p.Status.References = refs
+	return next
+}
+
+// ensureTokens keeps a pull token for each repository of a Prewarm with imagePullSecrets,
+// names it in the references, and returns when to renew the first (0: none).
+func (r *PrewarmReconciler) ensureTokens(ctx context.Context, p *v1.Prewarm) (next time.Duration) {
+	if r.Tokens == nil || len(p.Spec.ImagePullSecrets) == 0 {
+		return 0
+	}
+	var secrets [][]byte
+	read := false
+	pullSecrets := func() [][]byte {
+		if !read {
+			secrets, read = r.pullSecrets(ctx, p), true
+		}
+		return secrets
+	}
+	byRepo := map[string]string{}
+	for i := range p.Status.References {
+		ref := &p.Status.References[i]
+		if ref.Repository == "" {
+			continue
+		}
+		name, done := byRepo[ref.Repository]
+		if !done {
+			var in time.Duration
+			var err error
+			name, in, err = r.Tokens.Ensure(ctx, ref.Repository, pullSecrets)
+			if err != nil {
+				log.FromContext(ctx).Info("no pull token", "repository", ref.Repository, "error", err.Error())
+				if r.Recorder != nil {
+					r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "PullToken", "Exchange", "pull token for %s: %v", ref.Repository, err)
+				}
+				name, in = ref.PullSecretName, time.Minute // keep the last one; try again soon
+			}
+			byRepo[ref.Repository] = name
+			next = minPositive(next, in)
+		}
+		ref.PullSecretName = name
+	}
 	return next
 }
 

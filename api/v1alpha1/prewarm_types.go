@@ -222,6 +222,12 @@ type ResolvedReference struct {
 	// Error says why the reference could not be resolved, when it could not.
 	// +optional
 	Error string `json:"error,omitempty"`
+	// PullSecretName names the Secret in Shoal's namespace that holds the short-lived pull
+	// token (or, for a registry with basic authentication only, the credentials) agents use
+	// for this repository, exchanged by the controller for the Prewarm's imagePullSecrets.
+	// +optional
+	// +kubebuilder:validation:MaxLength=253
+	PullSecretName string `json:"pullSecretName,omitempty"`
 }
 
 // NodeFailure is one node that does not hold the content, and why.

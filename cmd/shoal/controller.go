@@ -17,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -39,6 +40,8 @@ type controllerConfig struct {
 	seedTTL          time.Duration
 	namespaces       []string
 	maxPinnedBytes   int64
+	namespace        string
+	pullTokens       bool
 	apiQPS           float32
 	apiBurst         int
 }
@@ -115,7 +118,15 @@ func newControllerCommand() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("--registry-endpoint: %w", err)
 			}
+			var tokens *controllers.PullTokens
+			if cfg.pullTokens {
+				tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: cfg.namespace, Issuer: resolver}
+				if err := mgr.Add(manager.RunnableFunc(tokens.RunSweeper(5 * time.Minute))); err != nil {
+					return err
+				}
+			}
 			if err := (&controllers.PrewarmReconciler{
+				Tokens:     tokens,
 				Policy:     policy,
 				Client:     mgr.GetClient(),
 				Resolver:   controllers.RegistryResolver{R: resolver},
@@ -179,6 +190,8 @@ func newControllerCommand() *cobra.Command {
 	f.IntVar(&cfg.apiBurst, "kube-api-burst", 100, "requests above --kube-api-qps allowed in a burst")
 	f.StringSliceVar(&cfg.namespaces, "prewarm-namespaces", nil, "namespaces whose Prewarms reach nodes, comma-separated; empty = every namespace (a Prewarm elsewhere is reported NamespaceNotAllowed and fetches nothing)")
 	f.Var(newQuantityValue(&cfg.maxPinnedBytes, 0), "max-pinned-bytes-per-node", "the most bytes that Prewarms, all namespaces together, may pin on one node (Kubernetes quantity, e.g. 200Gi): content past it is left out of the node's NodeCache (spec.refused, an event on the Node) and reported PinLimitExceeded in the Prewarms asking for it, older Prewarms first; 0 = no bound (each agent's --max-pinned-share still holds)")
+	f.StringVar(&cfg.namespace, "namespace", "shoal-system", "Shoal's own namespace (set it from the downward API: metadata.namespace): where the pull tokens for agents are written, the only namespace whose Secrets agents may read")
+	f.BoolVar(&cfg.pullTokens, "pull-tokens", true, "exchange the imagePullSecrets of Prewarms for short-lived, repository-scoped pull tokens that agents read from --namespace (the credentials themselves for a registry with basic authentication only); false = agents pull with their own credentials only")
 	f.DurationVar(&cfg.seedTTL, "seed-ttl", controllers.DefaultSeedTTL, "how long a SwarmSeed lives before the controller deletes it; a manifest is not seeded again within it")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "text", "text or json")

@@ -1,0 +1,166 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	"github.com/shoal-dev/shoal/controllers/resolve"
+	"github.com/shoal-dev/shoal/internal/pulltoken"
+)
+
+// CredentialIssuer exchanges pull secrets for what agents need to pull one repository;
+// *resolve.Resolver implements it.
+type CredentialIssuer interface {
+	PullCredential(ctx context.Context, repository string, pullSecrets [][]byte) (resolve.Credential, error)
+}
+
+// PullTokens keeps, in Shoal's own namespace, one Secret per private repository that agents
+// pull with (internal/pulltoken): a token scoped to pulling that repository, renewed halfway
+// through its life for as long as something asks for it, and deleted once it has expired and
+// nobody renewed it (Sweep). The pull secrets it was exchanged for never leave their namespace.
+type PullTokens struct {
+	// Client writes the Secrets; Reader reads them from the API server (Secrets are never
+	// cached by the controller).
+	Client client.Client
+	Reader client.Reader
+	// Namespace is Shoal's namespace, the only one whose Secrets agents may read.
+	Namespace string
+	Issuer    CredentialIssuer
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+
+	mu    sync.Mutex
+	fresh map[string]time.Time // Secret name -> when it is due for renewal, as last written or read
+}
+
+// +kubebuilder:rbac:groups="",namespace=shoal-system,resources=secrets,verbs=get;list;create;update;delete
+
+func (pt *PullTokens) now() time.Time {
+	if pt.Now != nil {
+		return pt.Now()
+	}
+	return time.Now()
+}
+
+// Ensure makes the Secret for repository hold a credential with at least half its life left,
+// exchanging pullSecrets for a new one when needed. It returns the Secret's name ("" when the
+// registry needs no credential) and when to call again.
+//
+// pullSecrets is called only when a new credential must be issued: reading the pull secrets
+// costs API requests that a credential still fresh does not need, and so does the Secret
+// itself, which is read only once the renewal remembered from the last call is due.
+func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets func() [][]byte) (string, time.Duration, error) {
+	now := pt.now()
+	name := pulltoken.Name(repository)
+	pt.mu.Lock()
+	due, known := pt.fresh[name]
+	pt.mu.Unlock()
+	if known && now.Before(due) {
+		return name, due.Sub(now), nil
+	}
+	var have corev1.Secret
+	err := pt.Reader.Get(ctx, types.NamespacedName{Namespace: pt.Namespace, Name: name}, &have)
+	exists := err == nil
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return "", 0, err
+	default:
+		if c, err := pulltoken.Parse(&have); err == nil && now.Before(c.RefreshAt()) {
+			pt.remember(name, c.RefreshAt())
+			return name, c.RefreshAt().Sub(now), nil
+		}
+	}
+	cred, err := pt.Issuer.PullCredential(ctx, repository, pullSecrets())
+	if err != nil {
+		return "", 0, err
+	}
+	if cred.None() {
+		return "", 0, nil
+	}
+	c := pulltoken.Credential{Repository: repository, Token: cred.Token, Username: cred.Username, Password: cred.Password,
+		Issued: now, Expires: cred.Expires}
+	want, err := pulltoken.Secret(pt.Namespace, c)
+	if err != nil {
+		return "", 0, err
+	}
+	if exists {
+		have.Type, have.Data, have.Labels, have.Annotations = want.Type, want.Data, want.Labels, want.Annotations
+		err = pt.Client.Update(ctx, &have)
+	} else {
+		err = pt.Client.Create(ctx, want)
+	}
+	if err != nil {
+		return "", 0, fmt.Errorf("write pull token %s/%s: %w", pt.Namespace, name, err)
+	}
+	kind := "token"
+	if cred.Basic() {
+		kind = "basic credentials (the registry has no tokens)"
+	}
+	log.FromContext(ctx).Info("pull token written", "repository", repository, "secret", name, "kind", kind, "expires", cred.Expires)
+	pt.remember(name, c.RefreshAt())
+	return name, max(c.RefreshAt().Sub(now), time.Second), nil
+}
+
+func (pt *PullTokens) remember(name string, due time.Time) {
+	pt.mu.Lock()
+	defer pt.mu.Unlock()
+	if pt.fresh == nil {
+		pt.fresh = map[string]time.Time{}
+	}
+	pt.fresh[name] = due
+}
+
+// sweepGrace is how long an expired pull token is kept before Sweep deletes it.
+const sweepGrace = 10 * time.Minute
+
+// Sweep deletes the pull-token Secrets that expired more than ten minutes ago: nothing has
+// renewed them, so nothing needs them.
+func (pt *PullTokens) Sweep(ctx context.Context) error {
+	var list corev1.SecretList
+	if err := pt.Reader.List(ctx, &list, client.InNamespace(pt.Namespace), client.HasLabels{pulltoken.Label}); err != nil {
+		return err
+	}
+	now := pt.now()
+	for i := range list.Items {
+		s := &list.Items[i]
+		c, err := pulltoken.Parse(s)
+		if err == nil && now.Before(c.Expires.Add(sweepGrace)) {
+			continue
+		}
+		if err := pt.Client.Delete(ctx, s); client.IgnoreNotFound(err) != nil {
+			return err
+		}
+		pt.mu.Lock()
+		delete(pt.fresh, s.Name)
+		pt.mu.Unlock()
+		log.FromContext(ctx).Info("expired pull token deleted", "secret", s.Name)
+	}
+	return nil
+}
+
+// RunSweeper sweeps every interval until ctx ends; a manager runs it (manager.RunnableFunc).
+func (pt *PullTokens) RunSweeper(interval time.Duration) func(context.Context) error {
+	return func(ctx context.Context) error {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+				if err := pt.Sweep(ctx); err != nil {
+					log.FromContext(ctx).Error(err, "sweep pull tokens")
+				}
+			}
+		}
+	}
+}

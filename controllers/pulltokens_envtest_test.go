@@ -1,0 +1,154 @@
+package controllers_test
+
+import (
+	"encoding/base64"
+	"fmt"
+	"io"
+	"log"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	shoalv1 "github.com/shoal-dev/shoal/api/v1alpha1"
+	"github.com/shoal-dev/shoal/controllers"
+	"github.com/shoal-dev/shoal/controllers/resolve"
+	"github.com/shoal-dev/shoal/internal/pulltoken"
+	"github.com/shoal-dev/shoal/test/kubetest"
+	"github.com/shoal-dev/shoal/test/tokenauth"
+)
+
+// TestPrewarmPullTokens: a Prewarm with an imagePullSecret for a registry with token
+// authentication gets a token scoped to its repository written into Shoal's namespace and named
+// in its status and in the nodes' NodeCache items; the token is renewed halfway through its life
+// and swept once it has expired unrenewed. The pull secret itself never leaves its namespace.
+func TestPrewarmPullTokens(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	ta := tokenauth.New(inner, "puller", "s3cret", 5*time.Minute)
+	ta.Realm = "http://private.test/token"
+	srv := httptest.NewServer(ta)
+	t.Cleanup(srv.Close)
+	pushSrv := httptest.NewServer(inner) // pushes bypass the tokens, which only pull
+	t.Cleanup(pushSrv.Close)
+	img, err := random.Image(1024, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag, err := name.NewTag(strings.TrimPrefix(pushSrv.URL, "http://")+"/secret/app:1", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(tag, img); err != nil {
+		t.Fatal(err)
+	}
+
+	clk := &clock{now: time.Now()}
+	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"private.test": srv.URL}), resolve.WithInsecure("private.test"), resolve.WithClock(clk.Now))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tokens *controllers.PullTokens
+	startManager(t, env, func(mgr ctrl.Manager) error {
+		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
+		if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
+			return err
+		}
+		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r}, Tokens: tokens, Now: clk.Now}).SetupWithManager(mgr)
+	})
+	for _, ns := range []string{"team", "shoal-system"} {
+		if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}}}); err != nil {
+		t.Fatal(err)
+	}
+	auth := base64.StdEncoding.EncodeToString([]byte("puller:s3cret"))
+	if err := c.Create(ctx, &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
+		Type:       corev1.SecretTypeDockerConfigJson,
+		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{"private.test":{"auth":%q}}}`, auth)},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	p := &shoalv1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec: shoalv1.PrewarmSpec{Images: []string{"private.test/secret/app:1"},
+			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "pull"}}},
+	}
+	if err := c.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	secretName := pulltoken.Name("private.test/secret/app")
+	token := func() pulltoken.Credential {
+		var s corev1.Secret
+		if err := c.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: secretName}, &s); err != nil {
+			return pulltoken.Credential{}
+		}
+		cred, err := pulltoken.Parse(&s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cred
+	}
+	eventually(t, "a pull token named in the status and the NodeCache", func() (bool, string) {
+		got := getPrewarm(t, c, client.ObjectKeyFromObject(p))
+		items, nc := nodeCacheItems(t, c, "node-a")
+		if got == nil || len(got.Status.References) != 1 || nc == nil || len(items) != 1 {
+			return false, fmt.Sprintf("prewarm %+v, items %v", got, items)
+		}
+		return got.Status.References[0].PullSecretName == secretName && nc.Spec.Items[0].PullSecretName == secretName && token().Token != "",
+			fmt.Sprintf("references %+v, items %+v", got.Status.References, nc.Spec.Items)
+	})
+	first := token()
+	if !ta.Valid(first.Token, "secret/app") || ta.Valid(first.Token, "secret/other") {
+		t.Errorf("the token does not let agents pull secret/app alone")
+	}
+	if first.Username != "" || first.Password != "" {
+		t.Errorf("the Secret carries the pull secret's credentials: %+v", first)
+	}
+
+	// Past half its life, the next reconcile renews it.
+	clk.Add(3 * time.Minute)
+	p = getPrewarm(t, c, client.ObjectKeyFromObject(p))
+	p.Annotations = map[string]string{"poke": "1"}
+	if err := c.Update(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the token renewed", func() (bool, string) {
+		cur := token()
+		return cur.Token != "" && cur.Token != first.Token && ta.Valid(cur.Token, "secret/app"), fmt.Sprintf("%+v", cur)
+	})
+
+	// Once nothing renews it and it has expired, it is swept.
+	if err := tokens.Sweep(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if token().Token == "" {
+		t.Fatal("a fresh token was swept")
+	}
+	if err := c.Delete(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	clk.Add(time.Hour)
+	if err := tokens.Sweep(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var s corev1.Secret
+	if err := c.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: secretName}, &s); !apierrors.IsNotFound(err) {
+		t.Errorf("expired token not swept: %v", err)
+	}
+}
