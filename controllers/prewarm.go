@@ -246,18 +246,22 @@ func (r *PrewarmReconciler) ensureTokens(ctx context.Context, p *v1.Prewarm) (ne
 		}
 		name, done := byRepo[ref.Repository]
 		if !done {
-			var in time.Duration
-			var err error
-			name, in, err = r.Tokens.Ensure(ctx, ref.Repository, pullSecrets)
-			if err != nil {
+			tok, err := r.Tokens.Ensure(ctx, ref.Repository, pullSecrets)
+			switch {
+			case err != nil:
 				log.FromContext(ctx).Info("no pull token", "repository", ref.Repository, "error", err.Error())
 				if r.Recorder != nil {
 					r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "PullToken", "Exchange", "pull token for %s: %v", ref.Repository, err)
 				}
-				name, in = ref.PullSecretName, time.Minute // keep the last one; try again soon
+				tok = Token{Name: ref.PullSecretName, RenewIn: time.Minute} // keep the last one; try again soon
+			case tok.WroteBasic && r.Recorder != nil:
+				r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "PullCredentialsShared", "Exchange",
+					"the registry of %s offers no tokens: the pull secret's credentials for it are in Secret %s/%s, which every agent may read",
+					ref.Repository, r.Tokens.Namespace, tok.Name)
 			}
+			name = tok.Name
 			byRepo[ref.Repository] = name
-			next = minPositive(next, in)
+			next = minPositive(next, tok.RenewIn)
 		}
 		ref.PullSecretName = name
 	}

@@ -50,21 +50,30 @@ func (pt *PullTokens) now() time.Time {
 	return time.Now()
 }
 
+// Token is the Secret Ensure keeps for a repository.
+type Token struct {
+	// Name is the Secret's name; "" when the registry needs no credential.
+	Name string
+	// RenewIn is when to call Ensure again.
+	RenewIn time.Duration
+	// WroteBasic is true when this call wrote basic credentials: the registry has no tokens.
+	WroteBasic bool
+}
+
 // Ensure makes the Secret for repository hold a credential with at least half its life left,
-// exchanging pullSecrets for a new one when needed. It returns the Secret's name ("" when the
-// registry needs no credential) and when to call again.
+// exchanging pullSecrets for a new one when needed.
 //
 // pullSecrets is called only when a new credential must be issued: reading the pull secrets
 // costs API requests that a credential still fresh does not need, and so does the Secret
 // itself, which is read only once the renewal remembered from the last call is due.
-func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets func() [][]byte) (string, time.Duration, error) {
+func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets func() [][]byte) (Token, error) {
 	now := pt.now()
 	name := pulltoken.Name(repository)
 	pt.mu.Lock()
 	due, known := pt.fresh[name]
 	pt.mu.Unlock()
 	if known && now.Before(due) {
-		return name, due.Sub(now), nil
+		return Token{Name: name, RenewIn: due.Sub(now)}, nil
 	}
 	var have corev1.Secret
 	err := pt.Reader.Get(ctx, types.NamespacedName{Namespace: pt.Namespace, Name: name}, &have)
@@ -72,25 +81,25 @@ func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets
 	switch {
 	case apierrors.IsNotFound(err):
 	case err != nil:
-		return "", 0, err
+		return Token{}, err
 	default:
 		if c, err := pulltoken.Parse(&have); err == nil && now.Before(c.RefreshAt()) {
 			pt.remember(name, c.RefreshAt())
-			return name, c.RefreshAt().Sub(now), nil
+			return Token{Name: name, RenewIn: c.RefreshAt().Sub(now)}, nil
 		}
 	}
 	cred, err := pt.Issuer.PullCredential(ctx, repository, pullSecrets())
 	if err != nil {
-		return "", 0, err
+		return Token{}, err
 	}
 	if cred.None() {
-		return "", 0, nil
+		return Token{}, nil
 	}
 	c := pulltoken.Credential{Repository: repository, Token: cred.Token, Username: cred.Username, Password: cred.Password,
 		Issued: now, Expires: cred.Expires}
 	want, err := pulltoken.Secret(pt.Namespace, c)
 	if err != nil {
-		return "", 0, err
+		return Token{}, err
 	}
 	if exists {
 		have.Type, have.Data, have.Labels, have.Annotations = want.Type, want.Data, want.Labels, want.Annotations
@@ -99,7 +108,7 @@ func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets
 		err = pt.Client.Create(ctx, want)
 	}
 	if err != nil {
-		return "", 0, fmt.Errorf("write pull token %s/%s: %w", pt.Namespace, name, err)
+		return Token{}, fmt.Errorf("write pull token %s/%s: %w", pt.Namespace, name, err)
 	}
 	kind := "token"
 	if cred.Basic() {
@@ -107,7 +116,7 @@ func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets
 	}
 	log.FromContext(ctx).Info("pull token written", "repository", repository, "secret", name, "kind", kind, "expires", cred.Expires)
 	pt.remember(name, c.RefreshAt())
-	return name, max(c.RefreshAt().Sub(now), time.Second), nil
+	return Token{Name: name, RenewIn: max(c.RefreshAt().Sub(now), time.Second), WroteBasic: cred.Basic()}, nil
 }
 
 func (pt *PullTokens) remember(name string, due time.Time) {
