@@ -22,6 +22,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -56,6 +57,9 @@ type Config struct {
 	RegistryEndpoints map[string]string
 	// RegistryAuthFile is a docker config.json with credentials for upstream registries.
 	RegistryAuthFile string
+	// Keychains are further sources of upstream credentials, asked before RegistryAuthFile
+	// (in Kubernetes: the controller's pull tokens, agent/kubecreds).
+	Keychains []authn.Keychain
 	// RegistryCAFile is a PEM bundle of CAs trusted for every upstream registry besides the
 	// system roots. A registry's own TLS settings come from its existing hosts.toml.
 	RegistryCAFile string
@@ -260,6 +264,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		upstream.WithLogger(log.With("component", "upstream")),
 		upstream.WithRegisterer(reg),
 		upstream.WithTimeouts(cfg.UpstreamTimeouts),
+	}
+	for _, kc := range cfg.Keychains {
+		upstreamOpts = append(upstreamOpts, upstream.WithKeychain(kc))
 	}
 	if cfg.RegistryAuthFile != "" {
 		upstreamOpts = append(upstreamOpts, upstream.WithAuthFile(cfg.RegistryAuthFile))

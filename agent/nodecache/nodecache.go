@@ -10,9 +10,9 @@
 // copy is checked every Config.RuntimeRecheck and imported again when it was removed or
 // unpinned out of band; the runtime pins of items that leave the spec are released.
 //
-// Not done yet, and reported as such rather than pretended:
-//   - pull tokens (an item's pullSecretName): content is fetched with the agent's own
-//     credentials, so an item that needs the token fails Unauthorized.
+// Private content is fetched with the credentials of the agent's upstream client, which in
+// Kubernetes include the controller's pull token for the repository (agent/kubecreds); an
+// item's pullSecretName names that token's Secret, for people.
 package nodecache
 
 import (

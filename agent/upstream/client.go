@@ -399,7 +399,7 @@ func (c *Client) handshake(ctx context.Context, t target, e *authEntry) {
 	defer cancel()
 	start := time.Now()
 	op := "authenticate"
-	rt, err := c.newTransport(ctx, t)
+	rt, until, err := c.newTransport(ctx, t)
 	if err != nil {
 		status, code, kind := transportFailure(err)
 		if ctx.Err() != nil {
@@ -416,28 +416,45 @@ func (c *Client) handshake(ctx context.Context, t target, e *authEntry) {
 	c.metrics.observe(t.registry, kindToken, http.StatusOK, time.Since(start))
 	e.client = &http.Client{Transport: rt}
 	e.expires = time.Now().Add(c.authTTL)
+	if !until.IsZero() && until.Before(e.expires) {
+		e.expires = until
+	}
 }
 
-func (c *Client) newTransport(ctx context.Context, t target) (http.RoundTripper, error) {
+// Expiring is an authenticator whose credentials stop working at some time (a pull token); the
+// client uses it no longer than that, and asks its keychain again after.
+type Expiring interface {
+	authn.Authenticator
+	Expires() time.Time
+}
+
+// newTransport returns an authenticated transport for t, and until when its credentials hold
+// (zero: no bound of their own).
+func (c *Client) newTransport(ctx context.Context, t target) (http.RoundTripper, time.Time, error) {
 	var opts []name.Option
 	if t.endpoint.Scheme == "http" {
 		opts = append(opts, name.Insecure)
 	}
 	endpoint, err := name.NewRegistry(t.endpoint.Host, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("endpoint %s: %w", t.endpoint, err)
+		return nil, time.Time{}, fmt.Errorf("endpoint %s: %w", t.endpoint, err)
 	}
 	logical, err := name.NewRegistry(t.registry)
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	auth, err := authn.Resolve(ctx, c.keychain, logical.Repo(t.repo))
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", errCredentials, err)
+		return nil, time.Time{}, fmt.Errorf("%w: %w", errCredentials, err)
+	}
+	var until time.Time
+	if x, ok := auth.(Expiring); ok {
+		until = x.Expires()
 	}
 	inner := transport.NewUserAgent(pinScheme{endpoint: t.endpoint, inner: t.transport}, "shoal")
 	scope := "repository:" + t.repo + ":" + transport.PullScope
-	return transport.NewWithContext(ctx, endpoint, auth, inner, []string{scope})
+	rt, err := transport.NewWithContext(ctx, endpoint, auth, inner, []string{scope})
+	return rt, until, err
 }
 
 // errCredentials marks a failure to read credentials (e.g. a broken auth file): nothing was

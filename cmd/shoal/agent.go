@@ -15,6 +15,7 @@ import (
 
 	"github.com/shoal-dev/shoal/agent"
 	"github.com/shoal-dev/shoal/agent/criruntime"
+	"github.com/shoal-dev/shoal/agent/kubecreds"
 	"github.com/shoal-dev/shoal/agent/kubemembers"
 	"github.com/shoal-dev/shoal/agent/kubeseeds"
 	"github.com/shoal-dev/shoal/agent/mirror"
@@ -92,8 +93,9 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(&kube.membership, "membership", "static", `how agents find each other: "static" (--peers) or "kubernetes" (SwarmMember objects; needs --node-name and --p2p-addr; --peers, if given, is where members start while the API server is unreachable)`)
 	f.StringVar(&kube.nodeName, "node-name", "", "this node's name in Kubernetes (set it from the downward API: spec.nodeName)")
 	f.StringVar(&kube.kubeconfig, "kubeconfig", "", `kubeconfig file for --membership kubernetes; "" = $KUBECONFIG, or the pod's service account`)
-	f.BoolVar(&kube.nodeCache, "node-cache", true, "with --membership kubernetes, make the store hold what this node's NodeCache asks for: fetch each item through the swarm, pin what it pins, release what leaves it, and report in its status (pull tokens are not done yet); false = ignore the NodeCache")
+	f.BoolVar(&kube.nodeCache, "node-cache", true, "with --membership kubernetes, make the store hold what this node's NodeCache asks for: fetch each item through the swarm, pin what it pins, release what leaves it, and report in its status; false = ignore the NodeCache")
 	f.StringVar(&kube.runtimeEndpoint, "runtime-endpoint", "", `containerd's socket (unix:///run/containerd/containerd.sock), for NodeCache items that import images into the container runtime (a Prewarm's runtimeImport: Pinned): pulled through CRI, so through this mirror, and pinned with containerd's io.cri-containerd.pinned label; "" = such items fail ImportFailed`)
+	f.StringVar(&kube.namespace, "namespace", "shoal-system", `Shoal's own namespace (set it from the downward API: metadata.namespace): with --membership kubernetes, private repositories are pulled with the pull tokens the controller writes there, looked up by name (one GET per repository, remembered); "" = none`)
 	f.StringVar(&kube.runtimeNamespace, "runtime-namespace", criruntime.DefaultNamespace, "containerd namespace of the CRI plugin's images")
 	f.BoolVar(&kube.prefetchSeeds, "prefetch-seeds", true, "with --membership kubernetes, watch SwarmSeeds (images pending pods are about to pull) and fetch from upstream at once the segments this node seeds of their blobs; false = wait for the pulls")
 	f.DurationVar(&kube.nodeCacheStatusInterval, "node-cache-status-interval", nodecache.DefaultStatusInterval, "the NodeCache status is written at most this often while only bytes move; state changes are written at once")
@@ -145,6 +147,7 @@ func flagError(fs *pflag.FlagSet, err error) error {
 type kubeFlags struct {
 	membership, nodeName, kubeconfig  string
 	runtimeEndpoint, runtimeNamespace string
+	namespace                         string
 	nodeCache                         bool
 	prefetchSeeds                     bool
 	nodeCacheStatusInterval           time.Duration
@@ -200,6 +203,13 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 		return err
 	}
 	cfg.Swarm.Discovery = src.Run
+	if k.namespace != "" {
+		kc, err := kubecreds.New(restCfg, k.namespace, cfg.Logger.With("component", "kubecreds"))
+		if err != nil {
+			return err
+		}
+		cfg.Keychains = append(cfg.Keychains, kc)
+	}
 	if k.prefetchSeeds {
 		seedLog := cfg.Logger.With("component", "kubeseeds")
 		cfg.Swarm.Seeds = func(ctx context.Context, prefetch agent.Prefetch, reg prometheus.Registerer) error {

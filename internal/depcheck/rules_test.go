@@ -54,7 +54,7 @@ var rules = []depcheck.Rule{
 		Why: "the data path (mirror, store, swarm, upstream) works without the API server: " +
 			"Kubernetes clients live in the packages that talk to it",
 		Packages:        []string{m("agent/...")},
-		Except:          []string{m("agent/kubemembers"), m("agent/kubeseeds"), m("agent/nodecache")},
+		Except:          []string{m("agent/kubecreds"), m("agent/kubemembers"), m("agent/kubeseeds"), m("agent/nodecache")},
 		MustNotDependOn: []string{"k8s.io/client-go/...", "sigs.k8s.io/controller-runtime/..."},
 	},
 	{

@@ -83,16 +83,25 @@ func TestAgentWritesOnlyItsOwnNode(t *testing.T) {
 	env := kubetest.Start(t)
 	admin := env.Client
 	ctx := t.Context()
+	if err := admin.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shoal-system"}}); err != nil {
+		t.Fatal(err)
+	}
 	apply(t, admin, filepath.Join(configDir(), "rbac", "agent", "role.yaml"))
 	apply(t, admin, filepath.Join(configDir(), "policy", "agent-own-node.yaml"))
+	agentSubject := []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "shoal-system", Name: "shoal-agent"}}
 	for _, obj := range []client.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shoal-system"}},
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}},
 		&rbacv1.ClusterRoleBinding{
 			ObjectMeta: metav1.ObjectMeta{Name: "shoal-agent"},
 			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "shoal-agent"},
-			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "shoal-system", Name: "shoal-agent"}},
+			Subjects:   agentSubject,
 		},
+		&rbacv1.RoleBinding{
+			ObjectMeta: metav1.ObjectMeta{Name: "shoal-agent", Namespace: "shoal-system"},
+			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: "shoal-agent"},
+			Subjects:   agentSubject,
+		},
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "shoal-pull-0123", Namespace: "shoal-system"}},
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}},
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b"}},
 		&shoalv1.NodeCache{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}},
@@ -167,6 +176,15 @@ func TestAgentWritesOnlyItsOwnNode(t *testing.T) {
 		err := agentClient(t, env, "").Create(ctx, member("node-c"))
 		if !apierrors.IsForbidden(err) && !apierrors.IsInvalid(err) {
 			t.Errorf("create without a node name: %v, want denied", err)
+		}
+	})
+
+	t.Run("a pull token in its namespace, by name only", func(t *testing.T) {
+		if err := agentA.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: "shoal-pull-0123"}, &corev1.Secret{}); err != nil {
+			t.Errorf("get a pull token: %v", err)
+		}
+		if err := agentA.List(ctx, &corev1.SecretList{}, client.InNamespace("shoal-system")); !apierrors.IsForbidden(err) {
+			t.Errorf("list Secrets in its namespace: %v, want forbidden", err)
 		}
 	})
 

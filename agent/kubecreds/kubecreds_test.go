@@ -1,0 +1,171 @@
+package kubecreds
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+
+	"github.com/shoal-dev/shoal/agent/upstream"
+	"github.com/shoal-dev/shoal/internal/pulltoken"
+	"github.com/shoal-dev/shoal/test/kubetest"
+	"github.com/shoal-dev/shoal/test/tokenauth"
+)
+
+// TestPullWithTheControllersToken: an agent's upstream client with this keychain pulls a
+// private repository with the token in Shoal's namespace, and is refused without it.
+func TestPullWithTheControllersToken(t *testing.T) {
+	env := kubetest.Start(t)
+	ctx := t.Context()
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	ta := tokenauth.New(inner, "puller", "s3cret", 5*time.Minute)
+	srv := httptest.NewServer(ta)
+	t.Cleanup(srv.Close)
+	ta.Realm = srv.URL + "/token"
+	push := httptest.NewServer(inner)
+	t.Cleanup(push.Close)
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, repo := range []string{"secret/app", "secret/other"} {
+		tag, err := name.NewTag(strings.TrimPrefix(push.URL, "http://")+"/"+repo+":1", name.Insecure)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remote.Write(tag, img); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shoal-system"}}); err != nil {
+		t.Fatal(err)
+	}
+	// The controller's part: a token for secret/app only.
+	tok := tokenFor(t, ta, srv.URL, "secret/app")
+	s, err := pulltoken.Secret("shoal-system", pulltoken.Credential{Repository: "private.test/secret/app", Token: tok,
+		Issued: time.Now(), Expires: time.Now().Add(5 * time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Create(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+
+	kc, err := New(env.Config, "shoal-system", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	endpoint, err := upstream.ParseEndpoint(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := upstream.New(upstream.WithKeychain(kc), upstream.WithEndpointResolver(func(string) (upstream.Endpoint, error) { return endpoint, nil }))
+	t.Cleanup(up.CloseIdleConnections)
+	if _, err := up.Manifest(ctx, "private.test", "secret/app", "1", nil); err != nil {
+		t.Errorf("with the token: %v", err)
+	}
+	if _, err := up.Manifest(ctx, "private.test", "secret/other", "1", nil); !errors.Is(err, upstream.ErrUnauthorized) {
+		t.Errorf("without a token: %v, want unauthorized", err)
+	}
+}
+
+// tokenFor asks the token server for a pull token of repo, as the controller would.
+func tokenFor(t *testing.T, ta *tokenauth.Server, url, repo string) string {
+	t.Helper()
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, url+"/token?service=tokenauth&scope=repository:"+repo+":pull", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.SetBasicAuth("puller", "s3cret")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Token string `json:"token"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil || !ta.Valid(body.Token, repo) {
+		t.Fatalf("token for %s: %+v, %v", repo, body, err)
+	}
+	return body.Token
+}
+
+func notFound(name string) error {
+	return apierrors.NewNotFound(schema.GroupResource{Resource: "secrets"}, name)
+}
+
+func TestKeychainBoundsTheAPIServersPart(t *testing.T) {
+	repo := name.MustParseReference("private.test/secret/app:1").Context()
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	secret, err := pulltoken.Secret("shoal-system", pulltoken.Credential{Repository: repo.String(), Token: "t0k",
+		Issued: now, Expires: now.Add(5 * time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gets atomic.Int32
+	var fail atomic.Bool
+	get := func(ctx context.Context, n string) (*corev1.Secret, error) {
+		gets.Add(1)
+		if fail.Load() {
+			<-ctx.Done() // a wedged API server
+			return nil, ctx.Err()
+		}
+		if n != secret.Name {
+			return nil, notFound(n)
+		}
+		return secret, nil
+	}
+	kc := newKeychain(get, "shoal-system", nil, clock)
+
+	auth, err := kc.Resolve(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ac, err := auth.Authorization()
+	if err != nil || ac.RegistryToken != "t0k" {
+		t.Fatalf("authorization %+v, %v; want the token", ac, err)
+	}
+	if x, ok := auth.(upstream.Expiring); !ok || !x.Expires().Equal(now.Add(5*time.Minute-expiryMargin)) {
+		t.Errorf("the token does not say it expires 30 s before the Secret's expiry")
+	}
+	if _, _ = kc.Resolve(repo); gets.Load() != 1 {
+		t.Errorf("%d GETs for two lookups of a fresh token, want 1", gets.Load())
+	}
+	other := name.MustParseReference("private.test/public/app:1").Context()
+	if a, _ := kc.Resolve(other); a != authn.Anonymous {
+		t.Errorf("no Secret: %v, want anonymous", a)
+	}
+	// The API server wedges: a lookup gives up within LookupTimeout, and none follows for a while.
+	fail.Store(true)
+	now = now.Add(10 * time.Minute)
+	start := time.Now()
+	if a, _ := kc.Resolve(repo); a != authn.Anonymous {
+		t.Errorf("API server wedged: %v, want anonymous", a)
+	}
+	if took := time.Since(start); took > 2*LookupTimeout {
+		t.Errorf("a lookup took %v with the API server wedged", took)
+	}
+	n := gets.Load()
+	if _, _ = kc.Resolve(other); gets.Load() != n {
+		t.Errorf("a lookup went to the API server right after it failed")
+	}
+}
