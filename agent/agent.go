@@ -137,8 +137,10 @@ type Content struct {
 	// credentials.
 	Upstream *upstream.Client
 	// BlobSource is where a blob missing from the store comes from, as for the mirror's
-	// misses: the swarm with Swarm.P2PAddr, else the registry, whole.
-	BlobSource func(registry, repo string, d v1.Hash) store.Source
+	// misses: the swarm with Swarm.P2PAddr, else the registry, whole. Seeders, when not empty,
+	// are the only members that seed its segments (the nodes that are to hold it: see
+	// swarm.SourceWithin).
+	BlobSource func(registry, repo string, d v1.Hash, seeders []netip.AddrPort) store.Source
 	// Mirrors reports whether the agent mirrors a registry (MirrorRegistries): content of
 	// another registry reaches the node's runtime without the agent.
 	Mirrors func(registry string) bool
@@ -330,7 +332,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if cfg.NodeCache != nil {
 		content := Content{Store: blobs, Upstream: client, BlobSource: upstreamSource(client), Mirrors: cfg.mirrors, Registerer: reg}
 		if p2p != nil {
-			content.BlobSource = p2p.swarm.Source
+			content.BlobSource = p2p.swarm.SourceWithin
 		}
 		nodeCache = func(ctx context.Context) error { return cfg.NodeCache(ctx, content) }
 	}
@@ -480,8 +482,8 @@ func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg pro
 }
 
 // upstreamSource fetches a whole blob from its registry, as the mirror does without the swarm.
-func upstreamSource(client *upstream.Client) func(registry, repo string, d v1.Hash) store.Source {
-	return func(registry, repo string, d v1.Hash) store.Source {
+func upstreamSource(client *upstream.Client) func(registry, repo string, d v1.Hash, _ []netip.AddrPort) store.Source {
+	return func(registry, repo string, d v1.Hash, _ []netip.AddrPort) store.Source {
 		return func(ctx context.Context) (io.ReadCloser, int64, error) {
 			return client.Blob(ctx, registry, repo, d, 0, -1)
 		}

@@ -3,6 +3,9 @@ package controllers
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"slices"
 	"strings"
@@ -64,7 +67,7 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req reconcile.Reque
 		r.Recorder.Eventf(&node, nil, corev1.EventTypeWarning, "TooManyItems", "Reconcile",
 			"the Prewarms selecting this node ask for more than %d manifests; %d left out", v1.MaxNodeCacheItems, want.Dropped)
 	}
-	spec := v1.NodeCacheSpec{Items: want.Items, Refused: want.Refused}
+	spec := v1.NodeCacheSpec{Items: want.Items, Refused: want.Refused, SeedGroups: want.SeedGroups}
 	if !exists {
 		nc = v1.NodeCache{ObjectMeta: metav1.ObjectMeta{Name: node.Name}, Spec: spec}
 		if err := controllerutil.SetControllerReference(&node, &nc, r.Client.Scheme()); err != nil {
@@ -155,6 +158,8 @@ type Desired struct {
 	Refused []v1.RefusedItem
 	// Dropped counts the items left out past MaxNodeCacheItems.
 	Dropped int
+	// SeedGroups are the groups the items name.
+	SeedGroups []v1.SeedGroup
 }
 
 // DesiredItems is the spec of a node's NodeCache: one item per manifest that a Prewarm
@@ -251,8 +256,20 @@ func DesiredItems(node *corev1.Node, prewarms []v1.Prewarm, current *v1.NodeCach
 		}
 	}
 
+	// Seed groups: each item is seeded by the seeders of the oldest Prewarm asking for it, the
+	// same choice on every node that Prewarm selects.
+	groups := map[string][]string{}
+	if current != nil {
+		for _, g := range current.Spec.SeedGroups {
+			groups[g.Name] = g.Nodes // for items kept while their tag moves
+		}
+	}
 	items := make(map[string]*v1.NodeCacheItem, len(byRef))
 	for ref, w := range byRef {
+		if nodes := w.oldest.Status.Seeders; len(nodes) > 0 {
+			w.item.SeedGroup = SeedGroupName(nodes)
+			groups[w.item.SeedGroup] = nodes
+		}
 		items[ref] = &w.item
 	}
 	keepSuperseded(items, current)
@@ -265,6 +282,69 @@ func DesiredItems(node *corev1.Node, prewarms []v1.Prewarm, current *v1.NodeCach
 		out.Dropped = len(out.Items) - v1.MaxNodeCacheItems
 		out.Items = out.Items[:v1.MaxNodeCacheItems]
 	}
+	out.SeedGroups = seedGroups(out.Items, groups)
+	return out
+}
+
+// seedGroups returns the groups the items name, at most MaxSeedGroups of them (by name); items
+// naming one left out name none, and any member seeds them.
+func seedGroups(items []v1.NodeCacheItem, groups map[string][]string) []v1.SeedGroup {
+	var names []string
+	for _, it := range items {
+		if it.SeedGroup != "" && groups[it.SeedGroup] != nil && !slices.Contains(names, it.SeedGroup) {
+			names = append(names, it.SeedGroup)
+		}
+	}
+	slices.Sort(names)
+	if len(names) > v1.MaxSeedGroups {
+		names = names[:v1.MaxSeedGroups]
+	}
+	for i := range items {
+		if !slices.Contains(names, items[i].SeedGroup) {
+			items[i].SeedGroup = ""
+		}
+	}
+	var out []v1.SeedGroup
+	for _, n := range names {
+		out = append(out, v1.SeedGroup{Name: n, Nodes: slices.Clone(groups[n])})
+	}
+	return out
+}
+
+// SeedGroupName names a seed group after its nodes, so that a group whose nodes change gets a
+// new name, and the items naming it change with it.
+func SeedGroupName(nodes []string) string {
+	sum := sha256.Sum256([]byte(strings.Join(nodes, "\n")))
+	return "g-" + hex.EncodeToString(sum[:8])
+}
+
+// ChooseSeeders returns the seeders of a Prewarm among the nodes it selects: at most
+// MaxPrewarmSeeders of them, the highest by rendezvous hash of the Prewarm's UID and the node's
+// name (so that a node joining or leaving the selection changes the choice by at most one),
+// sorted by name.
+func ChooseSeeders(p *v1.Prewarm, nodes []*corev1.Node) []string {
+	type ranked struct {
+		name   string
+		weight uint64
+	}
+	var rs []ranked
+	for _, n := range nodes {
+		if Selects(p, n) {
+			sum := sha256.Sum256([]byte(string(p.UID) + "/" + n.Name))
+			rs = append(rs, ranked{n.Name, binary.BigEndian.Uint64(sum[:8])})
+		}
+	}
+	slices.SortFunc(rs, func(a, b ranked) int {
+		if c := cmp.Compare(b.weight, a.weight); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.name, b.name)
+	})
+	var out []string
+	for _, r := range rs[:min(len(rs), v1.MaxPrewarmSeeders)] {
+		out = append(out, r.name)
+	}
+	slices.Sort(out)
 	return out
 }
 

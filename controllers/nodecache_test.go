@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -228,5 +229,48 @@ func TestHasTag(t *testing.T) {
 		if got := hasTag(name); got != want {
 			t.Errorf("hasTag(%q) = %v, want %v", name, got, want)
 		}
+	}
+}
+
+// Seeders: at most 8 selected nodes, stable as nodes come and go; items carry the oldest
+// Prewarm's as a seed group named after its nodes.
+func TestSeeders(t *testing.T) {
+	var nodes []*corev1.Node
+	for i := range 20 {
+		nodes = append(nodes, testNode(fmt.Sprintf("node-%02d", i), map[string]string{"gpu": fmt.Sprint(i%2 == 0)}))
+	}
+	gpu := &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}}
+	p := pw("p", gpu, func(p *v1.Prewarm) { p.UID = "uid-1" }, appIndex("1"))
+	seeders := ChooseSeeders(&p, nodes)
+	if len(seeders) != v1.MaxPrewarmSeeders || !slices.IsSorted(seeders) {
+		t.Fatalf("seeders %v: want %d, sorted", seeders, v1.MaxPrewarmSeeders)
+	}
+	for _, s := range seeders {
+		var n int
+		if _, err := fmt.Sscanf(s, "node-%d", &n); err != nil || n%2 != 0 {
+			t.Errorf("seeder %s is not selected", s)
+		}
+	}
+	// A node leaving the selection changes the choice by at most one.
+	gone := seeders[0]
+	var rest []*corev1.Node
+	for _, n := range nodes {
+		if n.Name != gone {
+			rest = append(rest, n)
+		}
+	}
+	after := ChooseSeeders(&p, rest)
+	if kept := len(slices.DeleteFunc(slices.Clone(after), func(s string) bool { return !slices.Contains(seeders, s) })); kept != len(seeders)-1 {
+		t.Errorf("after %s left: %v, from %v: %d kept, want %d", gone, after, seeders, kept, len(seeders)-1)
+	}
+
+	p.Status.Seeders = seeders
+	d := DesiredItems(nodes[0], []v1.Prewarm{p}, nil, 0)
+	want := []v1.SeedGroup{{Name: SeedGroupName(seeders), Nodes: seeders}}
+	if len(d.Items) != 1 || d.Items[0].SeedGroup != want[0].Name || fmt.Sprint(d.SeedGroups) != fmt.Sprint(want) {
+		t.Errorf("items %+v, groups %+v; want the item in group %+v", d.Items, d.SeedGroups, want)
+	}
+	if SeedGroupName(seeders) == SeedGroupName(after) {
+		t.Error("two groups of different nodes share a name")
 	}
 }

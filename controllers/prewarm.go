@@ -112,6 +112,7 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), now)
 	next = minPositive(next, r.ensureTokens(ctx, &p))
 	Rollup(&p, ptrs, byName, metav1.NewTime(now))
+	p.Status.Seeders = ChooseSeeders(&p, ptrs)
 	p.Status.ObservedGeneration = p.Generation
 	if r.nodes != nil {
 		for state, n := range map[string]int32{"desired": p.Status.Nodes.Desired, "ready": p.Status.Nodes.Ready, "failed": p.Status.Nodes.Failed} {

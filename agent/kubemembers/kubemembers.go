@@ -60,6 +60,25 @@ type Source struct {
 	retry, maxRetry time.Duration
 	// announced, when set (tests), is called with the result of every announcement attempt.
 	announced func(error)
+
+	mu     sync.Mutex
+	byName map[string]netip.AddrPort // the members by node name, as last watched
+}
+
+// Addrs returns the swarm addresses of the named nodes' agents that the watch knows, in the
+// order given; nil before the watch has listed the members.
+func (s *Source) Addrs(nodes []string) []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []netip.AddrPort
+	for _, n := range nodes {
+		if a, ok := s.byName[n]; ok {
+			out = append(out, a)
+		} else if n == s.cfg.NodeName {
+			out = append(out, s.cfg.Self)
+		}
+	}
+	return out
 }
 
 // New returns a Source that reaches the API server with restCfg.
@@ -146,6 +165,12 @@ func (s *Source) clients() (rest.Interface, corev1client.NodeInterface, error) {
 // entries skipped.
 func (s *Source) peers(items []any) []netip.AddrPort {
 	peers := []netip.AddrPort{s.cfg.Self}
+	byName := map[string]netip.AddrPort{s.cfg.NodeName: s.cfg.Self}
+	defer func() {
+		s.mu.Lock()
+		s.byName = byName
+		s.mu.Unlock()
+	}()
 	for _, o := range items {
 		m, ok := o.(*v1alpha1.SwarmMember)
 		if !ok {
@@ -155,6 +180,9 @@ func (s *Source) peers(items []any) []netip.AddrPort {
 		if err != nil {
 			s.log.Warn("SwarmMember skipped", "name", m.Name, "error", err)
 			continue
+		}
+		if m.Name != s.cfg.NodeName {
+			byName[m.Name] = p
 		}
 		if !slices.Contains(peers, p) {
 			peers = append(peers, p)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -156,9 +157,32 @@ func (w *Worker) manifest(ctx context.Context, ref reference, d v1.Hash) (body [
 	return m.Body, true, nil
 }
 
+// seedersOf returns the swarm addresses of the nodes of the item's seed group, those known;
+// nil when it has none, or none is known: every member may seed then.
+func (w *Worker) seedersOf(it *item) []netip.AddrPort {
+	if w.cfg.Seeders == nil {
+		return nil
+	}
+	w.mu.Lock()
+	var nodes []string
+	if group := it.spec.SeedGroup; group != "" && w.latest != nil {
+		for _, g := range w.latest.Spec.SeedGroups {
+			if g.Name == group {
+				nodes = g.Nodes
+			}
+		}
+	}
+	w.mu.Unlock()
+	if len(nodes) == 0 {
+		return nil
+	}
+	return w.cfg.Seeders(nodes)
+}
+
 // fetchBlobs makes the store hold every blob: those it holds are counted, the others fetched,
 // Parallel at once across all items. The first failure stops the others.
 func (w *Worker) fetchBlobs(ctx context.Context, it *item, blobs []v1.Descriptor) error {
+	seeders := w.seedersOf(it)
 	g, gctx := errgroup.WithContext(ctx)
 	for _, desc := range blobs {
 		if size, err := w.cfg.Store.Stat(desc.Digest); err == nil {
@@ -174,7 +198,7 @@ func (w *Worker) fetchBlobs(ctx context.Context, it *item, blobs []v1.Descriptor
 		}
 		g.Go(func() error {
 			defer func() { <-w.blobSlots }()
-			return w.fetchBlob(gctx, it, desc)
+			return w.fetchBlob(gctx, it, desc, seeders)
 		})
 	}
 	if err := g.Wait(); err != nil {
@@ -186,7 +210,7 @@ func (w *Worker) fetchBlobs(ctx context.Context, it *item, blobs []v1.Descriptor
 // fetchBlob fetches one blob into the store through the blob source, following the download
 // to its end: the store releases the last byte only once the digest matched. A download that
 // moves no byte for the stall timeout is given up; one that keeps moving has no time limit.
-func (w *Worker) fetchBlob(ctx context.Context, it *item, desc v1.Descriptor) error {
+func (w *Worker) fetchBlob(ctx context.Context, it *item, desc v1.Descriptor, seeders []netip.AddrPort) error {
 	d := desc.Digest
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -195,7 +219,7 @@ func (w *Worker) fetchBlob(ctx context.Context, it *item, desc v1.Descriptor) er
 		cancel(fmt.Errorf("%w: no byte of %s for %s", errNoProgress, d, stall))
 	})
 	defer watch.Stop()
-	b, err := w.cfg.Store.Fetch(ctx, d, w.cfg.BlobSource(it.ref.registry, it.ref.repo, d))
+	b, err := w.cfg.Store.Fetch(ctx, d, w.cfg.BlobSource(it.ref.registry, it.ref.repo, d, seeders))
 	if err != nil {
 		return stalled(ctx, err)
 	}

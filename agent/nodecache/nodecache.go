@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -89,8 +90,12 @@ type Config struct {
 	// Manifests fetches a manifest missing from the store, as the mirror does.
 	Manifests Manifests
 	// BlobSource is where a blob missing from the store comes from: the mirror's source for a
-	// miss (the swarm, else the registry).
-	BlobSource func(registry, repo string, d v1.Hash) store.Source
+	// miss (the swarm, else the registry), its segments seeded only by seeders when there are
+	// any.
+	BlobSource func(registry, repo string, d v1.Hash, seeders []netip.AddrPort) store.Source
+	// Seeders returns the swarm addresses of the nodes named (those that are known); nil:
+	// items' seeders are ignored, and every member may seed.
+	Seeders func(nodes []string) []netip.AddrPort
 	// Runtime is the node's container runtime, for items with runtimeImport; nil: such items
 	// fail with ImportFailed once their content is in the store.
 	Runtime Runtime

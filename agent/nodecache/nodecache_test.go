@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -281,7 +282,7 @@ func (h *harness) start(t *testing.T, nodeName, dir string, opts ...option) *nod
 		return upstream.DefaultEndpoint(registry), nil
 	}))
 	cfg.Store, cfg.Manifests = s, up
-	cfg.BlobSource = func(registry, repo string, d v1.Hash) store.Source {
+	cfg.BlobSource = func(registry, repo string, d v1.Hash, _ []netip.AddrPort) store.Source {
 		return func(ctx context.Context) (io.ReadCloser, int64, error) { return up.Blob(ctx, registry, repo, d, 0, -1) }
 	}
 	cfg.Mirrors = func(registry string) bool { return registry == "registry.test" }

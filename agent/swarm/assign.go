@@ -2,6 +2,7 @@ package swarm
 
 import (
 	"net/netip"
+	"slices"
 
 	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/rendezvous"
@@ -50,8 +51,40 @@ func (s *Swarm) seedersOf(b *blob) *assignment {
 	}
 	stale := s.cfg.Membership.Changes() // before Members: a change in between makes it stale
 	members := s.cfg.Membership.Members()
+	if within := intersect(members, b.seedSet); len(within) > 0 {
+		members = within
+	}
 	b.assigned = &assignment{members: members, seeders: assignSeeders(b.plan, members), stale: stale}
 	return b.assigned
+}
+
+// restrictSeeders makes the blob's segments seeded by the members among seeders only (all
+// members again when seeders is empty); the assignment is computed again if they changed.
+func (b *blob) restrictSeeders(seeders []netip.AddrPort) {
+	set := slices.Clone(seeders)
+	slices.SortFunc(set, netip.AddrPort.Compare)
+	set = slices.Compact(set)
+	b.assignMu.Lock()
+	defer b.assignMu.Unlock()
+	if slices.Equal(set, b.seedSet) {
+		return
+	}
+	b.seedSet = set
+	b.assigned = nil
+}
+
+// intersect returns the members that are in set (sorted), in members' order.
+func intersect(members, set []netip.AddrPort) []netip.AddrPort {
+	if len(set) == 0 {
+		return nil
+	}
+	var out []netip.AddrPort
+	for _, m := range members {
+		if _, ok := slices.BinarySearchFunc(set, m, netip.AddrPort.Compare); ok {
+			out = append(out, m)
+		}
+	}
+	return out
 }
 
 func closed(ch <-chan struct{}) bool {

@@ -25,6 +25,14 @@ import (
 // Source returns a store.Source that gets blob d through the swarm: the content store calls it
 // once per missing blob, and it yields the blob's bytes in order as they are verified.
 func (s *Swarm) Source(registry, repo string, d v1.Hash) store.Source {
+	return s.SourceWithin(registry, repo, d, nil)
+}
+
+// SourceWithin is Source with the blob's segments seeded by the members among seeders only
+// (all members when none of them is one, or seeders is empty): the nodes that are to hold the
+// blob anyway, so that no other node spends disk on it. Every node that fetches the blob with
+// the same seeders computes the same assignment; the last call's seeders hold for the blob.
+func (s *Swarm) SourceWithin(registry, repo string, d v1.Hash, seeders []netip.AddrPort) store.Source {
 	return func(ctx context.Context) (io.ReadCloser, int64, error) {
 		size, err := s.cfg.Upstream.HeadBlob(ctx, registry, repo, d)
 		if err != nil {
@@ -33,6 +41,9 @@ func (s *Swarm) Source(registry, repo string, d v1.Hash) store.Source {
 		b, err := s.blobFor(d, size, registry, repo)
 		if err != nil {
 			return nil, 0, err
+		}
+		if seeders != nil {
+			b.restrictSeeders(seeders)
 		}
 		b.downloadOnce.Do(func() {
 			b.started = time.Now()

@@ -471,8 +471,11 @@ type blob struct {
 	path           string           // the working file; "" once the data lives in the content store
 	state          torrent.CompletionState
 	segs           []*segment
-	assignMu       sync.Mutex  // guards assigned
+	assignMu       sync.Mutex  // guards assigned and seedSet
 	assigned       *assignment // see Swarm.seedersOf
+	// seedSet, when not empty, are the only members that seed the blob's segments (sorted;
+	// see SourceWithin).
+	seedSet []netip.AddrPort
 	// whole: upstream ignores Range, so one member, segment 0's seeder, fetches the whole blob
 	// and publishes every segment (see seedWhole).
 	whole        atomic.Bool

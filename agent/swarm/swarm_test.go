@@ -402,3 +402,49 @@ func TestCorruptPeerIsBanned(t *testing.T) {
 		t.Errorf("the corrupting node %s was not banned", bad.addr.Addr())
 	}
 }
+
+// TestSeedersWithinTheSeedSet: three of four nodes fetch a blob with themselves as its seed
+// set; they get it, upstream sends about one copy, and the fourth node, though a member, is
+// never asked to seed a segment of it: it has no record of the blob and wrote nothing.
+func TestSeedersWithinTheSeedSet(t *testing.T) {
+	up := newMemUpstream()
+	content := randomBlob(t, 8<<20+777)
+	d := up.add(content)
+	nodes := startNodes(t, 4, up)
+	within := []netip.AddrPort{nodes[0].addr, nodes[1].addr, nodes[2].addr}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, 3)
+	for i, node := range nodes[:3] {
+		wg.Go(func() {
+			got, err := readSource(ctx, node.swarm.SourceWithin("registry.test", "app", d, within))
+			switch {
+			case err != nil:
+				errs <- fmt.Errorf("node %d: %w", i, err)
+			case !bytes.Equal(got, content):
+				errs <- fmt.Errorf("node %d: wrong bytes", i)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	outside := nodes[3].swarm
+	outside.mu.Lock()
+	_, known := outside.blobs[d.Hex]
+	outside.mu.Unlock()
+	if known || outside.stats().bytesWritten != 0 {
+		t.Errorf("the node outside the seed set took part: blob known %v, %d bytes written", known, outside.stats().bytesWritten)
+	}
+	p, err := plan.New(d, int64(len(content)), 1<<20, 256<<10, DefaultRampSegments, DefaultMinSegments)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sent := up.sent.Load(); sent > int64(len(content))+p.SegmentLength() {
+		t.Errorf("upstream sent %d bytes for a %d byte blob, want about one copy", sent, len(content))
+	}
+}

@@ -34,6 +34,30 @@ type NodeCacheItem struct {
 	// +optional
 	// +kubebuilder:validation:MaxLength=253
 	PullSecretName string `json:"pullSecretName,omitempty"`
+
+	// SeedGroup names the spec's seed group whose nodes seed the content's segments: the nodes
+	// that hold it anyway, so that no other node spends disk on it. Empty: any member.
+	// +optional
+	// +kubebuilder:validation:MaxLength=63
+	SeedGroup string `json:"seedGroup,omitempty"`
+}
+
+// MaxSeedGroups bounds a NodeCache's seed groups, and MaxSeedGroupNodes each group.
+const (
+	MaxSeedGroups     = 16
+	MaxSeedGroupNodes = 8
+)
+
+// SeedGroup is a set of nodes that seed some content's segments for each other.
+type SeedGroup struct {
+	// Name identifies the group in the items; it changes with its nodes.
+	// +kubebuilder:validation:MaxLength=63
+	Name string `json:"name"`
+	// Nodes are the names of the nodes.
+	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=8
+	// +kubebuilder:validation:items:MaxLength=253
+	Nodes []string `json:"nodes"`
 }
 
 // NodeCacheSpec is what the node must hold, written by the controller from the Prewarms that
@@ -55,6 +79,13 @@ type NodeCacheSpec struct {
 	// +listMapKey=reference
 	// +kubebuilder:validation:MaxItems=512
 	Refused []RefusedItem `json:"refused,omitempty"`
+
+	// SeedGroups are the seed groups the items name.
+	// +optional
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=16
+	SeedGroups []SeedGroup `json:"seedGroups,omitempty"`
 }
 
 // RefusedItem is content left out of a node by the per-node budget.

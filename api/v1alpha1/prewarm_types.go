@@ -192,6 +192,9 @@ type PlatformManifest struct {
 	Size int64 `json:"size"`
 }
 
+// MaxPrewarmSeeders bounds a Prewarm's seeders.
+const MaxPrewarmSeeders = 8
+
 // ResolvedReference is what a reference of the spec points at, as last resolved.
 type ResolvedReference struct {
 	// Reference is the reference as written in the spec.
@@ -274,6 +277,13 @@ type PrewarmStatus struct {
 	// +optional
 	// +kubebuilder:validation:MaxItems=10
 	FailingNodes []NodeFailure `json:"failingNodes,omitempty"`
+	// Seeders are the selected nodes (at most 8, chosen by rendezvous hashing on the Prewarm,
+	// so that few change when nodes come and go) that seed the content's segments for the
+	// others: nodes outside the selection spend no disk on it.
+	// +optional
+	// +kubebuilder:validation:MaxItems=8
+	// +kubebuilder:validation:items:MaxLength=253
+	Seeders []string `json:"seeders,omitempty"`
 	// Conditions are Ready (every selected node holds the content), Progressing (some are
 	// still fetching) and Degraded (some failed, or a reference cannot be resolved).
 	// +optional

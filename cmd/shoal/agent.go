@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"path/filepath"
 	"time"
 
@@ -218,13 +219,13 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 		}
 	}
 	if k.nodeCache {
-		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), cfg.Logger.With("component", "nodecache"))
+		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), src.Addrs, cfg.Logger.With("component", "nodecache"))
 	}
 	return nil
 }
 
 // nodeCacheHook runs the NodeCache worker on the agent's content parts.
-func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, log *slog.Logger) func(context.Context, agent.Content) error {
+func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seeders func([]string) []netip.AddrPort, log *slog.Logger) func(context.Context, agent.Content) error {
 	return func(ctx context.Context, content agent.Content) error {
 		var runtime nodecache.Runtime
 		if k.runtimeEndpoint != "" {
@@ -243,6 +244,7 @@ func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, log 
 			Store:          content.Store,
 			Manifests:      content.Upstream,
 			BlobSource:     content.BlobSource,
+			Seeders:        seeders,
 			Mirrors:        content.Mirrors,
 			StatusInterval: k.nodeCacheStatusInterval,
 			StallTimeout:   k.nodeCacheStallTimeout,

@@ -18,8 +18,8 @@ import (
 
 // TestPrewarmOnSelectedNodes: a Prewarm of an image and a 100 MiB OCI artifact for 3 of 4
 // testbed nodes (by label), with runtime import, goes Ready 3/3; the 3 agents hold the content
-// pinned and their containerd 2.x has the image pinned (CRI), the 4th has nothing, and the
-// registry sent about one copy of each blob in all.
+// pinned and their containerd 2.x has the image pinned (CRI), the 4th has nothing and seeded
+// nothing, and the registry sent about one copy of each blob in all.
 func TestPrewarmOnSelectedNodes(t *testing.T) {
 	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -83,6 +83,7 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 			content += size
 		}
 	}
+	var seeded float64 // upstream bytes the selected nodes fetched as seeders
 	for i, node := range tb.Nodes() {
 		pinned, err := node.Agent().Metric(ctx, "shoal_store_pinned_bytes", nil)
 		if err != nil {
@@ -94,6 +95,31 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 		case i == 3 && pinned != 0:
 			t.Errorf("node %s (not selected): %.0f bytes pinned, want none", node.Name(), pinned)
 		}
+		fetched, err := node.Agent().Metric(ctx, "shoal_swarm_fetched_bytes_total", map[string]string{"source": "upstream"})
+		if err != nil {
+			t.Fatalf("node %s: %v", node.Name(), err)
+		}
+		if i < 3 {
+			seeded += fetched
+			continue
+		}
+		// The selected nodes seed the content for each other: the 4th spent no disk on it,
+		// neither in its store nor as a seeder of a segment.
+		for _, m := range []struct {
+			name   string
+			labels map[string]string
+		}{{"shoal_store_bytes", nil}, {"shoal_swarm_fetched_bytes_total", map[string]string{"source": "upstream"}}} {
+			v, err := node.Agent().Metric(ctx, m.name, m.labels)
+			if err != nil {
+				t.Fatalf("node %s: %v", node.Name(), err)
+			}
+			if v != 0 {
+				t.Errorf("node %s (not selected): %s = %.0f, want 0", node.Name(), m.name, v)
+			}
+		}
+	}
+	if seeded < float64(content) {
+		t.Errorf("the selected nodes fetched %.0f bytes from upstream as seeders, want the content's %d at least", seeded, content)
 	}
 	// In the runtime: the image by digest, pinned, on the selected nodes only; the artifact is
 	// not an image and stays in the store.
