@@ -81,6 +81,9 @@ type PodSeedReconciler struct {
 	Registerer prometheus.Registerer
 	// Now returns the time (default time.Now); tests move it.
 	Now func() time.Time
+	// Tokens exchanges the pull secrets of pods for the pull tokens agents use, kept for the
+	// seeds' lifetime; nil: agents seed with their own credentials only.
+	Tokens *PullTokens
 
 	once      sync.Once
 	metrics   *seedMetrics
@@ -156,8 +159,9 @@ func (r *PodSeedReconciler) Reconcile(ctx context.Context, req reconcile.Request
 			continue
 		}
 		r.metrics.resolved.Inc()
+		token := r.token(ctx, &pod, res.Repository.Name(), secrets, now)
 		for _, m := range res.Manifests {
-			if err := r.seed(ctx, &pod, res.Repository.Name(), m, now); err != nil {
+			if err := r.seed(ctx, &pod, res.Repository.Name(), token, m, now); err != nil {
 				r.images.forget(key)
 				return reconcile.Result{}, err
 			}
@@ -190,8 +194,26 @@ func (r *PodSeedReconciler) resolve(ctx context.Context, image string, platforms
 	return res, nil
 }
 
+// token returns the name of the pull token for a repository a pod with pull secrets pulls
+// from, kept for as long as its seeds live ("" for a pod without pull secrets, a registry that
+// needs none, or when it could not be had: the seeders then use their own credentials).
+func (r *PodSeedReconciler) token(ctx context.Context, pod *corev1.Pod, repository string, secrets [][]byte, now time.Time) string {
+	if r.Tokens == nil || len(secrets) == 0 {
+		return ""
+	}
+	tok, err := r.Tokens.Ensure(ctx, repository, func() [][]byte { return secrets })
+	if err != nil {
+		log.FromContext(ctx).Info("no pull token; seeders use their own credentials", "repository", repository, "error", err.Error())
+		return ""
+	}
+	if tok.Name != "" {
+		r.Tokens.Hold(repository, secrets, now.Add(r.TTL))
+	}
+	return tok.Name
+}
+
 // seed writes the SwarmSeeds of one manifest, unless it was seeded less than TTL ago.
-func (r *PodSeedReconciler) seed(ctx context.Context, pod *corev1.Pod, repository string, m resolve.Manifest, now time.Time) error {
+func (r *PodSeedReconciler) seed(ctx context.Context, pod *corev1.Pod, repository, token string, m resolve.Manifest, now time.Time) error {
 	digest := m.Digest.String()
 	// Claimed before the writes, so that pods of the same image reconciled at the same time
 	// do not write it too.
@@ -200,6 +222,7 @@ func (r *PodSeedReconciler) seed(ctx context.Context, pod *corev1.Pod, repositor
 	}
 	created := false
 	for _, seed := range swarmSeeds(repository, digest, seedBlobs(m)) {
+		seed.Spec.PullSecretName = token
 		ok, err := r.create(ctx, &seed)
 		if err != nil {
 			r.manifests.forget(digest)

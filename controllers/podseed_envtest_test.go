@@ -98,7 +98,7 @@ func (withoutWatch) Watch(context.Context, client.ObjectList, ...client.ListOpti
 // startSeeder starts a manager that strips pods in its cache, as `shoal controller` does. With
 // staleSeeds its pod reconciler finds no SwarmSeed when it reads one, as when its cache has
 // not caught up.
-func startSeeder(t *testing.T, env *kubetest.Env, r controllers.ImageResolver, clk *clock, staleSeeds bool) *seeder {
+func startSeeder(t *testing.T, env *kubetest.Env, r controllers.ImageResolver, clk *clock, staleSeeds bool, opts ...func(mgr ctrl.Manager, r *controllers.PodSeedReconciler)) *seeder {
 	t.Helper()
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
 		Scheme:                 env.Scheme,
@@ -129,12 +129,16 @@ func startSeeder(t *testing.T, env *kubetest.Env, r controllers.ImageResolver, c
 			return c.Get(ctx, key, obj, opts...)
 		}
 	}
-	if err := (&controllers.PodSeedReconciler{
+	rec := &controllers.PodSeedReconciler{
 		Client:     interceptor.NewClient(withoutWatch{mgr.GetClient()}, funcs),
 		Resolver:   r,
 		Registerer: s.metrics,
 		Now:        clk.Now,
-	}).SetupWithManager(mgr); err != nil {
+	}
+	for _, o := range opts {
+		o(mgr, rec)
+	}
+	if err := rec.SetupWithManager(mgr); err != nil {
 		t.Fatal(err)
 	}
 	if err := (&controllers.SwarmSeedTTLReconciler{Client: mgr.GetClient(), Registerer: s.metrics, Now: clk.Now}).SetupWithManager(mgr); err != nil {

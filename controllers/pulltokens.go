@@ -39,6 +39,48 @@ type PullTokens struct {
 
 	mu    sync.Mutex
 	fresh map[string]time.Time // Secret name -> when it is due for renewal, as last written or read
+	holds map[string]hold      // repository -> what keeps its token renewed (Hold)
+}
+
+// hold keeps a repository's token renewed until a time, with the pull secrets it came from.
+type hold struct {
+	secrets [][]byte
+	until   time.Time
+}
+
+// Hold keeps the token of repository renewed until the time given (the lifetime of the seeds
+// that need it), with secrets, which are kept in memory only. A controller that restarts
+// forgets its holds: tokens then expire, and the seeders fall back to their own credentials.
+func (pt *PullTokens) Hold(repository string, secrets [][]byte, until time.Time) {
+	pt.mu.Lock()
+	defer pt.mu.Unlock()
+	if pt.holds == nil {
+		pt.holds = map[string]hold{}
+	}
+	if h, ok := pt.holds[repository]; ok && h.until.After(until) {
+		until = h.until
+	}
+	pt.holds[repository] = hold{secrets: secrets, until: until}
+}
+
+// RenewHeld renews the held tokens that are due, and forgets the holds that have ended.
+func (pt *PullTokens) RenewHeld(ctx context.Context) {
+	now := pt.now()
+	pt.mu.Lock()
+	due := map[string][][]byte{}
+	for repo, h := range pt.holds {
+		if !now.Before(h.until) {
+			delete(pt.holds, repo)
+			continue
+		}
+		due[repo] = h.secrets
+	}
+	pt.mu.Unlock()
+	for repo, secrets := range due {
+		if _, err := pt.Ensure(ctx, repo, func() [][]byte { return secrets }); err != nil {
+			log.FromContext(ctx).Info("renew a held pull token", "repository", repo, "error", err.Error())
+		}
+	}
 }
 
 // +kubebuilder:rbac:groups="",namespace=shoal-system,resources=secrets,verbs=get;list;create;update;delete
@@ -156,19 +198,28 @@ func (pt *PullTokens) Sweep(ctx context.Context) error {
 	return nil
 }
 
-// RunSweeper sweeps every interval until ctx ends; a manager runs it (manager.RunnableFunc).
-func (pt *PullTokens) RunSweeper(interval time.Duration) func(context.Context) error {
-	return func(ctx context.Context) error {
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-				if err := pt.Sweep(ctx); err != nil {
-					log.FromContext(ctx).Error(err, "sweep pull tokens")
-				}
+// Intervals of Run.
+const (
+	renewInterval = 30 * time.Second
+	sweepInterval = 5 * time.Minute
+)
+
+// Run renews the held tokens every 30 s and sweeps expired ones every 5 minutes until ctx
+// ends; the leader's manager runs it (manager.RunnableFunc).
+func (pt *PullTokens) Run(ctx context.Context) error {
+	renew := time.NewTicker(renewInterval)
+	defer renew.Stop()
+	sweep := time.NewTicker(sweepInterval)
+	defer sweep.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-renew.C:
+			pt.RenewHeld(ctx)
+		case <-sweep.C:
+			if err := pt.Sweep(ctx); err != nil {
+				log.FromContext(ctx).Error(err, "sweep pull tokens")
 			}
 		}
 	}

@@ -152,3 +152,99 @@ func TestPrewarmPullTokens(t *testing.T) {
 		t.Errorf("expired token not swept: %v", err)
 	}
 }
+
+// TestPodPullTokens: a pending pod with a pull secret for a token registry gets its SwarmSeed
+// with a pull token, which is renewed while the seed lives and left to expire after.
+func TestPodPullTokens(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	ta := tokenauth.New(inner, "puller", "s3cret", 5*time.Minute)
+	ta.Realm = "http://private.test/token"
+	srv := httptest.NewServer(ta)
+	t.Cleanup(srv.Close)
+	pushSrv := httptest.NewServer(inner)
+	t.Cleanup(pushSrv.Close)
+	img, err := random.Image(1024, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag, err := name.NewTag(strings.TrimPrefix(pushSrv.URL, "http://")+"/secret/app:1", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(tag, img); err != nil {
+		t.Fatal(err)
+	}
+	clk := &clock{now: time.Now()}
+	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"private.test": srv.URL}), resolve.WithInsecure("private.test"), resolve.WithClock(clk.Now))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tokens *controllers.PullTokens
+	startSeeder(t, env, r, clk, false, func(mgr ctrl.Manager, rec *controllers.PodSeedReconciler) {
+		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
+		rec.Tokens = tokens
+		rec.APIReader = mgr.GetAPIReader()
+	})
+	for _, ns := range []string{"team", "shoal-system"} {
+		if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	auth := base64.StdEncoding.EncodeToString([]byte("puller:s3cret"))
+	if err := c.Create(ctx, &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
+		Type:       corev1.SecretTypeDockerConfigJson,
+		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{"private.test":{"auth":%q}}}`, auth)},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec: corev1.PodSpec{
+			Containers:       []corev1.Container{{Name: "app", Image: "private.test/secret/app:1"}},
+			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "pull"}},
+		},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	secretName := pulltoken.Name("private.test/secret/app")
+	eventually(t, "a SwarmSeed naming the pull token", func() (bool, string) {
+		seeds := listSeeds(t, c)
+		for _, s := range seeds {
+			if s.Spec.PullSecretName == secretName {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("%+v", seeds)
+	})
+	read := func() pulltoken.Credential {
+		var s corev1.Secret
+		if err := c.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: secretName}, &s); err != nil {
+			t.Fatal(err)
+		}
+		cred, err := pulltoken.Parse(&s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cred
+	}
+	first := read()
+	if !ta.Valid(first.Token, "secret/app") {
+		t.Fatal("the token does not pull secret/app")
+	}
+	// Within the seed's lifetime, a due token is renewed; after it, no longer.
+	clk.Add(3 * time.Minute)
+	tokens.RenewHeld(ctx)
+	second := read()
+	if second.Token == first.Token {
+		t.Error("a held token past half its life was not renewed")
+	}
+	clk.Add(controllers.DefaultSeedTTL)
+	tokens.RenewHeld(ctx)
+	if read().Token != second.Token {
+		t.Error("a token was renewed after the seeds that needed it were gone")
+	}
+}

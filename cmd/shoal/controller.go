@@ -121,7 +121,7 @@ func newControllerCommand() *cobra.Command {
 			var tokens *controllers.PullTokens
 			if cfg.pullTokens {
 				tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: cfg.namespace, Issuer: resolver}
-				if err := mgr.Add(manager.RunnableFunc(tokens.RunSweeper(5 * time.Minute))); err != nil {
+				if err := mgr.Add(manager.RunnableFunc(tokens.Run)); err != nil {
 					return err
 				}
 			}
@@ -148,6 +148,7 @@ func newControllerCommand() *cobra.Command {
 					APIReader:  mgr.GetAPIReader(),
 					Resolver:   resolver,
 					TTL:        cfg.seedTTL,
+					Tokens:     tokens,
 					Registerer: metrics.Registry,
 				}).SetupWithManager(mgr); err != nil {
 					return err
