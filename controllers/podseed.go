@@ -159,7 +159,7 @@ func (r *PodSeedReconciler) Reconcile(ctx context.Context, req reconcile.Request
 			continue
 		}
 		r.metrics.resolved.Inc()
-		token := r.token(ctx, &pod, res.Repository.Name(), secrets, now)
+		token := r.token(ctx, res.Repository.Name(), secrets, now)
 		for _, m := range res.Manifests {
 			if err := r.seed(ctx, &pod, res.Repository.Name(), token, m, now); err != nil {
 				r.images.forget(key)
@@ -194,10 +194,10 @@ func (r *PodSeedReconciler) resolve(ctx context.Context, image string, platforms
 	return res, nil
 }
 
-// token returns the name of the pull token for a repository a pod with pull secrets pulls
+// token returns the name of the pull token for a repository that a pod with pull secrets pulls
 // from, kept for as long as its seeds live ("" for a pod without pull secrets, a registry that
 // needs none, or when it could not be had: the seeders then use their own credentials).
-func (r *PodSeedReconciler) token(ctx context.Context, pod *corev1.Pod, repository string, secrets [][]byte, now time.Time) string {
+func (r *PodSeedReconciler) token(ctx context.Context, repository string, secrets [][]byte, now time.Time) string {
 	if r.Tokens == nil || len(secrets) == 0 {
 		return ""
 	}
