@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"encoding/base64"
+	"fmt"
 	"testing"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 
 	shoalv1 "github.com/shoal-dev/shoal/api/v1alpha1"
 	"github.com/shoal-dev/shoal/controllers"
+	"github.com/shoal-dev/shoal/internal/pulltoken"
 	"github.com/shoal-dev/shoal/test/harness"
 	"github.com/shoal-dev/shoal/test/testbed"
 )
@@ -142,6 +145,78 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 			if got, size := sent[l], im.Sizes[l]; float64(got) > 1.1*float64(size) {
 				t.Errorf("layer %s (%d bytes): the registry sent %d bytes for 3 nodes, want about one copy", l, size, got)
 			}
+		}
+	}
+}
+
+// TestPrewarmPrivateImage: the registry demands credentials that only a pull secret in the
+// Prewarm's namespace holds, and the agents have none of their own. The registry has no
+// tokens (basic authentication), so the controller passes the secret's credentials for it in a
+// Secret of Shoal's namespace named after the repository; the agents find it there, and the
+// Prewarm goes Ready on every node with about one upstream copy.
+func TestPrewarmPrivateImage(t *testing.T) {
+	harness.RequireIsolation(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	arch := harness.HostPlatform().Architecture
+	tb, env, kubeconfig := kubeTestbed(t, ctx, 3, func(int) map[string]string {
+		return map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: arch}
+	}, []string{"--cache-size", "1Gi"}, testbed.WithRegistryAuth("puller", "s3cret"))
+	startController(t, tb, kubeconfig)
+	img, err := harness.PushImage(ctx, tb.RegistryHost(), "private/app:v1", harness.ImageSpec{Layers: 2, LayerSize: 8 << 20}, tb.Registry().Auth())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range []string{"shoal-system", "team"} {
+		if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	auth := base64.StdEncoding.EncodeToString([]byte("puller:s3cret"))
+	if err := env.Client.Create(ctx, &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
+		Type:       corev1.SecretTypeDockerConfigJson,
+		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{%q:{"auth":%q}}}`, testbed.RegistryName, auth)},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	p := &shoalv1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "private", Namespace: "team"},
+		Spec: shoalv1.PrewarmSpec{Images: []string{img.Name(testbed.RegistryName)},
+			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "pull"}}},
+	}
+	if err := env.Client.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	var last shoalv1.PrewarmStatus
+	for deadline := time.Now().Add(4 * time.Minute); ; time.Sleep(500 * time.Millisecond) {
+		var got shoalv1.Prewarm
+		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(p), &got); err != nil {
+			t.Fatal(err)
+		}
+		last = got.Status
+		if last.Ready == "3/3" && meta.IsStatusConditionTrue(last.Conditions, controllers.ConditionReady) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Prewarm not Ready 3/3 within 4 minutes: %+v", last)
+		}
+	}
+	var s corev1.Secret
+	name := pulltoken.Name(testbed.RegistryName + "/private/app")
+	if err := env.Client.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: name}, &s); err != nil {
+		t.Fatalf("no pull credentials in Shoal's namespace: %v", err)
+	}
+	if cred, err := pulltoken.Parse(&s); err != nil || cred.Username != "puller" || cred.Token != "" {
+		t.Errorf("Secret %s: %+v, %v; want the basic credentials (the registry has no tokens)", name, cred, err)
+	}
+	if got := last.References[0].PullSecretName; got != name {
+		t.Errorf("status names pull secret %q, want %q", got, name)
+	}
+	sent := upstreamBytes(t, ctx, tb)
+	for _, l := range img.Layers {
+		if got, size := sent[l], img.Sizes[l]; float64(got) > 1.1*float64(size) {
+			t.Errorf("layer %s (%d bytes): the registry sent %d bytes for 3 nodes, want about one copy", l, size, got)
 		}
 	}
 }

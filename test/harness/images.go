@@ -3,6 +3,7 @@ package harness
 import (
 	"context"
 	"fmt"
+	"github.com/google/go-containerregistry/pkg/authn"
 	"math/rand/v2"
 	"runtime"
 	"strconv"
@@ -72,7 +73,9 @@ func HostPlatform() v1.Platform { return v1.Platform{OS: "linux", Architecture: 
 
 // PushImage generates a random OCI image for the host platform and pushes it to the registry
 // at registryHost ("127.0.0.1:PORT") as repoTag ("test/app:v1"). Every call makes new blobs.
-func PushImage(ctx context.Context, registryHost, repoTag string, spec ImageSpec) (*Image, error) {
+//
+// auth, if given, authenticates the push (Registry.Auth).
+func PushImage(ctx context.Context, registryHost, repoTag string, spec ImageSpec, auth ...authn.Authenticator) (*Image, error) {
 	tag, err := parseTag(registryHost, repoTag)
 	if err != nil {
 		return nil, err
@@ -81,7 +84,11 @@ func PushImage(ctx context.Context, registryHost, repoTag string, spec ImageSpec
 	if err != nil {
 		return nil, err
 	}
-	if err := remote.Write(tag, img, remoteOptions(ctx)...); err != nil {
+	opts := remoteOptions(ctx)
+	for _, a := range auth {
+		opts = append(opts, remote.WithAuth(a))
+	}
+	if err := remote.Write(tag, img, opts...); err != nil {
 		return nil, fmt.Errorf("push %s: %w", tag, err)
 	}
 	desc.Repo, desc.Tag = tag.RepositoryStr(), tag.TagStr()

@@ -16,6 +16,8 @@ type options struct {
 	listenAddr  string
 	tlsCert     string // WithTLS
 	tlsKey      string
+	authUser    string // WithBasicAuth
+	authPass    string
 }
 
 func newOptions(defaultBinary string, opts []Option) options {

@@ -8,6 +8,8 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"fmt"
+	"github.com/google/go-containerregistry/pkg/authn"
+	"golang.org/x/crypto/bcrypt"
 	"net"
 	"net/http"
 	"os"
@@ -49,6 +51,8 @@ type Registry struct {
 	accessLog string
 	proc      *process
 	client    *http.Client
+	// user and password, with WithBasicAuth, are demanded of every request.
+	user, password string
 }
 
 // StartRegistry starts a registry whose config, storage and logs live under dir, and waits
@@ -92,6 +96,19 @@ func StartRegistry(ctx context.Context, dir string, opts ...Option) (*Registry, 
 	if err := os.MkdirAll(storage, 0o755); err != nil {
 		return nil, fmt.Errorf("create registry storage: %w", err)
 	}
+	authConfig := ""
+	if o.authUser != "" {
+		hash, err := bcrypt.GenerateFromPassword([]byte(o.authPass), bcrypt.MinCost)
+		if err != nil {
+			return nil, fmt.Errorf("registry htpasswd: %w", err)
+		}
+		htpasswd := filepath.Join(dir, "htpasswd")
+		if err := os.WriteFile(htpasswd, fmt.Appendf(nil, "%s:%s\n", o.authUser, hash), 0o600); err != nil {
+			return nil, fmt.Errorf("registry htpasswd: %w", err)
+		}
+		r.user, r.password = o.authUser, o.authPass
+		authConfig = fmt.Sprintf("auth:\n  htpasswd:\n    realm: shoal-harness\n    path: %s\n", htpasswd)
+	}
 	// The access log is written to stdout in combined log format, one line per finished
 	// request; everything else the registry says goes to stderr.
 	config := fmt.Sprintf(`version: 0.1
@@ -110,7 +127,7 @@ storage:
 http:
   addr: %s
   secret: shoal-harness-not-a-secret
-%s`, storage, r.host, tlsConfig)
+%s%s`, storage, r.host, tlsConfig, authConfig)
 	configPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		return nil, fmt.Errorf("write registry config: %w", err)
@@ -136,6 +153,9 @@ func (r *Registry) get(ctx context.Context, u string) error {
 	if err != nil {
 		return err
 	}
+	if r.user != "" {
+		req.SetBasicAuth(r.user, r.password)
+	}
 	resp, err := r.client.Do(req)
 	if err != nil {
 		return err
@@ -153,6 +173,20 @@ func (r *Registry) Host() string { return r.host }
 
 // URL is the registry's base URL, "http://127.0.0.1:PORT" ("https://..." with WithTLS).
 func (r *Registry) URL() string { return r.scheme + "://" + r.host }
+
+// WithBasicAuth makes the registry demand user and password (htpasswd) of every request; push
+// to it with Registry.Auth.
+func WithBasicAuth(user, password string) Option {
+	return func(o *options) { o.authUser, o.authPass = user, password }
+}
+
+// Auth is what pushes to the registry need: its basic credentials, or anonymous.
+func (r *Registry) Auth() authn.Authenticator {
+	if r.user == "" {
+		return authn.Anonymous
+	}
+	return &authn.Basic{Username: r.user, Password: r.password}
+}
 
 // WithTLS makes the registry serve HTTPS with the PEM certificate and key in these files; the
 // certificate must be valid for the registry's address. The harness's own requests (readiness,

@@ -61,6 +61,8 @@ type config struct {
 	registryRate     Rate
 	containerd       bool
 	containerdBinary string
+	registryUser     string // WithRegistryAuth
+	registryPassword string
 	logger           *slog.Logger
 	shoalBinary      string
 	fetchBinary      string
@@ -81,6 +83,12 @@ func WithContainerd() Option { return func(c *config) { c.containerd = true } }
 // Debian's 1.6), e.g. harness.Containerd2Binary().
 func WithContainerdBinary(path string) Option {
 	return func(c *config) { c.containerd, c.containerdBinary = true, path }
+}
+
+// WithRegistryAuth makes the registry demand user and password of every request (htpasswd);
+// push with Registry().Auth(). Agents get no credentials for it.
+func WithRegistryAuth(user, password string) Option {
+	return func(c *config) { c.registryUser, c.registryPassword = user, password }
 }
 
 // WithLogger reports what the testbed does (namespaces, processes) to l.
@@ -204,10 +212,15 @@ func (tb *Testbed) build(ctx context.Context, n int) error {
 	}
 	log.Info("testbed network up", "nodes", n, "netns", tb.names.ns+"-*", "node_rate", tb.cfg.nodeRate, "registry_rate", tb.cfg.registryRate)
 
-	tb.registry, err = harness.StartRegistry(ctx, filepath.Join(dir, "registry"),
+	registryOpts := []harness.Option{
 		harness.WithNetns(filepath.Join(netnsDir, tb.names.registryNetns())),
 		harness.WithListenAddr(tb.RegistryHost()),
-		harness.WithLogger(log))
+		harness.WithLogger(log),
+	}
+	if tb.cfg.registryUser != "" {
+		registryOpts = append(registryOpts, harness.WithBasicAuth(tb.cfg.registryUser, tb.cfg.registryPassword))
+	}
+	tb.registry, err = harness.StartRegistry(ctx, filepath.Join(dir, "registry"), registryOpts...)
 	if err != nil {
 		return fmt.Errorf("start registry: %w", err)
 	}
