@@ -8,8 +8,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"fmt"
-	"github.com/google/go-containerregistry/pkg/authn"
-	"golang.org/x/crypto/bcrypt"
 	"net"
 	"net/http"
 	"os"
@@ -20,7 +18,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/crypto/bcrypt"
 )
 
 // DefaultRegistryBinary is where Debian installs its build of distribution 2.8.2
