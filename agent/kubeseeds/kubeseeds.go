@@ -186,5 +186,12 @@ func SplitRepository(full string) (registry, repo string, err error) {
 	if !ok || registry == "" || repo == "" {
 		return "", "", fmt.Errorf("repository %q: want registry/name", full)
 	}
-	return oci.MirrorRegistry(registry), repo, nil
+	registry = oci.MirrorRegistry(registry)
+	if err := oci.ValidateRegistry(registry); err != nil {
+		return "", "", fmt.Errorf("repository %q: %w", full, err)
+	}
+	if err := oci.ValidateRepository(repo); err != nil {
+		return "", "", fmt.Errorf("repository %q: %w", full, err)
+	}
+	return registry, repo, nil
 }

@@ -113,7 +113,7 @@ func TestSplitRepository(t *testing.T) {
 			t.Errorf("SplitRepository(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", "app", "/app", "registry.test/"} {
+	for _, bad := range []string{"", "app", "/app", "registry.test/", "registry.test/../etc", "registry.test/UPPER", "bad host!/app", "registry.test/a//b"} {
 		if _, _, err := kubeseeds.SplitRepository(bad); err == nil {
 			t.Errorf("SplitRepository(%q): no error", bad)
 		}
