@@ -58,7 +58,8 @@ type Config struct {
 	// RegistryAuthFile is a docker config.json with credentials for upstream registries.
 	RegistryAuthFile string
 	// Keychains are further sources of upstream credentials, asked before RegistryAuthFile
-	// (in Kubernetes: the controller's pull tokens, agent/kubecreds).
+	// (in Kubernetes: the controller's pull tokens, agent/kubecreds). One that is a
+	// prometheus.Collector is registered on the agent's /metrics.
 	Keychains []authn.Keychain
 	// RegistryCAFile is a PEM bundle of CAs trusted for every upstream registry besides the
 	// system roots. A registry's own TLS settings come from its existing hosts.toml.
@@ -269,6 +270,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	for _, kc := range cfg.Keychains {
 		upstreamOpts = append(upstreamOpts, upstream.WithKeychain(kc))
+		if c, ok := kc.(prometheus.Collector); ok {
+			if err := reg.Register(c); err != nil {
+				return fmt.Errorf("register the metrics of a keychain: %w", err)
+			}
+		}
 	}
 	if cfg.RegistryAuthFile != "" {
 		upstreamOpts = append(upstreamOpts, upstream.WithAuthFile(cfg.RegistryAuthFile))

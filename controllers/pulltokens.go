@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/types"
@@ -13,6 +14,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/shoal-dev/shoal/controllers/resolve"
+	"github.com/shoal-dev/shoal/internal/promreg"
 	"github.com/shoal-dev/shoal/internal/pulltoken"
 )
 
@@ -36,6 +38,12 @@ type PullTokens struct {
 	Issuer    CredentialIssuer
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// Registerer registers the metrics (nil: not registered).
+	Registerer prometheus.Registerer
+
+	once   sync.Once
+	writes *prometheus.CounterVec // by kind: token, basic
+	errors prometheus.Counter
 
 	mu    sync.Mutex
 	fresh map[string]time.Time // Secret name -> when it is due for renewal, as last written or read
@@ -85,6 +93,25 @@ func (pt *PullTokens) RenewHeld(ctx context.Context) {
 
 // +kubebuilder:rbac:groups="",namespace=shoal-system,resources=secrets,verbs=get;list;create;update;delete
 
+func (pt *PullTokens) setup() {
+	pt.once.Do(func() {
+		pt.writes = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "controller", Name: "pull_token_writes_total",
+			Help: "Pull-token Secrets written in Shoal's namespace, new or renewed, by kind: token (scoped to one repository) or basic (a registry without tokens: its credentials).",
+		}, []string{"kind"})
+		pt.errors = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "controller", Name: "pull_token_errors_total",
+			Help: "Pull tokens that could not be had or written: the registry refused the exchange, or the API server the write.",
+		})
+		if pt.Registerer != nil {
+			pt.writes = promreg.Shared(pt.Registerer, pt.writes)
+			pt.errors = promreg.Shared(pt.Registerer, pt.errors)
+		}
+		pt.writes.WithLabelValues("token")
+		pt.writes.WithLabelValues("basic")
+	})
+}
+
 func (pt *PullTokens) now() time.Time {
 	if pt.Now != nil {
 		return pt.Now()
@@ -108,7 +135,13 @@ type Token struct {
 // pullSecrets is called only when a new credential must be issued: reading the pull secrets
 // costs API requests that a credential still fresh does not need, and so does the Secret
 // itself, which is read only once the renewal remembered from the last call is due.
-func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets func() [][]byte) (Token, error) {
+func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets func() [][]byte) (tok Token, err error) {
+	pt.setup()
+	defer func() {
+		if err != nil {
+			pt.errors.Inc()
+		}
+	}()
 	now := pt.now()
 	name := pulltoken.Name(repository)
 	pt.mu.Lock()
@@ -118,7 +151,7 @@ func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets
 		return Token{Name: name, RenewIn: due.Sub(now)}, nil
 	}
 	var have corev1.Secret
-	err := pt.Reader.Get(ctx, types.NamespacedName{Namespace: pt.Namespace, Name: name}, &have)
+	err = pt.Reader.Get(ctx, types.NamespacedName{Namespace: pt.Namespace, Name: name}, &have)
 	exists := err == nil
 	switch {
 	case apierrors.IsNotFound(err):
@@ -154,8 +187,9 @@ func (pt *PullTokens) Ensure(ctx context.Context, repository string, pullSecrets
 	}
 	kind := "token"
 	if cred.Basic() {
-		kind = "basic credentials (the registry has no tokens)"
+		kind = "basic"
 	}
+	pt.writes.WithLabelValues(kind).Inc()
 	log.FromContext(ctx).Info("pull token written", "repository", repository, "secret", name, "kind", kind, "expires", cred.Expires)
 	pt.remember(name, c.RefreshAt())
 	return Token{Name: name, RenewIn: max(c.RefreshAt().Sub(now), time.Second), WroteBasic: cred.Basic()}, nil

@@ -14,6 +14,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -61,8 +62,9 @@ func TestPrewarmPullTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 	var tokens *controllers.PullTokens
+	promReg := prometheus.NewRegistry()
 	startManager(t, env, func(mgr ctrl.Manager) error {
-		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
+		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now, Registerer: promReg}
 		if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
 			return err
 		}
@@ -132,6 +134,10 @@ func TestPrewarmPullTokens(t *testing.T) {
 		cur := token()
 		return cur.Token != "" && cur.Token != first.Token && ta.Valid(cur.Token, "secret/app"), fmt.Sprintf("%+v", cur)
 	})
+
+	if got := counterValue(t, promReg, "shoal_controller_pull_token_writes_total", "kind", "token"); got != 2 {
+		t.Errorf("pull_token_writes_total{kind=token} = %v, want 2 (written, renewed)", got)
+	}
 
 	// Once nothing renews it and it has expired, it is swept.
 	if err := tokens.Sweep(ctx); err != nil {
@@ -247,4 +253,27 @@ func TestPodPullTokens(t *testing.T) {
 	if read().Token != second.Token {
 		t.Error("a token was renewed after the seeds that needed it were gone")
 	}
+}
+
+// counterValue is the value of the counter name's series with label=value.
+func counterValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no series of %s with %s=%s", name, label, value)
+	return 0
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -52,6 +53,8 @@ type Keychain struct {
 	log       *slog.Logger
 	now       func() time.Time
 
+	lookups *prometheus.CounterVec // by result
+
 	mu        sync.Mutex
 	known     map[string]entry // by Secret name
 	downUntil time.Time        // no lookups before this: the API server did not answer
@@ -62,8 +65,15 @@ type entry struct {
 	until time.Time
 }
 
+// Results of a lookup, the result label of shoal_kubecreds_lookups_total.
+const (
+	lookupFound   = "found"
+	lookupMissing = "missing" // no Secret, or an expired or malformed one
+	lookupError   = "error"   // the API server did not answer
+)
+
 // New returns a keychain reading Secrets of namespace through restCfg; nothing is contacted
-// before the first lookup.
+// before the first lookup. It is a prometheus.Collector of its metrics.
 func New(restCfg *rest.Config, namespace string, log *slog.Logger) (*Keychain, error) {
 	if namespace == "" {
 		return nil, errors.New("kubecreds: no namespace")
@@ -78,11 +88,24 @@ func New(restCfg *rest.Config, namespace string, log *slog.Logger) (*Keychain, e
 	return newKeychain(get, namespace, log, time.Now), nil
 }
 
+// Describe implements prometheus.Collector.
+func (k *Keychain) Describe(ch chan<- *prometheus.Desc) { k.lookups.Describe(ch) }
+
+// Collect implements prometheus.Collector.
+func (k *Keychain) Collect(ch chan<- prometheus.Metric) { k.lookups.Collect(ch) }
+
 func newKeychain(get func(context.Context, string) (*corev1.Secret, error), namespace string, log *slog.Logger, now func() time.Time) *Keychain {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Keychain{secrets: get, namespace: namespace, log: log, now: now, known: map[string]entry{}}
+	lookups := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "shoal", Subsystem: "kubecreds", Name: "lookups_total",
+		Help: "Pull-token lookups in Shoal's namespace (API requests; answers remembered are not counted), by result: found, missing, error.",
+	}, []string{"result"})
+	for _, r := range []string{lookupFound, lookupMissing, lookupError} {
+		lookups.WithLabelValues(r)
+	}
+	return &Keychain{secrets: get, namespace: namespace, log: log, now: now, known: map[string]entry{}, lookups: lookups}
 }
 
 // Resolve implements authn.Keychain.
@@ -111,9 +134,11 @@ func (k *Keychain) ResolveContext(ctx context.Context, target authn.Resource) (a
 	s, err := k.secrets(ctx, name)
 	switch {
 	case apierrors.IsNotFound(err):
+		k.lookups.WithLabelValues(lookupMissing).Inc()
 		k.remember(name, entry{until: now.Add(MissingTTL)})
 		return authn.Anonymous, nil
 	case err != nil:
+		k.lookups.WithLabelValues(lookupError).Inc()
 		k.mu.Lock()
 		k.downUntil = now.Add(OutageTTL)
 		k.mu.Unlock()
@@ -123,15 +148,18 @@ func (k *Keychain) ResolveContext(ctx context.Context, target authn.Resource) (a
 	}
 	c, err := pulltoken.Parse(s)
 	if err != nil {
+		k.lookups.WithLabelValues(lookupMissing).Inc()
 		k.log.Warn("malformed pull token", "secret", k.namespace+"/"+name, "error", err)
 		k.remember(name, entry{until: now.Add(MissingTTL)})
 		return authn.Anonymous, nil
 	}
 	until := c.Expires.Add(-expiryMargin)
 	if !now.Before(until) {
+		k.lookups.WithLabelValues(lookupMissing).Inc()
 		k.remember(name, entry{until: now.Add(MissingTTL)}) // expired: nobody renews it
 		return authn.Anonymous, nil
 	}
+	k.lookups.WithLabelValues(lookupFound).Inc()
 	auth := &token{Authenticator: authn.FromConfig(authn.AuthConfig{RegistryToken: c.Token, Username: c.Username, Password: c.Password}), until: until}
 	k.remember(name, entry{auth: auth, until: until})
 	return auth, nil

@@ -18,6 +18,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -72,6 +74,9 @@ func TestPullWithTheControllersToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := prometheus.NewPedanticRegistry().Register(kc); err != nil {
+		t.Fatal(err)
+	}
 	endpoint, err := upstream.ParseEndpoint(srv.URL)
 	if err != nil {
 		t.Fatal(err)
@@ -83,6 +88,11 @@ func TestPullWithTheControllersToken(t *testing.T) {
 	}
 	if _, err := up.Manifest(ctx, "private.test", "secret/other", "1", nil); !errors.Is(err, upstream.ErrUnauthorized) {
 		t.Errorf("without a token: %v, want unauthorized", err)
+	}
+	for result, want := range map[string]float64{lookupFound: 1, lookupMissing: 1, lookupError: 0} {
+		if got := testutil.ToFloat64(kc.lookups.WithLabelValues(result)); got != want {
+			t.Errorf("lookups{result=%s} = %v, want %v", result, got, want)
+		}
 	}
 }
 

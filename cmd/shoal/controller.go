@@ -120,7 +120,7 @@ func newControllerCommand() *cobra.Command {
 			}
 			var tokens *controllers.PullTokens
 			if cfg.pullTokens {
-				tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: cfg.namespace, Issuer: resolver}
+				tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: cfg.namespace, Issuer: resolver, Registerer: metrics.Registry}
 				if err := mgr.Add(manager.RunnableFunc(tokens.Run)); err != nil {
 					return err
 				}
