@@ -226,21 +226,7 @@ func TestControllerRestartLosesNothing(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
-		t.Fatal(err)
-	}
-	p := &v1.Prewarm{
-		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
-		Spec:       v1.PrewarmSpec{Images: []string{"registry.test/app:1"}, NodeSelector: &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}}},
-	}
-	if err := c.Create(ctx, p); err != nil {
-		t.Fatal(err)
-	}
-	p.Status.References = []v1.ResolvedReference{{Reference: "registry.test/app:1", Repository: "registry.test/app", Tag: "1", Digest: digestAmd64}}
-	if err := c.Status().Update(ctx, p); err != nil {
-		t.Fatal(err)
-	}
-	item := "registry.test/app:1@" + digestAmd64
+	item := createGPUPrewarm(t, c)
 	waitItems(t, c, "node-a", item)
 	waitItems(t, c, "node-b")
 
@@ -299,21 +285,7 @@ func TestControllerRecoversFromAPIServerOutage(t *testing.T) {
 	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: labels(true)}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
-		t.Fatal(err)
-	}
-	p := &v1.Prewarm{
-		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
-		Spec:       v1.PrewarmSpec{Images: []string{"registry.test/app:1"}, NodeSelector: &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}}},
-	}
-	if err := c.Create(ctx, p); err != nil {
-		t.Fatal(err)
-	}
-	p.Status.References = []v1.ResolvedReference{{Reference: "registry.test/app:1", Repository: "registry.test/app", Tag: "1", Digest: digestAmd64}}
-	if err := c.Status().Update(ctx, p); err != nil {
-		t.Fatal(err)
-	}
-	item := "registry.test/app:1@" + digestAmd64
+	item := createGPUPrewarm(t, c)
 	waitItems(t, c, "node-a", item)
 
 	outage.Down()
@@ -379,4 +351,27 @@ func TestNodeCacheBudget(t *testing.T) {
 		return slices.Equal(items, []string{"registry.test/small:1@" + digestAmd64}) && slices.Equal(nc.Spec.Refused, want),
 			fmt.Sprintf("items %v, refused %+v", items, nc.Spec.Refused)
 	})
+}
+
+// createGPUPrewarm creates namespace team and in it a Prewarm of registry.test/app:1 for the
+// nodes labelled gpu=true, resolved as the Prewarm reconciler would have (to digestAmd64), and
+// returns the NodeCache item it asks for.
+func createGPUPrewarm(t *testing.T, c client.Client) string {
+	t.Helper()
+	ctx := t.Context()
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &v1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec:       v1.PrewarmSpec{Images: []string{"registry.test/app:1"}, NodeSelector: &v1.NodeSelector{MatchLabels: map[string]v1.LabelValue{"gpu": "true"}}},
+	}
+	if err := c.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	p.Status.References = []v1.ResolvedReference{{Reference: "registry.test/app:1", Repository: "registry.test/app", Tag: "1", Digest: digestAmd64}}
+	if err := c.Status().Update(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	return "registry.test/app:1@" + digestAmd64
 }

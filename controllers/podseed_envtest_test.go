@@ -2,7 +2,6 @@ package controllers_test
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -391,14 +390,7 @@ func TestPodSeeding(t *testing.T) {
 			t.Errorf("%v unauthorized failures after a second pod within the minute, want still 1", n)
 		}
 
-		auth := base64.StdEncoding.EncodeToString([]byte(priv.user + ":" + priv.password))
-		if err := c.Create(ctx, &corev1.Secret{
-			ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
-			Type:       corev1.SecretTypeDockerConfigJson,
-			Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{"private.test":{"auth":%q}}}`, auth)},
-		}); err != nil {
-			t.Fatal(err)
-		}
+		createPullSecret(t, c, "team", "pull", "private.test", priv.user, priv.password)
 		mkPod(t, "private", "node-amd", image, "", "pull")
 		s.waitPods(t, pods)
 		checkSeed(t, listSeeds(t, c), "private.test/secret/app", secretDigest, blobsOf(t, secretImg))

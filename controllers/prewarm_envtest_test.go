@@ -1,7 +1,6 @@
 package controllers_test
 
 import (
-	"encoding/base64"
 	"fmt"
 	"io"
 	"log"
@@ -302,14 +301,7 @@ func TestPrewarmPullSecrets(t *testing.T) {
 	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
 		t.Fatal(err)
 	}
-	auth := base64.StdEncoding.EncodeToString([]byte(priv.user + ":" + priv.password))
-	if err := c.Create(ctx, &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
-		Type:       corev1.SecretTypeDockerConfigJson,
-		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{"private.test":{"auth":%q}}}`, auth)},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	createPullSecret(t, c, "team", "pull", "private.test", priv.user, priv.password)
 	for _, tc := range []struct {
 		name    string
 		secrets []corev1.LocalObjectReference
@@ -390,6 +382,12 @@ func TestPrewarmOutsideTheAllowedNamespaces(t *testing.T) {
 // gaugeValue is the value of the series of gauge name whose state label is state in reg.
 func gaugeValue(t *testing.T, reg *prometheus.Registry, name, state string) float64 {
 	t.Helper()
+	return metricValue(t, reg, name, "state", state)
+}
+
+// metricValue is the value of the counter or gauge name's series with label=value.
+func metricValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -400,12 +398,15 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, name, state string) floa
 		}
 		for _, m := range mf.GetMetric() {
 			for _, l := range m.GetLabel() {
-				if l.GetName() == "state" && l.GetValue() == state {
+				if l.GetName() == label && l.GetValue() == value {
+					if m.GetCounter() != nil {
+						return m.GetCounter().GetValue()
+					}
 					return m.GetGauge().GetValue()
 				}
 			}
 		}
 	}
-	t.Fatalf("no series of %s with state %s", name, state)
+	t.Fatalf("no series of %s with %s=%s", name, label, value)
 	return 0
 }

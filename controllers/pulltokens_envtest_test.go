@@ -37,30 +37,7 @@ func TestPrewarmPullTokens(t *testing.T) {
 	env := kubetest.Start(t)
 	c := env.Client
 	ctx := t.Context()
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	ta := tokenauth.New(inner, "puller", "s3cret", 5*time.Minute)
-	ta.Realm = "http://private.test/token"
-	srv := httptest.NewServer(ta)
-	t.Cleanup(srv.Close)
-	pushSrv := httptest.NewServer(inner) // pushes bypass the tokens, which only pull
-	t.Cleanup(pushSrv.Close)
-	img, err := random.Image(1024, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tag, err := name.NewTag(strings.TrimPrefix(pushSrv.URL, "http://")+"/secret/app:1", name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(tag, img); err != nil {
-		t.Fatal(err)
-	}
-
-	clk := &clock{now: time.Now()}
-	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"private.test": srv.URL}), resolve.WithInsecure("private.test"), resolve.WithClock(clk.Now))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ta, r, clk := startTokenRegistry(t)
 	var tokens *controllers.PullTokens
 	promReg := prometheus.NewRegistry()
 	startManager(t, env, func(mgr ctrl.Manager) error {
@@ -78,14 +55,7 @@ func TestPrewarmPullTokens(t *testing.T) {
 	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}}}); err != nil {
 		t.Fatal(err)
 	}
-	auth := base64.StdEncoding.EncodeToString([]byte("puller:s3cret"))
-	if err := c.Create(ctx, &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
-		Type:       corev1.SecretTypeDockerConfigJson,
-		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{"private.test":{"auth":%q}}}`, auth)},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	createPullSecret(t, c, "team", "pull", "private.test", "puller", "s3cret")
 	p := &shoalv1.Prewarm{
 		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
 		Spec: shoalv1.PrewarmSpec{Images: []string{"private.test/secret/app:1"},
@@ -135,7 +105,7 @@ func TestPrewarmPullTokens(t *testing.T) {
 		return cur.Token != "" && cur.Token != first.Token && ta.Valid(cur.Token, "secret/app"), fmt.Sprintf("%+v", cur)
 	})
 
-	if got := counterValue(t, promReg, "shoal_controller_pull_token_writes_total", "kind", "token"); got != 2 {
+	if got := metricValue(t, promReg, "shoal_controller_pull_token_writes_total", "kind", "token"); got != 2 {
 		t.Errorf("pull_token_writes_total{kind=token} = %v, want 2 (written, renewed)", got)
 	}
 
@@ -165,29 +135,7 @@ func TestPodPullTokens(t *testing.T) {
 	env := kubetest.Start(t)
 	c := env.Client
 	ctx := t.Context()
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	ta := tokenauth.New(inner, "puller", "s3cret", 5*time.Minute)
-	ta.Realm = "http://private.test/token"
-	srv := httptest.NewServer(ta)
-	t.Cleanup(srv.Close)
-	pushSrv := httptest.NewServer(inner)
-	t.Cleanup(pushSrv.Close)
-	img, err := random.Image(1024, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tag, err := name.NewTag(strings.TrimPrefix(pushSrv.URL, "http://")+"/secret/app:1", name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(tag, img); err != nil {
-		t.Fatal(err)
-	}
-	clk := &clock{now: time.Now()}
-	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"private.test": srv.URL}), resolve.WithInsecure("private.test"), resolve.WithClock(clk.Now))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ta, r, clk := startTokenRegistry(t)
 	var tokens *controllers.PullTokens
 	startSeeder(t, env, r, clk, false, func(mgr ctrl.Manager, rec *controllers.PodSeedReconciler) {
 		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
@@ -199,14 +147,7 @@ func TestPodPullTokens(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	auth := base64.StdEncoding.EncodeToString([]byte("puller:s3cret"))
-	if err := c.Create(ctx, &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{Name: "pull", Namespace: "team"},
-		Type:       corev1.SecretTypeDockerConfigJson,
-		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{"private.test":{"auth":%q}}}`, auth)},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	createPullSecret(t, c, "team", "pull", "private.test", "puller", "s3cret")
 	if err := c.Create(ctx, &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
 		Spec: corev1.PodSpec{
@@ -255,25 +196,47 @@ func TestPodPullTokens(t *testing.T) {
 	}
 }
 
-// counterValue is the value of the counter name's series with label=value.
-func counterValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+// startTokenRegistry serves private.test with token authentication (tokens for puller:s3cret,
+// living 5 minutes) and secret/app:1 in it, and returns it with a resolver that reaches it and
+// the resolver's clock.
+func startTokenRegistry(t *testing.T) (*tokenauth.Server, *resolve.Resolver, *clock) {
 	t.Helper()
-	mfs, err := reg.Gather()
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	ta := tokenauth.New(inner, "puller", "s3cret", 5*time.Minute)
+	ta.Realm = "http://private.test/token"
+	srv := httptest.NewServer(ta)
+	t.Cleanup(srv.Close)
+	pushSrv := httptest.NewServer(inner) // pushes bypass the tokens, which only pull
+	t.Cleanup(pushSrv.Close)
+	img, err := random.Image(1024, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
+	tag, err := name.NewTag(strings.TrimPrefix(pushSrv.URL, "http://")+"/secret/app:1", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("no series of %s with %s=%s", name, label, value)
-	return 0
+	if err := remote.Write(tag, img); err != nil {
+		t.Fatal(err)
+	}
+	clk := &clock{now: time.Now()}
+	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"private.test": srv.URL}), resolve.WithInsecure("private.test"), resolve.WithClock(clk.Now))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ta, r, clk
+}
+
+// createPullSecret creates a kubernetes.io/dockerconfigjson Secret with one registry's
+// credentials.
+func createPullSecret(t *testing.T, c client.Client, namespace, secretName, registry, user, password string) {
+	t.Helper()
+	auth := base64.StdEncoding.EncodeToString([]byte(user + ":" + password))
+	if err := c.Create(t.Context(), &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: secretName, Namespace: namespace},
+		Type:       corev1.SecretTypeDockerConfigJson,
+		Data:       map[string][]byte{corev1.DockerConfigJsonKey: fmt.Appendf(nil, `{"auths":{%q:{"auth":%q}}}`, registry, auth)},
+	}); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -65,20 +65,7 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 	if err := env.Client.Create(ctx, p); err != nil {
 		t.Fatal(err)
 	}
-	var last shoalv1.PrewarmStatus
-	for deadline := time.Now().Add(4 * time.Minute); ; time.Sleep(500 * time.Millisecond) {
-		var got shoalv1.Prewarm
-		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(p), &got); err != nil {
-			t.Fatal(err)
-		}
-		last = got.Status
-		if last.Ready == "3/3" && meta.IsStatusConditionTrue(last.Conditions, controllers.ConditionReady) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Prewarm not Ready 3/3 within 4 minutes: %+v", last)
-		}
-	}
+	waitPrewarmReady(t, ctx, env.Client, p, "3/3")
 
 	var content int64
 	for _, im := range []*harness.Image{img, model} {
@@ -188,20 +175,7 @@ func TestPrewarmPrivateImage(t *testing.T) {
 	if err := env.Client.Create(ctx, p); err != nil {
 		t.Fatal(err)
 	}
-	var last shoalv1.PrewarmStatus
-	for deadline := time.Now().Add(4 * time.Minute); ; time.Sleep(500 * time.Millisecond) {
-		var got shoalv1.Prewarm
-		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(p), &got); err != nil {
-			t.Fatal(err)
-		}
-		last = got.Status
-		if last.Ready == "3/3" && meta.IsStatusConditionTrue(last.Conditions, controllers.ConditionReady) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Prewarm not Ready 3/3 within 4 minutes: %+v", last)
-		}
-	}
+	last := waitPrewarmReady(t, ctx, env.Client, p, "3/3")
 	var s corev1.Secret
 	name := pulltoken.Name(testbed.RegistryName + "/private/app")
 	if err := env.Client.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: name}, &s); err != nil {
@@ -217,6 +191,24 @@ func TestPrewarmPrivateImage(t *testing.T) {
 	for _, l := range img.Layers {
 		if got, size := sent[l], img.Sizes[l]; float64(got) > 1.1*float64(size) {
 			t.Errorf("layer %s (%d bytes): the registry sent %d bytes for 3 nodes, want about one copy", l, size, got)
+		}
+	}
+}
+
+// waitPrewarmReady waits until p's status says ready (e.g. "3/3") and Ready, and returns the
+// status; it fails the test after 4 minutes.
+func waitPrewarmReady(t *testing.T, ctx context.Context, c client.Client, p *shoalv1.Prewarm, ready string) shoalv1.PrewarmStatus {
+	t.Helper()
+	for deadline := time.Now().Add(4 * time.Minute); ; time.Sleep(500 * time.Millisecond) {
+		var got shoalv1.Prewarm
+		if err := c.Get(ctx, client.ObjectKeyFromObject(p), &got); err != nil {
+			t.Fatal(err)
+		}
+		if got.Status.Ready == ready && meta.IsStatusConditionTrue(got.Status.Conditions, controllers.ConditionReady) {
+			return got.Status
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Prewarm not Ready %s within 4 minutes: %+v", ready, got.Status)
 		}
 	}
 }

@@ -154,9 +154,17 @@ disabled_plugins = [
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = %[8]q
 `,
+		c.configArgs()...)
+}
+
+// configArgs are the paths both config formats fill in, in the order of their %[n] verbs:
+// root, state, socket, snapshotter, runc root, CNI binaries, CNI configs, hosts directory.
+func (c *Containerd) configArgs() []any {
+	return []any{
 		c.root, filepath.Join(c.dir, "state"), c.socket, c.snapshotter,
 		filepath.Join(c.dir, "runc"), filepath.Join(c.dir, "cni", "bin"), filepath.Join(c.dir, "cni", "net.d"),
-		c.hostsDir)
+		c.hostsDir,
+	}
 }
 
 // configV3 is config() in containerd 2.x's format, whose CRI plugin is split in an image and a
@@ -210,9 +218,7 @@ disabled_plugins = [
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 `,
-		c.root, filepath.Join(c.dir, "state"), c.socket, c.snapshotter,
-		filepath.Join(c.dir, "runc"), filepath.Join(c.dir, "cni", "bin"), filepath.Join(c.dir, "cni", "net.d"),
-		c.hostsDir)
+		c.configArgs()...)
 }
 
 // majorVersion asks the containerd binary for its version and returns the major number.
