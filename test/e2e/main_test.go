@@ -16,7 +16,8 @@ import (
 
 func TestMain(m *testing.M) {
 	// The agent is built before isolating: `go build` may need the module proxy.
-	os.Exit(harness.IsolateNetwork(m, harness.BuildShoalFirst(), testbed.BuildFetchFirst(), testbed.RaiseNeighbourLimits()))
+	os.Exit(harness.IsolateNetwork(m, harness.BuildShoalFirst(), harness.BuildShoalAtFirst(previousRelease),
+		testbed.BuildFetchFirst(), testbed.RaiseNeighbourLimits()))
 }
 
 // shoalBinary is the agent under test, built once per run by TestMain.

@@ -100,6 +100,26 @@ func BuildShoalAt(ctx context.Context, moduleDir, commit, cacheDir string) (stri
 	return bin, nil
 }
 
+// BuildShoalAtFirst is a BeforeIsolation hook that builds ./cmd/shoal at commit into
+// CacheDir()/old (see BuildShoalAt) while the module proxy is still reachable, so that the build
+// the test asks for inside the isolated namespace finds it cached: an older commit may need
+// module versions this checkout's module cache does not hold. A failure here is not reported:
+// the test that needs the binary builds it again and says why it cannot.
+func BuildShoalAtFirst(commit string) IsolateOption {
+	return BeforeIsolation(func(ctx context.Context, _ string) ([]string, error) {
+		mod, err := ModuleDir(ctx)
+		if err != nil {
+			return nil, nil
+		}
+		cache, err := CacheDir()
+		if err != nil {
+			return nil, nil
+		}
+		_, _ = BuildShoalAt(ctx, mod, commit, filepath.Join(cache, "old"))
+		return nil, nil
+	})
+}
+
 // resolveCommit returns the full hash of commit in the repository at dir, or an error wrapping
 // ErrCommitUnavailable that says why the repository does not have it.
 func resolveCommit(ctx context.Context, dir, commit string) (string, error) {
