@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	shoalv1 "github.com/shoal-dev/shoal/api/v1alpha1"
@@ -115,14 +117,21 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 	// not an image and stays in the store.
 	imageRef := testbed.RegistryName + "/" + img.Repo + "@" + img.Digest.String()
 	for i, node := range tb.Nodes() {
-		st, err := node.Containerd().CRI().ImageStatus(ctx, imageRef)
+		// As kubelet's image garbage collector sees them: CRI ListImages.
+		images, err := node.Containerd().CRI().ListImages(ctx)
 		if err != nil {
 			t.Fatalf("node %s: %v", node.Name(), err)
 		}
+		var listed *runtimeapi.Image
+		for _, im := range images {
+			if slices.Contains(im.GetRepoDigests(), imageRef) {
+				listed = im
+			}
+		}
 		switch {
-		case i < 3 && (st == nil || !st.GetPinned()):
-			t.Errorf("node %s (selected): CRI image status %v, want the image pinned", node.Name(), st)
-		case i == 3 && st != nil:
+		case i < 3 && (listed == nil || !listed.GetPinned()):
+			t.Errorf("node %s (selected): CRI ListImages has %v for %s, want it pinned", node.Name(), listed, imageRef)
+		case i == 3 && listed != nil:
 			t.Errorf("node %s (not selected): the runtime has %s", node.Name(), imageRef)
 		}
 	}
