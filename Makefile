@@ -43,6 +43,12 @@ manifests: deps ## Generate CRDs and RBAC (the controller's and the agent's role
 	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=shoal-controller paths=./controllers/... output:rbac:artifacts:config=config/rbac/controller
 	$(CONTROLLER_GEN) rbac:roleName=shoal-agent paths=./agent/... output:rbac:artifacts:config=config/rbac/agent
+	@# The chart carries the same CRDs, roles and admission policy, rendered from these copies.
+	@mkdir -p charts/shoal/files/crds charts/shoal/files/rbac
+	cp config/crd/bases/*.yaml charts/shoal/files/crds/
+	cp config/rbac/controller/role.yaml charts/shoal/files/rbac/controller.yaml
+	cp config/rbac/agent/role.yaml charts/shoal/files/rbac/agent.yaml
+	cp config/policy/agent-own-node.yaml charts/shoal/files/agent-own-node.yaml
 
 ##@ Verify
 

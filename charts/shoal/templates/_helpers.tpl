@@ -1,0 +1,24 @@
+{{/* The image of both roles. */}}
+{{- define "shoal.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "shoal.labels" -}}
+app.kubernetes.io/name: shoal
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{/* The rules of a generated role file's document of kind (ClusterRole or Role). */}}
+{{- define "shoal.rules" -}}
+{{- $kind := index . 1 -}}
+{{- range $doc := splitList "\n---\n" (index . 0) -}}
+{{- $obj := fromYaml $doc -}}
+{{- if eq (get $obj "kind") $kind }}
+{{- toYaml (get $obj "rules") }}
+{{- end -}}
+{{- end -}}
+{{- end }}
