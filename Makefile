@@ -34,6 +34,15 @@ deps: ## Install apt packages, Go tools and the envtest kube-apiserver (idempote
 build: ## Build bin/shoal (static).
 	go build -trimpath -ldflags "$(LDFLAGS)" -o bin/shoal ./cmd/shoal
 
+# Where make image puts the image: an OCI layout directory, or, with IMAGE_PUSH=host:port/shoal:tag,
+# a registry (plain HTTP for loopback ones).
+IMAGE_LAYOUT ?= bin/image
+IMAGE_PUSH ?=
+
+.PHONY: image
+image: build ## Build Shoal's container image without Docker (hack/image): an OCI layout in bin/image, or IMAGE_PUSH=ref.
+	go run ./hack/image -binary bin/shoal -version $(VERSION) $(if $(IMAGE_PUSH),-push $(IMAGE_PUSH),-layout $(IMAGE_LAYOUT))
+
 .PHONY: generate
 generate: deps ## Generate deepcopy code for the API types.
 	@if compgen -G 'api/*/*.go' >/dev/null; then $(CONTROLLER_GEN) object paths=./api/...; fi
