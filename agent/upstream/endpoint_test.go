@@ -23,7 +23,7 @@ func TestParseEndpoint(t *testing.T) {
 	}
 	for _, in := range []string{
 		"", "ftp://registry.test", "http://", "https://user:pw@registry.test", "https://registry.test/other",
-		"https://registry.test/v2?x=1", "https://registry.test/#frag", "http://:5000",
+		"https://registry.test/v2?x=1", "https://registry.test/#frag", "http://:5000", "[::%25\x86]",
 	} {
 		if got, err := upstream.ParseEndpoint(in); err == nil {
 			t.Errorf("ParseEndpoint(%q) = %+v, want an error", in, got)
