@@ -18,6 +18,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	imagesapi "github.com/containerd/containerd/api/services/images/v1"
 	"google.golang.org/grpc"
@@ -76,7 +78,14 @@ type Runtime struct {
 	cri       runtimeapi.ImageServiceClient
 	images    imagesapi.ImagesClient
 	namespace string
+	// pins is what the runtime was found to do with the pinned label: 0 not known yet, 1 it
+	// reports such images pinned, -1 it does not (containerd before 1.7).
+	pins atomic.Int32
 }
+
+// pinWait bounds how long Pin waits for CRI to report a labelled image pinned: containerd's
+// CRI plugin learns of the label from an image event, a few milliseconds after the update.
+const pinWait = 2 * time.Second
 
 // Dial returns a Runtime for the containerd listening at endpoint (a socket path, or
 // unix:///path as kubelet's --container-runtime-endpoint writes it), whose CRI images live in
@@ -163,14 +172,32 @@ func (r *Runtime) Pin(ctx context.Context, ref string) (State, error) {
 			return Absent, fmt.Errorf("pin %s: %w", ref, err)
 		}
 	}
-	st, err := r.Status(ctx, ref)
-	if err != nil {
-		return Absent, err
+	// containerd's CRI plugin applies the label when its event arrives: wait for it, unless
+	// this runtime is known not to pin.
+	deadline := time.Now().Add(pinWait)
+	for {
+		st, err := r.Status(ctx, ref)
+		switch {
+		case err != nil:
+			return Absent, err
+		case st == Pinned:
+			r.pins.Store(1)
+			return Pinned, nil
+		case st == Absent:
+			return Absent, fmt.Errorf("pin %s: the image is gone", ref)
+		case r.pins.Load() == -1 || time.Now().After(deadline):
+			if r.pins.Load() == 1 {
+				return Imported, fmt.Errorf("pin %s: labelled, but the runtime does not report it pinned after %s", ref, pinWait)
+			}
+			r.pins.Store(-1)
+			return Imported, fmt.Errorf("pin %s: %w", ref, ErrCannotPin)
+		}
+		select {
+		case <-ctx.Done():
+			return Imported, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
-	if st == Imported {
-		return Imported, fmt.Errorf("pin %s: %w", ref, ErrCannotPin)
-	}
-	return st, nil
 }
 
 // Unpin removes the pin this package put on ref. A pin someone else made stays; an image
