@@ -18,8 +18,6 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 
 	"github.com/shoal-dev/shoal/test/harness"
 )
@@ -62,7 +60,7 @@ func startController(bin, dir string, round int, kubeconfig, registryHost string
 		"--seed-ttl", seedTTL.String(),
 		"--graceful-shutdown", "5s",
 	)
-	cmd.Env = withoutProxies(os.Environ())
+	cmd.Env = harness.ChildEnv() // the controller talks to loopback only
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// If the benchmark dies without cleaning up, the kernel kills the controller.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -81,20 +79,6 @@ func startController(bin, dir string, round int, kubeconfig, registryHost string
 		close(c.done)
 	}()
 	return c, nil
-}
-
-// withoutProxies is env without proxy settings: the controller talks to loopback only.
-func withoutProxies(env []string) []string {
-	out := make([]string, 0, len(env))
-	for _, kv := range env {
-		key, _, _ := strings.Cut(kv, "=")
-		switch strings.ToLower(key) {
-		case "http_proxy", "https_proxy", "all_proxy", "no_proxy":
-			continue
-		}
-		out = append(out, kv)
-	}
-	return out
 }
 
 func (c *controllerProcess) pid() int { return c.cmd.Process.Pid }
@@ -135,26 +119,11 @@ func (c *controllerProcess) waitReady(ctx context.Context) error {
 
 // scrape reads the controller's /metrics.
 func (c *controllerProcess) scrape(ctx context.Context) (harness.Metrics, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.metricsURL, nil)
+	m, err := harness.ScrapeMetrics(ctx, c.http, c.metricsURL)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("controller: %w", err)
 	}
-	// The classic text format, the one TextParser reads.
-	req.Header.Set("Accept", "text/plain; version=0.0.4")
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("scrape controller metrics: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("scrape controller metrics: %s", resp.Status)
-	}
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("parse controller metrics: %w", err)
-	}
-	return harness.Metrics(families), nil
+	return m, nil
 }
 
 // stop sends SIGTERM, waits up to stopGrace, then SIGKILLs; it returns once the process has

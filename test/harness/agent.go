@@ -293,24 +293,33 @@ func (a *Agent) Close() error {
 
 // Metrics scrapes /metrics.
 func (a *Agent) Metrics(ctx context.Context) (Metrics, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.metricsAddr+"/metrics", nil)
+	m, err := ScrapeMetrics(ctx, a.client, "http://"+a.metricsAddr+"/metrics")
+	if err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	return m, nil
+}
+
+// ScrapeMetrics reads a Prometheus /metrics endpoint at url with client.
+func ScrapeMetrics(ctx context.Context, client *http.Client, url string) (Metrics, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, err
 	}
 	// Ask for the classic text format, the one TextParser reads.
 	req.Header.Set("Accept", "text/plain; version=0.0.4")
-	resp, err := a.client.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("scrape agent metrics: %w", err)
+		return nil, fmt.Errorf("scrape metrics: %w", err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("scrape agent metrics: %s", resp.Status)
+		return nil, fmt.Errorf("scrape metrics: %s", resp.Status)
 	}
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	families, err := parser.TextToMetricFamilies(resp.Body)
 	if err != nil {
-		return nil, fmt.Errorf("parse agent metrics: %w", err)
+		return nil, fmt.Errorf("parse metrics: %w", err)
 	}
 	return Metrics(families), nil
 }
@@ -372,7 +381,7 @@ func hasLabels(s *dto.Metric, want map[string]string) bool {
 // to completion and returns its combined output.
 func RunShoal(ctx context.Context, binary string, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, binary, args...)
-	cmd.Env = childEnv()
+	cmd.Env = ChildEnv()
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("shoal %s: %w\n%s", strings.Join(args, " "), err, out)

@@ -75,7 +75,7 @@ func RunIsolated(main func() int, opts ...IsolateOption) (int, error) {
 	}
 	defer os.RemoveAll(tmp)
 
-	env := append(childEnv(), isolatedEnv+"="+netns)
+	env := append(ChildEnv(), isolatedEnv+"="+netns)
 	for _, fn := range o.before {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		extra, err := fn(ctx, tmp)

@@ -85,7 +85,7 @@ func BuildShoalAt(ctx context.Context, moduleDir, commit, cacheDir string) (stri
 	cmd.Dir = src
 	// GOWORK and GOTOOLCHAIN: the commit's module alone, with the installed Go, never a
 	// workspace of the checkout or a toolchain download.
-	cmd.Env = append(childEnv(), "CGO_ENABLED=0", "GOWORK=off", "GOTOOLCHAIN=local")
+	cmd.Env = append(ChildEnv(), "CGO_ENABLED=0", "GOWORK=off", "GOTOOLCHAIN=local")
 	hint := ""
 	if InIsolatedNetwork() {
 		cmd.Env = append(cmd.Env, "GOPROXY=off")
@@ -181,7 +181,7 @@ func gitOutput(ctx context.Context, dir string, args ...string) (string, error) 
 // be dropped a negative number as "--name=-1".
 func AgentArgsFor(ctx context.Context, binary string, args []string) (kept, dropped []string, err error) {
 	cmd := exec.CommandContext(ctx, binary, "agent", "--help")
-	cmd.Env = childEnv()
+	cmd.Env = ChildEnv()
 	help, err := cmd.Output()
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s agent --help: %w", binary, err)

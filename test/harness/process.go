@@ -40,7 +40,7 @@ func startProcess(name, logPath, stdoutPath string, logger *slog.Logger, bin str
 		return nil, fmt.Errorf("open log of %s: %w", name, err)
 	}
 	cmd := exec.Command(bin, args...)
-	cmd.Env = childEnv()
+	cmd.Env = ChildEnv()
 	cmd.Stderr = logFile
 	cmd.Stdout = logFile
 	if stdoutPath != "" {
@@ -77,9 +77,10 @@ func inNetns(netns, bin string, args []string) (string, []string) {
 	return "nsenter", append([]string{"--net=" + netns, "--", bin}, args...)
 }
 
-// childEnv is the harness's environment without proxy settings: the children talk to
-// loopback only, and a proxy variable must never route a made-up registry name elsewhere.
-func childEnv() []string {
+// ChildEnv is the harness's environment without proxy settings, for the processes it (or a
+// benchmark) starts: they talk to loopback only, and a proxy variable must never route a
+// made-up registry name elsewhere.
+func ChildEnv() []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		key, _, _ := strings.Cut(kv, "=")
