@@ -3,9 +3,6 @@
 package manifests_test
 
 import (
-	"bytes"
-	"errors"
-	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -18,7 +15,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -33,26 +29,26 @@ func configDir() string {
 	return filepath.Join(filepath.Dir(file), "..", "..", "config")
 }
 
-// apply creates every object of a YAML file (several documents) as it is.
-func apply(t *testing.T, c client.Client, path string) {
+// readObjects returns the objects of a YAML file (several documents).
+func readObjects(t *testing.T, path string) []*unstructured.Unstructured {
 	t.Helper()
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	for {
-		var u unstructured.Unstructured
-		if err := dec.Decode(&u.Object); err != nil {
-			if errors.Is(err, io.EOF) {
-				return
-			}
-			t.Fatalf("%s: %v", path, err)
-		}
-		if len(u.Object) == 0 {
-			continue
-		}
-		if err := c.Create(t.Context(), &u); err != nil {
+	defer f.Close()
+	objs, err := kubetest.DecodeObjects(f)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return objs
+}
+
+// apply creates every object of a YAML file (several documents) as it is.
+func apply(t *testing.T, c client.Client, path string) {
+	t.Helper()
+	for _, u := range readObjects(t, path) {
+		if err := c.Create(t.Context(), u); err != nil {
 			t.Fatalf("%s: create %s %s: %v", path, u.GetKind(), u.GetName(), err)
 		}
 	}

@@ -1,15 +1,9 @@
 package manifests_test
 
 import (
-	"bytes"
-	"errors"
-	"io"
-	"os"
 	"path/filepath"
 	"testing"
 
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/shoal-dev/shoal/test/kubetest"
@@ -24,22 +18,7 @@ func TestSamplesApply(t *testing.T) {
 		t.Fatalf("no samples in %s: %v", filepath.Join(configDir(), "samples"), err)
 	}
 	for _, path := range paths {
-		data, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-		for {
-			u := &unstructured.Unstructured{}
-			if err := dec.Decode(&u.Object); err != nil {
-				if errors.Is(err, io.EOF) {
-					break
-				}
-				t.Fatalf("%s: %v", path, err)
-			}
-			if len(u.Object) == 0 {
-				continue
-			}
+		for _, u := range readObjects(t, path) {
 			if err := env.Client.Apply(t.Context(), client.ApplyConfigurationFromUnstructured(u), client.DryRunAll, client.FieldOwner("samples-test")); err != nil {
 				t.Errorf("%s: %s %s: %v", filepath.Base(path), u.GetKind(), u.GetName(), err)
 			}
