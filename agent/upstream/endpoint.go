@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+
+	"github.com/shoal-dev/shoal/internal/oci"
 )
 
 // Endpoint is where a logical registry (the name in image references, e.g. "docker.io" or
@@ -47,9 +49,8 @@ func ParseEndpoint(s string) (Endpoint, error) {
 		err = errors.New("query and fragment are not allowed")
 	case u.Path != "" && u.Path != "/" && u.Path != "/v2" && u.Path != "/v2/":
 		err = fmt.Errorf("path %q is not allowed (want none, or /v2)", u.Path)
-	case strings.ContainsFunc(u.Host, func(r rune) bool { return r <= ' ' || r > '~' }):
-		// e.g. an IPv6 zone with a raw byte, which url.Parse takes but no URL can carry back
-		err = fmt.Errorf("host %q has a character that is not printable ASCII", u.Host)
+	default:
+		err = oci.ValidateURLHost(u.Host)
 	}
 	if err != nil {
 		return Endpoint{}, fmt.Errorf("parse registry endpoint %q: %w", raw, err)

@@ -37,9 +37,8 @@ func parseEndpoint(s string) (endpoint, error) {
 		err = errors.New("query and fragment are not allowed")
 	case u.Path != "" && u.Path != "/" && u.Path != "/v2" && u.Path != "/v2/":
 		err = fmt.Errorf("path %q is not allowed (want none, or /v2)", u.Path)
-	case strings.ContainsFunc(u.Host, func(r rune) bool { return r <= ' ' || r > '~' }):
-		// e.g. an IPv6 zone with a raw byte, which url.Parse takes but no URL can carry back
-		err = fmt.Errorf("host %q has a character that is not printable ASCII", u.Host)
+	default:
+		err = oci.ValidateURLHost(u.Host)
 	}
 	if err != nil {
 		return endpoint{}, fmt.Errorf("registry endpoint %q: %w", raw, err)

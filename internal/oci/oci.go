@@ -109,6 +109,16 @@ func MirrorRegistry(host string) string {
 	return host
 }
 
+// ValidateURLHost checks that the host of a parsed endpoint URL (host[:port], an IPv6 address
+// in brackets, perhaps with a zone) holds only printable ASCII: url.Parse takes, e.g., an IPv6
+// zone with a raw byte that no URL can carry back.
+func ValidateURLHost(host string) error {
+	if strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r > '~' }) {
+		return fmt.Errorf("host %q has a character that is not printable ASCII", host)
+	}
+	return nil
+}
+
 // ValidateRegistry checks a registry host as containerd passes it in ?ns= ("docker.io",
 // "registry.test:5000", "[::1]:5000"). It rejects anything that could smuggle a path or scheme.
 func ValidateRegistry(registry string) error {

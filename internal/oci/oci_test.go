@@ -119,3 +119,16 @@ func TestMirrorRegistry(t *testing.T) {
 		}
 	}
 }
+
+func TestValidateURLHost(t *testing.T) {
+	for _, ok := range []string{"registry.test:5000", "[::1]:5000", "[fe80::1%eth0]:5000"} {
+		if err := ValidateURLHost(ok); err != nil {
+			t.Errorf("ValidateURLHost(%q) = %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"[::%\x86]", "host name", "host\tx", "höst"} {
+		if err := ValidateURLHost(bad); err == nil {
+			t.Errorf("ValidateURLHost(%q): no error", bad)
+		}
+	}
+}
