@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -109,8 +110,11 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 		// No registry traffic and no node for a Prewarm the admins do not allow.
 		return reconcile.Result{}, r.refuse(ctx, &p, before, now)
 	}
-	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), now)
-	next = minPositive(next, r.ensureTokens(ctx, &p))
+	// The pull secrets are read from the API server at most once, and only if something needs
+	// them: a resolution or a new pull token.
+	secrets := sync.OnceValue(func() [][]byte { return r.pullSecrets(ctx, &p) })
+	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), secrets, now)
+	next = minPositive(next, r.ensureTokens(ctx, &p, secrets))
 	Rollup(&p, ptrs, byName, metav1.NewTime(now))
 	p.Status.Seeders = ChooseSeeders(&p, ptrs)
 	p.Status.ObservedGeneration = p.Generation
@@ -169,7 +173,7 @@ func (r *PrewarmReconciler) now() time.Time {
 // once, one by tag again once refreshInterval has passed. It returns when the next tag falls
 // due (0: none). A reference that fails keeps its last resolution, with the error beside it,
 // so that nodes keep what they hold.
-func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platforms []string, now time.Time) (next time.Duration) {
+func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platforms []string, secrets func() [][]byte, now time.Time) (next time.Duration) {
 	refresh := 10 * time.Minute
 	if p.Spec.RefreshInterval != nil && p.Spec.RefreshInterval.Duration >= time.Minute {
 		refresh = p.Spec.RefreshInterval.Duration
@@ -178,8 +182,6 @@ func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platform
 	for _, ref := range p.Status.References {
 		old[ref.Reference] = ref
 	}
-	var secrets [][]byte
-	secretsRead := false
 	var refs []v1.ResolvedReference
 	want := func(ref string, artifact bool) {
 		prev, had := old[ref]
@@ -194,10 +196,7 @@ func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platform
 			}
 			return
 		}
-		if !secretsRead {
-			secrets, secretsRead = r.pullSecrets(ctx, p), true
-		}
-		got, err := r.Resolver.Resolve(ctx, ref, artifact, platforms, secrets)
+		got, err := r.Resolver.Resolve(ctx, ref, artifact, platforms, secrets())
 		at := metav1.NewTime(now)
 		if err != nil {
 			log.FromContext(ctx).Info("reference not resolved", "reference", ref, "error", err.Error())
@@ -227,17 +226,9 @@ func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platform
 
 // ensureTokens keeps a pull token for each repository of a Prewarm with imagePullSecrets,
 // names it in the references, and returns when to renew the first (0: none).
-func (r *PrewarmReconciler) ensureTokens(ctx context.Context, p *v1.Prewarm) (next time.Duration) {
+func (r *PrewarmReconciler) ensureTokens(ctx context.Context, p *v1.Prewarm, pullSecrets func() [][]byte) (next time.Duration) {
 	if r.Tokens == nil || len(p.Spec.ImagePullSecrets) == 0 {
 		return 0
-	}
-	var secrets [][]byte
-	read := false
-	pullSecrets := func() [][]byte {
-		if !read {
-			secrets, read = r.pullSecrets(ctx, p), true
-		}
-		return secrets
 	}
 	byRepo := map[string]string{}
 	for i := range p.Status.References {
