@@ -201,7 +201,8 @@ func (r *Runtime) Pin(ctx context.Context, ref string) (State, error) {
 }
 
 // Unpin removes the pin this package put on ref. A pin someone else made stays; an image
-// the runtime no longer has is not an error.
+// the runtime no longer has is not an error. It returns once the runtime no longer reports
+// the pin (bounded by the same wait as Pin).
 func (r *Runtime) Unpin(ctx context.Context, ref string) error {
 	got, err := r.images.Get(r.ns(ctx), &imagesapi.GetImageRequest{Name: ref})
 	if err != nil {
@@ -220,7 +221,25 @@ func (r *Runtime) Unpin(ctx context.Context, ref string) error {
 	if err := r.update(ctx, img, PinnedLabel, OwnerLabel); err != nil {
 		return fmt.Errorf("unpin %s: %w", ref, err)
 	}
-	return nil
+	// As with Pin, the CRI plugin sees the change when its event arrives: return once it no
+	// longer reports the pin, so that a status read next is true.
+	deadline := time.Now().Add(pinWait)
+	for {
+		st, err := r.Status(ctx, ref)
+		switch {
+		case err != nil:
+			return fmt.Errorf("unpin %s: %w", ref, err)
+		case st != Pinned:
+			return nil
+		case time.Now().After(deadline):
+			return fmt.Errorf("unpin %s: unlabelled, but the runtime still reports it pinned after %s", ref, pinWait)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // PinnedByOwner lists the names of the image records this package pinned.
