@@ -85,7 +85,7 @@ func StartContainerd(ctx context.Context, dir, hostsDir string, opts ...Option) 
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		return nil, fmt.Errorf("write containerd config: %w", err)
 	}
-	bin, args := inNetns(o.netns, o.binary, []string{"--config", configPath})
+	bin, args := inNamespaces(o.netns, o.mountns, o.binary, []string{"--config", configPath})
 	c.proc, err = startProcess("containerd", filepath.Join(dir, "containerd.log"), "", o.logger, bin, args...)
 	if err != nil {
 		return nil, err
@@ -141,6 +141,7 @@ disabled_plugins = [
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   sandbox_image = "registry.test/pause:3.9"
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = %[4]q
     default_runtime_name = "runc"

@@ -13,6 +13,7 @@ type options struct {
 	binary      string
 	snapshotter string
 	netns       string
+	mountns     string // WithMountNamespace
 	listenAddr  string
 	tlsCert     string // WithTLS
 	tlsKey      string
@@ -65,4 +66,12 @@ func WithNetns(path string) Option {
 // Only StartRegistry reads it.
 func WithListenAddr(addr string) Option {
 	return func(o *options) { o.listenAddr = addr }
+}
+
+// WithMountNamespace also runs the component's process inside the mount namespace at path (for
+// example /proc/PID/ns/mnt of a process that holds it), by adding --mount to nsenter. The
+// local cluster's nodes use it: each node's daemons see their own /run, /var and containerd
+// paths. Only StartContainerd reads it.
+func WithMountNamespace(path string) Option {
+	return func(o *options) { o.mountns = path }
 }

@@ -71,10 +71,23 @@ func startProcess(name, logPath, stdoutPath string, logger *slog.Logger, bin str
 // inNetns returns the command line that runs bin with args in the network namespace at netns,
 // or bin and args unchanged when netns is "". nsenter without --fork execs bin in place.
 func inNetns(netns, bin string, args []string) (string, []string) {
-	if netns == "" {
+	return inNamespaces(netns, "", bin, args)
+}
+
+// inNamespaces is inNetns that also enters the mount namespace at mountns when it is not "".
+// nsenter opens both namespace files before it enters either, so the paths are resolved here.
+func inNamespaces(netns, mountns, bin string, args []string) (string, []string) {
+	var ns []string
+	if netns != "" {
+		ns = append(ns, "--net="+netns)
+	}
+	if mountns != "" {
+		ns = append(ns, "--mount="+mountns)
+	}
+	if len(ns) == 0 {
 		return bin, args
 	}
-	return "nsenter", append([]string{"--net=" + netns, "--", bin}, args...)
+	return "nsenter", append(append(ns, "--", bin), args...)
 }
 
 // ChildEnv is the harness's environment without proxy settings, for the processes it (or a

@@ -1,4 +1,4 @@
-// Command version stands in for the shoal binary in hack/image's test: a static program that
+// Command version stands in for the shoal binary in imagebuild's tests: a static program that
 // prints the version it was built with when asked, as `shoal version` does.
 package main
 
