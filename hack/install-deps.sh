@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything Shoal's tests, benchmarks and demo need on a fresh Debian machine, as root:
-# Debian packages, Go tools, and a kube-apiserver built from the Go module proxy for envtest.
+# Debian packages, Go tools, containerd 2.x, and the Kubernetes commands built from the Go module
+# proxy (the API server for envtest, kubelet and the rest for the local cluster).
 # Idempotent and quiet when everything is already there. Heavy artefacts live outside the repo,
 # under $SHOAL_CACHE (default ~/.cache/shoal).
 set -euo pipefail
@@ -17,7 +18,8 @@ ENVTEST_DIR="$CACHE/k8s/$K8S_VERSION"
 
 log() { echo "install-deps: $*" >&2; }
 
-apt_packages=(containerd runc docker-registry etcd-server iproute2 busybox-static util-linux procps psmisc)
+apt_packages=(containerd runc docker-registry etcd-server iproute2 busybox-static util-linux procps psmisc
+  containernetworking-plugins)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -76,15 +78,21 @@ if [ ! -x "$CONTAINERD2_DIR/containerd" ] || [ ! -x "$CONTAINERD2_DIR/containerd
   rm -rf "$containerd_out"
 fi
 
-# kube-apiserver has no Debian package: build it from the module proxy in a throwaway module that
-# requires k8s.io/kubernetes and points every staging module at its published v0 twin.
-if [ ! -x "$ENVTEST_DIR/kube-apiserver" ]; then
-  log "building kube-apiserver v$K8S_VERSION (several minutes, once)"
+# Kubernetes has no Debian packages: build its commands from the module proxy in a throwaway
+# module that requires k8s.io/kubernetes and points every staging module at its published v0 twin.
+# kube-apiserver serves envtest; the rest run the local cluster (test/cluster, make demo).
+k8s_commands=(kube-apiserver kubelet kube-scheduler kube-controller-manager kubectl)
+k8s_missing=()
+for c in "${k8s_commands[@]}"; do
+  [ -x "$ENVTEST_DIR/$c" ] || k8s_missing+=("$c")
+done
+if [ ${#k8s_missing[@]} -gt 0 ]; then
+  log "building ${k8s_missing[*]} v$K8S_VERSION (several minutes, once)"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   if ! (
     cd "$work"
-    go mod init shoal.local/kube-apiserver-build
+    go mod init shoal.local/kubernetes-build
     staging_version="v0.${K8S_VERSION#1.}"
     modfile=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
     # Point each staging module at its published twin; a few (samples) are never published.
@@ -94,14 +102,29 @@ if [ ! -x "$ENVTEST_DIR/kube-apiserver" ]; then
       fi
     done
     go mod edit -require "k8s.io/kubernetes@v$K8S_VERSION"
-    printf 'package main\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver/app"\nfunc main() {}\n' > keep.go
+    {
+      printf 'package main\nimport (\n'
+      for c in "${k8s_missing[@]}"; do printf '\t_ "k8s.io/kubernetes/cmd/%s/app"\n' "$c"; done
+      printf ')\nfunc main() {}\n'
+    } > keep.go
+    sed -i 's|_ "k8s.io/kubernetes/cmd/kubectl/app"|_ "k8s.io/kubectl/pkg/cmd"|' keep.go
     go mod tidy
-    CGO_ENABLED=0 go build -o "$ENVTEST_DIR/kube-apiserver.tmp.$$" k8s.io/kubernetes/cmd/kube-apiserver
+    k8s_minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+    pkgs=()
+    for c in "${k8s_missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+    # Without the version stamp the commands report v0.0.0-master, which kubelet's registration
+    # and kubectl's skew checks trip over.
+    CGO_ENABLED=0 go build -o "$work/out/" \
+      -ldflags "-X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$k8s_minor" \
+      "${pkgs[@]}"
   ) >"$work/build.log" 2>&1; then
     grep -v '^go: downloading' "$work/build.log" | tail -30 >&2
-    log "kube-apiserver build failed (full log above)"
+    log "Kubernetes build failed (full log above)"
     exit 1
   fi
-  mv "$ENVTEST_DIR/kube-apiserver.tmp.$$" "$ENVTEST_DIR/kube-apiserver" # unique: two runs at once do not collide
+  for c in "${k8s_missing[@]}"; do
+    mv "$work/out/$c" "$ENVTEST_DIR/$c.tmp.$$" # unique: two runs at once do not collide
+    mv "$ENVTEST_DIR/$c.tmp.$$" "$ENVTEST_DIR/$c"
+  done
 fi
 ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$ENVTEST_DIR/etcd"

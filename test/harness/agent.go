@@ -30,6 +30,8 @@ func BuildShoal(ctx context.Context, moduleDir, outDir string) (string, error) {
 	bin := filepath.Join(outDir, "shoal")
 	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/shoal")
 	cmd.Dir = moduleDir
+	// Static, as released: the local cluster runs it from an image with no C library.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build ./cmd/shoal in %s: %w\n%s", moduleDir, err, out)
 	}

@@ -86,6 +86,11 @@ func StartContainerd(ctx context.Context, dir, hostsDir string, opts ...Option) 
 		return nil, fmt.Errorf("write containerd config: %w", err)
 	}
 	bin, args := inNamespaces(o.netns, o.mountns, o.binary, []string{"--config", configPath})
+	// containerd starts its runc shim from PATH: the one built with it comes first, not another
+	// version's (Debian's 1.6 shim is in /usr/bin and speaks an older protocol). env execs in
+	// place, so the PID is still containerd's.
+	args = append([]string{"PATH=" + filepath.Dir(o.binary) + ":" + os.Getenv("PATH"), bin}, args...)
+	bin = "env"
 	c.proc, err = startProcess("containerd", filepath.Join(dir, "containerd.log"), "", o.logger, bin, args...)
 	if err != nil {
 		return nil, err

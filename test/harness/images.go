@@ -19,10 +19,13 @@ import (
 )
 
 // ImageSpec describes a random image to generate: Layers gzip-compressed tar layers, each
-// holding one file of LayerSize random bytes (so compression does not shrink them).
+// holding one file of LayerSize random bytes (so compression does not shrink them), on top of
+// Base, with Cmd as the command (default /bin/true).
 type ImageSpec struct {
 	Layers    int
 	LayerSize int64
+	Base      []v1.Layer // e.g. a layer with a shell, for images that run
+	Cmd       []string
 }
 
 // Image is an image pushed to a registry, with the digests a pull of it has to fetch.
@@ -89,6 +92,27 @@ func PushImage(ctx context.Context, registryHost, repoTag string, spec ImageSpec
 		opts = append(opts, remote.WithAuth(a))
 	}
 	if err := remote.Write(tag, img, opts...); err != nil {
+		return nil, fmt.Errorf("push %s: %w", tag, err)
+	}
+	desc.Repo, desc.Tag = tag.RepositoryStr(), tag.TagStr()
+	return desc, nil
+}
+
+// PushV1Image pushes img, built elsewhere (internal/imagebuild), as repoTag.
+func PushV1Image(ctx context.Context, registryHost, repoTag string, img v1.Image) (*Image, error) {
+	tag, err := parseTag(registryHost, repoTag)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return nil, fmt.Errorf("image config: %w", err)
+	}
+	desc, err := describe(img, v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant})
+	if err != nil {
+		return nil, err
+	}
+	if err := remote.Write(tag, img, remoteOptions(ctx)...); err != nil {
 		return nil, fmt.Errorf("push %s: %w", tag, err)
 	}
 	desc.Repo, desc.Tag = tag.RepositoryStr(), tag.TagStr()
@@ -167,7 +191,10 @@ func remoteOptions(ctx context.Context) []remote.Option {
 // diff_ids, as containerd needs to unpack it.
 func randomImage(spec ImageSpec, p v1.Platform) (v1.Image, *Image, error) {
 	base := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
-	adds := make([]mutate.Addendum, 0, spec.Layers)
+	adds := make([]mutate.Addendum, 0, len(spec.Base)+spec.Layers)
+	for _, l := range spec.Base {
+		adds = append(adds, mutate.Addendum{Layer: l, History: v1.History{CreatedBy: "shoal test harness: base"}})
+	}
 	for i := range spec.Layers {
 		layer, err := random.Layer(spec.LayerSize, types.OCILayer)
 		if err != nil {
@@ -189,6 +216,9 @@ func randomImage(spec ImageSpec, p v1.Platform) (v1.Image, *Image, error) {
 	cfg = cfg.DeepCopy()
 	cfg.OS, cfg.Architecture, cfg.Variant = p.OS, p.Architecture, p.Variant
 	cfg.Config.Cmd = []string{"/bin/true"}
+	if len(spec.Cmd) > 0 {
+		cfg.Config.Cmd = spec.Cmd
+	}
 	if img, err = mutate.ConfigFile(img, cfg); err != nil {
 		return nil, nil, fmt.Errorf("set image config: %w", err)
 	}

@@ -283,6 +283,9 @@ func (tb *Testbed) RegistryHost() string {
 	return net.JoinHostPort(registryIP.String(), strconv.Itoa(registryPort))
 }
 
+// RegistryNetns is the path of the registry's network namespace.
+func (tb *Testbed) RegistryNetns() string { return filepath.Join(netnsDir, tb.names.registryNetns()) }
+
 // RegistryURL is the registry's base URL, as agents are told it in --registry-endpoint.
 func (tb *Testbed) RegistryURL() string { return "http://" + tb.RegistryHost() }
 

@@ -22,3 +22,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 {{- end }}
+
+{{/* KUBERNETES_SERVICE_HOST and _PORT for clusters without kube-proxy (kubernetesServiceHost). */}}
+{{- define "shoal.apiServerEnv" -}}
+{{- if .Values.kubernetesServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.kubernetesServiceHost | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.kubernetesServicePort | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,89 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/shoal-dev/shoal/internal/imagebuild"
+	"github.com/shoal-dev/shoal/test/harness"
+)
+
+// ShoalRepository is where PushShoalImage puts Shoal's image in the cluster's registry.
+const ShoalRepository = "shoal"
+
+// ReleaseNamespace is the namespace InstallShoal installs into.
+const ReleaseNamespace = "shoal-system"
+
+// PushShoalImage builds Shoal's image from the static binary (as make image does) and pushes
+// it to the cluster's registry as shoal:tag.
+func (c *Cluster) PushShoalImage(ctx context.Context, binary, tag string) (*harness.Image, error) {
+	img, err := imagebuild.Shoal(binary, "/etc/ssl/certs/ca-certificates.crt", tag, runtime.GOARCH)
+	if err != nil {
+		return nil, err
+	}
+	return harness.PushV1Image(ctx, c.tb.RegistryHost(), ShoalRepository+":"+tag, img)
+}
+
+// Helm runs the helm client (hack/install-deps.sh puts it in the cache) against the cluster.
+func (c *Cluster) Helm(ctx context.Context, args ...string) ([]byte, error) {
+	cache, err := harness.CacheDir()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, filepath.Join(cache, "bin", "helm"), append([]string{"--kubeconfig", c.kubeconfig}, args...)...)
+	cmd.Env = append(harness.ChildEnv(), "HELM_CACHE_HOME="+filepath.Join(c.dir, "helm", "cache"),
+		"HELM_CONFIG_HOME="+filepath.Join(c.dir, "helm", "config"), "HELM_DATA_HOME="+filepath.Join(c.dir, "helm", "data"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("helm %s: %w\n%s", strings.Join(args, " "), err, out)
+	}
+	return out, nil
+}
+
+// Kubectl runs kubectl against the cluster as its admin.
+func (c *Cluster) Kubectl(ctx context.Context, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, c.KubectlBinary(), append([]string{"--kubeconfig", c.kubeconfig}, args...)...)
+	cmd.Env = harness.ChildEnv()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("kubectl %s: %w\n%s", strings.Join(args, " "), err, out)
+	}
+	return out, nil
+}
+
+// ShoalValues are the chart values that fit the local cluster: Shoal's image from the cluster's
+// registry, the API server's real address (no kube-proxy), registry.test mirrored and where it
+// is really served, and one controller replica.
+func (c *Cluster) ShoalValues(tag string) []string {
+	reg := c.tb.RegistryURL()
+	return []string{
+		"image.repository=" + RegistryName + "/" + ShoalRepository,
+		"image.tag=" + tag,
+		"kubernetesServiceHost=" + c.APIServerHost(),
+		"kubernetesServicePort=" + strconv.Itoa(APIServerPort),
+		"agent.mirroredRegistries={" + RegistryName + "}",
+		`agent.registryEndpoints.registry\.test=` + reg,
+		`controller.registryEndpoints.registry\.test=` + reg,
+		"agent.cacheSize=4Gi",
+		"controller.replicas=1",
+	}
+}
+
+// InstallShoal installs the chart at chartDir as release "shoal" in shoal-system with
+// ShoalValues(tag) and extra --set values, and waits (helm --wait) until its workloads are ready.
+func (c *Cluster) InstallShoal(ctx context.Context, chartDir, tag string, set ...string) ([]byte, error) {
+	if _, err := os.Stat(filepath.Join(chartDir, "Chart.yaml")); err != nil {
+		return nil, fmt.Errorf("chart: %w", err)
+	}
+	args := []string{"upgrade", "--install", "shoal", chartDir, "--namespace", ReleaseNamespace, "--create-namespace", "--wait", "--timeout", c.cfg.helmTimeout.String()}
+	for _, v := range append(c.ShoalValues(tag), set...) {
+		args = append(args, "--set", v)
+	}
+	return c.Helm(ctx, args...)
+}

@@ -1,0 +1,151 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/shoal-dev/shoal/test/cluster"
+	"github.com/shoal-dev/shoal/test/harness"
+)
+
+// chartDir is the chart under test, from test/e2e.
+var chartDir = filepath.Join("..", "..", "charts", "shoal")
+
+// newCluster starts a local cluster of n real kubelets with Shoal installed from the chart,
+// its image built from the binary under test, and stops it when the test ends.
+func newCluster(t *testing.T, ctx context.Context, n int, opts ...cluster.Option) *cluster.Cluster {
+	t.Helper()
+	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	c, err := cluster.New(ctx, n, append([]cluster.Option{cluster.WithLogger(logger)}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpCluster(t, c)
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("close cluster: %v", err)
+		}
+	})
+	if _, err := c.PushShoalImage(ctx, shoalBinary(t), "e2e"); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := c.InstallShoal(ctx, chartDir, "e2e"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	return c
+}
+
+// dumpCluster logs what a failed test needs: pods, events, and the agents' and kubelets' log tails.
+func dumpCluster(t *testing.T, c *cluster.Cluster) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, args := range [][]string{{"get", "nodes,pods", "-A", "-o", "wide"}, {"get", "events", "-A", "--sort-by=.lastTimestamp"}} {
+		out, _ := c.Kubectl(ctx, args...)
+		t.Logf("kubectl %s:\n%s", strings.Join(args, " "), out)
+	}
+	out, _ := c.Kubectl(ctx, "logs", "-n", cluster.ReleaseNamespace, "-l", "app.kubernetes.io/name=shoal", "--tail=30", "--prefix", "--all-containers")
+	t.Logf("Shoal logs:\n%s", out)
+	for _, n := range c.Nodes() {
+		data, _ := os.ReadFile(filepath.Join(n.Dir(), "kubelet.log"))
+		lines := strings.Split(string(data), "\n")
+		if len(lines) > 20 {
+			lines = lines[len(lines)-20:]
+		}
+		t.Logf("kubelet %s:\n%s", n.Name(), strings.Join(lines, "\n"))
+	}
+}
+
+// TestHelmInstallOnRealCluster installs the chart into a cluster of real kubelets, each with
+// containerd 2.x, and rolls a new image out to every node as a DaemonSet: every agent becomes
+// Ready, every pod runs, and the registry sends about one copy of the image, not one per node.
+func TestHelmInstallOnRealCluster(t *testing.T) {
+	harness.RequireIsolation(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	const nodes = 3
+	c := newCluster(t, ctx, nodes, cluster.WithHelmTimeout(40*time.Second))
+
+	ds, err := c.Client().AppsV1().DaemonSets(cluster.ReleaseNamespace).Get(ctx, "shoal-agent", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ds.Status.NumberReady != nodes {
+		t.Fatalf("agents ready: %d, want %d", ds.Status.NumberReady, nodes)
+	}
+
+	img, err := c.PushWorkloadImage(ctx, "demo/app:v1", 2, 16<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var size int64
+	for _, s := range img.Sizes {
+		size += s
+	}
+	before, err := c.Testbed().RegistryTraffic()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rollout := workloadDaemonSet("app", img.Name(cluster.RegistryName))
+	if _, err := c.Client().AppsV1().DaemonSets("default").Create(ctx, rollout, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitDaemonSetReady(t, ctx, c, "default", "app", nodes)
+	after, err := c.Testbed().RegistryTraffic()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := after.Sub(before).Sent
+	t.Logf("registry sent %d bytes for an image of %d bytes on %d nodes", sent, size, nodes)
+	if float64(sent) > 1.5*float64(size) {
+		t.Errorf("registry sent %.2f copies of the image to %d nodes; want about one", float64(sent)/float64(size), nodes)
+	}
+}
+
+func workloadDaemonSet(name, image string) *appsv1.DaemonSet {
+	labels := map[string]string{"app": name}
+	return &appsv1.DaemonSet{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: appsv1.DaemonSetSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec: corev1.PodSpec{
+					Containers: []corev1.Container{{Name: name, Image: image}},
+				},
+			},
+		},
+	}
+}
+
+func waitDaemonSetReady(t *testing.T, ctx context.Context, c *cluster.Cluster, ns, name string, want int32) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	var last string
+	for {
+		ds, err := c.Client().AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
+		if err == nil {
+			last = fmt.Sprintf("%d/%d ready", ds.Status.NumberReady, ds.Status.DesiredNumberScheduled)
+			if ds.Status.NumberReady == want && ds.Status.DesiredNumberScheduled == want {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("DaemonSet %s/%s: %s, want %d: %v", ns, name, last, want, ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
