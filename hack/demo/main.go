@@ -2,9 +2,10 @@
 // registry, containerd 1.6 and the shoal agent, in a network namespace of their own; a cold
 // pull through the agent, a warm pull by a fresh containerd served from the agent's store,
 // and a pull with the agent killed that still succeeds because containerd falls back to the
-// registry. Then a swarm: several nodes on network namespaces behind a shaped bridge, each
-// with containerd and an agent, pull one new image at once and the registry sends about one
-// copy.
+// registry. Then Kubernetes: a cluster of real kubelets, each node with its own containerd
+// 2.x, on network namespaces behind a shaped bridge (test/cluster); Shoal's image built
+// without Docker and installed from charts/shoal with helm; a new image rolled out to every
+// node, for which the registry sends about one copy; and a Prewarm.
 //
 // Run from the repository as root: go run ./hack/demo (the Makefile's `make demo`).
 // SHOAL_BINARY=/path/to/shoal uses that binary instead of building ./cmd/shoal.
@@ -51,8 +52,8 @@ func main() {
 	flag.DurationVar(&cfg.timeout, "timeout", 5*time.Minute, "give up after this long")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the work directory (logs, stores) for inspection")
 	flag.BoolVar(&cfg.verbose, "v", false, "log what the harness starts and stops")
-	flag.IntVar(&cfg.nodes, "nodes", 4, "nodes in the swarm part (0 skips it)")
-	flag.IntVar(&cfg.rateMbit, "rate-mbit", 200, "link rate of each node in the swarm part, in Mbit/s (the registry gets 4×)")
+	flag.IntVar(&cfg.nodes, "nodes", 4, "nodes in the Kubernetes part (0 skips it)")
+	flag.IntVar(&cfg.rateMbit, "rate-mbit", 200, "link rate of each node in the Kubernetes part, in Mbit/s (the registry gets 4×)")
 	flag.Parse()
 
 	code, err := harness.RunIsolated(func() int {
@@ -166,7 +167,7 @@ func run(cfg config, out io.Writer) error {
 	if cfg.nodes <= 0 {
 		return nil
 	}
-	return swarmStory(ctx, out, cfg, bin)
+	return clusterStory(ctx, out, cfg, bin)
 }
 
 // demo holds what the steps share.

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -436,4 +438,14 @@ func (n *Node) inNode(ctx context.Context, name string, args ...string) ([]byte,
 		return out, fmt.Errorf("%s %s on %s: %w: %s", name, strings.Join(args, " "), n.Name(), err, out)
 	}
 	return out, nil
+}
+
+// AgentMetricsPort is the agent's metrics port on the node's address (the chart's default).
+const AgentMetricsPort = 9091
+
+// AgentMetrics scrapes the Shoal agent on the node, from inside the node's network namespace.
+func (n *Node) AgentMetrics(ctx context.Context) (harness.Metrics, error) {
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: n.tb.DialContext}}
+	url := fmt.Sprintf("http://%s/metrics", net.JoinHostPort(n.IP().String(), strconv.Itoa(AgentMetricsPort)))
+	return harness.ScrapeMetrics(ctx, client, url)
 }
