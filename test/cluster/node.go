@@ -449,3 +449,42 @@ func (n *Node) AgentMetrics(ctx context.Context) (harness.Metrics, error) {
 	url := fmt.Sprintf("http://%s/metrics", net.JoinHostPort(n.IP().String(), strconv.Itoa(AgentMetricsPort)))
 	return harness.ScrapeMetrics(ctx, client, url)
 }
+
+// ContainerPIDs lists the processes of a container running on the node, by the container ID a
+// pod's status gives (containerd://ID or ID alone): those in its cgroup.
+func (n *Node) ContainerPIDs(containerID string) ([]int, error) {
+	id := containerID[strings.LastIndex(containerID, "/")+1:]
+	hs, err := cgroupHierarchies()
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range hs {
+		if filepath.Base(h) != "pids" {
+			continue
+		}
+		var pids []int
+		err := filepath.WalkDir(filepath.Join(h, n.cgroupRoot), func(p string, d os.DirEntry, err error) error {
+			if err != nil || !d.IsDir() || !strings.HasSuffix(d.Name(), id) {
+				return nil
+			}
+			data, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+			if err != nil {
+				return err
+			}
+			for _, f := range strings.Fields(string(data)) {
+				if pid, err := strconv.Atoi(f); err == nil {
+					pids = append(pids, pid)
+				}
+			}
+			return filepath.SkipDir
+		})
+		if err != nil {
+			return nil, err
+		}
+		if len(pids) == 0 {
+			return nil, fmt.Errorf("container %s has no processes on %s", id, n.Name())
+		}
+		return pids, nil
+	}
+	return nil, errors.New("no pids cgroup hierarchy")
+}

@@ -21,9 +21,10 @@ import (
 // chartDir is the chart under test, from test/e2e.
 var chartDir = filepath.Join("..", "..", "charts", "shoal")
 
-// newCluster starts a local cluster of n real kubelets with Shoal installed from the chart,
-// its image built from the binary under test, and stops it when the test ends.
-func newCluster(t *testing.T, ctx context.Context, n int, opts ...cluster.Option) *cluster.Cluster {
+// newCluster starts a local cluster of n real kubelets with Shoal installed from the chart
+// (with the chart values set, beyond the cluster's own), its image built from the binary under
+// test, and stops it when the test ends.
+func newCluster(t *testing.T, ctx context.Context, n int, set []string, opts ...cluster.Option) *cluster.Cluster {
 	t.Helper()
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	c, err := cluster.New(ctx, n, append([]cluster.Option{cluster.WithLogger(logger)}, opts...)...)
@@ -41,7 +42,7 @@ func newCluster(t *testing.T, ctx context.Context, n int, opts ...cluster.Option
 	if _, err := c.PushShoalImage(ctx, shoalBinary(t), "e2e"); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := c.InstallShoal(ctx, chartDir, "e2e"); err != nil {
+	if out, err := c.InstallShoal(ctx, chartDir, "e2e", set...); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
 	return c
@@ -75,7 +76,7 @@ func TestHelmInstallOnRealCluster(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	const nodes = 3
-	c := newCluster(t, ctx, nodes, cluster.WithHelmTimeout(40*time.Second))
+	c := newCluster(t, ctx, nodes, nil, cluster.WithHelmTimeout(time.Minute))
 
 	ds, err := c.Client().AppsV1().DaemonSets(cluster.ReleaseNamespace).Get(ctx, "shoal-agent", metav1.GetOptions{})
 	if err != nil {
@@ -111,6 +112,28 @@ func TestHelmInstallOnRealCluster(t *testing.T) {
 	if float64(sent) > 1.5*float64(size) {
 		t.Errorf("registry sent %.2f copies of the image to %d nodes; want about one", float64(sent)/float64(size), nodes)
 	}
+	// Busy serving the rollout, no agent was taken for wedged.
+	for _, p := range agentPods(t, ctx, c) {
+		if r := p.Status.ContainerStatuses[0].RestartCount; r != 0 {
+			t.Errorf("agent %s on %s restarted %d times during the rollout", p.Name, p.Spec.NodeName, r)
+		}
+	}
+}
+
+// agentPods lists the agents' pods by node name.
+func agentPods(t *testing.T, ctx context.Context, c *cluster.Cluster) map[string]corev1.Pod {
+	t.Helper()
+	list, err := c.Client().CoreV1().Pods(cluster.ReleaseNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=agent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pods := map[string]corev1.Pod{}
+	for _, p := range list.Items {
+		if len(p.Status.ContainerStatuses) == 1 {
+			pods[p.Spec.NodeName] = p
+		}
+	}
+	return pods
 }
 
 func workloadDaemonSet(name, image string) *appsv1.DaemonSet {
