@@ -216,6 +216,13 @@ func (c *Cluster) APIServerURL() string {
 // APIServerHost is the API server's IP, what pods are given as KUBERNETES_SERVICE_HOST.
 func (c *Cluster) APIServerHost() string { return c.tb.SwitchAddr().String() }
 
+// InitialHostsTOML is the hosts.toml for registry.test every node has before Shoal: the
+// registry's address, over plain HTTP.
+func (c *Cluster) InitialHostsTOML() []byte {
+	url := c.tb.RegistryURL()
+	return fmt.Appendf(nil, "server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", url, url)
+}
+
 // Kubeconfig is the path of a cluster-admin kubeconfig (for helm and kubectl).
 func (c *Cluster) Kubeconfig() string { return c.kubeconfig }
 

@@ -107,8 +107,13 @@ func (n *Node) writeHostsConfig() error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	url := n.c.tb.RegistryURL()
-	return os.WriteFile(filepath.Join(dir, "hosts.toml"), fmt.Appendf(nil, "server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", url, url), 0o644)
+	return os.WriteFile(n.RegistryHostsFile(), n.c.InitialHostsTOML(), 0o644)
+}
+
+// RegistryHostsFile is the path, seen from outside the node, of containerd's hosts.toml for
+// registry.test.
+func (n *Node) RegistryHostsFile() string {
+	return filepath.Join(n.HostsDir(), RegistryName, "hosts.toml")
 }
 
 // writeCNI gives the node a bridge network for its pods (Debian's bridge and host-local

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -14,6 +15,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/shoal-dev/shoal/agent/criruntime"
 	"github.com/shoal-dev/shoal/test/cluster"
 	"github.com/shoal-dev/shoal/test/harness"
 )
@@ -71,6 +73,8 @@ func dumpCluster(t *testing.T, c *cluster.Cluster) {
 // TestHelmInstallOnRealCluster installs the chart into a cluster of real kubelets, each with
 // containerd 2.x, and rolls a new image out to every node as a DaemonSet: every agent becomes
 // Ready, every pod runs, and the registry sends about one copy of the image, not one per node.
+// A Prewarm then pins another image in every node's containerd, and helm uninstall's hook
+// restores each node's hosts.toml byte for byte and releases those pins (the image stays).
 func TestHelmInstallOnRealCluster(t *testing.T) {
 	harness.RequireIsolation(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -118,6 +122,72 @@ func TestHelmInstallOnRealCluster(t *testing.T) {
 			t.Errorf("agent %s on %s restarted %d times during the rollout", p.Name, p.Spec.NodeName, r)
 		}
 	}
+
+	warm, err := c.PushWorkloadImage(ctx, "demo/warm:v1", 1, 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	warmRef := cluster.RegistryName + "/" + warm.Repo + "@" + warm.Digest.String()
+	applyPrewarm(t, ctx, c, "warm", warmRef)
+	for _, n := range c.Nodes() {
+		if got, _ := os.ReadFile(n.RegistryHostsFile()); bytes.Equal(got, c.InitialHostsTOML()) {
+			t.Fatalf("%s: hosts.toml for %s has no mirror while the agent runs:\n%s", n.Name(), cluster.RegistryName, got)
+		}
+		if pins := shoalPins(t, ctx, n); len(pins) != 1 {
+			t.Fatalf("%s: Shoal's pins in containerd = %v, want the pre-warmed image", n.Name(), pins)
+		}
+	}
+
+	if out, err := c.Helm(ctx, "uninstall", "shoal", "--namespace", cluster.ReleaseNamespace, "--wait", "--timeout", "3m"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	for _, n := range c.Nodes() {
+		if got, err := os.ReadFile(n.RegistryHostsFile()); err != nil || !bytes.Equal(got, c.InitialHostsTOML()) {
+			t.Errorf("%s: hosts.toml after uninstall (%v):\n%s\nwant the node's own:\n%s", n.Name(), err, got, c.InitialHostsTOML())
+		}
+		if pins := shoalPins(t, ctx, n); len(pins) != 0 {
+			t.Errorf("%s: Shoal's pins left in containerd after uninstall: %v", n.Name(), pins)
+		}
+		if st, err := n.Containerd().CRI().ImageStatus(ctx, warmRef); err != nil || st == nil {
+			t.Errorf("%s: the pre-warmed image is gone after uninstall (%v); unpinning must not remove it", n.Name(), err)
+		}
+	}
+	left, err := c.Client().AppsV1().DaemonSets(cluster.ReleaseNamespace).List(ctx, metav1.ListOptions{})
+	if err != nil || len(left.Items) != 0 {
+		t.Errorf("DaemonSets left in %s after uninstall (the hook's included): %d (%v)", cluster.ReleaseNamespace, len(left.Items), err)
+	}
+}
+
+// applyPrewarm pre-warms image on every node, imported into containerd and pinned, and waits
+// until the Prewarm is Ready.
+func applyPrewarm(t *testing.T, ctx context.Context, c *cluster.Cluster, name, image string) {
+	t.Helper()
+	manifest := filepath.Join(t.TempDir(), "prewarm.yaml")
+	yaml := fmt.Sprintf("apiVersion: shoal.dev/v1alpha1\nkind: Prewarm\nmetadata:\n  name: %s\n  namespace: default\nspec:\n  images: [%q]\n  runtimeImport: Pinned\n", name, image)
+	if err := os.WriteFile(manifest, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := c.Kubectl(ctx, "apply", "-f", manifest); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if out, err := c.Kubectl(ctx, "wait", "prewarm/"+name, "--for=condition=Ready", "--timeout=2m"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+}
+
+// shoalPins lists the images Shoal pinned in the node's containerd.
+func shoalPins(t *testing.T, ctx context.Context, n *cluster.Node) []string {
+	t.Helper()
+	rt, err := criruntime.Dial(n.Containerd().Socket(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	pins, err := rt.PinnedByOwner(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pins
 }
 
 // agentPods lists the agents' pods by node name.
