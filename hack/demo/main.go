@@ -43,6 +43,7 @@ type config struct {
 	verbose  bool
 	nodes    int
 	rateMbit int
+	regMbit  int
 }
 
 func main() {
@@ -53,7 +54,8 @@ func main() {
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the work directory (logs, stores) for inspection")
 	flag.BoolVar(&cfg.verbose, "v", false, "log what the harness starts and stops")
 	flag.IntVar(&cfg.nodes, "nodes", 4, "nodes in the Kubernetes part (0 skips it)")
-	flag.IntVar(&cfg.rateMbit, "rate-mbit", 200, "link rate of each node in the Kubernetes part, in Mbit/s (the registry gets 4×)")
+	flag.IntVar(&cfg.rateMbit, "rate-mbit", 200, "link rate of each node in the Kubernetes part, in Mbit/s")
+	flag.IntVar(&cfg.regMbit, "registry-rate-mbit", 200, "link rate of the registry in the Kubernetes part, in Mbit/s (a registry, or a site's egress, no faster than one node's link)")
 	flag.Parse()
 
 	code, err := harness.RunIsolated(func() int {

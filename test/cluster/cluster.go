@@ -411,7 +411,11 @@ func (c *Cluster) waitReady(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("cluster: %d of %d nodes Ready (last error: %v); kubelet logs under %s", ready, len(c.nodes), err, c.dir)
+			msg := fmt.Sprintf("cluster: %d of %d nodes Ready after 2m; kubelet logs under %s", ready, len(c.nodes), c.dir)
+			if err != nil {
+				return fmt.Errorf("%s (last error: %w)", msg, err)
+			}
+			return errors.New(msg)
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

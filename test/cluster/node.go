@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -432,17 +431,6 @@ func mountNamespacePIDs(want string) []int {
 		}
 	}
 	return pids
-}
-
-// inNode runs a command in the node's network and mount namespaces and returns its output.
-func (n *Node) inNode(ctx context.Context, name string, args ...string) ([]byte, error) {
-	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + n.tb.Netns(), "--mount=" + n.mountns, "--", name}, args...)...)
-	cmd.Env = harness.ChildEnv()
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return out, fmt.Errorf("%s %s on %s: %w: %s", name, strings.Join(args, " "), n.Name(), err, out)
-	}
-	return out, nil
 }
 
 // AgentMetricsPort is the agent's metrics port on the node's address (the chart's default).
