@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -49,6 +50,9 @@ type Config struct {
 	CacheSize int64
 	// ContainerdHostsDir is containerd's config_path; "" means hosts.toml is not written.
 	ContainerdHostsDir string
+	// ContainerdHostsDirOnHost is the same directory as containerd names it, when the agent
+	// sees it elsewhere (a container with the node's directory mounted); "" = ContainerdHostsDir.
+	ContainerdHostsDirOnHost string
 	// ContainerdConfig is containerd's config.toml, checked for config_path; "" skips the check.
 	ContainerdConfig string
 	// MirrorRegistries are the registries containerd is pointed at the mirror for; "*" is all.
@@ -71,6 +75,9 @@ type Config struct {
 	DefaultRegistry string
 	// MirrorDialTimeout is the dial_timeout written into hosts.toml for the mirror host.
 	MirrorDialTimeout time.Duration
+	// HostsRecheck is how often the hosts.toml files are checked, to write them again when
+	// something else rewrote them; 0 = DefaultHostsRecheck.
+	HostsRecheck time.Duration
 	// ManifestTimeout bounds resolving a manifest upstream.
 	ManifestTimeout time.Duration
 	// FirstByteTimeout bounds the mirror's time to the first byte of an answer (503 past it);
@@ -370,6 +377,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		if err := writeHostsConfig(cfg, endpoints, log); err != nil {
 			return err
 		}
+		rewrites := prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "hostconfig", Name: "rewrites_total",
+			Help: "Times the agent found containerd's hosts.toml files changed under it (k3s and RKE2 rebuild their certs.d when they restart) and wrote its own again.",
+		})
+		reg.MustRegister(rewrites)
+		nodeCache = alongside(nodeCache, func(ctx context.Context) error {
+			keepHostsConfig(ctx, cfg, endpoints, rewrites, log)
+			return nil
+		})
 	}
 	ready.Store(true)
 	log.Info("agent ready", "mirror", mirrorListener.Addr().String(), "registries", cfg.MirrorRegistries)
@@ -502,9 +518,12 @@ func (c *Config) mirrors(registry string) bool {
 }
 
 func writeHostsConfig(cfg Config, endpoints *endpointResolver, log *slog.Logger) error {
-	if cfg.ContainerdConfig != "" {
-		if err := hostconfig.CheckContainerdConfig(cfg.ContainerdConfig, cfg.ContainerdHostsDir); err != nil {
-			log.Warn("containerd will ignore the mirror: pulls bypass Shoal until this is fixed", "error", err)
+	for _, f := range CheckContainerd(cfg) {
+		switch f.Reason {
+		case ReasonHostsNotRead:
+			log.Warn("containerd will ignore the mirror: pulls bypass Shoal until this is fixed", "reason", f.Reason, "error", f.Message)
+		default:
+			log.Warn("containerd's configuration works against Shoal", "reason", f.Reason, "error", f.Message)
 		}
 	}
 	err := hostconfig.Write(hostconfig.Config{
@@ -519,6 +538,71 @@ func writeHostsConfig(cfg Config, endpoints *endpointResolver, log *slog.Logger)
 	}
 	log.Info("containerd pointed at the mirror", "hosts_dir", cfg.ContainerdHostsDir, "registries", cfg.MirrorRegistries)
 	return nil
+}
+
+// DefaultHostsRecheck is how often the agent checks that containerd's hosts.toml files are still
+// the ones it wrote, when Config.HostsRecheck is zero.
+const DefaultHostsRecheck = 30 * time.Second
+
+// keepHostsConfig checks every Config.HostsRecheck that the hosts.toml files under containerd's
+// directory are still those the agent wrote, and writes them again when not: something else
+// rewrote the directory (k3s and RKE2 rebuild theirs from registries.yaml whenever they start,
+// deleting files they did not write), and until the agent's entry is back, pulls bypass it.
+// The rewrite merges into whatever is there now, as at start. It returns when ctx ends.
+func keepHostsConfig(ctx context.Context, cfg Config, endpoints *endpointResolver, rewrites prometheus.Counter, log *slog.Logger) {
+	every := cfg.HostsRecheck
+	if every <= 0 {
+		every = DefaultHostsRecheck
+	}
+	written := hostsFiles(cfg.ContainerdHostsDir)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if maps.Equal(hostsFiles(cfg.ContainerdHostsDir), written) {
+			continue
+		}
+		log.Warn("containerd's hosts.toml files changed under the agent: writing its own again", "hosts_dir", cfg.ContainerdHostsDir)
+		if err := writeHostsConfig(cfg, endpoints, log); err != nil {
+			log.Error("cannot write containerd's hosts.toml again: pulls bypass Shoal", "error", err)
+			continue
+		}
+		rewrites.Inc()
+		written = hostsFiles(cfg.ContainerdHostsDir)
+	}
+}
+
+// hostsFiles reads every registry's hosts.toml under dir, by path.
+func hostsFiles(dir string) map[string]string {
+	files := map[string]string{}
+	paths, _ := filepath.Glob(filepath.Join(dir, "*", "hosts.toml"))
+	for _, p := range paths {
+		if data, err := os.ReadFile(p); err == nil {
+			files[p] = string(data)
+		}
+	}
+	return files
+}
+
+// alongside runs a and b (either may be nil) together, until both return; the first error is
+// returned and ends the other's context.
+func alongside(a, b func(context.Context) error) func(context.Context) error {
+	if a == nil {
+		return b
+	}
+	if b == nil {
+		return a
+	}
+	return func(ctx context.Context) error {
+		g, gctx := errgroup.WithContext(ctx)
+		g.Go(func() error { return a(gctx) })
+		g.Go(func() error { return b(gctx) })
+		return g.Wait()
+	}
 }
 
 // endpointResolver decides where a registry is really served: an explicit --registry-endpoint,

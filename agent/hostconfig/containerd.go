@@ -147,3 +147,29 @@ func loadCRISection(configPath string) (version int64, sectionFile string, secti
 	}
 	return version, configPath, nil, nil
 }
+
+// CheckDiscardUnpackedLayers reports whether containerd, configured by the config.toml at
+// configPath, deletes image layers once it has unpacked them (discard_unpacked_layers = true,
+// in the CRI plugin's containerd section up to config version 2, in its images plugin in 3).
+// Pulls still work; the error says what it costs and how to turn it off.
+func CheckDiscardUnpackedLayers(configPath string) error {
+	version, sectionFile, section, err := loadCRISection(configPath)
+	if err != nil {
+		return err
+	}
+	key, ok := criPlugin(version)
+	if !ok {
+		return fmt.Errorf("%s: unknown containerd config version %d", configPath, version)
+	}
+	table, where := section, fmt.Sprintf("[plugins.%s]", quote(key))
+	if version < 3 {
+		table, _ = section["containerd"].(map[string]any)
+		where = fmt.Sprintf("[plugins.%s.containerd]", quote(key))
+	}
+	if discard, _ := table["discard_unpacked_layers"].(bool); discard {
+		return fmt.Errorf("containerd deletes image layers once unpacked (discard_unpacked_layers = true in %s of %s): "+
+			"images keep running, but containerd fetches the layers again for any new unpack, and tools that read its content store find them missing; "+
+			"set it to false and restart containerd to keep them", where, sectionFile)
+	}
+	return nil
+}

@@ -182,3 +182,41 @@ func TestCheckContainerdConfigImportLoop(t *testing.T) {
 		t.Errorf("missing import: %v, want an error naming b.toml", err)
 	}
 }
+
+// TestCheckDiscardUnpackedLayers finds discard_unpacked_layers where each config version keeps
+// it, also in an imported file, and only when it is true.
+func TestCheckDiscardUnpackedLayers(t *testing.T) {
+	tests := []struct {
+		name    string
+		files   map[string]string
+		discard bool
+	}{
+		{"version 2, unset", map[string]string{"config.toml": "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n"}, false},
+		{"version 2, false", map[string]string{"config.toml": "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  discard_unpacked_layers = false\n"}, false},
+		{"version 2, true", map[string]string{"config.toml": "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  discard_unpacked_layers = true\n"}, true},
+		{"version 3, true", map[string]string{"config.toml": "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\n  discard_unpacked_layers = true\n"}, true},
+		{"version 3, in the wrong place", map[string]string{"config.toml": "version = 3\n[plugins.\"io.containerd.cri.v1.runtime\"]\n  discard_unpacked_layers = true\n"}, false},
+		{"version 2, true in an import", map[string]string{
+			"config.toml": "version = 2\nimports = [\"IMPORT\"]\n",
+			"k3s.toml":    "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  discard_unpacked_layers = true\n",
+		}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			for name, content := range tt.files {
+				content = strings.ReplaceAll(content, "IMPORT", filepath.Join(dir, "k3s.toml"))
+				if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := CheckDiscardUnpackedLayers(filepath.Join(dir, "config.toml"))
+			if tt.discard != (err != nil) {
+				t.Fatalf("CheckDiscardUnpackedLayers = %v, want discard reported: %v", err, tt.discard)
+			}
+			if err != nil && !strings.Contains(err.Error(), "discard_unpacked_layers = true") {
+				t.Errorf("error %q does not name the setting", err)
+			}
+		})
+	}
+}

@@ -79,6 +79,9 @@ type Manifests interface {
 	Manifest(ctx context.Context, registry, repo, reference string, accept []string) (*upstream.Manifest, error)
 }
 
+// Problem is something wrong on the node, with a reason (CamelCase) and a message for people.
+type Problem struct{ Reason, Message string }
+
 // Config says which node the worker acts for and through what.
 type Config struct {
 	// NodeName is the node's name: the NodeCache's name.
@@ -118,6 +121,9 @@ type Config struct {
 	// with PinLimitExceeded until room is made. Items held already come first, then by
 	// reference. 0 = no bound.
 	MaxPinnedShare float64
+	// ContainerdProblems are what the agent's preflight found wrong with containerd's
+	// configuration, reported in the ContainerdConfigured condition; none: it is True.
+	ContainerdProblems []Problem
 	// Registerer registers the worker's metrics; nil registers none.
 	Registerer prometheus.Registerer
 	// Logger receives the worker's logs (default: discard).

@@ -20,6 +20,9 @@ import (
 const (
 	ConditionReady    = "Ready"
 	ConditionDegraded = "Degraded"
+	// ConditionContainerdConfigured is False when the agent's preflight found containerd
+	// configured so that Shoal cannot work as it should (Config.ContainerdProblems).
+	ConditionContainerdConfigured = "ContainerdConfigured"
 )
 
 // maxConflicts bounds the re-reads of one status write that meets a newer object.
@@ -92,6 +95,15 @@ func (w *Worker) status(prev *v1alpha1.NodeCacheStatus) (st v1alpha1.NodeCacheSt
 		set(ConditionReady, true, "AllItemsHeld", fmt.Sprintf("%d items held as asked", n))
 	} else {
 		set(ConditionReady, false, "ItemsNotHeld", fmt.Sprintf("%d of %d items held as asked", held, n))
+	}
+	if p := w.cfg.ContainerdProblems; len(p) > 0 {
+		msg := p[0].Message
+		if len(p) > 1 {
+			msg = fmt.Sprintf("%s (and %d more: see the Node's events)", msg, len(p)-1)
+		}
+		set(ConditionContainerdConfigured, false, p[0].Reason, msg)
+	} else {
+		set(ConditionContainerdConfigured, true, "PreflightPassed", "containerd reads Shoal's hosts.toml files and keeps image layers")
 	}
 	if firstFailure != nil {
 		set(ConditionDegraded, true, string(firstFailure.Reason), fmt.Sprintf("%d items failed; %s: %s", failed, firstFailure.Reference, firstFailure.Message))

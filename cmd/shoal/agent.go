@@ -12,6 +12,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 
 	"github.com/shoal-dev/shoal/agent"
@@ -65,6 +69,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.StringVar(&cfg.DataDir, "data-dir", "/var/lib/shoal", "directory of the content store")
 	f.Var(newQuantityValue(&cfg.CacheSize, 50<<30), "cache-size", "content store limit (Kubernetes quantity); least recently used unpinned blobs are evicted beyond it; 0 = unlimited")
 	f.StringVar(&cfg.ContainerdHostsDir, "containerd-hosts-dir", "/etc/containerd/certs.d", `containerd's config_path, where hosts.toml files are written; "" = do not write them`)
+	f.StringVar(&cfg.ContainerdHostsDirOnHost, "containerd-hosts-dir-on-host", "", `the same directory as containerd's config names it, when the agent runs in a container that mounts it elsewhere (the preflight compares it with config_path); "" = --containerd-hosts-dir`)
 	f.StringVar(&cfg.ContainerdConfig, "containerd-config", "/etc/containerd/config.toml", `containerd's config.toml, checked for config_path (a warning is logged when it is missing); "" = skip the check`)
 	f.StringSliceVar(&cfg.MirrorRegistries, "mirror-registries", []string{"docker.io"}, `registries to mirror, comma-separated; "*" = every registry (written as _default/hosts.toml)`)
 	f.Var(newEndpointsValue(&cfg.RegistryEndpoints), "registry-endpoint", "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable); default: the server of an existing hosts.toml, else the registry's usual endpoint")
@@ -74,6 +79,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's profiles (net/http/pprof) under /debug/pprof/ on --metrics-addr, e.g. go tool pprof http://127.0.0.1:9091/debug/pprof/profile?seconds=30; only where nobody else can reach that address")
 	f.StringVar(&cfg.DefaultRegistry, "default-registry", "docker.io", "registry for requests that carry no ?ns= parameter (clients other than containerd)")
 	f.DurationVar(&cfg.MirrorDialTimeout, "mirror-dial-timeout", 200*time.Millisecond, "dial_timeout written into hosts.toml for the mirror host (containerd 1.7+ honours it)")
+	f.DurationVar(&cfg.HostsRecheck, "hosts-recheck-interval", agent.DefaultHostsRecheck, "how often to check that containerd's hosts.toml files are still the ones the agent wrote, and write them again if not (k3s and RKE2 rebuild their certs.d when they restart)")
 	f.DurationVar(&cfg.ManifestTimeout, "manifest-timeout", 10*time.Second, "how long resolving a manifest upstream may take before the runtime is sent to its next host")
 	f.DurationVar(&cfg.FirstByteTimeout, "mirror-first-byte-timeout", mirror.DefaultFirstByteTimeout, "a request the agent cannot start answering within this time gets 503, and containerd goes to its next host (keep it at most 10s: containerd 2.x gives a mirror 30s, 1.6 waits for ever)")
 	f.DurationVar(&cfg.BodyIdleTimeout, "mirror-body-idle-timeout", mirror.DefaultBodyIdleTimeout, "a response body that sends nothing for this long is cut, so the runtime retries instead of hanging")
@@ -219,14 +225,54 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 		}
 	}
 	if k.nodeCache {
-		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), src.Addrs, cfg.Logger.With("component", "nodecache"))
+		var problems []nodecache.Problem
+		for _, f := range agent.CheckContainerd(*cfg) {
+			problems = append(problems, nodecache.Problem{Reason: f.Reason, Message: f.Message})
+		}
+		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), src.Addrs, problems, cfg.Logger.With("component", "nodecache"))
 	}
 	return nil
 }
 
+// reportOnNode records each problem as a Warning event on the node, once per agent start, so
+// that `kubectl describe node` shows it; failing to is logged, never fatal.
+func reportOnNode(ctx context.Context, restCfg *rest.Config, node string, problems []nodecache.Problem, log *slog.Logger) {
+	if len(problems) == 0 {
+		return
+	}
+	client, err := corev1client.NewForConfig(restCfg)
+	if err != nil {
+		log.Warn("cannot report containerd's configuration on the Node", "error", err)
+		return
+	}
+	now := metav1.Now()
+	for _, p := range problems {
+		ev := &corev1.Event{
+			ObjectMeta:          metav1.ObjectMeta{GenerateName: node + ".shoal-", Namespace: metav1.NamespaceDefault},
+			InvolvedObject:      corev1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(node)},
+			Reason:              p.Reason,
+			Message:             p.Message,
+			Type:                corev1.EventTypeWarning,
+			Source:              corev1.EventSource{Component: "shoal-agent", Host: node},
+			FirstTimestamp:      now,
+			LastTimestamp:       now,
+			Count:               1,
+			ReportingController: "shoal.dev/agent",
+			ReportingInstance:   node,
+		}
+		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := client.Events(metav1.NamespaceDefault).Create(ectx, ev, metav1.CreateOptions{})
+		cancel()
+		if err != nil {
+			log.Warn("cannot report containerd's configuration on the Node", "reason", p.Reason, "error", err)
+		}
+	}
+}
+
 // nodeCacheHook runs the NodeCache worker on the agent's content parts.
-func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seeders func([]string) []netip.AddrPort, log *slog.Logger) func(context.Context, agent.Content) error {
+func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seeders func([]string) []netip.AddrPort, problems []nodecache.Problem, log *slog.Logger) func(context.Context, agent.Content) error {
 	return func(ctx context.Context, content agent.Content) error {
+		reportOnNode(ctx, restCfg, k.nodeName, problems, log)
 		var runtime nodecache.Runtime
 		if k.runtimeEndpoint != "" {
 			rt, err := criruntime.Dial(k.runtimeEndpoint, k.runtimeNamespace)
@@ -237,20 +283,21 @@ func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seed
 			runtime = rt
 		}
 		w, err := nodecache.New(restCfg, nodecache.Config{
-			Runtime:        runtime,
-			NodeName:       k.nodeName,
-			AgentVersion:   version,
-			PeerAddress:    peerAddress,
-			Store:          content.Store,
-			Manifests:      content.Upstream,
-			BlobSource:     content.BlobSource,
-			Seeders:        seeders,
-			Mirrors:        content.Mirrors,
-			StatusInterval: k.nodeCacheStatusInterval,
-			StallTimeout:   k.nodeCacheStallTimeout,
-			MaxPinnedShare: k.maxPinnedShare,
-			Registerer:     content.Registerer,
-			Logger:         log,
+			Runtime:            runtime,
+			NodeName:           k.nodeName,
+			AgentVersion:       version,
+			PeerAddress:        peerAddress,
+			Store:              content.Store,
+			Manifests:          content.Upstream,
+			BlobSource:         content.BlobSource,
+			Seeders:            seeders,
+			Mirrors:            content.Mirrors,
+			StatusInterval:     k.nodeCacheStatusInterval,
+			StallTimeout:       k.nodeCacheStallTimeout,
+			MaxPinnedShare:     k.maxPinnedShare,
+			ContainerdProblems: problems,
+			Registerer:         content.Registerer,
+			Logger:             log,
 		})
 		if err != nil {
 			return err

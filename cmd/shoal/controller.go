@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -9,6 +11,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/rest"
@@ -36,6 +39,7 @@ type controllerConfig struct {
 	gracefulShutdown time.Duration
 	endpoints        map[string]string
 	resolveTimeout   time.Duration
+	registryCAFile   string
 	seedPods         bool
 	seedTTL          time.Duration
 	namespaces       []string
@@ -113,8 +117,16 @@ func newControllerCommand() *cobra.Command {
 					insecure = append(insecure, registry)
 				}
 			}
-			resolver, err := resolve.New(resolve.WithEndpoints(cfg.endpoints), resolve.WithInsecure(insecure...),
-				resolve.WithTimeout(cfg.resolveTimeout), resolve.WithRegisterer(metrics.Registry))
+			resolveOpts := []resolve.ResolverOption{resolve.WithEndpoints(cfg.endpoints), resolve.WithInsecure(insecure...),
+				resolve.WithTimeout(cfg.resolveTimeout), resolve.WithRegisterer(metrics.Registry)}
+			if cfg.registryCAFile != "" {
+				rt, err := transportTrusting(cfg.registryCAFile)
+				if err != nil {
+					return fmt.Errorf("%s: %w", flagLabel(cmd.Flags(), "registry-ca-file"), err)
+				}
+				resolveOpts = append(resolveOpts, resolve.WithTransport(rt))
+			}
+			resolver, err := resolve.New(resolveOpts...)
 			if err != nil {
 				return fmt.Errorf("--registry-endpoint: %w", err)
 			}
@@ -185,6 +197,7 @@ func newControllerCommand() *cobra.Command {
 	f.DurationVar(&cfg.leaseDuration, "lease-duration", 15*time.Second, "how long a replica waits for a silent leader's Lease to expire")
 	f.DurationVar(&cfg.gracefulShutdown, "graceful-shutdown", 30*time.Second, "how long reconciles in flight may take to finish on shutdown")
 	f.Var(newEndpointsValue(&cfg.endpoints), "registry-endpoint", "REGISTRY=URL: where a registry is really served, e.g. registry.test=http://127.0.0.1:5000 (repeatable; http:// allows plain HTTP for it)")
+	f.StringVar(&cfg.registryCAFile, "registry-ca-file", "", "PEM file of CA certificates trusted for every registry besides the system roots (registries with a private CA)")
 	f.DurationVar(&cfg.resolveTimeout, "resolve-timeout", resolve.DefaultTimeout, "bound on each registry call made to resolve a reference")
 	f.BoolVar(&cfg.seedPods, "seed-pods", true, "write a SwarmSeed for each image manifest that pending pods are about to pull")
 	f.Float32Var(&cfg.apiQPS, "kube-api-qps", -1, "client-side limit on requests a second to the API server; -1 = none (the API server's priority and fairness applies)")
@@ -217,4 +230,30 @@ func loadRESTConfig(path string) (*rest.Config, error) {
 		return nil, fmt.Errorf("no --kubeconfig, no $KUBECONFIG, and not in a cluster: %w", err)
 	}
 	return cfg, nil
+}
+
+// transportTrusting is go-containerregistry's default transport, trusting the CAs in the PEM
+// file caFile besides the system roots.
+func transportTrusting(caFile string) (http.RoundTripper, error) {
+	data, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", caFile)
+	}
+	base, ok := remote.DefaultTransport.(*http.Transport)
+	if !ok {
+		return nil, fmt.Errorf("go-containerregistry's default transport is a %T, not an *http.Transport", remote.DefaultTransport)
+	}
+	t := base.Clone()
+	if t.TLSClientConfig == nil {
+		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	t.TLSClientConfig.RootCAs = pool
+	return t, nil
 }

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/pem"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"testing"
@@ -112,5 +114,38 @@ func TestControllerCommand(t *testing.T) {
 	}
 	if lease.Spec.HolderIdentity != nil && *lease.Spec.HolderIdentity != "" {
 		t.Errorf("Lease still held by %q after the controller stopped", *lease.Spec.HolderIdentity)
+	}
+}
+
+// TestTransportTrusting: the controller's --registry-ca-file makes its registry client trust
+// that CA (a server with a certificate it signed answers), and a file without a certificate is
+// refused at start.
+func TestTransportTrusting(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
+	defer srv.Close()
+	dir := t.TempDir()
+	caFile := filepath.Join(dir, "ca.crt")
+	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rt, err := transportTrusting(caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := (&http.Client{Transport: rt}).Get(srv.URL)
+	if err != nil {
+		t.Fatalf("GET with the CA trusted: %v", err)
+	}
+	resp.Body.Close()
+	if resp, err := http.Get(srv.URL); err == nil {
+		resp.Body.Close()
+		t.Fatal("the test server is trusted without the CA: the check above proves nothing")
+	}
+	empty := filepath.Join(dir, "empty.crt")
+	if err := os.WriteFile(empty, []byte("not a certificate\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := transportTrusting(empty); err == nil {
+		t.Error("a CA file without a certificate was accepted")
 	}
 }

@@ -6,6 +6,7 @@ package chart
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -92,6 +93,8 @@ var nonDefault = []string{
 	"agent.nodeSelector.pool=gpu", "agent.containerd.hostsDir=/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
 	"controller.replicas=1", "controller.prewarmNamespaces={ml,batch}", "controller.maxPinnedBytesPerNode=500Gi",
 	"controller.seedPods=false", "controller.pullTokens=false", "agentOwnNodePolicy=false",
+	"registryCAConfigMap=registry-ca", "kubernetesServiceHost=10.0.0.1", "kubernetesServicePort=6443",
+	"agent.extraArgs={--log-format=json}", "cleanupOnUninstall=false",
 }
 
 // TestChartAppliesToTheAPIServer renders the chart with default and other values and applies
@@ -133,9 +136,10 @@ func TestChartAppliesToTheAPIServer(t *testing.T) {
 
 // TestChartObjects checks what the rendered agent and controller are allowed and given.
 func TestChartObjects(t *testing.T) {
+	// The agent's DaemonSet and the controller's Deployment (not the uninstall hook's DaemonSet).
 	find := func(objs []*unstructured.Unstructured, kind string) map[string]any {
 		for _, o := range objs {
-			if o.GetKind() == kind {
+			if o.GetKind() == kind && (o.GetName() == "shoal-agent" || o.GetName() == "shoal-controller") {
 				spec, _, _ := unstructured.NestedMap(o.Object, "spec", "template", "spec")
 				return spec
 			}
@@ -195,8 +199,48 @@ func TestChartObjects(t *testing.T) {
 	if psc["runAsNonRoot"] != true || sc["readOnlyRootFilesystem"] != true || sc["allowPrivilegeEscalation"] != false {
 		t.Errorf("controller security context %v / %v: want non-root, read-only root, no escalation", psc, sc)
 	}
-	if a := args(container(find(other, "Deployment"))); !strings.Contains(a, "--prewarm-namespaces=ml,batch") || !strings.Contains(a, "--pull-tokens=false") {
+	if a := args(container(find(other, "Deployment"))); !strings.Contains(a, "--prewarm-namespaces=ml,batch") || !strings.Contains(a, "--pull-tokens=false") ||
+		!strings.Contains(a, "--registry-ca-file=/etc/shoal/registry-ca/ca.crt") {
 		t.Errorf("controller args with other values %q", a)
+	}
+	if a := args(container(find(other, "DaemonSet"))); !strings.Contains(a, "--registry-ca-file=/etc/shoal/registry-ca/ca.crt") || !strings.HasSuffix(a, "--log-format=json") {
+		t.Errorf("agent args with other values %q: the registry CA or the extra args are missing", a)
+	}
+	if m := mounts(container(find(other, "Deployment"))); !strings.Contains(m, "/etc/shoal/registry-ca") {
+		t.Errorf("controller mounts with a registry CA: %q", m)
+	}
+
+	// The k3s preset puts every containerd path where k3s keeps it.
+	k3s, err := render(t, "agent.containerd.preset=k3s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vols := fmt.Sprint(find(k3s, "DaemonSet")["volumes"])
+	for _, want := range []string{"/var/lib/rancher/k3s/agent/etc/containerd/certs.d", "/var/lib/rancher/k3s/agent/etc/containerd/config.toml", "/run/k3s/containerd/containerd.sock"} {
+		if !strings.Contains(vols, want) {
+			t.Errorf("k3s preset: the agent's volumes %s lack %s", vols, want)
+		}
+	}
+	if a := args(container(find(k3s, "DaemonSet"))); !strings.Contains(a, "--containerd-hosts-dir-on-host=/var/lib/rancher/k3s/agent/etc/containerd/certs.d") {
+		t.Errorf("k3s preset: agent args %q", a)
+	}
+
+	// The uninstall hook: a DaemonSet that cleans up where the agents ran, and a Job Helm waits for.
+	hooks := map[string]bool{}
+	for _, o := range def {
+		if o.GetAnnotations()["helm.sh/hook"] == "post-delete" {
+			hooks[o.GetKind()+"/"+o.GetName()] = true
+		}
+	}
+	for _, want := range []string{"DaemonSet/shoal-cleanup", "Job/shoal-cleanup", "ServiceAccount/shoal-cleanup", "Role/shoal-cleanup", "RoleBinding/shoal-cleanup"} {
+		if !hooks[want] {
+			t.Errorf("uninstall hook %s not rendered (hooks: %v)", want, hooks)
+		}
+	}
+	for _, o := range other {
+		if o.GetAnnotations()["helm.sh/hook"] != "" {
+			t.Errorf("cleanupOnUninstall=false, yet hook %s/%s is rendered", o.GetKind(), o.GetName())
+		}
 	}
 }
 
@@ -231,6 +275,11 @@ func TestValuesSchemaRejectsBadValues(t *testing.T) {
 		{"controller.replicas=0", "/controller/replicas"},
 		{"controller.prewarmNamespaces[0]=Not_A_Namespace", "/controller/prewarmNamespaces/0"},
 		{"agent.cacheSzie=1Gi", "cacheSzie"},
+		{"registryCAConfigMap=Not_A_Name", "/registryCAConfigMap"},
+		{"agent.containerd.preset=microk8s", "/agent/containerd/preset"},
+		{"agent.extraArgs[0]=not-a-flag", "/agent/extraArgs/0"},
+		{"kubernetesServiceHost=a b", "/kubernetesServiceHost"},
+		{"agent.livenessProbe.terminationGracePeriodSeconds=0", "/agent/livenessProbe/terminationGracePeriodSeconds"},
 	} {
 		_, err := render(t, tc.set)
 		if err == nil || !strings.Contains(err.Error(), tc.path) {

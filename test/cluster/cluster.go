@@ -36,6 +36,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -75,6 +76,7 @@ type config struct {
 	testbedOpts      []testbed.Option
 	keepDir          bool
 	helmTimeout      time.Duration
+	registryTLS      bool
 }
 
 // WithLogger reports what the cluster starts and stops.
@@ -96,6 +98,12 @@ func WithTestbed(opts ...testbed.Option) Option {
 // WithHelmTimeout bounds InstallShoal's wait for the release to be ready (default 3m).
 func WithHelmTimeout(d time.Duration) Option { return func(c *config) { c.helmTimeout = d } }
 
+// WithRegistryTLS has the nodes pull from the registry over HTTPS, with a certificate from the
+// cluster's own CA: the nodes' hosts.toml trusts it (ca = "ca.crt" beside it), and
+// InstallShoal gives Shoal the CA through the chart's registryCAConfigMap. Pushes still go to
+// the plain registry, which serves the same content.
+func WithRegistryTLS() Option { return func(c *config) { c.registryTLS = true } }
+
 // WithKeepDir keeps the cluster's directory (logs, node state) after Close.
 func WithKeepDir() Option { return func(c *config) { c.keepDir = true } }
 
@@ -110,10 +118,11 @@ type Cluster struct {
 
 	etcd, apiserver, scheduler, controllerManager *harness.Process
 
-	nodes      []*Node
-	restConfig *rest.Config
-	client     kubernetes.Interface
-	kubeconfig string
+	nodes       []*Node
+	registryURL string // what the nodes pull from: the testbed's registry, or its TLS twin
+	restConfig  *rest.Config
+	client      kubernetes.Interface
+	kubeconfig  string
 }
 
 // New builds a cluster of n nodes and waits until every node is Ready and the default
@@ -189,6 +198,17 @@ func (c *Cluster) build(ctx context.Context) error {
 	if err := c.pushSandboxImage(ctx); err != nil {
 		return err
 	}
+	c.registryURL = c.tb.RegistryURL()
+	if c.cfg.registryTLS {
+		if err := c.pki.serverCert(registryCertFile, registryKeyFile, "registry", []net.IP{net.ParseIP(c.tb.RegistryURL()[len("http://"):strings.LastIndex(c.tb.RegistryURL(), ":")])}); err != nil {
+			return err
+		}
+		reg, err := c.tb.StartTLSRegistry(ctx, c.pki.path(registryCertFile), c.pki.path(registryKeyFile))
+		if err != nil {
+			return err
+		}
+		c.registryURL = reg.URL()
+	}
 	if err := c.startControlPlane(ctx); err != nil {
 		return err
 	}
@@ -217,11 +237,21 @@ func (c *Cluster) APIServerURL() string {
 func (c *Cluster) APIServerHost() string { return c.tb.SwitchAddr().String() }
 
 // InitialHostsTOML is the hosts.toml for registry.test every node has before Shoal: the
-// registry's address, over plain HTTP.
+// registry's address, over plain HTTP, or over HTTPS trusting the cluster's CA (ca.crt, a file
+// beside it) with WithRegistryTLS.
 func (c *Cluster) InitialHostsTOML() []byte {
-	url := c.tb.RegistryURL()
+	url := c.registryURL
+	if c.cfg.registryTLS {
+		return fmt.Appendf(nil, "server = %q\nca = \"ca.crt\"\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"ca.crt\"\n", url, url)
+	}
 	return fmt.Appendf(nil, "server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", url, url)
 }
+
+// RegistryURL is where the nodes pull registry.test from.
+func (c *Cluster) RegistryURL() string { return c.registryURL }
+
+// CAFile is the cluster CA's certificate (PEM).
+func (c *Cluster) CAFile() string { return c.pki.path(caFile) }
 
 // Kubeconfig is the path of a cluster-admin kubeconfig (for helm and kubectl).
 func (c *Cluster) Kubeconfig() string { return c.kubeconfig }

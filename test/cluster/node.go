@@ -106,6 +106,15 @@ func (n *Node) writeHostsConfig() error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	if n.c.cfg.registryTLS {
+		ca, err := os.ReadFile(n.c.CAFile())
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, "ca.crt"), ca, 0o644); err != nil {
+			return err
+		}
+	}
 	return os.WriteFile(n.RegistryHostsFile(), n.c.InitialHostsTOML(), 0o644)
 }
 
@@ -300,6 +309,7 @@ func (n *Node) startContainerd(ctx context.Context) error {
 		harness.WithMountNamespace(n.mountns),
 		harness.WithLogger(n.c.logger.With("node", n.Name())),
 		harness.WithBinary(n.c.cfg.containerdBinary),
+		harness.WithConfigPath("/etc/containerd/certs.d"), // inside the node: its own etc-containerd
 	}
 	c, err := harness.StartContainerd(ctx, filepath.Join(n.dir, "containerd"), n.HostsDir(), opts...)
 	if err != nil {

@@ -37,6 +37,8 @@ const (
 	apiKeyFile        = "apiserver.key"
 	kubeletClientCert = "apiserver-kubelet-client.crt"
 	kubeletClientKey  = "apiserver-kubelet-client.key"
+	registryCertFile  = "registry.crt"
+	registryKeyFile   = "registry.key"
 	saKeyFile         = "sa.key"
 	saPubFile         = "sa.pub"
 	tokenFile         = "tokens.csv"
@@ -75,27 +77,8 @@ func newPKI(dir string, apiAddrs []net.IP, nodes []string) (*pki, error) {
 		return nil, err
 	}
 
-	apiKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	apiTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(7 * 24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  apiAddrs,
-		DNSNames:     []string{"kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "localhost"},
-	}
-	if der, err = x509.CreateCertificate(rand.Reader, apiTmpl, p.ca, &apiKey.PublicKey, p.caKey); err != nil {
-		return nil, err
-	}
-	if err := writePEM(filepath.Join(dir, apiCertFile), "CERTIFICATE", der); err != nil {
-		return nil, err
-	}
-	if err := writeKey(filepath.Join(dir, apiKeyFile), apiKey); err != nil {
+	if err := p.serverCert(apiCertFile, apiKeyFile, "kube-apiserver", apiAddrs,
+		"kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "localhost"); err != nil {
 		return nil, err
 	}
 
@@ -164,6 +147,37 @@ func newPKI(dir string, apiAddrs []net.IP, nodes []string) (*pki, error) {
 }
 
 func (p *pki) path(name string) string { return filepath.Join(p.dir, name) }
+
+// serverCert writes a serving certificate signed by the CA, for the addresses and names given,
+// and its key, to the files named certFile and keyFile under the PKI's directory.
+func (p *pki) serverCert(certFile, keyFile, cn string, ips []net.IP, names ...string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(7 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  ips,
+		DNSNames:     names,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, &key.PublicKey, p.caKey)
+	if err != nil {
+		return err
+	}
+	if err := writePEM(p.path(certFile), "CERTIFICATE", der); err != nil {
+		return err
+	}
+	return writeKey(p.path(keyFile), key)
+}
 
 // kubeconfig writes a kubeconfig for identity against server to path.
 func (p *pki) kubeconfig(path, server, identity string) error {

@@ -10,6 +10,10 @@ import (
 	"strconv"
 	"strings"
 
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/shoal-dev/shoal/internal/imagebuild"
 	"github.com/shoal-dev/shoal/test/harness"
 )
@@ -61,8 +65,8 @@ func (c *Cluster) Kubectl(ctx context.Context, args ...string) ([]byte, error) {
 // registry, the API server's real address (no kube-proxy), registry.test mirrored and where it
 // is really served, and one controller replica.
 func (c *Cluster) ShoalValues(tag string) []string {
-	reg := c.tb.RegistryURL()
-	return []string{
+	reg := c.registryURL
+	values := []string{
 		"image.repository=" + RegistryName + "/" + ShoalRepository,
 		"image.tag=" + tag,
 		"kubernetesServiceHost=" + c.APIServerHost(),
@@ -73,6 +77,33 @@ func (c *Cluster) ShoalValues(tag string) []string {
 		"agent.cacheSize=4Gi",
 		"controller.replicas=1",
 	}
+	if c.cfg.registryTLS {
+		values = append(values, "registryCAConfigMap="+registryCAConfigMap)
+	}
+	return values
+}
+
+// registryCAConfigMap holds the cluster's CA for Shoal, with WithRegistryTLS.
+const registryCAConfigMap = "registry-ca"
+
+// createRegistryCA creates the release's namespace and the ConfigMap of the cluster's CA in it.
+func (c *Cluster) createRegistryCA(ctx context.Context) error {
+	ca, err := os.ReadFile(c.CAFile())
+	if err != nil {
+		return err
+	}
+	_, err = c.client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ReleaseNamespace}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	_, err = c.client.CoreV1().ConfigMaps(ReleaseNamespace).Create(ctx, &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: registryCAConfigMap},
+		Data:       map[string]string{"ca.crt": string(ca)},
+	}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	return nil
 }
 
 // InstallShoal installs the chart at chartDir as release "shoal" in shoal-system with
@@ -80,6 +111,11 @@ func (c *Cluster) ShoalValues(tag string) []string {
 func (c *Cluster) InstallShoal(ctx context.Context, chartDir, tag string, set ...string) ([]byte, error) {
 	if _, err := os.Stat(filepath.Join(chartDir, "Chart.yaml")); err != nil {
 		return nil, fmt.Errorf("chart: %w", err)
+	}
+	if c.cfg.registryTLS {
+		if err := c.createRegistryCA(ctx); err != nil {
+			return nil, fmt.Errorf("registry CA: %w", err)
+		}
 	}
 	args := []string{"upgrade", "--install", "shoal", chartDir, "--namespace", ReleaseNamespace, "--create-namespace", "--wait", "--timeout", c.cfg.helmTimeout.String()}
 	for _, v := range append(c.ShoalValues(tag), set...) {

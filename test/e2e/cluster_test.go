@@ -28,6 +28,13 @@ var chartDir = filepath.Join("..", "..", "charts", "shoal")
 // test, and stops it when the test ends.
 func newCluster(t *testing.T, ctx context.Context, n int, set []string, opts ...cluster.Option) *cluster.Cluster {
 	t.Helper()
+	return newClusterWith(t, ctx, n, set, nil, opts...)
+}
+
+// newClusterWith is newCluster that calls before, if not nil, between starting the cluster and
+// installing Shoal.
+func newClusterWith(t *testing.T, ctx context.Context, n int, set []string, before func(*cluster.Cluster), opts ...cluster.Option) *cluster.Cluster {
+	t.Helper()
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	c, err := cluster.New(ctx, n, append([]cluster.Option{cluster.WithLogger(logger)}, opts...)...)
 	if err != nil {
@@ -41,6 +48,9 @@ func newCluster(t *testing.T, ctx context.Context, n int, set []string, opts ...
 			t.Errorf("close cluster: %v", err)
 		}
 	})
+	if before != nil {
+		before(c)
+	}
 	if _, err := c.PushShoalImage(ctx, shoalBinary(t), "e2e"); err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -47,6 +48,7 @@ type Containerd struct {
 	root        string
 	socket      string
 	hostsDir    string
+	configPath  string // config_path when it differs from hostsDir (WithConfigPath)
 	snapshotter string
 	proc        *process
 	cri         *CRIClient
@@ -64,6 +66,7 @@ func StartContainerd(ctx context.Context, dir, hostsDir string, opts ...Option) 
 		socket:   filepath.Join(dir, "state", "containerd.sock"),
 		hostsDir: hostsDir,
 	}
+	c.configPath = o.configPath
 	for _, d := range []string{c.root, filepath.Join(dir, "state"), filepath.Join(dir, "runc"), hostsDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create containerd directory: %w", err)
@@ -169,7 +172,7 @@ func (c *Containerd) configArgs() []any {
 	return []any{
 		c.root, filepath.Join(c.dir, "state"), c.socket, c.snapshotter,
 		filepath.Join(c.dir, "runc"), filepath.Join(c.dir, "cni", "bin"), filepath.Join(c.dir, "cni", "net.d"),
-		c.hostsDir,
+		cmp.Or(c.configPath, c.hostsDir),
 	}
 }
 

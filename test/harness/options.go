@@ -19,6 +19,8 @@ type options struct {
 	tlsKey      string
 	authUser    string // WithBasicAuth
 	authPass    string
+	storage     string // WithStorage
+	configPath  string // WithConfigPath
 }
 
 func newOptions(defaultBinary string, opts []Option) options {
@@ -74,4 +76,19 @@ func WithListenAddr(addr string) Option {
 // paths. Only StartContainerd reads it.
 func WithMountNamespace(path string) Option {
 	return func(o *options) { o.mountns = path }
+}
+
+// WithStorage makes the registry keep its content in dir instead of under its own directory, so
+// that a second registry can serve the same content (over HTTPS beside one over HTTP, say).
+// Only StartRegistry reads it.
+func WithStorage(dir string) Option {
+	return func(o *options) { o.storage = dir }
+}
+
+// WithConfigPath writes path into containerd's config_path instead of the hosts directory given
+// to StartContainerd: the same directory as containerd names it when it runs in a mount
+// namespace of its own (the local cluster's nodes see theirs at /etc/containerd/certs.d).
+// Only StartContainerd reads it.
+func WithConfigPath(path string) Option {
+	return func(o *options) { o.configPath = path }
 }

@@ -93,6 +93,9 @@ func StartRegistry(ctx context.Context, dir string, opts ...Option) (*Registry, 
 		tlsConfig = fmt.Sprintf("  tls:\n    certificate: %s\n    key: %s\n", o.tlsCert, o.tlsKey)
 	}
 	storage := filepath.Join(dir, "storage")
+	if o.storage != "" {
+		storage = o.storage
+	}
 	if err := os.MkdirAll(storage, 0o755); err != nil {
 		return nil, fmt.Errorf("create registry storage: %w", err)
 	}

@@ -283,6 +283,27 @@ func (tb *Testbed) RegistryHost() string {
 	return net.JoinHostPort(registryIP.String(), strconv.Itoa(registryPort))
 }
 
+// TLSRegistryPort is where StartTLSRegistry's registry listens on the registry's address.
+const TLSRegistryPort = 5443
+
+// StartTLSRegistry starts a second registry in the registry's namespace, on port
+// TLSRegistryPort, serving the same content over HTTPS with the PEM certificate and key given
+// (which must be valid for the registry's address). Pushes keep going to the plain one. It stops
+// with the testbed.
+func (tb *Testbed) StartTLSRegistry(ctx context.Context, certFile, keyFile string) (*harness.Registry, error) {
+	reg, err := harness.StartRegistry(ctx, filepath.Join(tb.dir, "registry-tls"),
+		harness.WithNetns(tb.RegistryNetns()),
+		harness.WithListenAddr(net.JoinHostPort(registryIP.String(), strconv.Itoa(TLSRegistryPort))),
+		harness.WithStorage(filepath.Join(tb.dir, "registry", "storage")),
+		harness.WithTLS(certFile, keyFile),
+		harness.WithLogger(tb.cfg.logger))
+	if err != nil {
+		return nil, err
+	}
+	tb.undo = append(tb.undo, reg.Close)
+	return reg, nil
+}
+
 // RegistryNetns is the path of the registry's network namespace.
 func (tb *Testbed) RegistryNetns() string { return filepath.Join(netnsDir, tb.names.registryNetns()) }
 

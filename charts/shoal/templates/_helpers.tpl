@@ -32,3 +32,24 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   value: {{ .Values.kubernetesServicePort | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+containerd's paths on the node: the values' own, or a distribution's preset. k3s and RKE2 run
+their own containerd under /var/lib/rancher and /run/k3s.
+*/}}
+{{- define "shoal.containerd" -}}
+{{- $c := .Values.agent.containerd -}}
+{{- if eq $c.preset "k3s" -}}
+hostsDir: /var/lib/rancher/k3s/agent/etc/containerd/certs.d
+configFile: /var/lib/rancher/k3s/agent/etc/containerd/config.toml
+socket: /run/k3s/containerd/containerd.sock
+{{- else if eq $c.preset "rke2" -}}
+hostsDir: /var/lib/rancher/rke2/agent/etc/containerd/certs.d
+configFile: /var/lib/rancher/rke2/agent/etc/containerd/config.toml
+socket: /run/k3s/containerd/containerd.sock
+{{- else -}}
+hostsDir: {{ $c.hostsDir }}
+configFile: {{ $c.configFile }}
+socket: {{ $c.socket }}
+{{- end }}
+{{- end }}
