@@ -48,7 +48,7 @@ generate: deps ## Generate deepcopy code for the API types.
 	@if compgen -G 'api/*/*.go' >/dev/null; then $(CONTROLLER_GEN) object paths=./api/...; fi
 
 .PHONY: manifests
-manifests: deps ## Generate CRDs and RBAC (the controller's and the agent's roles) into config/.
+manifests: deps ## Generate CRDs and RBAC into config/ and the chart, and the kustomize bases' workloads from the chart.
 	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=shoal-controller paths=./controllers/... output:rbac:artifacts:config=config/rbac/controller
 	$(CONTROLLER_GEN) rbac:roleName=shoal-agent paths=./agent/... output:rbac:artifacts:config=config/rbac/agent
@@ -58,6 +58,8 @@ manifests: deps ## Generate CRDs and RBAC (the controller's and the agent's role
 	cp config/rbac/controller/role.yaml charts/shoal/files/rbac/controller.yaml
 	cp config/rbac/agent/role.yaml charts/shoal/files/rbac/agent.yaml
 	cp config/policy/agent-own-node.yaml charts/shoal/files/agent-own-node.yaml
+	@# The kustomize bases run the chart's own pods, rendered with its defaults.
+	hack/kustomize-workloads.sh
 
 ##@ Verify
 
