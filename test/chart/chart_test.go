@@ -5,6 +5,7 @@ package chart
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -284,6 +285,78 @@ func TestValuesSchemaRejectsBadValues(t *testing.T) {
 		_, err := render(t, tc.set)
 		if err == nil || !strings.Contains(err.Error(), tc.path) {
 			t.Errorf("--set %s: %v; want an error naming %s", tc.set, err, tc.path)
+		}
+	}
+}
+
+// TestMonitoringObjects renders the optional Prometheus Operator objects and the dashboard: off
+// by default; when on, a ServiceMonitor for the agents' and the controller's metrics Services,
+// alerts on the agents' series, and a dashboard ConfigMap that holds valid JSON querying them.
+func TestMonitoringObjects(t *testing.T) {
+	def, err := render(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range def {
+		if k := o.GetKind(); k == "ServiceMonitor" || k == "PrometheusRule" || o.GetName() == "shoal-dashboard" || o.GetName() == "shoal-agent-metrics" {
+			t.Errorf("monitoring is off by default, yet %s %s is rendered", k, o.GetName())
+		}
+	}
+	on, err := render(t, "monitoring.serviceMonitor.enabled=true", "monitoring.prometheusRule.enabled=true", "monitoring.dashboard.enabled=true",
+		"monitoring.serviceMonitor.labels.release=prom")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]*unstructured.Unstructured{}
+	for _, o := range on {
+		got[o.GetKind()+"/"+o.GetName()] = o
+	}
+	if sm := got["ServiceMonitor/shoal"]; sm == nil || sm.GetLabels()["release"] != "prom" {
+		t.Errorf("ServiceMonitor: %v", sm)
+	}
+	svc := got["Service/shoal-agent-metrics"]
+	if svc == nil {
+		t.Fatal("no Service for the agents' metrics")
+	}
+	if ports, _, _ := unstructured.NestedSlice(svc.Object, "spec", "ports"); len(ports) != 1 || ports[0].(map[string]any)["name"] != "metrics" {
+		t.Errorf("agent metrics Service ports %v, want one named metrics (what the ServiceMonitor scrapes)", ports)
+	}
+	rule := got["PrometheusRule/shoal"]
+	if rule == nil {
+		t.Fatal("no PrometheusRule")
+	}
+	groups, _, _ := unstructured.NestedSlice(rule.Object, "spec", "groups")
+	alerts := map[string]string{}
+	for _, g := range groups {
+		rules, _ := g.(map[string]any)["rules"].([]any)
+		for _, r := range rules {
+			m := r.(map[string]any)
+			alerts[m["alert"].(string)] = m["expr"].(string)
+		}
+	}
+	for _, want := range []string{"ShoalAgentDown", "ShoalMirrorFallingBack", "ShoalNodeCacheItemsFailed"} {
+		if alerts[want] == "" {
+			t.Errorf("alert %s missing (alerts: %v)", want, alerts)
+		}
+	}
+	cm := got["ConfigMap/shoal-dashboard"]
+	if cm == nil {
+		t.Fatal("no dashboard ConfigMap")
+	}
+	data, _, _ := unstructured.NestedString(cm.Object, "data", "shoal.json")
+	var dash struct {
+		Panels []struct {
+			Targets []struct{ Expr string } `json:"targets"`
+		} `json:"panels"`
+	}
+	if err := json.Unmarshal([]byte(data), &dash); err != nil || len(dash.Panels) == 0 {
+		t.Fatalf("dashboard JSON: %v (%d panels)", err, len(dash.Panels))
+	}
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			if !strings.Contains(tg.Expr, "shoal_") {
+				t.Errorf("dashboard query %q reads no Shoal series", tg.Expr)
+			}
 		}
 	}
 }
