@@ -318,7 +318,8 @@ func TestMonitoringObjects(t *testing.T) {
 	if svc == nil {
 		t.Fatal("no Service for the agents' metrics")
 	}
-	if ports, _, _ := unstructured.NestedSlice(svc.Object, "spec", "ports"); len(ports) != 1 || ports[0].(map[string]any)["name"] != "metrics" {
+	ports, _, _ := unstructured.NestedSlice(svc.Object, "spec", "ports")
+	if first, _ := slicesFirst(ports).(map[string]any); len(ports) != 1 || first["name"] != "metrics" {
 		t.Errorf("agent metrics Service ports %v, want one named metrics (what the ServiceMonitor scrapes)", ports)
 	}
 	rule := got["PrometheusRule/shoal"]
@@ -330,8 +331,10 @@ func TestMonitoringObjects(t *testing.T) {
 	for _, g := range groups {
 		rules, _ := g.(map[string]any)["rules"].([]any)
 		for _, r := range rules {
-			m := r.(map[string]any)
-			alerts[m["alert"].(string)] = m["expr"].(string)
+			m, _ := r.(map[string]any)
+			name, _ := m["alert"].(string)
+			expr, _ := m["expr"].(string)
+			alerts[name] = expr
 		}
 	}
 	for _, want := range []string{"ShoalAgentDown", "ShoalMirrorFallingBack", "ShoalNodeCacheItemsFailed"} {
