@@ -15,6 +15,8 @@ import (
 	"strings"
 	"testing"
 
+	"sigs.k8s.io/yaml"
+
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -361,5 +363,63 @@ func TestMonitoringObjects(t *testing.T) {
 				t.Errorf("dashboard query %q reads no Shoal series", tg.Expr)
 			}
 		}
+	}
+}
+
+// TestConfigurationDocListsEveryValue: every value of values.yaml (maps of free keys, such as
+// registryEndpoints, counted as one) has a row in docs/configuration.md, and every row names a
+// value that exists.
+func TestConfigurationDocListsEveryValue(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join(chartDir(), "values.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var values map[string]any
+	if err := yaml.Unmarshal(raw, &values); err != nil {
+		t.Fatal(err)
+	}
+	freeKeys := map[string]bool{"registryEndpoints": true, "nodeSelector": true, "labels": true, "resources": true, "updateStrategy": true, "livenessProbe": true}
+	var leaves []string
+	var walk func(prefix string, m map[string]any)
+	walk = func(prefix string, m map[string]any) {
+		for k, v := range m {
+			if sub, ok := v.(map[string]any); ok && len(sub) > 0 && !freeKeys[k] {
+				walk(prefix+k+".", sub)
+				continue
+			}
+			leaves = append(leaves, prefix+k)
+		}
+	}
+	walk("", values)
+	doc, err := os.ReadFile(filepath.Join(chartDir(), "..", "..", "docs", "configuration.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	documented := map[string]bool{}
+	for line := range strings.SplitSeq(string(doc), "\n") {
+		key, ok := strings.CutPrefix(line, "| `")
+		if !ok || strings.HasPrefix(key, "--") {
+			continue
+		}
+		key, _, _ = strings.Cut(key, "`")
+		// "a.b, a.c" and "a.b.enabled, .interval" name several values of one row.
+		var parent string
+		for i, k := range strings.Split(key, ", ") {
+			if strings.HasPrefix(k, ".") {
+				k = parent + k
+			} else if i == 0 {
+				parent = k[:max(strings.LastIndex(k, "."), 0)]
+			}
+			documented[k] = true
+		}
+	}
+	for _, leaf := range leaves {
+		if !documented[leaf] {
+			t.Errorf("docs/configuration.md: no row for the value %s", leaf)
+		}
+		delete(documented, leaf)
+	}
+	for k := range documented {
+		t.Errorf("docs/configuration.md documents the value %s, which values.yaml does not have", k)
 	}
 }
