@@ -92,6 +92,9 @@ func StartRegistry(ctx context.Context, dir string, opts ...Option) (*Registry, 
 		r.scheme = "https"
 		tlsConfig = fmt.Sprintf("  tls:\n    certificate: %s\n    key: %s\n", o.tlsCert, o.tlsKey)
 	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create registry directory: %w", err)
+	}
 	storage := filepath.Join(dir, "storage")
 	if o.storage != "" {
 		storage = o.storage
