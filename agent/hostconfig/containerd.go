@@ -11,6 +11,10 @@ import (
 	"github.com/pelletier/go-toml/v2"
 )
 
+// containerd2DefaultConfigPath is the config_path containerd 2.x uses on Linux when its
+// configuration sets none (and no registry mirrors).
+const containerd2DefaultConfigPath = "/etc/containerd/certs.d:/etc/docker/certs.d"
+
 // maxConfigFiles bounds how many files a containerd config may import.
 const maxConfigFiles = 64
 
@@ -58,6 +62,11 @@ func CheckContainerdConfig(configPath, dir string) error {
 		return fmt.Errorf("%s: plugins.%s.registry is not a table", sectionFile, quote(key))
 	}
 	roots, isString := value.(string)
+	if value == nil && version >= 3 {
+		// containerd 2.x (the only reader of version 3 files) reads hosts.toml files from its
+		// default directories when config_path is unset, on Linux.
+		value, roots, isString = containerd2DefaultConfigPath, containerd2DefaultConfigPath, true
+	}
 	switch {
 	case value == nil || roots == "" && isString:
 		return fmt.Errorf("containerd ignores Shoal's hosts.toml files: its CRI plugin has no registry config_path; %s", fix)

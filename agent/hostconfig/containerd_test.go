@@ -82,6 +82,17 @@ func TestCheckContainerdConfig(t *testing.T) {
 			noDump: true,
 		},
 		{
+			// containerd 2.x reads /etc/containerd/certs.d:/etc/docker/certs.d when unset.
+			name:   "version 3, config_path unset",
+			files:  map[string]string{"config.toml": "version = 3\n[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'overlayfs'\n"},
+			noDump: true,
+		},
+		{
+			name:   "version 3, no CRI section at all",
+			files:  map[string]string{"config.toml": "version = 3\n"},
+			noDump: true,
+		},
+		{
 			name: "set in an import",
 			files: map[string]string{
 				"config.toml":          "version = 2\nimports = [\"conf.d/registry.toml\"]\n",
