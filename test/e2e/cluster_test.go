@@ -87,10 +87,24 @@ func dumpCluster(t *testing.T, c *cluster.Cluster) {
 // restores each node's hosts.toml byte for byte and releases those pins (the image stays).
 func TestHelmInstallOnRealCluster(t *testing.T) {
 	harness.RequireIsolation(t)
+	// containerd 2.x, the runtime of current Kubernetes releases, on three nodes; Debian's 1.6 on
+	// two (it cannot pin: the pre-warmed image is imported, and Shoal's label still released).
+	for _, tc := range []struct {
+		name  string
+		nodes int32
+		opts  []cluster.Option
+	}{
+		{"containerd 2", 3, nil},
+		{"containerd 1.6", 2, []cluster.Option{cluster.WithContainerdBinary(harness.DefaultContainerdBinary)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { helmInstallOnRealCluster(t, tc.nodes, tc.opts...) })
+	}
+}
+
+func helmInstallOnRealCluster(t *testing.T, nodes int32, opts ...cluster.Option) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	const nodes = 3
-	c := newCluster(t, ctx, nodes, nil, cluster.WithHelmTimeout(time.Minute))
+	c := newCluster(t, ctx, int(nodes), nil, append(opts, cluster.WithHelmTimeout(time.Minute))...)
 
 	ds, err := c.Client().AppsV1().DaemonSets(cluster.ReleaseNamespace).Get(ctx, "shoal-agent", metav1.GetOptions{})
 	if err != nil {
