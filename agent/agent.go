@@ -519,8 +519,10 @@ func (c *Config) mirrors(registry string) bool {
 
 func writeHostsConfig(cfg Config, endpoints *endpointResolver, log *slog.Logger) error {
 	for _, f := range CheckContainerd(cfg) {
-		switch f.Reason {
-		case ReasonHostsNotRead:
+		switch {
+		case f.Info:
+			log.Info("containerd's configuration", "reason", f.Reason, "note", f.Message)
+		case f.Reason == ReasonHostsNotRead:
 			log.Warn("containerd will ignore the mirror: pulls bypass Shoal until this is fixed", "reason", f.Reason, "error", f.Message)
 		default:
 			log.Warn("containerd's configuration works against Shoal", "reason", f.Reason, "error", f.Message)

@@ -3,6 +3,8 @@ package agent
 import (
 	"cmp"
 	"errors"
+	"fmt"
+	"strings"
 	"io/fs"
 	"os"
 
@@ -16,6 +18,10 @@ const (
 	ReasonHostsNotRead = "ContainerdIgnoresMirror"
 	// ReasonDiscardUnpackedLayers: containerd deletes image layers once it has unpacked them.
 	ReasonDiscardUnpackedLayers = "ContainerdDiscardsLayers"
+	// ReasonAnotherMirror: the node's own hosts.toml for a mirrored registry lists another
+	// mirror (k3s's embedded registry, a pull-through cache). Not a fault: containerd tries
+	// Shoal, then it, then the registry.
+	ReasonAnotherMirror = "AnotherMirrorConfigured"
 )
 
 // ContainerdFinding is something in containerd's configuration that keeps Shoal from working as
@@ -23,6 +29,8 @@ const (
 type ContainerdFinding struct {
 	Reason  string
 	Message string
+	// Info marks a finding that is worth knowing but keeps nothing from working.
+	Info bool
 }
 
 // The agent reports what CheckContainerd finds as events on its Node.
@@ -47,6 +55,17 @@ func CheckContainerd(cfg Config) []ContainerdFinding {
 	}
 	if err := hostconfig.CheckDiscardUnpackedLayers(cfg.ContainerdConfig); err != nil {
 		found = append(found, ContainerdFinding{Reason: ReasonDiscardUnpackedLayers, Message: err.Error()})
+	}
+	for _, registry := range cfg.MirrorRegistries {
+		if registry == "*" {
+			continue
+		}
+		if mirrors, err := hostconfig.ExistingMirrors(cfg.ContainerdHostsDir, registry); err == nil && len(mirrors) > 0 {
+			found = append(found, ContainerdFinding{Reason: ReasonAnotherMirror, Info: true, Message: fmt.Sprintf(
+				"the node's hosts.toml for %s lists another mirror, %s (k3s's embedded registry writes such entries): containerd tries Shoal first, then it, then the registry; "+
+					"run one of the two for a registry, as two peer-to-peer mirrors each fetch what the other could have given",
+				registry, strings.Join(mirrors, ", "))})
+		}
 	}
 	return found
 }

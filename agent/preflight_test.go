@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -48,5 +49,24 @@ func TestCheckContainerd(t *testing.T) {
 	}
 	if found := CheckContainerd(Config{ContainerdHostsDir: "/host/certs.d"}); found != nil {
 		t.Errorf("no config file to check, yet %+v", found)
+	}
+
+	// Another mirror in the node's own file for a mirrored registry: worth a note, not a fault.
+	dir := t.TempDir()
+	config := filepath.Join(dir, "config.toml")
+	hosts := filepath.Join(dir, "certs.d")
+	if err := os.WriteFile(config, []byte(fmt.Sprintf("version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = %q\n", hosts)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(hosts, "docker.io"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	k3s := "server = \"https://registry-1.docker.io\"\n\n[host.\"https://10.0.0.5:6443/v2\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+	if err := os.WriteFile(filepath.Join(hosts, "docker.io", "hosts.toml"), []byte(k3s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	found := CheckContainerd(Config{ContainerdConfig: config, ContainerdHostsDir: hosts, MirrorRegistries: []string{"docker.io", "*"}})
+	if len(found) != 1 || found[0].Reason != ReasonAnotherMirror || !found[0].Info || !strings.Contains(found[0].Message, "https://10.0.0.5:6443/v2") {
+		t.Errorf("findings %+v, want one note naming the other mirror", found)
 	}
 }

@@ -294,3 +294,29 @@ func hostKey(raw string) (string, error) {
 	}
 	return u.Scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port), nil
 }
+
+// ExistingMirrors returns the hosts that the hosts.toml containerd would read for registry,
+// were Shoal not installed, lists besides the registry's own endpoint (its server): other
+// mirrors, such as k3s's embedded registry (Spegel) or a pull-through cache. Shoal puts itself
+// before them, and containerd tries them after Shoal and before the registry.
+func ExistingMirrors(dir, registry string) ([]string, error) {
+	o, err := findOriginal(dir, registry)
+	if err != nil {
+		return nil, err
+	}
+	hosts, err := o.hosts(registry)
+	if err != nil || len(hosts) == 0 {
+		return nil, err
+	}
+	server, err := hostKey(hosts[len(hosts)-1].url) // the server comes last
+	if err != nil {
+		return nil, err
+	}
+	var mirrors []string
+	for _, h := range hosts[:len(hosts)-1] {
+		if key, err := hostKey(h.url); err != nil || key != server {
+			mirrors = append(mirrors, h.url)
+		}
+	}
+	return mirrors, nil
+}

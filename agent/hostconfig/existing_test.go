@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -291,5 +292,34 @@ client = [["a.cert", "a.key"]]
 				}
 			}
 		})
+	}
+}
+
+// TestExistingMirrors finds the hosts of the node's own file other than the registry's server,
+// also once Shoal merged into the file, and none in a file that lists only the server.
+func TestExistingMirrors(t *testing.T) {
+	dir := t.TempDir()
+	write := func(registry, content string) {
+		if err := os.MkdirAll(filepath.Join(dir, registry), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, registry, "hosts.toml"), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("docker.io", "server = \"https://registry-1.docker.io\"\n\n[host.\"https://10.0.0.5:6443/v2\"]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n\n[host.\"https://registry-1.docker.io\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
+	write("registry.test", "server = \"http://10.99.0.1:5000\"\n\n[host.\"http://10.99.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
+	for registry, want := range map[string][]string{"docker.io": {"https://10.0.0.5:6443/v2"}, "registry.test": nil, "ghcr.io": nil} {
+		got, err := ExistingMirrors(dir, registry)
+		if err != nil || !slices.Equal(got, want) {
+			t.Errorf("ExistingMirrors(%s) = %v, %v; want %v", registry, got, err, want)
+		}
+	}
+	// Shoal merged in front: the mirror found is still the user's, never Shoal's own.
+	if err := Write(Config{Dir: dir, MirrorURL: "http://127.0.0.1:5001", Registries: []string{"docker.io"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ExistingMirrors(dir, "docker.io"); err != nil || !slices.Equal(got, []string{"https://10.0.0.5:6443/v2"}) {
+		t.Errorf("after Shoal's merge: %v, %v", got, err)
 	}
 }

@@ -225,19 +225,17 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 		}
 	}
 	if k.nodeCache {
-		var problems []nodecache.Problem
-		for _, f := range agent.CheckContainerd(*cfg) {
-			problems = append(problems, nodecache.Problem{Reason: f.Reason, Message: f.Message})
-		}
-		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), src.Addrs, problems, cfg.Logger.With("component", "nodecache"))
+		findings := agent.CheckContainerd(*cfg)
+		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), src.Addrs, findings, cfg.Logger.With("component", "nodecache"))
 	}
 	return nil
 }
 
-// reportOnNode records each problem as a Warning event on the node, once per agent start, so
-// that `kubectl describe node` shows it; failing to is logged, never fatal.
-func reportOnNode(ctx context.Context, restCfg *rest.Config, node string, problems []nodecache.Problem, log *slog.Logger) {
-	if len(problems) == 0 {
+// reportOnNode records each finding of the preflight as an event on the node (Warning, or
+// Normal for one that keeps nothing from working), once per agent start, so that
+// `kubectl describe node` shows it; failing to is logged, never fatal.
+func reportOnNode(ctx context.Context, restCfg *rest.Config, node string, findings []agent.ContainerdFinding, log *slog.Logger) {
+	if len(findings) == 0 {
 		return
 	}
 	client, err := corev1client.NewForConfig(restCfg)
@@ -246,13 +244,17 @@ func reportOnNode(ctx context.Context, restCfg *rest.Config, node string, proble
 		return
 	}
 	now := metav1.Now()
-	for _, p := range problems {
+	for _, p := range findings {
+		kind := corev1.EventTypeWarning
+		if p.Info {
+			kind = corev1.EventTypeNormal
+		}
 		ev := &corev1.Event{
 			ObjectMeta:          metav1.ObjectMeta{GenerateName: node + ".shoal-", Namespace: metav1.NamespaceDefault},
 			InvolvedObject:      corev1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(node)},
 			Reason:              p.Reason,
 			Message:             p.Message,
-			Type:                corev1.EventTypeWarning,
+			Type:                kind,
 			Source:              corev1.EventSource{Component: "shoal-agent", Host: node},
 			FirstTimestamp:      now,
 			LastTimestamp:       now,
@@ -270,9 +272,16 @@ func reportOnNode(ctx context.Context, restCfg *rest.Config, node string, proble
 }
 
 // nodeCacheHook runs the NodeCache worker on the agent's content parts.
-func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seeders func([]string) []netip.AddrPort, problems []nodecache.Problem, log *slog.Logger) func(context.Context, agent.Content) error {
+func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seeders func([]string) []netip.AddrPort, findings []agent.ContainerdFinding, log *slog.Logger) func(context.Context, agent.Content) error {
 	return func(ctx context.Context, content agent.Content) error {
-		reportOnNode(ctx, restCfg, k.nodeName, problems, log)
+		reportOnNode(ctx, restCfg, k.nodeName, findings, log)
+		// The NodeCache's condition is about what keeps Shoal from working on the node.
+		var problems []nodecache.Problem
+		for _, f := range findings {
+			if !f.Info {
+				problems = append(problems, nodecache.Problem{Reason: f.Reason, Message: f.Message})
+			}
+		}
 		var runtime nodecache.Runtime
 		if k.runtimeEndpoint != "" {
 			rt, err := criruntime.Dial(k.runtimeEndpoint, k.runtimeNamespace)
