@@ -44,14 +44,11 @@ func CheckContainerdConfig(configPath, dir string) error {
 			"create it with `version = 2` and config_path = %s in a [plugins.%s.registry] section, and restart containerd",
 			configPath, quote(dir), quote("io.containerd.grpc.v1.cri"))
 	}
-	version, sectionFile, section, err := loadCRISection(configPath)
+	cri, err := loadCRISection(configPath)
 	if err != nil {
 		return err
 	}
-	key, ok := criPlugin(version)
-	if !ok {
-		return fmt.Errorf("%s: unknown containerd config version %d", configPath, version)
-	}
+	version, sectionFile, section, key := cri.version, cri.file, cri.table, cri.key
 	fix := fmt.Sprintf("set config_path = %s in the [plugins.%s.registry] section of %s and restart containerd",
 		quote(dir), quote(key), sectionFile)
 
@@ -88,10 +85,31 @@ func CheckContainerdConfig(configPath, dir string) error {
 		roots, sectionFile, dir, fix)
 }
 
+// criSection is the CRI plugin's section of a containerd configuration.
+type criSection struct {
+	version int64          // the effective config version
+	key     string         // the plugin's name in that version
+	file    string         // the file the section came from (the main file when absent)
+	table   map[string]any // nil when the configuration has no such section
+}
+
 // loadCRISection reads configPath and its imports in containerd's order (each file's plugin
 // sections replace earlier ones wholesale; the last non-zero version wins) and returns the
 // effective config version and CRI plugin section, with the file it came from.
-func loadCRISection(configPath string) (version int64, sectionFile string, section map[string]any, err error) {
+func loadCRISection(configPath string) (criSection, error) {
+	version, sectionFile, section, err := readCRISection(configPath)
+	if err != nil {
+		return criSection{}, err
+	}
+	key, ok := criPlugin(version)
+	if !ok {
+		return criSection{}, fmt.Errorf("%s: unknown containerd config version %d", configPath, version)
+	}
+	return criSection{version: version, key: key, file: sectionFile, table: section}, nil
+}
+
+// readCRISection is loadCRISection's reading of the files.
+func readCRISection(configPath string) (version int64, sectionFile string, section map[string]any, err error) {
 	type configFile struct {
 		Version int64          `toml:"version"`
 		Imports []string       `toml:"imports"`
@@ -162,23 +180,19 @@ func loadCRISection(configPath string) (version int64, sectionFile string, secti
 // in the CRI plugin's containerd section up to config version 2, in its images plugin in 3).
 // Pulls still work; the error says what it costs and how to turn it off.
 func CheckDiscardUnpackedLayers(configPath string) error {
-	version, sectionFile, section, err := loadCRISection(configPath)
+	cri, err := loadCRISection(configPath)
 	if err != nil {
 		return err
 	}
-	key, ok := criPlugin(version)
-	if !ok {
-		return fmt.Errorf("%s: unknown containerd config version %d", configPath, version)
-	}
-	table, where := section, fmt.Sprintf("[plugins.%s]", quote(key))
-	if version < 3 {
-		table, _ = section["containerd"].(map[string]any)
-		where = fmt.Sprintf("[plugins.%s.containerd]", quote(key))
+	table, where := cri.table, fmt.Sprintf("[plugins.%s]", quote(cri.key))
+	if cri.version < 3 {
+		table, _ = cri.table["containerd"].(map[string]any)
+		where = fmt.Sprintf("[plugins.%s.containerd]", quote(cri.key))
 	}
 	if discard, _ := table["discard_unpacked_layers"].(bool); discard {
 		return fmt.Errorf("containerd deletes image layers once unpacked (discard_unpacked_layers = true in %s of %s): "+
 			"images keep running, but containerd fetches the layers again for any new unpack, and tools that read its content store find them missing; "+
-			"set it to false and restart containerd to keep them", where, sectionFile)
+			"set it to false and restart containerd to keep them", where, cri.file)
 	}
 	return nil
 }

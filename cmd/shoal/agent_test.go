@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/shoal-dev/shoal/agent"
@@ -101,8 +102,16 @@ func TestOperationsDocListsEveryFlag(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	checkFlagRows(t, "docs/operations.md", string(doc), newAgentCommand())
+}
+
+// checkFlagRows checks that text, a document or one of its sections, has a table row ("| `--flag`
+// | ...", or several flags of one row: "| `--a`, `--b` |") naming its environment variable for
+// every visible flag of cmd, and no row for a flag cmd lacks.
+func checkFlagRows(t *testing.T, where, text string, cmd *cobra.Command) {
+	t.Helper()
 	rows := map[string]string{} // flag → its row
-	for line := range strings.SplitSeq(string(doc), "\n") {
+	for line := range strings.SplitSeq(text, "\n") {
 		if !strings.HasPrefix(line, "| `--") {
 			continue
 		}
@@ -111,7 +120,6 @@ func TestOperationsDocListsEveryFlag(t *testing.T) {
 			rows[strings.Trim(name, "`-")] = line
 		}
 	}
-	cmd := newAgentCommand()
 	cmd.Flags().VisitAll(func(f *pflag.Flag) {
 		if f.Hidden {
 			return
@@ -119,14 +127,14 @@ func TestOperationsDocListsEveryFlag(t *testing.T) {
 		row, ok := rows[f.Name]
 		switch {
 		case !ok:
-			t.Errorf("docs/operations.md: no row for --%s", f.Name)
+			t.Errorf("%s: no row for --%s", where, f.Name)
 		case !strings.Contains(row, "`"+envName(f.Name)+"`"):
-			t.Errorf("docs/operations.md: the row of --%s does not name %s", f.Name, envName(f.Name))
+			t.Errorf("%s: the row of --%s does not name %s", where, f.Name, envName(f.Name))
 		}
 	})
 	for name := range rows {
 		if cmd.Flags().Lookup(name) == nil {
-			t.Errorf("docs/operations.md documents --%s, which shoal agent does not have", name)
+			t.Errorf("%s documents --%s, which %s does not have", where, name, cmd.CommandPath())
 		}
 	}
 }

@@ -21,7 +21,6 @@ import (
 	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
 	"github.com/shoal-dev/shoal/test/kubetest"
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 )
 
 // freeAddr is a loopback address with a port that was free a moment ago.
@@ -154,7 +153,8 @@ func TestTransportTrusting(t *testing.T) {
 }
 
 // TestConfigurationDocListsEveryFlag: docs/configuration.md has a row for every flag of shoal
-// controller and shoal cleanup (with its environment variable), and none for a flag they lack.
+// controller and shoal cleanup (with its environment variable), each in its command's section,
+// and none for a flag they lack.
 func TestConfigurationDocListsEveryFlag(t *testing.T) {
 	doc, err := os.ReadFile("../../docs/configuration.md")
 	if err != nil {
@@ -166,29 +166,6 @@ func TestConfigurationDocListsEveryFlag(t *testing.T) {
 		sections[strings.Trim(title, "`")] = body
 	}
 	for name, cmd := range map[string]*cobra.Command{"shoal controller": newControllerCommand(), "shoal cleanup": newCleanupCommand()} {
-		rows := map[string]string{}
-		for line := range strings.SplitSeq(sections[name], "\n") {
-			if flag, ok := strings.CutPrefix(line, "| `--"); ok {
-				flag, _, _ = strings.Cut(flag, "`")
-				rows[flag] = line
-			}
-		}
-		cmd.Flags().VisitAll(func(f *pflag.Flag) {
-			if f.Hidden {
-				return
-			}
-			row, ok := rows[f.Name]
-			switch {
-			case !ok:
-				t.Errorf("docs/configuration.md, %s: no row for --%s", name, f.Name)
-			case !strings.Contains(row, "`"+envName(f.Name)+"`"):
-				t.Errorf("docs/configuration.md, %s: the row of --%s does not name %s", name, f.Name, envName(f.Name))
-			}
-		})
-		for flag := range rows {
-			if cmd.Flags().Lookup(flag) == nil {
-				t.Errorf("docs/configuration.md documents --%s, which %s does not have", flag, name)
-			}
-		}
+		checkFlagRows(t, "docs/configuration.md, "+name, sections[name], cmd)
 	}
 }
