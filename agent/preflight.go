@@ -4,9 +4,9 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"strings"
 	"io/fs"
 	"os"
+	"strings"
 
 	"github.com/shoal-dev/shoal/agent/hostconfig"
 )

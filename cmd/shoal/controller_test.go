@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/cobra"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -20,7 +21,6 @@ import (
 
 	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
 	"github.com/shoal-dev/shoal/test/kubetest"
-	"github.com/spf13/cobra"
 )
 
 // freeAddr is a loopback address with a port that was free a moment ago.
