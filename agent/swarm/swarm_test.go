@@ -110,12 +110,12 @@ type testNode struct {
 
 // startNodes starts n swarms, node i on 127.0.0.(i+1) so that each has an address of its own
 // (peers are admitted, and banned, by IP).
-func startNodes(t *testing.T, n int, up Upstream, local ...func(i int) LocalBlobs) []*testNode {
+func startNodes(t testing.TB, n int, up Upstream, local ...func(i int) LocalBlobs) []*testNode {
 	t.Helper()
 	return startNodesWith(t, n, up, 1<<20, 256<<10, local...)
 }
 
-func startNodesWith(t *testing.T, n int, up Upstream, segmentSize, pieceLength int64, local ...func(i int) LocalBlobs) []*testNode {
+func startNodesWith(t testing.TB, n int, up Upstream, segmentSize, pieceLength int64, local ...func(i int) LocalBlobs) []*testNode {
 	t.Helper()
 	return startNodesConfigured(t, n, up, segmentSize, pieceLength, func(i int, cfg *Config) {
 		if len(local) > 0 {
@@ -125,7 +125,7 @@ func startNodesWith(t *testing.T, n int, up Upstream, segmentSize, pieceLength i
 }
 
 // startNodesConfigured is startNodesWith with each node's Config adjusted by configure.
-func startNodesConfigured(t *testing.T, n int, up Upstream, segmentSize, pieceLength int64, configure func(i int, cfg *Config)) []*testNode {
+func startNodesConfigured(t testing.TB, n int, up Upstream, segmentSize, pieceLength int64, configure func(i int, cfg *Config)) []*testNode {
 	t.Helper()
 	var listeners []net.Listener
 	var addrs []netip.AddrPort
@@ -196,7 +196,7 @@ func readSource(ctx context.Context, src store.Source) ([]byte, error) {
 	return b, err
 }
 
-func randomBlob(t *testing.T, n int) []byte {
+func randomBlob(t testing.TB, n int) []byte {
 	t.Helper()
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
