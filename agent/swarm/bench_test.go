@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"syscall"
 	"testing"
@@ -58,6 +59,7 @@ func BenchmarkTwoAgentTransfer(b *testing.B) {
 	d := up.add(content)
 	up.blobsDown.Store(true)
 	var cpu time.Duration
+	b.ResetTimer() // not the blob's generation
 	for range b.N {
 		b.StopTimer()
 		locals := []*heldBlobs{{d: d, data: content}, {d: d, data: content}}
@@ -65,6 +67,7 @@ func BenchmarkTwoAgentTransfer(b *testing.B) {
 		nodes := startNodes(b, 2, up, func(i int) LocalBlobs { return locals[i] })
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		start := processCPU(b)
+		stopProfile := profileTransfer(b)
 		b.StartTimer()
 		// Node 0 seeds every segment, from its store: node 1 gets every byte from it.
 		rc, n, err := nodes[1].swarm.SourceWithin("registry.test", "bench/blob", d, []netip.AddrPort{nodes[0].addr})(ctx)
@@ -76,6 +79,7 @@ func BenchmarkTwoAgentTransfer(b *testing.B) {
 		rc.Close()
 		b.StopTimer()
 		cpu += processCPU(b) - start
+		stopProfile()
 		cancel()
 		if err != nil || got != n || hex.EncodeToString(h.Sum(nil)) != d.Hex {
 			b.Fatalf("read %d of %d bytes (%v); digest %x", got, n, err, h.Sum(nil))
@@ -83,6 +87,26 @@ func BenchmarkTwoAgentTransfer(b *testing.B) {
 	}
 	b.SetBytes(int64(size))
 	reportCPU(b, cpu, int64(size)*int64(b.N))
+}
+
+// profileTransfer writes a CPU profile of the transfer alone (not the setup, which generates and
+// hashes the blob) to $SHOAL_BENCH_CPUPROFILE when it is set, and returns what stops it.
+func profileTransfer(b *testing.B) func() {
+	path := os.Getenv("SHOAL_BENCH_CPUPROFILE")
+	if path == "" {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		b.Fatal(err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}
 }
 
 // BenchmarkHTTPCopySHA256 is the floor BenchmarkTwoAgentTransfer is measured against: the same

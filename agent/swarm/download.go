@@ -326,13 +326,19 @@ func (s *Swarm) seed(b *blob, k int) {
 	b.segs[k].fail(fmt.Errorf("seed segment %d of %s: %w", k, b.plan.Digest, err))
 }
 
-// fetchSegment copies a segment into the blob's file and returns its piece hashes: from local,
-// the complete blob in the content store, when there is one, else from upstream, as several
+// fetchSegment returns a segment's piece hashes, with its bytes in the blob's file: from local,
+// the complete blob in the content store, when there is one (the torrent then reads the store's
+// copy), else copied from upstream, as several
 // ranges at once: more TCP flows take a larger share of a downlink that peers are also using,
 // and each flow's round trips overlap.
 func (s *Swarm) fetchSegment(ctx context.Context, b *blob, local store.Blob, offset, length int64) ([]byte, string, error) {
 	if local != nil {
-		pieces, err := copyAndHash(ctx, io.NewSectionReader(local, offset, length), b.file, offset, length, b.plan.PieceLength)
+		// The store holds the whole blob, verified: the torrent serves it from there (once
+		// handed over), so the segment is only hashed, never copied into a working file.
+		if !s.handedOver(b) {
+			s.handover(b)
+		}
+		pieces, err := copyAndHash(ctx, io.NewSectionReader(local, offset, length), nil, offset, length, b.plan.PieceLength)
 		return pieces, sourceLocal, err
 	}
 	pieceLength := b.plan.PieceLength
@@ -829,6 +835,18 @@ func (r *blobReader) Read(p []byte) (int, error) {
 // step makes at least one more byte final: the run of verified pieces starting at final, or a
 // block read from upstream.
 func (r *blobReader) step(ctx context.Context) error {
+	if r.s.handedOver(r.b) {
+		// The blob's file is the content store's verified copy now (this node seeded a segment
+		// of it from there): every byte is final.
+		r.closeSegment()
+		r.closeReader()
+		if r.direct != nil {
+			_ = r.direct.Close()
+			r.direct = nil
+		}
+		r.final = r.b.plan.Size
+		return nil
+	}
 	offset, length := r.b.plan.Segment(r.k)
 	segPos := r.final - offset
 	if segPos >= length {
@@ -1112,6 +1130,10 @@ func (r *blobReader) Committed(err error) {
 
 var _ store.Committer = (*blobReader)(nil)
 
+// handedOver reports whether b's torrent is served from the content store's copy. Readers ask
+// at every step: an atomic, not the swarm's lock.
+func (s *Swarm) handedOver(b *blob) bool { return b.handedOver.Load() }
+
 // handover serves a blob's torrent from the content store's copy, which the store has just
 // committed, and deletes the working file if it is still there, so a blob is kept on disk once.
 func (s *Swarm) handover(b *blob) {
@@ -1125,6 +1147,7 @@ func (s *Swarm) handover(b *blob) {
 		return
 	}
 	b.file.Swap(local, nil, local)
+	b.handedOver.Store(true)
 	// Verified whole: pieces read from upstream are seeded too, and the torrent is complete,
 	// which ends the segments' announces.
 	b.t.MarkVerified()

@@ -139,8 +139,8 @@ func (s *segment) addPeer(key string, self, p netip.AddrPort, now time.Time, deg
 // peerTTL is how long a seeder remembers a peer that stopped asking.
 const peerTTL = 2 * time.Minute
 
-// copyAndHash copies length bytes from r into w at offset and returns the SHA-1 of every piece,
-// as a torrent info's "pieces". It holds one piece in memory.
+// copyAndHash copies length bytes from r into w at offset (nil w: hashes only) and returns the
+// SHA-1 of every piece, as a torrent info's "pieces". It holds one piece in memory.
 func copyAndHash(ctx context.Context, r io.Reader, w io.WriterAt, offset, length, pieceLength int64) ([]byte, error) {
 	buf := make([]byte, pieceLength)
 	pieces := make([]byte, 0, (length+pieceLength-1)/pieceLength*torrent.HashSize)
@@ -152,8 +152,10 @@ func copyAndHash(ctx context.Context, r io.Reader, w io.WriterAt, offset, length
 		if _, err := io.ReadFull(r, buf[:n]); err != nil {
 			return nil, fmt.Errorf("read bytes %d-%d: %w", offset+done, offset+done+n-1, err)
 		}
-		if _, err := w.WriteAt(buf[:n], offset+done); err != nil {
-			return nil, fmt.Errorf("write bytes %d-%d: %w", offset+done, offset+done+n-1, err)
+		if w != nil {
+			if _, err := w.WriteAt(buf[:n], offset+done); err != nil {
+				return nil, fmt.Errorf("write bytes %d-%d: %w", offset+done, offset+done+n-1, err)
+			}
 		}
 		sum := sha1.Sum(buf[:n]) //nolint:gosec // see import
 		pieces = append(pieces, sum[:]...)
