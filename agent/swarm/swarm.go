@@ -465,7 +465,7 @@ func isTimeout(err error) bool { return torrent.IsTimeout(err) }
 // blob is this node's swarm state for one blob.
 type blob struct {
 	// handedOver is set once the torrent serves the content store's copy (see handover).
-	handedOver atomic.Bool
+	handedOver     atomic.Bool
 	plan           plan.Plan
 	registry, repo string
 	file           *torrent.File
