@@ -154,6 +154,8 @@ type Content struct {
 	Mirrors func(registry string) bool
 	// Registerer registers metrics on the agent's /metrics.
 	Registerer prometheus.Registerer
+	// ContainerdFindings are what the preflight (CheckContainerd) found at start.
+	ContainerdFindings []ContainerdFinding
 }
 
 // FieldError is a field of Config that the agent refuses, and why. Field is the field's Go
@@ -341,9 +343,12 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		mirrorOpts = append(mirrorOpts, mirror.WithBlobSource(p2p.swarm.Source))
 		health.add("swarm", p2p.swarm.Check)
 	}
+	// The preflight reads containerd's configuration once, before hosts.toml is written.
+	findings := CheckContainerd(cfg)
 	var nodeCache func(context.Context) error
 	if cfg.NodeCache != nil {
-		content := Content{Store: blobs, Upstream: client, BlobSource: upstreamSource(client), Mirrors: cfg.mirrors, Registerer: reg}
+		content := Content{Store: blobs, Upstream: client, BlobSource: upstreamSource(client), Mirrors: cfg.mirrors, Registerer: reg,
+			ContainerdFindings: findings}
 		if p2p != nil {
 			content.BlobSource = p2p.swarm.SourceWithin
 		}
@@ -374,6 +379,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 
 	if cfg.ContainerdHostsDir != "" {
+		logFindings(findings, log)
 		if err := writeHostsConfig(cfg, endpoints, log); err != nil {
 			return err
 		}
@@ -517,8 +523,9 @@ func (c *Config) mirrors(registry string) bool {
 	return slices.Contains(c.MirrorRegistries, "*") || slices.Contains(c.MirrorRegistries, registry)
 }
 
-func writeHostsConfig(cfg Config, endpoints *endpointResolver, log *slog.Logger) error {
-	for _, f := range CheckContainerd(cfg) {
+// logFindings logs what the preflight found.
+func logFindings(findings []ContainerdFinding, log *slog.Logger) {
+	for _, f := range findings {
 		switch {
 		case f.Info:
 			log.Info("containerd's configuration", "reason", f.Reason, "note", f.Message)
@@ -528,6 +535,9 @@ func writeHostsConfig(cfg Config, endpoints *endpointResolver, log *slog.Logger)
 			log.Warn("containerd's configuration works against Shoal", "reason", f.Reason, "error", f.Message)
 		}
 	}
+}
+
+func writeHostsConfig(cfg Config, endpoints *endpointResolver, log *slog.Logger) error {
 	err := hostconfig.Write(hostconfig.Config{
 		Dir:         cfg.ContainerdHostsDir,
 		MirrorURL:   "http://" + cfg.MirrorAddr,

@@ -225,8 +225,7 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 		}
 	}
 	if k.nodeCache {
-		findings := agent.CheckContainerd(*cfg)
-		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), src.Addrs, findings, cfg.Logger.With("component", "nodecache"))
+		cfg.NodeCache = k.nodeCacheHook(restCfg, cfg.Swarm.P2PAddr.String(), src.Addrs, cfg.Logger.With("component", "nodecache"))
 	}
 	return nil
 }
@@ -272,12 +271,12 @@ func reportOnNode(ctx context.Context, restCfg *rest.Config, node string, findin
 }
 
 // nodeCacheHook runs the NodeCache worker on the agent's content parts.
-func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seeders func([]string) []netip.AddrPort, findings []agent.ContainerdFinding, log *slog.Logger) func(context.Context, agent.Content) error {
+func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seeders func([]string) []netip.AddrPort, log *slog.Logger) func(context.Context, agent.Content) error {
 	return func(ctx context.Context, content agent.Content) error {
-		reportOnNode(ctx, restCfg, k.nodeName, findings, log)
+		reportOnNode(ctx, restCfg, k.nodeName, content.ContainerdFindings, log)
 		// The NodeCache's condition is about what keeps Shoal from working on the node.
 		var problems []nodecache.Problem
-		for _, f := range findings {
+		for _, f := range content.ContainerdFindings {
 			if !f.Info {
 				problems = append(problems, nodecache.Problem{Reason: f.Reason, Message: f.Message})
 			}
