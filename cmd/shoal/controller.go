@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
+	"github.com/shoal-dev/shoal/agent/upstream"
 	"github.com/shoal-dev/shoal/controllers"
 	"github.com/shoal-dev/shoal/controllers/resolve"
 )
@@ -233,9 +234,9 @@ func loadRESTConfig(path string) (*rest.Config, error) {
 }
 
 // transportTrusting is go-containerregistry's default transport, trusting the CAs in the PEM
-// file caFile besides the system roots.
+// file caFile besides the system roots (read as the agent's --registry-ca-file is).
 func transportTrusting(caFile string) (http.RoundTripper, error) {
-	data, err := os.ReadFile(caFile)
+	certs, err := upstream.ReadCAFile(caFile)
 	if err != nil {
 		return nil, err
 	}
@@ -243,8 +244,8 @@ func transportTrusting(caFile string) (http.RoundTripper, error) {
 	if err != nil {
 		pool = x509.NewCertPool()
 	}
-	if !pool.AppendCertsFromPEM(data) {
-		return nil, fmt.Errorf("%s holds no PEM certificate", caFile)
+	for _, c := range certs {
+		pool.AddCert(c)
 	}
 	base, ok := remote.DefaultTransport.(*http.Transport)
 	if !ok {
