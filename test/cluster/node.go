@@ -239,17 +239,30 @@ func removeCgroups(root string) error {
 
 // cgroupPIDs lists the processes in the node's cgroup subtree (its pods' containers).
 func cgroupPIDs(root string) []int {
-	hs, _ := cgroupHierarchies()
-	var pids []int
+	pids, _ := procsUnder(root, func(string) bool { return true })
+	return pids
+}
+
+// procsUnder lists the processes of the cgroups in the subtree root of the pids hierarchy whose
+// directory name match accepts.
+func procsUnder(root string, match func(name string) bool) ([]int, error) {
+	hs, err := cgroupHierarchies()
+	if err != nil {
+		return nil, err
+	}
 	for _, h := range hs {
 		if filepath.Base(h) != "pids" {
 			continue
 		}
-		_ = filepath.WalkDir(filepath.Join(h, root), func(p string, d os.DirEntry, err error) error {
-			if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
+		var pids []int
+		err := filepath.WalkDir(filepath.Join(h, root), func(p string, d os.DirEntry, err error) error {
+			if err != nil || !d.IsDir() || !match(d.Name()) {
 				return nil
 			}
-			data, _ := os.ReadFile(p)
+			data, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+			if err != nil {
+				return nil // gone meanwhile
+			}
 			for _, f := range strings.Fields(string(data)) {
 				if pid, err := strconv.Atoi(f); err == nil {
 					pids = append(pids, pid)
@@ -257,8 +270,9 @@ func cgroupPIDs(root string) []int {
 			}
 			return nil
 		})
+		return pids, err
 	}
-	return pids
+	return nil, errors.New("no pids cgroup hierarchy")
 }
 
 // startMountNamespace starts the process that holds the node's mount namespace. In it: the
@@ -457,37 +471,9 @@ func (n *Node) AgentMetrics(ctx context.Context) (harness.Metrics, error) {
 // pod's status gives (containerd://ID or ID alone): those in its cgroup.
 func (n *Node) ContainerPIDs(containerID string) ([]int, error) {
 	id := containerID[strings.LastIndex(containerID, "/")+1:]
-	hs, err := cgroupHierarchies()
-	if err != nil {
-		return nil, err
+	pids, err := procsUnder(n.cgroupRoot, func(name string) bool { return strings.HasSuffix(name, id) })
+	if err == nil && len(pids) == 0 {
+		err = fmt.Errorf("container %s has no processes on %s", id, n.Name())
 	}
-	for _, h := range hs {
-		if filepath.Base(h) != "pids" {
-			continue
-		}
-		var pids []int
-		err := filepath.WalkDir(filepath.Join(h, n.cgroupRoot), func(p string, d os.DirEntry, err error) error {
-			if err != nil || !d.IsDir() || !strings.HasSuffix(d.Name(), id) {
-				return nil
-			}
-			data, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
-			if err != nil {
-				return err
-			}
-			for _, f := range strings.Fields(string(data)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					pids = append(pids, pid)
-				}
-			}
-			return filepath.SkipDir
-		})
-		if err != nil {
-			return nil, err
-		}
-		if len(pids) == 0 {
-			return nil, fmt.Errorf("container %s has no processes on %s", id, n.Name())
-		}
-		return pids, nil
-	}
-	return nil, errors.New("no pids cgroup hierarchy")
+	return pids, err
 }
