@@ -2,7 +2,6 @@ package main
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"testing"
@@ -16,11 +15,11 @@ import (
 // holds exactly the image imagebuild.Shoal builds from the same inputs.
 func TestLayout(t *testing.T) {
 	dir := t.TempDir()
+	// Any file stands in for the binary: this test compares images, it runs nothing (the
+	// image's own test, in internal/imagebuild, runs what it packs).
 	bin := filepath.Join(dir, "shoal")
-	build := exec.CommandContext(t.Context(), "go", "build", "-trimpath", "-o", bin, "../../internal/imagebuild/testdata/version")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	if err := os.WriteFile(bin, []byte("#!stand-in for shoal\n"), 0o755); err != nil {
+		t.Fatal(err)
 	}
 	ca := filepath.Join(dir, "ca.crt")
 	if err := os.WriteFile(ca, []byte("-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n"), 0o644); err != nil {
