@@ -323,30 +323,9 @@ func rollout(ctx context.Context, c *cluster.Cluster, name, image string, progre
 
 // prewarm applies a Prewarm of image for every node and waits until it is Ready on all.
 func prewarm(ctx context.Context, c *cluster.Cluster, image string) (time.Duration, error) {
-	manifest := fmt.Sprintf(`apiVersion: shoal.dev/v1alpha1
-kind: Prewarm
-metadata:
-  name: model-server
-  namespace: default
-spec:
-  images: [%q]
-  runtimeImport: Pinned
-`, image)
-	f, err := os.CreateTemp("", "prewarm-*.yaml")
-	if err != nil {
-		return 0, err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.WriteString(manifest); err != nil {
-		return 0, err
-	}
-	f.Close()
 	start := time.Now()
-	if out, err := c.Kubectl(ctx, "apply", "-f", f.Name()); err != nil {
-		return 0, fmt.Errorf("%w\n%s", err, out)
-	}
-	if out, err := c.Kubectl(ctx, "wait", "prewarm/model-server", "--for=condition=Ready", "--timeout=3m"); err != nil {
-		return 0, fmt.Errorf("%w\n%s", err, out)
+	if err := c.PrewarmPinned(ctx, "model-server", image, 3*time.Minute); err != nil {
+		return 0, err
 	}
 	return time.Since(start), nil
 }

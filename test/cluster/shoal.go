@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -122,4 +123,21 @@ func (c *Cluster) InstallShoal(ctx context.Context, chartDir, tag string, set ..
 		args = append(args, "--set", v)
 	}
 	return c.Helm(ctx, args...)
+}
+
+// PrewarmPinned applies a Prewarm named name, in the default namespace, of image for every
+// node, imported into containerd and pinned, and waits up to timeout until it is Ready.
+func (c *Cluster) PrewarmPinned(ctx context.Context, name, image string, timeout time.Duration) error {
+	manifest := filepath.Join(c.dir, "prewarm-"+name+".yaml")
+	yaml := fmt.Sprintf("apiVersion: shoal.dev/v1alpha1\nkind: Prewarm\nmetadata:\n  name: %s\n  namespace: default\nspec:\n  images: [%q]\n  runtimeImport: Pinned\n", name, image)
+	if err := os.WriteFile(manifest, []byte(yaml), 0o644); err != nil {
+		return err
+	}
+	if out, err := c.Kubectl(ctx, "apply", "-f", manifest); err != nil {
+		return fmt.Errorf("%w\n%s", err, out)
+	}
+	if out, err := c.Kubectl(ctx, "wait", "prewarm/"+name, "--for=condition=Ready", "--timeout="+timeout.String()); err != nil {
+		return fmt.Errorf("%w\n%s", err, out)
+	}
+	return nil
 }

@@ -152,7 +152,9 @@ func helmInstallOnRealCluster(t *testing.T, nodes int32, opts ...cluster.Option)
 		t.Fatal(err)
 	}
 	warmRef := cluster.RegistryName + "/" + warm.Repo + "@" + warm.Digest.String()
-	applyPrewarm(t, ctx, c, "warm", warmRef)
+	if err := c.PrewarmPinned(ctx, "warm", warmRef, 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
 	for _, n := range c.Nodes() {
 		if got, _ := os.ReadFile(n.RegistryHostsFile()); bytes.Equal(got, c.InitialHostsTOML()) {
 			t.Fatalf("%s: hosts.toml for %s has no mirror while the agent runs:\n%s", n.Name(), cluster.RegistryName, got)
@@ -179,23 +181,6 @@ func helmInstallOnRealCluster(t *testing.T, nodes int32, opts ...cluster.Option)
 	left, err := c.Client().AppsV1().DaemonSets(cluster.ReleaseNamespace).List(ctx, metav1.ListOptions{})
 	if err != nil || len(left.Items) != 0 {
 		t.Errorf("DaemonSets left in %s after uninstall (the hook's included): %d (%v)", cluster.ReleaseNamespace, len(left.Items), err)
-	}
-}
-
-// applyPrewarm pre-warms image on every node, imported into containerd and pinned, and waits
-// until the Prewarm is Ready.
-func applyPrewarm(t *testing.T, ctx context.Context, c *cluster.Cluster, name, image string) {
-	t.Helper()
-	manifest := filepath.Join(t.TempDir(), "prewarm.yaml")
-	yaml := fmt.Sprintf("apiVersion: shoal.dev/v1alpha1\nkind: Prewarm\nmetadata:\n  name: %s\n  namespace: default\nspec:\n  images: [%q]\n  runtimeImport: Pinned\n", name, image)
-	if err := os.WriteFile(manifest, []byte(yaml), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := c.Kubectl(ctx, "apply", "-f", manifest); err != nil {
-		t.Fatalf("%v\n%s", err, out)
-	}
-	if out, err := c.Kubectl(ctx, "wait", "prewarm/"+name, "--for=condition=Ready", "--timeout=2m"); err != nil {
-		t.Fatalf("%v\n%s", err, out)
 	}
 }
 
