@@ -309,9 +309,17 @@ func TestHostsConfigWrittenAgain(t *testing.T) {
 	if backup, err := os.ReadFile(filepath.Join(dir, "hosts.toml.shoal-backup")); err != nil || string(backup) != k3s {
 		t.Errorf("the rebuilt file was not kept as the user's (backup %q, %v)", backup, err)
 	}
-	// At least once: a check may also land between the removal and the new file.
-	if body := get(t, "http://"+cfg.MetricsAddr+"/metrics"); strings.Contains(body, "shoal_hostconfig_rewrites_total 0") || !strings.Contains(body, "shoal_hostconfig_rewrites_total") {
-		t.Errorf("shoal_hostconfig_rewrites_total did not count the rewrite:\n%s", grepLines(body, "shoal_hostconfig"))
+	// At least once: a check may also land between the removal and the new file. The count
+	// comes just after the write, so it is waited for like the file.
+	for {
+		body := get(t, "http://"+cfg.MetricsAddr+"/metrics")
+		if strings.Contains(body, "shoal_hostconfig_rewrites_total") && !strings.Contains(body, "shoal_hostconfig_rewrites_total 0") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("shoal_hostconfig_rewrites_total did not count the rewrite:\n%s", grepLines(body, "shoal_hostconfig"))
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
