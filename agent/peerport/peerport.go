@@ -312,6 +312,17 @@ func (c *sniffedConn) Read(p []byte) (int, error) {
 	return c.Conn.Read(p)
 }
 
+// SetDeadline reports success on a connection already closed on this side (by a shutdown that
+// raced its delivery). anacrolix/torrent panics when it cannot set the handshake deadline of a
+// connection it accepted, which would take the agent down; with the error hidden, the
+// handshake's first read fails instead and the client drops the connection.
+func (c *sniffedConn) SetDeadline(t time.Time) error {
+	if err := c.Conn.SetDeadline(t); err != nil && !errors.Is(err, net.ErrClosed) {
+		return err
+	}
+	return nil
+}
+
 // ReadFrom keeps io.Copy into the connection (as net/http does for response bodies) on the
 // underlying connection's sendfile/splice path; sniffing only concerns reads.
 func (c *sniffedConn) ReadFrom(r io.Reader) (int64, error) {

@@ -512,3 +512,36 @@ func TestSplitCloseWaitsForItsGoroutines(t *testing.T) {
 	}
 	wantClosedByServer(t, silent)
 }
+
+// TestSniffedConnSetDeadlineAfterClose: a delivered connection closed on this side meanwhile
+// still takes a deadline (the torrent client panics otherwise), and reads from it fail.
+func TestSniffedConnSetDeadlineAfterClose(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	client, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &sniffedConn{Conn: server}
+	if err := c.SetDeadline(time.Now().Add(time.Second)); err != nil {
+		t.Fatalf("SetDeadline on an open connection: %v", err)
+	}
+	server.Close()
+	if err := server.SetDeadline(time.Now()); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("the closed connection itself says %v: the case below proves nothing", err)
+	}
+	if err := c.SetDeadline(time.Now().Add(time.Second)); err != nil {
+		t.Errorf("SetDeadline after close: %v, want nil", err)
+	}
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Read after close: %v, want net.ErrClosed", err)
+	}
+}
