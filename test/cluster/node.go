@@ -402,13 +402,18 @@ systemReserved:
 }
 
 // close stops everything on the node: the kubelet first (so that it restarts nothing), then
-// every process left in the node's mount namespace (containerd, shims) and cgroup subtree (the
-// pods' containers), and removes the cgroups. Only processes the node started are signalled:
+// containerd, then every process left in the node's mount namespace (shims) and cgroup subtree
+// (the pods' containers), and removes the cgroups. Only processes the node started are signalled:
 // those in its own namespace and cgroups.
 func (n *Node) close() error {
 	var errs []error
 	if n.kubelet != nil {
 		_ = n.kubelet.Kill()
+	}
+	// containerd is stopped as a process of the harness (SIGTERM, then reaped) before the sweep,
+	// which would otherwise kill it under the harness's feet.
+	if n.containerd != nil {
+		errs = append(errs, n.containerd.Close())
 	}
 	if n.holder != nil {
 		deadline := time.Now().Add(15 * time.Second)
@@ -427,9 +432,6 @@ func (n *Node) close() error {
 			time.Sleep(50 * time.Millisecond)
 		}
 		_ = n.holder.Kill()
-	}
-	if n.containerd != nil {
-		errs = append(errs, n.containerd.Close())
 	}
 	if n.cgroupRoot != "" {
 		errs = append(errs, removeCgroups(n.cgroupRoot))

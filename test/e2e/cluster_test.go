@@ -57,6 +57,9 @@ func newClusterWith(t *testing.T, ctx context.Context, n int, set []string, befo
 	if out, err := c.InstallShoal(ctx, chartDir, "e2e", set...); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
+	// helm --wait counts a DaemonSet ready with maxUnavailable of its pods not ready yet: every
+	// agent must be.
+	waitDaemonSetReady(t, ctx, c, cluster.ReleaseNamespace, "shoal-agent", int32(n))
 	return c
 }
 
@@ -105,14 +108,6 @@ func helmInstallOnRealCluster(t *testing.T, nodes int32, opts ...cluster.Option)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	c := newCluster(t, ctx, int(nodes), nil, append(opts, cluster.WithHelmTimeout(time.Minute))...)
-
-	ds, err := c.Client().AppsV1().DaemonSets(cluster.ReleaseNamespace).Get(ctx, "shoal-agent", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ds.Status.NumberReady != nodes {
-		t.Fatalf("agents ready: %d, want %d", ds.Status.NumberReady, nodes)
-	}
 
 	img, err := c.PushWorkloadImage(ctx, "demo/app:v1", 2, 16<<20)
 	if err != nil {
