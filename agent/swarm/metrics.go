@@ -115,6 +115,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "pieces_failed_total",
 			Help: "Pieces received from peers that failed their hash check (their senders are banned).",
 		}, stats(func(v statsView) float64 { return float64(v.piecesBad) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "pieces_read_back_total",
+			Help: "Piece checks that read their piece back from disk, because its chunks did not arrive once each and in order (or it was resumed).",
+		}, stats(func(v statsView) float64 { return float64(v.piecesReadBack) })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peers_connected",
 			Help: "Established peer connections, summed over blob torrents.",
@@ -131,17 +135,19 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 type statsView struct {
 	peerBytesRead, bytesWritten int64
 	piecesGood, piecesBad       int64
+	piecesReadBack              int64
 	peers, torrents             int
 }
 
 func (s *Swarm) stats() statsView {
 	cs := s.client.Stats()
 	return statsView{
-		peerBytesRead: cs.PeerBytesRead,
-		bytesWritten:  cs.BytesWritten,
-		piecesGood:    cs.PiecesGood,
-		piecesBad:     cs.PiecesBad,
-		torrents:      cs.Torrents,
-		peers:         cs.Peers,
+		peerBytesRead:  cs.PeerBytesRead,
+		bytesWritten:   cs.BytesWritten,
+		piecesGood:     cs.PiecesGood,
+		piecesBad:      cs.PiecesBad,
+		piecesReadBack: cs.PiecesReadBack,
+		torrents:       cs.Torrents,
+		peers:          cs.Peers,
 	}
 }

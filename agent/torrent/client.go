@@ -101,6 +101,7 @@ type Client struct {
 	banned    bannedIPs
 	conns     connSet      // see CloseDisallowed
 	piecesBad atomic.Int64 // see Stats
+	readBacks atomic.Int64 // see Stats
 	log       *slog.Logger
 
 	torrents sync.Map // *torrent.Torrent → *Torrent
@@ -334,6 +335,7 @@ func (c *Client) lookup(t *torrent.Torrent) *Torrent {
 type Stats struct {
 	PeerBytesRead, BytesWritten int64 // useful blob bytes from peers, blob bytes sent to peers
 	PiecesGood, PiecesBad       int64 // pieces from peers that passed / failed their check
+	PiecesReadBack              int64 // checks that read their piece back (see writehash.go)
 	Torrents, Peers             int   // torrents open, peer connections
 }
 
@@ -346,7 +348,8 @@ func (c *Client) Stats() Stats {
 		PiecesGood:    cs.PiecesDirtiedGood.Int64(),
 		// The client counts no bad piece of a blob: a blob piece's failed check is an error to
 		// it (see ban.go), and the adapter counts them.
-		PiecesBad: c.piecesBad.Load(),
+		PiecesBad:      c.piecesBad.Load(),
+		PiecesReadBack: c.readBacks.Load(),
 	}
 	for _, t := range c.c.Torrents() {
 		v.Torrents++

@@ -100,9 +100,12 @@ type blobStorage struct {
 	writeMu      sync.RWMutex // held for reading by writes, for writing by freezePieces
 	frozenPieces map[int]bool
 
+	writeHashes map[int]*writeHash // pieces being hashed as they are written (see writehash.go)
+
 	sent       sentBlocks            // blocks peers sent, until their piece verifies (see ban.go)
 	onLiar     func(peer netip.Addr) // called with every peer found to have sent bad data (see ban.go)
 	onBadPiece func()                // called for every piece with bytes from peers that fails its check
+	onReadBack func()                // called for every check that reads its piece back
 }
 
 // ErrFrozen is returned by a piece that stopped taking writes (see freezePieces): its bytes came
@@ -128,9 +131,37 @@ func (s *blobStorage) freezePieces(from, to int) {
 	if s.frozenPieces == nil {
 		s.frozenPieces = map[int]bool{}
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	for i := from; i < to; i++ {
 		s.frozenPieces[i] = true
+		delete(s.writeHashes, i) // its bytes now come by another path
 	}
+}
+
+// writeHashOf returns piece i's write hash, starting one if there is none.
+func (s *blobStorage) writeHashOf(i int) *writeHash {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w := s.writeHashes[i]
+	if w == nil {
+		if s.writeHashes == nil {
+			s.writeHashes = map[int]*writeHash{}
+		}
+		w = newWriteHash()
+		s.writeHashes[i] = w
+	}
+	return w
+}
+
+// takeWriteHash removes piece i's write hash and returns it (nil if there is none): a check
+// consumes it, and the piece's next writes start a new one.
+func (s *blobStorage) takeWriteHash(i int) *writeHash {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w := s.writeHashes[i]
+	delete(s.writeHashes, i)
+	return w
 }
 
 // isFinal reports whether piece i's bytes came from upstream instead of peers (see
@@ -276,7 +307,12 @@ func (p *blobPiece) WriteAt(b []byte, off int64) (int, error) {
 	if p.s.frozenPieces[p.index] {
 		return 0, ErrFrozen
 	}
-	return p.s.file.WriteAt(b, p.off+off)
+	w := p.s.writeHashOf(p.index)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n, err := p.s.file.WriteAt(b, p.off+off)
+	w.wrote(p, b[:n], off, err == nil && n == len(b))
+	return n, err
 }
 
 func (p *blobPiece) MarkComplete() error {
@@ -289,9 +325,10 @@ func (p *blobPiece) MarkNotComplete() error {
 	return nil
 }
 
-// SelfHash implements storage.SelfHashing: it checks the piece against its real hash. A
-// mismatch is an error (errPieceCorrupt), so that the torrent client does not ban the piece's
-// sender itself (see ban.go).
+// SelfHash implements storage.SelfHashing: it checks the piece against its real hash, from its
+// write hash when that vouches for every byte (see writehash.go), by reading it back
+// otherwise. A mismatch is an error (errPieceCorrupt), so that the torrent client does not ban
+// the piece's sender itself (see ban.go).
 func (p *blobPiece) SelfHash() (metainfo.Hash, error) {
 	p.s.mu.Lock()
 	hashed := p.s.hashed[p.index]
@@ -301,13 +338,19 @@ func (p *blobPiece) SelfHash() (metainfo.Hash, error) {
 	if !hashed {
 		return metainfo.Hash{}, errHashUnknown
 	}
-	check := newBlockChecker(p.s.sent.of(p.index))
-	h := sha1.New() //nolint:gosec // see segment.go
-	if _, err := p.WriteTo(io.MultiWriter(h, check)); err != nil {
-		return metainfo.Hash{}, err
+	blocks := p.s.sent.of(p.index)
+	got, check, ok := p.s.takeWriteHash(p.index).result(p.length, blocks)
+	if !ok {
+		if p.s.onReadBack != nil {
+			p.s.onReadBack()
+		}
+		check = newBlockChecker(blocks)
+		h := sha1.New() //nolint:gosec // see segment.go
+		if _, err := p.WriteTo(io.MultiWriter(h, check)); err != nil {
+			return metainfo.Hash{}, err
+		}
+		h.Sum(got[:0])
 	}
-	var got metainfo.Hash
-	h.Sum(got[:0])
 	if got != want {
 		p.s.pieceFailed(p.index, p.length, check)
 		return metainfo.Hash{}, fmt.Errorf("piece %d: %w", p.index, errPieceCorrupt)

@@ -57,6 +57,7 @@ func (c *Client) AddBlob(name string, length, pieceLength int64, file *File, onW
 	st := newBlobStorage(file, n)
 	st.onLiar = c.ban
 	st.onBadPiece = func() { c.piecesBad.Add(1) }
+	st.onReadBack = func() { c.readBacks.Add(1) }
 	t, isNew := c.c.AddTorrentOpt(torrent.AddTorrentOpts{
 		InfoHash:  metainfo.HashBytes(info),
 		InfoBytes: info,
