@@ -1,6 +1,7 @@
 // Command swarmbench runs the swarm benchmark of DESIGN.md §6 on test/testbed: for each node
-// count N it builds N shaped nodes and a registry in an isolated network namespace, pushes one
-// random blob, and measures three scenarios, each with fresh agents:
+// count N it builds N shaped nodes and a registry in an isolated network namespace, pushes a
+// random blob of each size S asked for, and measures three scenarios, each with fresh agents
+// (cold and warm -runs times per size, the summary giving the median run):
 //
 //   - direct: every node GETs the blob straight from the registry (the baseline; a smaller blob
 //     at large N keeps it short, and every figure is in units of its own S/B);
@@ -50,7 +51,8 @@ const (
 
 type config struct {
 	nodes          []int
-	size           int64 // S, bytes
+	sizes          []int64 // S, bytes, in the order given
+	runs           int     // of cold and warm per (N, S)
 	directSize     int64 // baseline blob; 0 = S × min(1, 8/N)
 	rate           testbed.Rate
 	registryFactor float64
@@ -62,13 +64,16 @@ type config struct {
 	startDelay     time.Duration
 	keep           bool
 	profileSeconds int // CPU profile of every agent from the common start; 0 = none
+	maxCellBytes   int64 // skip an (N, S) cell whose N × S is more; 0 = 70 % of the free disk
 }
 
 func parseFlags(args []string) (config, error) {
 	fs := flag.NewFlagSet("swarmbench", flag.ContinueOnError)
 	nodes := fs.String("nodes", "8,16,32", "node counts N, comma-separated")
-	sizeMiB := fs.Int64("size-mib", 256, "blob size S in MiB")
-	directMiB := fs.Int64("direct-size-mib", 0, "blob size of the direct baseline in MiB; 0 = S × min(1, 8/N), so the baseline lasts about 2 × S/B")
+	sizesMiB := fs.String("size-mib", "256", "blob sizes S in MiB, comma-separated")
+	maxCellGiB := fs.Int64("max-cell-gib", 0, "skip a node count and size whose N × S is more than this many GiB (the nodes' stores); 0 = 70 % of the disk's free space")
+	runs := fs.Int("runs", 1, "runs of cold and warm per node count and size (the summary gives the median)")
+	directMiB := fs.Int64("direct-size-mib", 0, "blob size of the direct baseline (run once per N) in MiB; 0 = min(largest S, 256 MiB) × min(1, 8/N), so the baseline lasts about 2 × S/B")
 	rateMbit := fs.Int64("rate-mbit", 0, "node link rate B in Mbit/s; 0 = 100 up to N = 16, halved each time N doubles beyond")
 	factor := fs.Float64("registry-factor", 4, "registry link rate R as a multiple of B")
 	scenarios := fs.String("scenarios", "direct,cold,warm", "scenarios to run, comma-separated")
@@ -87,7 +92,8 @@ func parseFlags(args []string) (config, error) {
 		return config{}, err
 	}
 	cfg := config{
-		size:           *sizeMiB << 20,
+		runs:           *runs,
+		maxCellBytes:   *maxCellGiB << 30,
 		directSize:     *directMiB << 20,
 		rate:           testbed.Rate(*rateMbit) * testbed.Mbit,
 		registryFactor: *factor,
@@ -109,6 +115,13 @@ func parseFlags(args []string) (config, error) {
 		}
 		cfg.nodes = append(cfg.nodes, n)
 	}
+	for f := range strings.SplitSeq(*sizesMiB, ",") {
+		mib, err := strconv.ParseInt(strings.TrimSpace(f), 10, 64)
+		if err != nil || mib <= 0 {
+			return config{}, fmt.Errorf("-size-mib: %q is not a positive size in MiB", f)
+		}
+		cfg.sizes = append(cfg.sizes, mib<<20)
+	}
 	for s := range strings.SplitSeq(*scenarios, ",") {
 		s = strings.TrimSpace(s)
 		if s != scenarioDirect && s != scenarioCold && s != scenarioWarm {
@@ -117,8 +130,10 @@ func parseFlags(args []string) (config, error) {
 		cfg.scenarios = append(cfg.scenarios, s)
 	}
 	switch {
-	case cfg.size <= 0:
-		return config{}, errors.New("-size-mib must be positive")
+	case cfg.maxCellBytes < 0:
+		return config{}, errors.New("-max-cell-gib must not be negative")
+	case cfg.runs < 1:
+		return config{}, errors.New("-runs must be at least 1")
 	case cfg.registryFactor <= 0:
 		return config{}, errors.New("-registry-factor must be positive")
 	case cfg.profileSeconds < 0:
@@ -163,7 +178,7 @@ func run(cfg config) int {
 		log.Error("swarm flags", "err", err)
 		return 1
 	}
-	log.Info("swarmbench", "nodes", cfg.nodes, "size_mib", cfg.size>>20, "scenarios", cfg.scenarios, "swarm", swarm)
+	log.Info("swarmbench", "nodes", cfg.nodes, "sizes_mib", mibs(cfg.sizes), "runs", cfg.runs, "scenarios", cfg.scenarios, "swarm", swarm)
 
 	var results []*result
 	failed := false
@@ -228,10 +243,19 @@ func directSize(cfg config, n int) int64 {
 	if cfg.directSize > 0 {
 		return cfg.directSize
 	}
+	base := min(slices.Max(cfg.sizes), 256<<20)
 	if n <= 8 {
-		return cfg.size
+		return base
 	}
-	return max(cfg.size*8/int64(n)>>20<<20, 1<<20)
+	return max(base*8/int64(n)>>20<<20, 1<<20)
+}
+
+func mibs(sizes []int64) []int64 {
+	out := make([]int64, len(sizes))
+	for i, s := range sizes {
+		out[i] = s >> 20
+	}
+	return out
 }
 
 // result is one scenario at one N.
@@ -240,6 +264,7 @@ type result struct {
 	NodeRate     string                `json:"node_rate"`
 	RegistryRate string                `json:"registry_rate"`
 	Scenario     string                `json:"scenario"`
+	Run          int                   `json:"run"` // 1-based, of cold and warm at this (N, S)
 	Swarm        bool                  `json:"swarm"`
 	Size         int64                 `json:"size_bytes"`
 	SOverB       float64               `json:"s_over_b_seconds"` // the unit of the times below
@@ -251,8 +276,12 @@ type result struct {
 	Max          float64               `json:"max_s_over_b"`
 	UpstreamLink float64               `json:"upstream_link_over_s"` // registry link bytes sent / S
 	UpstreamLog  float64               `json:"upstream_log_over_s"`  // blob bytes in the access log / S
-	AgentCPUSum  float64               `json:"agent_cpu_s_sum"`
-	AgentCPUMax  float64               `json:"agent_cpu_s_max"`
+	// AgentCPUSum and AgentCPUMax are the agents' CPU time from just before the common start
+	// to the last node's completion (not their start-up, nor node 0's first fetch in warm);
+	// AgentCPUPerGiB is AgentCPUSum per GiB delivered to the asking nodes' clients.
+	AgentCPUSum    float64 `json:"agent_cpu_s_sum"`
+	AgentCPUMax    float64 `json:"agent_cpu_s_max"`
+	AgentCPUPerGiB float64 `json:"agent_cpu_s_per_gib"`
 	PeakRSSMax   int64                 `json:"agent_peak_rss_max_bytes"`
 	MachineCPU   float64               `json:"machine_cpu_utilisation"` // while the nodes fetched
 	MachineBusy  float64               `json:"machine_cpu_busy_s"`
@@ -268,6 +297,8 @@ type result struct {
 	// Timeline has one entry per second from the start: the run's link and CPU use.
 	Timeline []second `json:"timeline,omitempty"`
 	Error    string   `json:"error,omitempty"`
+	// Skipped says why this (N, S) cell did not run (its other fields are then empty).
+	Skipped string `json:"skipped,omitempty"`
 }
 
 // second is one second of a run: each node link's traffic (in node order) and the share of all
@@ -310,29 +341,64 @@ func benchN(ctx context.Context, log *slog.Logger, cfg config, n int, swarm bool
 		return d, err
 	}
 	var errs []error
-	for _, sc := range cfg.scenarios {
-		size := cfg.size
-		if sc == scenarioDirect {
-			size = directSize(cfg, n)
-		}
+	runOne := func(sc string, size int64, run int) {
 		d, err := blob(size)
 		if err != nil {
-			return results, err
+			errs = append(errs, err)
+			return
 		}
-		log.Info("scenario", "scenario", sc, "mib", size>>20)
+		log.Info("scenario", "scenario", sc, "mib", size>>20, "run", run)
 		res, err := runScenario(ctx, log, cfg, tb, sc, swarm, d, size, b, r)
+		res.Run = run
 		results = append(results, res)
 		if err != nil {
 			res.Error = err.Error()
-			errs = append(errs, fmt.Errorf("%s: %w", sc, err))
+			errs = append(errs, fmt.Errorf("%s, %d MiB, run %d: %w", sc, size>>20, run, err))
 		}
-		log.Info("scenario done", "scenario", sc, "ok", fmt.Sprintf("%d/%d", res.OK, res.Asked),
-			"p50", round(res.P50), "p99", round(res.P99), "max", round(res.Max), "upstream", round(res.UpstreamLink))
-		if ctx.Err() != nil {
-			break
+		log.Info("scenario done", "scenario", sc, "mib", size>>20, "run", run, "ok", fmt.Sprintf("%d/%d", res.OK, res.Asked),
+			"p50", round(res.P50), "p99", round(res.P99), "max", round(res.Max), "upstream", round(res.UpstreamLink),
+			"agent_cpu_s_per_gib", round(res.AgentCPUPerGiB))
+	}
+	if slices.Contains(cfg.scenarios, scenarioDirect) {
+		runOne(scenarioDirect, directSize(cfg, n), 1)
+	}
+	for _, size := range cfg.sizes {
+		if why := skipCell(cfg, n, size, freeDisk(tb.Dir())); why != "" {
+			log.Warn("cell skipped", "mib", size>>20, "why", why)
+			results = append(results, &result{Nodes: n, NodeRate: b.String(), RegistryRate: r.String(), Size: size, Skipped: why})
+			continue
+		}
+		for run := 1; run <= cfg.runs && ctx.Err() == nil; run++ {
+			for _, sc := range cfg.scenarios {
+				if sc != scenarioDirect && ctx.Err() == nil {
+					runOne(sc, size, run)
+				}
+			}
 		}
 	}
 	return results, errors.Join(errs...)
+}
+
+// skipCell says why N nodes should not fetch a blob of size bytes (their stores would hold
+// N × size), or "" when they may: -max-cell-gib, or 70 % of the free disk (free, 0 if unknown).
+func skipCell(cfg config, n int, size, free int64) string {
+	need := int64(n) * size
+	switch {
+	case cfg.maxCellBytes > 0 && need > cfg.maxCellBytes:
+		return fmt.Sprintf("%d nodes × %d MiB is more than -max-cell-gib %d", n, size>>20, cfg.maxCellBytes>>30)
+	case cfg.maxCellBytes == 0 && free > 0 && need > free*7/10:
+		return fmt.Sprintf("%d nodes × %d MiB need %d GiB of disk, %d GiB free", n, size>>20, need>>30, free>>30)
+	}
+	return ""
+}
+
+// freeDisk is the space free for unprivileged use on dir's filesystem (0 if unknown).
+func freeDisk(dir string) int64 {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return 0
+	}
+	return int64(st.Bavail) * st.Bsize
 }
 
 func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.Testbed, sc string, swarm bool,
@@ -350,7 +416,7 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 		if err := startAgents(ctx, tb, swarm, cfg.agentArgs); err != nil {
 			return res, err
 		}
-		defer stopAgents(tb, log)
+		defer stopAgents(tb, log, !cfg.keep)
 	}
 	if err := tb.Registry().Sync(ctx); err != nil {
 		return res, err
@@ -388,6 +454,10 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	if err != nil {
 		return res, err
 	}
+	agentsBefore, err := agentCPUs(tb)
+	if err != nil {
+		return res, err
+	}
 	start := time.Now().Add(cfg.startDelay + time.Duration(n)*20*time.Millisecond)
 	stopSampling := make(chan struct{})
 	sampled := make(chan []second, 1)
@@ -419,6 +489,10 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	cpu := cpuAfter.Sub(cpuBefore)
 	res.MachineCPU, res.MachineBusy, res.MachineSteal = cpu.Utilisation(), cpu.Busy, cpu.StealShare()
 	procsAfter, err := processCPU(tb)
+	if err != nil {
+		return res, err
+	}
+	agentsAfter, err := agentCPUs(tb)
 	if err != nil {
 		return res, err
 	}
@@ -461,14 +535,18 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	res.UpstreamLog = float64(harness.BlobBytes(logAfter[min(len(logBefore), len(logAfter)):])[d]) / float64(size)
 
 	if sc != scenarioDirect {
-		for _, node := range tb.Nodes() {
+		for i, node := range tb.Nodes() {
 			u, err := node.AgentUsage()
 			if err != nil {
 				return res, err
 			}
-			res.AgentCPUSum += u.CPUSeconds
-			res.AgentCPUMax = max(res.AgentCPUMax, u.CPUSeconds)
+			used := agentsAfter[i] - agentsBefore[i]
+			res.AgentCPUSum += used
+			res.AgentCPUMax = max(res.AgentCPUMax, used)
 			res.PeakRSSMax = max(res.PeakRSSMax, u.PeakRSS)
+		}
+		if delivered := float64(res.Asked) * float64(size) / (1 << 30); delivered > 0 {
+			res.AgentCPUPerGiB = res.AgentCPUSum / delivered
 		}
 	}
 	res.Wall = time.Since(wallStart).Seconds()
@@ -634,14 +712,38 @@ func startAgents(ctx context.Context, tb *testbed.Testbed, swarm bool, extra []s
 	return tb.WaitForSwarm(ctx, time.Minute)
 }
 
-func stopAgents(tb *testbed.Testbed, log *slog.Logger) {
+// stopAgents stops every node's agent and, with removeData, deletes its store: a grid of runs
+// would otherwise keep every run's copies on disk.
+func stopAgents(tb *testbed.Testbed, log *slog.Logger, removeData bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	for _, node := range tb.Nodes() {
 		if err := node.StopAgent(ctx); err != nil {
 			log.Warn("stop agent", "node", node.Name(), "err", err)
+			continue
+		}
+		if a := node.Agent(); removeData && a != nil {
+			if err := os.RemoveAll(a.DataDir()); err != nil {
+				log.Warn("remove agent data", "node", node.Name(), "err", err)
+			}
 		}
 	}
+}
+
+// agentCPUs is the CPU time each node's agent has used so far (0 for a node without one).
+func agentCPUs(tb *testbed.Testbed) ([]float64, error) {
+	out := make([]float64, len(tb.Nodes()))
+	for i, node := range tb.Nodes() {
+		if node.Agent() == nil {
+			continue
+		}
+		u, err := node.AgentUsage()
+		if err != nil {
+			return nil, err
+		}
+		out[i] = u.CPUSeconds
+	}
+	return out, nil
 }
 
 // percentile is the nearest-rank percentile of sorted values (0 when there are none).
@@ -665,16 +767,116 @@ func firstError(fs []testbed.FetchResult) string {
 func round(v float64) float64 { return math.Round(v*100) / 100 }
 
 func printTable(w io.Writer, results []*result) {
-	fmt.Fprintf(w, "\n%-4s %-8s %-8s %-6s %-7s %-6s %6s %6s %6s %8s %6s %10s %13s %7s %13s %7s\n",
-		"N", "B", "R", "scen.", "S", "ok", "p50", "p99", "max", "upstr/S", "(log)", "links d/u", "agentCPU s", "RSS MiB", "machine CPU", "wall s")
+	fmt.Fprintf(w, "\n%-4s %-8s %-8s %-6s %-3s %-7s %-6s %6s %6s %6s %8s %6s %10s %13s %9s %7s %13s %7s\n",
+		"N", "B", "R", "scen.", "run", "S", "ok", "p50", "p99", "max", "upstr/S", "(log)", "links d/u", "agentCPU s", "CPU-s/GiB", "RSS MiB", "machine CPU", "wall s")
 	for _, r := range results {
-		fmt.Fprintf(w, "%-4d %-8s %-8s %-6s %-7s %-6s %6.2f %6.2f %6.2f %8.2f %6.2f %10s %13s %7s %13s %7.0f\n",
-			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, mib(r.Size), fmt.Sprintf("%d/%d", r.OK, r.Asked),
-			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, linkUse(r), agentCPU(r), rss(r), machineCPU(r), r.Wall)
+		if r.Skipped != "" {
+			fmt.Fprintf(w, "%-4d %-8s %-8s skipped %-7s %s\n", r.Nodes, r.NodeRate, r.RegistryRate, mib(r.Size), r.Skipped)
+			continue
+		}
+		fmt.Fprintf(w, "%-4d %-8s %-8s %-6s %-3d %-7s %-6s %6.2f %6.2f %6.2f %8.2f %6.2f %10s %13s %9s %7s %13s %7.0f\n",
+			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, r.Run, mib(r.Size), fmt.Sprintf("%d/%d", r.OK, r.Asked),
+			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, linkUse(r), agentCPU(r), cpuPerGiB(r), rss(r), machineCPU(r), r.Wall)
 	}
 	fmt.Fprintln(w, "times in units of S/B (S: blob size, B: node link rate); upstream: registry link bytes sent / S (log: blob bytes in the registry's access log / S);")
 	fmt.Fprintln(w, "links d/u: share of the asking nodes' link capacity used down / up until the last one finished;")
+	fmt.Fprintln(w, "agent CPU: all agents' CPU time from the common start to the last completion (sum / max), and per GiB delivered to the asking nodes;")
 	fmt.Fprintln(w, "machine CPU: share of all cores busy while the nodes fetched (in brackets: the testbed's processes alone; steal: time the hypervisor gave these cores to other machines)")
+	if sum := summarise(results); len(sum) > 0 {
+		fmt.Fprintf(w, "\nmedian of runs: %-4s %-7s %-6s %-5s %-18s %-6s %9s %13s %s\n", "N", "S", "scen.", "runs", "p99 (range)", "goal", "upstr/S", "CPU-s/GiB", "machine CPU")
+		for _, c := range sum {
+			fmt.Fprintf(w, "                %-4d %-7s %-6s %-5d %-18s %-6.2f %9.2f %13.1f %.0f%%\n", c.nodes, mib(c.size), c.scenario, c.runs,
+				fmt.Sprintf("%.2f (%.2f-%.2f)", c.p99, c.p99Min, c.p99Max), c.goal, c.upstream, c.cpuPerGiB, 100*c.machineCPU)
+		}
+	}
+}
+
+// cell is the summary of the runs of one scenario at one (N, S).
+type cell struct {
+	nodes                 int
+	nodeRate              string
+	size                  int64
+	scenario              string
+	runs                  int
+	p99, p99Min, p99Max   float64 // median, lowest, highest
+	goal                  float64 // p99 goal, in units of S/B
+	upstream              float64 // median registry link bytes / S
+	cpuPerGiB, machineCPU float64 // medians
+	peakRSS               int64   // highest
+}
+
+// goal is the p99 goal in units of S/B for a blob whose S/B is sOverB seconds: 1.25 × S/B, or
+// S/B + 1 s when that is more (small blobs, whose start-up cannot be amortised).
+func goal(sOverB float64) float64 {
+	if sOverB <= 0 {
+		return 1.25
+	}
+	return max(1.25, 1+1/sOverB)
+}
+
+// summarise gives the median run of every swarm scenario at every (N, S), in the order the
+// cells first appear.
+func summarise(results []*result) []cell {
+	type key struct {
+		n        int
+		size     int64
+		scenario string
+	}
+	var order []key
+	groups := map[key][]*result{}
+	for _, r := range results {
+		if r.Skipped != "" || r.Scenario == scenarioDirect || r.Error != "" {
+			continue
+		}
+		k := key{r.Nodes, r.Size, r.Scenario}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], r)
+	}
+	var cells []cell
+	for _, k := range order {
+		rs := groups[k]
+		field := func(f func(*result) float64) []float64 {
+			v := make([]float64, len(rs))
+			for i, r := range rs {
+				v[i] = f(r)
+			}
+			slices.Sort(v)
+			return v
+		}
+		p99 := field(func(r *result) float64 { return r.P99 })
+		c := cell{nodes: k.n, nodeRate: rs[0].NodeRate, size: k.size, scenario: k.scenario, runs: len(rs),
+			p99: median(p99), p99Min: p99[0], p99Max: p99[len(p99)-1], goal: goal(rs[0].SOverB),
+			upstream:   median(field(func(r *result) float64 { return r.UpstreamLink })),
+			cpuPerGiB:  median(field(func(r *result) float64 { return r.AgentCPUPerGiB })),
+			machineCPU: median(field(func(r *result) float64 { return r.MachineCPU })),
+		}
+		for _, r := range rs {
+			c.peakRSS = max(c.peakRSS, r.PeakRSSMax)
+		}
+		cells = append(cells, c)
+	}
+	return cells
+}
+
+// median of sorted values (0 when there are none).
+func median(sorted []float64) float64 {
+	switch n := len(sorted); {
+	case n == 0:
+		return 0
+	case n%2 == 1:
+		return sorted[n/2]
+	default:
+		return (sorted[n/2-1] + sorted[n/2]) / 2
+	}
+}
+
+func cpuPerGiB(r *result) string {
+	if r.Scenario == scenarioDirect {
+		return "–"
+	}
+	return fmt.Sprintf("%.1f", r.AgentCPUPerGiB)
 }
 
 func linkUse(r *result) string {
@@ -686,6 +888,13 @@ func machineCPU(r *result) string {
 		return fmt.Sprintf("%.0f%% (%.0f%%; steal %.0f%%)", 100*r.MachineCPU, 100*r.TestbedCPUShare, 100*r.MachineSteal)
 	}
 	return fmt.Sprintf("%.0f%% (%.0f%%)", 100*r.MachineCPU, 100*r.TestbedCPUShare)
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return strconv.Itoa(n) + " " + what + "s"
 }
 
 func mib(n int64) string { return strconv.FormatInt(n>>20, 10) + "Mi" }
@@ -724,19 +933,42 @@ func markdown(cfg config, swarm bool, results []*result) string {
 	}
 	fmt.Fprintf(&b, "Measured %s with `%s`; swarm %s.\n\n",
 		time.Now().UTC().Format("2006-01-02"), strings.Join(append([]string{"go run ./hack/swarmbench"}, os.Args[1:]...), " "), mode)
-	b.WriteString("| N | B | R | scenario | S | nodes ok | p50 | p99 | max | upstream / S (link, log) | links down / up | agent CPU s (sum / max) | agent peak RSS (max) | machine CPU (testbed) | wall |\n")
-	b.WriteString("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+	if cells := summarise(results); len(cells) > 0 {
+		fmt.Fprintf(&b, "The median of %s per cell (p99 in units of S/B; the goal is p99 ≤ 1.25 × S/B, or S/B + 1 s when that is more):\n\n", plural(cfg.runs, "run"))
+		b.WriteString("| N | B | S | scenario | p99 (lowest-highest) | goal | met | upstream / S | agent CPU-s per GiB | machine CPU | agent peak RSS |\n")
+		b.WriteString("| ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n")
+		for _, c := range cells {
+			met := "yes"
+			if c.p99 > c.goal {
+				met = "**no**"
+			}
+			fmt.Fprintf(&b, "| %d | %s | %d MiB | %s | %.2f (%.2f-%.2f) | %.2f | %s | %.2f | %.1f | %.0f %% | %d MiB |\n",
+				c.nodes, c.nodeRate, c.size>>20, c.scenario, c.p99, c.p99Min, c.p99Max, c.goal, met, c.upstream, c.cpuPerGiB, 100*c.machineCPU, c.peakRSS>>20)
+		}
+		for _, r := range results {
+			if r.Skipped != "" {
+				fmt.Fprintf(&b, "| %d | %s | %d MiB | – | skipped: %s | | | | | | |\n", r.Nodes, r.NodeRate, r.Size>>20, r.Skipped)
+			}
+		}
+		b.WriteString("\nEvery run:\n\n")
+	}
+	b.WriteString("| N | B | R | scenario | run | S | nodes ok | p50 | p99 | max | upstream / S (link, log) | links down / up | agent CPU s (sum / max) | agent CPU-s per GiB | agent peak RSS (max) | machine CPU (testbed) | wall |\n")
+	b.WriteString("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
 	for _, r := range results {
+		if r.Skipped != "" {
+			continue
+		}
 		rssCell := "–"
 		if r.Scenario != scenarioDirect {
 			rssCell = fmt.Sprintf("%d MiB", r.PeakRSSMax>>20)
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %d MiB | %d/%d | %.2f | %.2f | %.2f | %.2f, %.2f | %s | %s | %s | %s | %.0f s |\n",
-			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, r.Size>>20, r.OK, r.Asked,
-			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, linkUse(r), agentCPU(r), rssCell, machineCPU(r), r.Wall)
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %d | %d MiB | %d/%d | %.2f | %.2f | %.2f | %.2f, %.2f | %s | %s | %s | %s | %s | %.0f s |\n",
+			r.Nodes, r.NodeRate, r.RegistryRate, r.Scenario, r.Run, r.Size>>20, r.OK, r.Asked,
+			r.P50, r.P99, r.Max, r.UpstreamLink, r.UpstreamLog, linkUse(r), agentCPU(r), cpuPerGiB(r), rssCell, machineCPU(r), r.Wall)
 	}
 	b.WriteString("\nTimes are per-node completion (common start to the last verified byte) in units of S/B. ")
 	b.WriteString("Upstream is what the registry sent during the scenario over S, counted on its link (with headers) and as blob bytes in its access log; for warm it includes node 0's first fetch. ")
+	b.WriteString("Agent CPU is every agent's CPU time from the common start to the last node's completion (not their start-up, nor node 0's first fetch in warm), summed and the busiest one's, and the sum per GiB delivered to the asking nodes (uploads to peers included). ")
 	b.WriteString("Links is the share of the asking nodes' link capacity that carried bytes, down and up, from the start until the last node finished (`-json` has it second by second, with each node's delivery curve). ")
 	b.WriteString("Machine CPU is the share of both cores busy while the nodes fetched, whatever ran; in brackets the share used by ")
 	b.WriteString("the testbed's own processes (agents, registry, fetch clients; the kernel's network work is not in it), and, when there was any, the steal: ")
@@ -749,11 +981,11 @@ const (
 	endMarker   = "<!-- END swarm -->"
 	// sectionIntro goes before the markers when the file has none yet.
 	sectionIntro = `
-## Swarm (issue 3): N nodes ask for the same new blob at once
+## Swarm: N nodes ask for the same new blob at once
 
 Reproduce with ` + "`make bench`" + ` or ` + "`go run ./hack/swarmbench`" + ` (root; see ` + "`-h`" + ` for N, S, B and
 the scenarios). Each node is a network namespace on a bridge inside a namespace with no route out,
-its link shaped to B with tc tbf both ways, the registry's to R = 4·B (DESIGN.md §6). Scenarios,
+its link shaped to B with tc tbf both ways, the registry's to R = 4·B. Scenarios,
 each with fresh agents: **direct** (every node GETs the blob from the registry: the baseline; a
 smaller blob at large N), **cold** (every node asks its own agent at the same moment, nobody holds
 the blob), **warm** (node 0 fetched it through its agent first; the other N−1 ask at once).

@@ -223,6 +223,9 @@ func (a *Agent) MirrorAddr() string { return a.mirrorAddr }
 // MetricsAddr serves /metrics, /healthz and /readyz.
 func (a *Agent) MetricsAddr() string { return a.metricsAddr }
 
+// DataDir is the agent's --data-dir (its store and swarm files).
+func (a *Agent) DataDir() string { return a.cfg.DataDir }
+
 // Args are the command-line arguments the agent runs with (after the binary).
 func (a *Agent) Args() []string { return append([]string(nil), a.args...) }
 
