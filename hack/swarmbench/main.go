@@ -454,11 +454,19 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	if err != nil {
 		return res, err
 	}
-	agentsBefore, err := agentCPUs(tb)
-	if err != nil {
-		return res, err
-	}
 	start := time.Now().Add(cfg.startDelay + time.Duration(n)*20*time.Millisecond)
+	// The agents' CPU is read at the common start: what they spend idle before it is not the
+	// transfer's.
+	type cpuAt struct {
+		v   []float64
+		err error
+	}
+	atStart := make(chan cpuAt, 1)
+	go func() {
+		time.Sleep(time.Until(start))
+		v, err := agentCPUs(tb)
+		atStart <- cpuAt{v, err}
+	}()
 	stopSampling := make(chan struct{})
 	sampled := make(chan []second, 1)
 	go func() { sampled <- sample(tb, start, stopSampling) }()
@@ -496,6 +504,11 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	if err != nil {
 		return res, err
 	}
+	before := <-atStart
+	if before.err != nil {
+		return res, before.err
+	}
+	agentsBefore := before.v
 	res.TestbedCPU = procsAfter - procsBefore
 	for _, f := range fetches {
 		res.TestbedCPU += f.CPUSeconds
