@@ -53,7 +53,7 @@ type config struct {
 	nodes          []int
 	sizes          []int64 // S, bytes, in the order given
 	runs           int     // of cold and warm per (N, S)
-	directSize     int64 // baseline blob; 0 = S × min(1, 8/N)
+	directSize     int64   // baseline blob; 0 = S × min(1, 8/N)
 	rate           testbed.Rate
 	registryFactor float64
 	scenarios      []string
@@ -63,7 +63,7 @@ type config struct {
 	jsonOut        string
 	startDelay     time.Duration
 	keep           bool
-	profileSeconds int // CPU profile of every agent from the common start; 0 = none
+	profileSeconds int   // CPU profile of every agent from the common start; 0 = none
 	maxCellBytes   int64 // skip an (N, S) cell whose N × S is more; 0 = 70 % of the free disk
 	imageSize      int64 // compressed size of the image scenarios' image
 }
@@ -265,38 +265,38 @@ func mibs(sizes []int64) []int64 {
 
 // result is one scenario at one N.
 type result struct {
-	Nodes        int                   `json:"nodes"`
-	NodeRate     string                `json:"node_rate"`
-	RegistryRate string                `json:"registry_rate"`
-	Scenario     string                `json:"scenario"`
-	Run          int                   `json:"run"` // 1-based, of cold and warm at this (N, S)
-	Layers       int                   `json:"layers,omitempty"` // image scenarios: the image's layers
+	Nodes        int    `json:"nodes"`
+	NodeRate     string `json:"node_rate"`
+	RegistryRate string `json:"registry_rate"`
+	Scenario     string `json:"scenario"`
+	Run          int    `json:"run"`              // 1-based, of cold and warm at this (N, S)
+	Layers       int    `json:"layers,omitempty"` // image scenarios: the image's layers
 	// FloorSeconds is, in the image scenarios with agents, the time node 0 took to pull the
 	// image again alone from its agent's store after the run: containerd's own work.
 	FloorSeconds float64 `json:"unpack_floor_s,omitempty"`
 	// ContainerdCPUSum is the nodes' containerd CPU time over the same span as AgentCPUSum.
-	ContainerdCPUSum float64 `json:"containerd_cpu_s_sum,omitempty"`
-	Swarm        bool                  `json:"swarm"`
-	Size         int64                 `json:"size_bytes"`
-	SOverB       float64               `json:"s_over_b_seconds"` // the unit of the times below
-	Fetches      []testbed.FetchResult `json:"fetches"`
-	OK           int                   `json:"ok"`
-	Asked        int                   `json:"asked"`
-	P50          float64               `json:"p50_s_over_b"`
-	P99          float64               `json:"p99_s_over_b"`
-	Max          float64               `json:"max_s_over_b"`
-	UpstreamLink float64               `json:"upstream_link_over_s"` // registry link bytes sent / S
-	UpstreamLog  float64               `json:"upstream_log_over_s"`  // blob bytes in the access log / S
+	ContainerdCPUSum float64               `json:"containerd_cpu_s_sum,omitempty"`
+	Swarm            bool                  `json:"swarm"`
+	Size             int64                 `json:"size_bytes"`
+	SOverB           float64               `json:"s_over_b_seconds"` // the unit of the times below
+	Fetches          []testbed.FetchResult `json:"fetches"`
+	OK               int                   `json:"ok"`
+	Asked            int                   `json:"asked"`
+	P50              float64               `json:"p50_s_over_b"`
+	P99              float64               `json:"p99_s_over_b"`
+	Max              float64               `json:"max_s_over_b"`
+	UpstreamLink     float64               `json:"upstream_link_over_s"` // registry link bytes sent / S
+	UpstreamLog      float64               `json:"upstream_log_over_s"`  // blob bytes in the access log / S
 	// AgentCPUSum and AgentCPUMax are the agents' CPU time from just before the common start
 	// to the last node's completion (not their start-up, nor node 0's first fetch in warm);
 	// AgentCPUPerGiB is AgentCPUSum per GiB delivered to the asking nodes' clients.
 	AgentCPUSum    float64 `json:"agent_cpu_s_sum"`
 	AgentCPUMax    float64 `json:"agent_cpu_s_max"`
 	AgentCPUPerGiB float64 `json:"agent_cpu_s_per_gib"`
-	PeakRSSMax   int64                 `json:"agent_peak_rss_max_bytes"`
-	MachineCPU   float64               `json:"machine_cpu_utilisation"` // while the nodes fetched
-	MachineBusy  float64               `json:"machine_cpu_busy_s"`
-	MachineSteal float64               `json:"machine_cpu_steal"` // share of all cores' time taken by the hypervisor for other machines
+	PeakRSSMax     int64   `json:"agent_peak_rss_max_bytes"`
+	MachineCPU     float64 `json:"machine_cpu_utilisation"` // while the nodes fetched
+	MachineBusy    float64 `json:"machine_cpu_busy_s"`
+	MachineSteal   float64 `json:"machine_cpu_steal"` // share of all cores' time taken by the hypervisor for other machines
 	// TestbedCPU is the CPU time of the agents, the registry and the fetch clients while the
 	// nodes fetched: the machine is shared, so its busy time may include other work.
 	TestbedCPU      float64 `json:"testbed_cpu_s"`
