@@ -40,6 +40,10 @@ if want swarm; then
 	echo "== swarm: N nodes on a shaped netns testbed, cold and warm, against direct pulls" >&2
 	go run ./hack/swarmbench -nodes "${SWARM_NODES:-8,16,32}" -size-mib "${SWARM_SIZE_MIB:-16,64,256,1024}" \
 		-runs "${SWARM_RUNS:-3}" -max-cell-gib "${SWARM_MAX_CELL_GIB:-16}" -doc docs/benchmarks.md >&2
+	# A realistic image pulled through CRI by every node's containerd (about 20 minutes).
+	echo "== swarm: a multi-layer image through real containerd, cold and warm, against direct pulls" >&2
+	go run ./hack/swarmbench -nodes "${IMAGE_NODES:-8,16}" -image-mib "${IMAGE_MIB:-256}" -runs "${SWARM_RUNS:-3}" \
+		-scenarios image-direct,image-cold,image-warm -section swarm-image -doc docs/benchmarks.md >&2
 fi
 
 if want scale; then

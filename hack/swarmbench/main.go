@@ -29,6 +29,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,6 +67,7 @@ type config struct {
 	profileSeconds int   // CPU profile of every agent from the common start; 0 = none
 	maxCellBytes   int64 // skip an (N, S) cell whose N × S is more; 0 = 70 % of the free disk
 	imageSize      int64 // compressed size of the image scenarios' image
+	section        string // of -doc, between <!-- BEGIN section --> and <!-- END section -->
 }
 
 func parseFlags(args []string) (config, error) {
@@ -80,7 +82,8 @@ func parseFlags(args []string) (config, error) {
 	factor := fs.Float64("registry-factor", 4, "registry link rate R as a multiple of B")
 	scenarios := fs.String("scenarios", "direct,cold,warm", "scenarios to run, comma-separated")
 	swarm := fs.String("swarm", "auto", "give agents --p2p-addr and --peers: on, off, or auto (when 'shoal agent --help' lists --p2p-addr)")
-	doc := fs.String("doc", "docs/benchmarks.md", `Markdown file whose swarm section is rewritten; "" = none`)
+	doc := fs.String("doc", "docs/benchmarks.md", `Markdown file whose section is rewritten; "" = none`)
+	section := fs.String("section", "swarm", "the section of -doc to rewrite: what is between <!-- BEGIN section --> and <!-- END section -->")
 	jsonOut := fs.String("json", "", "also write every per-node result to this JSON file")
 	delay := fs.Duration("start-delay", 2*time.Second, "how far ahead the common start time is set (plus 20 ms per node)")
 	keep := fs.Bool("keep", false, "keep each testbed's directory (agent and registry logs, stores) for a post-mortem")
@@ -97,6 +100,7 @@ func parseFlags(args []string) (config, error) {
 		runs:           *runs,
 		maxCellBytes:   *maxCellGiB << 30,
 		imageSize:      *imageMiB << 20,
+		section:        *section,
 		directSize:     *directMiB << 20,
 		rate:           testbed.Rate(*rateMbit) * testbed.Mbit,
 		registryFactor: *factor,
@@ -133,6 +137,8 @@ func parseFlags(args []string) (config, error) {
 		cfg.scenarios = append(cfg.scenarios, s)
 	}
 	switch {
+	case !regexp.MustCompile(`^[a-z][a-z0-9-]*$`).MatchString(cfg.section):
+		return config{}, fmt.Errorf("-section %q: want lower-case letters, digits and dashes", cfg.section)
 	case cfg.imageSize < 1<<20:
 		return config{}, errors.New("-image-mib must be at least 1")
 	case cfg.maxCellBytes < 0:
@@ -206,11 +212,11 @@ func run(cfg config) int {
 		}
 	}
 	if cfg.doc != "" && len(results) > 0 && ctx.Err() == nil {
-		if err := writeDoc(cfg.doc, markdown(cfg, swarm, results)); err != nil {
+		if err := writeDoc(cfg.doc, cfg.section, markdown(cfg, swarm, results)); err != nil {
 			log.Error("write doc", "err", err)
 			failed = true
 		} else {
-			log.Info("wrote swarm section", "doc", cfg.doc)
+			log.Info("wrote section", "doc", cfg.doc, "section", cfg.section)
 		}
 	}
 	if failed || ctx.Err() != nil {
@@ -1095,9 +1101,7 @@ func markdown(cfg config, swarm bool, results []*result) string {
 }
 
 const (
-	beginMarker = "<!-- BEGIN swarm -->"
-	endMarker   = "<!-- END swarm -->"
-	// sectionIntro goes before the markers when the file has none yet.
+	// sectionIntro goes before the swarm section's markers when the file has none yet.
 	sectionIntro = `
 ## Swarm: N nodes ask for the same new blob at once
 
@@ -1112,9 +1116,14 @@ The physical limit is 1 × S/B per node and 1 × S upstream.
 `
 )
 
-// writeDoc replaces what is between the swarm markers in path, adding the section at the end
-// when the markers are missing, and leaves the rest of the file as it was.
-func writeDoc(path, body string) error {
+// writeDoc replaces what is between the markers of section in path, adding the section at the
+// end when the markers are missing, and leaves the rest of the file as it was.
+func writeDoc(path, section, body string) error {
+	beginMarker, endMarker := "<!-- BEGIN "+section+" -->", "<!-- END "+section+" -->"
+	intro := sectionIntro
+	if section != "swarm" {
+		intro = "\n## Swarm benchmark: " + section + "\n\n"
+	}
 	data, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
@@ -1123,9 +1132,9 @@ func writeDoc(path, body string) error {
 	begin, end := strings.Index(text, beginMarker), strings.Index(text, endMarker)
 	switch {
 	case begin < 0 && end < 0:
-		text = strings.TrimLeft(strings.TrimRight(text, "\n")+"\n"+sectionIntro, "\n") + beginMarker + "\n" + body + endMarker + "\n"
+		text = strings.TrimLeft(strings.TrimRight(text, "\n")+"\n"+intro, "\n") + beginMarker + "\n" + body + endMarker + "\n"
 	case begin < 0 || end < begin:
-		return fmt.Errorf("%s: swarm markers out of order", path)
+		return fmt.Errorf("%s: %s markers out of order", path, section)
 	default:
 		text = text[:begin+len(beginMarker)] + "\n" + body + text[end:]
 	}
