@@ -515,28 +515,28 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 		first = 1
 	}
 
-	cpuBefore, err := testbed.ReadMachineCPU()
-	if err != nil {
-		return res, err
-	}
-	procsBefore, err := processCPU(tb)
-	if err != nil {
-		return res, err
-	}
 	start := time.Now().Add(cfg.startDelay + time.Duration(n)*20*time.Millisecond)
-	// The agents' CPU is read at the common start: what they spend idle before it is not the
-	// transfer's.
+	// Every CPU figure is read at the common start: the seconds of waiting for it would
+	// otherwise dilute a short transfer's machine CPU, and what the agents spend idle is not
+	// the transfer's.
 	type cpuAt struct {
-		v          []float64
+		machine    testbed.MachineCPU
+		procs      float64
+		agents     []float64
 		containerd float64
 		err        error
 	}
 	atStart := make(chan cpuAt, 1)
 	go func() {
 		time.Sleep(time.Until(start))
-		v, err := agentCPUs(tb)
-		c, cErr := containerdCPU(tb)
-		atStart <- cpuAt{v, c, errors.Join(err, cErr)}
+		var at cpuAt
+		var errs [4]error
+		at.machine, errs[0] = testbed.ReadMachineCPU()
+		at.procs, errs[1] = processCPU(tb)
+		at.agents, errs[2] = agentCPUs(tb)
+		at.containerd, errs[3] = containerdCPU(tb)
+		at.err = errors.Join(errs[:]...)
+		atStart <- at
 	}()
 	stopSampling := make(chan struct{})
 	sampled := make(chan []second, 1)
@@ -560,7 +560,11 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	if err = errors.Join(err, cpuErr); err != nil {
 		return res, err
 	}
-	cpu := cpuAfter.Sub(cpuBefore)
+	before := <-atStart
+	if before.err != nil {
+		return res, before.err
+	}
+	cpu := cpuAfter.Sub(before.machine)
 	res.MachineCPU, res.MachineBusy, res.MachineSteal = cpu.Utilisation(), cpu.Busy, cpu.StealShare()
 	procsAfter, err := processCPU(tb)
 	if err != nil {
@@ -574,13 +578,9 @@ func runScenario(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 	if err != nil {
 		return res, err
 	}
-	before := <-atStart
-	if before.err != nil {
-		return res, before.err
-	}
-	agentsBefore := before.v
+	agentsBefore := before.agents
 	res.ContainerdCPUSum = containerdAfter - before.containerd
-	res.TestbedCPU = procsAfter - procsBefore
+	res.TestbedCPU = procsAfter - before.procs
 	for _, f := range fetches {
 		res.TestbedCPU += f.CPUSeconds
 	}
