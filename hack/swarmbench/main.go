@@ -64,9 +64,9 @@ type config struct {
 	jsonOut        string
 	startDelay     time.Duration
 	keep           bool
-	profileSeconds int   // CPU profile of every agent from the common start; 0 = none
-	maxCellBytes   int64 // skip an (N, S) cell whose N × S is more; 0 = 70 % of the free disk
-	imageSize      int64 // compressed size of the image scenarios' image
+	profileSeconds int    // CPU profile of every agent from the common start; 0 = none
+	maxCellBytes   int64  // skip an (N, S) cell whose N × S is more; 0 = 70 % of the free disk
+	imageSize      int64  // compressed size of the image scenarios' image
 	section        string // of -doc, between <!-- BEGIN section --> and <!-- END section -->
 }
 
