@@ -9,7 +9,9 @@ import (
 	"io"
 	"math/rand/v2"
 	"path"
+	"runtime"
 	"strconv"
+	"sync"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -48,24 +50,37 @@ func RealisticImage(spec RealisticImageSpec) (v1.Image, error) {
 	if spec.Size < 1<<20 {
 		return nil, fmt.Errorf("realistic image of %d bytes: want at least 1 MiB", spec.Size)
 	}
-	var key [32]byte
-	copy(key[:], "shoal realistic image "+strconv.FormatUint(spec.Seed, 16))
-	rng := rand.New(rand.NewChaCha8(key))
-	words := vocabulary(rng, 8192)
-	layers := make([]v1.Layer, 0, len(realisticLayerShares))
+	rng := func(stream int) *rand.Rand {
+		var key [32]byte
+		copy(key[:], fmt.Sprintf("shoal realistic image %x/%d", spec.Seed, stream))
+		return rand.New(rand.NewChaCha8(key))
+	}
+	words := vocabulary(rng(-1), 8192)
+	// Each layer from its own generator, so that they are built at once on every core and the
+	// seed alone still decides each one.
+	layers := make([]v1.Layer, len(realisticLayerShares))
+	errs := make([]error, len(layers))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
 	for i, share := range realisticLayerShares {
-		target := max(int64(float64(spec.Size)*share), 64<<10)
-		data, err := realisticLayer(rng, words, i, target)
-		if err != nil {
-			return nil, fmt.Errorf("layer %d: %w", i, err)
-		}
-		l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-			return io.NopCloser(bytes.NewReader(data)), nil
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			target := max(int64(float64(spec.Size)*share), 64<<10)
+			data, err := realisticLayer(rng(i), words, i, target)
+			if err == nil {
+				layers[i], err = tarball.LayerFromOpener(func() (io.ReadCloser, error) {
+					return io.NopCloser(bytes.NewReader(data)), nil
+				})
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("layer %d: %w", i, err)
+			}
 		})
-		if err != nil {
-			return nil, fmt.Errorf("layer %d: %w", i, err)
-		}
-		layers = append(layers, l)
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
 	}
 	return imagebuild.Image(HostPlatform().Architecture, layers, func(c *v1.Config) {
 		c.Cmd = []string{"/bin/true"}
