@@ -71,6 +71,13 @@ func benchImages(ctx context.Context, log *slog.Logger, cfg config, tb *testbed.
 				res.Error = err.Error()
 				errs = append(errs, fmt.Errorf("%s, run %d: %w", sc, run, err))
 			}
+			// Every node's containerd holds the image, packed and unpacked, about 3 × its size:
+			// a grid of runs filled the disk before the images were removed after each.
+			for _, node := range tb.Nodes() {
+				if err := node.Containerd().CRI().RemoveImage(context.WithoutCancel(ctx), desc.Name(testbed.RegistryName)); err != nil {
+					log.Warn("remove image", "node", node.Name(), "err", err)
+				}
+			}
 			log.Info("scenario done", "scenario", sc, "run", run, "ok", fmt.Sprintf("%d/%d", res.OK, res.Asked),
 				"p99", round(res.P99), "max", round(res.Max), "unpack_floor_s", round(res.FloorSeconds), "upstream", round(res.UpstreamLink))
 		}

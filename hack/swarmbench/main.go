@@ -68,6 +68,7 @@ type config struct {
 	maxCellBytes   int64  // skip an (N, S) cell whose N × S is more; 0 = 70 % of the free disk
 	imageSize      int64  // compressed size of the image scenarios' image
 	section        string // of -doc, between <!-- BEGIN section --> and <!-- END section -->
+	fromJSON       string // render -doc from this -json output instead of running
 }
 
 func parseFlags(args []string) (config, error) {
@@ -83,6 +84,7 @@ func parseFlags(args []string) (config, error) {
 	scenarios := fs.String("scenarios", "direct,cold,warm", "scenarios to run, comma-separated")
 	swarm := fs.String("swarm", "auto", "give agents --p2p-addr and --peers: on, off, or auto (when 'shoal agent --help' lists --p2p-addr)")
 	doc := fs.String("doc", "docs/benchmarks.md", `Markdown file whose section is rewritten; "" = none`)
+	fromJSON := fs.String("from-json", "", "run nothing: render the -doc section from this file, the -json output of a run given the same other flags (e.g. one that was interrupted)")
 	section := fs.String("section", "swarm", "the section of -doc to rewrite: what is between <!-- BEGIN section --> and <!-- END section -->")
 	jsonOut := fs.String("json", "", "also write every per-node result to this JSON file")
 	delay := fs.Duration("start-delay", 2*time.Second, "how far ahead the common start time is set (plus 20 ms per node)")
@@ -101,6 +103,7 @@ func parseFlags(args []string) (config, error) {
 		maxCellBytes:   *maxCellGiB << 30,
 		imageSize:      *imageMiB << 20,
 		section:        *section,
+		fromJSON:       *fromJSON,
 		directSize:     *directMiB << 20,
 		rate:           testbed.Rate(*rateMbit) * testbed.Mbit,
 		registryFactor: *factor,
@@ -164,6 +167,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
+	if cfg.fromJSON != "" {
+		if err := render(cfg); err != nil {
+			fmt.Fprintln(os.Stderr, "swarmbench:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	// Everything below runs again in a child inside its own network namespace; the builds run
 	// here first because they may need the module proxy.
 	code, err := harness.RunIsolated(func() int { return run(cfg) }, harness.BuildShoalFirst(), testbed.BuildFetchFirst(), testbed.RaiseNeighbourLimits())
@@ -223,6 +233,49 @@ func run(cfg config) int {
 		return 1
 	}
 	return 0
+}
+
+// render writes the -doc section from the results in cfg.fromJSON, as the run that wrote them
+// would have, dated by the file.
+func render(cfg config) error {
+	data, err := os.ReadFile(cfg.fromJSON)
+	if err != nil {
+		return err
+	}
+	var results []*result
+	if err := json.Unmarshal(data, &results); err != nil {
+		return fmt.Errorf("%s: %w", cfg.fromJSON, err)
+	}
+	if len(results) == 0 || cfg.doc == "" {
+		return errors.New("nothing to render: no results, or no -doc")
+	}
+	st, err := os.Stat(cfg.fromJSON)
+	if err != nil {
+		return err
+	}
+	swarm := cfg.swarm != "off"
+	for _, r := range results {
+		swarm = swarm && (r.Swarm || isDirect(r.Scenario) || r.Skipped != "")
+	}
+	printTable(os.Stdout, results)
+	return writeDoc(cfg.doc, cfg.section, markdownAt(cfg, swarm, results, st.ModTime(), commandArgs(os.Args[1:])))
+}
+
+// commandArgs are the arguments of the run a section describes: without -from-json, which
+// only re-renders it.
+func commandArgs(args []string) []string {
+	var out []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		switch {
+		case a == "-from-json" || a == "--from-json":
+			i++
+		case strings.HasPrefix(a, "-from-json=") || strings.HasPrefix(a, "--from-json="):
+		default:
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // useSwarm decides whether agents get --p2p-addr and --peers.
@@ -939,6 +992,9 @@ func summarise(results []*result) []cell {
 			continue
 		}
 		k := key{r.Nodes, r.Size, r.Scenario}
+		if isImage(r.Scenario) {
+			k.size = 0 // each run's image is a new one, a few KiB larger or smaller
+		}
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
 		}
@@ -956,7 +1012,7 @@ func summarise(results []*result) []cell {
 			return v
 		}
 		p99 := field(func(r *result) float64 { return r.P99 })
-		c := cell{nodes: k.n, nodeRate: rs[0].NodeRate, size: k.size, scenario: k.scenario, runs: len(rs),
+		c := cell{nodes: k.n, nodeRate: rs[0].NodeRate, size: rs[0].Size, scenario: k.scenario, runs: len(rs),
 			p99: median(p99), p99Min: p99[0], p99Max: p99[len(p99)-1], goal: goal(rs[0].SOverB), layers: rs[0].Layers,
 			upstream:   median(field(func(r *result) float64 { return r.UpstreamLink })),
 			cpuPerGiB:  median(field(func(r *result) float64 { return r.AgentCPUPerGiB })),
@@ -1045,8 +1101,13 @@ func writeJSON(path string, results []*result) error {
 	return os.WriteFile(path, append(data, '\n'), 0o644)
 }
 
-// markdown renders the section that goes between the swarm markers.
+// markdown renders the section that goes between the markers, for a run of this process.
 func markdown(cfg config, swarm bool, results []*result) string {
+	return markdownAt(cfg, swarm, results, time.Now(), os.Args[1:])
+}
+
+// markdownAt renders the section of a run made on date with args.
+func markdownAt(cfg config, swarm bool, results []*result, date time.Time, args []string) string {
 	var b strings.Builder
 	mode := "on (`--p2p-addr`, `--peers`)"
 	switch {
@@ -1056,7 +1117,16 @@ func markdown(cfg config, swarm bool, results []*result) string {
 		mode = "off: this agent has no swarm flags, so every agent fetches from the registry on its own"
 	}
 	fmt.Fprintf(&b, "Measured %s with `%s`; swarm %s.\n\n",
-		time.Now().UTC().Format("2006-01-02"), strings.Join(append([]string{"go run ./hack/swarmbench"}, os.Args[1:]...), " "), mode)
+		date.UTC().Format("2006-01-02"), strings.Join(append([]string{"go run ./hack/swarmbench"}, args...), " "), mode)
+	var failed []string
+	for _, r := range results {
+		if r.Error != "" {
+			failed = append(failed, fmt.Sprintf("N = %d %s run %d", r.Nodes, r.Scenario, r.Run))
+		}
+	}
+	if len(failed) > 0 {
+		fmt.Fprintf(&b, "Runs that failed, left out of the medians (their errors are in the `-json` output): %s.\n\n", strings.Join(failed, ", "))
+	}
 	if cells := summarise(results); len(cells) > 0 {
 		fmt.Fprintf(&b, "The median of %s per cell (p99 in units of S/B; the goal is p99 ≤ 1.25 × S/B, or S/B + 1 s when that is more; for an image, 1.25 × S/B plus the unpack floor):\n\n", plural(cfg.runs, "run"))
 		b.WriteString("| N | B | S | scenario | p99 (lowest-highest) | goal | met | upstream / S | agent CPU-s per GiB | machine CPU | agent peak RSS |\n")

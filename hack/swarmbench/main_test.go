@@ -91,10 +91,11 @@ func TestSummaryIsTheMedianRun(t *testing.T) {
 	}
 	img := []*result{
 		{Nodes: 8, Size: 256 << 20, Scenario: scenarioImageCold, P99: 1.5, SOverB: 20, FloorSeconds: 4, Layers: 8},
+		{Nodes: 8, Size: 256<<20 + 4096, Scenario: scenarioImageCold, P99: 1.7, SOverB: 20, FloorSeconds: 4, Layers: 8},
 		{Nodes: 8, Size: 256 << 20, Scenario: scenarioImageDirect, P99: 2, SOverB: 20, Layers: 8},
 	}
-	if ic := summarise(img); len(ic) != 1 || math.Abs(ic[0].goal-1.45) > 1e-9 || ic[0].floor != 4 {
-		t.Errorf("image cells = %+v; want one (not the direct baseline) with goal 1.25 + 4 s / 20 s = 1.45", ic)
+	if ic := summarise(img); len(ic) != 1 || ic[0].runs != 2 || math.Abs(ic[0].goal-1.45) > 1e-9 || ic[0].floor != 4 {
+		t.Errorf("image cells = %+v; want one (two runs of images of different sizes, not the direct baseline) with goal 1.25 + 4 s / 20 s = 1.45", ic)
 	}
 	// 16 MiB at 100 Mbit/s: S/B = 1.34 s, so S/B + 1 s is 1.75 × S/B.
 	if small := cells[2]; small.goal < 1.7 || small.goal > 1.8 {
