@@ -94,6 +94,7 @@ fuzz: ## Run each fuzz target for a fixed number of executions (FUZZ_SCALE=k for
 	go test -run='^$$' -fuzz='^FuzzParseContentRange$$' -fuzztime=$(call fuzz_execs,40000) ./agent/upstream
 	go test -run='^$$' -fuzz='^FuzzParseEndpoint$$' -fuzztime=$(call fuzz_execs,40000) ./agent/upstream
 	go test -run='^$$' -fuzz='^FuzzParsePeers$$' -fuzztime=$(call fuzz_execs,40000) ./agent/membership
+	go test -run='^$$' -fuzz='^FuzzReadFrame$$' -fuzztime=$(call fuzz_execs,40000) ./agent/piecewire
 	go test -run='^$$' -fuzz='^FuzzParseReference$$' -fuzztime=$(call fuzz_execs,40000) ./controllers/resolve
 
 .PHONY: e2e

@@ -1,0 +1,126 @@
+package piecewire
+
+import (
+	"crypto/sha1" //nolint:gosec // piece hashes
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// BenchmarkTwoNodeTransfer: one node holds a blob and hashes its pieces (as a seeder builds the
+// segments' infos), another fetches every piece of it from the first over loopback and then
+// hashes it with SHA-256 from its file, as the content store does.
+// Both nodes run in this process: the CPU reported is both ends'. It is the piece path's
+// counterpart of agent/swarm's BenchmarkTwoAgentTransfer (the torrent client's), against the
+// same floor (BenchmarkHTTPCopySHA256 there).
+//
+//	SHOAL_BENCH_BLOB_MIB=1024 go test -run '^$' -bench TwoNodeTransfer -benchtime 2x ./agent/piecewire
+func BenchmarkTwoNodeTransfer(b *testing.B) {
+	mib := 256
+	if v := os.Getenv("SHOAL_BENCH_BLOB_MIB"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			b.Fatalf("SHOAL_BENCH_BLOB_MIB=%q: want a positive number", v)
+		}
+		mib = n
+	}
+	blob := newTestBlob(1, mib<<20, 1<<20)
+	held := blob.file(b, blob.data)
+	var cpu time.Duration
+	b.ResetTimer() // not the blob's generation
+	for n := range b.N {
+		b.StopTimer()
+		holder, node := newTestNode(b, "127.0.0.2"), newTestNode(b, "127.0.0.3")
+		hb, err := holder.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, held)
+		if err != nil {
+			b.Fatal(err)
+		}
+		f, err := os.Create(filepath.Join(b.TempDir(), "blob"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		bl, err := node.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, f)
+		if err != nil {
+			b.Fatal(err)
+		}
+		stop := profile(b, n)
+		start := processCPU(b)
+		b.StartTimer()
+		// The holder hashes its pieces from its file, as a seeder builds the segments' infos.
+		hashes := hashPieces(b, held, int64(len(blob.data)), blob.pieceLength)
+		if err := hb.SetHashes(0, hashes, AllComplete); err != nil {
+			b.Fatal(err)
+		}
+		if err := bl.SetHashes(0, hashes, AllIncomplete); err != nil {
+			b.Fatal(err)
+		}
+		bl.SetPriority(0, blob.pieces(), PriorityNormal)
+		bl.AddPeers([]netip.AddrPort{holder.addr})
+		<-bl.Complete()
+		h := sha256.New()
+		if _, err := io.Copy(h, io.NewSectionReader(f, 0, int64(len(blob.data)))); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		cpu += processCPU(b) - start
+		stop()
+		if hex.EncodeToString(h.Sum(nil)) != blob.name {
+			b.Fatal("the fetched blob's digest differs")
+		}
+		holder.Close()
+		node.Close()
+		f.Close()
+	}
+	b.SetBytes(int64(len(blob.data)))
+	b.ReportMetric(cpu.Seconds()/(float64(len(blob.data))*float64(b.N)/(1<<30)), "cpu-s/GiB")
+}
+
+// hashPieces returns the SHA-1 of every piece of the size bytes in f.
+func hashPieces(b *testing.B, f *os.File, size, pieceLength int64) []byte {
+	buf := make([]byte, pieceLength)
+	var out []byte
+	for off := int64(0); off < size; off += pieceLength {
+		n, err := f.ReadAt(buf[:min(pieceLength, size-off)], off)
+		if err != nil {
+			b.Fatal(err)
+		}
+		sum := sha1.Sum(buf[:n]) //nolint:gosec // piece hashes
+		out = append(out, sum[:]...)
+	}
+	return out
+}
+
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// profile writes a CPU profile of the first transfer to $SHOAL_BENCH_CPUPROFILE when set.
+func profile(b *testing.B, n int) func() {
+	path := os.Getenv("SHOAL_BENCH_CPUPROFILE")
+	if path == "" || n > 0 {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		b.Fatal(err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}
+}

@@ -1,0 +1,757 @@
+// Package piecewire moves the verified pieces of blobs between agents over HTTP: the lean bulk
+// path of the swarm, measured against the BitTorrent client's (agent/torrent).
+//
+// A peer serves a piece only once it has verified it, straight from the blob's file with
+// sendfile (no copy through the agent's memory). A node fetches each piece whole from one peer,
+// writing it into its own file and hashing it (SHA-1, the segment infos' piece hashes) as the
+// bytes arrive, so a piece is written once and read by nobody before it is verified. Which peer
+// has which piece travels on a stream per peer and blob (the "haves"): the peer's bitfield,
+// then each piece it verifies, as it does. Because a piece comes from a single peer, a piece
+// that fails its hash names its sender without the per-block bookkeeping a torrent needs.
+//
+// What is fetched first is the node's choice, per piece, as in a torrent: pieces with a higher
+// priority first (in order of the blob: what a reader waits for), then the rarest among the
+// connected peers. Each peer has a few fetches in flight at most, and a fetch that moves no
+// byte for the stall timeout is abandoned, so a slow or stopped peer holds no piece for long.
+//
+// Endpoints, on the agents' control port (members only, like the rest of it):
+//
+//	GET /swarm/v3/piece?blob=<sha256 hex>&index=<i>   the piece's bytes, 404 unless verified here
+//	GET /swarm/v3/haves?blob=<sha256 hex>             the haves stream (see haves.go)
+package piecewire
+
+import (
+	"context"
+	"crypto/sha1" //nolint:gosec // the segment infos' piece hashes are SHA-1; blobs are verified by sha256 too
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// HashSize is the length of a piece hash (SHA-1).
+const HashSize = sha1.Size
+
+// Paths of the endpoints.
+const (
+	PiecePath = "/swarm/v3/piece"
+	HavesPath = "/swarm/v3/haves"
+)
+
+// Priority is how urgently a piece is wanted.
+type Priority int
+
+// Piece priorities, lowest first.
+const (
+	PriorityNone   Priority = iota // not wanted (its bytes come from elsewhere)
+	PriorityNormal                 // wanted, rarest first
+	PriorityHigh                   // wanted before the normal ones, in the blob's order
+)
+
+// CompletionState is how SetHashes records the pieces whose hashes it gives.
+type CompletionState int
+
+// Completion states of pieces whose hashes arrive.
+const (
+	AllIncomplete CompletionState = iota // a fresh download
+	AllComplete                          // written and hashed by this node
+)
+
+// Errors a fetch of a piece ends with.
+var (
+	ErrBadPiece = errors.New("piece does not match its hash")
+	errStalled  = errors.New("piece fetch stalled")
+	errClosed   = errors.New("blob closed")
+)
+
+// Config configures a Node.
+type Config struct {
+	// Client makes the requests to peers (from the node's own address).
+	Client *http.Client
+	// FetchesPerPeer bounds the pieces fetched from one peer at once (default 2).
+	FetchesPerPeer int
+	// StallTimeout abandons a fetch that has moved no byte for this long (default 2 s).
+	StallTimeout time.Duration
+	// MaxUploadRate caps the bytes per second served to peers; 0 = unlimited.
+	MaxUploadRate int64
+	// Refused reports whether a peer IP is banned or not a member: it is neither served nor
+	// fetched from. Nil refuses nobody.
+	Refused func(netip.Addr) bool
+	// OnBadPiece is told of a peer that sent a piece failing its hash (the swarm bans it).
+	OnBadPiece func(netip.Addr)
+	// OnData is told of every peer that sent a verified piece (it is alive).
+	OnData func(netip.Addr)
+	Logger *slog.Logger
+}
+
+// Node serves the verified pieces of its blobs to peers and fetches theirs.
+type Node struct {
+	cfg     Config
+	limiter *rate.Limiter
+
+	mu    sync.Mutex
+	blobs map[string]*Blob
+
+	bytesIn, bytesOut, piecesBad atomic.Int64
+}
+
+// Stats are a node's counters.
+type Stats struct {
+	BytesFromPeers, BytesToPeers, PiecesBad int64
+}
+
+// NewNode returns a node; serve its Handler on the control port.
+func NewNode(cfg Config) *Node {
+	if cfg.FetchesPerPeer <= 0 {
+		cfg.FetchesPerPeer = 2
+	}
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = 2 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Client == nil {
+		cfg.Client = http.DefaultClient
+	}
+	n := &Node{cfg: cfg, blobs: map[string]*Blob{}}
+	if cfg.MaxUploadRate > 0 {
+		n.limiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), uploadSlice)
+	}
+	return n
+}
+
+// Stats returns the node's counters.
+func (n *Node) Stats() Stats {
+	return Stats{BytesFromPeers: n.bytesIn.Load(), BytesToPeers: n.bytesOut.Load(), PiecesBad: n.piecesBad.Load()}
+}
+
+// uploadSlice is what one sendfile call sends when uploads are rate-limited.
+const uploadSlice = 256 << 10
+
+// fetchBuffer is what a fetch reads from the socket before writing it to the file.
+const fetchBuffer = 256 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, fetchBuffer); return &b }}
+
+// Blob is one blob's pieces on a node: stored in a file, their hashes arriving by ranges
+// (SetHashes), fetched from the peers given (AddPeers) and served to any peer once verified.
+type Blob struct {
+	n           *Node
+	name        string // the digest's hex
+	size        int64
+	pieceLength int64
+	pieces      int
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	fileMu sync.RWMutex // writers hold it shared, Freeze and SetFile exclusively
+	file   *os.File
+
+	mu         sync.Mutex
+	changed    chan struct{} // closed and replaced when a piece completes or is lost, or the blob is dropped
+	grew       chan struct{} // closed and replaced whenever log grows
+	hashes     [][HashSize]byte
+	known      []bool
+	complete   []bool
+	frozen     []bool
+	prio       []Priority
+	inflight   []int
+	avail      []int    // connected peers that have each piece
+	log        []uint32 // pieces in the order they became complete here, for the haves streams
+	nComplete  int
+	bytesDone  int64
+	done       chan struct{} // closed when every piece is complete (for good: see Lose)
+	doneClosed bool
+	peers      map[netip.AddrPort]*peer
+	closed     bool
+	workers    sync.WaitGroup
+}
+
+type peer struct {
+	addr netip.AddrPort
+	wake chan struct{} // see wakeLocked
+	has  []bool        // under Blob.mu
+	seen bool          // its bitfield arrived
+}
+
+// AddBlob adds the blob name (its digest's hex) of size bytes in pieces of pieceLength, stored in
+// file (read and written at the blob's offsets; the Blob does not close it). It fetches no piece
+// before SetHashes gives that piece's hash.
+func (n *Node) AddBlob(name string, size, pieceLength int64, file *os.File) (*Blob, error) {
+	if size <= 0 || pieceLength <= 0 {
+		return nil, fmt.Errorf("blob %s: size %d, piece length %d: both must be positive", name, size, pieceLength)
+	}
+	pieces := int((size + pieceLength - 1) / pieceLength)
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Blob{
+		n: n, name: name, size: size, pieceLength: pieceLength, pieces: pieces,
+		ctx: ctx, cancel: cancel, file: file,
+		changed:  make(chan struct{}),
+		grew:     make(chan struct{}),
+		hashes:   make([][HashSize]byte, pieces),
+		known:    make([]bool, pieces),
+		complete: make([]bool, pieces),
+		frozen:   make([]bool, pieces),
+		prio:     make([]Priority, pieces),
+		inflight: make([]int, pieces),
+		avail:    make([]int, pieces),
+		done:     make(chan struct{}),
+		peers:    map[netip.AddrPort]*peer{},
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.blobs[name]; ok {
+		cancel()
+		return nil, fmt.Errorf("blob %s is already added", name)
+	}
+	n.blobs[name] = b
+	return b, nil
+}
+
+func (n *Node) blob(name string) *Blob {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.blobs[name]
+}
+
+// Close drops every blob.
+func (n *Node) Close() {
+	n.mu.Lock()
+	blobs := make([]*Blob, 0, len(n.blobs))
+	for _, b := range n.blobs {
+		blobs = append(blobs, b)
+	}
+	n.mu.Unlock()
+	for _, b := range blobs {
+		b.Drop()
+	}
+}
+
+// Drop stops every fetch of the blob and its haves streams, and forgets it. The file stays.
+func (b *Blob) Drop() {
+	b.n.mu.Lock()
+	if b.n.blobs[b.name] == b {
+		delete(b.n.blobs, b.name)
+	}
+	b.n.mu.Unlock()
+	b.mu.Lock()
+	b.closed = true
+	b.notifyLocked()
+	b.mu.Unlock()
+	b.cancel()
+	b.workers.Wait()
+}
+
+// notifyLocked wakes the readers waiting for pieces.
+func (b *Blob) notifyLocked() {
+	close(b.changed)
+	b.changed = make(chan struct{})
+}
+
+// wakeLocked tells p's idle fetchers to look for a piece again: p has a new one.
+func (b *Blob) wakeLocked(p *peer) {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// wakeAllLocked tells every idle fetcher to look for a piece again: what is wanted changed.
+func (b *Blob) wakeAllLocked() {
+	for _, p := range b.peers {
+		b.wakeLocked(p)
+	}
+}
+
+func (b *Blob) length(i int) int64 {
+	if i == b.pieces-1 {
+		return b.size - int64(i)*b.pieceLength
+	}
+	return b.pieceLength
+}
+
+// Pieces is the number of pieces.
+func (b *Blob) Pieces() int { return b.pieces }
+
+// SetHashes records the hashes of the pieces from first on (HashSize bytes each) and their
+// state. A piece already complete stays complete.
+func (b *Blob) SetHashes(first int, hashes []byte, state CompletionState) error {
+	n := len(hashes) / HashSize
+	if len(hashes)%HashSize != 0 || first < 0 || first+n > b.pieces {
+		return fmt.Errorf("blob %s: %d bytes of hashes from piece %d: out of its %d pieces", b.name, len(hashes), first, b.pieces)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for j := range n {
+		i := first + j
+		copy(b.hashes[i][:], hashes[j*HashSize:])
+		b.known[i] = true
+		if state == AllComplete {
+			b.markCompleteLocked(i)
+		}
+	}
+	b.notifyLocked()
+	b.wakeAllLocked()
+	return nil
+}
+
+func (b *Blob) markCompleteLocked(i int) {
+	if b.complete[i] {
+		return
+	}
+	b.complete[i] = true
+	b.nComplete++
+	b.bytesDone += b.length(i)
+	b.log = append(b.log, uint32(i))
+	close(b.grew)
+	b.grew = make(chan struct{})
+	if b.nComplete == b.pieces && !b.doneClosed {
+		b.doneClosed = true
+		close(b.done)
+	}
+}
+
+// CompleteIfHash marks piece i complete if hash is the hash SetHashes recorded for it (its
+// bytes were written and hashed by another path, e.g. from upstream), and reports whether it is.
+func (b *Blob) CompleteIfHash(i int, hash []byte) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if i < 0 || i >= b.pieces || !b.known[i] || len(hash) != HashSize || [HashSize]byte(hash) != b.hashes[i] {
+		return false
+	}
+	if !b.complete[i] {
+		b.markCompleteLocked(i)
+		b.notifyLocked()
+	}
+	return true
+}
+
+// MarkVerified marks every piece complete: the whole blob was verified by another path (its
+// sha256, in the content store).
+func (b *Blob) MarkVerified() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := range b.pieces {
+		b.markCompleteLocked(i)
+	}
+	b.notifyLocked()
+}
+
+// Lose marks piece i incomplete again (its bytes are no longer trusted): it is fetched again if
+// wanted, and peers that ask for it are told it is not here.
+func (b *Blob) Lose(i int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if i < 0 || i >= b.pieces || !b.complete[i] {
+		return
+	}
+	b.complete[i] = false
+	b.nComplete--
+	b.bytesDone -= b.length(i)
+	b.notifyLocked()
+	b.wakeAllLocked()
+}
+
+// SetFile replaces the blob's file (by the content store's copy of the complete blob, say);
+// writes and uploads under way finish first. The Blob does not close either file.
+func (b *Blob) SetFile(f *os.File) {
+	b.fileMu.Lock()
+	b.file = f
+	b.fileMu.Unlock()
+}
+
+// SetPriority sets the priority of pieces [from, to).
+func (b *Blob) SetPriority(from, to int, prio Priority) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := max(from, 0); i < min(to, b.pieces); i++ {
+		b.prio[i] = prio
+	}
+	b.wakeAllLocked()
+}
+
+// Freeze stops the blob from writing or fetching pieces [from, to) for good (their bytes come
+// from elsewhere): once it returns, no fetch writes into them.
+func (b *Blob) Freeze(from, to int) {
+	b.fileMu.Lock()
+	b.mu.Lock()
+	for i := max(from, 0); i < min(to, b.pieces); i++ {
+		b.frozen[i] = true
+	}
+	b.mu.Unlock()
+	b.fileMu.Unlock()
+}
+
+// PieceComplete reports whether piece i is verified here.
+func (b *Blob) PieceComplete(i int) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return i >= 0 && i < b.pieces && b.complete[i]
+}
+
+// BytesCompleted is how many bytes of the blob are verified here.
+func (b *Blob) BytesCompleted() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.bytesDone
+}
+
+// Complete is closed once every piece is complete.
+func (b *Blob) Complete() <-chan struct{} { return b.done }
+
+// WaitPiece waits until piece i is verified here, or ctx ends, or the blob is dropped.
+func (b *Blob) WaitPiece(ctx context.Context, i int) error {
+	if i < 0 || i >= b.pieces {
+		return fmt.Errorf("blob %s has no piece %d", b.name, i)
+	}
+	for {
+		b.mu.Lock()
+		complete, closed, ch := b.complete[i], b.closed, b.changed
+		b.mu.Unlock()
+		switch {
+		case complete:
+			return nil
+		case closed:
+			return errClosed
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// AddPeers gives the blob peers to fetch from: it follows each one's haves and fetches what it
+// wants from those that have it. They are not trusted: a piece that fails its hash is reported
+// (Config.OnBadPiece) and fetched again from someone else.
+func (b *Blob) AddPeers(addrs []netip.AddrPort) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return
+	}
+	for _, a := range addrs {
+		if _, ok := b.peers[a]; ok {
+			continue
+		}
+		p := &peer{addr: a, has: make([]bool, b.pieces), wake: make(chan struct{}, 1)}
+		b.peers[a] = p
+		b.workers.Go(func() { b.follow(p) })
+		for range b.n.cfg.FetchesPerPeer {
+			b.workers.Go(func() { b.fetchFrom(p) })
+		}
+	}
+}
+
+func (b *Blob) refused(a netip.AddrPort) bool {
+	return b.n.cfg.Refused != nil && b.n.cfg.Refused(a.Addr())
+}
+
+// fetchFrom fetches, one after the other, the pieces p has that this node wants most, until the
+// blob is dropped.
+func (b *Blob) fetchFrom(p *peer) {
+	backoff := 100 * time.Millisecond
+	for {
+		i, ok := b.next(p)
+		if !ok {
+			return
+		}
+		err := b.fetch(p, i)
+		b.mu.Lock()
+		b.inflight[i]--
+		if err != nil && !b.complete[i] {
+			b.wakeAllLocked() // another peer may take the piece
+		}
+		b.mu.Unlock()
+		switch {
+		case err == nil:
+			backoff = 100 * time.Millisecond
+			continue
+		case b.ctx.Err() != nil:
+			return
+		case errors.Is(err, ErrBadPiece):
+			b.n.piecesBad.Add(1)
+			if b.n.cfg.OnBadPiece != nil {
+				b.n.cfg.OnBadPiece(p.addr.Addr())
+			}
+		}
+		b.n.cfg.Logger.Debug("piece fetch failed", "blob", b.name, "piece", i, "peer", p.addr, "err", err)
+		select {
+		case <-time.After(backoff):
+		case <-b.ctx.Done():
+			return
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// next waits for the piece p has that this node wants most and nobody is fetching, and marks it
+// in flight. It reports false once the blob is dropped.
+func (b *Blob) next(p *peer) (int, bool) {
+	for {
+		b.mu.Lock()
+		if b.closed {
+			b.mu.Unlock()
+			return 0, false
+		}
+		i := -1
+		if !b.refused(p.addr) {
+			i = b.pickLocked(p)
+		}
+		if i >= 0 {
+			b.inflight[i]++
+			b.mu.Unlock()
+			return i, true
+		}
+		b.mu.Unlock()
+		select {
+		case <-p.wake:
+		case <-b.ctx.Done():
+			return 0, false
+		case <-time.After(time.Second): // a refused peer may be allowed again
+		}
+	}
+}
+
+// pickLocked chooses the piece to fetch from p: of those p has, whose hash is known, that are
+// neither complete, frozen, unwanted nor in flight, the one of the highest priority; among the
+// high ones the first in the blob, among the normal ones the rarest (ties go to a different
+// piece for each peer, so that peers are not all asked for the same one).
+func (b *Blob) pickLocked(p *peer) int {
+	best, bestPrio, bestAvail := -1, PriorityNone, 0
+	spread := int(p.addr.Port()) + int(p.addr.Addr().As16()[15])*7919
+	start := 0
+	if b.pieces > 0 {
+		start = spread % b.pieces
+	}
+	for j := range b.pieces {
+		i := (start + j) % b.pieces
+		pr := b.prio[i]
+		if pr == PriorityNone || !p.has[i] || !b.known[i] || b.complete[i] || b.frozen[i] || b.inflight[i] > 0 {
+			continue
+		}
+		switch {
+		case best < 0, pr > bestPrio:
+			best, bestPrio, bestAvail = i, pr, b.avail[i]
+		case pr != bestPrio:
+		case pr == PriorityNormal && b.avail[i] < bestAvail:
+			best, bestAvail = i, b.avail[i]
+		case pr > PriorityNormal && i < best:
+			best = i
+		}
+	}
+	return best
+}
+
+// fetch gets piece i from p into the blob's file, hashing it as it arrives, and marks it
+// complete if it matches its hash.
+func (b *Blob) fetch(p *peer, i int) error {
+	ctx, cancel := context.WithCancelCause(b.ctx)
+	defer cancel(nil)
+	url := fmt.Sprintf("http://%s%s?blob=%s&index=%d", p.addr, PiecePath, b.name, i)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	stall := time.AfterFunc(b.n.cfg.StallTimeout, func() { cancel(errStalled) })
+	defer stall.Stop()
+	resp, err := b.n.cfg.Client.Do(req)
+	if err != nil {
+		return orCause(ctx, err)
+	}
+	defer resp.Body.Close()
+	length := b.length(i)
+	switch {
+	case resp.StatusCode == http.StatusNotFound:
+		b.mu.Lock()
+		b.setHasLocked(p, i, false) // it does not have it (any more)
+		b.mu.Unlock()
+		return fmt.Errorf("peer %s does not have piece %d", p.addr, i)
+	case resp.StatusCode != http.StatusOK:
+		return fmt.Errorf("peer %s: piece %d: %s", p.addr, i, resp.Status)
+	case resp.ContentLength != length:
+		return fmt.Errorf("peer %s: piece %d: %d bytes, want %d", p.addr, i, resp.ContentLength, length)
+	}
+	bufp, _ := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bufp)
+	buf := *bufp
+	h := sha1.New() //nolint:gosec // see the import
+	off := int64(i) * b.pieceLength
+	for got := int64(0); got < length; {
+		n, err := io.ReadFull(resp.Body, buf[:min(int64(len(buf)), length-got)])
+		if n > 0 {
+			stall.Reset(b.n.cfg.StallTimeout)
+			h.Write(buf[:n])
+			if err := b.writeAt(i, buf[:n], off+got); err != nil {
+				return err
+			}
+			got += int64(n)
+			b.n.bytesIn.Add(int64(n))
+		}
+		if err != nil && got < length {
+			return orCause(ctx, err)
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if [HashSize]byte(h.Sum(nil)) != b.hashes[i] {
+		return fmt.Errorf("peer %s: piece %d: %w", p.addr, i, ErrBadPiece)
+	}
+	if b.frozen[i] {
+		return nil
+	}
+	b.markCompleteLocked(i)
+	b.notifyLocked()
+	if b.n.cfg.OnData != nil {
+		b.n.cfg.OnData(p.addr.Addr())
+	}
+	return nil
+}
+
+// writeAt writes bytes of piece i unless it is frozen (Freeze waits for writes under way).
+func (b *Blob) writeAt(i int, p []byte, off int64) error {
+	b.fileMu.RLock()
+	defer b.fileMu.RUnlock()
+	b.mu.Lock()
+	frozen, closed := b.frozen[i], b.closed
+	b.mu.Unlock()
+	switch {
+	case closed:
+		return errClosed
+	case frozen:
+		return fmt.Errorf("piece %d: its bytes come from elsewhere now", i)
+	}
+	_, err := b.file.WriteAt(p, off)
+	return err
+}
+
+// orCause returns the cause of ctx's end (a stall, say) instead of err when it has ended.
+func orCause(ctx context.Context, err error) error {
+	if cause := context.Cause(ctx); cause != nil {
+		return cause
+	}
+	return err
+}
+
+// setHasLocked records whether p has piece i.
+func (b *Blob) setHasLocked(p *peer, i int, has bool) {
+	if p.has[i] == has {
+		return
+	}
+	p.has[i] = has
+	if has {
+		b.avail[i]++
+		b.wakeLocked(p)
+	} else {
+		b.avail[i]--
+	}
+}
+
+// Holders counts the peers followed that have piece i.
+func (b *Blob) Holders(i int) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if i < 0 || i >= b.pieces {
+		return 0
+	}
+	return b.avail[i]
+}
+
+// ServeHTTP serves the node's endpoints.
+func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		http.Error(w, "GET only", http.StatusMethodNotAllowed)
+		return
+	}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && n.cfg.Refused != nil && n.cfg.Refused(ap.Addr().Unmap()) {
+		http.Error(w, "refused", http.StatusForbidden)
+		return
+	}
+	name := r.URL.Query().Get("blob")
+	if !validName(name) {
+		http.Error(w, "blob: want the 64 lowercase hex digits of a sha256 digest", http.StatusBadRequest)
+		return
+	}
+	b := n.blob(name)
+	switch r.URL.Path {
+	case PiecePath:
+		i, err := strconv.Atoi(r.URL.Query().Get("index"))
+		if err != nil || b != nil && (i < 0 || i >= b.pieces) {
+			http.Error(w, "index: want a piece number of the blob", http.StatusBadRequest)
+			return
+		}
+		if b == nil || !b.PieceComplete(i) {
+			http.Error(w, "piece not here", http.StatusNotFound)
+			return
+		}
+		b.servePiece(w, i)
+	case HavesPath:
+		if b == nil {
+			http.Error(w, "blob not here", http.StatusNotFound)
+			return
+		}
+		b.serveHaves(w, r)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func validName(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// servePiece sends verified piece i from the blob's file with sendfile: through a file opened
+// anew (its own offset), in slices when uploads are rate-limited.
+func (b *Blob) servePiece(w http.ResponseWriter, i int) {
+	length := b.length(i)
+	b.fileMu.RLock()
+	f, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", b.file.Fd()))
+	b.fileMu.RUnlock()
+	if err != nil {
+		http.Error(w, "blob file: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	defer f.Close()
+	if _, err := f.Seek(int64(i)*b.pieceLength, io.SeekStart); err != nil {
+		http.Error(w, "blob file: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(length, 10))
+	w.WriteHeader(http.StatusOK)
+	for sent := int64(0); sent < length; {
+		n := length - sent
+		if b.n.limiter != nil {
+			n = min(n, uploadSlice)
+			if err := b.n.limiter.WaitN(b.ctx, int(n)); err != nil {
+				return
+			}
+		}
+		m, err := io.Copy(w, &io.LimitedReader{R: f, N: n})
+		sent += m
+		b.n.bytesOut.Add(m)
+		if err != nil || m < n {
+			return
+		}
+	}
+}

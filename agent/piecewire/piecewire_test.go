@@ -1,0 +1,416 @@
+package piecewire
+
+import (
+	"bytes"
+	"crypto/sha1" //nolint:gosec // piece hashes
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+const waitLimit = 60 * time.Second
+
+// testNode is a Node served on its own loopback address, making its requests from it.
+type testNode struct {
+	*Node
+	addr netip.AddrPort
+
+	mu  sync.Mutex
+	bad []netip.Addr
+}
+
+func newTestNode(t testing.TB, ip string, configure ...func(*Config)) *testNode {
+	t.Helper()
+	l, err := net.Listen("tcp", ip+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tn := &testNode{addr: netip.MustParseAddrPort(l.Addr().String())}
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}, Timeout: 2 * time.Second}
+	cfg := Config{
+		Client: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext, MaxIdleConnsPerHost: 16}},
+		OnBadPiece: func(a netip.Addr) {
+			tn.mu.Lock()
+			tn.bad = append(tn.bad, a)
+			tn.mu.Unlock()
+		},
+	}
+	for _, c := range configure {
+		c(&cfg)
+	}
+	tn.Node = NewNode(cfg)
+	srv := &http.Server{Handler: tn.Node, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() {
+		tn.Close()
+		_ = srv.Close()
+	})
+	return tn
+}
+
+func (n *testNode) badPeers() []netip.Addr {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]netip.Addr(nil), n.bad...)
+}
+
+type testBlob struct {
+	name        string
+	data        []byte
+	pieceLength int64
+}
+
+func newTestBlob(seed uint64, size int, pieceLength int64) testBlob {
+	data := make([]byte, size)
+	r := rand.New(rand.NewPCG(seed, seed))
+	for i := range data {
+		data[i] = byte(r.Uint32())
+	}
+	sum := sha256.Sum256(data)
+	return testBlob{name: hex.EncodeToString(sum[:]), data: data, pieceLength: pieceLength}
+}
+
+func (b testBlob) pieces() int { return int((int64(len(b.data)) + b.pieceLength - 1) / b.pieceLength) }
+
+func (b testBlob) hashes() []byte {
+	var out []byte
+	for i := range b.pieces() {
+		end := min(int64(i+1)*b.pieceLength, int64(len(b.data)))
+		sum := sha1.Sum(b.data[int64(i)*b.pieceLength : end]) //nolint:gosec // piece hashes
+		out = append(out, sum[:]...)
+	}
+	return out
+}
+
+// file returns a new file of the blob's size holding content (nil: zeros).
+func (b testBlob) file(t testing.TB, content []byte) *os.File {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "blob"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(int64(len(b.data))); err != nil {
+		t.Fatal(err)
+	}
+	if content != nil {
+		if _, err := f.WriteAt(content, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return f
+}
+
+// hold adds b to n, complete, from a file holding content.
+func (n *testNode) hold(t testing.TB, b testBlob, content []byte) *Blob {
+	t.Helper()
+	bl, err := n.AddBlob(b.name, int64(len(b.data)), b.pieceLength, b.file(t, content))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bl.SetHashes(0, b.hashes(), AllComplete); err != nil {
+		t.Fatal(err)
+	}
+	return bl
+}
+
+// want adds b to n, empty, every piece wanted with priority prio; it returns the blob's file.
+func (n *testNode) want(t testing.TB, b testBlob, prio Priority) (*Blob, *os.File) {
+	t.Helper()
+	f := b.file(t, nil)
+	bl, err := n.AddBlob(b.name, int64(len(b.data)), b.pieceLength, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bl.SetHashes(0, b.hashes(), AllIncomplete); err != nil {
+		t.Fatal(err)
+	}
+	bl.SetPriority(0, b.pieces(), prio)
+	return bl, f
+}
+
+func waitComplete(t testing.TB, bl *Blob, f *os.File, want []byte) {
+	t.Helper()
+	select {
+	case <-bl.Complete():
+	case <-time.After(waitLimit):
+		t.Fatalf("blob not complete after %v: %d of %d bytes", waitLimit, bl.BytesCompleted(), len(want))
+	}
+	got := make([]byte, len(want))
+	if _, err := f.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the complete blob's bytes differ from the holder's")
+	}
+}
+
+// TestPiecesComeFromTheirHolders: two peers each hold half of a blob; a node that wants all of
+// it gets every piece from whichever has it, verified, and the peers' counters add up.
+func TestPiecesComeFromTheirHolders(t *testing.T) {
+	a, c, node := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3"), newTestNode(t, "127.0.0.4")
+	blob := newTestBlob(1, 5<<20+12345, 256<<10)
+	half := blob.pieces() / 2
+	for _, h := range []struct {
+		n        *testNode
+		from, to int
+	}{{a, 0, half}, {c, half, blob.pieces()}} {
+		bl, err := h.n.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, blob.file(t, blob.data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		hashes := blob.hashes()
+		if err := bl.SetHashes(h.from, hashes[h.from*HashSize:h.to*HashSize], AllComplete); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{a.addr, c.addr})
+	waitComplete(t, bl, f, blob.data)
+	sa, sc, sn := a.Stats(), c.Stats(), node.Stats()
+	if sn.BytesFromPeers != int64(len(blob.data)) || sa.BytesToPeers+sc.BytesToPeers != int64(len(blob.data)) {
+		t.Errorf("node got %d bytes from peers, the holders sent %d + %d; want %d each way", sn.BytesFromPeers, sa.BytesToPeers, sc.BytesToPeers, len(blob.data))
+	}
+	if sa.BytesToPeers == 0 || sc.BytesToPeers == 0 {
+		t.Errorf("holders sent %d and %d bytes; want both to have sent their half", sa.BytesToPeers, sc.BytesToPeers)
+	}
+}
+
+// TestUnverifiedPiecesAreNotServed: a piece is served only once verified here; a request for one
+// that is not, for a blob not here, or a malformed one, is refused with the reason.
+func TestUnverifiedPiecesAreNotServed(t *testing.T) {
+	node := newTestNode(t, "127.0.0.2")
+	blob := newTestBlob(2, 1<<20, 256<<10)
+	bl, err := node.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, blob.file(t, blob.data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hashes := blob.hashes()
+	if err := bl.SetHashes(0, hashes, AllIncomplete); err != nil {
+		t.Fatal(err)
+	}
+	if err := bl.SetHashes(1, hashes[HashSize:2*HashSize], AllComplete); err != nil {
+		t.Fatal(err)
+	}
+	other := newTestBlob(3, 1<<20, 256<<10)
+	for _, c := range []struct {
+		query string
+		code  int
+	}{
+		{fmt.Sprintf("blob=%s&index=1", blob.name), http.StatusOK},
+		{fmt.Sprintf("blob=%s&index=0", blob.name), http.StatusNotFound},
+		{fmt.Sprintf("blob=%s&index=0", other.name), http.StatusNotFound},
+		{fmt.Sprintf("blob=%s&index=4", blob.name), http.StatusBadRequest},
+		{fmt.Sprintf("blob=%s&index=-1", blob.name), http.StatusBadRequest},
+		{fmt.Sprintf("blob=%s&index=x", blob.name), http.StatusBadRequest},
+		{"blob=../../etc/passwd&index=0", http.StatusBadRequest},
+		{"blob=" + blob.name[:63] + "A&index=0", http.StatusBadRequest},
+	} {
+		resp, err := http.Get(fmt.Sprintf("http://%s%s?%s", node.addr, PiecePath, c.query))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.code {
+			t.Errorf("%s: %s (%q), want %d", c.query, resp.Status, body, c.code)
+		}
+		if c.code == http.StatusOK && !bytes.Equal(body, blob.data[blob.pieceLength:2*blob.pieceLength]) {
+			t.Errorf("%s: %d bytes that are not piece 1", c.query, len(body))
+		}
+	}
+}
+
+// TestCorruptPieceIsReportedAndFetchedElsewhere: one of two holders serves a piece whose bytes
+// are corrupt on its disk. The node reports that holder (its sole sender) and gets the piece
+// from the other; nothing corrupt is ever counted complete.
+func TestCorruptPieceIsReportedAndFetchedElsewhere(t *testing.T) {
+	liar, honest, node := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3"), newTestNode(t, "127.0.0.4")
+	blob := newTestBlob(4, 2<<20, 256<<10)
+	corrupt := bytes.Clone(blob.data)
+	for i := range blob.pieces() {
+		corrupt[int64(i)*blob.pieceLength+100] ^= 0xff // every piece the liar has is bad
+	}
+	liar.hold(t, blob, corrupt)
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{liar.addr})
+	deadline := time.Now().Add(waitLimit)
+	for len(node.badPeers()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := bl.BytesCompleted(); got != 0 {
+		t.Fatalf("%d bytes complete from a peer whose every piece is corrupt", got)
+	}
+	honest.hold(t, blob, blob.data)
+	bl.AddPeers([]netip.AddrPort{honest.addr})
+	waitComplete(t, bl, f, blob.data)
+	for _, a := range node.badPeers() {
+		if a != liar.addr.Addr() {
+			t.Errorf("reported %v, which sent good pieces only", a)
+		}
+	}
+	if node.Stats().PiecesBad == 0 {
+		t.Error("no bad piece counted")
+	}
+}
+
+// TestFrozenPiecesAreLeftAlone: pieces frozen (their bytes come from elsewhere) are neither
+// fetched nor written, and the rest completes around them.
+func TestFrozenPiecesAreLeftAlone(t *testing.T) {
+	holder, node := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3")
+	blob := newTestBlob(5, 2<<20, 256<<10)
+	holder.hold(t, blob, blob.data)
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.Freeze(2, 4)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	want := int64(len(blob.data)) - 2*blob.pieceLength
+	deadline := time.Now().Add(waitLimit)
+	for bl.BytesCompleted() < want && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if got := bl.BytesCompleted(); got != want {
+		t.Fatalf("%d bytes complete, want %d: all but the two frozen pieces", got, want)
+	}
+	got := make([]byte, 2*blob.pieceLength)
+	if _, err := f.ReadAt(got, 2*blob.pieceLength); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, make([]byte, len(got))) {
+		t.Error("bytes were written into frozen pieces")
+	}
+}
+
+// TestStalledPeerIsLeft: a peer that answers a piece request and then sends nothing loses the
+// piece after the stall timeout, and the node gets it from another peer.
+func TestStalledPeerIsLeft(t *testing.T) {
+	blob := newTestBlob(6, 1<<20, 256<<10)
+	honest := newTestNode(t, "127.0.0.2")
+	honest.hold(t, blob, blob.data)
+	// The staller announces every piece and sends half of any piece asked, then nothing.
+	staller := newTestNode(t, "127.0.0.3")
+	staller.hold(t, blob, blob.data)
+	l, err := net.Listen("tcp", "127.0.0.4:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	defer close(release)
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == HavesPath {
+			staller.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(blob.pieceLength))
+		_, _ = w.Write(make([]byte, blob.pieceLength/2))
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})}
+	go func() { _ = srv.Serve(l) }()
+	defer srv.Close()
+	stallAddr := netip.MustParseAddrPort(l.Addr().String())
+
+	node := newTestNode(t, "127.0.0.5", func(c *Config) { c.StallTimeout = 300 * time.Millisecond })
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{stallAddr})
+	time.Sleep(time.Second) // the staller holds pieces, and the node waits past the stall timeout
+	if got := bl.BytesCompleted(); got != 0 {
+		t.Fatalf("%d bytes complete from a peer that sends half a piece", got)
+	}
+	bl.AddPeers([]netip.AddrPort{honest.addr})
+	waitComplete(t, bl, f, blob.data)
+}
+
+// TestHighPriorityPiecesComeFirstInOrder: from a peer whose uploads are slow, the node fetches
+// the pieces of high priority before any other, in the blob's order.
+func TestHighPriorityPiecesComeFirstInOrder(t *testing.T) {
+	blob := newTestBlob(7, 4<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 8 << 20 })
+	holder.hold(t, blob, blob.data)
+	node := newTestNode(t, "127.0.0.3", func(c *Config) { c.FetchesPerPeer = 1 })
+	bl, f := node.want(t, blob, PriorityNormal)
+	high := []int{9, 10, 11, 12}
+	bl.SetPriority(high[0], high[len(high)-1]+1, PriorityHigh)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	waitComplete(t, bl, f, blob.data)
+	bl.mu.Lock()
+	order := append([]uint32(nil), bl.log...)
+	bl.mu.Unlock()
+	for k, i := range high {
+		if int(order[k]) != i {
+			t.Fatalf("pieces completed in the order %v; want %v first", order, high)
+		}
+	}
+}
+
+// TestHavesFollowCompletions: a node following a peer learns of each piece the peer verifies
+// after the stream opened, not only of those in its bitfield.
+func TestHavesFollowCompletions(t *testing.T) {
+	blob := newTestBlob(8, 1<<20, 256<<10)
+	peerNode, node := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3")
+	pb, err := peerNode.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, blob.file(t, blob.data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hashes := blob.hashes()
+	if err := pb.SetHashes(0, hashes[:HashSize], AllComplete); err != nil {
+		t.Fatal(err)
+	}
+	bl, _ := node.want(t, blob, PriorityNone) // follows, fetches nothing
+	bl.AddPeers([]netip.AddrPort{peerNode.addr})
+	waitHolders := func(i, want int) {
+		t.Helper()
+		deadline := time.Now().Add(waitLimit)
+		for bl.Holders(i) != want && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if got := bl.Holders(i); got != want {
+			t.Fatalf("piece %d: %d holders known, want %d", i, got, want)
+		}
+	}
+	waitHolders(0, 1)
+	waitHolders(3, 0)
+	if err := pb.SetHashes(3, hashes[3*HashSize:], AllComplete); err != nil {
+		t.Fatal(err)
+	}
+	waitHolders(3, 1)
+	if bl.Holders(1) != 0 {
+		t.Error("piece 1, which the peer never verified, is known as held")
+	}
+}
+
+// TestRefusedPeersAreNeitherServedNorAsked: a node serves nothing to a refused peer and fetches
+// nothing from one.
+func TestRefusedPeersAreNeitherServedNorAsked(t *testing.T) {
+	blob := newTestBlob(9, 1<<20, 256<<10)
+	var refuse sync.Map
+	holder := newTestNode(t, "127.0.0.2", func(c *Config) {
+		c.Refused = func(a netip.Addr) bool { _, ok := refuse.Load(a); return ok }
+	})
+	holder.hold(t, blob, blob.data)
+	refuse.Store(netip.MustParseAddr("127.0.0.3"), true)
+	node := newTestNode(t, "127.0.0.3")
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	time.Sleep(500 * time.Millisecond)
+	if got := bl.BytesCompleted(); got != 0 || holder.Stats().BytesToPeers != 0 {
+		t.Fatalf("a refused node got %d bytes", got)
+	}
+	refuse.Delete(netip.MustParseAddr("127.0.0.3"))
+	waitComplete(t, bl, f, blob.data)
+}
