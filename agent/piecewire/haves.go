@@ -105,7 +105,10 @@ func (b *Blob) follow(p *peer) {
 	backoff := 200 * time.Millisecond
 	for {
 		err := b.followOnce(p)
-		if b.ctx.Err() != nil {
+		b.mu.Lock()
+		p.following = false
+		b.mu.Unlock()
+		if p.ctx.Err() != nil {
 			return
 		}
 		select {
@@ -116,7 +119,7 @@ func (b *Blob) follow(p *peer) {
 		b.n.cfg.Logger.Debug("haves stream ended", "blob", b.name, "peer", p.addr, "err", err)
 		select {
 		case <-time.After(backoff):
-		case <-b.ctx.Done():
+		case <-p.ctx.Done():
 			return
 		case <-b.done:
 			return
@@ -128,7 +131,7 @@ func (b *Blob) follow(p *peer) {
 var errHavesDead = errors.New("haves stream silent")
 
 func (b *Blob) followOnce(p *peer) error {
-	ctx, cancel := context.WithCancelCause(b.ctx)
+	ctx, cancel := context.WithCancelCause(p.ctx)
 	defer cancel(nil)
 	go func() { // stop following once the blob is complete here
 		select {
@@ -152,6 +155,9 @@ func (b *Blob) followOnce(p *peer) error {
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("haves of %s: %s", p.addr, resp.Status)
 	}
+	b.mu.Lock()
+	p.following = true
+	b.mu.Unlock()
 	br := bufio.NewReader(resp.Body)
 	for {
 		f, err := readFrame(br, b.pieces)
@@ -165,7 +171,6 @@ func (b *Blob) followOnce(p *peer) error {
 			for i := range b.pieces {
 				b.setHasLocked(p, i, f.field[i/8]&(0x80>>(i%8)) != 0)
 			}
-			p.seen = true
 			b.mu.Unlock()
 		case frameHave:
 			b.mu.Lock()

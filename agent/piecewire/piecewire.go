@@ -33,6 +33,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -62,8 +63,9 @@ type CompletionState int
 
 // Completion states of pieces whose hashes arrive.
 const (
-	AllIncomplete CompletionState = iota // a fresh download
-	AllComplete                          // written and hashed by this node
+	AllIncomplete     CompletionState = iota // a fresh download
+	AllComplete                              // written and hashed by this node
+	UnknownCompletion                        // resumed: verified against the hashes in the background
 )
 
 // Errors a fetch of a piece ends with.
@@ -101,7 +103,78 @@ type Node struct {
 	mu    sync.Mutex
 	blobs map[string]*Blob
 
+	pauseMu     sync.Mutex
+	paused      bool
+	pauseCtx    context.Context // ends at Pause: fetches under way stop
+	pauseCancel context.CancelCauseFunc
+
 	bytesIn, bytesOut, piecesBad atomic.Int64
+}
+
+var errPaused = errors.New("peer downloads paused")
+
+// Pause stops every fetch from peers, those under way included, until Resume (serving peers goes
+// on): a node fetching a segment from upstream keeps its downlink for that.
+func (n *Node) Pause() {
+	n.pauseMu.Lock()
+	defer n.pauseMu.Unlock()
+	if !n.paused {
+		n.paused = true
+		n.pauseCancel(errPaused)
+	}
+}
+
+// Resume lets fetches from peers start again after Pause.
+func (n *Node) Resume() {
+	n.pauseMu.Lock()
+	if n.paused {
+		n.paused = false
+		n.pauseCtx, n.pauseCancel = context.WithCancelCause(context.Background())
+	}
+	n.pauseMu.Unlock()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, b := range n.blobs {
+		b.mu.Lock()
+		b.wakeAllLocked()
+		b.mu.Unlock()
+	}
+}
+
+// pauseState reports whether fetches are paused, and the context that ends at the next Pause.
+func (n *Node) pauseState() (bool, context.Context) {
+	n.pauseMu.Lock()
+	defer n.pauseMu.Unlock()
+	return n.paused, n.pauseCtx
+}
+
+// CloseRefused stops following and fetching from every peer Config.Refused now refuses (a
+// member that left, a banned peer); AddPeers may give it again later.
+func (n *Node) CloseRefused() {
+	if n.cfg.Refused == nil {
+		return
+	}
+	n.mu.Lock()
+	blobs := make([]*Blob, 0, len(n.blobs))
+	for _, b := range n.blobs {
+		blobs = append(blobs, b)
+	}
+	n.mu.Unlock()
+	for _, b := range blobs {
+		b.mu.Lock()
+		for a, p := range b.peers {
+			if n.cfg.Refused(a.Addr()) {
+				p.cancel()
+				for i, h := range p.has {
+					if h {
+						b.avail[i]--
+					}
+				}
+				delete(b.peers, a)
+			}
+		}
+		b.mu.Unlock()
+	}
 }
 
 // Stats are a node's counters.
@@ -124,6 +197,7 @@ func NewNode(cfg Config) *Node {
 		cfg.Client = http.DefaultClient
 	}
 	n := &Node{cfg: cfg, blobs: map[string]*Blob{}}
+	n.pauseCtx, n.pauseCancel = context.WithCancelCause(context.Background())
 	if cfg.MaxUploadRate > 0 {
 		n.limiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), uploadSlice)
 	}
@@ -156,7 +230,8 @@ type Blob struct {
 	cancel context.CancelFunc
 
 	fileMu sync.RWMutex // writers hold it shared, Freeze and SetFile exclusively
-	file   *os.File
+	data   io.ReaderAt  // the blob's bytes; served with sendfile when it is a syscall.Conn (*os.File)
+	writer io.WriterAt  // nil once the blob is read-only (the content store's copy)
 
 	mu         sync.Mutex
 	changed    chan struct{} // closed and replaced when a piece completes or is lost, or the blob is dropped
@@ -176,19 +251,45 @@ type Blob struct {
 	peers      map[netip.AddrPort]*peer
 	closed     bool
 	workers    sync.WaitGroup
+	readers    map[*Reader]struct{}
+
+	bytesIn, bytesOut atomic.Int64
+}
+
+// BlobStats are a blob's counters.
+type BlobStats struct {
+	BytesFromPeers, BytesToPeers int64 // verified piece bytes received; piece bytes sent
+	PiecesComplete               int
+	Peers, PeersFollowed         int // peers given; those whose haves stream is up
+}
+
+// Stats returns the blob's counters.
+func (b *Blob) Stats() BlobStats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	st := BlobStats{BytesFromPeers: b.bytesIn.Load(), BytesToPeers: b.bytesOut.Load(), PiecesComplete: b.nComplete, Peers: len(b.peers)}
+	for _, p := range b.peers {
+		if p.following {
+			st.PeersFollowed++
+		}
+	}
+	return st
 }
 
 type peer struct {
-	addr netip.AddrPort
-	wake chan struct{} // see wakeLocked
-	has  []bool        // under Blob.mu
-	seen bool          // its bitfield arrived
+	addr   netip.AddrPort
+	ctx    context.Context // ends when the blob is dropped or the peer is refused (CloseRefused)
+	cancel context.CancelFunc
+	wake   chan struct{} // see wakeLocked
+	// Under Blob.mu:
+	has       []bool
+	following bool // its haves stream is up
 }
 
-// AddBlob adds the blob name (its digest's hex) of size bytes in pieces of pieceLength, stored in
-// file (read and written at the blob's offsets; the Blob does not close it). It fetches no piece
-// before SetHashes gives that piece's hash.
-func (n *Node) AddBlob(name string, size, pieceLength int64, file *os.File) (*Blob, error) {
+// AddBlob adds the blob name (its digest's hex) of size bytes in pieces of pieceLength, read from
+// data and written through writer at the blob's offsets (the Blob closes neither). It fetches no
+// piece before SetHashes gives that piece's hash.
+func (n *Node) AddBlob(name string, size, pieceLength int64, data io.ReaderAt, writer io.WriterAt) (*Blob, error) {
 	if size <= 0 || pieceLength <= 0 {
 		return nil, fmt.Errorf("blob %s: size %d, piece length %d: both must be positive", name, size, pieceLength)
 	}
@@ -196,7 +297,7 @@ func (n *Node) AddBlob(name string, size, pieceLength int64, file *os.File) (*Bl
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Blob{
 		n: n, name: name, size: size, pieceLength: pieceLength, pieces: pieces,
-		ctx: ctx, cancel: cancel, file: file,
+		ctx: ctx, cancel: cancel, data: data, writer: writer,
 		changed:  make(chan struct{}),
 		grew:     make(chan struct{}),
 		hashes:   make([][HashSize]byte, pieces),
@@ -208,6 +309,7 @@ func (n *Node) AddBlob(name string, size, pieceLength int64, file *os.File) (*Bl
 		avail:    make([]int, pieces),
 		done:     make(chan struct{}),
 		peers:    map[netip.AddrPort]*peer{},
+		readers:  map[*Reader]struct{}{},
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -293,13 +395,22 @@ func (b *Blob) SetHashes(first int, hashes []byte, state CompletionState) error 
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	var check []int
 	for j := range n {
 		i := first + j
 		copy(b.hashes[i][:], hashes[j*HashSize:])
 		b.known[i] = true
-		if state == AllComplete {
+		switch {
+		case b.complete[i]:
+		case state == AllComplete:
 			b.markCompleteLocked(i)
+		case state == UnknownCompletion && !b.closed:
+			b.inflight[i]++ // nobody fetches it while it is checked
+			check = append(check, i)
 		}
+	}
+	if len(check) > 0 {
+		b.workers.Go(func() { b.checkPieces(check) })
 	}
 	b.notifyLocked()
 	b.wakeAllLocked()
@@ -363,12 +474,36 @@ func (b *Blob) Lose(i int) {
 	b.wakeAllLocked()
 }
 
-// SetFile replaces the blob's file (by the content store's copy of the complete blob, say);
-// writes and uploads under way finish first. The Blob does not close either file.
-func (b *Blob) SetFile(f *os.File) {
+// SetFile replaces the blob's data and writer (by the content store's read-only copy of the
+// complete blob, say: writer nil); writes under way finish first. The Blob closes neither.
+func (b *Blob) SetFile(data io.ReaderAt, writer io.WriterAt) {
 	b.fileMu.Lock()
-	b.file = f
+	b.data, b.writer = data, writer
 	b.fileMu.Unlock()
+}
+
+// checkPieces hashes pieces already in the blob's file (a resumed download) and marks those that
+// match complete; the others are fetched.
+func (b *Blob) checkPieces(pieces []int) {
+	buf := make([]byte, b.pieceLength)
+	for _, i := range pieces {
+		ok := false
+		if b.ctx.Err() == nil {
+			b.fileMu.RLock()
+			n, err := b.data.ReadAt(buf[:b.length(i)], int64(i)*b.pieceLength)
+			b.fileMu.RUnlock()
+			sum := sha1.Sum(buf[:n]) //nolint:gosec // see the import
+			ok = err == nil && int64(n) == b.length(i) && sum == b.hashes[i]
+		}
+		b.mu.Lock()
+		b.inflight[i]--
+		if ok && !b.frozen[i] {
+			b.markCompleteLocked(i)
+			b.notifyLocked()
+		}
+		b.wakeAllLocked()
+		b.mu.Unlock()
+	}
 }
 
 // SetPriority sets the priority of pieces [from, to).
@@ -388,9 +523,36 @@ func (b *Blob) Freeze(from, to int) {
 	b.mu.Lock()
 	for i := max(from, 0); i < min(to, b.pieces); i++ {
 		b.frozen[i] = true
+		b.prio[i] = PriorityNone
 	}
 	b.mu.Unlock()
 	b.fileMu.Unlock()
+}
+
+// IsFrozen reports whether piece i was frozen.
+func (b *Blob) IsFrozen(i int) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return i >= 0 && i < b.pieces && b.frozen[i]
+}
+
+// PiecePartial reports whether piece i is being fetched.
+func (b *Blob) PiecePartial(i int) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return i >= 0 && i < b.pieces && b.inflight[i] > 0
+}
+
+// RaisePriority gives the pieces of [from, to) that have the normal priority priority prio.
+func (b *Blob) RaisePriority(from, to int, prio Priority) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := max(from, 0); i < min(to, b.pieces); i++ {
+		if b.prio[i] == PriorityNormal {
+			b.prio[i] = prio
+		}
+	}
+	b.wakeAllLocked()
 }
 
 // PieceComplete reports whether piece i is verified here.
@@ -446,7 +608,8 @@ func (b *Blob) AddPeers(addrs []netip.AddrPort) {
 		if _, ok := b.peers[a]; ok {
 			continue
 		}
-		p := &peer{addr: a, has: make([]bool, b.pieces), wake: make(chan struct{}, 1)}
+		ctx, cancel := context.WithCancel(b.ctx)
+		p := &peer{addr: a, ctx: ctx, cancel: cancel, has: make([]bool, b.pieces), wake: make(chan struct{}, 1)}
 		b.peers[a] = p
 		b.workers.Go(func() { b.follow(p) })
 		for range b.n.cfg.FetchesPerPeer {
@@ -476,10 +639,10 @@ func (b *Blob) fetchFrom(p *peer) {
 		}
 		b.mu.Unlock()
 		switch {
-		case err == nil:
+		case err == nil, errors.Is(err, errPaused):
 			backoff = 100 * time.Millisecond
 			continue
-		case b.ctx.Err() != nil:
+		case p.ctx.Err() != nil:
 			return
 		case errors.Is(err, ErrBadPiece):
 			b.n.piecesBad.Add(1)
@@ -490,7 +653,7 @@ func (b *Blob) fetchFrom(p *peer) {
 		b.n.cfg.Logger.Debug("piece fetch failed", "blob", b.name, "piece", i, "peer", p.addr, "err", err)
 		select {
 		case <-time.After(backoff):
-		case <-b.ctx.Done():
+		case <-p.ctx.Done():
 			return
 		}
 		backoff = min(2*backoff, 2*time.Second)
@@ -507,7 +670,7 @@ func (b *Blob) next(p *peer) (int, bool) {
 			return 0, false
 		}
 		i := -1
-		if !b.refused(p.addr) {
+		if paused, _ := b.n.pauseState(); !paused && !b.refused(p.addr) {
 			i = b.pickLocked(p)
 		}
 		if i >= 0 {
@@ -518,7 +681,7 @@ func (b *Blob) next(p *peer) (int, bool) {
 		b.mu.Unlock()
 		select {
 		case <-p.wake:
-		case <-b.ctx.Done():
+		case <-p.ctx.Done():
 			return 0, false
 		case <-time.After(time.Second): // a refused peer may be allowed again
 		}
@@ -530,6 +693,18 @@ func (b *Blob) next(p *peer) (int, bool) {
 // high ones the first in the blob, among the normal ones the rarest (ties go to a different
 // piece for each peer, so that peers are not all asked for the same one).
 func (b *Blob) pickLocked(p *peer) int {
+	wanted := func(i int) bool {
+		return b.prio[i] != PriorityNone && p.has[i] && b.known[i] && !b.complete[i] && !b.frozen[i] && b.inflight[i] == 0
+	}
+	for r := range b.readers { // what readers wait for, and just after it, first
+		first := int(r.pos / b.pieceLength)
+		last := int(min(r.pos+r.readahead, b.size-1) / b.pieceLength)
+		for i := first; i <= last && i < b.pieces; i++ {
+			if wanted(i) {
+				return i
+			}
+		}
+	}
 	best, bestPrio, bestAvail := -1, PriorityNone, 0
 	spread := int(p.addr.Port()) + int(p.addr.Addr().As16()[15])*7919
 	start := 0
@@ -539,7 +714,7 @@ func (b *Blob) pickLocked(p *peer) int {
 	for j := range b.pieces {
 		i := (start + j) % b.pieces
 		pr := b.prio[i]
-		if pr == PriorityNone || !p.has[i] || !b.known[i] || b.complete[i] || b.frozen[i] || b.inflight[i] > 0 {
+		if !wanted(i) {
 			continue
 		}
 		switch {
@@ -558,8 +733,13 @@ func (b *Blob) pickLocked(p *peer) int {
 // fetch gets piece i from p into the blob's file, hashing it as it arrives, and marks it
 // complete if it matches its hash.
 func (b *Blob) fetch(p *peer, i int) error {
-	ctx, cancel := context.WithCancelCause(b.ctx)
+	ctx, cancel := context.WithCancelCause(p.ctx)
 	defer cancel(nil)
+	paused, pctx := b.n.pauseState()
+	if paused {
+		return errPaused
+	}
+	defer context.AfterFunc(pctx, func() { cancel(errPaused) })()
 	url := fmt.Sprintf("http://%s%s?blob=%s&index=%d", p.addr, PiecePath, b.name, i)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
@@ -598,7 +778,6 @@ func (b *Blob) fetch(p *peer, i int) error {
 				return err
 			}
 			got += int64(n)
-			b.n.bytesIn.Add(int64(n))
 		}
 		if err != nil && got < length {
 			return orCause(ctx, err)
@@ -614,6 +793,8 @@ func (b *Blob) fetch(p *peer, i int) error {
 	}
 	b.markCompleteLocked(i)
 	b.notifyLocked()
+	b.n.bytesIn.Add(length)
+	b.bytesIn.Add(length)
 	if b.n.cfg.OnData != nil {
 		b.n.cfg.OnData(p.addr.Addr())
 	}
@@ -633,7 +814,10 @@ func (b *Blob) writeAt(i int, p []byte, off int64) error {
 	case frozen:
 		return fmt.Errorf("piece %d: its bytes come from elsewhere now", i)
 	}
-	_, err := b.file.WriteAt(p, off)
+	if b.writer == nil {
+		return errors.New("blob is read-only")
+	}
+	_, err := b.writer.WriteAt(p, off)
 	return err
 }
 
@@ -659,14 +843,24 @@ func (b *Blob) setHasLocked(p *peer, i int, has bool) {
 	}
 }
 
-// Holders counts the peers followed that have piece i.
-func (b *Blob) Holders(i int) int {
+// Holders counts the peers followed that have piece i, leaving out those skip (if not nil) says
+// to.
+func (b *Blob) Holders(i int, skip func(netip.Addr) bool) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if i < 0 || i >= b.pieces {
 		return 0
 	}
-	return b.avail[i]
+	if skip == nil {
+		return b.avail[i]
+	}
+	n := 0
+	for _, p := range b.peers {
+		if p.has[i] && !skip(p.addr.Addr()) {
+			n++
+		}
+	}
+	return n
 }
 
 // ServeHTTP serves the node's endpoints.
@@ -720,22 +914,17 @@ func validName(s string) bool {
 	return true
 }
 
-// servePiece sends verified piece i from the blob's file with sendfile: through a file opened
-// anew (its own offset), in slices when uploads are rate-limited.
+// servePiece sends verified piece i from the blob's data: with sendfile through a file opened
+// anew (its own offset) when the data is a file, in slices when uploads are rate-limited.
 func (b *Blob) servePiece(w http.ResponseWriter, i int) {
 	length := b.length(i)
-	b.fileMu.RLock()
-	f, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", b.file.Fd()))
-	b.fileMu.RUnlock()
+	off := int64(i) * b.pieceLength
+	src, closeSrc, err := b.openPiece(off, length)
 	if err != nil {
 		http.Error(w, "blob file: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
-	defer f.Close()
-	if _, err := f.Seek(int64(i)*b.pieceLength, io.SeekStart); err != nil {
-		http.Error(w, "blob file: "+err.Error(), http.StatusInternalServerError)
-		return
-	}
+	defer closeSrc()
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", strconv.FormatInt(length, 10))
 	w.WriteHeader(http.StatusOK)
@@ -747,11 +936,118 @@ func (b *Blob) servePiece(w http.ResponseWriter, i int) {
 				return
 			}
 		}
-		m, err := io.Copy(w, &io.LimitedReader{R: f, N: n})
+		m, err := io.Copy(w, &io.LimitedReader{R: src, N: n})
 		sent += m
 		b.n.bytesOut.Add(m)
+		b.bytesOut.Add(m)
 		if err != nil || m < n {
 			return
 		}
 	}
+}
+
+// openPiece returns a reader of the length bytes of the blob at off: a file of its own
+// positioned there (so io.Copy to a connection uses sendfile) when the data is a file, else a
+// section of the data.
+func (b *Blob) openPiece(off, length int64) (io.Reader, func(), error) {
+	b.fileMu.RLock()
+	defer b.fileMu.RUnlock()
+	if b.data == nil {
+		return nil, nil, errClosed
+	}
+	if sc, ok := b.data.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			var f *os.File
+			var ferr error
+			if err := raw.Control(func(fd uintptr) {
+				f, ferr = os.Open(fmt.Sprintf("/proc/self/fd/%d", fd))
+			}); err == nil && ferr == nil {
+				if _, err := f.Seek(off, io.SeekStart); err != nil {
+					_ = f.Close()
+					return nil, nil, err
+				}
+				return f, func() { _ = f.Close() }, nil
+			}
+		}
+	}
+	return io.NewSectionReader(b.data, off, length), func() {}, nil
+}
+
+// Reader reads verified bytes of a blob in order: a read waits for the piece at its position to
+// be verified, and the pieces from its position to readahead bytes after it are fetched before
+// any other.
+type Reader struct {
+	b         *Blob
+	readahead int64
+	pos       int64 // under b.mu
+}
+
+// NewReader returns a reader at the blob's start.
+func (b *Blob) NewReader(readahead int64) *Reader {
+	r := &Reader{b: b, readahead: readahead}
+	b.mu.Lock()
+	b.readers[r] = struct{}{}
+	b.wakeAllLocked()
+	b.mu.Unlock()
+	return r
+}
+
+// ReadContext reads at the reader's position, waiting until ctx ends for verified bytes.
+func (r *Reader) ReadContext(ctx context.Context, p []byte) (int, error) {
+	b := r.b
+	b.mu.Lock()
+	pos := r.pos
+	b.mu.Unlock()
+	if pos >= b.size {
+		return 0, io.EOF
+	}
+	i := int(pos / b.pieceLength)
+	if err := b.WaitPiece(ctx, i); err != nil {
+		return 0, err
+	}
+	end := int64(i)*b.pieceLength + b.length(i)
+	b.fileMu.RLock()
+	var n int
+	var err error
+	if b.data == nil {
+		err = errClosed
+	} else {
+		n, err = b.data.ReadAt(p[:min(int64(len(p)), end-pos)], pos)
+	}
+	b.fileMu.RUnlock()
+	if errors.Is(err, io.EOF) && n > 0 {
+		err = nil
+	}
+	b.mu.Lock()
+	r.pos += int64(n)
+	b.mu.Unlock()
+	return n, err
+}
+
+// Seek sets the reader's position (io.SeekStart or io.SeekCurrent).
+func (r *Reader) Seek(offset int64, whence int) (int64, error) {
+	b := r.b
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		offset += r.pos
+	default:
+		return r.pos, errors.New("seek: only from the start or the current position")
+	}
+	if offset < 0 {
+		return r.pos, errors.New("seek: negative position")
+	}
+	r.pos = offset
+	b.wakeAllLocked()
+	return offset, nil
+}
+
+// Close releases the reader: its pieces are no longer fetched first.
+func (r *Reader) Close() error {
+	r.b.mu.Lock()
+	delete(r.b.readers, r)
+	r.b.mu.Unlock()
+	return nil
 }

@@ -2,6 +2,7 @@ package piecewire
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha1" //nolint:gosec // piece hashes
 	"crypto/sha256"
 	"encoding/hex"
@@ -111,13 +112,20 @@ func (b testBlob) file(t testing.TB, content []byte) *os.File {
 	return f
 }
 
-// hold adds b to n, complete, from a file holding content.
-func (n *testNode) hold(t testing.TB, b testBlob, content []byte) *Blob {
+// addFile adds b to n over f, its data and writer.
+func (n *testNode) addFile(t testing.TB, b testBlob, f *os.File) *Blob {
 	t.Helper()
-	bl, err := n.AddBlob(b.name, int64(len(b.data)), b.pieceLength, b.file(t, content))
+	bl, err := n.AddBlob(b.name, int64(len(b.data)), b.pieceLength, f, f)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return bl
+}
+
+// hold adds b to n, complete, from a file holding content.
+func (n *testNode) hold(t testing.TB, b testBlob, content []byte) *Blob {
+	t.Helper()
+	bl := n.addFile(t, b, b.file(t, content))
 	if err := bl.SetHashes(0, b.hashes(), AllComplete); err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +136,7 @@ func (n *testNode) hold(t testing.TB, b testBlob, content []byte) *Blob {
 func (n *testNode) want(t testing.TB, b testBlob, prio Priority) (*Blob, *os.File) {
 	t.Helper()
 	f := b.file(t, nil)
-	bl, err := n.AddBlob(b.name, int64(len(b.data)), b.pieceLength, f)
+	bl, err := n.AddBlob(b.name, int64(len(b.data)), b.pieceLength, f, f)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,10 +173,7 @@ func TestPiecesComeFromTheirHolders(t *testing.T) {
 		n        *testNode
 		from, to int
 	}{{a, 0, half}, {c, half, blob.pieces()}} {
-		bl, err := h.n.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, blob.file(t, blob.data))
-		if err != nil {
-			t.Fatal(err)
-		}
+		bl := h.n.addFile(t, blob, blob.file(t, blob.data))
 		hashes := blob.hashes()
 		if err := bl.SetHashes(h.from, hashes[h.from*HashSize:h.to*HashSize], AllComplete); err != nil {
 			t.Fatal(err)
@@ -191,10 +196,7 @@ func TestPiecesComeFromTheirHolders(t *testing.T) {
 func TestUnverifiedPiecesAreNotServed(t *testing.T) {
 	node := newTestNode(t, "127.0.0.2")
 	blob := newTestBlob(2, 1<<20, 256<<10)
-	bl, err := node.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, blob.file(t, blob.data))
-	if err != nil {
-		t.Fatal(err)
-	}
+	bl := node.addFile(t, blob, blob.file(t, blob.data))
 	hashes := blob.hashes()
 	if err := bl.SetHashes(0, hashes, AllIncomplete); err != nil {
 		t.Fatal(err)
@@ -363,10 +365,7 @@ func TestHighPriorityPiecesComeFirstInOrder(t *testing.T) {
 func TestHavesFollowCompletions(t *testing.T) {
 	blob := newTestBlob(8, 1<<20, 256<<10)
 	peerNode, node := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3")
-	pb, err := peerNode.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, blob.file(t, blob.data))
-	if err != nil {
-		t.Fatal(err)
-	}
+	pb := peerNode.addFile(t, blob, blob.file(t, blob.data))
 	hashes := blob.hashes()
 	if err := pb.SetHashes(0, hashes[:HashSize], AllComplete); err != nil {
 		t.Fatal(err)
@@ -376,10 +375,10 @@ func TestHavesFollowCompletions(t *testing.T) {
 	waitHolders := func(i, want int) {
 		t.Helper()
 		deadline := time.Now().Add(waitLimit)
-		for bl.Holders(i) != want && time.Now().Before(deadline) {
+		for bl.Holders(i, nil) != want && time.Now().Before(deadline) {
 			time.Sleep(5 * time.Millisecond)
 		}
-		if got := bl.Holders(i); got != want {
+		if got := bl.Holders(i, nil); got != want {
 			t.Fatalf("piece %d: %d holders known, want %d", i, got, want)
 		}
 	}
@@ -389,7 +388,7 @@ func TestHavesFollowCompletions(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitHolders(3, 1)
-	if bl.Holders(1) != 0 {
+	if bl.Holders(1, nil) != 0 {
 		t.Error("piece 1, which the peer never verified, is known as held")
 	}
 }
@@ -413,4 +412,121 @@ func TestRefusedPeersAreNeitherServedNorAsked(t *testing.T) {
 	}
 	refuse.Delete(netip.MustParseAddr("127.0.0.3"))
 	waitComplete(t, bl, f, blob.data)
+}
+
+// TestPauseStopsFetchesUntilResume: a paused node fetches nothing, a fetch under way included,
+// and completes once resumed.
+func TestPauseStopsFetchesUntilResume(t *testing.T) {
+	blob := newTestBlob(10, 4<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 4 << 20 })
+	holder.hold(t, blob, blob.data)
+	node := newTestNode(t, "127.0.0.3")
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	deadline := time.Now().Add(waitLimit)
+	for bl.BytesCompleted() == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	node.Pause()
+	time.Sleep(100 * time.Millisecond) // fetches under way end
+	paused := bl.BytesCompleted()
+	sent := holder.Stats().BytesToPeers
+	time.Sleep(500 * time.Millisecond)
+	if got := bl.BytesCompleted(); got != paused || paused == int64(len(blob.data)) {
+		t.Fatalf("%d bytes complete at the pause, %d half a second later (of %d); want no change short of the whole blob", paused, got, len(blob.data))
+	}
+	if more := holder.Stats().BytesToPeers - sent; more > 256<<10 {
+		t.Errorf("the holder sent %d more bytes while the node was paused", more)
+	}
+	node.Resume()
+	waitComplete(t, bl, f, blob.data)
+}
+
+// TestResumedDownloadKeepsItsGoodPieces: a blob whose file already holds some pieces (an
+// interrupted download) has them checked against their hashes: the good ones count as complete
+// and only the others are fetched.
+func TestResumedDownloadKeepsItsGoodPieces(t *testing.T) {
+	blob := newTestBlob(11, 2<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2")
+	holder.hold(t, blob, blob.data)
+	partial := make([]byte, len(blob.data))
+	copy(partial, blob.data[:4*blob.pieceLength]) // pieces 0-3 written, 4-7 not
+	partial[100] ^= 1                             // piece 0 damaged
+	node := newTestNode(t, "127.0.0.3")
+	f := blob.file(t, partial)
+	bl := node.addFile(t, blob, f)
+	if err := bl.SetHashes(0, blob.hashes(), UnknownCompletion); err != nil {
+		t.Fatal(err)
+	}
+	bl.SetPriority(0, blob.pieces(), PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	waitComplete(t, bl, f, blob.data)
+	if got, want := node.Stats().BytesFromPeers, 5*blob.pieceLength; got != want {
+		t.Errorf("fetched %d bytes from peers; want %d: the damaged piece and the four missing ones", got, want)
+	}
+}
+
+// TestReaderPiecesComeFirst: a reader's next pieces are fetched before any other, even before
+// pieces of high priority, and it reads the blob's bytes.
+func TestReaderPiecesComeFirst(t *testing.T) {
+	blob := newTestBlob(12, 4<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 8 << 20 })
+	holder.hold(t, blob, blob.data)
+	node := newTestNode(t, "127.0.0.3", func(c *Config) { c.FetchesPerPeer = 1 })
+	bl, _ := node.want(t, blob, PriorityNormal)
+	bl.SetPriority(0, 4, PriorityHigh)
+	r := bl.NewReader(blob.pieceLength)
+	defer r.Close()
+	if _, err := r.Seek(10*blob.pieceLength, io.SeekStart); err != nil {
+		t.Fatal(err)
+	}
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	got := make([]byte, 2*blob.pieceLength)
+	for n := 0; n < len(got); {
+		m, err := r.ReadContext(ctx, got[n:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += m
+	}
+	if !bytes.Equal(got, blob.data[10*blob.pieceLength:12*blob.pieceLength]) {
+		t.Fatal("the reader read other bytes than the blob's")
+	}
+	bl.mu.Lock()
+	order := append([]uint32(nil), bl.log...)
+	bl.mu.Unlock()
+	if len(order) < 2 || order[0] != 10 || order[1] != 11 {
+		t.Errorf("pieces completed in the order %v; want the reader's 10 and 11 first", order)
+	}
+}
+
+// TestCloseRefusedDropsPeers: a peer refused after it was given is no longer followed nor
+// fetched from.
+func TestCloseRefusedDropsPeers(t *testing.T) {
+	blob := newTestBlob(13, 4<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 1 << 20 })
+	holder.hold(t, blob, blob.data)
+	var refused sync.Map
+	node := newTestNode(t, "127.0.0.3", func(c *Config) {
+		c.Refused = func(a netip.Addr) bool { _, ok := refused.Load(a); return ok }
+	})
+	bl, _ := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	deadline := time.Now().Add(waitLimit)
+	for bl.Holders(0, nil) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	refused.Store(holder.addr.Addr(), true)
+	node.CloseRefused()
+	if st := bl.Stats(); st.Peers != 0 || bl.Holders(0, nil) != 0 {
+		t.Fatalf("after CloseRefused: %+v, piece 0 held by %d; want no peer", st, bl.Holders(0, nil))
+	}
+	time.Sleep(200 * time.Millisecond)
+	done := bl.BytesCompleted()
+	time.Sleep(1500 * time.Millisecond)
+	if got := bl.BytesCompleted(); got != done {
+		t.Errorf("%d bytes complete after the peer was refused, %d later", done, got)
+	}
 }
