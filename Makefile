@@ -83,6 +83,8 @@ test: deps verify lint unit fuzz e2e ## Everything CI runs.
 .PHONY: unit
 unit: ## Unit and integration tests of every package (race detector on).
 	CGO_ENABLED=1 go test -race -count=1 -timeout 15m $(GO_TEST_FLAGS) $$(go list ./... | grep -v /test/e2e)
+	# The swarm's tests again with pieces moved by agent/piecewire instead of the torrent client.
+	SHOAL_SWARM_TEST_DATA_PATH=pieces CGO_ENABLED=1 go test -race -count=1 -timeout 10m $(GO_TEST_FLAGS) ./agent/swarm
 
 .PHONY: fuzz
 fuzz: ## Run each fuzz target for a fixed number of executions (FUZZ_SCALE=k for k times more).

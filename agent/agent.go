@@ -130,6 +130,9 @@ type SwarmConfig struct {
 	// IdleTimeout is how long a blob without readers keeps seeding after its last transfer, and
 	// how long an unused working file is kept; 0 = swarm.DefaultIdleTimeout.
 	IdleTimeout time.Duration
+	// DataPath is how pieces move between agents: swarm.DataPathTorrent ("" too) or
+	// swarm.DataPathPieces; the same on every node.
+	DataPath string
 }
 
 // Prefetch fetches ahead of readers the segments of blob d (size bytes, in repo of registry)
@@ -225,6 +228,11 @@ func (c *Config) Validate() error {
 	}
 	if c.Swarm.MaxDownloadRate < 0 {
 		return fieldError("Swarm.MaxDownloadRate", errors.New("must not be negative"))
+	}
+	switch c.Swarm.DataPath {
+	case "", swarm.DataPathTorrent, swarm.DataPathPieces:
+	default:
+		return fieldError("Swarm.DataPath", fmt.Errorf("%q: want %q or %q", c.Swarm.DataPath, swarm.DataPathTorrent, swarm.DataPathPieces))
 	}
 	return nil
 }
@@ -487,6 +495,7 @@ func startSwarm(cfg Config, blobs *store.Store, client *upstream.Client, reg pro
 		MaxUploadRate:   cfg.Swarm.MaxUploadRate,
 		MaxDownloadRate: cfg.Swarm.MaxDownloadRate,
 		IdleTimeout:     cfg.Swarm.IdleTimeout,
+		DataPath:        cfg.Swarm.DataPath,
 		Logger:          log,
 		Registerer:      reg,
 	})

@@ -39,7 +39,7 @@ func BenchmarkTwoNodeTransfer(b *testing.B) {
 	for n := range b.N {
 		b.StopTimer()
 		holder, node := newTestNode(b, "127.0.0.2"), newTestNode(b, "127.0.0.3")
-		hb, err := holder.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, held, held)
+		hb, err := holder.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, reopenable{held}, held)
 		if err != nil {
 			b.Fatal(err)
 		}

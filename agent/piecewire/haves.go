@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"time"
 )
 
@@ -32,18 +33,34 @@ const (
 	havesDeadTimeout = 3 * havesKeepalive
 )
 
-// serveHaves streams the blob's haves until the peer goes or the blob is dropped.
-func (b *Blob) serveHaves(w http.ResponseWriter, r *http.Request) {
+// stream is a haves stream served to a peer.
+type stream struct {
+	peer   netip.Addr
+	cancel context.CancelFunc
+}
+
+// serveHaves streams the blob's haves to peer until it goes, is refused (Node.CloseRefused), or
+// the blob is dropped.
+func (b *Blob) serveHaves(w http.ResponseWriter, r *http.Request, peer netip.Addr) {
 	flusher, ok := w.(http.Flusher)
 	if !ok {
 		http.Error(w, "streaming unsupported", http.StatusInternalServerError)
 		return
 	}
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	st := &stream{peer: peer, cancel: cancel}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.WriteHeader(http.StatusOK)
 	bw := bufio.NewWriter(w)
 
 	b.mu.Lock()
+	b.streams[st] = struct{}{}
+	defer func() {
+		b.mu.Lock()
+		delete(b.streams, st)
+		b.mu.Unlock()
+	}()
 	field := make([]byte, 5+(b.pieces+7)/8)
 	field[0] = frameBitfield
 	binary.BigEndian.PutUint32(field[1:], uint32(b.pieces))
@@ -72,7 +89,7 @@ func (b *Blob) serveHaves(w http.ResponseWriter, r *http.Request) {
 			}
 			flusher.Flush()
 			continue
-		case <-r.Context().Done():
+		case <-ctx.Done():
 			return
 		case <-b.ctx.Done():
 			return

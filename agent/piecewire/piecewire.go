@@ -27,7 +27,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/netip"
 	"os"
 	"strconv"
@@ -103,34 +105,29 @@ type Node struct {
 	mu    sync.Mutex
 	blobs map[string]*Blob
 
-	pauseMu     sync.Mutex
-	paused      bool
-	pauseCtx    context.Context // ends at Pause: fetches under way stop
-	pauseCancel context.CancelCauseFunc
+	pauseMu  sync.Mutex
+	isPaused bool
 
 	bytesIn, bytesOut, piecesBad atomic.Int64
 }
 
 var errPaused = errors.New("peer downloads paused")
 
-// Pause stops every fetch from peers, those under way included, until Resume (serving peers goes
-// on): a node fetching a segment from upstream keeps its downlink for that.
+// Pause starts no fetch from peers until Resume (serving peers goes on): a node fetching a
+// segment from upstream keeps its downlink for that. Fetches under way finish: each is one
+// piece, and cancelling them threw away the part of the piece that had come, closed the
+// connection and fetched the piece again (8 nodes, 256 MiB, cold: 17-19 agent CPU-s per GiB
+// delivered with the cancels, 12.7 without).
 func (n *Node) Pause() {
 	n.pauseMu.Lock()
 	defer n.pauseMu.Unlock()
-	if !n.paused {
-		n.paused = true
-		n.pauseCancel(errPaused)
-	}
+	n.isPaused = true
 }
 
 // Resume lets fetches from peers start again after Pause.
 func (n *Node) Resume() {
 	n.pauseMu.Lock()
-	if n.paused {
-		n.paused = false
-		n.pauseCtx, n.pauseCancel = context.WithCancelCause(context.Background())
-	}
+	n.isPaused = false
 	n.pauseMu.Unlock()
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -141,15 +138,14 @@ func (n *Node) Resume() {
 	}
 }
 
-// pauseState reports whether fetches are paused, and the context that ends at the next Pause.
-func (n *Node) pauseState() (bool, context.Context) {
+func (n *Node) paused() bool {
 	n.pauseMu.Lock()
 	defer n.pauseMu.Unlock()
-	return n.paused, n.pauseCtx
+	return n.isPaused
 }
 
-// CloseRefused stops following and fetching from every peer Config.Refused now refuses (a
-// member that left, a banned peer); AddPeers may give it again later.
+// CloseRefused stops following, serving haves to and fetching from every peer Config.Refused
+// now refuses (a member that left, a banned peer); AddPeers may give it again later.
 func (n *Node) CloseRefused() {
 	if n.cfg.Refused == nil {
 		return
@@ -162,6 +158,11 @@ func (n *Node) CloseRefused() {
 	n.mu.Unlock()
 	for _, b := range blobs {
 		b.mu.Lock()
+		for st := range b.streams {
+			if n.cfg.Refused(st.peer) {
+				st.cancel()
+			}
+		}
 		for a, p := range b.peers {
 			if n.cfg.Refused(a.Addr()) {
 				p.cancel()
@@ -197,7 +198,6 @@ func NewNode(cfg Config) *Node {
 		cfg.Client = http.DefaultClient
 	}
 	n := &Node{cfg: cfg, blobs: map[string]*Blob{}}
-	n.pauseCtx, n.pauseCancel = context.WithCancelCause(context.Background())
 	if cfg.MaxUploadRate > 0 {
 		n.limiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), uploadSlice)
 	}
@@ -230,7 +230,7 @@ type Blob struct {
 	cancel context.CancelFunc
 
 	fileMu sync.RWMutex // writers hold it shared, Freeze and SetFile exclusively
-	data   io.ReaderAt  // the blob's bytes; served with sendfile when it is a syscall.Conn (*os.File)
+	data   io.ReaderAt  // the blob's bytes; served with sendfile when it is a Reopener
 	writer io.WriterAt  // nil once the blob is read-only (the content store's copy)
 
 	mu         sync.Mutex
@@ -252,6 +252,7 @@ type Blob struct {
 	closed     bool
 	workers    sync.WaitGroup
 	readers    map[*Reader]struct{}
+	streams    map[*stream]struct{} // haves streams served
 
 	bytesIn, bytesOut atomic.Int64
 }
@@ -261,13 +262,15 @@ type BlobStats struct {
 	BytesFromPeers, BytesToPeers int64 // verified piece bytes received; piece bytes sent
 	PiecesComplete               int
 	Peers, PeersFollowed         int // peers given; those whose haves stream is up
+	Streams                      int // haves streams served to peers
 }
 
 // Stats returns the blob's counters.
 func (b *Blob) Stats() BlobStats {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	st := BlobStats{BytesFromPeers: b.bytesIn.Load(), BytesToPeers: b.bytesOut.Load(), PiecesComplete: b.nComplete, Peers: len(b.peers)}
+	st := BlobStats{BytesFromPeers: b.bytesIn.Load(), BytesToPeers: b.bytesOut.Load(), PiecesComplete: b.nComplete,
+		Peers: len(b.peers), Streams: len(b.streams)}
 	for _, p := range b.peers {
 		if p.following {
 			st.PeersFollowed++
@@ -310,6 +313,7 @@ func (n *Node) AddBlob(name string, size, pieceLength int64, data io.ReaderAt, w
 		done:     make(chan struct{}),
 		peers:    map[netip.AddrPort]*peer{},
 		readers:  map[*Reader]struct{}{},
+		streams:  map[*stream]struct{}{},
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -670,7 +674,7 @@ func (b *Blob) next(p *peer) (int, bool) {
 			return 0, false
 		}
 		i := -1
-		if paused, _ := b.n.pauseState(); !paused && !b.refused(p.addr) {
+		if !b.n.paused() && !b.refused(p.addr) {
 			i = b.pickLocked(p)
 		}
 		if i >= 0 {
@@ -735,16 +739,18 @@ func (b *Blob) pickLocked(p *peer) int {
 func (b *Blob) fetch(p *peer, i int) error {
 	ctx, cancel := context.WithCancelCause(p.ctx)
 	defer cancel(nil)
-	paused, pctx := b.n.pauseState()
-	if paused {
+	if b.n.paused() {
 		return errPaused
 	}
-	defer context.AfterFunc(pctx, func() { cancel(errPaused) })()
 	url := fmt.Sprintf("http://%s%s?blob=%s&index=%d", p.addr, PiecePath, b.name, i)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}
+	var conn net.Conn
+	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		GotConn: func(info httptrace.GotConnInfo) { conn = info.Conn },
+	}))
 	stall := time.AfterFunc(b.n.cfg.StallTimeout, func() { cancel(errStalled) })
 	defer stall.Stop()
 	resp, err := b.n.cfg.Client.Do(req)
@@ -769,8 +775,19 @@ func (b *Blob) fetch(p *peer, i int) error {
 	buf := *bufp
 	h := sha1.New() //nolint:gosec // see the import
 	off := int64(i) * b.pieceLength
+	water := 1
+	defer func() {
+		if water != 1 {
+			setLowWater(conn, 1)
+		}
+	}()
 	for got := int64(0); got < length; {
-		n, err := io.ReadFull(resp.Body, buf[:min(int64(len(buf)), length-got)])
+		if want := lowWater(length - got); want != water {
+			setLowWater(conn, want)
+			water = want
+		}
+		// One read at a time: the low water mark must drop before the piece's last bytes.
+		n, err := resp.Body.Read(buf[:min(int64(len(buf)), length-got)])
 		if n > 0 {
 			stall.Reset(b.n.cfg.StallTimeout)
 			h.Write(buf[:n])
@@ -780,6 +797,9 @@ func (b *Blob) fetch(p *peer, i int) error {
 			got += int64(n)
 		}
 		if err != nil && got < length {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
 			return orCause(ctx, err)
 		}
 	}
@@ -799,6 +819,38 @@ func (b *Blob) fetch(p *peer, i int) error {
 		b.n.cfg.OnData(p.addr.Addr())
 	}
 	return nil
+}
+
+// readLowWater is how many bytes of a piece a fetch lets arrive before it is woken to read
+// them (SO_RCVLOWAT). A reader woken for every segment that arrives reads a few kilobytes per
+// system call at link rates of 100 Mbit/s and pays a wakeup for each: on 8 nodes the reads
+// were a fifth of the agents' CPU.
+const readLowWater = 64 << 10
+
+// lowWater is the low water mark for the socket while rem bytes of a piece are still to come:
+// readLowWater, unless fewer than twice that remain. The margin covers what the HTTP client
+// has buffered already (a few kilobytes), so the mark never exceeds what is left to arrive,
+// and the connection goes back to the client's pool with the mark at 1.
+func lowWater(rem int64) int {
+	if rem > 2*readLowWater {
+		return readLowWater
+	}
+	return 1
+}
+
+// setLowWater sets conn's SO_RCVLOWAT to n bytes, if conn is a socket.
+func setLowWater(conn net.Conn, n int) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = raw.Control(func(fd uintptr) {
+		_ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVLOWAT, n)
+	})
 }
 
 // writeAt writes bytes of piece i unless it is frozen (Freeze waits for writes under way).
@@ -869,7 +921,13 @@ func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "GET only", http.StatusMethodNotAllowed)
 		return
 	}
-	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && n.cfg.Refused != nil && n.cfg.Refused(ap.Addr().Unmap()) {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		http.Error(w, "unknown peer address", http.StatusBadRequest)
+		return
+	}
+	peer := ap.Addr().Unmap()
+	if n.cfg.Refused != nil && n.cfg.Refused(peer) {
 		http.Error(w, "refused", http.StatusForbidden)
 		return
 	}
@@ -896,7 +954,7 @@ func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "blob not here", http.StatusNotFound)
 			return
 		}
-		b.serveHaves(w, r)
+		b.serveHaves(w, r, peer)
 	default:
 		http.NotFound(w, r)
 	}
@@ -946,28 +1004,28 @@ func (b *Blob) servePiece(w http.ResponseWriter, i int) {
 	}
 }
 
+// Reopener is data that can open a new file description of itself (torrent.File): sendfile
+// needs one with an offset of its own.
+type Reopener interface {
+	Reopen() (*os.File, error)
+}
+
 // openPiece returns a reader of the length bytes of the blob at off: a file of its own
-// positioned there (so io.Copy to a connection uses sendfile) when the data is a file, else a
-// section of the data.
+// positioned there (so io.Copy to a connection uses sendfile) when the data is a Reopener, else
+// a section of the data.
 func (b *Blob) openPiece(off, length int64) (io.Reader, func(), error) {
 	b.fileMu.RLock()
 	defer b.fileMu.RUnlock()
 	if b.data == nil {
 		return nil, nil, errClosed
 	}
-	if sc, ok := b.data.(syscall.Conn); ok {
-		if raw, err := sc.SyscallConn(); err == nil {
-			var f *os.File
-			var ferr error
-			if err := raw.Control(func(fd uintptr) {
-				f, ferr = os.Open(fmt.Sprintf("/proc/self/fd/%d", fd))
-			}); err == nil && ferr == nil {
-				if _, err := f.Seek(off, io.SeekStart); err != nil {
-					_ = f.Close()
-					return nil, nil, err
-				}
-				return f, func() { _ = f.Close() }, nil
+	if ro, ok := b.data.(Reopener); ok {
+		if f, err := ro.Reopen(); err == nil {
+			if _, err := f.Seek(off, io.SeekStart); err != nil {
+				_ = f.Close()
+				return nil, nil, err
 			}
+			return f, func() { _ = f.Close() }, nil
 		}
 	}
 	return io.NewSectionReader(b.data, off, length), func() {}, nil

@@ -784,12 +784,12 @@ type blobReader struct {
 	ctx  context.Context
 	path string // the blob's file
 
-	final  int64           // bytes from the blob's start that are final in the file
-	read   int64           // bytes Read has returned
-	k      int             // the segment holding byte final
-	open   bool            // segment k's info is known and reader is positioned in it
-	reader *torrent.Reader // of the blob's torrent, while following the swarm
-	direct io.ReadCloser   // the rest of segment k from upstream, when the swarm could not deliver it
+	final  int64         // bytes from the blob's start that are final in the file
+	read   int64         // bytes Read has returned
+	k      int           // the segment holding byte final
+	open   bool          // segment k's info is known and reader is positioned in it
+	reader pieceReader   // of the blob's pieces, while following the swarm
+	direct io.ReadCloser // the rest of segment k from upstream, when the swarm could not deliver it
 	probe  [1]byte
 	done   func() // tells the blob this reader is gone
 }

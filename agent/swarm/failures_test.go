@@ -197,10 +197,12 @@ func actOld(node *testNode, peers []*testNode) {
 
 // TestOldAndNewAgentsSwarm runs two agents of this release with one of the previous: where
 // they cut a blob the same way they trade it (the new ones speak the old protocol with the old
-// one, and count that), and where they do not, every node still gets the right bytes.
+// one, and count that), and where they do not, every node still gets the right bytes. The
+// previous release trades pieces with the torrent client only, so all three do.
 func TestOldAndNewAgentsSwarm(t *testing.T) {
 	up := newMemUpstream()
 	nodes := startNodesConfigured(t, 3, up, 1<<20, 256<<10, func(i int, cfg *Config) {
+		cfg.DataPath = DataPathTorrent
 		if i == 2 {
 			cfg.MinSegments = -1
 		}

@@ -35,6 +35,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-dev/shoal/agent/membership"
+	"github.com/shoal-dev/shoal/agent/piecewire"
 	"github.com/shoal-dev/shoal/agent/plan"
 	"github.com/shoal-dev/shoal/agent/store"
 	"github.com/shoal-dev/shoal/agent/torrent"
@@ -113,8 +114,11 @@ type Config struct {
 	// UpstreamWindow is how many segments a node asks seeders for ahead of the first one not yet
 	// published: it bounds the upstream fetches running at once, so early segments come first.
 	UpstreamWindow int
-	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited.
+	// MaxUploadRate and MaxDownloadRate cap peer traffic in bytes per second; 0 = unlimited
+	// (the pieces data path caps uploads only).
 	MaxUploadRate, MaxDownloadRate int64
+	// DataPath is how pieces move between agents: DataPathTorrent ("" too) or DataPathPieces.
+	DataPath string
 	// ConnsPerTorrent bounds established peer connections per blob torrent.
 	ConnsPerTorrent int
 	// InfoTimeout bounds waiting for a seeder to publish a segment before fetching it directly.
@@ -134,7 +138,7 @@ type Swarm struct {
 	cfg     Config
 	self    netip.AddrPort
 	log     *slog.Logger
-	client  *torrent.Client
+	client  dataPath
 	control *http.Client // protocol 2: headers come at once (see requestSegmentV2)
 	// controlV1 is for seeders of the previous release, whose answers come only once the
 	// segment is published.
@@ -325,6 +329,12 @@ func New(cfg Config) (*Swarm, error) {
 		}},
 	}
 
+	if cfg.DataPath == DataPathPieces {
+		s.client = newPiecesPath(cfg, s.self, s.heardFrom, s.banned)
+		s.metrics = newMetrics(cfg.Registerer, s)
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+		return s, nil
+	}
 	client, err := torrent.NewClient(torrent.Config{
 		Dir:             cfg.Dir,
 		Self:            s.self,
@@ -346,7 +356,7 @@ func New(cfg Config) (*Swarm, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.client = client
+	s.client = torrentPath{client}
 	s.metrics = newMetrics(cfg.Registerer, s)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -469,8 +479,8 @@ type blob struct {
 	plan           plan.Plan
 	registry, repo string
 	file           *torrent.File
-	t              *torrent.Torrent // the blob's torrent: its pieces' hashes arrive by segment
-	path           string           // the working file; "" once the data lives in the content store
+	t              blobPieces // the blob's pieces (its torrent): their hashes arrive by segment
+	path           string     // the working file; "" once the data lives in the content store
 	state          torrent.CompletionState
 	segs           []*segment
 	assignMu       sync.Mutex  // guards assigned and seedSet
@@ -552,5 +562,9 @@ func (s *Swarm) controlMux() *http.ServeMux {
 	})
 	mux.HandleFunc("GET "+plan.SegmentPathV1, s.serveSegment)
 	mux.HandleFunc("GET "+plan.SegmentPathV2, s.serveSegmentV2)
+	if h := s.client.Handler(); h != nil {
+		mux.Handle("GET "+piecewire.PiecePath, h)
+		mux.Handle("GET "+piecewire.HavesPath, h)
+	}
 	return mux
 }

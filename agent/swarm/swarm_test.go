@@ -153,6 +153,7 @@ func startNodesConfigured(t testing.TB, n int, up Upstream, segmentSize, pieceLe
 			PieceLength:  pieceLength,
 			StallTimeout: 3 * time.Second,
 		}
+		cfg.DataPath = os.Getenv("SHOAL_SWARM_TEST_DATA_PATH")
 		if os.Getenv("SHOAL_SWARM_TEST_LOG") != "" {
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", addrs[i])
 		}

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"sync"
+	"syscall"
 
 	"github.com/anacrolix/torrent/metainfo"
 	"github.com/anacrolix/torrent/storage"
@@ -55,6 +57,30 @@ func (f *File) WriteAt(p []byte, off int64) (int, error) {
 		return 0, errReadOnly
 	}
 	return f.writer.WriteAt(p, off)
+}
+
+// Reopen opens a new file description of the backing data, for a reader that needs an offset
+// of its own (sendfile); it fails when the data is not a file. The lock keeps Swap and Close from
+// closing the descriptor while it is reopened, whose number could otherwise be another file's.
+func (f *File) Reopen() (*os.File, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	sc, ok := f.data.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("blob data is not a file")
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var file *os.File
+	var openErr error
+	if err := raw.Control(func(fd uintptr) {
+		file, openErr = os.Open(fmt.Sprintf("/proc/self/fd/%d", fd))
+	}); err != nil {
+		return nil, err
+	}
+	return file, openErr
 }
 
 // Swap replaces the backing data (e.g. the swarm's file by the store's complete blob) and closes

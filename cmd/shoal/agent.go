@@ -96,6 +96,7 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.Var(newQuantityValue(&cfg.Swarm.PieceLength, 1<<20), "swarm-piece-length", "piece length of blob torrents, a power of two (the same on every node)")
 	f.IntVar(&cfg.Swarm.MinSegments, "swarm-min-segments", swarm.DefaultMinSegments, "blobs under this many times --swarm-segment-size are cut into this many segments (of whole pieces), so that a seeder lost mid-fetch costs a small share of any blob; 0 = every blob in segments of --swarm-segment-size (the same on every node)")
 	f.IntVar(&rampSegments, "swarm-ramp-segments", swarm.DefaultRampSegments, "blobs start with this many segments a quarter of --swarm-segment-size long, published sooner at the start of a rollout; 0 = none (the same on every node)")
+	f.StringVar(&cfg.Swarm.DataPath, "swarm-data-path", swarm.DataPathTorrent, `how pieces move between agents: "torrent" (the BitTorrent client) or "pieces" (each piece whole over HTTP, served with sendfile: about half the CPU per byte); the same on every node`)
 	f.DurationVar(&cfg.Swarm.IdleTimeout, "swarm-idle-timeout", swarm.DefaultIdleTimeout, "a blob nobody reads stops seeding once its torrents have moved nothing for this long (a delivered blob stays in the content store); unused working files are removed at this age")
 	f.StringVar(&kube.membership, "membership", "static", `how agents find each other: "static" (--peers) or "kubernetes" (SwarmMember objects; needs --node-name and --p2p-addr; --peers, if given, is where members start while the API server is unreachable)`)
 	f.StringVar(&kube.nodeName, "node-name", "", "this node's name in Kubernetes (set it from the downward API: spec.nodeName)")
@@ -129,6 +130,7 @@ var agentFlags = map[string]string{
 	"Swarm.MinSegments":     "swarm-min-segments",
 	"Swarm.MaxUploadRate":   "max-upload-rate",
 	"Swarm.MaxDownloadRate": "max-download-rate",
+	"Swarm.DataPath":        "swarm-data-path",
 }
 
 // flagError rewrites an agent error about a Config field (agent.FieldError) in terms of the
