@@ -26,7 +26,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptrace"
@@ -75,6 +77,7 @@ var (
 	ErrBadPiece = errors.New("piece does not match its hash")
 	errStalled  = errors.New("piece fetch stalled")
 	errClosed   = errors.New("blob closed")
+	errBusy     = errors.New("peer serves as many pieces as it may")
 )
 
 // Config configures a Node.
@@ -83,6 +86,12 @@ type Config struct {
 	Client *http.Client
 	// FetchesPerPeer bounds the pieces fetched from one peer at once (default 2).
 	FetchesPerPeer int
+	// MaxFetches bounds the pieces this node fetches at once, all blobs and peers together
+	// (default 8); MaxUploads the pieces it serves at once (default 8): a peer asking for more
+	// is told to come back (503) and asks another. More in flight than the link carries in a
+	// second only queues: the piece a reader waits for sits behind the others, and a fetch
+	// shares the link with so many that it moves no byte for the stall timeout.
+	MaxFetches, MaxUploads int
 	// StallTimeout abandons a fetch that has moved no byte for this long (default 2 s).
 	StallTimeout time.Duration
 	// MaxUploadRate caps the bytes per second served to peers; 0 = unlimited.
@@ -108,7 +117,9 @@ type Node struct {
 	pauseMu  sync.Mutex
 	isPaused bool
 
-	bytesIn, bytesOut, piecesBad atomic.Int64
+	fetchSlots, uploadSlots chan struct{} // see Config.MaxFetches
+
+	bytesIn, bytesOut, piecesBad, busy atomic.Int64
 }
 
 var errPaused = errors.New("peer downloads paused")
@@ -181,6 +192,7 @@ func (n *Node) CloseRefused() {
 // Stats are a node's counters.
 type Stats struct {
 	BytesFromPeers, BytesToPeers, PiecesBad int64
+	UploadsRefused                          int64 // piece requests answered "busy" (Config.MaxUploads)
 }
 
 // NewNode returns a node; serve its Handler on the control port.
@@ -197,7 +209,13 @@ func NewNode(cfg Config) *Node {
 	if cfg.Client == nil {
 		cfg.Client = http.DefaultClient
 	}
-	n := &Node{cfg: cfg, blobs: map[string]*Blob{}}
+	if cfg.MaxFetches <= 0 {
+		cfg.MaxFetches = 8
+	}
+	if cfg.MaxUploads <= 0 {
+		cfg.MaxUploads = 8
+	}
+	n := &Node{cfg: cfg, blobs: map[string]*Blob{}, fetchSlots: make(chan struct{}, cfg.MaxFetches), uploadSlots: make(chan struct{}, cfg.MaxUploads)}
 	if cfg.MaxUploadRate > 0 {
 		n.limiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), uploadSlice)
 	}
@@ -206,8 +224,11 @@ func NewNode(cfg Config) *Node {
 
 // Stats returns the node's counters.
 func (n *Node) Stats() Stats {
-	return Stats{BytesFromPeers: n.bytesIn.Load(), BytesToPeers: n.bytesOut.Load(), PiecesBad: n.piecesBad.Load()}
+	return Stats{BytesFromPeers: n.bytesIn.Load(), BytesToPeers: n.bytesOut.Load(), PiecesBad: n.piecesBad.Load(), UploadsRefused: n.busy.Load()}
 }
+
+// busyBackoff is how long (to twice that) a fetcher waits after a peer said it is busy.
+const busyBackoff = 100 * time.Millisecond
 
 // uploadSlice is what one sendfile call sends when uploads are rate-limited.
 const uploadSlice = 256 << 10
@@ -233,26 +254,28 @@ type Blob struct {
 	data   io.ReaderAt  // the blob's bytes; served with sendfile when it is a Reopener
 	writer io.WriterAt  // nil once the blob is read-only (the content store's copy)
 
-	mu         sync.Mutex
-	changed    chan struct{} // closed and replaced when a piece completes or is lost, or the blob is dropped
-	grew       chan struct{} // closed and replaced whenever log grows
-	hashes     [][HashSize]byte
-	known      []bool
-	complete   []bool
-	frozen     []bool
-	prio       []Priority
-	inflight   []int
-	avail      []int    // connected peers that have each piece
-	log        []uint32 // pieces in the order they became complete here, for the haves streams
-	nComplete  int
-	bytesDone  int64
-	done       chan struct{} // closed when every piece is complete (for good: see Lose)
-	doneClosed bool
-	peers      map[netip.AddrPort]*peer
-	closed     bool
-	workers    sync.WaitGroup
-	readers    map[*Reader]struct{}
-	streams    map[*stream]struct{} // haves streams served
+	mu           sync.Mutex
+	changed      chan struct{} // closed and replaced when a piece completes or is lost, or the blob is dropped
+	grew         chan struct{} // closed and replaced whenever log grows
+	hashes       [][HashSize]byte
+	known        []bool
+	complete     []bool
+	frozen       []bool
+	prio         []Priority
+	inflight     []int
+	avail        []int    // connected peers that have each piece
+	log          []uint32 // pieces in the order they became complete here, for the haves streams
+	nComplete    int
+	bytesDone    int64
+	done         chan struct{} // closed when every piece is complete (for good: see Lose)
+	doneClosed   bool
+	peers        map[netip.AddrPort]*peer
+	closed       bool
+	workers      sync.WaitGroup
+	readers      map[*Reader]struct{}
+	onWriteError func(error)
+	writeFailed  bool
+	streams      map[*stream]struct{} // haves streams served
 
 	bytesIn, bytesOut atomic.Int64
 }
@@ -351,11 +374,11 @@ func (b *Blob) Drop() {
 		delete(b.n.blobs, b.name)
 	}
 	b.n.mu.Unlock()
+	b.cancel() // fetches under way end before readers learn the blob is gone
 	b.mu.Lock()
 	b.closed = true
 	b.notifyLocked()
 	b.mu.Unlock()
-	b.cancel()
 	b.workers.Wait()
 }
 
@@ -636,6 +659,7 @@ func (b *Blob) fetchFrom(p *peer) {
 			return
 		}
 		err := b.fetch(p, i)
+		<-b.n.fetchSlots
 		b.mu.Lock()
 		b.inflight[i]--
 		if err != nil && !b.complete[i] {
@@ -646,7 +670,28 @@ func (b *Blob) fetchFrom(p *peer) {
 		case err == nil, errors.Is(err, errPaused):
 			backoff = 100 * time.Millisecond
 			continue
+		case errors.Is(err, errBusy):
+			// The peer serves as many as it may: another peer, or this one a little later.
+			select {
+			case <-time.After(busyBackoff + time.Duration(rand.Int64N(int64(busyBackoff)))):
+			case <-p.ctx.Done():
+				return
+			}
+			continue
 		case p.ctx.Err() != nil:
+			return
+		case errors.As(err, new(*writeError)):
+			b.mu.Lock()
+			report, first := b.onWriteError, !b.writeFailed
+			b.writeFailed = true
+			b.mu.Unlock()
+			if first {
+				b.n.cfg.Logger.Error("cannot write into a blob's file; dropping the blob", "blob", b.name, "err", err)
+				if report != nil {
+					report(err)
+				}
+				go b.Drop() // not here: Drop waits for this goroutine
+			}
 			return
 		case errors.Is(err, ErrBadPiece):
 			b.n.piecesBad.Add(1)
@@ -664,25 +709,32 @@ func (b *Blob) fetchFrom(p *peer) {
 	}
 }
 
-// next waits for the piece p has that this node wants most and nobody is fetching, and marks it
-// in flight. It reports false once the blob is dropped.
+// next waits for a fetch slot and the piece p has that this node wants most and nobody is
+// fetching, and marks the piece in flight; the caller releases the slot (doneFetch). It reports
+// false once the blob is dropped or p refused. A worker waiting for a piece holds no slot.
 func (b *Blob) next(p *peer) (int, bool) {
 	for {
-		b.mu.Lock()
-		if b.closed {
-			b.mu.Unlock()
+		select {
+		case b.n.fetchSlots <- struct{}{}:
+		case <-p.ctx.Done():
 			return 0, false
 		}
-		i := -1
-		if !b.n.paused() && !b.refused(p.addr) {
+		b.mu.Lock()
+		closed, i := b.closed, -1
+		if !closed && !b.n.paused() && !b.refused(p.addr) {
 			i = b.pickLocked(p)
 		}
 		if i >= 0 {
 			b.inflight[i]++
-			b.mu.Unlock()
-			return i, true
 		}
 		b.mu.Unlock()
+		if i >= 0 {
+			return i, true
+		}
+		<-b.n.fetchSlots
+		if closed {
+			return 0, false
+		}
 		select {
 		case <-p.wake:
 		case <-p.ctx.Done():
@@ -765,6 +817,8 @@ func (b *Blob) fetch(p *peer, i int) error {
 		b.setHasLocked(p, i, false) // it does not have it (any more)
 		b.mu.Unlock()
 		return fmt.Errorf("peer %s does not have piece %d", p.addr, i)
+	case resp.StatusCode == http.StatusServiceUnavailable:
+		return errBusy
 	case resp.StatusCode != http.StatusOK:
 		return fmt.Errorf("peer %s: piece %d: %s", p.addr, i, resp.Status)
 	case resp.ContentLength != length:
@@ -869,8 +923,29 @@ func (b *Blob) writeAt(i int, p []byte, off int64) error {
 	if b.writer == nil {
 		return errors.New("blob is read-only")
 	}
-	_, err := b.writer.WriteAt(p, off)
-	return err
+	if _, err := b.writer.WriteAt(p, off); err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) { // the disk's: full, failing
+			return &writeError{err}
+		}
+		return err
+	}
+	return nil
+}
+
+// writeError is a write into the blob's file that failed on the disk.
+type writeError struct{ err error }
+
+func (e *writeError) Error() string { return "write blob file: " + e.err.Error() }
+func (e *writeError) Unwrap() error { return e.err }
+
+// OnWriteError sets what is told when the disk fails a write into the blob's file (it is full,
+// say); the blob is dropped then, as nothing more can be fetched into it. Set it right after
+// AddBlob.
+func (b *Blob) OnWriteError(f func(error)) {
+	b.mu.Lock()
+	b.onWriteError = f
+	b.mu.Unlock()
 }
 
 // orCause returns the cause of ctx's end (a stall, say) instead of err when it has ended.
@@ -975,6 +1050,14 @@ func validName(s string) bool {
 // servePiece sends verified piece i from the blob's data: with sendfile through a file opened
 // anew (its own offset) when the data is a file, in slices when uploads are rate-limited.
 func (b *Blob) servePiece(w http.ResponseWriter, i int) {
+	select {
+	case b.n.uploadSlots <- struct{}{}:
+		defer func() { <-b.n.uploadSlots }()
+	default:
+		b.n.busy.Add(1)
+		http.Error(w, "serving as many pieces as it may; ask again", http.StatusServiceUnavailable)
+		return
+	}
 	length := b.length(i)
 	off := int64(i) * b.pieceLength
 	src, closeSrc, err := b.openPiece(off, length)

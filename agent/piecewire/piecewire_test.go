@@ -6,8 +6,10 @@ import (
 	"crypto/sha1" //nolint:gosec // piece hashes
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -15,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -548,5 +551,69 @@ func TestCloseRefusedDropsPeers(t *testing.T) {
 	time.Sleep(1500 * time.Millisecond)
 	if got := bl.BytesCompleted(); got != done {
 		t.Errorf("%d bytes complete after the peer was refused, %d later", done, got)
+	}
+}
+
+// fullDisk fails every write as a full disk does.
+type fullDisk struct{}
+
+func (fullDisk) WriteAt([]byte, int64) (int, error) {
+	return 0, &fs.PathError{Op: "write", Path: "blob", Err: syscall.ENOSPC}
+}
+
+// TestFullDiskDropsTheBlob: a write that the disk fails is reported once, and the blob is
+// dropped: nothing more is fetched into it.
+func TestFullDiskDropsTheBlob(t *testing.T) {
+	blob := newTestBlob(14, 2<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2")
+	holder.hold(t, blob, blob.data)
+	node := newTestNode(t, "127.0.0.3")
+	bl, err := node.AddBlob(blob.name, int64(len(blob.data)), blob.pieceLength, blob.file(t, nil), fullDisk{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reported := make(chan error, 4)
+	bl.OnWriteError(func(err error) { reported <- err })
+	if err := bl.SetHashes(0, blob.hashes(), AllIncomplete); err != nil {
+		t.Fatal(err)
+	}
+	bl.SetPriority(0, blob.pieces(), PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	select {
+	case err := <-reported:
+		if !errors.Is(err, syscall.ENOSPC) {
+			t.Errorf("reported %v, want the disk's ENOSPC", err)
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("a failed write was never reported")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	if err := bl.WaitPiece(ctx, 0); err == nil || ctx.Err() != nil {
+		t.Fatalf("waiting for a piece of the blob: %v; want it to end as the blob is dropped", err)
+	}
+	time.Sleep(100 * time.Millisecond) // what was in flight at the drop winds down
+	sent := holder.Stats().BytesToPeers
+	time.Sleep(300 * time.Millisecond)
+	if more := holder.Stats().BytesToPeers - sent; more != 0 || len(reported) != 0 {
+		t.Errorf("after the blob was dropped the holder sent %d more bytes, and %d more errors were reported", more, len(reported))
+	}
+}
+
+// TestBusyPeerSendsFetchersElsewhere: a holder that serves one piece at a time answers the other
+// requests "busy"; the nodes asking come back or go to another holder, and all complete.
+func TestBusyPeerSendsFetchersElsewhere(t *testing.T) {
+	blob := newTestBlob(15, 2<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploads = 1; c.MaxUploadRate = 8 << 20 })
+	holder.hold(t, blob, blob.data)
+	a, c := newTestNode(t, "127.0.0.3"), newTestNode(t, "127.0.0.4")
+	ba, fa := a.want(t, blob, PriorityNormal)
+	bc, fc := c.want(t, blob, PriorityNormal)
+	ba.AddPeers([]netip.AddrPort{holder.addr})
+	bc.AddPeers([]netip.AddrPort{holder.addr, a.addr})
+	waitComplete(t, ba, fa, blob.data)
+	waitComplete(t, bc, fc, blob.data)
+	if holder.Stats().UploadsRefused == 0 {
+		t.Error("no request was refused by a holder that serves one at a time to four fetchers")
 	}
 }

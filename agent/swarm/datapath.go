@@ -148,6 +148,7 @@ func (p *piecesPath) AddBlob(name string, length, pieceLength int64, file *torre
 	if err != nil {
 		return nil, err
 	}
+	b.OnWriteError(onWriteError)
 	return &piecesBlob{b: b, file: file, closed: make(chan struct{})}, nil
 }
 
