@@ -140,9 +140,7 @@ func (n *Node) Resume() {
 	n.pauseMu.Lock()
 	n.isPaused = false
 	n.pauseMu.Unlock()
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	for _, b := range n.blobs {
+	for _, b := range n.blobList() {
 		b.mu.Lock()
 		b.wakeAllLocked()
 		b.mu.Unlock()
@@ -161,13 +159,7 @@ func (n *Node) CloseRefused() {
 	if n.cfg.Refused == nil {
 		return
 	}
-	n.mu.Lock()
-	blobs := make([]*Blob, 0, len(n.blobs))
-	for _, b := range n.blobs {
-		blobs = append(blobs, b)
-	}
-	n.mu.Unlock()
-	for _, b := range blobs {
+	for _, b := range n.blobList() {
 		b.mu.Lock()
 		for st := range b.streams {
 			if n.cfg.Refused(st.peer) {
@@ -354,15 +346,20 @@ func (n *Node) blob(name string) *Blob {
 	return n.blobs[name]
 }
 
-// Close drops every blob.
-func (n *Node) Close() {
+// blobList returns the node's blobs.
+func (n *Node) blobList() []*Blob {
 	n.mu.Lock()
+	defer n.mu.Unlock()
 	blobs := make([]*Blob, 0, len(n.blobs))
 	for _, b := range n.blobs {
 		blobs = append(blobs, b)
 	}
-	n.mu.Unlock()
-	for _, b := range blobs {
+	return blobs
+}
+
+// Close drops every blob.
+func (n *Node) Close() {
+	for _, b := range n.blobList() {
 		b.Drop()
 	}
 }
