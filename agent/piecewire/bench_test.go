@@ -24,15 +24,7 @@ import (
 //
 //	SHOAL_BENCH_BLOB_MIB=1024 go test -run '^$' -bench TwoNodeTransfer -benchtime 2x ./agent/piecewire
 func BenchmarkTwoNodeTransfer(b *testing.B) {
-	mib := 256
-	if v := os.Getenv("SHOAL_BENCH_BLOB_MIB"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			b.Fatalf("SHOAL_BENCH_BLOB_MIB=%q: want a positive number", v)
-		}
-		mib = n
-	}
-	blob := newTestBlob(1, mib<<20, 1<<20)
+	blob := newTestBlob(1, benchSize(b), 1<<20)
 	held := blob.file(b, blob.data)
 	var cpu time.Duration
 	b.ResetTimer() // not the blob's generation
@@ -83,6 +75,19 @@ func BenchmarkTwoNodeTransfer(b *testing.B) {
 	b.ReportMetric(cpu.Seconds()/(float64(len(blob.data))*float64(b.N)/(1<<30)), "cpu-s/GiB")
 }
 
+// benchSize is the blob the benchmarks move: SHOAL_BENCH_BLOB_MIB MiB, default 256.
+func benchSize(b *testing.B) int {
+	mib := 256
+	if v := os.Getenv("SHOAL_BENCH_BLOB_MIB"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			b.Fatalf("SHOAL_BENCH_BLOB_MIB=%q: want a positive number", v)
+		}
+		mib = n
+	}
+	return mib << 20
+}
+
 // hashPieces returns the SHA-1 of every piece of the size bytes in f.
 func hashPieces(b *testing.B, f *os.File, size, pieceLength int64) []byte {
 	buf := make([]byte, pieceLength)
@@ -122,5 +127,53 @@ func profile(b *testing.B, n int) func() {
 	return func() {
 		pprof.StopCPUProfile()
 		f.Close()
+	}
+}
+
+// BenchmarkWriteNewFile measures what every node pays for the bytes it receives, whatever moves
+// them: writing them into a new file, 64 KiB at a time as a fetch does. In "kept" every file
+// stays until the end, so each write needs new page-cache pages; in "recycled" each file is
+// removed before the next is written, whose pages the kernel hands out again at once. On a
+// virtual machine whose host takes freed guest memory back, a new page costs a fault in the
+// host, and "kept" costs several times "recycled" (benchmarks.md, "Two agents, one blob").
+//
+//	SHOAL_BENCH_BLOB_MIB=1024 go test -run '^$' -bench WriteNewFile -benchtime 3x ./agent/piecewire
+func BenchmarkWriteNewFile(b *testing.B) {
+	size := benchSize(b)
+	chunk := make([]byte, 64<<10)
+	for i := range chunk {
+		chunk[i] = byte(i * 7)
+	}
+	for _, keep := range []bool{true, false} {
+		name := "recycled"
+		if keep {
+			name = "kept"
+		}
+		b.Run(name, func(b *testing.B) {
+			dir := b.TempDir()
+			var cpu time.Duration
+			for n := range b.N {
+				path := filepath.Join(dir, strconv.Itoa(n))
+				f, err := os.Create(path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				start := processCPU(b)
+				for off := 0; off < size; off += len(chunk) {
+					if _, err := f.WriteAt(chunk, int64(off)); err != nil {
+						b.Fatal(err)
+					}
+				}
+				cpu += processCPU(b) - start
+				f.Close()
+				if !keep {
+					if err := os.Remove(path); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			b.SetBytes(int64(size))
+			b.ReportMetric(cpu.Seconds()/(float64(size)*float64(b.N)/(1<<30)), "cpu-s/GiB")
+		})
 	}
 }
