@@ -106,6 +106,9 @@ type splitter struct {
 	reg          prometheus.Registerer
 	rejected     prometheus.Counter
 	bt, http     *splitSide
+	// sniffHook, if set (by tests), runs in route once a connection is registered as being
+	// sniffed and before its deadline is set.
+	sniffHook func()
 
 	mu       sync.Mutex
 	open     int                   // sides not yet closed
@@ -167,6 +170,9 @@ func (s *splitter) route(c net.Conn) {
 	}
 	s.sniffing[c] = struct{}{}
 	s.mu.Unlock()
+	if s.sniffHook != nil {
+		s.sniffHook()
+	}
 	var first [1]byte
 	err := c.SetReadDeadline(time.Now().Add(s.sniffTimeout))
 	if err == nil {
@@ -252,8 +258,10 @@ func (sd *splitSide) Close() error {
 		s.open--
 		last := s.open == 0
 		if last {
+			// Closed rather than given a past deadline: route may be about to set its own
+			// deadline, which would replace ours and leave it waiting the full sniff timeout.
 			for c := range s.sniffing {
-				_ = c.SetReadDeadline(time.Now()) // route gives up on it and closes it
+				_ = c.Close() // route's read fails and it gives up on c
 			}
 		}
 		s.mu.Unlock()

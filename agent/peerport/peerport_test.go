@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+
 	"strings"
 	"testing"
 	"time"
@@ -544,4 +545,34 @@ func TestSniffedConnSetDeadlineAfterClose(t *testing.T) {
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, net.ErrClosed) {
 		t.Errorf("Read after close: %v, want net.ErrClosed", err)
 	}
+}
+
+// TestSplitCloseBetweenSniffRegistrationAndDeadline: when both sides close after a new
+// connection is registered as being sniffed but before its sniff deadline is set, the close
+// still ends the sniff at once (a past deadline set by the close would be replaced by the
+// sniff's own, an hour away here, and the close would wait for it).
+func TestSplitCloseBetweenSniffRegistrationAndDeadline(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	hook := func(s *splitter) {
+		s.sniffHook = func() {
+			go func() {
+				_ = s.bt.Close()
+				_ = s.http.Close()
+				close(closed)
+			}()
+			<-s.done // the close has passed over the connections being sniffed
+		}
+	}
+	Split(l, allowAll, WithSniffTimeout(time.Hour), hook)
+	c := (&splitTestbed{addr: l.Addr().String()}).dial(t, "")
+	select {
+	case <-closed:
+	case <-time.After(testWait):
+		t.Fatal("closing the split waits for a silent connection's sniff timeout")
+	}
+	wantClosedByServer(t, c)
 }
