@@ -299,8 +299,8 @@ type PrewarmStatus struct {
 // +kubebuilder:subresource:status
 // +kubebuilder:resource:categories=shoal
 // +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.ready`
-// +kubebuilder:printcolumn:name="Digest",type=string,JSONPath=`.status.references[0].digest`,priority=1
-// +kubebuilder:printcolumn:name="Reference",type=string,JSONPath=`.status.references[0].reference`
+// +kubebuilder:printcolumn:name="Digest",type=string,JSONPath=`.status.references[0].digest`
+// +kubebuilder:printcolumn:name="Reference",type=string,JSONPath=`.status.references[0].reference`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type Prewarm struct {
 	metav1.TypeMeta   `json:",inline"`

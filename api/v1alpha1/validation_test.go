@@ -2,6 +2,7 @@ package v1alpha1_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
@@ -42,18 +44,46 @@ func TestCRDs(t *testing.T) {
 				t.Errorf("CRD %s not installed", name)
 			}
 		}
-		// kubectl get prewarm shows READY 37/40 from the status.
-		for _, crd := range env.CRDs {
-			if crd.Name != "prewarms.shoal.dev" {
-				continue
+	})
+
+	// kubectl get prewarm shows READY 37/40, the digest and the age: the API server's Table
+	// rendering, which is what kubectl prints, has those columns by default (priority 0).
+	t.Run("kubectl get prewarm columns", func(t *testing.T) {
+		p := prewarm("columns", func(s *v1.PrewarmSpec) {})
+		if err := env.Client.Create(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		p.Status.Ready = "37/40"
+		p.Status.References = []v1.ResolvedReference{{Reference: p.Spec.Images[0], Digest: digest}}
+		if err := env.Client.Status().Update(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		cs, err := kubernetes.NewForConfig(env.Config)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, err := cs.RESTClient().Get().AbsPath("/apis/shoal.dev/v1alpha1/namespaces/team/prewarms/columns").
+			SetHeader("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io").DoRaw(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var table metav1.Table
+		if err := json.Unmarshal(raw, &table); err != nil {
+			t.Fatal(err)
+		}
+		if len(table.Rows) != 1 {
+			t.Fatalf("%d rows, want 1: %s", len(table.Rows), raw)
+		}
+		shown := map[string]any{}
+		var names []string
+		for i, c := range table.ColumnDefinitions {
+			if c.Priority == 0 {
+				shown[c.Name] = table.Rows[0].Cells[i]
+				names = append(names, c.Name)
 			}
-			found := false
-			for _, c := range crd.Spec.Versions[0].AdditionalPrinterColumns {
-				found = found || (c.Name == "Ready" && c.JSONPath == ".status.ready")
-			}
-			if !found {
-				t.Errorf("prewarms.shoal.dev has no Ready column from .status.ready: %+v", crd.Spec.Versions[0].AdditionalPrinterColumns)
-			}
+		}
+		if shown["Ready"] != "37/40" || shown["Digest"] != digest || shown["Age"] == nil {
+			t.Errorf("kubectl get prewarm shows %v = %v; want Ready 37/40, Digest %s and Age", names, shown, digest)
 		}
 	})
 
