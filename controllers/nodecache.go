@@ -48,8 +48,10 @@ type NodeCacheReconciler struct {
 func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	var node corev1.Node
 	if err := r.Client.Get(ctx, req.NamespacedName, &node); err != nil {
-		// A Node that is gone takes its NodeCache with it (owner reference).
-		return reconcile.Result{}, client.IgnoreNotFound(err)
+		if apierrors.IsNotFound(err) {
+			return reconcile.Result{}, r.deleteOrphan(ctx, req.Name)
+		}
+		return reconcile.Result{}, err
 	}
 	var prewarms v1.PrewarmList
 	if err := r.Client.List(ctx, &prewarms); err != nil {
@@ -93,6 +95,30 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req reconcile.Reque
 	}
 	log.FromContext(ctx).V(1).Info("NodeCache updated", "items", len(spec.Items), "refused", len(spec.Refused))
 	return reconcile.Result{}, nil
+}
+
+// deleteOrphan deletes the NodeCache of a Node that is gone. The owner reference lets the
+// cluster's garbage collector do it too; doing it here does not depend on that collector (which
+// some test clusters and envtest do not run), and the Prewarms' rollups stop counting the node
+// at once either way. Only a NodeCache a Node controls is deleted, and only the one read (a
+// Node of the same name that comes back gets a new one).
+func (r *NodeCacheReconciler) deleteOrphan(ctx context.Context, name string) error {
+	var nc v1.NodeCache
+	if err := r.Client.Get(ctx, types.NamespacedName{Name: name}, &nc); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	owner := metav1.GetControllerOf(&nc)
+	if owner == nil || owner.Kind != "Node" || nc.DeletionTimestamp != nil {
+		return nil
+	}
+	err := r.Client.Delete(ctx, &nc, client.Preconditions{UID: &nc.UID, ResourceVersion: &nc.ResourceVersion})
+	if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
+		return nil // gone already, or changed: its next event brings it back here
+	}
+	if err == nil {
+		log.FromContext(ctx).V(1).Info("NodeCache of a removed Node deleted")
+	}
+	return err
 }
 
 // SetupWithManager registers the reconciler: Nodes, the NodeCaches they own, and every

@@ -195,6 +195,36 @@ func TestNodeCachesFollowNodesAndPrewarms(t *testing.T) {
 		waitItems(t, c, "node-c", item)
 	})
 
+	t.Run("a removed node takes its NodeCache with it", func(t *testing.T) {
+		node := mkNode("node-d", true)
+		waitItems(t, c, "node-d", item)
+		if err := c.Delete(ctx, node); err != nil {
+			t.Fatal(err)
+		}
+		// envtest runs no garbage collector: the reconciler itself deletes it.
+		eventually(t, "NodeCache node-d deleted", func() (bool, string) {
+			_, nc := nodeCacheItems(t, c, "node-d")
+			return nc == nil, fmt.Sprintf("%+v", nc)
+		})
+		// A NodeCache that no Node controls is not the reconciler's to delete, even when a
+		// Node of its name goes.
+		other := mkNode("node-e", false)
+		waitItems(t, c, "node-e")
+		_, nc := nodeCacheItems(t, c, "node-e")
+		nc.OwnerReferences = nil
+		if err := c.Update(ctx, nc); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Delete(ctx, other); err != nil {
+			t.Fatal(err)
+		}
+		mkNode("node-f", false) // reconciled after node-e's removal (one worker, in order)
+		waitItems(t, c, "node-f")
+		if _, nc := nodeCacheItems(t, c, "node-e"); nc == nil {
+			t.Errorf("a NodeCache without a Node owner was deleted with the Node of its name")
+		}
+	})
+
 	t.Run("a deleted Prewarm is released everywhere", func(t *testing.T) {
 		if err := c.Delete(ctx, p); err != nil {
 			t.Fatal(err)
