@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"slices"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -15,6 +16,12 @@ import (
 // maxFailingNodes bounds Prewarm.status.failingNodes (the CRD's limit).
 const maxFailingNodes = 10
 
+// AgentGrace is how long a selected node may go without a Shoal agent before it counts as
+// failed (AgentUnavailable) rather than pending: its NodeCache has existed that long with no
+// status from an agent, or the Node has been not Ready that long. It covers an agent's
+// start-up, including the pull of its own image on a new node.
+const AgentGrace = 5 * time.Minute
+
 // Condition types and reasons of a Prewarm.
 const (
 	ConditionReady       = "Ready"
@@ -25,8 +32,10 @@ const (
 // Rollup computes the node part of a Prewarm's status from the nodes it selects and their
 // NodeCaches (by node name; a node without one counts as pending): the counts, the bytes held,
 // up to ten failing nodes, the Ready string and the three conditions. It changes status in
-// place and keeps the conditions' transition times when their status did not change.
-func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache, now metav1.Time) {
+// place and keeps the conditions' transition times when their status did not change. It
+// returns when a pending node without an agent passes AgentGrace, so that the caller looks
+// again then (0: no such node).
+func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache, now metav1.Time) (recheck time.Duration) {
 	st := &p.Status
 	st.Nodes = v1.NodeCounts{}
 	st.BytesReady = 0
@@ -39,6 +48,11 @@ func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache
 		st.Nodes.Desired++
 		state := nodeState(p, node, caches[node.Name])
 		st.BytesReady += state.bytesReady
+		if !state.ready && state.failure == nil {
+			var wait time.Duration
+			state.failure, wait = agentUnavailable(node, caches[node.Name], now.Time)
+			recheck = minPositive(recheck, wait)
+		}
 		switch {
 		case state.failure != nil:
 			st.Nodes.Failed++
@@ -97,6 +111,35 @@ func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache
 	default:
 		set(ConditionDegraded, false, "NoFailures", "no node and no reference failed")
 	}
+	return recheck
+}
+
+// agentUnavailable says whether a node that does not hold a Prewarm's content yet has no
+// agent to fetch it: its NodeCache has waited AgentGrace for an agent's first status, or the
+// Node has not been Ready for AgentGrace. Otherwise it returns how long until the first of
+// those would hold (0: neither can). Times it cannot know (no creation time, no Ready
+// condition) never make a node fail.
+func agentUnavailable(node *corev1.Node, nc *v1.NodeCache, now time.Time) (*v1.NodeFailure, time.Duration) {
+	var wait time.Duration
+	for _, c := range node.Status.Conditions {
+		if c.Type != corev1.NodeReady || c.Status == corev1.ConditionTrue || c.LastTransitionTime.IsZero() {
+			continue
+		}
+		if left := c.LastTransitionTime.Add(AgentGrace).Sub(now); left > 0 {
+			wait = left
+			break
+		}
+		return &v1.NodeFailure{Node: node.Name, Reason: v1.ReasonAgentUnavailable,
+			Message: fmt.Sprintf("the node has not been Ready since %s", c.LastTransitionTime.UTC().Format(time.RFC3339))}, 0
+	}
+	if nc == nil || nc.Status.AgentVersion != "" || nc.Status.ObservedGeneration != 0 || nc.CreationTimestamp.IsZero() {
+		return nil, wait
+	}
+	if left := nc.CreationTimestamp.Add(AgentGrace).Sub(now); left > 0 {
+		return nil, minPositive(wait, left)
+	}
+	return &v1.NodeFailure{Node: node.Name, Reason: v1.ReasonAgentUnavailable,
+		Message: fmt.Sprintf("no Shoal agent has reported on this node for %s: is the agent DaemonSet running there?", AgentGrace)}, 0
 }
 
 func resolveErrors(refs []v1.ResolvedReference) int {

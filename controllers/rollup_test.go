@@ -115,3 +115,52 @@ func TestRollupRefusedByBudget(t *testing.T) {
 		t.Errorf("failing nodes %+v (failed %d)\nwant %+v", p.Status.FailingNodes, p.Status.Nodes.Failed, want)
 	}
 }
+
+// A selected node whose agent never reported, or which has not been Ready, for AgentGrace
+// fails AgentUnavailable; before that it is pending, and Rollup says when to look again.
+func TestRollupAgentUnavailable(t *testing.T) {
+	app := "registry.test/app:1@" + dAmd64
+	created := time.Unix(10_000, 0)
+	noAgent := &v1.NodeCache{ObjectMeta: metav1.ObjectMeta{CreationTimestamp: metav1.NewTime(created)}}
+	withAgent := noAgent.DeepCopy()
+	withAgent.Status = v1.NodeCacheStatus{AgentVersion: "v1", Items: []v1.NodeCacheItemStatus{{Reference: app, State: v1.ItemFetching}}}
+	notReady := func(name string, since time.Time) *corev1.Node {
+		n := testNode(name, nil)
+		n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionUnknown, LastTransitionTime: metav1.NewTime(since)}}
+		return n
+	}
+	readyCache := cacheWith(v1.NodeCacheItemStatus{Reference: app, State: v1.ItemReady, TotalBytes: 1})
+	readyCache.Status.AgentVersion = "v1"
+
+	for _, tc := range []struct {
+		name        string
+		node        *corev1.Node
+		nc          *v1.NodeCache
+		after       time.Duration
+		wantFailed  bool
+		wantRecheck time.Duration
+	}{
+		{"no agent yet", testNode("a", nil), noAgent, time.Minute, false, AgentGrace - time.Minute},
+		{"no agent for the grace", testNode("a", nil), noAgent, AgentGrace, true, 0},
+		{"an agent that reported", testNode("a", nil), withAgent, time.Hour, false, 0},
+		{"no NodeCache yet", testNode("a", nil), nil, time.Hour, false, 0},
+		{"node not Ready for a while", notReady("a", created), withAgent, 2 * time.Minute, false, AgentGrace - 2*time.Minute},
+		{"node not Ready for the grace", notReady("a", created), withAgent, AgentGrace + time.Second, true, 0},
+		{"node not Ready but the content is there", notReady("a", created), readyCache, time.Hour, false, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := pw("p", nil, nil, appIndex("1"))
+			p.Spec.Images = []string{"registry.test/app:1"}
+			caches := map[string]*v1.NodeCache{}
+			if tc.nc != nil {
+				caches["a"] = tc.nc
+			}
+			recheck := Rollup(&p, []*corev1.Node{tc.node}, caches, metav1.NewTime(created.Add(tc.after)))
+			failed := len(p.Status.FailingNodes) == 1 && p.Status.FailingNodes[0].Reason == v1.ReasonAgentUnavailable && p.Status.Nodes.Failed == 1
+			if failed != tc.wantFailed || recheck != tc.wantRecheck {
+				t.Errorf("failed %v (failing %+v), recheck %v; want failed %v, recheck %v",
+					failed, p.Status.FailingNodes, recheck, tc.wantFailed, tc.wantRecheck)
+			}
+		})
+	}
+}
