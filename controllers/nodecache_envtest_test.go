@@ -26,9 +26,6 @@ import (
 // a backoff capped at 30 s).
 const waitFor = 60 * time.Second
 
-// outageFor is how long TestControllerRecoversFromAPIServerOutage keeps the API server away.
-const outageFor = 15 * time.Second
-
 const (
 	digestAmd64 = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
 	digestIndex = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
@@ -291,54 +288,6 @@ func TestControllerRestartLosesNothing(t *testing.T) {
 	if len(list.Items) != 3 {
 		t.Errorf("%d NodeCaches for 3 nodes", len(list.Items))
 	}
-}
-
-// TestControllerRecoversFromAPIServerOutage cuts the controller off the API server (its
-// connections closed, new ones refused) while the objects it acts on change, then lets it
-// back: it catches up with every change from the
-// objects alone, without a restart.
-func TestControllerRecoversFromAPIServerOutage(t *testing.T) {
-	env := kubetest.Start(t)
-	c := env.Client
-	ctx := t.Context()
-	outage, cfg := kubetest.NewOutage(t, env)
-	startManagerAt(t, cfg, env, func(mgr ctrl.Manager) error {
-		return (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr)
-	})
-	labels := func(gpu bool) map[string]string {
-		l := map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}
-		if gpu {
-			l["gpu"] = "true"
-		}
-		return l
-	}
-	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: labels(true)}}); err != nil {
-		t.Fatal(err)
-	}
-	item := createGPUPrewarm(t, c)
-	waitItems(t, c, "node-a", item)
-
-	outage.Down()
-	// While the controller cannot reach the API server: a node joins and node-a leaves the
-	// selection.
-	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b", Labels: labels(true)}}); err != nil {
-		t.Fatal(err)
-	}
-	var nodeA corev1.Node
-	if err := c.Get(ctx, client.ObjectKey{Name: "node-a"}, &nodeA); err != nil {
-		t.Fatal(err)
-	}
-	nodeA.Labels = labels(false)
-	if err := c.Update(ctx, &nodeA); err != nil {
-		t.Fatal(err)
-	}
-	// Long enough for the informers' re-lists to fail several times and back off.
-	time.Sleep(outageFor)
-	if err := outage.Up(); err != nil {
-		t.Fatal(err)
-	}
-	waitItems(t, c, "node-a")
-	waitItems(t, c, "node-b", item)
 }
 
 // TestNodeCacheBudget: with a per-node budget, the reconciler writes what fits into the
