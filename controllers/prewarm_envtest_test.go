@@ -156,13 +156,22 @@ func TestPrewarmLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	startManager(t, env, func(mgr ctrl.Manager) error {
-		if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
-			return err
-		}
-		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r},
-			Recorder: mgr.GetEventRecorder("test"), Now: clk.Now, Registerer: promReg}).SetupWithManager(mgr)
-	})
+	start := func() (stop func()) {
+		return startManager(t, env, func(mgr ctrl.Manager) error {
+			if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
+				return err
+			}
+			return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r},
+				Recorder: mgr.GetEventRecorder("test"), Now: clk.Now, Registerer: promReg}).SetupWithManager(mgr)
+		})
+	}
+	stop := start()
+	// restart stops the controller and starts another, as a new leader would be: it has only
+	// the objects to go on.
+	restart := func() {
+		stop()
+		stop = start()
+	}
 
 	for _, n := range []struct {
 		name, arch string
@@ -223,6 +232,32 @@ func TestPrewarmLifecycle(t *testing.T) {
 		}
 	})
 
+	t.Run("a node added to the selection and removed again", func(t *testing.T) {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-d", Labels: map[string]string{
+			corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64", "gpu": "true",
+		}}}
+		if err := c.Create(ctx, node); err != nil {
+			t.Fatal(err)
+		}
+		waitItems(t, c, "node-d", appA, modelItem)
+		waitReady := func(want string, desired int32) {
+			t.Helper()
+			eventually(t, "READY "+want, func() (bool, string) {
+				p := getPrewarm(t, c, key)
+				return p.Status.Ready == want && p.Status.Nodes.Desired == desired, fmt.Sprintf("%+v", p.Status)
+			})
+		}
+		waitReady("2/3", 3)
+		if err := c.Delete(ctx, node); err != nil {
+			t.Fatal(err)
+		}
+		waitReady("2/2", 2)
+		eventually(t, "node-d's NodeCache deleted", func() (bool, string) {
+			_, nc := nodeCacheItems(t, c, "node-d")
+			return nc == nil, fmt.Sprintf("%+v", nc)
+		})
+	})
+
 	t.Run("a failing node is reported with its reason", func(t *testing.T) {
 		var nc shoalv1.NodeCache
 		if err := c.Get(ctx, client.ObjectKey{Name: "node-b"}, &nc); err != nil {
@@ -258,6 +293,19 @@ func TestPrewarmLifecycle(t *testing.T) {
 		}
 		waitItems(t, c, "node-a", appA, appA2, modelItem)
 		waitItems(t, c, "node-b", appB, appB2, modelItem)
+		// A new controller in the middle of the move keeps both digests: it has the status.
+		restart()
+		p = getPrewarm(t, c, key)
+		p.Annotations["test/nudge"] = "2"
+		if err := c.Update(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "the new controller's reconcile", func() (bool, string) {
+			p := getPrewarm(t, c, key)
+			return p.Status.ObservedGeneration == p.Generation, fmt.Sprintf("%+v", p.Status)
+		})
+		waitItems(t, c, "node-a", appA, appA2, modelItem)
+		waitItems(t, c, "node-b", appB, appB2, modelItem)
 		setItemsState(t, c, "node-a", shoalv1.ItemReady, appA2, modelItem)
 		waitItems(t, c, "node-a", appA2, modelItem)
 		waitItems(t, c, "node-b", appB, appB2, modelItem) // not ready there yet
@@ -265,16 +313,83 @@ func TestPrewarmLifecycle(t *testing.T) {
 		waitItems(t, c, "node-b", appB2, modelItem)
 	})
 
-	t.Run("deleted: held by the finalizer until every node released it", func(t *testing.T) {
+	t.Run("deleted, with a controller restart: every node releases it", func(t *testing.T) {
+		stop()
 		if err := c.Delete(ctx, getPrewarm(t, c, key)); err != nil {
 			t.Fatal(err)
 		}
+		stop = start()
 		waitItems(t, c, "node-a")
 		waitItems(t, c, "node-b")
 		eventually(t, "Prewarm gone", func() (bool, string) {
 			p := getPrewarm(t, c, key)
 			return p == nil, fmt.Sprintf("%+v", p)
 		})
+	})
+}
+
+// TestPrewarmHeldUntilNodesRelease: a deleted Prewarm stays, with its finalizer, while a
+// NodeCache still asks for content that only it wanted, and goes once that item is out. Only
+// the Prewarm reconciler runs, so the NodeCache changes only when the test says.
+func TestPrewarmHeldUntilNodesRelease(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	reg := startRegistry(t)
+	img, err := random.Image(1024, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := reg.push(t, "team/app:1", img)
+	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}), resolve.WithInsecure("registry.test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	startManager(t, env, func(mgr ctrl.Manager) error {
+		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r}}).SetupWithManager(mgr)
+	})
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{
+		corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "team"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &shoalv1.Prewarm{ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec: shoalv1.PrewarmSpec{Artifacts: []string{"registry.test/team/app:1"}}}
+	if err := c.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	key := client.ObjectKeyFromObject(p)
+	eventually(t, "resolved, with the finalizer", func() (bool, string) {
+		p := getPrewarm(t, c, key)
+		return p != nil && len(p.Status.References) == 1 && p.Status.References[0].Digest == digest &&
+			slices.Contains(p.Finalizers, controllers.Finalizer), fmt.Sprintf("%+v", p)
+	})
+	// What the NodeCache reconciler would have written for node-a.
+	nc := &shoalv1.NodeCache{ObjectMeta: metav1.ObjectMeta{Name: "node-a"},
+		Spec: shoalv1.NodeCacheSpec{Items: []shoalv1.NodeCacheItem{{Reference: "registry.test/team/app:1@" + digest, Pin: true}}}}
+	if err := c.Create(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(ctx, getPrewarm(t, c, key)); err != nil {
+		t.Fatal(err)
+	}
+	// The reconciler looks again every 2 s while it waits; over three such rounds the
+	// Prewarm must still be there.
+	for deadline := time.Now().Add(6 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		p := getPrewarm(t, c, key)
+		if p == nil || p.DeletionTimestamp == nil || !slices.Contains(p.Finalizers, controllers.Finalizer) {
+			t.Fatalf("the Prewarm was let go while node-a's NodeCache still asks for its content: %+v", p)
+		}
+	}
+	nc.Spec.Items = nil
+	if err := c.Update(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "Prewarm gone once node-a released it", func() (bool, string) {
+		p := getPrewarm(t, c, key)
+		return p == nil, fmt.Sprintf("%+v", p)
 	})
 }
 
