@@ -41,6 +41,7 @@ func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache
 	st.BytesReady = 0
 	st.FailingNodes = nil
 	var failing []v1.NodeFailure
+	unpinned := 0 // ready nodes whose runtime holds an image it could not pin
 	for _, node := range nodes {
 		if !Selects(p, node) {
 			continue
@@ -59,6 +60,9 @@ func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache
 			failing = append(failing, *state.failure)
 		case state.ready:
 			st.Nodes.Ready++
+			if state.unpinned {
+				unpinned++
+			}
 		}
 	}
 	slices.SortFunc(failing, func(a, b v1.NodeFailure) int { return cmp.Compare(a.Node, b.Node) })
@@ -93,6 +97,10 @@ func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache
 		set(ConditionReady, false, "Unresolved", fmt.Sprintf("%d of the references are not resolved", len(unresolved)))
 	case st.Nodes.Desired == 0:
 		set(ConditionReady, false, "NoNodes", "the node selector matches no node")
+	case st.Nodes.Ready == st.Nodes.Desired && unpinned > 0:
+		set(ConditionReady, true, "ReadyNotPinned", fmt.Sprintf(
+			"%d nodes hold the content; on %d of them the runtime imported the images but cannot pin them (containerd 1.6), so kubelet's image garbage collection may remove them",
+			st.Nodes.Ready, unpinned))
 	case st.Nodes.Ready == st.Nodes.Desired:
 		set(ConditionReady, true, "AllNodesReady", fmt.Sprintf("%d nodes hold the content", st.Nodes.Ready))
 	default:
@@ -156,6 +164,7 @@ type nodeRollup struct {
 	ready      bool
 	bytesReady int64
 	failure    *v1.NodeFailure
+	unpinned   bool // an image the Prewarm asks to pin in the runtime is there, not pinned
 }
 
 // nodeState is how far one selected node is with a Prewarm's content: ready when every item
@@ -206,9 +215,14 @@ func nodeState(p *v1.Prewarm, node *corev1.Node, nc *v1.NodeCache) nodeRollup {
 					out.failure = &v1.NodeFailure{Node: node.Name, Reason: cmp.Or(st.Reason, v1.ReasonFetchStalled), Message: st.Message}
 				}
 			case st.State == v1.ItemReady:
-				if !ref.Artifact && p.Spec.RuntimeImport == v1.RuntimeImportPinned &&
-					st.Runtime != v1.RuntimeImported && st.Runtime != v1.RuntimePinned {
-					out.ready = false
+				if !ref.Artifact && p.Spec.RuntimeImport == v1.RuntimeImportPinned {
+					switch st.Runtime {
+					case v1.RuntimePinned:
+					case v1.RuntimeImported:
+						out.unpinned = true
+					default:
+						out.ready = false
+					}
 				}
 				out.bytesReady += st.TotalBytes
 			default:

@@ -86,6 +86,11 @@ func TestRollupRuntimeImport(t *testing.T) {
 		if got := p.Status.Nodes.Ready == 1; got != ready {
 			t.Errorf("runtime %q: ready %v, want %v", runtime, got, ready)
 		}
+		// Imported but not pinned (containerd 1.6) is ready, and the Ready condition says so.
+		c := meta.FindStatusCondition(p.Status.Conditions, ConditionReady)
+		if wantNotPinned := runtime == v1.RuntimeImported; (c.Reason == "ReadyNotPinned") != wantNotPinned {
+			t.Errorf("runtime %q: Ready condition %s: %s", runtime, c.Reason, c.Message)
+		}
 	}
 }
 
