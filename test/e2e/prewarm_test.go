@@ -48,7 +48,8 @@ func TestPrewarmOnSelectedNodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	model, err := harness.PushImage(ctx, tb.RegistryHost(), "models/big:v1", harness.ImageSpec{Layers: 1, LayerSize: 100 << 20})
+	// An OCI artifact (artifactType, the empty config, a weights layer), not an image.
+	model, err := harness.PushArtifact(ctx, tb.RegistryHost(), "models/big:v1", 100<<20, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"os"
 	"regexp"
@@ -9,7 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 )
@@ -203,5 +206,53 @@ func closeOrLog(t *testing.T, closeFn func() error) {
 	t.Helper()
 	if err := closeFn(); err != nil {
 		t.Logf("cleanup: %v", err)
+	}
+}
+
+// TestPushArtifact: the registry keeps an artifact as PushArtifact describes it: the manifest
+// under its digest with its artifactType, the empty config and a layer of the artifact's media
+// type holding the blob.
+func TestPushArtifact(t *testing.T) {
+	RequireIsolation(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	reg, err := StartRegistry(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { closeOrLog(t, reg.Close) })
+	art, err := PushArtifact(ctx, reg.Host(), "models/m:v1", 1<<20, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := name.ParseReference(reg.Host()+"/models/m:v1", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := remote.Get(ref, remoteOptions(ctx)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m v1.Manifest
+	if err := json.Unmarshal(desc.Manifest, &m); err != nil {
+		t.Fatal(err)
+	}
+	if desc.Digest != art.Digest || m.ArtifactType != ArtifactType || m.Config.MediaType != emptyConfigMediaType ||
+		m.Config.Digest != art.Config || len(m.Layers) != 1 || m.Layers[0].MediaType != ArtifactLayerType ||
+		m.Layers[0].Digest != art.Layers[0] || m.Layers[0].Size != 1<<20 || art.Sizes[art.Layers[0]] != 1<<20 {
+		t.Fatalf("registry has %s: %s; pushed %+v", desc.Digest, desc.Manifest, art)
+	}
+	layer, err := remote.Layer(ref.Context().Digest(art.Layers[0].String()), remoteOptions(ctx)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := layer.Compressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	h, n, err := v1.SHA256(rc)
+	if err != nil || h != art.Layers[0] || n != 1<<20 {
+		t.Errorf("blob %s: %d bytes hashing to %s (%v)", art.Layers[0], n, h, err)
 	}
 }

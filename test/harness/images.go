@@ -1,7 +1,9 @@
 package harness
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"runtime"
@@ -244,3 +246,66 @@ func describe(img v1.Image, p v1.Platform) (*Image, error) {
 	}
 	return d, nil
 }
+
+// Media types of the artifacts PushArtifact makes: an OCI 1.1 artifact (artifactType set, the
+// empty config), as ORAS and model registries push them, not an image.
+const (
+	ArtifactType          = "application/vnd.shoal.test.model.v1"
+	ArtifactLayerType     = "application/vnd.shoal.test.model.weights.v1"
+	emptyConfigMediaType  = "application/vnd.oci.empty.v1+json"
+	emptyConfigJSONString = "{}"
+)
+
+// PushArtifact pushes an OCI artifact of one blob of size pseudo-random bytes from seed as
+// repoTag: a manifest with artifactType ArtifactType, the empty config and one layer of media
+// type ArtifactLayerType. Nothing in it is an image: a runtime cannot pull it.
+func PushArtifact(ctx context.Context, registryHost, repoTag string, size int64, seed uint64) (*Image, error) {
+	tag, err := parseTag(registryHost, repoTag)
+	if err != nil {
+		return nil, err
+	}
+	data := make([]byte, size)
+	var key [32]byte
+	copy(key[:], "artifact"+strconv.FormatUint(seed, 16))
+	_, _ = rand.NewChaCha8(key).Read(data) // ChaCha8.Read never fails
+	out := &Image{Repo: tag.RepositoryStr(), Tag: tag.TagStr(), Sizes: map[v1.Hash]int64{}}
+	var descs []v1.Descriptor
+	for _, blob := range []struct {
+		data []byte
+		mt   types.MediaType
+	}{{[]byte(emptyConfigJSONString), emptyConfigMediaType}, {data, ArtifactLayerType}} {
+		layer := static.NewLayer(blob.data, blob.mt)
+		d, err := layer.Digest()
+		if err != nil {
+			return nil, fmt.Errorf("digest of artifact blob: %w", err)
+		}
+		if err := remote.WriteLayer(tag.Repository, layer, remoteOptions(ctx)...); err != nil {
+			return nil, fmt.Errorf("push %d-byte artifact blob to %s: %w", len(blob.data), tag.Repository, err)
+		}
+		descs = append(descs, v1.Descriptor{MediaType: blob.mt, Size: int64(len(blob.data)), Digest: d})
+		out.Sizes[d] = int64(len(blob.data))
+	}
+	m := v1.Manifest{SchemaVersion: 2, MediaType: types.OCIManifestSchema1, ArtifactType: ArtifactType,
+		Config: descs[0], Layers: descs[1:]}
+	body, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	if err := remote.Put(tag, rawManifest{body: body, mt: types.OCIManifestSchema1}, remoteOptions(ctx)...); err != nil {
+		return nil, fmt.Errorf("push artifact manifest %s: %w", tag, err)
+	}
+	if out.Digest, _, err = v1.SHA256(bytes.NewReader(body)); err != nil {
+		return nil, err
+	}
+	out.Config, out.Layers = descs[0].Digest, []v1.Hash{descs[1].Digest}
+	return out, nil
+}
+
+// rawManifest is a manifest pushed as these bytes.
+type rawManifest struct {
+	body []byte
+	mt   types.MediaType
+}
+
+func (r rawManifest) RawManifest() ([]byte, error)        { return r.body, nil }
+func (r rawManifest) MediaType() (types.MediaType, error) { return r.mt, nil }
