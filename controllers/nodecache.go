@@ -20,10 +20,13 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
@@ -128,8 +131,24 @@ func (r *NodeCacheReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Named("nodecache").
 		For(&corev1.Node{}).
 		Owns(&v1.NodeCache{}).
-		Watches(&v1.Prewarm{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &corev1.NodeList{}))).
+		Watches(&v1.Prewarm{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &corev1.NodeList{})),
+			builder.WithPredicates(predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
+				old, oldOK := e.ObjectOld.(*v1.Prewarm)
+				cur, curOK := e.ObjectNew.(*v1.Prewarm)
+				return !oldOK || !curOK || nodeInputsChanged(old, cur)
+			}})).
 		Complete(r)
+}
+
+// nodeInputsChanged reports whether a Prewarm update changes what any NodeCache must hold:
+// its spec, the resolved references (with their pull secrets), the seeders, or its deletion.
+// The status writes that only roll the nodes up, one per NodeCache change on a busy
+// Prewarm, would otherwise reconcile every Node each time.
+func nodeInputsChanged(old, cur *v1.Prewarm) bool {
+	return old.Generation != cur.Generation ||
+		!old.DeletionTimestamp.Equal(cur.DeletionTimestamp) ||
+		!equality.Semantic.DeepEqual(old.Status.References, cur.Status.References) ||
+		!slices.Equal(old.Status.Seeders, cur.Status.Seeders)
 }
 
 // enqueueAll returns a map function that reconciles every object of list's kind, for a change

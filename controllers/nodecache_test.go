@@ -274,3 +274,33 @@ func TestSeeders(t *testing.T) {
 		t.Error("two groups of different nodes share a name")
 	}
 }
+
+// Only updates that change what a node must hold reconcile the Nodes; a Prewarm's rollup of
+// its nodes (counts, conditions, bytes) does not.
+func TestNodeInputsChanged(t *testing.T) {
+	base := pw("p", nil, nil, appIndex("1"))
+	base.Generation = 1
+	base.Status.Seeders = []string{"a", "b"}
+	for _, tc := range []struct {
+		name string
+		edit func(p *v1.Prewarm)
+		want bool
+	}{
+		{"nothing", func(*v1.Prewarm) {}, false},
+		{"rollup only", func(p *v1.Prewarm) {
+			p.Status.Ready, p.Status.Nodes.Ready, p.Status.BytesReady = "3/4", 3, 300
+			p.Status.Conditions = []metav1.Condition{{Type: ConditionReady, Status: metav1.ConditionFalse}}
+		}, false},
+		{"spec", func(p *v1.Prewarm) { p.Generation = 2 }, true},
+		{"deleted", func(p *v1.Prewarm) { now := metav1.Now(); p.DeletionTimestamp = &now }, true},
+		{"a tag moved", func(p *v1.Prewarm) { p.Status.References[0].Digest = dAmd64 }, true},
+		{"a pull token", func(p *v1.Prewarm) { p.Status.References[0].PullSecretName = "tok" }, true},
+		{"seeders", func(p *v1.Prewarm) { p.Status.Seeders = []string{"a", "c"} }, true},
+	} {
+		cur := base.DeepCopy()
+		tc.edit(cur)
+		if got := nodeInputsChanged(&base, cur); got != tc.want {
+			t.Errorf("%s: changed %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
