@@ -36,10 +36,10 @@ const (
 	// open SwarmSeeds an agent lists when it starts are few.
 	DefaultSeedTTL = 10 * time.Minute
 
-	// seedFailureBackoff is how long an image that failed to resolve is left alone for one
-	// namespace and set of pull secrets: the pods of a rollout that cannot resolve would
-	// otherwise each ask the registry again.
-	seedFailureBackoff = time.Minute
+	// seedClaim is how long an image being resolved for one pod is left alone by the others
+	// (until the resolution ends, which the resolver's timeout bounds): the pods of a rollout
+	// would otherwise each ask the registry at once.
+	seedClaim = time.Minute
 	// seedMemoSize bounds each of the reconciler's memories (images handled, manifests
 	// seeded). Forgetting costs a repeated resolution or an AlreadyExists, never a second
 	// SwarmSeed.
@@ -64,8 +64,10 @@ type ImageResolver interface {
 //
 // Images are resolved with the pod's imagePullSecrets (read from its namespace) for the
 // platform of the pod's Node, or, before the pod is bound, for the platforms of the Nodes
-// its nodeSelector matches. An image that does not resolve is counted and left alone for a
-// minute; its pods are pulled as they would be without Shoal.
+// its nodeSelector matches. An image that does not resolve is counted and left alone for one
+// namespace and set of pull secrets, for a delay that grows with each failure in a row (5 s
+// doubling to 5 minutes, with jitter: backoff); its pods are pulled as they would be without
+// Shoal.
 type PodSeedReconciler struct {
 	// Client reads Pods, Nodes and SwarmSeeds (from the manager's cache) and creates SwarmSeeds.
 	Client client.Client
@@ -87,8 +89,9 @@ type PodSeedReconciler struct {
 
 	once      sync.Once
 	metrics   *seedMetrics
-	images    *recent // image, namespace, pull secrets and platforms handled
-	manifests *recent // manifest digests seeded, or being seeded
+	images    *recent  // image, namespace, pull secrets and platforms handled
+	manifests *recent  // manifest digests seeded, or being seeded
+	retries   *backoff // images that failed to resolve, by the same keys as images
 }
 
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch
@@ -101,6 +104,7 @@ func (r *PodSeedReconciler) setup() {
 		r.metrics = newSeedMetrics(r.Registerer)
 		r.images = newRecent(seedMemoSize)
 		r.manifests = newRecent(seedMemoSize)
+		r.retries = newBackoff(retryKeys, nil)
 		if r.TTL <= 0 {
 			r.TTL = DefaultSeedTTL
 		}
@@ -144,7 +148,7 @@ func (r *PodSeedReconciler) Reconcile(ctx context.Context, req reconcile.Request
 		key := strings.Join([]string{pod.Namespace, strings.Join(secretNames, ","), image, strings.Join(platforms, ",")}, "|")
 		// Claimed before resolving, so that the pods of a rollout reconciled at the same time
 		// leave the image to the first of them.
-		if !r.images.claim(key, now, now.Add(seedFailureBackoff)) {
+		if !r.images.claim(key, now, now.Add(seedClaim)) {
 			continue
 		}
 		if !secretsRead {
@@ -154,16 +158,26 @@ func (r *PodSeedReconciler) Reconcile(ctx context.Context, req reconcile.Request
 		if err != nil {
 			reason := failureLabel(err)
 			r.metrics.failures.WithLabelValues(reason).Inc()
-			log.FromContext(ctx).V(1).Info("image not seeded", "image", image, "reason", reason, "error", err.Error())
-			r.images.add(key, now.Add(seedFailureBackoff))
+			retry := r.retries.failed(key, now)
+			log.FromContext(ctx).V(1).Info("image not seeded", "image", image, "reason", reason, "error", err.Error(), "retryIn", retry)
+			r.images.add(key, now.Add(retry))
 			continue
 		}
+		r.retries.succeeded(key)
 		r.metrics.resolved.Inc()
-		token := r.token(ctx, res.Repository.Name(), secrets, now)
+		repository := res.Repository.Name()
+		token := r.token(ctx, repository, secrets, now)
 		for _, m := range res.Manifests {
-			if err := r.seed(ctx, &pod, res.Repository.Name(), token, m, now); err != nil {
+			expires, err := r.seed(ctx, &pod, repository, token, m, now)
+			if err != nil {
 				r.images.forget(key)
 				return reconcile.Result{}, err
+			}
+			if token != "" && !expires.IsZero() {
+				// The token lives as long as the SwarmSeeds that name it, which SwarmSeedTTLReconciler
+				// deletes by their creation time: that of the API server, written after the
+				// resolution above.
+				r.Tokens.Hold(repository, secrets, expires)
 			}
 		}
 		// A tag is looked at again as soon as the resolver would resolve it again; a digest
@@ -195,8 +209,9 @@ func (r *PodSeedReconciler) resolve(ctx context.Context, image string, platforms
 }
 
 // token returns the name of the pull token for a repository that a pod with pull secrets pulls
-// from, kept for as long as its seeds live ("" for a pod without pull secrets, a registry that
-// needs none, or when it could not be had: the seeders then use their own credentials).
+// from, held for TTL from now, and by Reconcile for as long as the seeds that name it live (""
+// for a pod without pull secrets, a registry that needs none, or when it could not be had: the
+// seeders then use their own credentials).
 func (r *PodSeedReconciler) token(ctx context.Context, repository string, secrets [][]byte, now time.Time) string {
 	if r.Tokens == nil || len(secrets) == 0 {
 		return ""
@@ -212,23 +227,29 @@ func (r *PodSeedReconciler) token(ctx context.Context, repository string, secret
 	return tok.Name
 }
 
-// seed writes the SwarmSeeds of one manifest, unless it was seeded less than TTL ago.
-func (r *PodSeedReconciler) seed(ctx context.Context, pod *corev1.Pod, repository, token string, m resolve.Manifest, now time.Time) error {
+// seed writes the SwarmSeeds of one manifest, unless it was seeded less than TTL ago. It
+// returns when the last of the manifest's SwarmSeeds it wrote or found falls due for deletion
+// (creation + TTL; zero when it wrote none and found none).
+func (r *PodSeedReconciler) seed(ctx context.Context, pod *corev1.Pod, repository, token string, m resolve.Manifest, now time.Time) (time.Time, error) {
 	digest := m.Digest.String()
 	// Claimed before the writes, so that pods of the same image reconciled at the same time
 	// do not write it too.
 	if !r.manifests.claim(digest, now, now.Add(r.TTL)) {
-		return nil
+		return time.Time{}, nil
 	}
 	created := false
+	var expires time.Time
 	for _, seed := range swarmSeeds(repository, digest, seedBlobs(m)) {
 		seed.Spec.PullSecretName = token
-		ok, err := r.create(ctx, &seed)
+		ok, createdAt, err := r.create(ctx, &seed)
 		if err != nil {
 			r.manifests.forget(digest)
-			return fmt.Errorf("seed %s@%s: %w", repository, digest, err)
+			return time.Time{}, fmt.Errorf("seed %s@%s: %w", repository, digest, err)
 		}
 		created = created || ok
+		if !createdAt.IsZero() && createdAt.Add(r.TTL).After(expires) {
+			expires = createdAt.Add(r.TTL)
+		}
 	}
 	if created {
 		if !pod.CreationTimestamp.IsZero() {
@@ -236,27 +257,30 @@ func (r *PodSeedReconciler) seed(ctx context.Context, pod *corev1.Pod, repositor
 		}
 		log.FromContext(ctx).V(1).Info("SwarmSeed created", "repository", repository, "manifest", digest, "blobs", len(m.Blobs))
 	}
-	return nil
+	return expires, nil
 }
 
-// create creates seed unless it exists, and reports whether it did.
-func (r *PodSeedReconciler) create(ctx context.Context, seed *v1alpha1.SwarmSeed) (bool, error) {
+// create creates seed unless it exists, and reports whether it did and the creation time of
+// the SwarmSeed created or found (zero when the API server refused it as existing: it was
+// then created before now).
+func (r *PodSeedReconciler) create(ctx context.Context, seed *v1alpha1.SwarmSeed) (bool, time.Time, error) {
 	var existing v1alpha1.SwarmSeed
 	err := r.Client.Get(ctx, client.ObjectKeyFromObject(seed), &existing)
 	if err == nil {
-		return false, nil
+		return false, existing.CreationTimestamp.Time, nil
 	}
 	if !apierrors.IsNotFound(err) {
-		return false, err
+		return false, time.Time{}, err
 	}
 	if err := r.Client.Create(ctx, seed); err != nil {
 		if apierrors.IsAlreadyExists(err) {
-			return false, nil // another replica, or this one before a restart
+			return false, time.Time{}, nil // another replica, or this one before a restart
 		}
-		return false, err
+		return false, time.Time{}, err
 	}
 	r.metrics.created.Inc()
-	return true, nil
+	r.metrics.blobs.Add(float64(len(seed.Spec.Blobs)))
+	return true, seed.CreationTimestamp.Time, nil
 }
 
 // platforms are the os/arch the pod's images are resolved for: see podPlatforms.
@@ -616,6 +640,7 @@ type seedMetrics struct {
 	resolved prometheus.Counter
 	failures *prometheus.CounterVec
 	created  prometheus.Counter
+	blobs    prometheus.Counter
 	deleted  prometheus.Counter
 	latency  prometheus.Histogram
 }
@@ -634,11 +659,15 @@ func newSeedMetrics(reg prometheus.Registerer) *seedMetrics {
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "controller", Name: "seed_resolve_failures_total",
 			Help: "Images of pending pods not seeded because they did not resolve, by reason: unauthorized, " +
-				"not_found, platform_unavailable or failed. Each is left alone for a minute.",
+				"not_found, platform_unavailable or failed. Each is left alone for a delay growing from 5 s to 5 minutes with each failure in a row.",
 		}, []string{"reason"}),
 		created: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "controller", Name: "swarmseeds_created_total",
 			Help: "SwarmSeeds created (one per manifest, more for a manifest of over 256 blobs).",
+		}),
+		blobs: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "controller", Name: "seed_blobs_total",
+			Help: "Blobs (configs and layers) listed in the SwarmSeeds created: what pending pods had the agents fetch ahead of their pulls.",
 		}),
 		deleted: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "controller", Name: "swarmseeds_deleted_total",
@@ -655,6 +684,7 @@ func newSeedMetrics(reg prometheus.Registerer) *seedMetrics {
 		m.resolved = promreg.Shared(reg, m.resolved)
 		m.failures = promreg.Shared(reg, m.failures)
 		m.created = promreg.Shared(reg, m.created)
+		m.blobs = promreg.Shared(reg, m.blobs)
 		m.deleted = promreg.Shared(reg, m.deleted)
 		m.latency = promreg.Shared(reg, m.latency)
 	}

@@ -37,6 +37,7 @@ import (
 	shoalv1 "github.com/shoal-dev/shoal/api/v1alpha1"
 	"github.com/shoal-dev/shoal/controllers"
 	"github.com/shoal-dev/shoal/controllers/resolve"
+	"github.com/shoal-dev/shoal/internal/pulltoken"
 	"github.com/shoal-dev/shoal/test/kubetest"
 )
 
@@ -341,6 +342,9 @@ func TestPodSeeding(t *testing.T) {
 		if n := s.metric(t, "shoal_controller_swarmseeds_created_total"); n != 1 {
 			t.Errorf("created counter %v, want 1", n)
 		}
+		if n, want := s.metric(t, "shoal_controller_seed_blobs_total"), len(blobsOf(t, app)); n != float64(want) {
+			t.Errorf("seeded blobs counter %v, want %d: the manifest's config and layers", n, want)
+		}
 		if n := s.metric(t, "shoal_controller_seed_latency_seconds"); n != 1 {
 			t.Errorf("latency histogram has %v samples, want 1", n)
 		}
@@ -373,22 +377,30 @@ func TestPodSeeding(t *testing.T) {
 		}
 	})
 
-	t.Run("a private image: not seeded without a pull secret, counted once a minute; seeded with one", func(t *testing.T) {
+	t.Run("a private image: not seeded without a pull secret, retried after a growing delay; seeded with one", func(t *testing.T) {
 		const image = "private.test/secret/app:1"
-		mkPod(t, "private-anonymous", "node-amd", image, "")
-		s.waitPods(t, pods)
-		if n := s.metric(t, "shoal_controller_seed_resolve_failures_total", "reason=unauthorized"); n != 1 {
-			t.Errorf("%v unauthorized failures, want 1", n)
+		// failures adds a pending pod of the image without a pull secret, and checks how many
+		// resolutions have failed in all.
+		failures := func(t *testing.T, pod string, want float64, why string) {
+			t.Helper()
+			mkPod(t, pod, "node-amd", image, "")
+			s.waitPods(t, pods)
+			if n := s.metric(t, "shoal_controller_seed_resolve_failures_total", "reason=unauthorized"); n != want {
+				t.Errorf("pod %s: %v unauthorized failures, want %v: %s", pod, n, want, why)
+			}
 		}
+		failures(t, "private-anonymous", 1, "the first pod resolves")
 		if _, ok := listSeeds(t, c)[controllers.SwarmSeedName(secretDigest, 0)]; ok {
 			t.Fatal("seeded without credentials")
 		}
-
-		mkPod(t, "private-anonymous-2", "node-amd", image, "")
-		s.waitPods(t, pods)
-		if n := s.metric(t, "shoal_controller_seed_resolve_failures_total", "reason=unauthorized"); n != 1 {
-			t.Errorf("%v unauthorized failures after a second pod within the minute, want still 1", n)
-		}
+		// The n-th failure in a row waits a random delay in [d/2, d], d = 5 s·2^(n-1).
+		failures(t, "private-anonymous-2", 1, "a second pod at once is left alone")
+		clk.Add(5 * time.Second)
+		failures(t, "private-anonymous-3", 2, "the first failure waits at most 5 s")
+		clk.Add(5 * time.Second)
+		failures(t, "private-anonymous-4", 2, "the second failure waits more than 5 s")
+		clk.Add(5 * time.Second)
+		failures(t, "private-anonymous-5", 3, "the second failure waits at most 10 s")
 
 		createPullSecret(t, c, "team", "pull", "private.test", priv.user, priv.password)
 		mkPod(t, "private", "node-amd", image, "", "pull")
@@ -399,6 +411,14 @@ func TestPodSeeding(t *testing.T) {
 	manifests := 6 // app, multi ×2, bound, init, private
 	if got := listSeeds(t, c); len(got) != manifests {
 		t.Fatalf("%d SwarmSeeds before the restart, want %d", len(got), manifests)
+	}
+	blobs := 0
+	for _, img := range []v1.Image{app, indexImage(t, multi, multiAmd), indexImage(t, multi, multiArm),
+		indexImage(t, bound, boundArm), initImg, secretImg} {
+		blobs += len(blobsOf(t, img))
+	}
+	if n := s.metric(t, "shoal_controller_seed_blobs_total"); n != float64(blobs) {
+		t.Errorf("seeded blobs counter %v, want %d: the blobs of the %d SwarmSeeds created", n, blobs, manifests)
 	}
 
 	t.Run("a restarted controller writes no duplicate: a create refused as AlreadyExists is success", func(t *testing.T) {
@@ -413,6 +433,9 @@ func TestPodSeeding(t *testing.T) {
 		}
 		if n := s.metric(t, "shoal_controller_swarmseeds_created_total"); n != 0 {
 			t.Errorf("created counter %v, want 0", n)
+		}
+		if n := s.metric(t, "shoal_controller_seed_blobs_total"); n != 0 {
+			t.Errorf("seeded blobs counter %v, want 0: the SwarmSeeds were there", n)
 		}
 		after := listSeeds(t, c)
 		if len(after) != len(before) {
@@ -453,4 +476,84 @@ func TestPodSeeding(t *testing.T) {
 			return len(got) == 0 && deleted == float64(len(seeds)), fmt.Sprintf("%d left, deleted counter %v", len(got), deleted)
 		})
 	})
+}
+
+// TestPodPullTokenLivesAsLongAsItsSwarmSeed: the pull token a SwarmSeed names is renewed until
+// the SwarmSeed falls due for deletion, which SwarmSeedTTLReconciler reckons from its creation
+// time on the API server, and no longer. Here the controller's clock starts two minutes behind
+// the API server's, as a resolution that takes that long (or a skewed clock) puts the
+// SwarmSeed's creation after the reconcile began.
+func TestPodPullTokenLivesAsLongAsItsSwarmSeed(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx := t.Context()
+	_, r, clk := startTokenRegistry(t)
+	clk.Add(-2 * time.Minute)
+	var tokens *controllers.PullTokens
+	startSeeder(t, env, r, clk, false, func(mgr ctrl.Manager, rec *controllers.PodSeedReconciler) {
+		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
+		rec.Tokens = tokens
+		rec.APIReader = mgr.GetAPIReader()
+	})
+	for _, ns := range []string{"team", "shoal-system"} {
+		if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	createPullSecret(t, c, "team", "pull", "private.test", "puller", "s3cret")
+	if err := c.Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec: corev1.PodSpec{
+			Containers:       []corev1.Container{{Name: "app", Image: "private.test/secret/app:1"}},
+			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "pull"}},
+		},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	secretName := pulltoken.Name("private.test/secret/app")
+	var seed shoalv1.SwarmSeed
+	eventually(t, "a SwarmSeed naming the pull token", func() (bool, string) {
+		seeds := listSeeds(t, c)
+		for _, s := range seeds {
+			if s.Spec.PullSecretName == secretName {
+				seed = s
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("%+v", seeds)
+	})
+	read := func() string {
+		var s corev1.Secret
+		if err := c.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: secretName}, &s); err != nil {
+			t.Fatal(err)
+		}
+		cred, err := pulltoken.Parse(&s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cred.Token
+	}
+	first := read()
+
+	// Half a minute before the SwarmSeed falls due, it still exists, and its token, long due
+	// for renewal, is renewed.
+	expires := seed.CreationTimestamp.Add(controllers.DefaultSeedTTL)
+	clk.Add(expires.Add(-30 * time.Second).Sub(clk.Now()))
+	ttl := &controllers.SwarmSeedTTLReconciler{Client: c, Now: clk.Now}
+	res, err := ttl.Reconcile(ctx, reconcile.Request{NamespacedName: types.NamespacedName{Name: seed.Name}})
+	if err != nil || res.RequeueAfter <= 0 {
+		t.Fatalf("the SwarmSeed is due for deletion already: %+v, %v", res, err)
+	}
+	tokens.RenewHeld(ctx)
+	second := read()
+	if second == first {
+		t.Error("the token of a SwarmSeed that still exists was not renewed")
+	}
+
+	// Once the SwarmSeed is due for deletion, the token is left to expire.
+	clk.Add(6 * time.Minute) // past the deletion, and past half the life of the renewed token
+	tokens.RenewHeld(ctx)
+	if read() != second {
+		t.Error("the token was renewed after its SwarmSeed's time was up")
+	}
 }

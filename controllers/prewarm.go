@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -61,6 +62,10 @@ type PrewarmReconciler struct {
 	Tokens *PullTokens
 
 	nodes *prometheus.GaugeVec // nil: no metrics
+	// retries spaces out the retries of references that failed to resolve and of pull tokens
+	// that could not be had.
+	retries     *backoff
+	retriesOnce sync.Once
 }
 
 // +kubebuilder:rbac:groups=shoal.dev,resources=prewarms,verbs=get;list;watch;update;patch
@@ -114,7 +119,7 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 	// them: a resolution or a new pull token.
 	secrets := sync.OnceValue(func() [][]byte { return r.pullSecrets(ctx, &p) })
 	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), secrets, now)
-	next = minPositive(next, r.ensureTokens(ctx, &p, secrets))
+	next = minPositive(next, r.ensureTokens(ctx, &p, secrets, now))
 	Rollup(&p, ptrs, byName, metav1.NewTime(now))
 	p.Status.Seeders = ChooseSeeders(&p, ptrs)
 	p.Status.ObservedGeneration = p.Generation
@@ -162,6 +167,22 @@ func (r *PrewarmReconciler) refuse(ctx context.Context, p *v1.Prewarm, before *v
 	return nil
 }
 
+// backoff is the reconciler's retries, made on first use unless a test set them.
+func (r *PrewarmReconciler) backoff() *backoff {
+	r.retriesOnce.Do(func() {
+		if r.retries == nil {
+			r.retries = newBackoff(retryKeys, nil)
+		}
+	})
+	return r.retries
+}
+
+// retryKey names one thing of one generation of a Prewarm that the reconciler retries: an
+// edit of the Prewarm is tried at once.
+func retryKey(p *v1.Prewarm, what string) string {
+	return string(p.UID) + "/" + strconv.FormatInt(p.Generation, 10) + "|" + what
+}
+
 func (r *PrewarmReconciler) now() time.Time {
 	if r.Now != nil {
 		return r.Now()
@@ -172,7 +193,8 @@ func (r *PrewarmReconciler) now() time.Time {
 // resolve brings status.references in line with the spec: a reference by digest is resolved
 // once, one by tag again once refreshInterval has passed. It returns when the next tag falls
 // due (0: none). A reference that fails keeps its last resolution, with the error beside it,
-// so that nodes keep what they hold.
+// so that nodes keep what they hold, and is tried again after a delay that grows with each
+// failure in a row (backoff), whatever else makes the Prewarm reconcile meanwhile.
 func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platforms []string, secrets func() [][]byte, now time.Time) (next time.Duration) {
 	refresh := 10 * time.Minute
 	if p.Spec.RefreshInterval != nil && p.Spec.RefreshInterval.Duration >= time.Minute {
@@ -196,15 +218,26 @@ func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platform
 			}
 			return
 		}
+		key := retryKey(p, "resolve "+ref)
+		if artifact {
+			key += " artifact"
+		}
+		if wait := r.backoff().wait(key, now); wait > 0 && had && prev.Error != "" {
+			refs = append(refs, prev) // the last attempt failed; its retry is not due yet
+			next = minPositive(next, wait)
+			return
+		}
 		got, err := r.Resolver.Resolve(ctx, ref, artifact, platforms, secrets())
 		at := metav1.NewTime(now)
 		if err != nil {
-			log.FromContext(ctx).Info("reference not resolved", "reference", ref, "error", err.Error())
+			retry := r.backoff().failed(key, now)
+			log.FromContext(ctx).Info("reference not resolved", "reference", ref, "error", err.Error(), "retryIn", retry)
 			prev.Reference, prev.Artifact, prev.Error = ref, artifact, err.Error()
 			refs = append(refs, prev)
-			next = minPositive(next, time.Minute) // retried sooner than a refresh
+			next = minPositive(next, retry)
 			return
 		}
+		r.backoff().succeeded(key)
 		got.Reference, got.Artifact, got.ResolvedAt, got.Error = ref, artifact, &at, ""
 		if had && prev.Digest != "" && prev.Digest != got.Digest && r.Recorder != nil {
 			r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "TagMoved", "Resolve", "%s moved from %s to %s", ref, prev.Digest, got.Digest)
@@ -225,8 +258,10 @@ func (r *PrewarmReconciler) resolve(ctx context.Context, p *v1.Prewarm, platform
 }
 
 // ensureTokens keeps a pull token for each repository of a Prewarm with imagePullSecrets,
-// names it in the references, and returns when to renew the first (0: none).
-func (r *PrewarmReconciler) ensureTokens(ctx context.Context, p *v1.Prewarm, pullSecrets func() [][]byte) (next time.Duration) {
+// names it in the references, and returns when to renew the first (0: none). A token that
+// could not be had keeps the last one named, and is asked for again after a delay that grows
+// with each failure in a row (backoff).
+func (r *PrewarmReconciler) ensureTokens(ctx context.Context, p *v1.Prewarm, pullSecrets func() [][]byte, now time.Time) (next time.Duration) {
 	if r.Tokens == nil || len(p.Spec.ImagePullSecrets) == 0 {
 		return 0
 	}
@@ -238,14 +273,25 @@ func (r *PrewarmReconciler) ensureTokens(ctx context.Context, p *v1.Prewarm, pul
 		}
 		name, done := byRepo[ref.Repository]
 		if !done {
+			key := retryKey(p, "token "+ref.Repository)
+			if wait := r.backoff().wait(key, now); wait > 0 {
+				// The last exchange failed and its retry is not due: keep the last token.
+				byRepo[ref.Repository] = ref.PullSecretName
+				next = minPositive(next, wait)
+				continue
+			}
 			tok, err := r.Tokens.Ensure(ctx, ref.Repository, pullSecrets)
+			if err == nil {
+				r.backoff().succeeded(key)
+			}
 			switch {
 			case err != nil:
-				log.FromContext(ctx).Info("no pull token", "repository", ref.Repository, "error", err.Error())
+				retry := r.backoff().failed(key, now)
+				log.FromContext(ctx).Info("no pull token", "repository", ref.Repository, "error", err.Error(), "retryIn", retry)
 				if r.Recorder != nil {
 					r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "PullToken", "Exchange", "pull token for %s: %v", ref.Repository, err)
 				}
-				tok = Token{Name: ref.PullSecretName, RenewIn: time.Minute} // keep the last one; try again soon
+				tok = Token{Name: ref.PullSecretName, RenewIn: retry} // keep the last one
 			case tok.WroteBasic && r.Recorder != nil:
 				r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "PullCredentialsShared", "Exchange",
 					"the registry of %s offers no tokens: the pull secret's credentials for it are in Secret %s/%s, which every agent may read",

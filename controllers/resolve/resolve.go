@@ -412,8 +412,9 @@ func (r *Resolver) fetch(ctx context.Context, q query) (*Result, error) {
 		remote.WithAuth(q.auth),
 		remote.WithTransport(r.transport),
 		remote.WithUserAgent("shoal-controller"),
-		// No retries here: the controller requeues a failed resolution with its own backoff,
-		// and a registry call never sleeps past its timeout.
+		// No retries here, so that a registry call never sleeps past its timeout: the
+		// controllers retry a failed resolution themselves, after a delay that grows with
+		// each failure in a row, with jitter (controllers/backoff.go).
 		remote.WithRetryStatusCodes(),
 		remote.WithRetryPredicate(func(error) bool { return false }),
 	)
