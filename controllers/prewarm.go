@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
@@ -120,7 +121,7 @@ func (r *PrewarmReconciler) Reconcile(ctx context.Context, req reconcile.Request
 	secrets := sync.OnceValue(func() [][]byte { return r.pullSecrets(ctx, &p) })
 	next := r.resolve(ctx, &p, platformsFor(&p, ptrs), secrets, now)
 	next = minPositive(next, r.ensureTokens(ctx, &p, secrets, now))
-	Rollup(&p, ptrs, byName, metav1.NewTime(now))
+	next = minPositive(next, Rollup(&p, ptrs, byName, metav1.NewTime(now)))
 	p.Status.Seeders = ChooseSeeders(&p, ptrs)
 	p.Status.ObservedGeneration = p.Generation
 	if r.nodes != nil {
@@ -416,7 +417,8 @@ func (r *PrewarmReconciler) eventOnChange(p *v1.Prewarm, before *v1.PrewarmStatu
 }
 
 // SetupWithManager registers the reconciler: Prewarms, the NodeCaches of the nodes they
-// select, and Nodes (labels decide what a Prewarm selects).
+// select, and Nodes (labels decide what a Prewarm selects, readiness whether a node can
+// fetch).
 func (r *PrewarmReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if r.Resolver == nil {
 		return errors.New("PrewarmReconciler needs a Resolver")
@@ -433,8 +435,9 @@ func (r *PrewarmReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("prewarm").
 		For(&v1.Prewarm{}).
-		Watches(&v1.NodeCache{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &v1.PrewarmList{}))).
-		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &v1.PrewarmList{}))).
+		Watches(&v1.NodeCache{}, handler.EnqueueRequestsFromMapFunc(prewarmsOfNodeCache(r.Client))).
+		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &v1.PrewarmList{})),
+			builder.WithPredicates(nodeChangesSelection)).
 		Complete(r)
 }
 
