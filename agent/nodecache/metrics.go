@@ -22,6 +22,8 @@ type metrics struct {
 	items   *prometheus.GaugeVec
 	writes  *prometheus.CounterVec
 	imports prometheus.Counter
+	// refetches counts held items fetched again because content of theirs left the store.
+	refetches prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -38,6 +40,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "shoal", Subsystem: "nodecache", Name: "runtime_imports_total",
 			Help: "Images pulled into the container runtime for NodeCache items (again after a removal out of band included).",
 		}),
+		refetches: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "nodecache", Name: "refetches_total",
+			Help: "Held NodeCache items fetched again because a manifest or blob of theirs left the store out of band (evicted, deleted, lost).",
+		}),
 	}
 	for _, s := range itemStates {
 		m.items.WithLabelValues(string(s))
@@ -48,7 +54,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	cs := []prometheus.Collector{m.items, m.writes, m.imports}
+	cs := []prometheus.Collector{m.items, m.writes, m.imports, m.refetches}
 	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
 			for _, done := range cs[:i] {

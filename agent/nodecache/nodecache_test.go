@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/shoal-dev/shoal/agent/nodecache"
@@ -224,6 +226,10 @@ type option func(*nodecache.Config, *nodeOptions)
 type nodeOptions struct {
 	storeOpts       []store.Option
 	retry, maxRetry time.Duration
+	// writeRetry, maxWriteRetry: 0 = the worker's own.
+	writeRetry, maxWriteRetry time.Duration
+	rest                      *rest.Config                          // nil: the API server's own
+	wrapStore                 func(nodecache.Store) nodecache.Store // nil: the store as it is
 }
 
 func withStatusInterval(d time.Duration) option {
@@ -244,6 +250,38 @@ func withPinnedShare(share float64, maxBytes int64) option {
 
 func withRuntime(r nodecache.Runtime, recheck time.Duration) option {
 	return func(c *nodecache.Config, _ *nodeOptions) { c.Runtime, c.RuntimeRecheck = r, recheck }
+}
+
+func withStoreRecheck(d time.Duration) option {
+	return func(c *nodecache.Config, _ *nodeOptions) { c.StoreRecheck = d }
+}
+
+// withWriteRetry sets the backoff of failed status writes.
+func withWriteRetry(first, longest time.Duration) option {
+	return func(_ *nodecache.Config, o *nodeOptions) { o.writeRetry, o.maxWriteRetry = first, longest }
+}
+
+// withRestConfig makes the worker reach the API server with cfg (through an Outage, say).
+func withRestConfig(cfg *rest.Config) option {
+	return func(_ *nodecache.Config, o *nodeOptions) { o.rest = cfg }
+}
+
+// withStatCount makes the worker's store count the worker's Stat calls in n.
+func withStatCount(n *atomic.Int64) option {
+	return func(_ *nodecache.Config, o *nodeOptions) {
+		o.wrapStore = func(s nodecache.Store) nodecache.Store { return &countingStore{Store: s, stats: n} }
+	}
+}
+
+// countingStore counts the Stat calls made to a store.
+type countingStore struct {
+	nodecache.Store
+	stats *atomic.Int64
+}
+
+func (s *countingStore) Stat(d v1.Hash) (int64, error) {
+	s.stats.Add(1)
+	return s.Store.Stat(d)
 }
 
 func withStall(worker, storeStall time.Duration) option {
@@ -282,17 +320,27 @@ func (h *harness) start(t *testing.T, nodeName, dir string, opts ...option) *nod
 		return upstream.DefaultEndpoint(registry), nil
 	}))
 	cfg.Store, cfg.Manifests = s, up
+	if o.wrapStore != nil {
+		cfg.Store = o.wrapStore(s)
+	}
 	cfg.BlobSource = func(registry, repo string, d v1.Hash, _ []netip.AddrPort) store.Source {
 		return func(ctx context.Context) (io.ReadCloser, int64, error) { return up.Blob(ctx, registry, repo, d, 0, -1) }
 	}
 	cfg.Mirrors = func(registry string) bool { return registry == "registry.test" }
 	cfg.Registerer = n.metrics
 	cfg.Logger = slog.New(teeHandler{slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}), n.logs})
-	w, err := nodecache.New(h.kube.Config, cfg)
+	restCfg := h.kube.Config
+	if o.rest != nil {
+		restCfg = o.rest
+	}
+	w, err := nodecache.New(restCfg, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	w.SetRetry(o.retry, o.maxRetry)
+	if o.writeRetry > 0 {
+		w.SetWriteRetry(o.writeRetry, o.maxWriteRetry)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx) }()
@@ -411,7 +459,8 @@ func sorted(ds []v1.Hash) []v1.Hash {
 	return slices.Compact(out)
 }
 
-// metric returns a counter's or gauge's value with the given label pair, or -1.
+// metric returns a counter's or gauge's value with the given label pair (label "": the
+// metric has no labels), or -1.
 func metric(t *testing.T, reg *prometheus.Registry, metricName, label, value string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
@@ -423,17 +472,31 @@ func metric(t *testing.T, reg *prometheus.Registry, metricName, label, value str
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			match := label == "" && len(m.GetLabel()) == 0
 			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					if m.GetCounter() != nil {
-						return m.GetCounter().GetValue()
-					}
-					return m.GetGauge().GetValue()
-				}
+				match = match || l.GetName() == label && l.GetValue() == value
 			}
+			if !match {
+				continue
+			}
+			if m.GetCounter() != nil {
+				return m.GetCounter().GetValue()
+			}
+			return m.GetGauge().GetValue()
 		}
 	}
 	return -1
+}
+
+// holdBlob makes the registry answer GETs of repo's blob d only once release is closed.
+func (r *testRegistry) holdBlob(repo string, d v1.Hash, release <-chan struct{}) {
+	r.setFault("/v2/"+repo+"/blobs/"+d.String(), func(w http.ResponseWriter, req *http.Request) {
+		select {
+		case <-release:
+			r.handler.ServeHTTP(w, req)
+		case <-req.Context().Done():
+		}
+	})
 }
 
 func TestNodeCache(t *testing.T) {
@@ -827,6 +890,86 @@ func TestNodeCache(t *testing.T) {
 		}
 		if nc.Status.Ready != "0/1" {
 			t.Errorf("ready %q, want 0/1", nc.Status.Ready)
+		}
+	})
+
+	t.Run("content removed from the store out of band is fetched and pinned again", func(t *testing.T) {
+		pinned, cached := randomImage(t, 1024, 2), randomImage(t, 512, 1)
+		pinnedRef, cachedRef := h.reg.push(t, "team/lost:1", pinned), h.reg.push(t, "team/lost-cached:1", cached)
+		pc, cc := imageContent(t, pinned), imageContent(t, cached)
+		var stats atomic.Int64
+		n := h.start(t, "node-h", "", withStoreRecheck(20*time.Millisecond), withStatusInterval(50*time.Millisecond), withStatCount(&stats))
+		h.create(t, "node-h",
+			v1alpha1.NodeCacheItem{Reference: pinnedRef, Pin: true},
+			v1alpha1.NodeCacheItem{Reference: cachedRef})
+		h.waitStatus(t, "node-h", "both items Ready", allReady)
+		pins := sorted(pc.all())
+		if got := n.store.PinnedBy(nodecache.Owner); !slices.Equal(got, pins) {
+			t.Fatalf("pinned %v, want %v", got, pins)
+		}
+
+		// While everything is there, the rechecks look and change nothing: no refetch, no write.
+		writes := metric(t, n.metrics, "shoal_nodecache_status_writes_total", "result", "ok")
+		from := stats.Load()
+		waitUntil(t, "three rechecks of both items", func() bool {
+			return stats.Load() >= from+3*int64(len(pc.all())+len(cc.all()))
+		})
+		if got := metric(t, n.metrics, "shoal_nodecache_refetches_total", "", ""); got != 0 {
+			t.Errorf("shoal_nodecache_refetches_total = %v with everything in the store, want 0", got)
+		}
+		if got := metric(t, n.metrics, "shoal_nodecache_status_writes_total", "result", "ok"); got != writes {
+			t.Errorf("%v status writes while nothing changed, want none", got-writes)
+		}
+
+		// A layer of the pinned item goes, its pin with it, and the cached item's manifest.
+		layer := pc.blobs[1]
+		release := make(chan struct{})
+		h.reg.holdBlob("team/lost", layer, release)
+		manifestsBefore, blobsBefore := h.reg.fetched()
+		if err := n.store.Unpin(layer, nodecache.Owner); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.store.Delete(layer); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.store.Delete(cc.manifests[0]); err != nil {
+			t.Fatal(err)
+		}
+		h.waitStatus(t, "node-h", "the pinned item no longer Ready while its layer is fetched", func(nc *v1alpha1.NodeCache) bool {
+			st := itemStatus(nc, pinnedRef)
+			return st != nil && (st.State == v1alpha1.ItemPending || st.State == v1alpha1.ItemFetching) &&
+				apimeta.IsStatusConditionFalse(nc.Status.Conditions, nodecache.ConditionReady)
+		})
+		close(release)
+		h.waitStatus(t, "node-h", "both items Ready again", allReady)
+		for _, d := range append(pc.all(), cc.all()...) {
+			if _, err := n.store.Stat(d); err != nil {
+				t.Errorf("%s not in the store again: %v", d, err)
+			}
+		}
+		waitUntil(t, "the layer pinned again", func() bool { return slices.Equal(n.store.PinnedBy(nodecache.Owner), pins) })
+		if m, b := h.reg.fetched(); m != manifestsBefore+1 || b != blobsBefore+1 {
+			t.Errorf("fetched %d manifests and %d blobs again, want the one of each that was removed", m-manifestsBefore, b-blobsBefore)
+		}
+		if got := metric(t, n.metrics, "shoal_nodecache_refetches_total", "", ""); got != 2 {
+			t.Errorf("shoal_nodecache_refetches_total = %v, want 2", got)
+		}
+		logged := map[string]bool{}
+		for _, r := range n.logs.Records() {
+			if r.Level == slog.LevelInfo && strings.Contains(r.Message, "left the store") {
+				r.Attrs(func(a slog.Attr) bool {
+					if a.Key == "digest" {
+						logged[a.Value.String()] = true
+					}
+					return true
+				})
+			}
+		}
+		if !logged[layer.String()] || !logged[cc.manifests[0].String()] {
+			t.Errorf("refetches logged for %v, want %s and %s", logged, layer, cc.manifests[0])
+		}
+		if problems, _ := n.logs.Check(nil); len(problems) > 0 {
+			t.Errorf("log conventions: %v", problems)
 		}
 	})
 }

@@ -204,6 +204,44 @@ func TestRuntimeImport(t *testing.T) {
 		})
 	})
 
+	t.Run("an imported item is rechecked in the store and in the runtime", func(t *testing.T) {
+		img := randomImage(t, 512, 2)
+		ref := h.reg.push(t, "team/app:both", img)
+		rt := newFakeRuntime(true)
+		n := h.start(t, "node-f", "", withRuntime(rt, 20*time.Millisecond), withStoreRecheck(20*time.Millisecond))
+		h.create(t, "node-f", v1alpha1.NodeCacheItem{Reference: ref, Pin: true, RuntimeImport: true})
+		h.waitStatus(t, "node-f", "the item Ready", allReady)
+		name := runtimeName(ref)
+
+		// A layer leaves the store: it is fetched again; the runtime, which still holds the
+		// image, is not asked to import it again.
+		layer := imageContent(t, img).blobs[1]
+		if err := n.store.Delete(layer); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, "the layer fetched again", func() bool {
+			_, err := n.store.Stat(layer)
+			return err == nil && metric(t, n.metrics, "shoal_nodecache_refetches_total", "", "") == 1
+		})
+		nc := h.waitStatus(t, "node-f", "the item Ready again", allReady)
+		if st := itemStatus(nc, ref); st.Runtime != v1alpha1.RuntimePinned {
+			t.Errorf("item %+v; want runtime Pinned", st)
+		}
+		if got := rt.importCount(); got != 1 {
+			t.Errorf("%d imports, want 1: the runtime kept the image", got)
+		}
+
+		// Then the runtime loses the image: the runtime recheck still runs, and imports it.
+		rt.remove(name)
+		waitUntil(t, "the image imported again", func() bool {
+			st, _ := rt.state(name)
+			return st == criruntime.Pinned && rt.importCount() == 2
+		})
+		if got := metric(t, n.metrics, "shoal_nodecache_refetches_total", "", ""); got != 1 {
+			t.Errorf("shoal_nodecache_refetches_total = %v, want 1: the store kept everything", got)
+		}
+	})
+
 	t.Run("leaving the spec releases only the worker's runtime pins", func(t *testing.T) {
 		keep, drop := randomImage(t, 512, 1), randomImage(t, 512, 1)
 		keepRef, dropRef := h.reg.push(t, "team/keep:1", keep), h.reg.push(t, "team/drop:1", drop)

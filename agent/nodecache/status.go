@@ -150,17 +150,24 @@ func classify(cur, next *v1alpha1.NodeCacheStatus) change {
 }
 
 // writeStatuses writes the status whenever it changed, as soon as its kind of change allows
-// (see change), until ctx ends. A failed write is tried again with backoff; the items go on.
+// (see change), until ctx ends. A failed write is tried again with backoff, or as soon as the
+// watch delivers an object, which shows that the API server answers again; the items go on.
 func (w *Worker) writeStatuses(ctx context.Context, client rest.Interface) {
 	var (
 		cur       *v1alpha1.NodeCache // the object as last written or read
 		lastWrite = time.Now()        // a restart waits an interval before writing progress
 		retryAt   time.Time
+		heard     *v1alpha1.NodeCache // what the watch had delivered when a write last failed
 		wait      = w.writeRetry
 	)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		if !retryAt.IsZero() && w.seen() != heard {
+			// After an outage the backoff may have grown to maxWriteRetry; the status need
+			// not lag that long behind an API server that is back.
+			retryAt = time.Time{}
+		}
 		cur = w.freshest(cur)
 		var due time.Time
 		now := time.Now()
@@ -186,7 +193,7 @@ func (w *Worker) writeStatuses(ctx context.Context, client rest.Interface) {
 					cur, lastWrite, retryAt, wait = written, now, time.Time{}, w.writeRetry
 					continue
 				}
-				retryAt = now.Add(wait/2 + rand.N(wait/2+1))
+				retryAt, heard = now.Add(wait/2+rand.N(wait/2+1)), w.seen()
 				w.log.Warn("write NodeCache status; retrying", "node", w.cfg.NodeName, "retry_in", retryAt.Sub(now), "error", err)
 				wait = min(2*wait, w.maxWriteRetry)
 				continue
@@ -206,6 +213,13 @@ func (w *Worker) writeStatuses(ctx context.Context, client rest.Interface) {
 		}
 		timer.Stop()
 	}
+}
+
+// seen returns the object the watch delivered last (nil: none, or there is none).
+func (w *Worker) seen() *v1alpha1.NodeCache {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.latest
 }
 
 // freshest returns the object to write the status into: cur, or the one the watch saw last
