@@ -109,6 +109,8 @@ so that pulls fall back to the upstream within milliseconds whenever the agent c
 	f.DurationVar(&kube.nodeCacheStatusInterval, "node-cache-status-interval", nodecache.DefaultStatusInterval, "the NodeCache status is written at most this often while only bytes move; state changes are written at once")
 	f.Float64Var(&kube.maxPinnedShare, "max-pinned-share", 0.5, "the most NodeCache items may pin of the store (--cache-size), 0-1: an item that would pass it is neither pinned nor fetched, and reported PinLimitExceeded; 0 = no bound")
 	f.DurationVar(&kube.nodeCacheStallTimeout, "node-cache-stall-timeout", nodecache.DefaultStallTimeout, "a NodeCache download that moves no byte for this long is retried (with backoff); one that keeps moving is never cut")
+	f.DurationVar(&kube.nodeCacheStoreRecheck, "node-cache-store-recheck", nodecache.DefaultStoreRecheck, "how often, on average, each held NodeCache item is looked up in the store (an index lookup per blob, no data read), to fetch and pin it again when its content left the store out of band")
+	f.DurationVar(&kube.nodeCacheRuntimeRecheck, "node-cache-runtime-recheck", nodecache.DefaultRuntimeRecheck, "how often each NodeCache item imported into the container runtime is checked there (one CRI image status call), to import and pin it again when it was removed or unpinned out of band")
 	f.String("log-level", "info", "debug, info, warn or error")
 	f.String("log-format", "json", "json or text")
 	cfg.UpstreamTimeouts.Manifest = 0 // bounded by --manifest-timeout in the mirror
@@ -160,6 +162,8 @@ type kubeFlags struct {
 	nodeCache                         bool
 	prefetchSeeds                     bool
 	nodeCacheStatusInterval           time.Duration
+	nodeCacheStoreRecheck             time.Duration
+	nodeCacheRuntimeRecheck           time.Duration
 	nodeCacheStallTimeout             time.Duration
 	maxPinnedShare                    float64
 }
@@ -183,6 +187,11 @@ func (k *kubeFlags) apply(cmd *cobra.Command, cfg *agent.Config) error {
 	}
 	if k.nodeCacheStatusInterval <= 0 {
 		return fmt.Errorf("%s %s: want more than 0", flagLabel(fs, "node-cache-status-interval"), k.nodeCacheStatusInterval)
+	}
+	for name, d := range map[string]time.Duration{"node-cache-store-recheck": k.nodeCacheStoreRecheck, "node-cache-runtime-recheck": k.nodeCacheRuntimeRecheck} {
+		if d <= 0 {
+			return fmt.Errorf("%s %s: want more than 0", flagLabel(fs, name), d)
+		}
 	}
 	if k.maxPinnedShare < 0 || k.maxPinnedShare > 1 {
 		return fmt.Errorf("%s %v: want a share between 0 and 1", flagLabel(fs, "max-pinned-share"), k.maxPinnedShare)
@@ -304,6 +313,8 @@ func (k *kubeFlags) nodeCacheHook(restCfg *rest.Config, peerAddress string, seed
 			Mirrors:            content.Mirrors,
 			StatusInterval:     k.nodeCacheStatusInterval,
 			StallTimeout:       k.nodeCacheStallTimeout,
+			StoreRecheck:       k.nodeCacheStoreRecheck,
+			RuntimeRecheck:     k.nodeCacheRuntimeRecheck,
 			MaxPinnedShare:     k.maxPinnedShare,
 			ContainerdProblems: problems,
 			Registerer:         content.Registerer,

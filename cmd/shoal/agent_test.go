@@ -47,6 +47,8 @@ func TestAgentErrorsNameFlags(t *testing.T) {
 		{"kubernetes without node name", []string{"--membership", "kubernetes", "--p2p-addr", "127.0.0.2:7070"}, nil, "--membership kubernetes needs --node-name"},
 		{"kubernetes without p2p addr", nil, map[string]string{"SHOAL_MEMBERSHIP": "kubernetes", "SHOAL_NODE_NAME": "a"}, "SHOAL_MEMBERSHIP (--membership) kubernetes needs --p2p-addr"},
 		{"node cache status interval", []string{"--membership", "kubernetes", "--node-name", "a", "--p2p-addr", "127.0.0.2:7070", "--node-cache-status-interval", "0s"}, nil, "--node-cache-status-interval 0s: want more than 0"},
+		{"node cache store recheck", []string{"--membership", "kubernetes", "--node-name", "a", "--p2p-addr", "127.0.0.2:7070", "--node-cache-store-recheck", "0s"}, nil, "--node-cache-store-recheck 0s: want more than 0"},
+		{"node cache runtime recheck", []string{"--membership", "kubernetes", "--node-name", "a", "--p2p-addr", "127.0.0.2:7070", "--node-cache-runtime-recheck", "-1s"}, nil, "--node-cache-runtime-recheck -1s: want more than 0"},
 		{"node cache stall timeout", []string{"--membership", "kubernetes", "--node-name", "a", "--p2p-addr", "127.0.0.2:7070", "--node-cache-stall-timeout", "-1s"}, nil, "--node-cache-stall-timeout -1s: want more than 0"},
 		{"runtime endpoint not a socket", []string{"--membership", "kubernetes", "--node-name", "a", "--p2p-addr", "127.0.0.2:7070", "--runtime-endpoint", "tcp://10.0.0.1:1"}, nil, `--runtime-endpoint: criruntime: endpoint "tcp://10.0.0.1:1" is not an absolute unix socket path`},
 	}
