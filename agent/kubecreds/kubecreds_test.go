@@ -25,6 +25,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
 	"github.com/shoal-dev/shoal/agent/upstream"
 	"github.com/shoal-dev/shoal/internal/pulltoken"
 	"github.com/shoal-dev/shoal/test/kubetest"
@@ -93,6 +95,86 @@ func TestPullWithTheControllersToken(t *testing.T) {
 		if got := testutil.ToFloat64(kc.lookups.WithLabelValues(result)); got != want {
 			t.Errorf("lookups{result=%s} = %v, want %v", result, got, want)
 		}
+	}
+}
+
+// TestRenewedTokenIsPickedUp: a download that outlives its first pull token goes on with the
+// one the controller renews in the same Secret. The registry's tokens live 2 s here while the
+// Secret says 31 s, so the keychain drops the first after 1 s (30 s before it says it
+// expires) and reads the Secret again; the registry would refuse the first token by then.
+func TestRenewedTokenIsPickedUp(t *testing.T) {
+	env := kubetest.Start(t)
+	ctx := t.Context()
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	const lifetime = 2 * time.Second
+	ta := tokenauth.New(inner, "puller", "s3cret", lifetime)
+	srv := httptest.NewServer(ta)
+	t.Cleanup(srv.Close)
+	ta.Realm = srv.URL + "/token"
+	push := httptest.NewServer(inner)
+	t.Cleanup(push.Close)
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag, err := name.NewTag(strings.TrimPrefix(push.URL, "http://")+"/secret/app:1", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(tag, img); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shoal-system"}}); err != nil {
+		t.Fatal(err)
+	}
+	secret := func(tok string, issued time.Time) *corev1.Secret {
+		s, err := pulltoken.Secret("shoal-system", pulltoken.Credential{Repository: "private.test/secret/app", Token: tok,
+			Issued: issued, Expires: issued.Add(expiryMargin + time.Second)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	first := time.Now()
+	tok1 := tokenFor(t, ta, srv.URL, "secret/app")
+	if err := env.Client.Create(ctx, secret(tok1, first)); err != nil {
+		t.Fatal(err)
+	}
+	kc, err := New(env.Config, "shoal-system", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	endpoint, err := upstream.ParseEndpoint(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := upstream.New(upstream.WithKeychain(kc), upstream.WithEndpointResolver(func(string) (upstream.Endpoint, error) { return endpoint, nil }))
+	t.Cleanup(up.CloseIdleConnections)
+	if _, err := up.Manifest(ctx, "private.test", "secret/app", "1", nil); err != nil {
+		t.Fatalf("with the first token: %v", err)
+	}
+
+	// The controller renews the token in the same Secret once the first is dead.
+	time.Sleep(time.Until(first.Add(lifetime + 100*time.Millisecond)))
+	if ta.Valid(tok1, "secret/app") {
+		t.Fatal("the first token still works: the case below proves nothing")
+	}
+	tok2 := tokenFor(t, ta, srv.URL, "secret/app")
+	s := secret(tok2, time.Now())
+	var cur corev1.Secret
+	if err := env.Client.Get(ctx, client.ObjectKeyFromObject(s), &cur); err != nil {
+		t.Fatal(err)
+	}
+	cur.Data = s.Data
+	cur.Annotations = s.Annotations
+	if err := env.Client.Update(ctx, &cur); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := up.Manifest(ctx, "private.test", "secret/app", "1", nil); err != nil {
+		t.Errorf("after the renewal: %v", err)
+	}
+	if got := testutil.ToFloat64(kc.lookups.WithLabelValues(lookupFound)); got != 2 {
+		t.Errorf("lookups{result=found} = %v, want 2 (the first token, then the renewed one)", got)
 	}
 }
 
