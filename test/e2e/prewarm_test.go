@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -220,5 +221,64 @@ func waitPrewarmReady(t *testing.T, ctx context.Context, c client.Client, p *sho
 		if time.Now().After(deadline) {
 			t.Fatalf("Prewarm not Ready %s within 4 minutes: %+v", ready, got.Status)
 		}
+	}
+}
+
+// TestPrewarmOnContainerd16: containerd 1.6 cannot pin images. A Prewarm with runtime import
+// on a node running it goes Ready with the image imported, and both the NodeCache item
+// ("imported, not pinned") and the Prewarm's Ready condition (ReadyNotPinned) say that it is
+// not pinned; CRI lists the image unpinned.
+func TestPrewarmOnContainerd16(t *testing.T) {
+	harness.RequireIsolation(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	arch := harness.HostPlatform().Architecture
+	tb, env, kubeconfig := kubeTestbed(t, ctx, 1, func(int) map[string]string {
+		return map[string]string{corev1.LabelOSStable: "linux", corev1.LabelArchStable: arch}
+	}, []string{"--cache-size", "1Gi"}, testbed.WithContainerd())
+	startController(t, tb, kubeconfig)
+	img, err := harness.PushImage(ctx, tb.RegistryHost(), "test/old-runtime:v1", harness.ImageSpec{Layers: 1, LayerSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "apps"}}); err != nil {
+		t.Fatal(err)
+	}
+	p := &shoalv1.Prewarm{
+		ObjectMeta: metav1.ObjectMeta{Name: "warm", Namespace: "apps"},
+		Spec:       shoalv1.PrewarmSpec{Images: []string{img.Name(testbed.RegistryName)}, RuntimeImport: shoalv1.RuntimeImportPinned},
+	}
+	if err := env.Client.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	st := waitPrewarmReady(t, ctx, env.Client, p, "1/1")
+	if c := meta.FindStatusCondition(st.Conditions, controllers.ConditionReady); c.Reason != "ReadyNotPinned" {
+		t.Errorf("Ready condition %s: %s; want ReadyNotPinned", c.Reason, c.Message)
+	}
+	node := tb.Nodes()[0]
+	var nc shoalv1.NodeCache
+	if err := env.Client.Get(ctx, client.ObjectKey{Name: node.Name()}, &nc); err != nil {
+		t.Fatal(err)
+	}
+	if len(nc.Status.Items) != 1 || nc.Status.Items[0].Runtime != shoalv1.RuntimeImported ||
+		!strings.Contains(nc.Status.Items[0].Message, "not pinned") {
+		t.Errorf("NodeCache status items %+v; want one, runtime Imported, saying it is not pinned", nc.Status.Items)
+	}
+	imageRef := testbed.RegistryName + "/" + img.Repo + "@" + img.Digest.String()
+	images, err := node.Containerd().CRI().ListImages(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, im := range images {
+		if slices.Contains(im.GetRepoDigests(), imageRef) {
+			found = true
+			if im.GetPinned() {
+				t.Errorf("containerd 1.6 lists %s pinned", imageRef)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("containerd does not list %s", imageRef)
 	}
 }
