@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/v1/random"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -13,7 +12,6 @@ import (
 
 	v1 "github.com/shoal-dev/shoal/api/v1alpha1"
 	"github.com/shoal-dev/shoal/controllers"
-	"github.com/shoal-dev/shoal/controllers/resolve"
 	"github.com/shoal-dev/shoal/test/kubetest"
 )
 
@@ -32,15 +30,8 @@ func TestControllerRecoversFromAPIServerOutage(t *testing.T) {
 	reg := startRegistry(t)
 	app := platformImage(t, "amd64")
 	appDigest := reg.push(t, "team/app:1", app)
-	podImg, err := random.Image(1024, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	podDigest := reg.push(t, "team/web:1", podImg)
-	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}), resolve.WithInsecure("registry.test"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	podDigest := reg.pushRandom(t, "team/web:1")
+	r := reg.resolver(t)
 
 	outage, cfg := kubetest.NewOutage(t, env)
 	startManagerAt(t, cfg, env, func(mgr ctrl.Manager) error {

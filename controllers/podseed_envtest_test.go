@@ -489,27 +489,7 @@ func TestPodPullTokenLivesAsLongAsItsSwarmSeed(t *testing.T) {
 	ctx := t.Context()
 	_, r, clk := startTokenRegistry(t)
 	clk.Add(-2 * time.Minute)
-	var tokens *controllers.PullTokens
-	startSeeder(t, env, r, clk, false, func(mgr ctrl.Manager, rec *controllers.PodSeedReconciler) {
-		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
-		rec.Tokens = tokens
-		rec.APIReader = mgr.GetAPIReader()
-	})
-	for _, ns := range []string{"team", "shoal-system"} {
-		if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	createPullSecret(t, c, "team", "pull", "private.test", "puller", "s3cret")
-	if err := c.Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
-		Spec: corev1.PodSpec{
-			Containers:       []corev1.Container{{Name: "app", Image: "private.test/secret/app:1"}},
-			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "pull"}},
-		},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	tokens := seedPrivatePod(t, env, r, clk)
 	secretName := pulltoken.Name("private.test/secret/app")
 	var seed shoalv1.SwarmSeed
 	eventually(t, "a SwarmSeed naming the pull token", func() (bool, string) {

@@ -76,6 +76,27 @@ func (tr *testRegistry) push(t *testing.T, repoTag string, img remote.Taggable) 
 	return d.String()
 }
 
+// pushRandom pushes a random single-layer image as repoTag and returns its digest.
+func (tr *testRegistry) pushRandom(t *testing.T, repoTag string) string {
+	t.Helper()
+	img, err := random.Image(1024, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr.push(t, repoTag, img)
+}
+
+// resolver is a resolver that reaches this registry as registry.test, with opts besides.
+func (tr *testRegistry) resolver(t *testing.T, opts ...resolve.ResolverOption) *resolve.Resolver {
+	t.Helper()
+	r, err := resolve.New(append([]resolve.ResolverOption{resolve.WithEndpoints(map[string]string{"registry.test": "http://" + tr.host}),
+		resolve.WithInsecure("registry.test")}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 // platformImage is a random image whose config says its platform.
 func platformImage(t *testing.T, arch string) v1.Image {
 	img, err := random.Image(1024, 2)
@@ -151,11 +172,7 @@ func TestPrewarmLifecycle(t *testing.T) {
 
 	clk := &clock{now: time.Unix(1_700_000_000, 0)}
 	promReg := prometheus.NewRegistry()
-	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}),
-		resolve.WithInsecure("registry.test"), resolve.WithClock(clk.Now))
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := reg.resolver(t, resolve.WithClock(clk.Now))
 	start := func() (stop func()) {
 		return startManager(t, env, func(mgr ctrl.Manager) error {
 			if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
@@ -336,15 +353,8 @@ func TestPrewarmHeldUntilNodesRelease(t *testing.T) {
 	c := env.Client
 	ctx := t.Context()
 	reg := startRegistry(t)
-	img, err := random.Image(1024, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	digest := reg.push(t, "team/app:1", img)
-	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}), resolve.WithInsecure("registry.test"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	digest := reg.pushRandom(t, "team/app:1")
+	r := reg.resolver(t)
 	startManager(t, env, func(mgr ctrl.Manager) error {
 		return (&controllers.PrewarmReconciler{Client: mgr.GetClient(), Resolver: controllers.RegistryResolver{R: r}}).SetupWithManager(mgr)
 	})
@@ -448,20 +458,9 @@ func TestPrewarmOutsideTheAllowedNamespaces(t *testing.T) {
 	c := env.Client
 	ctx := t.Context()
 	reg := startRegistry(t)
-	img, err := random.Image(1024, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	digest := reg.push(t, "team/app:1", img)
-	other, err := random.Image(1024, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg.push(t, "team/other:1", other)
-	r, err := resolve.New(resolve.WithEndpoints(map[string]string{"registry.test": "http://" + reg.host}), resolve.WithInsecure("registry.test"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	digest := reg.pushRandom(t, "team/app:1")
+	reg.pushRandom(t, "team/other:1")
+	r := reg.resolver(t)
 	policy := controllers.Policy{Namespaces: []string{"allowed"}}
 	startManager(t, env, func(mgr ctrl.Manager) error {
 		if err := (&controllers.NodeCacheReconciler{Client: mgr.GetClient(), Policy: policy}).SetupWithManager(mgr); err != nil {

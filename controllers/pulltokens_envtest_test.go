@@ -136,27 +136,7 @@ func TestPodPullTokens(t *testing.T) {
 	c := env.Client
 	ctx := t.Context()
 	ta, r, clk := startTokenRegistry(t)
-	var tokens *controllers.PullTokens
-	startSeeder(t, env, r, clk, false, func(mgr ctrl.Manager, rec *controllers.PodSeedReconciler) {
-		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
-		rec.Tokens = tokens
-		rec.APIReader = mgr.GetAPIReader()
-	})
-	for _, ns := range []string{"team", "shoal-system"} {
-		if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	createPullSecret(t, c, "team", "pull", "private.test", "puller", "s3cret")
-	if err := c.Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
-		Spec: corev1.PodSpec{
-			Containers:       []corev1.Container{{Name: "app", Image: "private.test/secret/app:1"}},
-			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "pull"}},
-		},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	tokens := seedPrivatePod(t, env, r, clk)
 	secretName := pulltoken.Name("private.test/secret/app")
 	eventually(t, "a SwarmSeed naming the pull token", func() (bool, string) {
 		seeds := listSeeds(t, c)
@@ -239,4 +219,34 @@ func createPullSecret(t *testing.T, c client.Client, namespace, secretName, regi
 	}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// seedPrivatePod starts the pod seeding reconcilers with pull tokens issued by r, and creates a
+// pending pod of private.test/secret/app:1 in namespace team with the pull secret that reaches
+// it; it returns the reconciler's PullTokens.
+func seedPrivatePod(t *testing.T, env *kubetest.Env, r *resolve.Resolver, clk *clock) *controllers.PullTokens {
+	t.Helper()
+	c, ctx := env.Client, t.Context()
+	var tokens *controllers.PullTokens
+	startSeeder(t, env, r, clk, false, func(mgr ctrl.Manager, rec *controllers.PodSeedReconciler) {
+		tokens = &controllers.PullTokens{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: "shoal-system", Issuer: r, Now: clk.Now}
+		rec.Tokens = tokens
+		rec.APIReader = mgr.GetAPIReader()
+	})
+	for _, ns := range []string{"team", "shoal-system"} {
+		if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	createPullSecret(t, c, "team", "pull", "private.test", "puller", "s3cret")
+	if err := c.Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "team"},
+		Spec: corev1.PodSpec{
+			Containers:       []corev1.Container{{Name: "app", Image: "private.test/secret/app:1"}},
+			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "pull"}},
+		},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return tokens
 }

@@ -38,29 +38,7 @@ import (
 func TestPullWithTheControllersToken(t *testing.T) {
 	env := kubetest.Start(t)
 	ctx := t.Context()
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	ta := tokenauth.New(inner, "puller", "s3cret", 5*time.Minute)
-	srv := httptest.NewServer(ta)
-	t.Cleanup(srv.Close)
-	ta.Realm = srv.URL + "/token"
-	push := httptest.NewServer(inner)
-	t.Cleanup(push.Close)
-	img, err := random.Image(512, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, repo := range []string{"secret/app", "secret/other"} {
-		tag, err := name.NewTag(strings.TrimPrefix(push.URL, "http://")+"/"+repo+":1", name.Insecure)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := remote.Write(tag, img); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shoal-system"}}); err != nil {
-		t.Fatal(err)
-	}
+	ta, srv := tokenRegistry(t, env, 5*time.Minute, "secret/app", "secret/other")
 	// The controller's part: a token for secret/app only.
 	tok := tokenFor(t, ta, srv.URL, "secret/app")
 	s, err := pulltoken.Secret("shoal-system", pulltoken.Credential{Repository: "private.test/secret/app", Token: tok,
@@ -105,28 +83,8 @@ func TestPullWithTheControllersToken(t *testing.T) {
 func TestRenewedTokenIsPickedUp(t *testing.T) {
 	env := kubetest.Start(t)
 	ctx := t.Context()
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	const lifetime = 2 * time.Second
-	ta := tokenauth.New(inner, "puller", "s3cret", lifetime)
-	srv := httptest.NewServer(ta)
-	t.Cleanup(srv.Close)
-	ta.Realm = srv.URL + "/token"
-	push := httptest.NewServer(inner)
-	t.Cleanup(push.Close)
-	img, err := random.Image(512, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tag, err := name.NewTag(strings.TrimPrefix(push.URL, "http://")+"/secret/app:1", name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(tag, img); err != nil {
-		t.Fatal(err)
-	}
-	if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shoal-system"}}); err != nil {
-		t.Fatal(err)
-	}
+	ta, srv := tokenRegistry(t, env, lifetime, "secret/app")
 	secret := func(tok string, issued time.Time) *corev1.Secret {
 		s, err := pulltoken.Secret("shoal-system", pulltoken.Credential{Repository: "private.test/secret/app", Token: tok,
 			Issued: issued, Expires: issued.Add(expiryMargin + time.Second)})
@@ -176,6 +134,37 @@ func TestRenewedTokenIsPickedUp(t *testing.T) {
 	if got := testutil.ToFloat64(kc.lookups.WithLabelValues(lookupFound)); got != 2 {
 		t.Errorf("lookups{result=found} = %v, want 2 (the first token, then the renewed one)", got)
 	}
+}
+
+// tokenRegistry starts a registry behind token authentication whose tokens live lifetime,
+// holding an image as <repo>:1 for each of repos, and creates Shoal's namespace, where the
+// controller's pull tokens go.
+func tokenRegistry(t *testing.T, env *kubetest.Env, lifetime time.Duration, repos ...string) (*tokenauth.Server, *httptest.Server) {
+	t.Helper()
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	ta := tokenauth.New(inner, "puller", "s3cret", lifetime)
+	srv := httptest.NewServer(ta)
+	t.Cleanup(srv.Close)
+	ta.Realm = srv.URL + "/token"
+	push := httptest.NewServer(inner)
+	t.Cleanup(push.Close)
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, repo := range repos {
+		tag, err := name.NewTag(strings.TrimPrefix(push.URL, "http://")+"/"+repo+":1", name.Insecure)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remote.Write(tag, img); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := env.Client.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shoal-system"}}); err != nil {
+		t.Fatal(err)
+	}
+	return ta, srv
 }
 
 // tokenFor asks the token server for a pull token of repo, as the controller would.
