@@ -57,12 +57,7 @@ func TestPullWithTheControllersToken(t *testing.T) {
 	if err := prometheus.NewPedanticRegistry().Register(kc); err != nil {
 		t.Fatal(err)
 	}
-	endpoint, err := upstream.ParseEndpoint(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	up := upstream.New(upstream.WithKeychain(kc), upstream.WithEndpointResolver(func(string) (upstream.Endpoint, error) { return endpoint, nil }))
-	t.Cleanup(up.CloseIdleConnections)
+	up := upstreamAt(t, srv.URL, kc)
 	if _, err := up.Manifest(ctx, "private.test", "secret/app", "1", nil); err != nil {
 		t.Errorf("with the token: %v", err)
 	}
@@ -102,12 +97,7 @@ func TestRenewedTokenIsPickedUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	endpoint, err := upstream.ParseEndpoint(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	up := upstream.New(upstream.WithKeychain(kc), upstream.WithEndpointResolver(func(string) (upstream.Endpoint, error) { return endpoint, nil }))
-	t.Cleanup(up.CloseIdleConnections)
+	up := upstreamAt(t, srv.URL, kc)
 	if _, err := up.Manifest(ctx, "private.test", "secret/app", "1", nil); err != nil {
 		t.Fatalf("with the first token: %v", err)
 	}
@@ -165,6 +155,19 @@ func tokenRegistry(t *testing.T, env *kubetest.Env, lifetime time.Duration, repo
 		t.Fatal(err)
 	}
 	return ta, srv
+}
+
+// upstreamAt is an upstream client that sends every registry's requests to url, with kc's
+// credentials.
+func upstreamAt(t *testing.T, url string, kc *Keychain) *upstream.Client {
+	t.Helper()
+	endpoint, err := upstream.ParseEndpoint(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := upstream.New(upstream.WithKeychain(kc), upstream.WithEndpointResolver(func(string) (upstream.Endpoint, error) { return endpoint, nil }))
+	t.Cleanup(up.CloseIdleConnections)
+	return up
 }
 
 // tokenFor asks the token server for a pull token of repo, as the controller would.
