@@ -8,11 +8,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime/pprof"
 	"strconv"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-dev/shoal/test/benchcpu"
 )
 
 // BenchmarkTwoNodeTransfer: one node holds a blob and hashes its pieces (as a seeder builds the
@@ -24,7 +24,7 @@ import (
 //
 //	SHOAL_BENCH_BLOB_MIB=1024 go test -run '^$' -bench TwoNodeTransfer -benchtime 2x ./agent/piecewire
 func BenchmarkTwoNodeTransfer(b *testing.B) {
-	blob := newTestBlob(1, benchSize(b), 1<<20)
+	blob := newTestBlob(1, benchcpu.BlobSize(b), 1<<20)
 	held := blob.file(b, blob.data)
 	var cpu time.Duration
 	b.ResetTimer() // not the blob's generation
@@ -43,8 +43,11 @@ func BenchmarkTwoNodeTransfer(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		stop := profile(b, n)
-		start := processCPU(b)
+		stop := func() {}
+		if n == 0 { // the first transfer's profile
+			stop = benchcpu.Profile(b)
+		}
+		start := benchcpu.ProcessCPU(b)
 		b.StartTimer()
 		// The holder hashes its pieces from its file, as a seeder builds the segments' infos.
 		hashes := hashPieces(b, held, int64(len(blob.data)), blob.pieceLength)
@@ -62,7 +65,7 @@ func BenchmarkTwoNodeTransfer(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StopTimer()
-		cpu += processCPU(b) - start
+		cpu += benchcpu.ProcessCPU(b) - start
 		stop()
 		if hex.EncodeToString(h.Sum(nil)) != blob.name {
 			b.Fatal("the fetched blob's digest differs")
@@ -72,20 +75,7 @@ func BenchmarkTwoNodeTransfer(b *testing.B) {
 		f.Close()
 	}
 	b.SetBytes(int64(len(blob.data)))
-	b.ReportMetric(cpu.Seconds()/(float64(len(blob.data))*float64(b.N)/(1<<30)), "cpu-s/GiB")
-}
-
-// benchSize is the blob the benchmarks move: SHOAL_BENCH_BLOB_MIB MiB, default 256.
-func benchSize(b *testing.B) int {
-	mib := 256
-	if v := os.Getenv("SHOAL_BENCH_BLOB_MIB"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			b.Fatalf("SHOAL_BENCH_BLOB_MIB=%q: want a positive number", v)
-		}
-		mib = n
-	}
-	return mib << 20
+	benchcpu.ReportPerGiB(b, cpu, int64(len(blob.data))*int64(b.N))
 }
 
 // hashPieces returns the SHA-1 of every piece of the size bytes in f.
@@ -103,33 +93,6 @@ func hashPieces(b *testing.B, f *os.File, size, pieceLength int64) []byte {
 	return out
 }
 
-func processCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// profile writes a CPU profile of the first transfer to $SHOAL_BENCH_CPUPROFILE when set.
-func profile(b *testing.B, n int) func() {
-	path := os.Getenv("SHOAL_BENCH_CPUPROFILE")
-	if path == "" || n > 0 {
-		return func() {}
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		b.Fatal(err)
-	}
-	return func() {
-		pprof.StopCPUProfile()
-		f.Close()
-	}
-}
-
 // BenchmarkWriteNewFile measures what every node pays for the bytes it receives, whatever moves
 // them: writing them into a new file, 64 KiB at a time as a fetch does. In "kept" every file
 // stays until the end, so each write needs new page-cache pages; in "recycled" each file is
@@ -139,7 +102,7 @@ func profile(b *testing.B, n int) func() {
 //
 //	SHOAL_BENCH_BLOB_MIB=1024 go test -run '^$' -bench WriteNewFile -benchtime 3x ./agent/piecewire
 func BenchmarkWriteNewFile(b *testing.B) {
-	size := benchSize(b)
+	size := benchcpu.BlobSize(b)
 	chunk := make([]byte, 64<<10)
 	for i := range chunk {
 		chunk[i] = byte(i * 7)
@@ -158,13 +121,13 @@ func BenchmarkWriteNewFile(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				start := processCPU(b)
+				start := benchcpu.ProcessCPU(b)
 				for off := 0; off < size; off += len(chunk) {
 					if _, err := f.WriteAt(chunk, int64(off)); err != nil {
 						b.Fatal(err)
 					}
 				}
-				cpu += processCPU(b) - start
+				cpu += benchcpu.ProcessCPU(b) - start
 				f.Close()
 				if !keep {
 					if err := os.Remove(path); err != nil {
@@ -173,7 +136,7 @@ func BenchmarkWriteNewFile(b *testing.B) {
 				}
 			}
 			b.SetBytes(int64(size))
-			b.ReportMetric(cpu.Seconds()/(float64(size)*float64(b.N)/(1<<30)), "cpu-s/GiB")
+			benchcpu.ReportPerGiB(b, cpu, int64(size)*int64(b.N))
 		})
 	}
 }

@@ -10,41 +10,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime/pprof"
-	"strconv"
-	"syscall"
 	"testing"
 	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/shoal-dev/shoal/agent/store"
+	"github.com/shoal-dev/shoal/test/benchcpu"
 )
-
-// benchBlobSize is the blob the transfer benchmarks move: SHOAL_BENCH_BLOB_MIB MiB, default 256
-// (the figure is for 1024: SHOAL_BENCH_BLOB_MIB=1024).
-func benchBlobSize(b *testing.B) int {
-	mib := 256
-	if v := os.Getenv("SHOAL_BENCH_BLOB_MIB"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			b.Fatalf("SHOAL_BENCH_BLOB_MIB=%q: want a positive number", v)
-		}
-		mib = n
-	}
-	return mib << 20
-}
-
-// processCPU is the CPU time this process has used, user and system.
-func processCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// reportCPU reports the CPU both ends spent per GiB moved, the figure the swarm's cost is
-// judged by (a copy plus sha256 costs about 1-1.5 CPU-s per GiB here).
-func reportCPU(b *testing.B, cpu time.Duration, bytes int64) {
-	b.ReportMetric(cpu.Seconds()/(float64(bytes)/(1<<30)), "cpu-s/GiB")
-}
 
 // BenchmarkTwoAgentTransfer: one agent's swarm holds a blob, another reads it through its own
 // swarm with the first as the only seeder (the registry down, so every byte comes from the peer) and hashes it as the content
@@ -53,21 +26,26 @@ func reportCPU(b *testing.B, cpu time.Duration, bytes int64) {
 //
 //	go test -run '^$' -bench 'TwoAgentTransfer|HTTPCopySHA256' -benchtime 3x ./agent/swarm
 func BenchmarkTwoAgentTransfer(b *testing.B) {
-	size := benchBlobSize(b)
+	size := benchcpu.BlobSize(b)
 	content := randomBlob(b, size)
 	up := newMemUpstream()
 	d := up.add(content)
 	up.blobsDown.Store(true)
+	// The seeder's content store holds the blob in a file, as a node's does: its uploads can
+	// use sendfile.
+	held := &fileBlobs{d: d, path: filepath.Join(b.TempDir(), "blob")}
+	if err := os.WriteFile(held.path, content, 0o600); err != nil {
+		b.Fatal(err)
+	}
 	var cpu time.Duration
 	b.ResetTimer() // not the blob's generation
 	for range b.N {
 		b.StopTimer()
-		locals := []*heldBlobs{{d: d, data: content}, {d: d, data: content}}
-		locals[0].held.Store(true)
+		locals := []LocalBlobs{held, &heldBlobs{d: d, data: content}}
 		nodes := startNodes(b, 2, up, func(i int) LocalBlobs { return locals[i] })
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		start := processCPU(b)
-		stopProfile := profileTransfer(b)
+		start := benchcpu.ProcessCPU(b)
+		stopProfile := benchcpu.Profile(b)
 		b.StartTimer()
 		// Node 0 seeds every segment, from its store: node 1 gets every byte from it.
 		rc, n, err := nodes[1].swarm.SourceWithin("registry.test", "bench/blob", d, []netip.AddrPort{nodes[0].addr})(ctx)
@@ -78,7 +56,7 @@ func BenchmarkTwoAgentTransfer(b *testing.B) {
 		got, err := io.Copy(h, rc)
 		rc.Close()
 		b.StopTimer()
-		cpu += processCPU(b) - start
+		cpu += benchcpu.ProcessCPU(b) - start
 		stopProfile()
 		cancel()
 		if err != nil || got != n || hex.EncodeToString(h.Sum(nil)) != d.Hex {
@@ -86,35 +64,46 @@ func BenchmarkTwoAgentTransfer(b *testing.B) {
 		}
 	}
 	b.SetBytes(int64(size))
-	reportCPU(b, cpu, int64(size)*int64(b.N))
+	benchcpu.ReportPerGiB(b, cpu, int64(size)*int64(b.N))
 }
 
-// profileTransfer writes a CPU profile of the transfer alone (not the setup, which generates and
-// hashes the blob) to $SHOAL_BENCH_CPUPROFILE when it is set, and returns what stops it.
-func profileTransfer(b *testing.B) func() {
-	path := os.Getenv("SHOAL_BENCH_CPUPROFILE")
-	if path == "" {
-		return func() {}
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		b.Fatal(err)
-	}
-	return func() {
-		pprof.StopCPUProfile()
-		f.Close()
-	}
+// fileBlobs is a content store that holds one complete blob in a file.
+type fileBlobs struct {
+	d    v1.Hash
+	path string
 }
+
+func (f *fileBlobs) Get(d v1.Hash) (store.Blob, error) {
+	if d != f.d {
+		return nil, store.ErrNotFound
+	}
+	file, err := os.Open(f.path)
+	if err != nil {
+		return nil, err
+	}
+	st, err := file.Stat()
+	if err != nil {
+		file.Close()
+		return nil, err
+	}
+	return sizedFile{file, st.Size()}, nil
+}
+
+// sizedFile is a file as a store.Blob; it keeps *os.File's SyscallConn, so the swarm can
+// reopen it for sendfile.
+type sizedFile struct {
+	*os.File
+	size int64
+}
+
+func (f sizedFile) Size() int64 { return f.size }
 
 // BenchmarkHTTPCopySHA256 is the floor BenchmarkTwoAgentTransfer is measured against: the same
 // blob served from a file by net/http over loopback, read and hashed by a client; in "file" the
 // client also writes it to a new file, as a node must (on a virtual machine whose host takes
 // freed memory back, every page a new file fills costs a fault in the host: see benchmarks.md).
 func BenchmarkHTTPCopySHA256(b *testing.B) {
-	size := benchBlobSize(b)
+	size := benchcpu.BlobSize(b)
 	content := randomBlob(b, size)
 	sum := sha256.Sum256(content)
 	path := filepath.Join(b.TempDir(), "blob")
@@ -152,7 +141,7 @@ func BenchmarkHTTPCopySHA256(b *testing.B) {
 					sink = f
 				}
 				b.StartTimer()
-				start := processCPU(b)
+				start := benchcpu.ProcessCPU(b)
 				resp, err := http.Get(url)
 				if err != nil {
 					b.Fatal(err)
@@ -160,13 +149,13 @@ func BenchmarkHTTPCopySHA256(b *testing.B) {
 				h := sha256.New()
 				got, err := io.Copy(io.MultiWriter(h, sink), resp.Body)
 				resp.Body.Close()
-				cpu += processCPU(b) - start
+				cpu += benchcpu.ProcessCPU(b) - start
 				if err != nil || got != int64(size) || [32]byte(h.Sum(nil)) != sum {
 					b.Fatalf("read %d of %d bytes (%v)", got, size, err)
 				}
 			}
 			b.SetBytes(int64(size))
-			reportCPU(b, cpu, int64(size)*int64(b.N))
+			benchcpu.ReportPerGiB(b, cpu, int64(size)*int64(b.N))
 		})
 	}
 }
