@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -130,7 +131,14 @@ func (r *NodeCacheReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("nodecache").
 		For(&corev1.Node{}).
-		Owns(&v1.NodeCache{}).
+		// Of the agent's status writes (every few seconds per downloading node) only those
+		// that change which items are Ready matter here: a moved tag's old digest goes once
+		// the new one is Ready. Spec changes and deletions pass.
+		Owns(&v1.NodeCache{}, builder.WithPredicates(predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
+			old, oldOK := e.ObjectOld.(*v1.NodeCache)
+			cur, curOK := e.ObjectNew.(*v1.NodeCache)
+			return !oldOK || !curOK || old.Generation != cur.Generation || !maps.Equal(readyItems(old), readyItems(cur))
+		}})).
 		Watches(&v1.Prewarm{}, handler.EnqueueRequestsFromMapFunc(enqueueAll(r.Client, &corev1.NodeList{})),
 			builder.WithPredicates(predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
 				old, oldOK := e.ObjectOld.(*v1.Prewarm)
@@ -402,6 +410,17 @@ func olderPrewarm(a, b *v1.Prewarm) bool {
 		return a.Namespace < b.Namespace
 	}
 	return a.Name < b.Name
+}
+
+// readyItems is the set of a NodeCache's items its agent reports Ready.
+func readyItems(nc *v1.NodeCache) map[string]bool {
+	out := map[string]bool{}
+	for _, st := range nc.Status.Items {
+		if st.State == v1.ItemReady {
+			out[st.Reference] = true
+		}
+	}
+	return out
 }
 
 // keepSuperseded adds to byRef each item of current whose repository and tag are still wanted
