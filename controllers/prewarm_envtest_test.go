@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -132,19 +133,32 @@ func multiArch(t *testing.T) (v1.ImageIndex, string, string) {
 // setItemsState plays the node's agent: every spec item of its NodeCache gets state.
 func setItemsState(t *testing.T, c client.Client, node string, state shoalv1.ItemState, only ...string) {
 	t.Helper()
-	var nc shoalv1.NodeCache
-	if err := c.Get(t.Context(), client.ObjectKey{Name: node}, &nc); err != nil {
-		t.Fatal(err)
-	}
-	nc.Status.Items = nil
-	for _, it := range nc.Spec.Items {
-		st := shoalv1.ItemPending
-		if len(only) == 0 || slices.Contains(only, it.Reference) {
-			st = state
+	updateNodeCacheStatus(t, c, node, func(nc *shoalv1.NodeCache) {
+		nc.Status.Items = nil
+		for _, it := range nc.Spec.Items {
+			st := shoalv1.ItemPending
+			if len(only) == 0 || slices.Contains(only, it.Reference) {
+				st = state
+			}
+			nc.Status.Items = append(nc.Status.Items, shoalv1.NodeCacheItemStatus{Reference: it.Reference, State: st, Bytes: 10, TotalBytes: 10})
 		}
-		nc.Status.Items = append(nc.Status.Items, shoalv1.NodeCacheItemStatus{Reference: it.Reference, State: st, Bytes: 10, TotalBytes: 10})
-	}
-	if err := c.Status().Update(t.Context(), &nc); err != nil {
+	})
+}
+
+// updateNodeCacheStatus writes edit's change to node's NodeCache status, again on a conflict:
+// the controller may be writing the spec at the same time (its seeders change as nodes come
+// and go).
+func updateNodeCacheStatus(t *testing.T, c client.Client, node string, edit func(*shoalv1.NodeCache)) {
+	t.Helper()
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		var nc shoalv1.NodeCache
+		if err := c.Get(t.Context(), client.ObjectKey{Name: node}, &nc); err != nil {
+			return err
+		}
+		edit(&nc)
+		return c.Status().Update(t.Context(), &nc)
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 }
@@ -276,14 +290,9 @@ func TestPrewarmLifecycle(t *testing.T) {
 	})
 
 	t.Run("a failing node is reported with its reason", func(t *testing.T) {
-		var nc shoalv1.NodeCache
-		if err := c.Get(ctx, client.ObjectKey{Name: "node-b"}, &nc); err != nil {
-			t.Fatal(err)
-		}
-		nc.Status.Items[0].State, nc.Status.Items[0].Reason, nc.Status.Items[0].Message = shoalv1.ItemFailed, shoalv1.ReasonStoreFull, "no space"
-		if err := c.Status().Update(ctx, &nc); err != nil {
-			t.Fatal(err)
-		}
+		updateNodeCacheStatus(t, c, "node-b", func(nc *shoalv1.NodeCache) {
+			nc.Status.Items[0].State, nc.Status.Items[0].Reason, nc.Status.Items[0].Message = shoalv1.ItemFailed, shoalv1.ReasonStoreFull, "no space"
+		})
 		eventually(t, "Degraded", func() (bool, string) {
 			p := getPrewarm(t, c, key)
 			return p.Status.Nodes.Failed == 1 && len(p.Status.FailingNodes) == 1 &&
