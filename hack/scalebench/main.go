@@ -50,6 +50,7 @@ type config struct {
 	doc          string
 	jsonOut      string
 	keep         bool
+	prewarms     int // Prewarms of the Prewarm phase; 0 = no such phase
 }
 
 func parseFlags(args []string) (config, error) {
@@ -68,21 +69,26 @@ func parseFlags(args []string) (config, error) {
 	doc := fs.String("doc", "", `Markdown file whose scale section is rewritten; "" = none`)
 	jsonOut := fs.String("json", "", "also write everything measured, with a per-second timeline, to this JSON file")
 	keep := fs.Bool("keep", false, "keep the work directory (controller logs, audit log) for a post-mortem")
+	prewarms := fs.Int("prewarms", 0, "after the pod rounds, a phase in which this many Prewarms (one image each) select every node and every node's agent reports its items Ready (one status write each, at -rate); its section of -doc is scale-prewarm; 0 = none")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
 	}
 	cfg := config{
 		nodes: *nodes, pods: *pods, baselinePods: *baseline, images: *images, indexEvery: *indexEvery,
 		layers: *layers, layerSize: *layerKiB << 10, rate: *rate, concurrency: *concurrency,
-		seedTTL: *seedTTL, timeout: *timeout, doc: *doc, jsonOut: *jsonOut, keep: *keep,
+		seedTTL: *seedTTL, timeout: *timeout, doc: *doc, jsonOut: *jsonOut, keep: *keep, prewarms: *prewarms,
 	}
 	switch {
 	case cfg.nodes < 1:
 		return config{}, errors.New("-nodes must be at least 1")
-	case cfg.pods < 1 || cfg.baselinePods < 0:
-		return config{}, errors.New("-pods must be at least 1 and -baseline-pods not negative")
-	case cfg.images < 1 || cfg.images > cfg.pods || (cfg.baselinePods > 0 && cfg.images > cfg.baselinePods):
+	case cfg.prewarms < 0:
+		return config{}, errors.New("-prewarms must not be negative")
+	case cfg.pods < 0 || cfg.baselinePods < 0 || (cfg.pods == 0 && (cfg.baselinePods > 0 || cfg.prewarms == 0)):
+		return config{}, errors.New("-pods must be at least 1 (0 only with -prewarms and no -baseline-pods) and -baseline-pods not negative")
+	case cfg.images < 1 || (cfg.pods > 0 && cfg.images > cfg.pods) || (cfg.baselinePods > 0 && cfg.images > cfg.baselinePods):
 		return config{}, errors.New("-images must be at least 1 and at most the pods of every round")
+	case cfg.prewarms > cfg.images:
+		return config{}, errors.New("-prewarms must be at most -images (one image each)")
 	case cfg.indexEvery < 0 || cfg.layers < 1 || cfg.layerSize < 1:
 		return config{}, errors.New("-index-every must not be negative, -layers and -layer-kib must be positive")
 	case cfg.rate <= 0 || cfg.concurrency < 1:
@@ -95,7 +101,10 @@ func parseFlags(args []string) (config, error) {
 
 // rounds are the pod counts measured, in order.
 func (cfg config) rounds() []int {
-	if cfg.baselinePods > 0 {
+	switch {
+	case cfg.pods == 0:
+		return nil
+	case cfg.baselinePods > 0:
 		return []int{cfg.baselinePods, cfg.pods}
 	}
 	return []int{cfg.pods}
@@ -174,13 +183,30 @@ func run(cfg config) int {
 	if len(results) > 0 {
 		printTable(os.Stdout, report)
 	}
+	if cfg.prewarms > 0 && !failed {
+		res, err := b.prewarmPhase(ctx, len(cfg.rounds())+1)
+		if err != nil {
+			log.Error("Prewarm phase failed", "err", err)
+			failed = true
+		} else {
+			report.Prewarm = res
+			body := prewarmMarkdown(report.Date, os.Args[1:], res)
+			fmt.Print("\n" + body)
+			if cfg.doc != "" {
+				if err := writeDocSection(cfg.doc, "scale-prewarm", body); err != nil {
+					log.Error("write doc", "err", err)
+					failed = true
+				}
+			}
+		}
+	}
 	if cfg.jsonOut != "" {
 		if err := writeJSON(cfg.jsonOut, report); err != nil {
 			log.Error("write results", "err", err)
 			failed = true
 		}
 	}
-	if cfg.doc != "" && !failed && len(results) == len(cfg.rounds()) {
+	if cfg.doc != "" && !failed && len(results) > 0 && len(results) == len(cfg.rounds()) {
 		if err := writeDoc(cfg.doc, markdown(report)); err != nil {
 			log.Error("write doc", "err", err)
 			failed = true

@@ -101,10 +101,11 @@ type result struct {
 
 // report is the whole run.
 type report struct {
-	Date    string    `json:"date"`
-	Config  setup     `json:"config"`
-	Startup *startup  `json:"startup,omitempty"`
-	Rounds  []*result `json:"rounds"`
+	Date    string         `json:"date"`
+	Config  setup          `json:"config"`
+	Startup *startup       `json:"startup,omitempty"`
+	Rounds  []*result      `json:"rounds"`
+	Prewarm *prewarmResult `json:"prewarm,omitempty"`
 }
 
 func writeJSON(path string, r *report) error {
@@ -351,6 +352,21 @@ func writeDoc(path, body string) error {
 		return fmt.Errorf("%s: %w", path, err)
 	}
 	return os.WriteFile(path, []byte(text), 0o644)
+}
+
+// writeDocSection replaces what is between <!-- BEGIN name --> and <!-- END name --> in path.
+func writeDocSection(path, name, body string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	begin, end := "<!-- BEGIN "+name+" -->", "<!-- END "+name+" -->"
+	text := string(data)
+	i, j := strings.Index(text, begin), strings.Index(text, end)
+	if i < 0 || j < i {
+		return fmt.Errorf("%s: no %s … %s section", path, begin, end)
+	}
+	return os.WriteFile(path, []byte(text[:i+len(begin)]+"\n"+body+text[j:]), 0o644)
 }
 
 func replaceSection(text, body string) (string, error) {
