@@ -50,5 +50,5 @@ if want scale; then
 	# SCALEBENCH_ARGS, e.g. "-nodes 100 -pods 2000", changes the size; the section shows the command.
 	read -ra scale_args <<<"${SCALEBENCH_ARGS:-}"
 	echo "== controller at scale: Nodes, pending Pods and images in envtest, API writes and seed latency" >&2
-	go run ./hack/scalebench "${scale_args[@]}" -doc docs/benchmarks.md >&2
+	go run ./hack/scalebench -prewarms "${SCALE_PREWARMS:-10}" "${scale_args[@]}" -doc docs/benchmarks.md >&2
 fi
