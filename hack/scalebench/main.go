@@ -184,7 +184,15 @@ func run(cfg config) int {
 		printTable(os.Stdout, report)
 	}
 	if cfg.prewarms > 0 && !failed {
-		res, err := b.prewarmPhase(ctx, len(cfg.rounds())+1)
+		var res *prewarmResult
+		var err error
+		if n := len(cfg.rounds()); n > 0 {
+			// The last round's pods and SwarmSeeds go first: the phase measures Prewarms alone.
+			err = b.clear(ctx, fmt.Sprintf("scale-%d", n))
+		}
+		if err == nil {
+			res, err = b.prewarmPhase(ctx, len(cfg.rounds())+1)
+		}
 		if err != nil {
 			log.Error("Prewarm phase failed", "err", err)
 			failed = true
