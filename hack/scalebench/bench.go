@@ -272,18 +272,11 @@ func (b *bench) round(ctx context.Context, n, pods int) (*result, error) {
 		return nil, err
 	}
 	ctrlStart := time.Now()
-	ctrl, err := startController(b.bin, b.dir, n, b.userKube, b.reg.host, b.cfg.seedTTL)
+	ctrl, stopCtrl, err := b.startController(n, log)
 	if err != nil {
 		return nil, err
 	}
-	b.ctrlMu.Lock()
-	b.ctrl = ctrl
-	b.ctrlMu.Unlock()
-	defer func() {
-		if err := ctrl.stop(); err != nil {
-			log.Warn("stop controller", "err", err)
-		}
-	}()
+	defer stopCtrl()
 	log.Info("controller started", "pid", ctrl.pid(), "log", ctrl.logPath)
 	smp := startSampler(ctx, ctrl, ctrlStart)
 	defer smp.stop()
@@ -314,11 +307,7 @@ func (b *bench) round(ctx context.Context, n, pods int) (*result, error) {
 		return nil, err
 	}
 	defer seeds.stop()
-	before, err := ctrl.scrape(ctx)
-	if err != nil {
-		return nil, err
-	}
-	cpuBefore, err := b.cpu(ctrl)
+	before, cpuBefore, err := b.snapshot(ctx, ctrl)
 	if err != nil {
 		return nil, err
 	}
@@ -336,11 +325,7 @@ func (b *bench) round(ctx context.Context, n, pods int) (*result, error) {
 	}
 	log.Info("all manifests seeded and the controller idle", "seconds", round1(end.Sub(phaseStart).Seconds()))
 
-	after, err := ctrl.scrape(ctx)
-	if err != nil {
-		return nil, err
-	}
-	cpuAfter, err := b.cpu(ctrl)
+	after, cpuAfter, err := b.snapshot(ctx, ctrl)
 	if err != nil {
 		return nil, err
 	}
@@ -374,6 +359,33 @@ func (b *bench) round(ctx context.Context, n, pods int) (*result, error) {
 		return res, b.clear(ctx, ns)
 	}
 	return res, nil
+}
+
+// startController starts a fresh `shoal controller` for round n, which close stops too if the
+// run fails, and returns what stops it.
+func (b *bench) startController(n int, log *slog.Logger) (*controllerProcess, func(), error) {
+	ctrl, err := startController(b.bin, b.dir, n, b.userKube, b.reg.host, b.cfg.seedTTL)
+	if err != nil {
+		return nil, nil, err
+	}
+	b.ctrlMu.Lock()
+	b.ctrl = ctrl
+	b.ctrlMu.Unlock()
+	return ctrl, func() {
+		if err := ctrl.stop(); err != nil {
+			log.Warn("stop controller", "err", err)
+		}
+	}, nil
+}
+
+// snapshot is the controller's metrics and the run's CPU times now.
+func (b *bench) snapshot(ctx context.Context, ctrl *controllerProcess) (harness.Metrics, cpuTimes, error) {
+	m, err := ctrl.scrape(ctx)
+	if err != nil {
+		return m, cpuTimes{}, err
+	}
+	cpu, err := b.cpu(ctrl)
+	return m, cpu, err
 }
 
 // waitSettled waits until the controller has written one NodeCache per Node and has nothing

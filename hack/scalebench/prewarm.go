@@ -44,18 +44,11 @@ func (b *bench) prewarmPhase(ctx context.Context, round int) (*prewarmResult, er
 	if err := b.admin.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
 		return nil, fmt.Errorf("create namespace %s: %w", ns, err)
 	}
-	ctrl, err := startController(b.bin, b.dir, round, b.userKube, b.reg.host, b.cfg.seedTTL)
+	ctrl, stopCtrl, err := b.startController(round, log)
 	if err != nil {
 		return nil, err
 	}
-	b.ctrlMu.Lock()
-	b.ctrl = ctrl
-	b.ctrlMu.Unlock()
-	defer func() {
-		if err := ctrl.stop(); err != nil {
-			log.Warn("stop controller", "err", err)
-		}
-	}()
+	defer stopCtrl()
 	if err := ctrl.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -80,11 +73,7 @@ func (b *bench) prewarmPhase(ctx context.Context, round int) (*prewarmResult, er
 	res := &prewarmResult{Nodes: b.cfg.nodes, Prewarms: b.cfg.prewarms, Settled: time.Since(created).Seconds()}
 	log.Info("NodeCaches hold every Prewarm's item", "settled_s", round1(res.Settled))
 
-	before, err := ctrl.scrape(ctx)
-	if err != nil {
-		return nil, err
-	}
-	cpu0, err := b.cpu(ctrl)
+	before, cpu0, err := b.snapshot(ctx, ctrl)
 	if err != nil {
 		return nil, err
 	}
@@ -113,11 +102,7 @@ func (b *bench) prewarmPhase(ctx context.Context, round int) (*prewarmResult, er
 		return nil, err
 	}
 	res.Converged = time.Since(written).Seconds()
-	after, err := ctrl.scrape(ctx)
-	if err != nil {
-		return nil, err
-	}
-	cpu1, err := b.cpu(ctrl)
+	after, cpu1, err := b.snapshot(ctx, ctrl)
 	if err != nil {
 		return nil, err
 	}
