@@ -909,16 +909,27 @@ func TestNodeCache(t *testing.T) {
 		}
 
 		// While everything is there, the rechecks look and change nothing: no refetch, no write.
-		writes := metric(t, n.metrics, "shoal_nodecache_status_writes_total", "result", "ok")
-		from := stats.Load()
-		waitUntil(t, "three rechecks of both items", func() bool {
-			return stats.Load() >= from+3*int64(len(pc.all())+len(cc.all()))
-		})
+		// The write that said Ready may have a coalesced one behind it (the store's use), so
+		// the test looks for a span of three rechecks without a write, a few spans at most: a
+		// recheck that writes every time never gives one.
+		quiet := false
+		var extra float64
+		for range 5 {
+			writes := metric(t, n.metrics, "shoal_nodecache_status_writes_total", "result", "ok")
+			from := stats.Load()
+			waitUntil(t, "three rechecks of both items", func() bool {
+				return stats.Load() >= from+3*int64(len(pc.all())+len(cc.all()))
+			})
+			if extra = metric(t, n.metrics, "shoal_nodecache_status_writes_total", "result", "ok") - writes; extra == 0 {
+				quiet = true
+				break
+			}
+		}
+		if !quiet {
+			t.Errorf("%v status writes in each of five spans of three rechecks while nothing changed, want none", extra)
+		}
 		if got := metric(t, n.metrics, "shoal_nodecache_refetches_total", "", ""); got != 0 {
 			t.Errorf("shoal_nodecache_refetches_total = %v with everything in the store, want 0", got)
-		}
-		if got := metric(t, n.metrics, "shoal_nodecache_status_writes_total", "result", "ok"); got != writes {
-			t.Errorf("%v status writes while nothing changed, want none", got-writes)
 		}
 
 		// A layer of the pinned item goes, its pin with it, and the cached item's manifest.
