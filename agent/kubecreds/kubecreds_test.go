@@ -72,24 +72,26 @@ func TestPullWithTheControllersToken(t *testing.T) {
 }
 
 // TestRenewedTokenIsPickedUp: a download that outlives its first pull token goes on with the
-// one the controller renews in the same Secret. The registry's tokens live 2 s here while the
-// Secret says 31 s, so the keychain drops the first after 1 s (30 s before it says it
-// expires) and reads the Secret again; the registry would refuse the first token by then.
+// one the controller renews in the same Secret. The registry's tokens live 5 s here while the
+// Secret says 35 s, so the keychain drops the first after 5 s (30 s before the Secret says it
+// expires) and reads the Secret again; the registry refuses the first token by then.
 func TestRenewedTokenIsPickedUp(t *testing.T) {
 	env := kubetest.Start(t)
 	ctx := t.Context()
-	const lifetime = 2 * time.Second
+	// Long enough for the first request to come before the keychain drops the first token
+	// on a busy machine.
+	const lifetime = 5 * time.Second
 	ta, srv := tokenRegistry(t, env, lifetime, "secret/app")
 	secret := func(tok string, issued time.Time) *corev1.Secret {
 		s, err := pulltoken.Secret("shoal-system", pulltoken.Credential{Repository: "private.test/secret/app", Token: tok,
-			Issued: issued, Expires: issued.Add(expiryMargin + time.Second)})
+			Issued: issued, Expires: issued.Add(expiryMargin + lifetime)})
 		if err != nil {
 			t.Fatal(err)
 		}
 		return s
 	}
-	first := time.Now()
 	tok1 := tokenFor(t, ta, srv.URL, "secret/app")
+	first := time.Now() // after the registry issued tok1: it dies before first + lifetime
 	if err := env.Client.Create(ctx, secret(tok1, first)); err != nil {
 		t.Fatal(err)
 	}
