@@ -153,9 +153,12 @@ func TestLostPieceIsFetchedAgain(t *testing.T) {
 	if tt.PieceComplete(piece) {
 		t.Fatal("a lost piece is still complete")
 	}
-	// Two complete nodes drop their connection; the swarm gives its peers again.
-	tt.AddPeers([]netip.AddrPort{seeder.addr})
-	waitFor(t, "the lost piece to come again", func() bool { return tt.PieceComplete(piece) })
+	// Two complete nodes drop their connection, which may happen only now, after Lose; the
+	// swarm gives its peers again each time it asks for a segment, so the test does each poll.
+	waitFor(t, "the lost piece to come again", func() bool {
+		tt.AddPeers([]netip.AddrPort{seeder.addr})
+		return tt.PieceComplete(piece)
+	})
 	waitComplete(t, tt, f, blob.data)
 	if node.reqs.sentFor(piece) == before {
 		t.Error("the lost piece completed again with no new request")
