@@ -110,9 +110,12 @@ func newPiecesPath(cfg Config, self netip.AddrPort, onData func(netip.Addr), onB
 	p := &piecesPath{allowed: cfg.Membership.Allowed, onBan: onBan}
 	p.node = piecewire.NewNode(piecewire.Config{
 		// Its own connections: a piece fetch holds one for the piece's time on the link, and a
-		// haves stream one for as long as the blob is fetched.
+		// haves stream one for as long as the blob is fetched. A dial may wait behind a full
+		// uplink's queue (the peer's answer queues behind the pieces it sends): the control
+		// requests' 300 ms failed dials at N = 32 and sent their pieces back to upstream, so a
+		// dial gets as long as a piece may stall.
 		Client: &http.Client{Transport: &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: controlDialTimeout, LocalAddr: membership.LocalAddr(self)}).DialContext,
+			DialContext:         (&net.Dialer{Timeout: pieceStallTimeout, LocalAddr: membership.LocalAddr(self)}).DialContext,
 			MaxIdleConnsPerHost: 4,
 			IdleConnTimeout:     time.Minute,
 		}},
