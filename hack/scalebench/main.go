@@ -201,7 +201,7 @@ func run(cfg config) int {
 			body := prewarmMarkdown(report.Date, os.Args[1:], res)
 			fmt.Print("\n" + body)
 			if cfg.doc != "" {
-				if err := writeDocSection(cfg.doc, "scale-prewarm", body); err != nil {
+				if err := writeDoc(cfg.doc, "scale-prewarm", body); err != nil {
 					log.Error("write doc", "err", err)
 					failed = true
 				}
@@ -215,7 +215,7 @@ func run(cfg config) int {
 		}
 	}
 	if cfg.doc != "" && !failed && len(results) > 0 && len(results) == len(cfg.rounds()) {
-		if err := writeDoc(cfg.doc, markdown(report)); err != nil {
+		if err := writeDoc(cfg.doc, "scale", markdown(report)); err != nil {
 			log.Error("write doc", "err", err)
 			failed = true
 		} else {

@@ -74,12 +74,13 @@ func TestImageOf(t *testing.T) {
 
 // TestReplaceSection: only what is between the markers changes; a file without them is an error.
 func TestReplaceSection(t *testing.T) {
+	beginMarker, endMarker := markers("scale")
 	doc := "intro\n" + beginMarker + "\nold\n" + endMarker + "\nafter\n"
-	got, err := replaceSection(doc, "new\n")
+	got, err := replaceSection(doc, "scale", "new\n")
 	if want := "intro\n" + beginMarker + "\nnew\n" + endMarker + "\nafter\n"; err != nil || got != want {
 		t.Errorf("replaceSection = %q, %v; want %q", got, err, want)
 	}
-	if _, err := replaceSection("no markers\n", "new\n"); err == nil {
+	if _, err := replaceSection("no markers\n", "scale", "new\n"); err == nil {
 		t.Error("a file without markers was accepted")
 	}
 }

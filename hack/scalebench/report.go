@@ -335,41 +335,27 @@ func share(part, whole float64) string {
 	return fmt.Sprintf("%.0f %%", 100*part/whole)
 }
 
-const (
-	beginMarker = "<!-- BEGIN scale -->"
-	endMarker   = "<!-- END scale -->"
-)
+// markers are the lines that bound section name of the doc, e.g. <!-- BEGIN scale -->.
+func markers(name string) (begin, end string) {
+	return "<!-- BEGIN " + name + " -->", "<!-- END " + name + " -->"
+}
 
-// writeDoc replaces what is between the scale markers in path and leaves the rest of the file
-// as it was.
-func writeDoc(path, body string) error {
+// writeDoc replaces what is between section name's markers in path and leaves the rest of the
+// file as it was.
+func writeDoc(path, name, body string) error {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	text, err := replaceSection(string(data), body)
+	text, err := replaceSection(string(data), name, body)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
 	return os.WriteFile(path, []byte(text), 0o644)
 }
 
-// writeDocSection replaces what is between <!-- BEGIN name --> and <!-- END name --> in path.
-func writeDocSection(path, name, body string) error {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	begin, end := "<!-- BEGIN "+name+" -->", "<!-- END "+name+" -->"
-	text := string(data)
-	i, j := strings.Index(text, begin), strings.Index(text, end)
-	if i < 0 || j < i {
-		return fmt.Errorf("%s: no %s … %s section", path, begin, end)
-	}
-	return os.WriteFile(path, []byte(text[:i+len(begin)]+"\n"+body+text[j:]), 0o644)
-}
-
-func replaceSection(text, body string) (string, error) {
+func replaceSection(text, name, body string) (string, error) {
+	beginMarker, endMarker := markers(name)
 	begin, end := strings.Index(text, beginMarker), strings.Index(text, endMarker)
 	if begin < 0 || end < begin {
 		return "", fmt.Errorf("no %s … %s section", beginMarker, endMarker)
