@@ -56,12 +56,20 @@ var nodeChangesSelection = predicate.Funcs{UpdateFunc: func(e event.UpdateEvent)
 	return !maps.Equal(old.Labels, cur.Labels) || nodeReady(old) != nodeReady(cur)
 }}
 
+// readyCondition is a Node's Ready condition, nil without one.
+func readyCondition(n *corev1.Node) *corev1.NodeCondition {
+	for i := range n.Status.Conditions {
+		if n.Status.Conditions[i].Type == corev1.NodeReady {
+			return &n.Status.Conditions[i]
+		}
+	}
+	return nil
+}
+
 // nodeReady is the status of a Node's Ready condition ("" without one).
 func nodeReady(n *corev1.Node) corev1.ConditionStatus {
-	for _, c := range n.Status.Conditions {
-		if c.Type == corev1.NodeReady {
-			return c.Status
-		}
+	if c := readyCondition(n); c != nil {
+		return c.Status
 	}
 	return ""
 }

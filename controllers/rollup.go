@@ -129,16 +129,11 @@ func Rollup(p *v1.Prewarm, nodes []*corev1.Node, caches map[string]*v1.NodeCache
 // condition) never make a node fail.
 func agentUnavailable(node *corev1.Node, nc *v1.NodeCache, now time.Time) (*v1.NodeFailure, time.Duration) {
 	var wait time.Duration
-	for _, c := range node.Status.Conditions {
-		if c.Type != corev1.NodeReady || c.Status == corev1.ConditionTrue || c.LastTransitionTime.IsZero() {
-			continue
+	if c := readyCondition(node); c != nil && c.Status != corev1.ConditionTrue && !c.LastTransitionTime.IsZero() {
+		if wait = c.LastTransitionTime.Add(AgentGrace).Sub(now); wait <= 0 {
+			return &v1.NodeFailure{Node: node.Name, Reason: v1.ReasonAgentUnavailable,
+				Message: fmt.Sprintf("the node has not been Ready since %s", c.LastTransitionTime.UTC().Format(time.RFC3339))}, 0
 		}
-		if left := c.LastTransitionTime.Add(AgentGrace).Sub(now); left > 0 {
-			wait = left
-			break
-		}
-		return &v1.NodeFailure{Node: node.Name, Reason: v1.ReasonAgentUnavailable,
-			Message: fmt.Sprintf("the node has not been Ready since %s", c.LastTransitionTime.UTC().Format(time.RFC3339))}, 0
 	}
 	if nc == nil || nc.Status.AgentVersion != "" || nc.Status.ObservedGeneration != 0 || nc.CreationTimestamp.IsZero() {
 		return nil, wait
