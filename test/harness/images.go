@@ -166,10 +166,7 @@ func parseTag(registryHost, repoTag string) (name.Tag, error) {
 // blob) to the registry at registryHost as a layer of repo, e.g. "bench/blob", and returns its
 // digest.
 func PushBlob(ctx context.Context, registryHost, repo string, size int64, seed uint64) (v1.Hash, error) {
-	data := make([]byte, size)
-	var key [32]byte
-	copy(key[:], strconv.FormatUint(seed, 16))
-	_, _ = rand.NewChaCha8(key).Read(data) // ChaCha8.Read never fails
+	data := seededBytes(size, strconv.FormatUint(seed, 16))
 	layer := static.NewLayer(data, types.OCIUncompressedLayer)
 	d, err := layer.Digest()
 	if err != nil {
@@ -264,10 +261,7 @@ func PushArtifact(ctx context.Context, registryHost, repoTag string, size int64,
 	if err != nil {
 		return nil, err
 	}
-	data := make([]byte, size)
-	var key [32]byte
-	copy(key[:], "artifact"+strconv.FormatUint(seed, 16))
-	_, _ = rand.NewChaCha8(key).Read(data) // ChaCha8.Read never fails
+	data := seededBytes(size, "artifact"+strconv.FormatUint(seed, 16))
 	out := &Image{Repo: tag.RepositoryStr(), Tag: tag.TagStr(), Sizes: map[v1.Hash]int64{}}
 	var descs []v1.Descriptor
 	for _, blob := range []struct {
@@ -309,3 +303,12 @@ type rawManifest struct {
 
 func (r rawManifest) RawManifest() ([]byte, error)        { return r.body, nil }
 func (r rawManifest) MediaType() (types.MediaType, error) { return r.mt, nil }
+
+// seededBytes is size pseudo-random bytes that key (its first 32 bytes) alone decides.
+func seededBytes(size int64, key string) []byte {
+	data := make([]byte, size)
+	var k [32]byte
+	copy(k[:], key)
+	_, _ = rand.NewChaCha8(k).Read(data) // ChaCha8.Read never fails
+	return data
+}
