@@ -225,9 +225,7 @@ func (w *Worker) seen() *v1alpha1.NodeCache {
 // freshest returns the object to write the status into: cur, or the one the watch saw last
 // when that is another object or a newer spec. nil: there is none.
 func (w *Worker) freshest(cur *v1alpha1.NodeCache) *v1alpha1.NodeCache {
-	w.mu.Lock()
-	latest := w.latest
-	w.mu.Unlock()
+	latest := w.seen()
 	switch {
 	case latest == nil:
 		return nil
