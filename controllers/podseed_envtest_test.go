@@ -502,17 +502,7 @@ func TestPodPullTokenLivesAsLongAsItsSwarmSeed(t *testing.T) {
 		}
 		return false, fmt.Sprintf("%+v", seeds)
 	})
-	read := func() string {
-		var s corev1.Secret
-		if err := c.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: secretName}, &s); err != nil {
-			t.Fatal(err)
-		}
-		cred, err := pulltoken.Parse(&s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cred.Token
-	}
+	read := func() string { return readPullToken(t, c, secretName).Token }
 	first := read()
 
 	// Half a minute before the SwarmSeed falls due, it still exists, and its token, long due

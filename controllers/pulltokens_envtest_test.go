@@ -147,17 +147,7 @@ func TestPodPullTokens(t *testing.T) {
 		}
 		return false, fmt.Sprintf("%+v", seeds)
 	})
-	read := func() pulltoken.Credential {
-		var s corev1.Secret
-		if err := c.Get(ctx, client.ObjectKey{Namespace: "shoal-system", Name: secretName}, &s); err != nil {
-			t.Fatal(err)
-		}
-		cred, err := pulltoken.Parse(&s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cred
-	}
+	read := func() pulltoken.Credential { return readPullToken(t, c, secretName) }
 	first := read()
 	if !ta.Valid(first.Token, "secret/app") {
 		t.Fatal("the token does not pull secret/app")
@@ -249,4 +239,19 @@ func seedPrivatePod(t *testing.T, env *kubetest.Env, r *resolve.Resolver, clk *c
 		t.Fatal(err)
 	}
 	return tokens
+}
+
+// readPullToken is the credential in pull token Secret name of Shoal's namespace; it must be
+// there.
+func readPullToken(t *testing.T, c client.Client, name string) pulltoken.Credential {
+	t.Helper()
+	var s corev1.Secret
+	if err := c.Get(t.Context(), client.ObjectKey{Namespace: "shoal-system", Name: name}, &s); err != nil {
+		t.Fatal(err)
+	}
+	cred, err := pulltoken.Parse(&s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cred
 }
