@@ -151,6 +151,20 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 					return ctx.Err()
 				}
 				continue
+			case timeouts < seederTimeoutsToFail && slices.Contains(s.cfg.Membership.Live(), seeder) && s.showsLife(ctx, seeder):
+				timeouts++
+				// Silent on this request, yet it sends this node data or answers a ping: busy
+				// (on saturated links a dropped packet of the request or of its answer costs a
+				// retransmission), not wedged. The next seeder would fetch the segment from
+				// upstream a second time.
+				s.metrics.seederBusy.Inc()
+				s.log.Debug("seeder busy, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
+				select {
+				case <-time.After(seederRetryPause):
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				continue
 			}
 			failed[seeder], timeouts = true, 0
 			s.log.Info("seeder failed, trying the next one", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
@@ -460,6 +474,23 @@ func retriesAfter(err error) int {
 	}
 	return 1
 }
+
+// showsLife reports whether seeder, silent on a segment request, is alive all the same: it sent
+// this node data lately, or it answers a ping within busyPingTimeout. A ping that times out
+// counts as no life: the seeder is then left as it was before this check existed.
+func (s *Swarm) showsLife(ctx context.Context, seeder netip.AddrPort) bool {
+	if s.heardWithin(seeder.Addr(), rescuePingTimeout) {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(ctx, busyPingTimeout)
+	defer cancel()
+	return s.ping(ctx, seeder) == nil
+}
+
+// busyPingTimeout bounds the ping that tells a busy seeder from a wedged one (showsLife). It adds
+// to the time a node takes to leave a seeder that accepts connections and says nothing, so it is
+// shorter than rescuePingTimeout.
+const busyPingTimeout = time.Second
 
 // rescue runs when a reader waits for a piece of segment k that does not come: if the member
 // the segment's info came from is banned (it sent bad data), or does not answer a ping, it is

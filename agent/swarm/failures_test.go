@@ -9,7 +9,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -232,4 +234,120 @@ func TestOldAndNewAgentsSwarm(t *testing.T) {
 	small := randomBlob(t, 3<<20) // the new release cuts it in twelve, the old one in four
 	d = up.add(small)
 	fetchAll(t, ctx, nodes, d, small)
+}
+
+// holdAnswers wraps node's control handler: the first held segment requests that want tells it
+// to hold get their answer (headers included) only after hold, while the seeder works on them
+// as usual; pings and other requests pass at once. It returns how many requests it held.
+func holdAnswers(node *testNode, held int, hold time.Duration, want func(r *http.Request) bool) *atomic.Int64 {
+	var n atomic.Int64
+	inner, _ := node.handler.Load().(http.Handler)
+	mux := http.NewServeMux() // the type the node's handler holds
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == plan.SegmentPathV2 && want(r) && n.Add(1) <= int64(held) {
+			w = &lateWriter{ResponseWriter: w, until: time.Now().Add(hold), gone: r.Context().Done()}
+		}
+		inner.ServeHTTP(w, r)
+	})
+	node.handler.Store(http.Handler(mux))
+	return &n
+}
+
+// lateWriter holds a response's first write (headers or body) until a moment, or until the
+// asker has gone.
+type lateWriter struct {
+	http.ResponseWriter
+	until time.Time
+	gone  <-chan struct{}
+	once  sync.Once
+}
+
+func (l *lateWriter) wait() {
+	l.once.Do(func() {
+		select {
+		case <-time.After(time.Until(l.until)):
+		case <-l.gone:
+		}
+	})
+}
+
+func (l *lateWriter) WriteHeader(code int) {
+	l.wait()
+	l.ResponseWriter.WriteHeader(code)
+}
+
+func (l *lateWriter) Write(p []byte) (int, error) {
+	l.wait()
+	return l.ResponseWriter.Write(p)
+}
+
+func (l *lateWriter) Flush() {
+	l.wait()
+	if f, ok := l.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// TestBusySeederIsAskedAgain has a seeder whose answers to one segment's requests come after the
+// asker's header timeout twice in a row (a packet of each lost on a saturated link, or a
+// starved CPU), while it answers pings: the asker asks it again instead of seeding the segment
+// itself, which would fetch it from upstream a second time (the seeder fetches it already).
+func TestBusySeederIsAskedAgain(t *testing.T) {
+	up := newMemUpstream()
+	content := randomBlob(t, 8<<20)
+	d := up.add(content)
+	nodes := startNodes(t, 2, up)
+	seeder, asker := nodes[0], nodes[1]
+	b, err := asker.swarm.blobFor(d, int64(len(content)), "registry.test", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The longest segment the seeder seeds: a second copy of it would show.
+	k, longest := -1, int64(0)
+	for i, a := range asker.swarm.seedersOf(b).seeders {
+		if _, length := b.plan.Segment(i); a == seeder.addr && length > longest {
+			k, longest = i, length
+		}
+	}
+	if k < 0 {
+		t.Fatal("test setup: the seeder seeds no segment")
+	}
+	held := holdAnswers(seeder, 2, controlHeaderTimeout+500*time.Millisecond, func(r *http.Request) bool {
+		return r.URL.Query().Get("segment") == strconv.Itoa(k)
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	fetchAll(t, ctx, nodes[1:], d, content)
+	if held.Load() < 2 {
+		t.Fatalf("test setup: %d requests for segment %d held, want 2", held.Load(), k)
+	}
+	if sent := up.sent.Load(); sent >= int64(len(content))+longest/2 {
+		t.Errorf("the registry sent %d bytes for a %d byte blob: segment %d (%d bytes) came from it twice", sent, len(content), k, longest)
+	}
+	if busy := testutil.ToFloat64(asker.swarm.metrics.seederBusy); busy == 0 {
+		t.Error("no busy retry counted")
+	}
+}
+
+// TestSeederSilentOnEveryRequestIsLeft: a seeder that answers pings but never a segment request
+// (wedged in its segment handling) is left after a bounded number of requests, and the asker
+// gets the blob by seeding that segment itself.
+func TestSeederSilentOnEveryRequestIsLeft(t *testing.T) {
+	up := newMemUpstream()
+	content := randomBlob(t, 4<<20)
+	d := up.add(content)
+	nodes := startNodes(t, 2, up)
+	seeder, asker := nodes[0], nodes[1]
+	held := holdAnswers(seeder, 1000, time.Hour, func(*http.Request) bool { return true })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	fetchAll(t, ctx, nodes[1:], d, content)
+	if held.Load() == 0 {
+		t.Fatal("test setup: no segment request held")
+	}
+	if failures := testutil.ToFloat64(asker.swarm.metrics.seederFailures); failures == 0 {
+		t.Error("no seeder failure counted")
+	}
 }

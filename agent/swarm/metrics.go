@@ -20,12 +20,14 @@ const (
 type metrics struct {
 	bytes          *prometheus.CounterVec
 	seederFailures prometheus.Counter
-	stalls         *prometheus.CounterVec
-	kicks          prometheus.Counter
-	bans           prometheus.Counter
-	retired        *prometheus.CounterVec
-	filesRemoved   prometheus.Counter
-	completion     prometheus.Histogram
+	// seederBusy counts segment requests asked again because their silent seeder showed life.
+	seederBusy   prometheus.Counter
+	stalls       *prometheus.CounterVec
+	kicks        prometheus.Counter
+	bans         prometheus.Counter
+	retired      *prometheus.CounterVec
+	filesRemoved prometheus.Counter
+	completion   prometheus.Histogram
 	// protocolFallbacks counts peers found to speak an older control protocol.
 	protocolFallbacks prometheus.Counter
 	// wholeBlobs counts blobs fetched whole because upstream ignores Range.
@@ -45,6 +47,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		seederFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "seeder_failures_total",
 			Help: "Seeders that failed to answer for a segment; the next ranked member was asked.",
+		}),
+		seederBusy: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "seeder_busy_retries_total",
+			Help: "Segment requests asked again of a seeder that timed out but showed life (sent data lately or answered a ping), instead of moving to the next member, which would fetch the segment from upstream again.",
 		}),
 		stalls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "stalls_total",
@@ -97,7 +103,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 	stats := func(f func(cs statsView) float64) func() float64 {
 		return func() float64 { return f(s.stats()) }
 	}
-	reg.MustRegister(m.bytes, m.seederFailures, m.stalls, m.kicks, m.bans, m.retired, m.filesRemoved, m.completion,
+	reg.MustRegister(m.bytes, m.seederFailures, m.seederBusy, m.stalls, m.kicks, m.bans, m.retired, m.filesRemoved, m.completion,
 		m.protocolFallbacks, m.wholeBlobs, m.rescues, m.prefetched,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",
