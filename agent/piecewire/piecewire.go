@@ -94,8 +94,9 @@ type Config struct {
 	MaxFetches, MaxUploads int
 	// StallTimeout abandons a fetch that has moved no byte for this long (default 2 s).
 	StallTimeout time.Duration
-	// MaxUploadRate caps the bytes per second served to peers; 0 = unlimited.
-	MaxUploadRate int64
+	// MaxUploadRate caps the bytes per second served to peers, MaxDownloadRate those read from
+	// peers (all blobs together); 0 = unlimited.
+	MaxUploadRate, MaxDownloadRate int64
 	// Refused reports whether a peer IP is banned or not a member: it is neither served nor
 	// fetched from. Nil refuses nobody.
 	Refused func(netip.Addr) bool
@@ -108,8 +109,9 @@ type Config struct {
 
 // Node serves the verified pieces of its blobs to peers and fetches theirs.
 type Node struct {
-	cfg     Config
-	limiter *rate.Limiter
+	cfg         Config
+	limiter     *rate.Limiter // uploads; nil = unlimited
+	downLimiter *rate.Limiter // fetches; nil = unlimited
 
 	mu    sync.Mutex
 	blobs map[string]*Blob
@@ -211,6 +213,9 @@ func NewNode(cfg Config) *Node {
 	if cfg.MaxUploadRate > 0 {
 		n.limiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), uploadSlice)
 	}
+	if cfg.MaxDownloadRate > 0 {
+		n.downLimiter = rate.NewLimiter(rate.Limit(cfg.MaxDownloadRate), downloadSlice)
+	}
 	return n
 }
 
@@ -227,6 +232,10 @@ const uploadSlice = 256 << 10
 
 // fetchBuffer is what a fetch reads from the socket before writing it to the file.
 const fetchBuffer = 256 << 10
+
+// downloadSlice is what one read of a fetch takes when downloads are rate-limited: the socket
+// is read no faster than the cap, and TCP's flow control slows the sender.
+const downloadSlice = 64 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, fetchBuffer); return &b }}
 
@@ -837,8 +846,18 @@ func (b *Blob) fetch(p *peer, i int) error {
 			setLowWater(conn, want)
 			water = want
 		}
+		chunk := min(int64(len(buf)), length-got)
+		if lim := b.n.downLimiter; lim != nil {
+			chunk = min(chunk, downloadSlice)
+			stall.Stop() // waiting for the cap is no stall of the peer's
+			err := lim.WaitN(ctx, int(chunk))
+			stall.Reset(b.n.cfg.StallTimeout)
+			if err != nil {
+				return orCause(ctx, err)
+			}
+		}
 		// One read at a time: the low water mark must drop before the piece's last bytes.
-		n, err := resp.Body.Read(buf[:min(int64(len(buf)), length-got)])
+		n, err := resp.Body.Read(buf[:chunk])
 		if n > 0 {
 			stall.Reset(b.n.cfg.StallTimeout)
 			h.Write(buf[:n])

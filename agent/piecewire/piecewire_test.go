@@ -617,3 +617,42 @@ func TestBusyPeerSendsFetchersElsewhere(t *testing.T) {
 		t.Error("no request was refused by a holder that serves one at a time to four fetchers")
 	}
 }
+
+// TestDownloadRateCapsFetches: a node whose downloads are capped receives no faster than the
+// cap (plus one read's allowance) from a peer that would send at loopback speed, and still
+// completes the blob.
+func TestDownloadRateCapsFetches(t *testing.T) {
+	const capRate = 1 << 20
+	blob := newTestBlob(40, 3<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2")
+	holder.hold(t, blob, blob.data)
+	node := newTestNode(t, "127.0.0.3", func(c *Config) { c.MaxDownloadRate = capRate })
+	bl, f := node.want(t, blob, PriorityNormal)
+	start := time.Now()
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	time.Sleep(time.Second)
+	got, elapsed := bl.BytesCompleted(), time.Since(start)
+	// A piece completes only once all its bytes were read, each read after its share of the
+	// cap: what completed is at most the cap's bytes over the elapsed time, and the burst.
+	if most := int64(elapsed.Seconds()*capRate) + downloadSlice; got > most {
+		t.Fatalf("%d bytes completed %v after the start, want at most %d at %d bytes/s", got, elapsed, most, capRate)
+	}
+	waitComplete(t, bl, f, blob.data)
+}
+
+// TestDownloadCapIsNoStall: a cap so low that a fetch waits for it longer than the stall
+// timeout between two reads does not make the fetch count as stalled (abandoned and started
+// again, it would never complete).
+func TestDownloadCapIsNoStall(t *testing.T) {
+	blob := newTestBlob(41, 1<<20, 256<<10)
+	holder := newTestNode(t, "127.0.0.2")
+	holder.hold(t, blob, blob.data)
+	node := newTestNode(t, "127.0.0.3", func(c *Config) {
+		c.MaxDownloadRate = 4 * downloadSlice // a read every 250 ms
+		c.StallTimeout = 100 * time.Millisecond
+		c.MaxFetches = 1
+	})
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	waitComplete(t, bl, f, blob.data)
+}

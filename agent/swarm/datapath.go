@@ -119,12 +119,13 @@ func newPiecesPath(cfg Config, self netip.AddrPort, onData func(netip.Addr), onB
 			MaxIdleConnsPerHost: 4,
 			IdleConnTimeout:     time.Minute,
 		}},
-		StallTimeout:  pieceStallTimeout,
-		MaxUploadRate: cfg.MaxUploadRate,
-		Refused:       p.refused,
-		OnBadPiece:    p.ban,
-		OnData:        onData,
-		Logger:        cfg.Logger,
+		StallTimeout:    pieceStallTimeout,
+		MaxUploadRate:   cfg.MaxUploadRate,
+		MaxDownloadRate: cfg.MaxDownloadRate,
+		Refused:         p.refused,
+		OnBadPiece:      p.ban,
+		OnData:          onData,
+		Logger:          cfg.Logger,
 	})
 	return p
 }
