@@ -34,6 +34,7 @@ import (
 	"net/http/httptrace"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -76,8 +77,10 @@ const (
 var (
 	ErrBadPiece = errors.New("piece does not match its hash")
 	errStalled  = errors.New("piece fetch stalled")
-	errClosed   = errors.New("blob closed")
-	errBusy     = errors.New("peer serves as many pieces as it may")
+	// errPieceDone ends a fetch of a piece that another fetch, or another path, completed.
+	errPieceDone = errors.New("piece completed elsewhere")
+	errClosed    = errors.New("blob closed")
+	errBusy      = errors.New("peer serves as many pieces as it may")
 )
 
 // Config configures a Node.
@@ -92,6 +95,9 @@ type Config struct {
 	// second only queues: the piece a reader waits for sits behind the others, and a fetch
 	// shares the link with so many that it moves no byte for the stall timeout.
 	MaxFetches, MaxUploads int
+	// MaxDuplicates bounds the endgame's second fetches of a piece in flight, node-wide
+	// (default 4); each holds its piece in memory until it is verified.
+	MaxDuplicates int
 	// StallTimeout abandons a fetch that has moved no byte for this long (default 2 s).
 	StallTimeout time.Duration
 	// MaxUploadRate caps the bytes per second served to peers, MaxDownloadRate those read from
@@ -120,8 +126,13 @@ type Node struct {
 	isPaused bool
 
 	fetchSlots, uploadSlots chan struct{} // see Config.MaxFetches
+	dupSlots                chan struct{} // see Config.MaxDuplicates
+	// fetchTime is a moving average of how long a piece fetch took here (nanoseconds): the
+	// endgame fetches a piece a second time once its fetch has run longer than that.
+	fetchTime atomic.Int64
 
 	bytesIn, bytesOut, piecesBad, busy atomic.Int64
+	piecesGood, dups, dupsWon          atomic.Int64
 }
 
 var errPaused = errors.New("peer downloads paused")
@@ -185,8 +196,11 @@ func (n *Node) CloseRefused() {
 
 // Stats are a node's counters.
 type Stats struct {
-	BytesFromPeers, BytesToPeers, PiecesBad int64
-	UploadsRefused                          int64 // piece requests answered "busy" (Config.MaxUploads)
+	BytesFromPeers, BytesToPeers, PiecesGood, PiecesBad int64
+	UploadsRefused                                      int64 // piece requests answered "busy" (Config.MaxUploads)
+	// Duplicates counts the endgame's second fetches of a piece, DuplicatesWon those that
+	// completed their piece before the first fetch did.
+	Duplicates, DuplicatesWon int64
 }
 
 // NewNode returns a node; serve its Handler on the control port.
@@ -209,7 +223,11 @@ func NewNode(cfg Config) *Node {
 	if cfg.MaxUploads <= 0 {
 		cfg.MaxUploads = 8
 	}
-	n := &Node{cfg: cfg, blobs: map[string]*Blob{}, fetchSlots: make(chan struct{}, cfg.MaxFetches), uploadSlots: make(chan struct{}, cfg.MaxUploads)}
+	if cfg.MaxDuplicates <= 0 {
+		cfg.MaxDuplicates = 4
+	}
+	n := &Node{cfg: cfg, blobs: map[string]*Blob{}, fetchSlots: make(chan struct{}, cfg.MaxFetches),
+		uploadSlots: make(chan struct{}, cfg.MaxUploads), dupSlots: make(chan struct{}, cfg.MaxDuplicates)}
 	if cfg.MaxUploadRate > 0 {
 		n.limiter = rate.NewLimiter(rate.Limit(cfg.MaxUploadRate), uploadSlice)
 	}
@@ -221,7 +239,8 @@ func NewNode(cfg Config) *Node {
 
 // Stats returns the node's counters.
 func (n *Node) Stats() Stats {
-	return Stats{BytesFromPeers: n.bytesIn.Load(), BytesToPeers: n.bytesOut.Load(), PiecesBad: n.piecesBad.Load(), UploadsRefused: n.busy.Load()}
+	return Stats{BytesFromPeers: n.bytesIn.Load(), BytesToPeers: n.bytesOut.Load(), PiecesGood: n.piecesGood.Load(),
+		PiecesBad: n.piecesBad.Load(), UploadsRefused: n.busy.Load(), Duplicates: n.dups.Load(), DuplicatesWon: n.dupsWon.Load()}
 }
 
 // busyBackoff is how long (to twice that) a fetcher waits after a peer said it is busy.
@@ -264,8 +283,10 @@ type Blob struct {
 	frozen       []bool
 	prio         []Priority
 	inflight     []int
-	avail        []int    // connected peers that have each piece
-	log          []uint32 // pieces in the order they became complete here, for the haves streams
+	fetching     [][]*fetchState // the fetches of each piece under way
+	claimed      []bool          // an endgame fetch writes the piece it verified (commitCopy)
+	avail        []int           // connected peers that have each piece
+	log          []uint32        // pieces in the order they became complete here, for the haves streams
 	nComplete    int
 	bytesDone    int64
 	done         chan struct{} // closed when every piece is complete (for good: see Lose)
@@ -333,6 +354,8 @@ func (n *Node) AddBlob(name string, size, pieceLength int64, data io.ReaderAt, w
 		frozen:   make([]bool, pieces),
 		prio:     make([]Priority, pieces),
 		inflight: make([]int, pieces),
+		fetching: make([][]*fetchState, pieces),
+		claimed:  make([]bool, pieces),
 		avail:    make([]int, pieces),
 		done:     make(chan struct{}),
 		peers:    map[netip.AddrPort]*peer{},
@@ -455,6 +478,9 @@ func (b *Blob) markCompleteLocked(i int) {
 		return
 	}
 	b.complete[i] = true
+	for _, f := range b.fetching[i] {
+		f.cancel(errPieceDone)
+	}
 	b.nComplete++
 	b.bytesDone += b.length(i)
 	b.log = append(b.log, uint32(i))
@@ -660,12 +686,15 @@ func (b *Blob) refused(a netip.AddrPort) bool {
 func (b *Blob) fetchFrom(p *peer) {
 	backoff := 100 * time.Millisecond
 	for {
-		i, ok := b.next(p)
+		i, dup, ok := b.next(p)
 		if !ok {
 			return
 		}
-		err := b.fetch(p, i)
+		err := b.fetch(p, i, dup)
 		<-b.n.fetchSlots
+		if dup {
+			<-b.n.dupSlots
+		}
 		b.mu.Lock()
 		b.inflight[i]--
 		if err != nil && !b.complete[i] {
@@ -673,7 +702,7 @@ func (b *Blob) fetchFrom(p *peer) {
 		}
 		b.mu.Unlock()
 		switch {
-		case err == nil, errors.Is(err, errPaused):
+		case err == nil, errors.Is(err, errPaused), errors.Is(err, errPieceDone):
 			backoff = 100 * time.Millisecond
 			continue
 		case errors.Is(err, errBusy):
@@ -716,36 +745,110 @@ func (b *Blob) fetchFrom(p *peer) {
 }
 
 // next waits for a fetch slot and the piece p has that this node wants most and nobody is
-// fetching, and marks the piece in flight; the caller releases the slot (doneFetch). It reports
+// fetching, or in the endgame one to fetch a second time (dup: the caller also releases a
+// duplicate slot), and marks the piece in flight; the caller releases the slot. It reports
 // false once the blob is dropped or p refused. A worker waiting for a piece holds no slot.
-func (b *Blob) next(p *peer) (int, bool) {
+func (b *Blob) next(p *peer) (i int, dup, ok bool) {
 	for {
 		select {
 		case b.n.fetchSlots <- struct{}{}:
 		case <-p.ctx.Done():
-			return 0, false
+			return 0, false, false
 		}
 		b.mu.Lock()
-		closed, i := b.closed, -1
+		closed, i, dup := b.closed, -1, false
+		retry := time.Second // a refused peer may be allowed again
 		if !closed && !b.n.paused() && !b.refused(p.addr) {
 			i = b.pickLocked(p)
+			if i < 0 {
+				var wait time.Duration
+				if i, wait = b.pickDuplicateLocked(p); i >= 0 {
+					select {
+					case b.n.dupSlots <- struct{}{}:
+						dup = true
+					default:
+						i = -1
+					}
+				} else if wait > 0 {
+					retry = min(retry, wait)
+				}
+			}
 		}
 		if i >= 0 {
 			b.inflight[i]++
 		}
 		b.mu.Unlock()
 		if i >= 0 {
-			return i, true
+			return i, dup, true
 		}
 		<-b.n.fetchSlots
 		if closed {
-			return 0, false
+			return 0, false, false
 		}
 		select {
 		case <-p.wake:
 		case <-p.ctx.Done():
-			return 0, false
-		case <-time.After(time.Second): // a refused peer may be allowed again
+			return 0, false, false
+		case <-time.After(retry):
+		}
+	}
+}
+
+// pickDuplicateLocked chooses a piece to fetch from p a second time, in the endgame: once every
+// piece this node wants is complete or being fetched, the one p has whose only fetch, from
+// another peer, has run longest, if it has run longer than a fetch here usually takes. Whichever
+// fetch verifies the piece first completes it and ends the other, so a slow or stalling peer
+// holds the blob's last pieces no longer than a faster one needs for them. It returns -1 and,
+// when a fetch will have run long enough later, how long until then.
+func (b *Blob) pickDuplicateLocked(p *peer) (int, time.Duration) {
+	usual := time.Duration(b.n.fetchTime.Load())
+	if usual <= 0 {
+		usual = b.n.cfg.StallTimeout / 2 // no fetch finished here yet
+	}
+	best, oldest, now := -1, time.Duration(0), time.Now()
+	for i := range b.pieces {
+		if b.prio[i] == PriorityNone || b.complete[i] || b.frozen[i] {
+			continue
+		}
+		if !b.known[i] || b.inflight[i] == 0 {
+			return -1, 0 // not the end: a piece waits for its hash or for a fetch
+		}
+		fs := b.fetching[i]
+		if !p.has[i] || b.claimed[i] || b.inflight[i] != 1 || len(fs) != 1 || fs[0].peer == p {
+			continue
+		}
+		if age := now.Sub(fs[0].start); best < 0 || age > oldest {
+			best, oldest = i, age
+		}
+	}
+	switch {
+	case best < 0:
+		return -1, 0
+	case oldest < usual:
+		return -1, usual - oldest
+	}
+	return best, 0
+}
+
+// fetchState is one fetch of a piece under way (Blob.fetching).
+type fetchState struct {
+	peer   *peer
+	start  time.Time
+	cancel context.CancelCauseFunc
+}
+
+// fetchTimeWeight is the weight of the newest fetch in Node.fetchTime's moving average.
+const fetchTimeWeight = 0.2
+
+func (n *Node) recordFetchTime(d time.Duration) {
+	for {
+		old := n.fetchTime.Load()
+		next := int64(d)
+		if old > 0 {
+			next = int64((1-fetchTimeWeight)*float64(old) + fetchTimeWeight*float64(d))
+		}
+		if n.fetchTime.CompareAndSwap(old, next) {
+			return
 		}
 	}
 }
@@ -793,12 +896,30 @@ func (b *Blob) pickLocked(p *peer) int {
 }
 
 // fetch gets piece i from p into the blob's file, hashing it as it arrives, and marks it
-// complete if it matches its hash.
-func (b *Blob) fetch(p *peer, i int) error {
+// complete if it matches its hash. A second fetch in the endgame (dup) keeps the piece in
+// memory and writes it only once verified, and only if the first has not completed it: the
+// bytes of a piece come from one peer, checked, whichever it is.
+func (b *Blob) fetch(p *peer, i int, dup bool) error {
 	ctx, cancel := context.WithCancelCause(p.ctx)
 	defer cancel(nil)
 	if b.n.paused() {
 		return errPaused
+	}
+	st := &fetchState{peer: p, start: time.Now(), cancel: cancel}
+	b.mu.Lock()
+	if b.complete[i] {
+		b.mu.Unlock()
+		return errPieceDone
+	}
+	b.fetching[i] = append(b.fetching[i], st)
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		b.fetching[i] = slices.DeleteFunc(b.fetching[i], func(f *fetchState) bool { return f == st })
+		b.mu.Unlock()
+	}()
+	if dup {
+		b.n.dups.Add(1)
 	}
 	url := fmt.Sprintf("http://%s%s?blob=%s&index=%d", p.addr, PiecePath, b.name, i)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
@@ -833,6 +954,10 @@ func (b *Blob) fetch(p *peer, i int) error {
 	bufp, _ := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bufp)
 	buf := *bufp
+	var piece []byte // a second fetch's copy of the piece
+	if dup {
+		piece = make([]byte, length)
+	}
 	h := sha1.New() //nolint:gosec // see the import
 	off := int64(i) * b.pieceLength
 	water := 1
@@ -857,12 +982,18 @@ func (b *Blob) fetch(p *peer, i int) error {
 			}
 		}
 		// One read at a time: the low water mark must drop before the piece's last bytes.
-		n, err := resp.Body.Read(buf[:chunk])
+		into := buf[:chunk]
+		if dup {
+			into = piece[got : got+chunk]
+		}
+		n, err := resp.Body.Read(into)
 		if n > 0 {
 			stall.Reset(b.n.cfg.StallTimeout)
-			h.Write(buf[:n])
-			if err := b.writeAt(i, buf[:n], off+got); err != nil {
-				return err
+			h.Write(into[:n])
+			if !dup {
+				if err := b.writeAt(i, into[:n], off+got); err != nil {
+					return err
+				}
 			}
 			got += int64(n)
 		}
@@ -873,16 +1004,34 @@ func (b *Blob) fetch(p *peer, i int) error {
 			return orCause(ctx, err)
 		}
 	}
+	if dup {
+		b.mu.Lock()
+		good := [HashSize]byte(h.Sum(nil)) == b.hashes[i]
+		b.mu.Unlock()
+		if !good {
+			return fmt.Errorf("peer %s: piece %d: %w", p.addr, i, ErrBadPiece)
+		}
+		if err := b.commitCopy(i, piece, off); err != nil {
+			return err
+		}
+		b.n.dupsWon.Add(1)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if [HashSize]byte(h.Sum(nil)) != b.hashes[i] {
-		return fmt.Errorf("peer %s: piece %d: %w", p.addr, i, ErrBadPiece)
+	if !dup {
+		switch {
+		case [HashSize]byte(h.Sum(nil)) != b.hashes[i]:
+			return fmt.Errorf("peer %s: piece %d: %w", p.addr, i, ErrBadPiece)
+		case b.frozen[i]:
+			return nil
+		case b.complete[i], b.claimed[i]:
+			return errPieceDone // a second fetch won, with the same bytes
+		}
+		b.markCompleteLocked(i)
+		b.notifyLocked()
 	}
-	if b.frozen[i] {
-		return nil
-	}
-	b.markCompleteLocked(i)
-	b.notifyLocked()
+	b.n.recordFetchTime(time.Since(st.start))
+	b.n.piecesGood.Add(1)
 	b.n.bytesIn.Add(length)
 	b.bytesIn.Add(length)
 	if b.n.cfg.OnData != nil {
@@ -928,13 +1077,15 @@ func (b *Blob) writeAt(i int, p []byte, off int64) error {
 	b.fileMu.RLock()
 	defer b.fileMu.RUnlock()
 	b.mu.Lock()
-	frozen, closed := b.frozen[i], b.closed
+	frozen, closed, done := b.frozen[i], b.closed, b.complete[i] || b.claimed[i]
 	b.mu.Unlock()
 	switch {
 	case closed:
 		return errClosed
 	case frozen:
 		return fmt.Errorf("piece %d: its bytes come from elsewhere now", i)
+	case done:
+		return errPieceDone
 	}
 	if b.writer == nil {
 		return errors.New("blob is read-only")
@@ -946,6 +1097,51 @@ func (b *Blob) writeAt(i int, p []byte, off int64) error {
 		}
 		return err
 	}
+	return nil
+}
+
+// commitCopy writes piece i, verified in memory by an endgame fetch, into the blob's file and
+// marks it complete, unless another fetch completed it first (errPieceDone). The first fetch's
+// writes stop once the piece is claimed, and those under way finish before the copy is
+// written, so the file holds the verified bytes.
+func (b *Blob) commitCopy(i int, piece []byte, off int64) error {
+	b.mu.Lock()
+	if b.complete[i] || b.claimed[i] || b.frozen[i] || b.closed {
+		b.mu.Unlock()
+		return errPieceDone
+	}
+	b.claimed[i] = true
+	b.mu.Unlock()
+	b.fileMu.Lock() // writes under way finish; later ones see the claim
+	b.mu.Lock()
+	gone := b.frozen[i] || b.closed // Freeze holds fileMu too: no write after it returned
+	b.mu.Unlock()
+	var err error
+	switch {
+	case gone:
+		err = errPieceDone
+	case b.writer == nil:
+		err = errors.New("blob is read-only")
+	default:
+		if _, err = b.writer.WriteAt(piece, off); err != nil {
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				err = &writeError{err}
+			}
+		}
+	}
+	b.fileMu.Unlock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.claimed[i] = false
+	if err != nil {
+		return err
+	}
+	if b.frozen[i] || b.closed {
+		return errPieceDone
+	}
+	b.markCompleteLocked(i)
+	b.notifyLocked()
 	return nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -655,4 +656,78 @@ func TestDownloadCapIsNoStall(t *testing.T) {
 	bl, f := node.want(t, blob, PriorityNormal)
 	bl.AddPeers([]netip.AddrPort{holder.addr})
 	waitComplete(t, bl, f, blob.data)
+}
+
+// waitPartial waits until pieces of bl are being fetched, n of them.
+func waitPartial(t *testing.T, bl *Blob, n int) {
+	t.Helper()
+	deadline := time.Now().Add(waitLimit)
+	for {
+		partial := 0
+		for i := range bl.Pieces() {
+			if bl.PiecePartial(i) {
+				partial++
+			}
+		}
+		if partial == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pieces being fetched, want %d", partial, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestEndgameTakesTheLastPiecesFromAFasterPeer: a node fetches two pieces from a peer that
+// uploads at 16 KiB/s (16 s a piece) when a fast peer comes; once every piece it wants is
+// complete or being fetched, it fetches the slow peer's pieces from the fast one too and
+// completes without waiting for them (the slow fetches do not stall: its stall timeout is long).
+func TestEndgameTakesTheLastPiecesFromAFasterPeer(t *testing.T) {
+	blob := newTestBlob(42, 4*(256<<10), 256<<10)
+	slow := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 16 << 10 })
+	slow.hold(t, blob, blob.data)
+	fast := newTestNode(t, "127.0.0.3")
+	fast.hold(t, blob, blob.data)
+	node := newTestNode(t, "127.0.0.4", func(c *Config) { c.StallTimeout = time.Minute })
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{slow.addr})
+	// The upload limiter's burst sends one piece at once; the next two crawl.
+	waitPartial(t, bl, 2)
+	bl.AddPeers([]netip.AddrPort{fast.addr})
+	waitComplete(t, bl, f, blob.data)
+	sentBySlow := slow.Stats().BytesToPeers
+	if st := node.Stats(); st.DuplicatesWon == 0 {
+		t.Errorf("no second fetch completed a piece (%d started)", st.Duplicates)
+	}
+	if sentBySlow >= 3*blob.pieceLength {
+		t.Errorf("the slow peer had sent %d bytes when the blob completed: the node waited for its pieces", sentBySlow)
+	}
+}
+
+// TestEndgameCopyFromALiarNeverReachesTheFile: in the endgame the second fetch of a piece comes
+// from a peer that sends wrong bytes: it fails its hash, the liar is reported, and the piece
+// completes from the honest (slow) peer with the right bytes.
+func TestEndgameCopyFromALiarNeverReachesTheFile(t *testing.T) {
+	blob := newTestBlob(43, 3*(256<<10), 256<<10)
+	slow := newTestNode(t, "127.0.0.2", func(c *Config) { c.MaxUploadRate = 256 << 10 })
+	slow.hold(t, blob, blob.data)
+	corrupt := bytes.Clone(blob.data)
+	for i := range corrupt {
+		corrupt[i] ^= 0x5a
+	}
+	liar := newTestNode(t, "127.0.0.3")
+	liar.hold(t, blob, corrupt)
+	node := newTestNode(t, "127.0.0.4", func(c *Config) { c.StallTimeout = time.Minute })
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{slow.addr})
+	waitPartial(t, bl, 2)
+	bl.AddPeers([]netip.AddrPort{liar.addr})
+	waitComplete(t, bl, f, blob.data)
+	node.mu.Lock()
+	bad := slices.Contains(node.bad, liar.addr.Addr())
+	node.mu.Unlock()
+	if st := node.Stats(); st.Duplicates == 0 || !bad {
+		t.Errorf("%d second fetches, liar reported %v: want both", st.Duplicates, bad)
+	}
 }

@@ -165,7 +165,8 @@ func (p *piecesPath) Close() error                { p.node.Close(); return nil }
 
 func (p *piecesPath) Stats() torrent.Stats {
 	st := p.node.Stats()
-	return torrent.Stats{PeerBytesRead: st.BytesFromPeers, BytesWritten: st.BytesToPeers, PiecesBad: st.PiecesBad}
+	return torrent.Stats{PeerBytesRead: st.BytesFromPeers, BytesWritten: st.BytesToPeers, PiecesGood: st.PiecesGood,
+		PiecesBad: st.PiecesBad, Duplicates: st.Duplicates, DuplicatesWon: st.DuplicatesWon}
 }
 
 // piecesBlob adapts a piecewire.Blob to blobPieces.

@@ -125,6 +125,14 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 			Namespace: "shoal", Subsystem: "swarm", Name: "pieces_read_back_total",
 			Help: "Piece checks that read their piece back from disk, because its chunks did not arrive once each and in order (or it was resumed).",
 		}, stats(func(v statsView) float64 { return float64(v.piecesReadBack) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "endgame_fetches_total",
+			Help: "Second fetches of a piece in flight, from another peer, once every piece a blob needs was complete or being fetched (pieces data path).",
+		}, stats(func(v statsView) float64 { return float64(v.duplicates) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "endgame_fetches_won_total",
+			Help: "Endgame fetches that completed their piece before the first fetch did (pieces data path).",
+		}, stats(func(v statsView) float64 { return float64(v.duplicatesWon) })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peers_connected",
 			Help: "Established peer connections, summed over blob torrents.",
@@ -142,6 +150,7 @@ type statsView struct {
 	peerBytesRead, bytesWritten int64
 	piecesGood, piecesBad       int64
 	piecesReadBack              int64
+	duplicates, duplicatesWon   int64
 	peers, torrents             int
 }
 
@@ -153,6 +162,8 @@ func (s *Swarm) stats() statsView {
 		piecesGood:     cs.PiecesGood,
 		piecesBad:      cs.PiecesBad,
 		piecesReadBack: cs.PiecesReadBack,
+		duplicates:     cs.Duplicates,
+		duplicatesWon:  cs.DuplicatesWon,
 		torrents:       cs.Torrents,
 		peers:          cs.Peers,
 	}

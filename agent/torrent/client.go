@@ -337,6 +337,9 @@ type Stats struct {
 	PiecesGood, PiecesBad       int64 // pieces from peers that passed / failed their check
 	PiecesReadBack              int64 // checks that read their piece back (see writehash.go)
 	Torrents, Peers             int   // torrents open, peer connections
+	// Duplicates and DuplicatesWon count the pieces path's endgame fetches (piecewire); the
+	// torrent client reports none.
+	Duplicates, DuplicatesWon int64
 }
 
 // Stats returns the client's counters.
