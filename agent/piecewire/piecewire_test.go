@@ -679,6 +679,19 @@ func waitPartial(t *testing.T, bl *Blob, n int) {
 	}
 }
 
+// endgame starts a node (with a long stall timeout) that wants blob and follows slow, a peer
+// whose uploads are capped: the cap's burst sends one piece at once and the next two crawl. Once
+// two pieces are being fetched from slow, the node follows other too.
+func endgame(t *testing.T, blob testBlob, slow, other *testNode) (*testNode, *Blob, *os.File) {
+	t.Helper()
+	node := newTestNode(t, "127.0.0.4", func(c *Config) { c.StallTimeout = time.Minute })
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.AddPeers([]netip.AddrPort{slow.addr})
+	waitPartial(t, bl, 2)
+	bl.AddPeers([]netip.AddrPort{other.addr})
+	return node, bl, f
+}
+
 // TestEndgameTakesTheLastPiecesFromAFasterPeer: a node fetches two pieces from a peer that
 // uploads at 16 KiB/s (16 s a piece) when a fast peer comes; once every piece it wants is
 // complete or being fetched, it fetches the slow peer's pieces from the fast one too and
@@ -689,12 +702,7 @@ func TestEndgameTakesTheLastPiecesFromAFasterPeer(t *testing.T) {
 	slow.hold(t, blob, blob.data)
 	fast := newTestNode(t, "127.0.0.3")
 	fast.hold(t, blob, blob.data)
-	node := newTestNode(t, "127.0.0.4", func(c *Config) { c.StallTimeout = time.Minute })
-	bl, f := node.want(t, blob, PriorityNormal)
-	bl.AddPeers([]netip.AddrPort{slow.addr})
-	// The upload limiter's burst sends one piece at once; the next two crawl.
-	waitPartial(t, bl, 2)
-	bl.AddPeers([]netip.AddrPort{fast.addr})
+	node, bl, f := endgame(t, blob, slow, fast)
 	waitComplete(t, bl, f, blob.data)
 	sentBySlow := slow.Stats().BytesToPeers
 	if st := node.Stats(); st.DuplicatesWon == 0 {
@@ -718,11 +726,7 @@ func TestEndgameCopyFromALiarNeverReachesTheFile(t *testing.T) {
 	}
 	liar := newTestNode(t, "127.0.0.3")
 	liar.hold(t, blob, corrupt)
-	node := newTestNode(t, "127.0.0.4", func(c *Config) { c.StallTimeout = time.Minute })
-	bl, f := node.want(t, blob, PriorityNormal)
-	bl.AddPeers([]netip.AddrPort{slow.addr})
-	waitPartial(t, bl, 2)
-	bl.AddPeers([]netip.AddrPort{liar.addr})
+	node, bl, f := endgame(t, blob, slow, liar)
 	waitComplete(t, bl, f, blob.data)
 	node.mu.Lock()
 	bad := slices.Contains(node.bad, liar.addr.Addr())

@@ -139,26 +139,8 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			case isSeederError(err):
 			case !isTimeout(err):
 				s.cfg.Membership.ReportFailure(seeder)
-			case timeouts < retriesAfter(err) && slices.Contains(s.cfg.Membership.Live(), seeder):
+			case timeouts < seederTimeoutsToFail && s.askAgain(ctx, b, k, seeder, err, timeouts):
 				timeouts++
-				// A timeout: a congested link drops SYNs (the retry comes a second later) and a busy
-				// node answers late. Moving on would fetch the segment from upstream a second time, so
-				// ask again a few times, unless the probes have found it dead meanwhile.
-				s.log.Debug("seeder slow to answer, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
-				select {
-				case <-time.After(seederRetryPause):
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-				continue
-			case timeouts < seederTimeoutsToFail && slices.Contains(s.cfg.Membership.Live(), seeder) && s.showsLife(ctx, seeder):
-				timeouts++
-				// Silent on this request, yet it sends this node data or answers a ping: busy
-				// (on saturated links a dropped packet of the request or of its answer costs a
-				// retransmission), not wedged. The next seeder would fetch the segment from
-				// upstream a second time.
-				s.metrics.seederBusy.Inc()
-				s.log.Debug("seeder busy, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
 				select {
 				case <-time.After(seederRetryPause):
 				case <-ctx.Done():
@@ -473,6 +455,28 @@ func retriesAfter(err error) int {
 		return seederTimeoutsToFail
 	}
 	return 1
+}
+
+// askAgain reports whether a seeder whose request timed out (timeouts times in a row before) is
+// asked again rather than passed over, for the next seeder would fetch the segment from upstream
+// a second time. Only while the probes find it live: after a dial that timed out, up to
+// retriesAfter times (a congested link drops SYNs, and the retry comes a second later); after
+// it accepted the request and said nothing, once, and then only while it shows life (busy, not
+// wedged: on saturated links a lost packet of the request or of its answer costs a
+// retransmission).
+func (s *Swarm) askAgain(ctx context.Context, b *blob, k int, seeder netip.AddrPort, err error, timeouts int) bool {
+	switch {
+	case !slices.Contains(s.cfg.Membership.Live(), seeder):
+		return false
+	case timeouts < retriesAfter(err):
+		s.log.Debug("seeder slow to answer, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
+		return true
+	case s.showsLife(ctx, seeder):
+		s.metrics.seederBusy.Inc()
+		s.log.Debug("seeder busy, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
+		return true
+	}
+	return false
 }
 
 // showsLife reports whether seeder, silent on a segment request, is alive all the same: it sent
