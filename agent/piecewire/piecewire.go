@@ -1099,6 +1099,11 @@ func (b *Blob) writeAt(i int, p []byte, off int64) error {
 	case done:
 		return errPieceDone
 	}
+	return b.write(p, off)
+}
+
+// write writes p at off into the blob's file; the caller holds fileMu (shared or exclusive).
+func (b *Blob) write(p []byte, off int64) error {
 	if b.writer == nil {
 		return errors.New("blob is read-only")
 	}
@@ -1128,19 +1133,9 @@ func (b *Blob) commitCopy(i int, piece []byte, off int64) error {
 	b.mu.Lock()
 	gone := b.frozen[i] || b.closed // Freeze holds fileMu too: no write after it returned
 	b.mu.Unlock()
-	var err error
-	switch {
-	case gone:
-		err = errPieceDone
-	case b.writer == nil:
-		err = errors.New("blob is read-only")
-	default:
-		if _, err = b.writer.WriteAt(piece, off); err != nil {
-			var pe *fs.PathError
-			if errors.As(err, &pe) {
-				err = &writeError{err}
-			}
-		}
+	err := errPieceDone
+	if !gone {
+		err = b.write(piece, off)
 	}
 	b.fileMu.Unlock()
 	b.mu.Lock()

@@ -471,7 +471,7 @@ func (s *Swarm) askAgain(ctx context.Context, b *blob, k int, seeder netip.AddrP
 	case timeouts < retriesAfter(err):
 		s.log.Debug("seeder slow to answer, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
 		return true
-	case s.showsLife(ctx, seeder):
+	case s.alive(ctx, seeder, busyPingTimeout) == nil:
 		s.metrics.seederBusy.Inc()
 		s.log.Debug("seeder busy, asking again", "digest", b.plan.Digest, "segment", k, "seeder", seeder, "error", err)
 		return true
@@ -479,19 +479,19 @@ func (s *Swarm) askAgain(ctx context.Context, b *blob, k int, seeder netip.AddrP
 	return false
 }
 
-// showsLife reports whether seeder, silent on a segment request, is alive all the same: it sent
-// this node data lately, or it answers a ping within busyPingTimeout. A ping that times out
-// counts as no life: the seeder is then left as it was before this check existed.
-func (s *Swarm) showsLife(ctx context.Context, seeder netip.AddrPort) bool {
-	if s.heardWithin(seeder.Addr(), rescuePingTimeout) {
-		return true
+// alive returns nil if peer shows life: it sent this node data within rescuePingTimeout (busy,
+// not stopped: a ping may time out on a machine whose CPU a rollout saturates), or it answers a
+// ping within timeout; else the ping's error.
+func (s *Swarm) alive(ctx context.Context, peer netip.AddrPort, timeout time.Duration) error {
+	if s.heardWithin(peer.Addr(), rescuePingTimeout) {
+		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, busyPingTimeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	return s.ping(ctx, seeder) == nil
+	return s.ping(ctx, peer)
 }
 
-// busyPingTimeout bounds the ping that tells a busy seeder from a wedged one (showsLife). It adds
+// busyPingTimeout bounds the ping that tells a busy seeder from a wedged one (askAgain). It adds
 // to the time a node takes to leave a seeder that accepts connections and says nothing, so it is
 // shorter than rescuePingTimeout.
 const busyPingTimeout = time.Second
@@ -515,16 +515,9 @@ func (s *Swarm) rescue(b *blob, k int) {
 		case s.client.IsBanned(source.Addr()):
 			// It sent bad data: whatever it holds is of no use.
 			err = errors.New("banned for sending bad data")
-		case s.heardWithin(source.Addr(), rescuePingTimeout):
-			// It is sending data: busy, not stopped (a ping may time out on a machine whose
-			// CPU is saturated by a rollout, and a false rescue costs upstream bytes).
-			seg.endRescue(false, netip.AddrPort{})
-			return
 		default:
-			ctx, cancel := context.WithTimeout(s.ctx, rescuePingTimeout)
-			err = s.ping(ctx, source)
-			cancel()
-			if err == nil {
+			// A false rescue costs upstream bytes.
+			if err = s.alive(s.ctx, source, rescuePingTimeout); err == nil {
 				seg.endRescue(false, netip.AddrPort{})
 				return // alive: its pieces come, or the late-piece rule reads them
 			}
