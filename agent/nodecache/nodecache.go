@@ -74,6 +74,7 @@ type Store interface {
 	Get(d v1.Hash) (store.Blob, error)
 	Fetch(ctx context.Context, d v1.Hash, src store.Source) (store.Blob, error)
 	Stat(d v1.Hash) (int64, error)
+	Downloading(d v1.Hash) bool
 	PinAll(ds []v1.Hash, owner string) error
 	UnpinAll(ds []v1.Hash, owner string) error
 	PinnedBy(owner string) []v1.Hash
@@ -476,7 +477,9 @@ func (w *Worker) storeLost(it *item) bool {
 	w.mu.Unlock()
 	var missing []v1.Hash
 	for _, d := range digests {
-		if _, err := w.cfg.Store.Stat(d); err != nil {
+		// A blob the worker read to its end may still be committing: not in the store yet,
+		// not lost either.
+		if _, err := w.cfg.Store.Stat(d); err != nil && !w.cfg.Store.Downloading(d) {
 			missing = append(missing, d)
 		}
 	}

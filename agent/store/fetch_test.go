@@ -453,3 +453,61 @@ func TestFetchJoinsADownloadThatCommitsAndIsEvicted(t *testing.T) {
 type noSyncFile struct{ *os.File }
 
 func (noSyncFile) Sync() error { return nil }
+
+// TestDownloadingUntilComplete: a blob being fetched is Downloading and not yet found by Stat;
+// once committed, Stat finds it and it is no longer Downloading. Looked at all along, it is
+// always one or the other: a reader that had every byte before the commit never sees it gone.
+func TestDownloadingUntilComplete(t *testing.T) {
+	ts := openTestStore(t, "")
+	ctx := testContext(t)
+	data, d := randomBlob(7, 256<<10)
+	gate := make(chan struct{})
+	src := &fakeSource{chunks: split(data, 64<<10), size: int64(len(data)), gates: map[int]<-chan struct{}{1: gate}}
+	b, err := ts.Fetch(ctx, d, src.open)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if _, err := ts.Stat(d); err == nil || !ts.Downloading(d) {
+		t.Fatalf("during the download: Stat error %v, Downloading %v; want not found and true", err, ts.Downloading(d))
+	}
+	stop := make(chan struct{})
+	neither := make(chan struct{}, 1)
+	var watching sync.WaitGroup
+	watching.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := ts.Stat(d); err != nil && !ts.Downloading(d) {
+				if _, err := ts.Stat(d); err != nil { // not committed in between the two looks
+					neither <- struct{}{}
+					return
+				}
+			}
+		}
+	})
+	close(gate)
+	if _, err := io.Copy(io.Discard, b); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, err := ts.Stat(d); err != nil; _, err = ts.Stat(d) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not complete 10 s after its last byte was read: %v", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(stop)
+	watching.Wait()
+	select {
+	case <-neither:
+		t.Error("the blob was neither downloading nor complete for a moment")
+	default:
+	}
+	if ts.Downloading(d) {
+		t.Error("a complete blob is still Downloading")
+	}
+}

@@ -350,6 +350,15 @@ func (s *Store) Stat(d v1.Hash) (int64, error) {
 	return e.size, nil
 }
 
+// Downloading reports whether a download of d is in flight. Its readers may have had every
+// verified byte while the store still commits the blob (Stat finds it once committed): a blob
+// moves from downloading to complete in one step, never through neither.
+func (s *Store) Downloading(d v1.Hash) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.inflight[d.Hex] != nil
+}
+
 // Delete removes a complete blob (pinned or not; its pins stay and protect it if it returns).
 // Readers that have it open keep reading. It returns an error wrapping ErrNotFound if the blob is
 // not complete in the store.
