@@ -107,6 +107,59 @@ func (b *inflightBlob) read(p []byte, off int64, full bool) (int, error) {
 	return n, nil
 }
 
+// Sender is an in-flight blob that can hand its bytes to a writer as the download releases
+// them, without copying them through this process.
+type Sender interface {
+	// SendTo writes n bytes of the blob from off to w (n < 0: to the blob's end) as they are
+	// released, and returns how many it wrote: fewer than n, with a nil error, when the blob
+	// ends first. It uses neither Read's offset nor ReadAt.
+	SendTo(w io.Writer, off, n int64) (int64, error)
+}
+
+// SendTo hands w each run of released bytes as a section of the blob's file (an
+// io.LimitedReader over an *os.File), so that a w that takes files (net/http's response on a TCP
+// connection, through io.ReaderFrom) sends them with sendfile(2): a mirror streaming a blob
+// still downloading reads and writes no byte of it itself. It moves the descriptor's own offset,
+// which Read and ReadAt do not use.
+func (b *inflightBlob) SendTo(w io.Writer, off, n int64) (int64, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("send %s from %d: negative offset", b.dl.digest, off)
+	}
+	var sent int64
+	for n < 0 || sent < n {
+		select {
+		case <-b.closed:
+			return sent, fmt.Errorf("send %s: %w", b.dl.digest, errBlobClosed)
+		default:
+		}
+		avail, err := b.dl.wait(b.ctx, b.closed, off+1)
+		if err != nil {
+			return sent, err
+		}
+		if off >= avail { // complete and nothing left at off
+			return sent, nil
+		}
+		run := avail - off
+		if n >= 0 {
+			run = min(run, n-sent)
+		}
+		if _, err := b.f.Seek(off, io.SeekStart); err != nil {
+			return sent, fmt.Errorf("send %s: %w", b.dl.digest, err)
+		}
+		m, err := io.Copy(w, &io.LimitedReader{R: b.f, N: run})
+		sent += m
+		off += m
+		if err != nil {
+			return sent, fmt.Errorf("send %s at %d: %w", b.dl.digest, off, err)
+		}
+		if m < run {
+			// The released bytes are on disk; a short copy means the file is damaged.
+			return sent, fmt.Errorf("send %s at %d: %w", b.dl.digest, off, io.ErrUnexpectedEOF)
+		}
+	}
+	return sent, nil
+}
+
 // Seek sets the offset for Read without blocking. Seeking relative to the end needs the size, so it
 // fails while a blob of unknown size is still in flight.
 func (b *inflightBlob) Seek(offset int64, whence int) (int64, error) {
