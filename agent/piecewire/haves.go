@@ -18,10 +18,8 @@ import (
 //	'H' uint32 i                         piece i is verified now
 //	'K'                                  keepalive: nothing new
 //
-// A node sends the bitfield first, then a frame for each piece as it is verified, in batches
-// (leaving out those it knows the follower has, see serveHaves), and a keepalive when nothing
-// happened for havesKeepalive. Integers are big-endian. The request names the blob
-// (?blob=<hex>) and, optionally, the port the follower is known by (&port=).
+// A node sends the bitfield first, then a frame for each piece as it is verified, in batches, and
+// a keepalive when nothing happened for havesKeepalive. Integers are big-endian.
 const (
 	frameBitfield  = 'B'
 	frameHave      = 'H'
@@ -42,10 +40,8 @@ type stream struct {
 }
 
 // serveHaves streams the blob's haves to peer until it goes, is refused (Node.CloseRefused), or
-// the blob is dropped. When from names the peer as this node follows it, a piece this node
-// knows it has is left out: it will not fetch it, and in a rollout about half the pieces a node
-// completes are already held by a given follower, each otherwise a write here and a read there.
-func (b *Blob) serveHaves(w http.ResponseWriter, r *http.Request, peer netip.Addr, from netip.AddrPort) {
+// the blob is dropped.
+func (b *Blob) serveHaves(w http.ResponseWriter, r *http.Request, peer netip.Addr) {
 	flusher, ok := w.(http.Flusher)
 	if !ok {
 		http.Error(w, "streaming unsupported", http.StatusInternalServerError)
@@ -84,7 +80,6 @@ func (b *Blob) serveHaves(w http.ResponseWriter, r *http.Request, peer netip.Add
 	defer keepalive.Stop()
 	var frame [5]byte
 	frame[0] = frameHave
-	var send []uint32
 	for {
 		select {
 		case <-ch:
@@ -100,19 +95,13 @@ func (b *Blob) serveHaves(w http.ResponseWriter, r *http.Request, peer netip.Add
 			return
 		}
 		b.mu.Lock()
-		send = send[:0]
-		follower := b.peers[from] // nil when from is not valid or not followed
-		for _, i := range b.log[sent:] {
-			if follower == nil || !follower.has[i] {
-				send = append(send, i)
-			}
-		}
+		fresh := b.log[sent:len(b.log):len(b.log)]
 		sent, ch = len(b.log), b.grew
 		b.mu.Unlock()
-		if len(send) == 0 {
+		if len(fresh) == 0 {
 			continue
 		}
-		for _, i := range send {
+		for _, i := range fresh {
 			binary.BigEndian.PutUint32(frame[1:], i)
 			if _, err := bw.Write(frame[:]); err != nil {
 				return
@@ -169,9 +158,6 @@ func (b *Blob) followOnce(p *peer) error {
 		}
 	}()
 	url := fmt.Sprintf("http://%s%s?blob=%s", p.addr, HavesPath, b.name)
-	if self := b.n.cfg.Self; self.IsValid() {
-		url += fmt.Sprintf("&port=%d", self.Port())
-	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err

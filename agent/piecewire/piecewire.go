@@ -87,10 +87,6 @@ var (
 type Config struct {
 	// Client makes the requests to peers (from the node's own address).
 	Client *http.Client
-	// Self is the address peers know this node by. Its haves requests name its port, so that a
-	// peer that follows this node too leaves out of the stream the pieces it knows this node
-	// has. The zero value names none, and gets every piece.
-	Self netip.AddrPort
 	// FetchesPerPeer bounds the pieces fetched from one peer at once (default 2).
 	FetchesPerPeer int
 	// MaxFetches bounds the pieces this node fetches at once, all blobs and peers together
@@ -523,9 +519,7 @@ func (b *Blob) MarkVerified() {
 }
 
 // Lose marks piece i incomplete again (its bytes are no longer trusted): it is fetched again if
-// wanted, and peers that ask for it are told it is not here. Peers that knew this node had it
-// left it out of their haves, so until their streams start again it is fetched from those whose
-// haves named it, or read elsewhere (the swarm's late-piece path).
+// wanted, and peers that ask for it are told it is not here.
 func (b *Blob) Lose(i int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -1250,20 +1244,11 @@ func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		b.servePiece(w, i)
 	case HavesPath:
-		var from netip.AddrPort // the follower as this node's peers know it, if it says
-		if q := r.URL.Query().Get("port"); q != "" {
-			port, err := strconv.ParseUint(q, 10, 16)
-			if err != nil || port == 0 {
-				http.Error(w, "port: want the follower's port, 1 to 65535", http.StatusBadRequest)
-				return
-			}
-			from = netip.AddrPortFrom(peer, uint16(port))
-		}
 		if b == nil {
 			http.Error(w, "blob not here", http.StatusNotFound)
 			return
 		}
-		b.serveHaves(w, r, peer, from)
+		b.serveHaves(w, r, peer)
 	default:
 		http.NotFound(w, r)
 	}

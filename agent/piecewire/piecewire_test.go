@@ -44,7 +44,6 @@ func newTestNode(t testing.TB, ip string, configure ...func(*Config)) *testNode 
 	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}, Timeout: 2 * time.Second}
 	cfg := Config{
 		Client: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext, MaxIdleConnsPerHost: 16}},
-		Self:   tn.addr,
 		OnBadPiece: func(a netip.Addr) {
 			tn.mu.Lock()
 			tn.bad = append(tn.bad, a)
@@ -415,43 +414,6 @@ func TestHavesFollowCompletions(t *testing.T) {
 	waitHolders(3, 1)
 	if bl.Holders(1, nil) != 0 {
 		t.Error("piece 1, which the peer never verified, is known as held")
-	}
-}
-
-// TestHavesLeaveOutWhatTheFollowerHas: a node that follows its follower too does not announce
-// to it the pieces it knows it has, and announces the others.
-func TestHavesLeaveOutWhatTheFollowerHas(t *testing.T) {
-	blob := newTestBlob(9, 1<<20, 256<<10)
-	hashes := blob.hashes()
-	a, f := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3")
-	ab, _ := a.want(t, blob, PriorityNone) // both follow, neither fetches
-	fb, _ := f.want(t, blob, PriorityNone)
-	ab.AddPeers([]netip.AddrPort{f.addr})
-	fb.AddPeers([]netip.AddrPort{a.addr})
-	waitHolders := func(bl *Blob, i, want int) {
-		t.Helper()
-		deadline := time.Now().Add(waitLimit)
-		for bl.Holders(i, nil) != want && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
-		if got := bl.Holders(i, nil); got != want {
-			t.Fatalf("piece %d: %d holders known, want %d", i, got, want)
-		}
-	}
-	if !fb.CompleteIfHash(1, hashes[HashSize:2*HashSize]) {
-		t.Fatal("piece 1 not completed at the follower")
-	}
-	waitHolders(ab, 1, 1) // a knows f has piece 1
-	for _, i := range []int{1, 2} {
-		if !ab.CompleteIfHash(i, hashes[i*HashSize:(i+1)*HashSize]) {
-			t.Fatalf("piece %d not completed", i)
-		}
-	}
-	// Haves go in the order the pieces completed: once f knows of piece 2, it would have heard
-	// of piece 1 already.
-	waitHolders(fb, 2, 1)
-	if got := fb.Holders(1, nil); got != 0 {
-		t.Errorf("piece 1, which the follower has, was announced to it (%d holders known)", got)
 	}
 }
 

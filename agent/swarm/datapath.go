@@ -119,7 +119,6 @@ func newPiecesPath(cfg Config, self netip.AddrPort, onData func(netip.Addr), onB
 			MaxIdleConnsPerHost: 4,
 			IdleConnTimeout:     time.Minute,
 		}},
-		Self:            self,
 		StallTimeout:    pieceStallTimeout,
 		MaxUploadRate:   cfg.MaxUploadRate,
 		MaxDownloadRate: cfg.MaxDownloadRate,
