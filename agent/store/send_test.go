@@ -39,23 +39,30 @@ func (f *fileTaker) ReadFrom(r io.Reader) (int64, error) {
 	return int64(len(p)), err
 }
 
-// TestSendToHandsFileSectionsAsReleased: an in-flight blob sends the bytes its download has
-// released, no further, as sections of its file that a writer taking files would sendfile; the
-// rest follows when it is released, and a range gets exactly its bytes.
-func TestSendToHandsFileSectionsAsReleased(t *testing.T) {
+// sendingBlob starts fetching a random blob of size bytes from a fileSource that writes nothing
+// until the test puts it, and returns the blob as a Sender.
+func sendingBlob(t *testing.T, seed uint64, size int) (*testStore, *fileSource, []byte, Sender) {
+	t.Helper()
 	ts := openTestStore(t, "")
-	ctx := testContext(t)
-	data, d := randomBlob(11, 700<<10)
+	data, d := randomBlob(seed, size)
 	src := newFileSource(t, ts.dir, data)
-	b, err := ts.Fetch(ctx, d, src.open)
+	b, err := ts.Fetch(testContext(t), d, src.open)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Close()
+	t.Cleanup(func() { b.Close() })
 	sender, ok := b.(Sender)
 	if !ok {
 		t.Fatalf("an in-flight blob (%T) is no Sender", b)
 	}
+	return ts, src, data, sender
+}
+
+// TestSendToHandsFileSectionsAsReleased: an in-flight blob sends the bytes its download has
+// released, no further, as sections of its file that a writer taking files would sendfile; the
+// rest follows when it is released, and a range gets exactly its bytes.
+func TestSendToHandsFileSectionsAsReleased(t *testing.T) {
+	_, src, data, sender := sendingBlob(t, 11, 700<<10)
 	w := &fileTaker{got: make(chan []byte, 64)}
 	type result struct {
 		n   int64
@@ -121,22 +128,10 @@ func TestSendToHandsFileSectionsAsReleased(t *testing.T) {
 // TestSendToNeverSendsAFailedBlobWhole: a download whose bytes do not match the digest fails the
 // send before its last byte, as it fails reads.
 func TestSendToNeverSendsAFailedBlobWhole(t *testing.T) {
-	ts := openTestStore(t, "")
-	ctx := testContext(t)
-	data, d := randomBlob(12, 200<<10)
-	src := newFileSource(t, ts.dir, data)
-	b, err := ts.Fetch(ctx, d, src.open)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	ts, src, data, sender := sendingBlob(t, 12, 200<<10)
 	src.data = bytes.Clone(data)
 	src.data[len(data)-1] ^= 0xff
 	src.put(t, int64(len(data)))
-	sender, ok := b.(Sender)
-	if !ok {
-		t.Fatalf("an in-flight blob (%T) is no Sender", b)
-	}
 	var buf bytes.Buffer
 	n, err := sender.SendTo(&buf, 0, -1)
 	if !errors.Is(err, ErrDigestMismatch) || n >= int64(len(data)) {
