@@ -42,7 +42,7 @@ func TestCorruptPieceBanExpires(t *testing.T) {
 	corrupt := bytes.Clone(blob.data)
 	corrupt[piece*blob.pieceLength+100] ^= 0xff
 	liarFile, lf := testFile(t, len(blob.data), corrupt)
-	liar.add(t, blob, liarFile, AllComplete)
+	lt := liar.add(t, blob, liarFile, AllComplete)
 	tn, fn := node.leech(t, blob)
 	tn.AddPeers([]netip.AddrPort{liar.addr})
 
@@ -78,6 +78,10 @@ func TestCorruptPieceBanExpires(t *testing.T) {
 	if node.IsBanned(liar.addr.Addr()) {
 		t.Fatal("the ban has not run out")
 	}
+	// The peer restarts: its side of the banned connection is gone too. Were it still open, the
+	// client there would keep it and drop the new one as a duplicate of the same peer ID
+	// (DropDuplicatePeerIds), and this node, given the address once, would not dial again.
+	waitFor(t, "the peer's side of the banned connection to close", func() bool { return lt.Stats().PeerConns == 0 })
 	before := node.heardFrom(liar.addr.Addr())
 	tn.AddPeers([]netip.AddrPort{liar.addr})
 	waitComplete(t, tn, fn, blob.data)
