@@ -107,9 +107,17 @@ func TestAgentsFindEachOtherThroughKubernetes(t *testing.T) {
 				t.Fatalf("agent %s: live members %q, want 2", a.node, liveMembers(a.metrics))
 			}
 		}
+		// An agent counts itself live from the start, so it may see two live members before
+		// its own SwarmMember is written: wait for that too.
 		var m v1.SwarmMember
-		if err := env.Client.Get(t.Context(), client.ObjectKey{Name: a.node}, &m); err != nil {
-			t.Fatalf("SwarmMember %s: %v", a.node, err)
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			err := env.Client.Get(t.Context(), client.ObjectKey{Name: a.node}, &m)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("SwarmMember %s: %v", a.node, err)
+			}
 		}
 		if got := m.Spec.IP + ":" + itoa(m.Spec.Port); got != a.p2p {
 			t.Errorf("SwarmMember %s announces %s, want %s", a.node, got, a.p2p)
