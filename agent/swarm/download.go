@@ -276,9 +276,19 @@ func (s *Swarm) ensureSegment(ctx context.Context, b *blob, k int) ([]byte, erro
 		}
 		select {
 		case <-ready:
-			if info, _, err := seg.state(); info == nil && err != nil {
-				return nil, err
+			info, _, err := seg.state()
+			if info != nil || err == nil {
+				continue
 			}
+			if errors.Is(err, upstream.ErrRangeUnsupported) && b.whole.Load() {
+				// A ranged fetch begun before the registry was found to ignore Range: the
+				// next pass fetches the blob whole here, if this node is its seeder, or sends
+				// the asker to the member that is. Answering with the ranged fetch's error
+				// would make an asker that wants the whole blob pass this node over and have
+				// the next member fetch the blob whole again.
+				continue
+			}
+			return nil, err
 		case <-ctx.Done():
 			return nil, fmt.Errorf("wait for segment %d of %s: %w", k, b.plan.Digest, ctx.Err())
 		}

@@ -69,6 +69,96 @@ func TestRegistryIgnoringRangeCostsOneCopy(t *testing.T) {
 	}
 }
 
+// TestWholeAskDuringRangedSeedCostsOneCopy has a member that knows the registry ignores Range
+// ask segment 0's seeder for the whole blob while the seeder's own ranged fetch of the segment
+// is still under way, and that fetch fails before the whole blob's bytes arrive. The seeder
+// must answer once the whole blob is in: failing the ask with the ranged fetch's error would
+// make the asker pass it over, and the next member would fetch the whole blob a second time.
+func TestWholeAskDuringRangedSeedCostsOneCopy(t *testing.T) {
+	up := newMemUpstream()
+	up.noRange.Store(true)
+	rangeArrived, rangeHeld := make(chan struct{}, 1), make(chan struct{})
+	wholeArrived, wholeHeld := make(chan struct{}, 1), make(chan struct{})
+	up.hold = func(ranged bool) {
+		if ranged {
+			rangeArrived <- struct{}{}
+			<-rangeHeld
+			return
+		}
+		wholeArrived <- struct{}{}
+		<-wholeHeld
+	}
+	releaseRange := sync.OnceFunc(func() { close(rangeHeld) })
+	releaseWhole := sync.OnceFunc(func() { close(wholeHeld) })
+	content := randomBlob(t, 3<<20+777)
+	d := up.add(content)
+	nodes := startNodes(t, 2, up)
+	t.Cleanup(releaseWhole) // before the nodes close, which waits for their fetches
+	t.Cleanup(releaseRange)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	wait := func(c <-chan struct{}, what string) {
+		t.Helper()
+		select {
+		case <-c:
+		case <-ctx.Done():
+			t.Fatalf("%s never happened", what)
+		}
+	}
+	blobs := make([]*blob, len(nodes))
+	for i, node := range nodes {
+		b, err := node.swarm.blobFor(d, int64(len(content)), "registry.test", "app")
+		if err != nil {
+			t.Fatal(err)
+		}
+		blobs[i] = b
+	}
+	seeder, asker := 0, 1
+	if nodes[0].swarm.seedersOf(blobs[0]).seeders[0] != nodes[0].addr {
+		seeder, asker = 1, 0
+	}
+
+	seeded := make(chan error, 1)
+	go func() {
+		_, err := nodes[seeder].swarm.ensureSegment(ctx, blobs[seeder], 0)
+		seeded <- err
+	}()
+	wait(rangeArrived, "the seeder's ranged fetch of segment 0")
+	asked := make(chan error, 1)
+	go func() {
+		_, err := nodes[asker].swarm.requestSegment(ctx, nodes[seeder].addr, blobs[asker], 0, true)
+		asked <- err
+	}()
+	wait(wholeArrived, "the seeder's fetch of the whole blob")
+	releaseRange() // the ranged fetch now finds that the registry ignores Range
+	for {
+		if _, _, err := blobs[seeder].segs[0].state(); err != nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("the seeder's ranged fetch never failed")
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	select {
+	case err := <-asked:
+		t.Fatalf("the ask for the whole blob ended before the whole blob came in: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	releaseWhole()
+
+	if err := <-asked; err != nil {
+		t.Errorf("asking the seeder for the whole blob: %v", err)
+	}
+	if err := <-seeded; err != nil {
+		t.Errorf("the seeder's own wait for segment 0: %v", err)
+	}
+	if sent := up.sent.Load(); sent != int64(len(content)) {
+		t.Errorf("the registry sent %d bytes for a %d byte blob, want one whole copy", sent, len(content))
+	}
+}
+
 // freeze replaces a node by a listener that never accepts: the kernel still completes TCP
 // handshakes and nobody answers, as with a process stopped by SIGSTOP.
 func freeze(t *testing.T, node *testNode) {

@@ -41,6 +41,9 @@ type memUpstream struct {
 	// noRange makes it a registry that ignores Range: a ranged request fails as the upstream
 	// client fails it, and only a request for the whole blob succeeds.
 	noRange atomic.Bool
+	// hold, when set, is called before each blob request is answered, with whether it is for
+	// a range: a test holds requests there.
+	hold func(ranged bool)
 }
 
 func newMemUpstream() *memUpstream { return &memUpstream{blobs: map[string][]byte{}} }
@@ -87,7 +90,11 @@ func (u *memUpstream) Blob(_ context.Context, _, _ string, d v1.Hash, offset, le
 		length = int64(len(b)) - offset
 	}
 	if u.noRange.Load() {
-		if offset > 0 || length != int64(len(b)) {
+		ranged := offset > 0 || length != int64(len(b))
+		if u.hold != nil {
+			u.hold(ranged)
+		}
+		if ranged {
 			return nil, 0, fmt.Errorf("get bytes %d-%d: %w", offset, offset+length-1, upstream.ErrRangeUnsupported)
 		}
 		u.sent.Add(int64(len(b)))

@@ -76,6 +76,22 @@ func registrySent(t *testing.T, ctx context.Context, tb *testbed.Testbed, img *h
 	return float64(total) / float64(img.BlobBytes())
 }
 
+// logBlobGETs logs every blob GET the registry answered, with the bytes it sent, so that a
+// failed check on upstream bytes shows which blob went twice.
+func logBlobGETs(t *testing.T, tb *testbed.Testbed) {
+	t.Helper()
+	reqs, err := tb.Registry().Requests()
+	if err != nil {
+		t.Log(err)
+		return
+	}
+	for _, r := range reqs {
+		if _, ok := r.BlobDigest(); ok && r.Method == http.MethodGet {
+			t.Logf("registry: GET %s: %d, %d bytes", r.Path, r.Status, r.Bytes)
+		}
+	}
+}
+
 // TestSwarmPullsFromRegistryIgnoringRange has four nodes pull a new image through CRI while
 // the agents' upstream ignores Range: every pull succeeds with the right content, the agents
 // fall back to fetching each blob whole once, and the registry sends about one copy.
@@ -111,6 +127,7 @@ func TestSwarmPullsFromRegistryIgnoringRange(t *testing.T) {
 	t.Logf("the registry sent %.2f × the image", sent)
 	if sent > 1.1 {
 		t.Errorf("the registry sent %.2f × the image for 4 nodes, want at most 1.1", sent)
+		logBlobGETs(t, tb)
 	}
 }
 
