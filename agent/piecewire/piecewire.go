@@ -29,7 +29,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/netip"
@@ -42,6 +41,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/shoal-dev/shoal/internal/sockwater"
 )
 
 // HashSize is the length of a piece hash (SHA-1).
@@ -938,9 +939,9 @@ func (b *Blob) fetch(p *peer, i int, dup bool) error {
 	if err != nil {
 		return err
 	}
-	var conn net.Conn
+	var sock syscall.RawConn
 	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
-		GotConn: func(info httptrace.GotConnInfo) { conn = info.Conn },
+		GotConn: func(info httptrace.GotConnInfo) { sock = sockwater.Socket(info.Conn) },
 	}))
 	stall := time.AfterFunc(b.n.cfg.StallTimeout, func() { cancel(errStalled) })
 	defer stall.Stop()
@@ -975,12 +976,12 @@ func (b *Blob) fetch(p *peer, i int, dup bool) error {
 	water := 1
 	defer func() {
 		if water != 1 {
-			setLowWater(conn, 1)
+			sockwater.Set(sock, 1)
 		}
 	}()
 	for got := int64(0); got < length; {
-		if want := lowWater(length - got); want != water {
-			setLowWater(conn, want)
+		if want := sockwater.Mark(length - got); want != water {
+			sockwater.Set(sock, want)
 			water = want
 		}
 		chunk := min(int64(len(buf)), length-got)
@@ -1050,38 +1051,6 @@ func (b *Blob) fetch(p *peer, i int, dup bool) error {
 		b.n.cfg.OnData(p.addr.Addr())
 	}
 	return nil
-}
-
-// readLowWater is how many bytes of a piece a fetch lets arrive before it is woken to read
-// them (SO_RCVLOWAT). A reader woken for every segment that arrives reads a few kilobytes per
-// system call at link rates of 100 Mbit/s and pays a wakeup for each: on 8 nodes the reads
-// were a fifth of the agents' CPU.
-const readLowWater = 64 << 10
-
-// lowWater is the low water mark for the socket while rem bytes of a piece are still to come:
-// readLowWater, unless fewer than twice that remain. The margin covers what the HTTP client
-// has buffered already (a few kilobytes), so the mark never exceeds what is left to arrive,
-// and the connection goes back to the client's pool with the mark at 1.
-func lowWater(rem int64) int {
-	if rem > 2*readLowWater {
-		return readLowWater
-	}
-	return 1
-}
-
-// setLowWater sets conn's SO_RCVLOWAT to n bytes, if conn is a socket.
-func setLowWater(conn net.Conn, n int) {
-	sc, ok := conn.(syscall.Conn)
-	if !ok {
-		return
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return
-	}
-	_ = raw.Control(func(fd uintptr) {
-		_ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVLOWAT, n)
-	})
 }
 
 // writeAt writes bytes of piece i unless it is frozen (Freeze waits for writes under way).

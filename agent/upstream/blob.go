@@ -5,16 +5,21 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptrace"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-dev/shoal/internal/oci"
+	"github.com/shoal-dev/shoal/internal/sockwater"
 )
 
 // Blob opens bytes [offset, offset+length) of a blob (length -1: to the end) and returns them
@@ -55,6 +60,13 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 
 	// The request context lives as long as the body: cancelling it is how a stalled body is cut.
 	ctx, cancel := context.WithCancelCause(ctx)
+	var connMu sync.Mutex
+	var conn net.Conn // the last one handed out: the blob's, after any token request or redirect
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		connMu.Lock()
+		conn = info.Conn
+		connMu.Unlock()
+	}})
 	resp, derr := c.do(ctx, t, kindBlob, op, http.MethodGet, blobPath(repo, d), header)
 	if derr != nil {
 		cancel(nil)
@@ -104,6 +116,7 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 		ctx:       ctx,
 		body:      resp.Body,
 		remaining: limit,
+		left:      -1,
 		idle:      c.timeouts.BlobIdle,
 		bytes:     c.metrics.received(t.registry),
 		cancel:    cancel,
@@ -111,8 +124,25 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 			return t.fail(op+": read body", resp.StatusCode, "", failureKind(err), err)
 		},
 	}
+	if resp.ProtoMajor == 1 && resp.ContentLength > 0 && !resp.Uncompressed {
+		// An HTTP/1 body of known length has its connection to itself: the reader may be
+		// woken once per sockwater.Default bytes (an HTTP/2 connection carries other streams).
+		connMu.Lock()
+		body.sock, body.left = sockwater.Socket(conn), resp.ContentLength
+		connMu.Unlock()
+	}
 	stalled := fmt.Errorf("no bytes received for %s", c.timeouts.BlobIdle)
-	body.timer = time.AfterFunc(c.timeouts.BlobIdle, func() { cancel(stalled) })
+	body.timer = time.AfterFunc(c.timeouts.BlobIdle, func() {
+		if body.water.Load() > 1 && sockwater.Queued(body.sock) > 0 {
+			// Bytes came, fewer than the mark: a slow registry, not a stalled one. Wake the
+			// Read with what is there.
+			body.water.Store(1)
+			sockwater.Set(body.sock, 1)
+			body.timer.Reset(c.timeouts.BlobIdle)
+			return
+		}
+		cancel(stalled)
+	})
 	body.timer.Stop() // armed only while a Read waits for the registry
 	return body, total, nil
 }
@@ -205,12 +235,17 @@ type blobReader struct {
 	ctx       context.Context
 	body      io.ReadCloser
 	remaining int64 // bytes still to return, -1 for all
-	idle      time.Duration
-	timer     *time.Timer
-	bytes     prometheus.Counter
-	cancel    context.CancelCauseFunc
-	fail      func(error) error
-	closed    atomic.Bool
+	// sock is the body's socket when its low water mark may be raised (see sockwater), with
+	// left the body's bytes still to read and water the mark set.
+	sock   syscall.RawConn
+	left   int64
+	water  atomic.Int32
+	idle   time.Duration
+	timer  *time.Timer
+	bytes  prometheus.Counter
+	cancel context.CancelCauseFunc
+	fail   func(error) error
+	closed atomic.Bool
 }
 
 func (r *blobReader) Read(p []byte) (int, error) {
@@ -220,6 +255,12 @@ func (r *blobReader) Read(p []byte) (int, error) {
 	if r.remaining > 0 && int64(len(p)) > r.remaining {
 		p = p[:r.remaining]
 	}
+	if r.sock != nil {
+		if want := int32(sockwater.Mark(r.left)); want != r.water.Load() {
+			r.water.Store(want)
+			sockwater.Set(r.sock, int(want))
+		}
+	}
 	r.timer.Reset(r.idle)
 	n, err := r.body.Read(p)
 	r.timer.Stop()
@@ -228,6 +269,7 @@ func (r *blobReader) Read(p []byte) (int, error) {
 		if r.remaining > 0 {
 			r.remaining -= int64(n)
 		}
+		r.left -= int64(n)
 	}
 	if err != nil && !errors.Is(err, io.EOF) {
 		if cause := context.Cause(r.ctx); cause != nil && !r.closed.Load() {

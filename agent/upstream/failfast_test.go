@@ -1,11 +1,13 @@
 package upstream_test
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -160,6 +162,71 @@ func TestStalledBlobBody(t *testing.T) {
 	n, err := io.Copy(io.Discard, body)
 	if n != 100 || !errors.Is(err, upstream.ErrUnavailable) {
 		t.Errorf("read %d bytes, err = %v; want 100 bytes, then ErrUnavailable", n, err)
+	}
+}
+
+// A large body is read with the socket's low water mark raised (see sockwater): a registry
+// that stops sending is still cut off after BlobIdle, with every byte it sent returned.
+func TestStalledLargeBlobBody(t *testing.T) {
+	const sent = 300 << 10
+	release := make(chan struct{})
+	host := fakeRegistry(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(1<<20))
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write(make([]byte, sent))
+		_ = http.NewResponseController(w).Flush()
+		select { // and then nothing
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	t.Cleanup(func() { close(release) })
+	c := newClient(host, upstream.WithTimeouts(tiny))
+	body, _, err := c.Blob(testContext(t), "registry.test", "test/app", someDigest, 0, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer body.Close()
+	n, err := io.CopyBuffer(io.Discard, body, make([]byte, 1<<20))
+	if n != sent || !errors.Is(err, upstream.ErrUnavailable) {
+		t.Errorf("read %d bytes, err = %v; want %d bytes, then ErrUnavailable", n, err, sent)
+	}
+}
+
+// A registry that sends a large body slowly, in bits smaller than the socket's low water mark
+// and less of it per BlobIdle than the mark, is slow, not stalled: the body is read whole.
+func TestTricklingRegistryIsNotIdle(t *testing.T) {
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	host := fakeRegistry(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+		w.WriteHeader(http.StatusOK)
+		rc := http.NewResponseController(w)
+		off := 300 << 10
+		_, _ = w.Write(data[:off])
+		_ = rc.Flush()
+		for range 16 { // 1 KiB per 100 ms: 3 KiB per BlobIdle
+			time.Sleep(100 * time.Millisecond)
+			_, _ = w.Write(data[off : off+1024])
+			_ = rc.Flush()
+			off += 1024
+		}
+		_, _ = w.Write(data[off:])
+	})
+	c := newClient(host, upstream.WithTimeouts(tiny))
+	body, _, err := c.Blob(testContext(t), "registry.test", "test/app", someDigest, 0, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer body.Close()
+	got, err := io.ReadAll(body)
+	if err != nil {
+		t.Fatalf("after %d bytes: %v", len(got), err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Errorf("read %d bytes, not the %d sent", len(got), len(data))
 	}
 }
 
