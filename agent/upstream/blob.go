@@ -133,12 +133,15 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 	}
 	stalled := fmt.Errorf("no bytes received for %s", c.timeouts.BlobIdle)
 	body.timer = time.AfterFunc(c.timeouts.BlobIdle, func() {
+		if !body.waiting.Load() {
+			return // the Read returned meanwhile; the next one arms the timer again
+		}
 		if body.water.Load() > 1 && sockwater.Queued(body.sock) > 0 {
 			// Bytes came, fewer than the mark: a slow registry, not a stalled one. Wake the
 			// Read with what is there.
+			body.timer.Reset(c.timeouts.BlobIdle)
 			body.water.Store(1)
 			sockwater.Set(body.sock, 1)
-			body.timer.Reset(c.timeouts.BlobIdle)
 			return
 		}
 		cancel(stalled)
@@ -237,15 +240,16 @@ type blobReader struct {
 	remaining int64 // bytes still to return, -1 for all
 	// sock is the body's socket when its low water mark may be raised (see sockwater), with
 	// left the body's bytes still to read and water the mark set.
-	sock   syscall.RawConn
-	left   int64
-	water  atomic.Int32
-	idle   time.Duration
-	timer  *time.Timer
-	bytes  prometheus.Counter
-	cancel context.CancelCauseFunc
-	fail   func(error) error
-	closed atomic.Bool
+	sock    syscall.RawConn
+	left    int64
+	water   atomic.Int32
+	waiting atomic.Bool // a Read waits for the registry
+	idle    time.Duration
+	timer   *time.Timer
+	bytes   prometheus.Counter
+	cancel  context.CancelCauseFunc
+	fail    func(error) error
+	closed  atomic.Bool
 }
 
 func (r *blobReader) Read(p []byte) (int, error) {
@@ -261,9 +265,11 @@ func (r *blobReader) Read(p []byte) (int, error) {
 			sockwater.Set(r.sock, int(want))
 		}
 	}
+	r.waiting.Store(true)
 	r.timer.Reset(r.idle)
 	n, err := r.body.Read(p)
 	r.timer.Stop()
+	r.waiting.Store(false)
 	if n > 0 {
 		r.bytes.Add(float64(n))
 		if r.remaining > 0 {
