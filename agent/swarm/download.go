@@ -102,6 +102,7 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 	seg := b.segs[k]
 	failed := map[netip.AddrPort]bool{}
 	timeouts := 0
+	askedWholeAgain := false
 	for {
 		if info, _, _ := seg.state(); info != nil {
 			return nil
@@ -132,6 +133,14 @@ func (s *Swarm) acquire(ctx context.Context, b *blob, k int) error {
 			}
 			if isRangeUnsupported(err) && !whole {
 				s.setWhole(b, "seeder "+seeder.String()+" found it")
+				continue
+			}
+			if isRangeUnsupported(err) && !askedWholeAgain {
+				// The failure of a ranged fetch of the segment that the seeder began before
+				// it was asked for the whole blob: an agent of the previous release answers
+				// a whole-blob ask with it, its whole fetch under way by then. Asked again, it
+				// waits for that fetch; passing it over would fetch the blob whole again.
+				askedWholeAgain = true
 				continue
 			}
 			s.metrics.seederFailures.Inc()

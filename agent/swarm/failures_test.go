@@ -3,6 +3,7 @@ package swarm
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -156,6 +157,62 @@ func TestWholeAskDuringRangedSeedCostsOneCopy(t *testing.T) {
 	}
 	if sent := up.sent.Load(); sent != int64(len(content)) {
 		t.Errorf("the registry sent %d bytes for a %d byte blob, want one whole copy", sent, len(content))
+	}
+}
+
+// TestWholeAskAnsweredWithARangedFailureIsAskedAgain has segment 0's seeder answer a member's
+// first ask for the whole blob with the failure of a ranged fetch, as an agent of the previous
+// release does when its ranged fetch of the segment ends after the ask came: the member asks
+// it again and gets the segment from it, instead of passing it over and fetching the whole
+// blob from the registry itself.
+func TestWholeAskAnsweredWithARangedFailureIsAskedAgain(t *testing.T) {
+	up := newMemUpstream()
+	up.noRange.Store(true)
+	content := randomBlob(t, 3<<20+777)
+	d := up.add(content)
+	nodes := startNodes(t, 2, up)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	blobs := make([]*blob, len(nodes))
+	for i, node := range nodes {
+		b, err := node.swarm.blobFor(d, int64(len(content)), "registry.test", "app")
+		if err != nil {
+			t.Fatal(err)
+		}
+		blobs[i] = b
+	}
+	seeder, asker := 0, 1
+	if nodes[0].swarm.seedersOf(blobs[0]).seeders[0] != nodes[0].addr {
+		seeder, asker = 1, 0
+	}
+	inner, _ := nodes[seeder].handler.Load().(http.Handler)
+	var answered atomic.Bool
+	mux := http.NewServeMux() // the type the handler slot holds
+	mux.Handle("/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == plan.SegmentPathV2 && r.URL.Query().Get("whole") != "" && answered.CompareAndSwap(false, true) {
+			w.Header().Set(plan.ProtocolHeader, strconv.Itoa(plan.ProtocolVersion))
+			_ = json.NewEncoder(w).Encode(plan.Answer{
+				Error: "seed segment 0: get bytes 0-262143: upstream ignores range requests",
+				Code:  plan.CodeRangeUnsupported,
+			})
+			return
+		}
+		inner.ServeHTTP(w, r)
+	}))
+	nodes[seeder].handler.Store(http.Handler(mux))
+
+	nodes[asker].swarm.setWhole(blobs[asker], "the test")
+	if err := nodes[asker].swarm.acquire(ctx, blobs[asker], 0); err != nil {
+		t.Fatalf("acquire segment 0: %v", err)
+	}
+	if !answered.Load() {
+		t.Fatal("test setup: the seeder was never asked for the whole blob")
+	}
+	if blobs[asker].wholeHere.Load() {
+		t.Error("the asker passed the seeder over and fetched the whole blob itself")
+	}
+	if got := testutil.ToFloat64(nodes[asker].swarm.metrics.seederFailures); got != 0 {
+		t.Errorf("%v seeder failures counted, want none", got)
 	}
 }
 
