@@ -980,11 +980,12 @@ func (b *Blob) fetch(p *peer, i int, dup bool) error {
 		}
 	}()
 	for got := int64(0); got < length; {
-		if want := sockwater.Mark(length - got); want != water {
+		want, most := sockwater.Next(length-got, len(buf))
+		if want != water {
 			sockwater.Set(sock, want)
 			water = want
 		}
-		chunk := min(int64(len(buf)), length-got)
+		chunk := min(int64(most), length-got)
 		if lim := b.n.downLimiter; lim != nil {
 			chunk = min(chunk, downloadSlice)
 			stall.Stop() // waiting for the cap is no stall of the peer's

@@ -260,9 +260,11 @@ func (r *blobReader) Read(p []byte) (int, error) {
 		p = p[:r.remaining]
 	}
 	if r.sock != nil {
-		if want := int32(sockwater.Mark(r.left)); want != r.water.Load() {
-			r.water.Store(want)
-			sockwater.Set(r.sock, int(want))
+		want, most := sockwater.Next(r.left, len(p))
+		p = p[:most]
+		if int32(want) != r.water.Load() {
+			r.water.Store(int32(want))
+			sockwater.Set(r.sock, want)
 		}
 	}
 	r.waiting.Store(true)

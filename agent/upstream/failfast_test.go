@@ -193,6 +193,53 @@ func TestStalledLargeBlobBody(t *testing.T) {
 	}
 }
 
+// A connection goes back to the client's pool with its low water mark at 1 byte, even when a
+// single large read takes the rest of a body: the next response on it, a HEAD's headers of a
+// few hundred bytes, must not wait for a mark's worth of bytes that never come.
+func TestConnectionReusedAfterLargeBodyAnswersSmallResponses(t *testing.T) {
+	data := make([]byte, 1<<20)
+	var conns sync.Map
+	host := fakeRegistry(t, func(w http.ResponseWriter, r *http.Request) {
+		conns.Store(r.RemoteAddr, true)
+		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+		if r.Method == http.MethodHead {
+			return
+		}
+		_, _ = w.Write(data)
+	})
+	c := newClient(host, upstream.WithTimeouts(tiny))
+	for range 3 {
+		body, _, err := c.Blob(testContext(t), "registry.test", "test/app", someDigest, 0, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond) // the whole body in the socket: one read could take it
+		buf, n := make([]byte, 2<<20), 0
+		for {
+			m, err := body.Read(buf) // large reads, as a segment's copy does
+			n += m
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("after %d bytes: %v", n, err)
+			}
+		}
+		body.Close()
+		if n != len(data) {
+			t.Fatalf("read %d bytes, want %d", n, len(data))
+		}
+		if _, err := c.HeadBlob(testContext(t), "registry.test", "test/app", someDigest); err != nil {
+			t.Fatalf("HEAD on the connection the body came on: %v", err)
+		}
+	}
+	n := 0
+	conns.Range(func(any, any) bool { n++; return true })
+	if n != 1 {
+		t.Errorf("the requests came on %d connections, want 1 (this test is about a reused one)", n)
+	}
+}
+
 // A registry that sends a large body slowly, in bits smaller than the socket's low water mark
 // and less of it per BlobIdle than the mark, is slow, not stalled: the body is read whole.
 func TestTricklingRegistryIsNotIdle(t *testing.T) {

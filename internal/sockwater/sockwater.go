@@ -5,8 +5,10 @@
 // call and pays a wakeup for each: on 8 agents the piece fetches' reads were a fifth of their
 // CPU, and a seeder's reads of its segments from the registry cost more than the segments'
 // SHA-1. A mark must never exceed what is still to arrive, or the last read waits for bytes
-// that never come: callers set Mark(remaining) before each read, which falls back to 1 near the
-// end, so a connection goes back to a pool with the mark at 1.
+// that never come, and a connection must go back to its pool with the mark at 1, or the next
+// response on it waits for bytes that may never come. Callers ask Next before each read, which
+// gives the mark and how much that read may take: the read that ends a body (and hands its
+// connection back, inside the read) always runs with the mark at 1.
 package sockwater
 
 import (
@@ -20,15 +22,17 @@ import (
 // Default is the low water mark while plenty of a body is still to come.
 const Default = 64 << 10
 
-// Mark is the low water mark for a socket while rem bytes of a body are still to arrive:
-// Default, unless fewer than twice that remain. The margin covers what the reader's buffers
-// may already hold (an HTTP client's few kilobytes), so the mark never exceeds what is left on
-// the wire.
-func Mark(rem int64) int {
+// Next returns the low water mark to set before a read of up to n bytes while rem bytes of a
+// body are still to arrive, and how many bytes that read may take. The mark is Default unless
+// fewer than twice that remain; the margin covers what the reader's buffers may already hold
+// (an HTTP client's few kilobytes), so the mark never exceeds what is left on the wire. A read
+// under the raised mark leaves the last 2 × Default bytes, so that the mark is 1 again before
+// the read that ends the body.
+func Next(rem int64, n int) (mark, limit int) {
 	if rem > 2*Default {
-		return Default
+		return Default, int(min(int64(n), rem-2*Default))
 	}
-	return 1
+	return 1, n
 }
 
 // Socket is the TCP socket under conn (a TLS connection's too), or nil when there is none.
