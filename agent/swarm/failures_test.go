@@ -70,6 +70,24 @@ func TestRegistryIgnoringRangeCostsOneCopy(t *testing.T) {
 	}
 }
 
+// segmentZeroSeeder opens blob d on two nodes and tells which of them seeds its segment 0 and
+// which asks for it.
+func segmentZeroSeeder(t *testing.T, nodes []*testNode, d v1.Hash, size int64) (blobs []*blob, seeder, asker int) {
+	t.Helper()
+	blobs = make([]*blob, len(nodes))
+	for i, node := range nodes {
+		b, err := node.swarm.blobFor(d, size, "registry.test", "app")
+		if err != nil {
+			t.Fatal(err)
+		}
+		blobs[i] = b
+	}
+	if nodes[0].swarm.seedersOf(blobs[0]).seeders[0] == nodes[0].addr {
+		return blobs, 0, 1
+	}
+	return blobs, 1, 0
+}
+
 // TestWholeAskDuringRangedSeedCostsOneCopy has a member that knows the registry ignores Range
 // ask segment 0's seeder for the whole blob while the seeder's own ranged fetch of the segment
 // is still under way, and that fetch fails before the whole blob's bytes arrive. The seeder
@@ -106,18 +124,7 @@ func TestWholeAskDuringRangedSeedCostsOneCopy(t *testing.T) {
 			t.Fatalf("%s never happened", what)
 		}
 	}
-	blobs := make([]*blob, len(nodes))
-	for i, node := range nodes {
-		b, err := node.swarm.blobFor(d, int64(len(content)), "registry.test", "app")
-		if err != nil {
-			t.Fatal(err)
-		}
-		blobs[i] = b
-	}
-	seeder, asker := 0, 1
-	if nodes[0].swarm.seedersOf(blobs[0]).seeders[0] != nodes[0].addr {
-		seeder, asker = 1, 0
-	}
+	blobs, seeder, asker := segmentZeroSeeder(t, nodes, d, int64(len(content)))
 
 	seeded := make(chan error, 1)
 	go func() {
@@ -173,18 +180,7 @@ func TestWholeAskAnsweredWithARangedFailureIsAskedAgain(t *testing.T) {
 	nodes := startNodes(t, 2, up)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	blobs := make([]*blob, len(nodes))
-	for i, node := range nodes {
-		b, err := node.swarm.blobFor(d, int64(len(content)), "registry.test", "app")
-		if err != nil {
-			t.Fatal(err)
-		}
-		blobs[i] = b
-	}
-	seeder, asker := 0, 1
-	if nodes[0].swarm.seedersOf(blobs[0]).seeders[0] != nodes[0].addr {
-		seeder, asker = 1, 0
-	}
+	blobs, seeder, asker := segmentZeroSeeder(t, nodes, d, int64(len(content)))
 	inner, _ := nodes[seeder].handler.Load().(http.Handler)
 	var answered atomic.Bool
 	mux := http.NewServeMux() // the type the handler slot holds

@@ -137,59 +137,57 @@ func TestNoAnswerAfterHandshake(t *testing.T) {
 	}
 }
 
+// A registry that stops sending in the middle of a body is cut off after BlobIdle, with every
+// byte it sent returned; a large body is read with the socket's low water mark raised (see
+// sockwater), a small one without.
 func TestStalledBlobBody(t *testing.T) {
-	release := make(chan struct{})
-	host := fakeRegistry(t, func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Length", "1000")
-		w.WriteHeader(http.StatusOK)
-		_, _ = w.Write(make([]byte, 100))
-		_ = http.NewResponseController(w).Flush()
-		select { // and then nothing
-		case <-release:
-		case <-r.Context().Done():
-		}
-	})
-	t.Cleanup(func() { close(release) })
-	c := newClient(host, upstream.WithTimeouts(tiny))
-	body, total, err := c.Blob(testContext(t), "registry.test", "test/app", someDigest, 0, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer body.Close()
-	if total != 1000 {
-		t.Errorf("total = %d, want 1000", total)
-	}
-	n, err := io.Copy(io.Discard, body)
-	if n != 100 || !errors.Is(err, upstream.ErrUnavailable) {
-		t.Errorf("read %d bytes, err = %v; want 100 bytes, then ErrUnavailable", n, err)
+	for _, c := range []struct {
+		name         string
+		length, sent int
+	}{{"small", 1000, 100}, {"large", 1 << 20, 300 << 10}} {
+		t.Run(c.name, func(t *testing.T) {
+			release := make(chan struct{})
+			host := fakeRegistry(t, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Length", strconv.Itoa(c.length))
+				w.WriteHeader(http.StatusOK)
+				_, _ = w.Write(make([]byte, c.sent))
+				_ = http.NewResponseController(w).Flush()
+				select { // and then nothing
+				case <-release:
+				case <-r.Context().Done():
+				}
+			})
+			t.Cleanup(func() { close(release) })
+			client := newClient(host, upstream.WithTimeouts(tiny))
+			body, total, err := client.Blob(testContext(t), "registry.test", "test/app", someDigest, 0, -1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer body.Close()
+			if total != int64(c.length) {
+				t.Errorf("total = %d, want %d", total, c.length)
+			}
+			n, err := readInBigReads(body)
+			if n != c.sent || !errors.Is(err, upstream.ErrUnavailable) {
+				t.Errorf("read %d bytes, err = %v; want %d bytes, then ErrUnavailable", n, err, c.sent)
+			}
+		})
 	}
 }
 
-// A large body is read with the socket's low water mark raised (see sockwater): a registry
-// that stops sending is still cut off after BlobIdle, with every byte it sent returned.
-func TestStalledLargeBlobBody(t *testing.T) {
-	const sent = 300 << 10
-	release := make(chan struct{})
-	host := fakeRegistry(t, func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Length", strconv.Itoa(1<<20))
-		w.WriteHeader(http.StatusOK)
-		_, _ = w.Write(make([]byte, sent))
-		_ = http.NewResponseController(w).Flush()
-		select { // and then nothing
-		case <-release:
-		case <-r.Context().Done():
+// readInBigReads reads body to its end in reads of 2 MiB, as a segment's copy does, and returns
+// how many bytes it read and the error that ended it (nil at EOF).
+func readInBigReads(body io.Reader) (int, error) {
+	buf, n := make([]byte, 2<<20), 0
+	for {
+		m, err := body.Read(buf)
+		n += m
+		if errors.Is(err, io.EOF) {
+			return n, nil
 		}
-	})
-	t.Cleanup(func() { close(release) })
-	c := newClient(host, upstream.WithTimeouts(tiny))
-	body, _, err := c.Blob(testContext(t), "registry.test", "test/app", someDigest, 0, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer body.Close()
-	n, err := io.CopyBuffer(io.Discard, body, make([]byte, 1<<20))
-	if n != sent || !errors.Is(err, upstream.ErrUnavailable) {
-		t.Errorf("read %d bytes, err = %v; want %d bytes, then ErrUnavailable", n, err, sent)
+		if err != nil {
+			return n, err
+		}
 	}
 }
 
@@ -214,20 +212,10 @@ func TestConnectionReusedAfterLargeBodyAnswersSmallResponses(t *testing.T) {
 			t.Fatal(err)
 		}
 		time.Sleep(20 * time.Millisecond) // the whole body in the socket: one read could take it
-		buf, n := make([]byte, 2<<20), 0
-		for {
-			m, err := body.Read(buf) // large reads, as a segment's copy does
-			n += m
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			if err != nil {
-				t.Fatalf("after %d bytes: %v", n, err)
-			}
-		}
+		n, err := readInBigReads(body)
 		body.Close()
-		if n != len(data) {
-			t.Fatalf("read %d bytes, want %d", n, len(data))
+		if err != nil || n != len(data) {
+			t.Fatalf("read %d bytes of %d: %v", n, len(data), err)
 		}
 		if _, err := c.HeadBlob(testContext(t), "registry.test", "test/app", someDigest); err != nil {
 			t.Fatalf("HEAD on the connection the body came on: %v", err)
