@@ -78,7 +78,7 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 		return nil, 0, t.fail(op, resp.StatusCode, "", kind, err)
 	}
 
-	total, limit := resp.ContentLength, int64(-1)
+	total := resp.ContentLength
 	switch resp.StatusCode {
 	case http.StatusOK:
 		if ranged {
@@ -113,13 +113,12 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d v1.Hash, off
 		return nil, 0, t.fail(op, status, code, statusKind(status, code), cause)
 	}
 	body := &blobReader{
-		ctx:       ctx,
-		body:      resp.Body,
-		remaining: limit,
-		left:      -1,
-		idle:      c.timeouts.BlobIdle,
-		bytes:     c.metrics.received(t.registry),
-		cancel:    cancel,
+		ctx:    ctx,
+		body:   resp.Body,
+		left:   -1,
+		idle:   c.timeouts.BlobIdle,
+		bytes:  c.metrics.received(t.registry),
+		cancel: cancel,
 		fail: func(err error) error {
 			return t.fail(op+": read body", resp.StatusCode, "", failureKind(err), err)
 		},
@@ -235,11 +234,10 @@ func parseContentRange(s string) (start, end, size int64, err error) {
 // the timer cancels the request's context, which closes the connection under the Read. Time
 // between Reads (a slow consumer) does not count.
 type blobReader struct {
-	ctx       context.Context
-	body      io.ReadCloser
-	remaining int64 // bytes still to return, -1 for all
+	ctx  context.Context
+	body io.ReadCloser
 	// sock is the body's socket when its low water mark may be raised (see sockwater), with
-	// left the body's bytes still to read and water the mark set.
+	// left the body's bytes still to read (-1: unknown) and water the mark set.
 	sock    syscall.RawConn
 	left    int64
 	water   atomic.Int32
@@ -253,12 +251,6 @@ type blobReader struct {
 }
 
 func (r *blobReader) Read(p []byte) (int, error) {
-	if r.remaining == 0 {
-		return 0, io.EOF
-	}
-	if r.remaining > 0 && int64(len(p)) > r.remaining {
-		p = p[:r.remaining]
-	}
 	if r.sock != nil {
 		want, most := sockwater.Next(r.left, len(p))
 		p = p[:most]
@@ -274,10 +266,9 @@ func (r *blobReader) Read(p []byte) (int, error) {
 	r.waiting.Store(false)
 	if n > 0 {
 		r.bytes.Add(float64(n))
-		if r.remaining > 0 {
-			r.remaining -= int64(n)
+		if r.left > 0 {
+			r.left -= int64(n)
 		}
-		r.left -= int64(n)
 	}
 	if err != nil && !errors.Is(err, io.EOF) {
 		if cause := context.Cause(r.ctx); cause != nil && !r.closed.Load() {
