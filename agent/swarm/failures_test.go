@@ -70,22 +70,35 @@ func TestRegistryIgnoringRangeCostsOneCopy(t *testing.T) {
 	}
 }
 
-// segmentZeroSeeder opens blob d on two nodes and tells which of them seeds its segment 0 and
-// which asks for it.
-func segmentZeroSeeder(t *testing.T, nodes []*testNode, d v1.Hash, size int64) (blobs []*blob, seeder, asker int) {
+// wholeAskSetup is two nodes with a new blob from a registry that ignores Range, the blob
+// opened on both, and which of them seeds its segment 0 and which asks for it.
+type wholeAskSetup struct {
+	up            *memUpstream
+	content       []byte
+	nodes         []*testNode
+	blobs         []*blob
+	seeder, asker int
+}
+
+func newWholeAskSetup(t *testing.T) *wholeAskSetup {
 	t.Helper()
-	blobs = make([]*blob, len(nodes))
-	for i, node := range nodes {
-		b, err := node.swarm.blobFor(d, size, "registry.test", "app")
+	w := &wholeAskSetup{up: newMemUpstream(), content: randomBlob(t, 3<<20+777)}
+	w.up.noRange.Store(true)
+	d := w.up.add(w.content)
+	w.nodes = startNodes(t, 2, w.up)
+	w.blobs = make([]*blob, len(w.nodes))
+	for i, node := range w.nodes {
+		b, err := node.swarm.blobFor(d, int64(len(w.content)), "registry.test", "app")
 		if err != nil {
 			t.Fatal(err)
 		}
-		blobs[i] = b
+		w.blobs[i] = b
 	}
-	if nodes[0].swarm.seedersOf(blobs[0]).seeders[0] == nodes[0].addr {
-		return blobs, 0, 1
+	w.seeder, w.asker = 1, 0
+	if w.nodes[0].swarm.seedersOf(w.blobs[0]).seeders[0] == w.nodes[0].addr {
+		w.seeder, w.asker = 0, 1
 	}
-	return blobs, 1, 0
+	return w
 }
 
 // TestWholeAskDuringRangedSeedCostsOneCopy has a member that knows the registry ignores Range
@@ -94,8 +107,8 @@ func segmentZeroSeeder(t *testing.T, nodes []*testNode, d v1.Hash, size int64) (
 // must answer once the whole blob is in: failing the ask with the ranged fetch's error would
 // make the asker pass it over, and the next member would fetch the whole blob a second time.
 func TestWholeAskDuringRangedSeedCostsOneCopy(t *testing.T) {
-	up := newMemUpstream()
-	up.noRange.Store(true)
+	w := newWholeAskSetup(t)
+	up, content, nodes, blobs, seeder, asker := w.up, w.content, w.nodes, w.blobs, w.seeder, w.asker
 	rangeArrived, rangeHeld := make(chan struct{}, 1), make(chan struct{})
 	wholeArrived, wholeHeld := make(chan struct{}, 1), make(chan struct{})
 	up.hold = func(ranged bool) {
@@ -109,9 +122,6 @@ func TestWholeAskDuringRangedSeedCostsOneCopy(t *testing.T) {
 	}
 	releaseRange := sync.OnceFunc(func() { close(rangeHeld) })
 	releaseWhole := sync.OnceFunc(func() { close(wholeHeld) })
-	content := randomBlob(t, 3<<20+777)
-	d := up.add(content)
-	nodes := startNodes(t, 2, up)
 	t.Cleanup(releaseWhole) // before the nodes close, which waits for their fetches
 	t.Cleanup(releaseRange)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -124,7 +134,6 @@ func TestWholeAskDuringRangedSeedCostsOneCopy(t *testing.T) {
 			t.Fatalf("%s never happened", what)
 		}
 	}
-	blobs, seeder, asker := segmentZeroSeeder(t, nodes, d, int64(len(content)))
 
 	seeded := make(chan error, 1)
 	go func() {
@@ -173,14 +182,10 @@ func TestWholeAskDuringRangedSeedCostsOneCopy(t *testing.T) {
 // it again and gets the segment from it, instead of passing it over and fetching the whole
 // blob from the registry itself.
 func TestWholeAskAnsweredWithARangedFailureIsAskedAgain(t *testing.T) {
-	up := newMemUpstream()
-	up.noRange.Store(true)
-	content := randomBlob(t, 3<<20+777)
-	d := up.add(content)
-	nodes := startNodes(t, 2, up)
+	w := newWholeAskSetup(t)
+	nodes, blobs, seeder, asker := w.nodes, w.blobs, w.seeder, w.asker
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	blobs, seeder, asker := segmentZeroSeeder(t, nodes, d, int64(len(content)))
 	inner, _ := nodes[seeder].handler.Load().(http.Handler)
 	var answered atomic.Bool
 	mux := http.NewServeMux() // the type the handler slot holds
