@@ -283,6 +283,7 @@ type Blob struct {
 	complete     []bool
 	frozen       []bool
 	prio         []Priority
+	horizon      int // pieces from here on are not fetched, whatever their priority (SetHorizon)
 	inflight     []int
 	fetching     [][]*fetchState // the fetches of each piece under way
 	claimed      []bool          // an endgame fetch writes the piece it verified (commitCopy)
@@ -354,6 +355,7 @@ func (n *Node) AddBlob(name string, size, pieceLength int64, data io.ReaderAt, w
 		complete: make([]bool, pieces),
 		frozen:   make([]bool, pieces),
 		prio:     make([]Priority, pieces),
+		horizon:  pieces,
 		inflight: make([]int, pieces),
 		fetching: make([][]*fetchState, pieces),
 		claimed:  make([]bool, pieces),
@@ -575,6 +577,22 @@ func (b *Blob) SetPriority(from, to int, prio Priority) {
 	}
 	b.wakeAllLocked()
 }
+
+// SetHorizon stops fetches of the pieces from h on, whatever their priority, until a later call
+// moves the horizon past them; h at or past the last piece lifts it. Fetches under way finish.
+func (b *Blob) SetHorizon(h int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	h = min(max(h, 0), b.pieces)
+	grew := h > b.horizon
+	b.horizon = h
+	if grew {
+		b.wakeAllLocked()
+	}
+}
+
+// wantedLocked reports whether piece i is to be fetched (or, when complete, was).
+func (b *Blob) wantedLocked(i int) bool { return b.prio[i] != PriorityNone && i < b.horizon }
 
 // Freeze stops the blob from writing or fetching pieces [from, to) for good (their bytes come
 // from elsewhere): once it returns, no fetch writes into them.
@@ -809,7 +827,7 @@ func (b *Blob) pickDuplicateLocked(p *peer) (int, time.Duration) {
 	usual *= endgameSlowness
 	best, oldest, now, left := -1, time.Duration(0), time.Now(), 0
 	for i := range b.pieces {
-		if b.prio[i] == PriorityNone || b.complete[i] || b.frozen[i] {
+		if !b.wantedLocked(i) || b.complete[i] || b.frozen[i] {
 			continue
 		}
 		if left++; left > endgamePieces || !b.known[i] || b.inflight[i] == 0 {
@@ -872,7 +890,7 @@ func (n *Node) recordFetchTime(d time.Duration) {
 // piece for each peer, so that peers are not all asked for the same one).
 func (b *Blob) pickLocked(p *peer) int {
 	wanted := func(i int) bool {
-		return b.prio[i] != PriorityNone && p.has[i] && b.known[i] && !b.complete[i] && !b.frozen[i] && b.inflight[i] == 0
+		return b.wantedLocked(i) && p.has[i] && b.known[i] && !b.complete[i] && !b.frozen[i] && b.inflight[i] == 0
 	}
 	for r := range b.readers { // what readers wait for, and just after it, first
 		first := int(r.pos / b.pieceLength)

@@ -735,3 +735,29 @@ func TestEndgameCopyFromALiarNeverReachesTheFile(t *testing.T) {
 		t.Errorf("%d second fetches, liar reported %v: want both", st.Duplicates, bad)
 	}
 }
+
+// TestHorizonHoldsBackThePiecesBeyondIt: with the horizon at h, a node fetches the pieces before
+// it and none of those from h on, though its peer has them all; moving the horizon past the last
+// piece fetches the rest.
+func TestHorizonHoldsBackThePiecesBeyondIt(t *testing.T) {
+	holder, node := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3")
+	blob := newTestBlob(6, 4<<20, 256<<10)
+	const horizon = 5
+	holder.hold(t, blob, blob.data)
+	bl, f := node.want(t, blob, PriorityNormal)
+	bl.SetHorizon(horizon)
+	bl.AddPeers([]netip.AddrPort{holder.addr})
+	want := horizon * blob.pieceLength
+	deadline := time.Now().Add(waitLimit)
+	for bl.BytesCompleted() < want && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	for i := range blob.pieces() {
+		if before := i < horizon; bl.PieceComplete(i) != before || (!before && bl.PiecePartial(i)) {
+			t.Errorf("piece %d: complete %v, being fetched %v; want complete only before the horizon (%d)",
+				i, bl.PieceComplete(i), bl.PiecePartial(i), horizon)
+		}
+	}
+	bl.SetHorizon(blob.pieces())
+	waitComplete(t, bl, f, blob.data)
+}

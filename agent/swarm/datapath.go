@@ -48,6 +48,7 @@ type blobPieces interface {
 	SetHashes(first int, pieces []byte, state torrent.CompletionState)
 	SetPriority(from, to int, prio torrent.Priority)
 	RaisePriority(from, to int, prio torrent.Priority)
+	SetHorizon(h int)
 	CompleteIfHash(i int, hash []byte) bool
 	MarkVerified()
 	Freeze(from, to int)
@@ -207,6 +208,8 @@ func (p *piecesBlob) SetPriority(from, to int, prio torrent.Priority) {
 func (p *piecesBlob) RaisePriority(from, to int, prio torrent.Priority) {
 	p.b.RaisePriority(from, to, priority(prio))
 }
+
+func (p *piecesBlob) SetHorizon(h int) { p.b.SetHorizon(h) }
 
 func (p *piecesBlob) CompleteIfHash(i int, hash []byte) bool { return p.b.CompleteIfHash(i, hash) }
 func (p *piecesBlob) MarkVerified()                          { p.b.MarkVerified() }

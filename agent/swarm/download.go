@@ -780,6 +780,33 @@ func (r *blobReader) raiseAhead() {
 	}
 }
 
+// setFocus records the horizon reader r needs (h < 0: none) and stops this node's downloads of
+// the blob's pieces from the furthest horizon of its focused readers on; with none, every piece
+// is fetched.
+func (b *blob) setFocus(r *blobReader, h int) {
+	b.focusMu.Lock()
+	defer b.focusMu.Unlock()
+	if h < 0 {
+		if _, ok := b.focus[r]; !ok {
+			return
+		}
+		delete(b.focus, r)
+	} else {
+		if b.focus == nil {
+			b.focus = map[*blobReader]int{}
+		}
+		b.focus[r] = h
+	}
+	horizon := int((b.plan.Size + b.plan.PieceLength - 1) / b.plan.PieceLength) // every piece
+	if len(b.focus) > 0 {
+		horizon = 0
+		for _, h := range b.focus {
+			horizon = max(horizon, h)
+		}
+	}
+	b.t.SetHorizon(horizon)
+}
+
 // peerHas reports whether a connected peer that is not silent has piece i.
 func (b *blob) peerHas(i int) bool { return b.holders(i) > 0 }
 
@@ -800,6 +827,22 @@ func (b *blob) takeOverPieces(from, to int) { b.t.Freeze(from, to) }
 // N = 8 (cold 1.13 against 1.17, warm 1.09 against 1.16). Before those two fixes 0 served the
 // swarm better but left a lone reader waiting 20 s for its piece.
 const readaheadPieces = 2
+
+// focusAfter is how long a reader waits for a piece that at most focusHolders connected peers
+// have, while the blob's other pieces keep coming, before this node fetches nothing else until
+// the piece is here; it does the same while it reads a late piece from upstream (see step). On a
+// full downlink such a piece gets the share of one or two flows among all of the node's: a node
+// alone in reading a new blob fetches every segment from its seeder at once, and at N = 32,
+// 25 Mbit/s, 256 MiB a reader had 23 MiB when its node had 148, waited 20 s for one piece, and
+// the upstream read of that piece, beside the same flows, did not end before the content store
+// gave up on the download (30 s without a byte). A piece that many peers have gets its chunks
+// from several of them; there, holding a node's other downloads back, even for one piece after
+// 5 s, made the slowest nodes of a busy swarm slower (N = 16, 50 Mbit/s, 256 MiB cold: p99
+// 1.23-1.37 × S/B against 1.18-1.20; docs/design-notes.md).
+func focusAfter(stallTimeout time.Duration) time.Duration { return stallTimeout }
+
+// focusHolders: see focusAfter.
+const focusHolders = 2
 
 // kickAfter is how long a reader waits for a piece of which no byte has come, although a
 // connected peer has it, before it kicks the piece (see blob.kick), and again between kicks.
@@ -915,8 +958,22 @@ func (r *blobReader) step(ctx context.Context) error {
 	var idle bool
 	blocked := time.Now()
 	progressed, completed := blocked, t.BytesCompleted() // the blob's last verified piece
+	startCompleted := completed
 	kicked := blocked
 	piece := int((offset + segPos) / r.b.plan.PieceLength)
+	focused := false
+	focus := func(why string, waited time.Duration) bool {
+		r.b.setFocus(r, piece+readaheadPieces+1)
+		r.s.metrics.focuses.Inc()
+		r.s.log.Info("reader focused: fetching only the piece it waits for", "digest", r.b.plan.Digest,
+			"segment", r.k, "reason", why, "waited", waited, "pieces_complete", t.Stats().PiecesComplete, r.b.pieceReport(piece))
+		return true
+	}
+	defer func() {
+		if focused {
+			r.b.setFocus(r, -1)
+		}
+	}()
 	for {
 		// Reading one byte waits for the piece holding it to be verified; the reader also makes
 		// the pieces just ahead of it urgent. The swarm is stalled when the blob completes no
@@ -945,12 +1002,19 @@ func (r *blobReader) step(ctx context.Context) error {
 			break
 		}
 		now := time.Now()
-		if c := t.BytesCompleted(); c != completed || seeding {
+		c := t.BytesCompleted()
+		if c != completed || seeding {
 			progressed, completed = now, c
 		}
 		idle = now.Sub(progressed) >= r.s.cfg.StallTimeout
 		waited := now.Sub(blocked)
 		held := r.b.peerHas(piece)
+		if !focused && !seeding && held && waited >= focusAfter(r.s.cfg.StallTimeout) &&
+			c-startCompleted >= 2*r.b.plan.PieceLength && r.b.holders(piece) <= focusHolders {
+			// The node's downlink is busy with other pieces and the one the reader needs crawls
+			// in beside them from its only holders: fetch nothing else until it is here.
+			focused = focus("the piece crawls in beside others", waited)
+		}
 		r.raiseAhead()
 		if !seeding && held && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.PiecePartial(piece) {
 			// Not a byte of the piece in all that time although a connected peer has it: maybe
@@ -995,6 +1059,11 @@ func (r *blobReader) step(ctx context.Context) error {
 		// alone from upstream and go on with the swarm.
 		r.s.log.Info("piece late in the swarm; reading it from upstream",
 			"digest", r.b.plan.Digest, "segment", r.k, "at", segPos, "pieces_complete", stats.PiecesComplete, "peer_conns", stats.PeerConns, r.b.pieceReport(piece))
+		if !focused {
+			// The upstream read shares the downlink with the pieces the node fetches from its
+			// peers; it has until the content store's stall limit to end.
+			focused = focus("the piece is read from upstream", time.Since(blocked))
+		}
 		return r.copyPiece(ctx, segPos)
 	}
 	// The swarm made no progress: read the rest of this segment from upstream.
@@ -1142,6 +1211,7 @@ func (r *blobReader) closeReader() {
 func (r *blobReader) Close() error {
 	r.closeSegment()
 	r.closeReader()
+	r.b.setFocus(r, -1)
 	r.done()
 	return nil
 }

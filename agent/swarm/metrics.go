@@ -24,6 +24,7 @@ type metrics struct {
 	seederBusy   prometheus.Counter
 	stalls       *prometheus.CounterVec
 	kicks        prometheus.Counter
+	focuses      prometheus.Counter
 	bans         prometheus.Counter
 	retired      *prometheus.CounterVec
 	filesRemoved prometheus.Counter
@@ -59,6 +60,10 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		kicks: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "piece_kicks_total",
 			Help: "Times a reader, waiting for a piece that a connected peer has and of which no byte had come, made the torrent client reconsider whom to ask for it.",
+		}),
+		focuses: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "shoal", Subsystem: "swarm", Name: "reader_focuses_total",
+			Help: "Times a reader, waiting for a piece that a peer has while the blob's other pieces kept coming, narrowed this node's downloads of the blob to the pieces just ahead of it.",
 		}),
 		bans: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peers_banned_total",
@@ -103,7 +108,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 	stats := func(f func(cs statsView) float64) func() float64 {
 		return func() float64 { return f(s.stats()) }
 	}
-	reg.MustRegister(m.bytes, m.seederFailures, m.seederBusy, m.stalls, m.kicks, m.bans, m.retired, m.filesRemoved, m.completion,
+	reg.MustRegister(m.bytes, m.seederFailures, m.seederBusy, m.stalls, m.kicks, m.focuses, m.bans, m.retired, m.filesRemoved, m.completion,
 		m.protocolFallbacks, m.wholeBlobs, m.rescues, m.prefetched,
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peer_bytes_total",

@@ -500,6 +500,9 @@ type blob struct {
 	finishOnce   sync.Once
 	started      time.Time
 
+	focusMu sync.Mutex
+	focus   map[*blobReader]int // the horizon of each focused reader (see blobReader.focus)
+
 	activityMu sync.Mutex // guards the janitor's view of the blob's activity (see idleSince)
 	readers    int
 	moved      int64     // bytes in and out of the blob's torrent at the last sweep

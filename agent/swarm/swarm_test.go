@@ -100,6 +100,9 @@ func (u *memUpstream) Blob(_ context.Context, _, _ string, d v1.Hash, offset, le
 		u.sent.Add(int64(len(b)))
 		return io.NopCloser(bytes.NewReader(b)), int64(len(b)), nil
 	}
+	if u.hold != nil {
+		u.hold(offset > 0 || length != int64(len(b)))
+	}
 	u.rangeGets.Add(1)
 	u.sent.Add(length)
 	return io.NopCloser(bytes.NewReader(b[offset : offset+length])), int64(len(b)), nil

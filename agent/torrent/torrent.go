@@ -40,8 +40,9 @@ type Torrent struct {
 	t  *torrent.Torrent
 	st *blobStorage
 
-	prioMu sync.Mutex
-	prio   []Priority // every piece's priority, as set by SetPriority (see refreshPriorities)
+	prioMu  sync.Mutex
+	prio    []Priority // every piece's priority, as set by SetPriority (see refreshPriorities)
+	horizon int        // pieces from here on are not requested, whatever their priority (SetHorizon)
 }
 
 // AddBlob adds the torrent of a blob named name (its digest's hex) of length bytes in pieces of
@@ -70,7 +71,7 @@ func (c *Client) AddBlob(name string, length, pieceLength int64, file *File, onW
 	if !isNew {
 		return nil, errors.New("its torrent is already open")
 	}
-	b := &Torrent{c: c, t: t, st: st, prio: make([]Priority, n)}
+	b := &Torrent{c: c, t: t, st: st, prio: make([]Priority, n), horizon: n}
 	c.torrents.Store(t, b)
 	// Added while the client is paused: it downloads nothing until Resume.
 	c.pauseMu.Lock()
@@ -164,7 +165,7 @@ func (t *Torrent) SetPriority(from, to int, prio Priority) {
 	defer t.prioMu.Unlock()
 	for i := from; i < to; i++ {
 		t.prio[i] = prio
-		t.t.Piece(i).SetPriority(prio.client())
+		t.applyPriorityLocked(i)
 	}
 }
 
@@ -175,17 +176,40 @@ func (t *Torrent) RaisePriority(from, to int, prio Priority) {
 	for i := from; i < to; i++ {
 		if t.prio[i] == PriorityNormal {
 			t.prio[i] = prio
-			t.t.Piece(i).SetPriority(prio.client())
+			t.applyPriorityLocked(i)
 		}
 	}
+}
+
+// SetHorizon stops requests for the pieces from h on, whatever their priority, until a later
+// call moves the horizon past them; h at or past the last piece lifts it. The pieces keep their
+// priorities, which apply again once they are inside the horizon.
+func (t *Torrent) SetHorizon(h int) {
+	t.prioMu.Lock()
+	defer t.prioMu.Unlock()
+	h = min(max(h, 0), len(t.prio))
+	from, to := min(h, t.horizon), max(h, t.horizon)
+	t.horizon = h
+	for i := from; i < to; i++ {
+		t.applyPriorityLocked(i)
+	}
+}
+
+// applyPriorityLocked gives piece i's priority to the client: none beyond the horizon.
+func (t *Torrent) applyPriorityLocked(i int) {
+	prio := t.prio[i]
+	if i >= t.horizon {
+		prio = PriorityNone
+	}
+	t.t.Piece(i).SetPriority(prio.client())
 }
 
 // refreshPriorities sets every piece's priority again, to what it is (see Client.Pause).
 func (t *Torrent) refreshPriorities() {
 	t.prioMu.Lock()
 	defer t.prioMu.Unlock()
-	for i, prio := range t.prio {
-		t.t.Piece(i).SetPriority(prio.client())
+	for i := range t.prio {
+		t.applyPriorityLocked(i)
 	}
 }
 

@@ -164,3 +164,31 @@ func TestLostPieceIsFetchedAgain(t *testing.T) {
 		t.Error("the lost piece completed again with no new request")
 	}
 }
+
+// TestHorizonHoldsBackThePiecesBeyondIt: with the horizon at h, a node fetches the pieces before
+// it and asks for none of those from h on, though its peer has them all; moving the horizon past
+// the last piece fetches the rest.
+func TestHorizonHoldsBackThePiecesBeyondIt(t *testing.T) {
+	seeder, node := newTestNode(t, "127.0.0.2"), newTestNode(t, "127.0.0.3")
+	blob := newTestBlob(6, 1<<20, 64<<10)
+	const horizon = 5
+	seeder.seed(t, blob)
+	tt, f := node.leech(t, blob)
+	tt.SetHorizon(horizon)
+	tt.AddPeers([]netip.AddrPort{seeder.addr})
+	waitFor(t, "the pieces before the horizon", func() bool {
+		for i := range horizon {
+			if !tt.PieceComplete(i) {
+				return false
+			}
+		}
+		return true
+	})
+	for i := horizon; i < blob.pieces(); i++ {
+		if n := node.reqs.sentFor(i); n != 0 || tt.PieceComplete(i) {
+			t.Errorf("piece %d beyond the horizon: %d requests, complete %v; want none, false", i, n, tt.PieceComplete(i))
+		}
+	}
+	tt.SetHorizon(blob.pieces())
+	waitComplete(t, tt, f, blob.data)
+}
