@@ -308,6 +308,10 @@ type sniffedConn struct {
 	first []byte
 }
 
+// NetConn returns the connection under c, as tls.Conn's does, for socket options
+// (internal/sockwater); reading from it directly would skip the bytes c replays.
+func (c *sniffedConn) NetConn() net.Conn { return c.Conn }
+
 func (c *sniffedConn) Read(p []byte) (int, error) {
 	c.mu.Lock()
 	if len(c.first) > 0 {

@@ -4,6 +4,8 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+
+	"github.com/shoal-dev/shoal/internal/sockwater"
 )
 
 // connSet holds the connections the torrent client was handed, accepted or dialled, until they
@@ -16,7 +18,7 @@ type connSet struct {
 
 // add puts c, a connection with a peer at ip, in the set until it is closed.
 func (s *connSet) add(c net.Conn, ip netip.Addr) *trackedConn {
-	tc := &trackedConn{Conn: c, ip: ip.Unmap(), set: s}
+	tc := &trackedConn{Conn: c, ip: ip.Unmap(), set: s, water: newWireWater(sockwater.Socket(c))}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conns == nil {
@@ -41,11 +43,21 @@ func (s *connSet) closeIf(match func(netip.Addr) bool) {
 	}
 }
 
-// trackedConn is a connection in a connSet.
+// trackedConn is a connection in a connSet. Its reads wake once per chunk rather than per
+// packet (see wireWater).
 type trackedConn struct {
 	net.Conn
-	ip  netip.Addr
-	set *connSet
+	ip    netip.Addr
+	set   *connSet
+	water *wireWater
+}
+
+// Read implements net.Conn. The torrent client reads a connection from one goroutine at a time.
+func (c *trackedConn) Read(p []byte) (int, error) {
+	c.water.before()
+	n, err := c.Conn.Read(p)
+	c.water.after(p[:n])
+	return n, err
 }
 
 // Close implements net.Conn.

@@ -12,7 +12,6 @@
 package sockwater
 
 import (
-	"crypto/tls"
 	"net"
 	"syscall"
 
@@ -37,8 +36,14 @@ func Next(rem int64, n int) (mark, limit int) {
 
 // Socket is the TCP socket under conn (a TLS connection's too), or nil when there is none.
 func Socket(conn net.Conn) syscall.RawConn {
-	if tc, ok := conn.(*tls.Conn); ok {
-		conn = tc.NetConn()
+	// A TLS connection, or one wrapped to replay bytes read to route it (agent/peerport), says
+	// which connection it runs on.
+	for range 4 {
+		w, ok := conn.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		conn = w.NetConn()
 	}
 	sc, ok := conn.(syscall.Conn)
 	if !ok {

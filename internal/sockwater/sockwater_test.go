@@ -1,6 +1,9 @@
 package sockwater
 
-import "testing"
+import (
+	"net"
+	"testing"
+)
 
 // TestNextEndsBodiesWithTheMarkDown walks bodies of several lengths with reads of several sizes
 // as a reader would: a read under the raised mark never takes a body's last bytes, so the read
@@ -30,5 +33,33 @@ func TestNextEndsBodiesWithTheMarkDown(t *testing.T) {
 				t.Errorf("length %d, reads of %d: the mark was never raised", length, n)
 			}
 		}
+	}
+}
+
+// wrapped is a connection that says which one it runs on, as a TLS one does.
+type wrapped struct{ net.Conn }
+
+func (w wrapped) NetConn() net.Conn { return w.Conn }
+
+// hidden is a connection that does not.
+type hidden struct{ net.Conn }
+
+// The socket is found under connections that say which one they run on, and not under others.
+func TestSocketIsFoundUnderWrappedConnections(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if Socket(wrapped{wrapped{c}}) == nil {
+		t.Error("no socket under a connection wrapped twice")
+	}
+	if Socket(hidden{c}) != nil {
+		t.Error("a socket under a connection that hides it")
 	}
 }
