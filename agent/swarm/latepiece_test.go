@@ -20,32 +20,9 @@ import (
 // from upstream alone: upstream sends the blob once to the seeder and that one piece again, not
 // the rest of the segment, and the reader gets the right bytes.
 func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
-	const (
-		pieceLength = 256 << 10
-		size        = 8 * pieceLength // one segment of eight pieces
-		stall       = time.Second
-	)
-	up := newMemUpstream()
-	content := randomBlob(t, size)
-	d := up.add(content)
-	// The seeder uploads at two pieces a second, so the segment keeps progressing (a piece every
-	// half StallTimeout) for longer than the two StallTimeouts after which a late piece is
-	// fetched alone.
-	nodes := startNodesConfigured(t, 2, up, size, pieceLength, func(_ int, cfg *Config) {
-		cfg.StallTimeout = stall
-		cfg.MaxUploadRate = 2 * pieceLength
-		cfg.RampSegments = -1 // one segment of eight pieces
-		cfg.MinSegments = -1
-	})
-	p, err := plan.New(d, size, size, pieceLength, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	seederAddr := assignSeeders(p, nodes[0].members.Members())[0]
-	seeder, reader := nodes[0], nodes[1]
-	if seederAddr == nodes[1].addr {
-		seeder, reader = nodes[1], nodes[0]
-	}
+	const pieceLength = latePieceLength
+	up, content, d, seeder, reader := newLatePieceSetup(t, 8)
+	size := int64(len(content))
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -85,31 +62,8 @@ func TestLatePieceIsReadFromUpstreamAlone(t *testing.T) {
 // full downlink the upstream read would share it with them and might not end before the content
 // store gives up. The other pieces come once it is in.
 func TestLatePieceReadFromUpstreamHoldsOtherFetchesBack(t *testing.T) {
-	const (
-		pieceLength = 256 << 10
-		pieces      = 12
-		size        = pieces * pieceLength // one segment
-		stall       = time.Second
-	)
-	up := newMemUpstream()
-	content := randomBlob(t, size)
-	d := up.add(content)
-	// The seeder uploads two pieces a second: the reader's node is still fetching pieces from
-	// it when the lost first piece is found late.
-	nodes := startNodesConfigured(t, 2, up, size, pieceLength, func(_ int, cfg *Config) {
-		cfg.StallTimeout = stall
-		cfg.MaxUploadRate = 2 * pieceLength
-		cfg.RampSegments = -1
-		cfg.MinSegments = -1
-	})
-	p, err := plan.New(d, size, size, pieceLength, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	seeder, reader := nodes[0], nodes[1]
-	if assignSeeders(p, nodes[0].members.Members())[0] == nodes[1].addr {
-		seeder, reader = nodes[1], nodes[0]
-	}
+	const pieces = 12
+	up, content, d, seeder, reader := newLatePieceSetup(t, pieces)
 	// The upstream read of the late piece is held for 2.5 s. The first second lets the chunks
 	// already asked for from the seeder come in; in the next 1.5 s the seeder would send three
 	// more pieces if the node asked for them.
@@ -189,4 +143,35 @@ func TestFocusHorizonIsTheFurthestReadersNeed(t *testing.T) {
 	if want := []int{5, 9, 9, 40}; !slices.Equal(rec.horizons, want) {
 		t.Errorf("horizons %v, want %v", rec.horizons, want)
 	}
+}
+
+// latePieceLength is the piece length of newLatePieceSetup's blob.
+const latePieceLength = 256 << 10
+
+// newLatePieceSetup starts two nodes with a stall timeout of 1 s, each uploading two pieces a
+// second, and an upstream holding a blob of the given number of pieces in one segment; it
+// returns which node seeds the segment and which reads.
+func newLatePieceSetup(t *testing.T, pieces int) (up *memUpstream, content []byte, d v1.Hash, seeder, reader *testNode) {
+	t.Helper()
+	size := int64(pieces) * latePieceLength
+	up = newMemUpstream()
+	content = randomBlob(t, int(size))
+	d = up.add(content)
+	// At two pieces a second the segment keeps progressing (a piece every half StallTimeout)
+	// for longer than the StallTimeouts after which a late piece is fetched alone.
+	nodes := startNodesConfigured(t, 2, up, size, latePieceLength, func(_ int, cfg *Config) {
+		cfg.StallTimeout = time.Second
+		cfg.MaxUploadRate = 2 * latePieceLength
+		cfg.RampSegments = -1 // one segment
+		cfg.MinSegments = -1
+	})
+	p, err := plan.New(d, size, size, latePieceLength, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seeder, reader = nodes[0], nodes[1]
+	if assignSeeders(p, nodes[0].members.Members())[0] == nodes[1].addr {
+		seeder, reader = nodes[1], nodes[0]
+	}
+	return up, content, d, seeder, reader
 }
