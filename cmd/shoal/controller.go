@@ -19,6 +19,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
@@ -83,6 +84,7 @@ func newControllerCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			skipNameValidation := true
 			mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
 				Scheme:                  scheme,
 				Metrics:                 metricsserver.Options{BindAddress: cfg.metricsAddr},
@@ -95,6 +97,11 @@ func newControllerCommand() *cobra.Command {
 				// for it to expire.
 				LeaderElectionReleaseOnCancel: true,
 				GracefulShutdownTimeout:       &cfg.gracefulShutdown,
+				// controller-runtime refuses a controller whose name a controller in the same
+				// process has used before, to keep their metrics apart. This command builds one
+				// manager with distinct controllers; the check only made a second run of the
+				// command in one process (its tests) fail to start.
+				Controller: config.Controller{SkipNameValidation: &skipNameValidation},
 				// Pods are read by the pod seeding only: cached with just what it reads.
 				Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 					&corev1.Pod{}: {Transform: controllers.PodCacheTransform},
