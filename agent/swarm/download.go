@@ -962,12 +962,12 @@ func (r *blobReader) step(ctx context.Context) error {
 	kicked := blocked
 	piece := int((offset + segPos) / r.b.plan.PieceLength)
 	focused := false
-	focus := func(why string, waited time.Duration) bool {
+	focus := func(why string, waited time.Duration) {
+		focused = true
 		r.b.setFocus(r, piece+readaheadPieces+1)
 		r.s.metrics.focuses.Inc()
 		r.s.log.Info("reader focused: fetching only the piece it waits for", "digest", r.b.plan.Digest,
 			"segment", r.k, "reason", why, "waited", waited, "pieces_complete", t.Stats().PiecesComplete, r.b.pieceReport(piece))
-		return true
 	}
 	defer func() {
 		if focused {
@@ -1013,7 +1013,7 @@ func (r *blobReader) step(ctx context.Context) error {
 			c-startCompleted >= 2*r.b.plan.PieceLength && r.b.holders(piece) <= focusHolders {
 			// The node's downlink is busy with other pieces and the one the reader needs crawls
 			// in beside them from its only holders: fetch nothing else until it is here.
-			focused = focus("the piece crawls in beside others", waited)
+			focus("the piece crawls in beside others", waited)
 		}
 		r.raiseAhead()
 		if !seeding && held && now.Sub(kicked) >= kickAfter(r.s.cfg.StallTimeout) && !t.PiecePartial(piece) {
@@ -1062,7 +1062,7 @@ func (r *blobReader) step(ctx context.Context) error {
 		if !focused {
 			// The upstream read shares the downlink with the pieces the node fetches from its
 			// peers; it has until the content store's stall limit to end.
-			focused = focus("the piece is read from upstream", time.Since(blocked))
+			focus("the piece is read from upstream", time.Since(blocked))
 		}
 		return r.copyPiece(ctx, segPos)
 	}
@@ -1211,7 +1211,6 @@ func (r *blobReader) closeReader() {
 func (r *blobReader) Close() error {
 	r.closeSegment()
 	r.closeReader()
-	r.b.setFocus(r, -1)
 	r.done()
 	return nil
 }

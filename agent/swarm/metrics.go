@@ -63,7 +63,7 @@ func newMetrics(reg prometheus.Registerer, s *Swarm) *metrics {
 		}),
 		focuses: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "reader_focuses_total",
-			Help: "Times a reader, waiting for a piece that a peer has while the blob's other pieces kept coming, narrowed this node's downloads of the blob to the pieces just ahead of it.",
+			Help: "Times a reader held its node's other downloads of a blob back until the piece it waited for was in: a piece that at most two peers have and that crawled in beside the others for the stall timeout, or a late piece read from upstream.",
 		}),
 		bans: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "shoal", Subsystem: "swarm", Name: "peers_banned_total",

@@ -501,7 +501,7 @@ type blob struct {
 	started      time.Time
 
 	focusMu sync.Mutex
-	focus   map[*blobReader]int // the horizon of each focused reader (see blobReader.focus)
+	focus   map[*blobReader]int // the horizon of each reader holding the others back (see setFocus)
 
 	activityMu sync.Mutex // guards the janitor's view of the blob's activity (see idleSince)
 	readers    int
